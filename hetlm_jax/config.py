@@ -1,0 +1,128 @@
+"""One typed config for a run: model, training schedule, data and clustering, saved as config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from hetlm_jax.errors import HetlmError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 0  # filled in from the tokenizer
+  context: int = 64  # tokens the model sees; longer histories are cut from the left
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 4
+  d_ff: int = 512
+  dropout: float = 0.1
+  positions: str = "rope"  # "rope" | "learned"
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # compute dtype; params stay float32
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  batch_size: int = 64  # windows per cluster per step, across all devices
+  epochs: int = 4  # epochs per round
+  learning_rate: float = 3e-3
+  warmup_frac: float = 0.05
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+  seed: int = 0
+  log_every: int = 50
+  checkpoint_every: int = 500  # steps; a checkpoint is also saved at the end of every round
+  keep_checkpoints: int = 3
+  eval_batch_size: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  path: str = ""  # empty: the msnbc sample shipped inside the package
+  format: str = "auto"  # auto | events | msnbc | user_items
+  session_gap_minutes: float = 30.0
+  holdout: str = "auto"  # single-session users: auto | half | last
+  min_count: int = 1
+  max_vocab: int = 0  # 0: no cap
+  max_users: int = 0  # 0: all users
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+  k: int = 1
+  cluster_axis: int = 1  # devices along the 'cluster' mesh axis; the rest form the 'data' axis
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  train: TrainConfig = TrainConfig()
+  data: DataConfig = DataConfig()
+  cluster: ClusterConfig = ClusterConfig()
+
+  def replace(self, **sections) -> Config:
+    return dataclasses.replace(self, **sections)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> Config:
+    kinds = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "cluster": ClusterConfig}
+    unknown = set(d) - set(kinds)
+    if unknown:
+      raise HetlmError(f"config: unknown sections {sorted(unknown)}")
+    return cls(**{name: kinds[name](**d.get(name, {})) for name in kinds})
+
+  def save(self, path: Path) -> None:
+    Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+  @classmethod
+  def load(cls, path: Path) -> Config:
+    try:
+      return cls.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+      raise HetlmError(f"{path}: not a readable hetlm config ({e})") from None
+
+
+def validate(cfg: Config) -> None:
+  """Refuses out-of-range values with one line naming the flag, before anything is written."""
+  m, t, d, c = cfg.model, cfg.train, cfg.data, cfg.cluster
+  checks = [
+    (m.context >= 2, "--context must be at least 2"),
+    (m.d_model >= 1 and m.n_layers >= 1 and m.n_heads >= 1 and m.d_ff >= 1,
+     "--d_model, --n_layers, --n_heads and --d_ff must be positive"),
+    (m.d_model % max(m.n_heads, 1) == 0, f"--d_model={m.d_model} must be divisible by --n_heads={m.n_heads}"),
+    (m.positions in ("rope", "learned"), f"--positions={m.positions!r}: expected rope or learned"),
+    (m.positions != "rope" or m.head_dim % 2 == 0, "--positions=rope needs an even d_model / n_heads"),
+    (0.0 <= m.dropout < 1.0, f"--dropout={m.dropout} must be in [0, 1)"),
+    (m.dtype in ("float32", "bfloat16"), f"--dtype={m.dtype!r}: expected float32 or bfloat16"),
+    (t.batch_size >= 1, f"--batch_size={t.batch_size} must be at least 1"),
+    (t.epochs >= 1, f"--epochs={t.epochs} must be at least 1"),
+    (t.learning_rate > 0, f"--learning_rate={t.learning_rate} must be positive"),
+    (0.0 <= t.warmup_frac < 1.0, f"--warmup_frac={t.warmup_frac} must be in [0, 1)"),
+    (t.weight_decay >= 0, f"--weight_decay={t.weight_decay} must be non-negative"),
+    (t.grad_clip > 0, f"--grad_clip={t.grad_clip} must be positive"),
+    (t.log_every >= 1, f"--log_every={t.log_every} must be at least 1"),
+    (t.checkpoint_every >= 1, f"--checkpoint_every={t.checkpoint_every} must be at least 1"),
+    (t.keep_checkpoints >= 1, f"--keep_checkpoints={t.keep_checkpoints} must be at least 1"),
+    (t.eval_batch_size >= 1, f"--eval_batch_size={t.eval_batch_size} must be at least 1"),
+    (d.format in ("auto", "events", "msnbc", "user_items"),
+     f"--format={d.format!r}: expected auto, events, msnbc or user_items"),
+    (d.session_gap_minutes > 0, f"--session_gap_minutes={d.session_gap_minutes} must be positive"),
+    (d.holdout in ("auto", "half", "last"), f"--holdout={d.holdout!r}: expected auto, half or last"),
+    (d.min_count >= 1, f"--min_count={d.min_count} must be at least 1"),
+    (d.max_vocab == 0 or d.max_vocab >= 5, f"--max_vocab={d.max_vocab} must be 0 (no cap) or at least 5"),
+    (d.max_users >= 0, f"--max_users={d.max_users} must be non-negative"),
+    (c.k >= 1, f"--k={c.k} must be at least 1"),
+    (c.cluster_axis >= 1, f"--cluster_axis={c.cluster_axis} must be at least 1"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise HetlmError(message)

@@ -1,0 +1,84 @@
+"""A small pre-norm decoder-only transformer over page tokens (Flax linen).
+
+Shape suffixes: B batch, T time, D model width, N heads, H head width, F feed-forward width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hetlm_jax.config import ModelConfig
+
+
+def _rope(x_BxTxNxH: jax.Array, positions_T: jax.Array) -> jax.Array:
+  half = x_BxTxNxH.shape[-1] // 2
+  freq_H2 = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle_TxH2 = positions_T[:, None].astype(jnp.float32) * freq_H2[None, :]
+  sin, cos = jnp.sin(angle_TxH2)[None, :, None, :], jnp.cos(angle_TxH2)[None, :, None, :]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_T: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    dense = lambda features, axis=-1, name=None: nn.DenseGeneral(
+      features, axis=axis, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+    h_BxTxD = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="ln_attn")(x_BxTxD)
+    q_BxTxNxH = dense((cfg.n_heads, cfg.head_dim), name="q")(h_BxTxD)
+    k_BxTxNxH = dense((cfg.n_heads, cfg.head_dim), name="k")(h_BxTxD)
+    v_BxTxNxH = dense((cfg.n_heads, cfg.head_dim), name="v")(h_BxTxD)
+    if cfg.positions == "rope":
+      q_BxTxNxH, k_BxTxNxH = _rope(q_BxTxNxH, positions_T), _rope(k_BxTxNxH, positions_T)
+    a_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
+    a_BxTxD = dense(cfg.d_model, axis=(-2, -1), name="o")(a_BxTxNxH)
+    x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(a_BxTxD, deterministic=deterministic)
+
+    h_BxTxD = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="ln_mlp")(x_BxTxD)
+    h_BxTxF = nn.gelu(dense(cfg.d_ff, name="up")(h_BxTxD))
+    h_BxTxD = dense(cfg.d_model, name="down")(h_BxTxF)
+    return x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=deterministic)
+
+
+class PageLM(nn.Module):
+  """Next-page language model; `__call__` returns logits, and the final hidden states if asked."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, deterministic: bool = True, return_hidden: bool = False):
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, name="embed")
+    positions_T = jnp.arange(tokens_BxT.shape[1])
+    x_BxTxD = embed(tokens_BxT).astype(dtype)
+    if cfg.positions == "learned":
+      pos = nn.Embed(cfg.context, cfg.d_model, param_dtype=jnp.float32, name="pos_embed")
+      x_BxTxD = x_BxTxD + pos(positions_T)[None].astype(dtype)
+    x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
+    for i in range(cfg.n_layers):
+      x_BxTxD = Block(cfg, name=f"block_{i}")(x_BxTxD, positions_T, deterministic)
+    h_BxTxD = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="ln_final")(x_BxTxD)
+    if cfg.tie_embeddings:
+      logits_BxTxV = embed.attend(h_BxTxD.astype(jnp.float32))
+    else:
+      logits_BxTxV = nn.Dense(cfg.vocab_size, dtype=dtype, param_dtype=jnp.float32, name="head")(h_BxTxD)
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    return (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
+
+
+def init_params(cfg: ModelConfig, key: jax.Array):
+  """Parameters of one model (no leading K axis)."""
+  return PageLM(cfg).init(key, jnp.zeros((1, cfg.context), jnp.int32))["params"]
+
+
+def param_count(cfg: ModelConfig) -> int:
+  shapes = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
+  return sum(x.size for x in jax.tree.leaves(shapes))

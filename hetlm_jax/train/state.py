@@ -1,0 +1,104 @@
+"""Stacked train state (every leaf has a leading K axis), the optimizer, and the device mesh.
+
+K cluster models share one pytree: params and optimizer state are built under `jax.vmap`, so one
+compiled step trains all of them. The mesh has axes ('cluster', 'data'): K is split over 'cluster',
+each batch's B axis over 'data'.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hetlm_jax.config import Config
+from hetlm_jax.errors import HetlmError
+from hetlm_jax.model import init_params
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # global step over all rounds; the data order and dropout keys derive from it
+  round_start: jax.Array  # global step at which the current reassignment round began
+  round_steps: jax.Array  # steps in the current round; the learning-rate schedule spans them
+  params: Any  # leading K axis on every leaf
+  opt_state: Any  # leading K axis on every leaf
+
+
+def make_mesh(cfg: Config, k: int, devices=None) -> Mesh:
+  """Mesh ('cluster', 'data'); a single model (k=1, e.g. a baseline) puts every device on 'data'."""
+  devices = list(jax.devices() if devices is None else devices)
+  n_cluster = cfg.cluster.cluster_axis if k > 1 else 1
+  if len(devices) % n_cluster or k % n_cluster:
+    raise HetlmError(f"--cluster_axis={n_cluster} must divide both the device count ({len(devices)}) "
+                     f"and --k={k}")
+  n_data = len(devices) // n_cluster
+  if cfg.train.batch_size % n_data:
+    raise HetlmError(f"--batch_size={cfg.train.batch_size} must be a multiple of the {n_data} devices "
+                     "on the 'data' mesh axis")
+  return Mesh(np.array(devices).reshape(n_cluster, n_data), ("cluster", "data"))
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+  """AdamW without its learning rate, which `learning_rate` applies (it depends on the round)."""
+  t = cfg.train
+  # Norms, biases and learned positions are not decayed.
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+    lambda path, x: x.ndim >= 2 and "pos_embed" not in jax.tree_util.keystr(path), params)
+  return optax.chain(
+    optax.clip_by_global_norm(t.grad_clip),
+    optax.scale_by_adam(b1=0.9, b2=0.98),
+    optax.add_decayed_weights(t.weight_decay, mask=decay_mask))
+
+
+_SCHEDULE_RESOLUTION = 10_000
+
+
+def learning_rate(cfg: Config, state: TrainState) -> jax.Array:
+  """Warmup then cosine decay over each reassignment round (rounds differ in length, so by fraction)."""
+  t = cfg.train
+  schedule = optax.warmup_cosine_decay_schedule(
+    init_value=t.learning_rate * 0.01, peak_value=t.learning_rate,
+    warmup_steps=int(t.warmup_frac * _SCHEDULE_RESOLUTION), decay_steps=_SCHEDULE_RESOLUTION,
+    end_value=t.learning_rate * 0.05)
+  fraction = (state.step - state.round_start) / jnp.maximum(state.round_steps, 1)
+  return schedule(jnp.clip(fraction * _SCHEDULE_RESOLUTION, 0, _SCHEDULE_RESOLUTION).astype(jnp.int32))
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array, k: int) -> TrainState:
+  """K independently initialised models stacked on a leading axis."""
+  params = jax.vmap(lambda key: init_params(cfg.model, key))(jax.random.split(key, k))
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, round_start=zero, round_steps=jnp.ones((), jnp.int32), params=params,
+                    opt_state=jax.vmap(tx.init)(params))
+
+
+def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
+  """The K axis of every stacked leaf goes on 'cluster'; the step counter is replicated."""
+  stacked, replicated = NamedSharding(mesh, P("cluster")), NamedSharding(mesh, P())
+  return TrainState(
+    step=replicated, round_start=replicated, round_steps=replicated,
+    params=jax.tree.map(lambda _: stacked, abstract_state.params),
+    opt_state=jax.tree.map(lambda x: stacked if x.ndim else replicated,
+                           abstract_state.opt_state))
+
+
+def create_state(cfg: Config, tx, mesh: Mesh, k: int) -> TrainState:
+  """Initialises the stacked state directly in its sharded layout."""
+  key = jax.random.key(cfg.train.seed)
+  init = functools.partial(init_state, cfg, tx, k=k)
+  abstract = jax.eval_shape(init, key)
+  return jax.jit(init, out_shardings=state_shardings(mesh, abstract))(key)
+
+
+def abstract_state(cfg: Config, tx, mesh: Mesh, k: int) -> TrainState:
+  """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto this mesh."""
+  abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, k=k), jax.random.key(0))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, state_shardings(mesh, abstract))

@@ -1,0 +1,76 @@
+"""The single-model step, vmapped over K stacked models inside one jit, and the vmapped scoring pass."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hetlm_jax.config import Config
+from hetlm_jax.model import PageLM
+from hetlm_jax.train.state import TrainState, learning_rate, state_shardings
+
+
+def token_nll(model: PageLM, params, inputs_BxT1, deterministic=True, rngs=None):
+  """Per-position NLL (nats) of inputs[:, 1:] given inputs[:, :-1]."""
+  logits_BxTxV = model.apply({"params": params}, inputs_BxT1[:, :-1], deterministic=deterministic, rngs=rngs)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, inputs_BxT1[:, 1:])
+
+
+def single_model_step(model, tx, lr, params, opt_state, inputs_BxT1, mask_BxT, key):
+  """One AdamW step of one model on its own batch; padding (mask False) is out of the loss."""
+
+  def loss_fn(params):
+    nll_BxT = token_nll(model, params, inputs_BxT1, deterministic=False, rngs={"dropout": key})
+    tokens = mask_BxT.sum()
+    nll_sum = jnp.where(mask_BxT, nll_BxT, 0.0).sum()
+    return nll_sum / jnp.maximum(tokens, 1), (nll_sum, tokens)
+
+  (loss, (nll_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
+  metrics = {"loss": loss, "nll_sum": nll_sum, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
+  return params, opt_state, metrics
+
+
+def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
+  """jit(vmap(single_model_step)) with the state donated, B sharded over 'data', K over 'cluster'.
+
+  Batch: inputs [K, B, T+1] int32 and mask [K, B, T] bool. Returns (state, metrics), metrics per model [K].
+  """
+  model = PageLM(cfg.model)
+  seed = cfg.train.seed
+
+  def train_step(state: TrainState, inputs_KxBxT1, mask_KxBxT):
+    # Dropout keys depend only on (seed, step): a resumed run draws the same ones.
+    keys_K = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step), inputs_KxBxT1.shape[0])
+    lr = learning_rate(cfg, state)
+    stacked_step = jax.vmap(functools.partial(single_model_step, model, tx, lr))
+    params, opt_state, metrics = stacked_step(state.params, state.opt_state, inputs_KxBxT1, mask_KxBxT, keys_K)
+    metrics["learning_rate"] = jnp.broadcast_to(lr, keys_K.shape)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  shardings = state_shardings(mesh, abstract)
+  batch = NamedSharding(mesh, P("cluster", "data"))
+  per_model = NamedSharding(mesh, P("cluster"))
+  return jax.jit(train_step, in_shardings=(shardings, batch, batch), out_shardings=(shardings, per_model),
+                 donate_argnums=0)
+
+
+def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
+  """Every one of the K models scores the same users: inputs [B, T+1], mask [B, T] → NLL sums [K, B]."""
+  model = PageLM(cfg.model)
+
+  def score(params, inputs_BxT1, mask_BxT):
+    def one_model(p):
+      nll_BxT = token_nll(model, p, inputs_BxT1)
+      return jnp.where(mask_BxT, nll_BxT, 0.0).sum(axis=1)
+    return jax.vmap(one_model)(params)
+
+  params_sharding = state_shardings(mesh, abstract).params
+  users = NamedSharding(mesh, P("data"))
+  return jax.jit(score, in_shardings=(params_sharding, users, users),
+                 out_shardings=NamedSharding(mesh, P("cluster", "data")))
