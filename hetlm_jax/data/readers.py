@@ -1,0 +1,402 @@
+"""Readers that turn event files of several formats into one normalised Arrow table.
+
+Normalised columns: `user_id` (string), `timestamp` (int64 seconds), `page` (string), and
+optionally `session_id` (int64 codes) and `event_type` (string, nulls allowed). The table's
+schema metadata records the source path and the resolved format (`hetlm_source`, `hetlm_format`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import zipfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from hetlm_jax.errors import HetlmError, input_error
+
+FORMATS = ("auto", "events", "msnbc", "user_items")
+REQUIRED_COLUMNS = ("user_id", "timestamp", "page")
+OPTIONAL_COLUMNS = ("session_id", "event_type")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_CSV_SUFFIXES = (".csv", ".csv.gz")
+_SNIFF_LINES = 20
+# Errors that pyarrow, numpy and the stdlib decoders raise on malformed input.
+_READ_ERRORS = (pa.ArrowException, OSError, ValueError, TypeError, EOFError, IndexError,
+                zipfile.BadZipFile, UnicodeDecodeError)
+
+
+def read_events(path: str | os.PathLike, fmt: str = "auto", max_users: int | None = None) -> pa.Table:
+  """Reads `path` as `fmt` (see FORMATS) into the normalised event table.
+
+  `max_users` keeps only the first N users in order of first appearance in the file.
+  """
+  path = os.fspath(path)
+  if fmt not in FORMATS:
+    raise input_error(path, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+  if not os.path.exists(path):
+    raise input_error(path, "no such file")
+  if os.path.isdir(path):
+    raise input_error(path, "is a directory, expected a file")
+  try:
+    fmt, table = _read(path, fmt)
+    table = normalise_events(table, path)
+    if max_users is not None:
+      table = _first_users(table, max_users, path)
+  except HetlmError:
+    raise
+  except _READ_ERRORS as e:
+    raise input_error(path, f"cannot read: {_one_line(e)}") from None
+  meta = {b"hetlm_source": path.encode(), b"hetlm_format": fmt.encode()}
+  return table.replace_schema_metadata(meta)
+
+
+def detect_format(path: str | os.PathLike) -> str:
+  """The format `read_events(path, "auto")` would use: "events", "msnbc" or "user_items"."""
+  path = os.fspath(path)
+  if _has_suffix(path, _PARQUET_SUFFIXES + _CSV_SUFFIXES):
+    return "events"
+  if not os.path.isfile(path):
+    raise input_error(path, "no such file")
+  try:
+    return _sniff(path, _load_bytes(path))
+  except HetlmError:
+    raise
+  except _READ_ERRORS as e:
+    raise input_error(path, f"cannot read: {_one_line(e)}") from None
+
+
+def normalise_events(table: pa.Table, source: str = "events") -> pa.Table:
+  """Checks columns and converts them to the normalised types; `source` names the input in errors."""
+  missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+  if missing:
+    raise input_error(source, f"missing required column(s) {', '.join(missing)} "
+                              f"(has: {', '.join(table.column_names) or 'none'})")
+  if table.num_rows == 0:
+    raise input_error(source, "no events (empty table)")
+  cols = {
+      "user_id": _to_string(table["user_id"], "user_id", source, allow_int=True),
+      "timestamp": _to_seconds(table["timestamp"], source),
+      "page": _to_string(table["page"], "page", source, allow_int=True),
+  }
+  for name in ("user_id", "page"):
+    _no_nulls(cols[name], name, source)
+  if "session_id" in table.column_names:
+    cols["session_id"] = _session_codes(table["session_id"], source)
+  if "event_type" in table.column_names:
+    cols["event_type"] = _to_string(table["event_type"], "event_type", source, allow_int=False)
+  return pa.table(cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# Format dispatch
+
+
+def _read(path: str, fmt: str) -> tuple[str, pa.Table]:
+  if fmt == "events" or (fmt == "auto" and _has_suffix(path, _PARQUET_SUFFIXES + _CSV_SUFFIXES)):
+    return "events", _read_events_file(path)
+  data = _load_bytes(path)
+  if fmt == "auto":
+    fmt = _sniff(path, data)
+    if fmt == "events":
+      return fmt, _read_events_file(path)
+  if fmt == "msnbc":
+    return fmt, _parse_msnbc(data, path)
+  return fmt, _parse_user_items(data, path)
+
+
+def _read_events_file(path: str) -> pa.Table:
+  if _has_suffix(path, _CSV_SUFFIXES):
+    return _read_csv(path)
+  if _has_suffix(path, _PARQUET_SUFFIXES):
+    return _read_parquet(path)
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  return _read_parquet(path) if magic == b"PAR1" else _read_csv(path)
+
+
+def _read_parquet(path: str) -> pa.Table:
+  try:
+    schema = pq.read_schema(path)
+    if not all(c in schema.names for c in REQUIRED_COLUMNS):
+      return schema.empty_table()  # normalise_events names what is missing
+    return pq.read_table(path, columns=[c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+                                        if c in schema.names])
+  except _READ_ERRORS as e:
+    raise input_error(path, f"not a readable Parquet file ({_one_line(e)})") from None
+
+
+def _read_csv(path: str) -> pa.Table:
+  # Ids and pages stay strings ("007" is not 7); only "" means null so a page named "NA" survives.
+  text_cols = {c: pa.string() for c in ("user_id", "page", "event_type", "session_id")}
+  opts = pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True, null_values=[""])
+  try:
+    return pacsv.read_csv(path, convert_options=opts)
+  except _READ_ERRORS as e:
+    raise input_error(path, f"not a readable CSV file ({_one_line(e)})") from None
+
+
+def _load_bytes(path: str) -> bytes:
+  """The file's bytes, decompressed when it is a .gz or a .zip."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    if data[:2] == b"\x1f\x8b":
+      return gzip.decompress(data)
+    if data[:4] == b"PK\x03\x04":
+      return _zip_member(data, path)
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
+    raise input_error(path, f"corrupt compressed file ({_one_line(e)})") from None
+  return data
+
+
+def _zip_member(data: bytes, path: str) -> bytes:
+  with zipfile.ZipFile(io.BytesIO(data)) as zf:
+    # The UCI zip carries macOS resource forks next to the real file.
+    names = [n for n in zf.namelist() if not n.endswith("/") and not n.startswith("__MACOSX/")
+             and not os.path.basename(n).startswith("._")]
+    seq = [n for n in names if n.endswith(".seq")]
+    pick = seq if len(seq) == 1 else names
+    if len(pick) != 1:
+      raise input_error(path, f"zip archive must hold exactly one data file, found {len(names)}")
+    return zf.read(pick[0])
+
+
+def _sniff(path: str, data: bytes) -> str:
+  if data[:4] == b"PAR1":
+    return "events"
+  head = data[:1 << 16]
+  if head.lstrip().startswith(b"%"):
+    return "msnbc"
+  lines = head.splitlines()
+  if len(data) > len(head):
+    lines = lines[:-1]  # may be cut mid-line
+  lines = [ln for ln in lines if ln.strip()][:_SNIFF_LINES]
+  if lines and all(len(ln.split()) == 2 for ln in lines):
+    return "user_items"
+  raise input_error(path, "cannot tell the format; pass --format")
+
+
+# ---------------------------------------------------------------------------------------------
+# Text formats
+
+
+def _parse_msnbc(data: bytes, path: str) -> pa.Table:
+  """UCI MSNBC: '%' header, a line of category names, '% Sequences:', one line of ids per user.
+
+  Blank lines directly after '% Sequences:' belong to the header; later blank lines are users
+  without events: they keep their index (user ids are line indices) but yield no rows.
+  """
+  marker = re.search(rb"^[ \t]*%[ \t]*Sequences:?[^\n]*(\n|$)", data, re.M | re.I)
+  if marker is None:
+    raise input_error(path, "not an MSNBC file: no '% Sequences:' line")
+  header = [ln.strip() for ln in data[:marker.start()].splitlines()]
+  names_lines = [ln for ln in header if ln and not ln.startswith(b"%")]
+  if not names_lines:
+    raise input_error(path, "MSNBC header has no line of category names")
+  names = _decode(names_lines[-1], path).split()
+  body = data[marker.end():]
+  stripped = body.lstrip(b" \t\r\n")
+  first_line = data[:marker.end()].count(b"\n") + body[:len(body) - len(stripped)].count(b"\n") + 1
+  ids_E, line_E = _parse_int_lines(stripped, path, first_line)
+  out_of_range = (ids_E < 1) | (ids_E > len(names))
+  if out_of_range.any():
+    bad = int(line_E[np.flatnonzero(out_of_range)[0]])
+    raise input_error(path, f"line {first_line + bad}: category id out of range 1..{len(names)}")
+  if len(ids_E) == 0:
+    raise input_error(path, "no events (no sequence lines)")
+  counts_L = np.bincount(line_E)
+  return pa.table({
+      "user_id": pc.cast(pa.array(line_E), pa.string()),
+      "timestamp": pa.array(_position_in_group(counts_L)),
+      "page": pa.array(names, pa.string()).take(pa.array(ids_E - 1)),
+      "session_id": pa.array(line_E),
+  })
+
+
+def _parse_int_lines(body: bytes, path: str, first_line: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every whitespace-separated non-negative integer in `body`, and the 0-based line it is on."""
+  b = np.frombuffer(body, np.uint8)
+  newline = b == ord("\n")
+  digit = (b >= ord("0")) & (b <= ord("9"))
+  space = newline | (b == ord(" ")) | (b == ord("\t")) | (b == ord("\r"))
+  if not (digit | space).all():
+    bad = int(np.flatnonzero(~(digit | space))[0])
+    raise input_error(path, f"line {first_line + int(newline[:bad].sum())}: expected category "
+                            f"ids, found {bytes(b[bad:bad + 1])!r}")
+  edge = np.diff(digit.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+  start_T = np.flatnonzero(edge == 1)
+  end_T = np.flatnonzero(edge == -1) - 1  # last digit of each token
+  width_T = end_T - start_T + 1
+  max_width = int(width_T.max()) if len(width_T) else 0
+  if max_width > 18:
+    raise input_error(path, f"category id with {max_width} digits is too large")
+  value_T = np.zeros(len(start_T), np.int64)
+  for place in range(max_width):  # a handful of digit places, not one pass per token
+    digit_T = b[np.maximum(end_T - place, 0)].astype(np.int64) - ord("0")
+    value_T += np.where(width_T > place, digit_T, 0) * 10**place
+  # int32 cumsum is several times faster than numpy's default int64 one for booleans.
+  count_dtype = np.int32 if len(b) < 2**31 else np.int64
+  line_T = np.cumsum(newline, dtype=count_dtype)[start_T]
+  return value_T, line_T.astype(np.int64)
+
+
+def _parse_user_items(data: bytes, path: str) -> pa.Table:
+  """SASRec-style 'user item' lines in time order; the row index is the timestamp."""
+  lines = _lines(data, path)
+  counts_L, tokens = _split_lines(lines)
+  bad = (counts_L != 2) & (counts_L != 0)
+  if bad.any():
+    line = int(np.flatnonzero(bad)[0])
+    raise input_error(path, f"line {line + 1}: expected 2 tokens 'user item', found {counts_L[line]}")
+  if len(tokens) == 0:
+    raise input_error(path, "no events (empty file)")
+  users = tokens.take(pa.array(np.arange(0, len(tokens), 2)))
+  codes = pc.dictionary_encode(users).indices
+  return pa.table({
+      "user_id": users,
+      "timestamp": pa.array(np.arange(len(users), dtype=np.int64)),
+      "page": tokens.take(pa.array(np.arange(1, len(tokens), 2))),
+      "session_id": pc.cast(codes, pa.int64()),
+  })
+
+
+def _lines(data: bytes, path: str) -> pa.Array:
+  text = _decode(data, path)
+  return pc.split_pattern(pa.array([text], pa.large_string()), "\n").flatten()
+
+
+def _split_lines(lines: pa.Array) -> tuple[np.ndarray, pa.Array]:
+  """Whitespace-split every line at once: tokens per line and the flat token array."""
+  trimmed = pc.ascii_trim_whitespace(lines)
+  parts = pc.ascii_split_whitespace(trimmed)
+  counts_L = pc.list_value_length(parts).to_numpy().astype(np.int64)
+  # An empty line splits into one empty token; after trimming no other line can produce one.
+  empty_L = pc.equal(pc.utf8_length(trimmed), 0).to_numpy(zero_copy_only=False)
+  counts_L[empty_L] = 0
+  tokens = parts.flatten()
+  tokens = tokens.filter(pc.not_equal(tokens, ""))
+  return counts_L, pc.cast(tokens, pa.string())
+
+
+def _position_in_group(counts_G: np.ndarray) -> np.ndarray:
+  """0, 1, ..., c-1 for each group of size c, concatenated."""
+  starts_G = np.cumsum(counts_G) - counts_G
+  return np.arange(int(counts_G.sum()), dtype=np.int64) - np.repeat(starts_G, counts_G)
+
+
+def _decode(data: bytes, path: str) -> str:
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise input_error(path, f"not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Column normalisation
+
+
+def _is_stringlike(t: pa.DataType) -> bool:
+  return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _undictionary(col: pa.ChunkedArray) -> pa.ChunkedArray:
+  return col.cast(col.type.value_type) if pa.types.is_dictionary(col.type) else col
+
+
+def _to_string(col: pa.ChunkedArray, name: str, source: str, allow_int: bool) -> pa.ChunkedArray:
+  col = _undictionary(col)
+  t = col.type
+  if _is_stringlike(t) or pa.types.is_null(t) or (allow_int and pa.types.is_integer(t)):
+    return col.cast(pa.string())
+  expected = "string or integer" if allow_int else "string"
+  raise input_error(source, f"column '{name}' has type {t}, expected {expected}")
+
+
+def _no_nulls(col: pa.ChunkedArray, name: str, source: str) -> None:
+  if col.null_count:
+    raise input_error(source, f"column '{name}' has {col.null_count} null value(s)")
+
+
+_UNIT_PER_S = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def _to_seconds(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
+  """Integer seconds, from integers, floats, timestamps, dates or numeric/ISO-8601 strings."""
+  col = _undictionary(col)
+  _no_nulls(col, "timestamp", source)
+  t = col.type
+  if _is_stringlike(t):
+    return _strings_to_seconds(col, source)
+  if pa.types.is_integer(t):
+    try:
+      return col.cast(pa.int64())
+    except pa.ArrowInvalid:
+      raise input_error(source, "column 'timestamp' has values beyond int64") from None
+  if pa.types.is_floating(t) or pa.types.is_decimal(t):
+    col = col.cast(pa.float64())
+    if pc.any(pc.is_nan(col)).as_py():
+      raise input_error(source, "column 'timestamp' has NaN values")
+    try:
+      return pc.floor(col).cast(pa.int64())
+    except pa.ArrowInvalid:
+      raise input_error(source, "column 'timestamp' has values beyond int64") from None
+  if pa.types.is_timestamp(t):
+    ticks = col.cast(pa.int64()).to_numpy()
+    return pa.chunked_array([ticks // _UNIT_PER_S[t.unit]])
+  if pa.types.is_date32(t):
+    return pa.chunked_array([col.cast(pa.int32()).to_numpy().astype(np.int64) * 86_400])
+  if pa.types.is_date64(t):
+    return pa.chunked_array([col.cast(pa.int64()).to_numpy() // 1_000])
+  raise input_error(source, f"column 'timestamp' has type {t}, expected integer seconds, "
+                            "float seconds or a timestamp")
+
+
+def _strings_to_seconds(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
+  for target in (pa.int64(), pa.float64(), pa.timestamp("ns"), pa.timestamp("ns", tz="UTC")):
+    try:
+      return _to_seconds(col.cast(target), source)
+    except pa.ArrowInvalid:
+      continue
+  numeric = pc.match_substring_regex(col, r"^\s*[-+]?[0-9]+(\.[0-9]*)?\s*$")
+  odd = col.filter(pc.invert(numeric))
+  example = (odd if len(odd) else col)[0].as_py()
+  raise input_error(source, f"column 'timestamp' holds non-numeric strings such as {example!r}; "
+                            "expected integer seconds or ISO-8601 timestamps")
+
+
+def _session_codes(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
+  """Dense int64 codes numbered in sorted order of the ids, so they do not depend on row order."""
+  col = _undictionary(col)
+  t = col.type
+  if not (_is_stringlike(t) or pa.types.is_integer(t)):
+    raise input_error(source, f"column 'session_id' has type {t}, expected string or integer")
+  _no_nulls(col, "session_id", source)
+  enc = pc.dictionary_encode(col.combine_chunks())
+  rank = np.empty(len(enc.dictionary), np.int64)
+  rank[pc.sort_indices(enc.dictionary).to_numpy()] = np.arange(len(enc.dictionary))
+  return pa.chunked_array([rank[enc.indices.to_numpy()]])
+
+
+def _first_users(table: pa.Table, max_users: int, source: str) -> pa.Table:
+  # unique() lists values in order of first appearance.
+  first = pc.unique(table["user_id"])[:max(int(max_users), 0)]
+  table = table.filter(pc.is_in(table["user_id"], value_set=first))
+  if table.num_rows == 0:
+    raise input_error(source, f"no users left after max_users={max_users}")
+  return table
+
+
+def _has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
+  return path.lower().endswith(suffixes)
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return (text[:300] + "...") if len(text) > 300 else (text or type(e).__name__)

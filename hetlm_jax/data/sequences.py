@@ -1,0 +1,315 @@
+"""Per-user token sequences with a temporal held-out target, built with array arithmetic only.
+
+Sequence of a user: their events sorted by (timestamp, original row) and cut into sessions; each
+session becomes [BOS, tokens..., EOS], where every event emits its page token and, for an outcome
+event (any event_type other than VIEW_EVENTS, case-insensitive; null means a view), also the
+outcome token right after the page token. Sessions: with a `session_id` column, events sharing a
+(user, session_id) form one session and sessions are ordered by their first timestamp; without
+one, a new session starts when the gap to the user's previous event exceeds `session_gap_s`.
+
+Held-out target (the split), per user:
+  * >= 2 sessions: the last session, BOS and EOS included, is the target; earlier ones the history.
+  * 1 session with n event tokens (between BOS and EOS), holdout="half": target = the last n//2
+    tokens + EOS, history = BOS + the first n - n//2; holdout="last": target = the last event's
+    tokens + EOS. "auto" means "last" for user_items input (SASRec's protocol), else "half".
+  * 1 session with fewer than 2 events: dropped, counted as users_dropped_too_short.
+
+Users are ordered by id: numerically when every id is a decimal integer, else by string, so the
+result does not depend on row order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hetlm_jax.data.readers import normalise_events
+from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
+from hetlm_jax.errors import HetlmError, input_error
+
+VIEW_EVENTS = ("view", "click", "clicks", "page_view", "pageview")
+HOLDOUTS = ("auto", "half", "last")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class UserSequences:
+  """Flat token array of all users; user u's tokens are tokens[offsets[u]:offsets[u+1]]."""
+
+  user_ids: np.ndarray  # [U] object (str)
+  tokens: np.ndarray  # [N] int32
+  offsets: np.ndarray  # [U+1] int64
+  split: np.ndarray  # [U] int64, absolute index where user u's target begins
+  n_sessions: np.ndarray  # [U] int32
+
+  def __post_init__(self):
+    u = len(self.user_ids)
+    if self.offsets.shape != (u + 1,) or self.split.shape != (u,) or self.n_sessions.shape != (u,):
+      raise ValueError("user_ids, offsets, split and n_sessions disagree on the number of users")
+
+  @property
+  def num_users(self) -> int:
+    return len(self.user_ids)
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.offsets[-1])
+
+  @property
+  def lengths(self) -> np.ndarray:
+    """[U] tokens per user, history and target."""
+    return np.diff(self.offsets)
+
+  @property
+  def history_lengths(self) -> np.ndarray:
+    return self.split - self.offsets[:-1]
+
+  @property
+  def target_lengths(self) -> np.ndarray:
+    return self.offsets[1:] - self.split
+
+  def history(self, u: int) -> np.ndarray:
+    return self.tokens[self.offsets[u]:self.split[u]]
+
+  def target(self, u: int) -> np.ndarray:
+    return self.tokens[self.split[u]:self.offsets[u + 1]]
+
+  def subset(self, idx: np.ndarray) -> UserSequences:
+    """The users `idx` (indices or a boolean mask), in that order."""
+    idx_V = np.asarray(idx)
+    if idx_V.dtype == bool:
+      idx_V = np.flatnonzero(idx_V)
+    idx_V = idx_V.astype(np.int64)
+    start_V, end_V = self.offsets[idx_V], self.offsets[idx_V + 1]
+    new_offsets = np.zeros(len(idx_V) + 1, np.int64)
+    np.cumsum(end_V - start_V, out=new_offsets[1:])
+    shift_V = start_V - new_offsets[:-1]
+    gather = np.arange(new_offsets[-1], dtype=np.int64) + np.repeat(shift_V, end_V - start_V)
+    return UserSequences(user_ids=self.user_ids[idx_V], tokens=self.tokens[gather],
+                         offsets=new_offsets, split=self.split[idx_V] - shift_V,
+                         n_sessions=self.n_sessions[idx_V])
+
+
+def outcome_types(table: pa.Table) -> list[str]:
+  """Sorted distinct outcome event types (lower-cased) present in `table`."""
+  if "event_type" not in table.column_names:
+    return []
+  kinds = pc.unique(_event_kinds(table["event_type"])).drop_null().to_pylist()
+  return sorted(k for k in kinds if k not in VIEW_EVENTS)
+
+
+def build_sequences(table: pa.Table, tokenizer: PageTokenizer, session_gap_s: float = 1800,
+                    holdout: str = "auto", fmt_hint: str | None = None,
+                    source: str | None = None) -> tuple[UserSequences, dict]:
+  """Sessionised, tokenised per-user sequences of `table` and counts for logging.
+
+  `fmt_hint` and `source` (the name used in errors) default to what read_events recorded.
+  """
+  meta = table.schema.metadata or {}
+  source = source or meta.get(b"hetlm_source", b"events").decode()
+  fmt_hint = fmt_hint or meta.get(b"hetlm_format", b"").decode() or None
+  if holdout not in HOLDOUTS:
+    raise HetlmError(f"holdout must be one of {', '.join(HOLDOUTS)}, not {holdout!r}")
+  if holdout == "auto":
+    holdout = "last" if fmt_hint == "user_items" else "half"
+  if b"hetlm_format" not in meta:  # read_events output is already normalised
+    table = normalise_events(table, source)
+  n_events = table.num_rows
+  if n_events == 0:
+    raise input_error(source, "no events (empty table)")
+
+  user_E, user_ids = _user_ranks(table["user_id"])
+  ts_E = table["timestamp"].to_numpy()
+  page_E = tokenizer.encode_pages(table["page"])
+  outcome_E = np.full(n_events, -1, np.int32)
+  if "event_type" in table.column_names:
+    kinds = _event_kinds(table["event_type"])
+    is_view = pc.fill_null(pc.is_in(kinds, value_set=pa.array(VIEW_EVENTS)), False)
+    is_outcome = pc.invert(pc.or_(is_view, pc.is_null(kinds)))
+    is_outcome_E = is_outcome.to_numpy(zero_copy_only=False)
+    outcome_E[is_outcome_E] = tokenizer.outcome_ids(kinds.filter(is_outcome))
+  sess_E = table["session_id"].to_numpy() if "session_id" in table.column_names else None
+
+  order = _event_order(user_E, ts_E, sess_E)
+  if order is not None:
+    user_E, ts_E, page_E, outcome_E = user_E[order], ts_E[order], page_E[order], outcome_E[order]
+    sess_E = sess_E[order] if sess_E is not None else None
+
+  new_E = np.ones(n_events, bool)
+  new_E[1:] = user_E[1:] != user_E[:-1]
+  if sess_E is not None:
+    new_E[1:] |= sess_E[1:] != sess_E[:-1]
+  else:
+    new_E[1:] |= (ts_E[1:] - ts_E[:-1]) > session_gap_s
+
+  users_in = len(user_ids)
+  events_U = np.bincount(user_E, minlength=users_in)
+  sessions_U = np.bincount(user_E[new_E], minlength=users_in)
+  keep_U = (sessions_U >= 2) | (events_U >= 2)
+  if not keep_U.any():
+    raise input_error(source, "no users left: every user has one session with fewer than 2 events")
+  if not keep_U.all():
+    keep_E = keep_U[user_E]
+    user_E = (np.cumsum(keep_U) - 1)[user_E[keep_E]]
+    page_E, outcome_E, new_E = page_E[keep_E], outcome_E[keep_E], new_E[keep_E]
+    user_ids, sessions_U = user_ids[keep_U], sessions_U[keep_U]
+
+  tokens, offsets, split = _layout(user_E, page_E, outcome_E, new_E, sessions_U, holdout)
+  seqs = UserSequences(user_ids=user_ids, tokens=tokens, offsets=offsets, split=split,
+                       n_sessions=sessions_U.astype(np.int32))
+  stats = {"events": n_events, "events_kept": len(user_E), "users_in": users_in,
+           "users_dropped_too_short": int(users_in - keep_U.sum()), "users": seqs.num_users,
+           "sessions": int(sessions_U.sum()), "outcome_events": int((outcome_E >= 0).sum()),
+           "tokens": seqs.num_tokens, "holdout": holdout}
+  return seqs, stats
+
+
+def history_windows(seqs: UserSequences, user_idx_B: np.ndarray,
+                    context: int) -> tuple[np.ndarray, np.ndarray]:
+  """[B, context+1] windows of the most recent history tokens, right-padded with PAD.
+
+  Returns (inputs_BxT1 int32, valid_BxT1 bool); user index -1 gives an empty row.
+  """
+  user_B = np.asarray(user_idx_B, np.int64)
+  real_B = user_B >= 0
+  u_B = np.where(real_B, user_B, 0)
+  end_B = seqs.split[u_B]
+  len_B = np.where(real_B, np.minimum(end_B - seqs.offsets[u_B], context + 1), 0)
+  return _gather(seqs.tokens, end_B - len_B, len_B, context + 1)
+
+
+def target_windows(seqs: UserSequences, user_idx_B: np.ndarray,
+                   context: int) -> tuple[np.ndarray, np.ndarray]:
+  """[B, context+1] windows ending the user's history+target, and which predictions are scored.
+
+  The window is the last context+1 tokens, but starts no later than the last history token so
+  at least one target token is predicted; a target longer than that keeps its beginning.
+  Returns (inputs_BxT1 int32, loss_mask_BxT bool): loss_mask[b, t] iff token t+1 is a target
+  token. User index -1 gives an empty row.
+  """
+  user_B = np.asarray(user_idx_B, np.int64)
+  real_B = user_B >= 0
+  u_B = np.where(real_B, user_B, 0)
+  split_B, end_B = seqs.split[u_B], seqs.offsets[u_B + 1]
+  start_B = np.minimum(np.maximum(seqs.offsets[u_B], end_B - (context + 1)), split_B - 1)
+  len_B = np.where(real_B, np.minimum(end_B - start_B, context + 1), 0)
+  inputs_BxT1, valid_BxT1 = _gather(seqs.tokens, start_B, len_B, context + 1)
+  pos_BxT = start_B[:, None] + np.arange(1, context + 1)[None, :]
+  loss_mask_BxT = valid_BxT1[:, 1:] & (pos_BxT >= split_B[:, None])
+  return inputs_BxT1, loss_mask_BxT
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _event_kinds(event_type: pa.ChunkedArray) -> pa.ChunkedArray:
+  return pc.utf8_lower(pc.utf8_trim_whitespace(event_type))
+
+
+def _user_ranks(user_id: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-event user index in id order, and the ids ([U] object array) in that order."""
+  enc = pc.dictionary_encode(user_id.combine_chunks())
+  ids = enc.dictionary
+  keys = pa.table({"id": ids})
+  sort_keys = [("id", "ascending")]
+  if pc.all(pc.match_substring_regex(ids, r"^[0-9]{1,18}$")).as_py():
+    keys = keys.append_column("num", pc.cast(ids, pa.int64()))
+    sort_keys.insert(0, ("num", "ascending"))
+  order_U = pc.sort_indices(keys, sort_keys=sort_keys).to_numpy()
+  rank_of_code = np.empty(len(ids), np.int64)
+  rank_of_code[order_U] = np.arange(len(ids))
+  user_E = rank_of_code[enc.indices.to_numpy()]
+  return user_E, ids.take(pa.array(order_U)).to_numpy(zero_copy_only=False)
+
+
+def _is_sorted(*keys: np.ndarray) -> bool:
+  """Whether rows are already in lexicographic order of `keys` (most significant first)."""
+  ok = np.ones(max(len(keys[0]) - 1, 0), bool)
+  for key in reversed(keys):
+    ok = (key[1:] > key[:-1]) | ((key[1:] == key[:-1]) & ok)
+  return bool(ok.all())
+
+
+def _stable_order(*keys: np.ndarray) -> np.ndarray:
+  """Stable lexicographic argsort by `keys` (most significant first).
+
+  Keys are packed into as few int64 keys as fit, then sorted least significant first; this
+  is several times faster than np.lexsort on millions of rows.
+  """
+  packed, spans = [], []
+  for key in keys:
+    lo, hi = int(key.min()), int(key.max())
+    span = hi - lo + 1
+    if span >= 2**62:  # shifting could overflow; sort this key on its own
+      packed.append(key)
+      spans.append(2**63)
+      continue
+    key = key.astype(np.int64) - lo
+    if packed and spans[-1] * span < 2**62:
+      packed[-1], spans[-1] = packed[-1] * span + key, spans[-1] * span
+    else:
+      packed.append(key)
+      spans.append(span)
+  order = np.argsort(packed[-1], kind="stable")
+  for key in reversed(packed[:-1]):
+    order = order[np.argsort(key[order], kind="stable")]
+  return order
+
+
+def _event_order(user_E: np.ndarray, ts_E: np.ndarray, sess_E: np.ndarray | None) -> np.ndarray | None:
+  """Stable order of events by user, session (by its first timestamp) and time; None if sorted."""
+  if sess_E is None:
+    return None if _is_sorted(user_E, ts_E) else _stable_order(user_E, ts_E)
+  # Sorted by (user, time) with each session a contiguous run of rising codes is already final.
+  if _is_sorted(user_E, ts_E) and _is_sorted(user_E, sess_E, ts_E):
+    return None
+  by_session = _stable_order(user_E, sess_E, ts_E)
+  u, s = user_E[by_session], sess_E[by_session]
+  first = np.ones(len(u), bool)
+  first[1:] = (u[1:] != u[:-1]) | (s[1:] != s[:-1])
+  session_start_E = np.empty_like(ts_E)
+  session_start_E[by_session] = ts_E[by_session][first][np.cumsum(first) - 1]
+  return _stable_order(user_E, session_start_E, sess_E, ts_E)
+
+
+def _layout(user_E: np.ndarray, page_E: np.ndarray, outcome_E: np.ndarray, new_E: np.ndarray,
+            sessions_U: np.ndarray, holdout: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Flat tokens, offsets and split of events sorted by user, session and time."""
+  n = len(user_E)
+  emit_E = 1 + (outcome_E >= 0).astype(np.int64)
+  session_E = np.cumsum(new_E) - 1
+  # Tokens before an event: earlier events' tokens, BOS+EOS of earlier sessions, its own BOS.
+  pos_E = np.cumsum(emit_E) - emit_E + 2 * session_E + 1
+  total = int(emit_E.sum()) + 2 * int(session_E[-1] + 1)
+  tokens = np.empty(total, np.int32)
+  tokens[pos_E] = page_E
+  has_outcome = outcome_E >= 0
+  tokens[pos_E[has_outcome] + 1] = outcome_E[has_outcome]
+  bos_S = pos_E[new_E] - 1
+  tokens[bos_S] = BOS
+  tokens[np.append(bos_S[1:] - 1, total - 1)] = EOS
+
+  first_E = np.flatnonzero(np.append(True, user_E[1:] != user_E[:-1]))
+  offsets = np.append(bos_S[session_E[first_E]], total).astype(np.int64)
+  split = bos_S[np.cumsum(sessions_U) - 1].astype(np.int64)  # last session's BOS
+  start_U, end_U = offsets[:-1], offsets[1:]
+  if holdout == "half":
+    n_U = end_U - start_U - 2
+    single_split = start_U + 1 + n_U - n_U // 2
+  else:
+    last_E = np.append(first_E[1:], n) - 1
+    single_split = end_U - 1 - emit_E[last_E]
+  split = np.where(sessions_U == 1, single_split, split)
+  return tokens, offsets, split
+
+
+def _gather(tokens: np.ndarray, start_B: np.ndarray, len_B: np.ndarray,
+            width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Rows tokens[start:start+len], right-padded with PAD to `width`."""
+  valid_BxW = np.arange(width)[None, :] < len_B[:, None]
+  if tokens.size == 0:
+    return np.full(valid_BxW.shape, PAD, np.int32), valid_BxW
+  idx_BxW = np.clip(start_B[:, None] + np.arange(width)[None, :], 0, tokens.size - 1)
+  return np.where(valid_BxW, tokens[idx_BxW], PAD).astype(np.int32), valid_BxW
