@@ -1,0 +1,3 @@
+from hetlm_jax.main import run
+
+run()

@@ -1,0 +1,112 @@
+"""Command line: `hetlm train|evaluate|generate|bench` with absl flags (presets: --flagfile=configs/NAME.flags)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from absl import app, flags, logging
+
+from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
+from hetlm_jax.errors import HetlmError
+
+COMMANDS = ("train",)
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "cluster": ClusterConfig}
+_HELP = {
+  "path": "Browsing log (Parquet/CSV events, UCI msnbc, or 'user item' lines); default: the packaged msnbc sample.",
+  "format": "Input format: auto, events, msnbc or user_items.",
+  "k": "Number of cluster models K.",
+  "context": "Tokens the model sees; longer histories are cut from the left.",
+  "holdout": "How single-session users are split: half (prefix/suffix), last (last page), auto.",
+  "session_gap_minutes": "Inactivity that starts a new session when the log has no session_id.",
+  "epochs": "Passes over every user per reassignment round.",
+  "batch_size": "Windows per cluster per step, over all devices.",
+  "dtype": "Compute dtype: float32 or bfloat16 (parameters stay float32).",
+  "cluster_axis": "Devices on the 'cluster' mesh axis (the rest shard the batch).",
+  "max_users": "Keep only the first N users of the log (0: all).",
+}
+_FLAG_NAMES = {"path": "data"}  # config field → flag name, where they differ
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, tokenizer, config, metrics.")
+
+
+def _define_config_flags() -> None:
+  for section, cls in _SECTIONS.items():
+    for field in dataclasses.fields(cls):
+      if field.name == "vocab_size":
+        continue
+      name, default = _FLAG_NAMES.get(field.name, field.name), field.default
+      help_text = _HELP.get(field.name, f"{section}.{field.name}")
+      define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+                str: flags.DEFINE_string}[type(default)]
+      define(name, default, help_text)
+
+
+_define_config_flags()
+
+
+def config_from_flags() -> Config:
+  sections = {}
+  for section, cls in _SECTIONS.items():
+    sections[section] = cls(**{f.name: FLAGS[_FLAG_NAMES.get(f.name, f.name)].value
+                               for f in dataclasses.fields(cls) if f.name != "vocab_size"})
+  return Config(**sections)
+
+
+def _main(argv: list[str]) -> int:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    raise HetlmError(f"expected a command ({' | '.join(COMMANDS)}), got {' '.join(argv[1:]) or 'none'}")
+  if len(argv) > 2:
+    raise HetlmError(f"unexpected arguments: {' '.join(argv[2:])}")
+  from hetlm_jax.pipeline import train_and_evaluate  # JAX starts only once flags are known good
+  train_and_evaluate(config_from_flags(), FLAGS.workdir)
+  return 0
+
+
+def _fail(message) -> int:
+  print(f"hetlm: error: {message}", file=sys.stderr)
+  return 2
+
+
+def _parse(argv: list[str]) -> list[str]:
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(_fail(e))
+
+
+def main(argv: list[str]) -> int:
+  """Runs a parsed command line; bad input becomes one error line and exit status 2."""
+  try:
+    return _main(argv)
+  except HetlmError as e:
+    return _fail(e)
+
+
+def cli(argv: list[str]) -> int:
+  """Parses flags afresh and runs: the whole program without a process (used by the tests)."""
+  FLAGS.unparse_flags()
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    return _fail(e)
+  return main(rest)
+
+
+class _QuietLibraries:
+  """Keeps orbax's per-save INFO chatter out of the run log; its warnings still show."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
+def run() -> None:
+  """Console-script entry point."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse)
+
+
+if __name__ == "__main__":
+  run()

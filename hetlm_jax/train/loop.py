@@ -1,0 +1,92 @@
+"""The trainer: K stacked models, step loop with one-behind metrics, scoring of every user by every model."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from hetlm_jax.config import Config
+from hetlm_jax.data.sequences import UserSequences, history_windows, target_windows
+from hetlm_jax.train.batches import ClusterBatches
+from hetlm_jax.train.metrics import MetricsLog, Progress
+from hetlm_jax.train.state import (TrainState, abstract_state, create_state, make_mesh, make_optimizer)
+from hetlm_jax.train.step import make_score_fn, make_train_step
+
+
+class Trainer:
+  """Compiled step and scoring pass for K stacked models on one mesh; shapes fixed for the whole run."""
+
+  def __init__(self, cfg: Config, k: int, devices=None):
+    self.cfg, self.k = cfg, k
+    self.mesh = make_mesh(cfg, k, devices)
+    self.tx = make_optimizer(cfg)
+    self.abstract = abstract_state(cfg, self.tx, self.mesh, k)
+    self.train_step = make_train_step(cfg, self.tx, self.mesh, self.abstract)
+    self.score_batch = make_score_fn(cfg, self.mesh, self.abstract)
+    n_data = self.mesh.shape["data"]
+    self.eval_batch = -(-cfg.train.eval_batch_size // n_data) * n_data
+
+  def init_state(self) -> TrainState:
+    return create_state(self.cfg, self.tx, self.mesh, self.k)
+
+  def start_round(self, state: TrainState, steps: int) -> TrainState:
+    put = lambda value: jax.device_put(np.int32(value), self.abstract.round_start.sharding)
+    return state.replace(round_start=put(state.step), round_steps=put(steps))
+
+  def train_round(self, state: TrainState, batches: ClusterBatches, log: MetricsLog | None = None,
+                  on_step=None, label: str = "train") -> TrainState:
+    """Runs the rest of the current round; `on_step(state)` is called after each dispatched step."""
+    first = int(state.step - state.round_start)
+    progress = Progress(batches.steps, label, every=self.cfg.train.log_every, initial=first)
+    pending, last_time, tokens_seen = None, time.perf_counter(), 0
+    for s in range(first, batches.steps):
+      inputs, mask = batches.batch(s)
+      state, metrics = self.train_step(state, inputs, mask)
+      if pending is not None:  # read step s-1 while step s runs
+        tokens_seen, last_time = self._report(pending, log, progress, tokens_seen, last_time, s)
+      pending = (int(s) + 1, metrics)
+      if on_step is not None:
+        on_step(state)
+    if pending is not None:
+      self._report(pending, log, progress, tokens_seen, last_time, batches.steps)
+    progress.close()
+    return state
+
+  def _report(self, pending, log, progress, tokens_seen, last_time, done):
+    step_in_round, metrics = pending
+    m = jax.device_get(metrics)
+    now = time.perf_counter()
+    tokens = float(m["tokens"].sum())
+    loss = float(m["nll_sum"].sum() / max(tokens, 1.0))
+    tok_s = tokens / max(now - last_time, 1e-9)
+    progress.update(done, f"loss {loss:.3f} ppl {np.exp(min(loss, 50)):.2f} {tok_s:,.0f} tok/s")
+    if log is not None and (step_in_round % self.cfg.train.log_every == 0 or done == progress.total):
+      log.write({"kind": "train", "step_in_round": step_in_round, "loss": loss, "perplexity": float(np.exp(min(loss, 50))),
+                 "loss_per_model": m["loss"].tolist(), "grad_norm": m["grad_norm"].tolist(),
+                 "learning_rate": float(m["learning_rate"][0]), "tokens_per_s": tok_s,
+                 "step_time_s": now - last_time})
+    return tokens_seen + tokens, now
+
+  def score(self, params, seqs: UserSequences, part: str, label: str = "score") -> tuple[np.ndarray, np.ndarray]:
+    """NLL sums [K, U] of each user's history ('history') or held-out target ('target') under every model,
+    and the number of scored tokens [U]."""
+    windows = history_windows if part == "history" else target_windows
+    n, b = seqs.num_users, self.eval_batch
+    progress = Progress(-(-n // b), label, every=10)
+    outputs, counts = [], []
+    for i, lo in enumerate(range(0, n, b)):
+      users = np.arange(lo, lo + b)
+      users[users >= n] = -1
+      inputs, mask = windows(seqs, users, self.cfg.model.context)
+      if part == "history":
+        mask = mask[:, 1:]
+      outputs.append(self.score_batch(params, inputs, mask))
+      counts.append(mask.sum(axis=1))
+      progress.update(i + 1)
+    progress.close()
+    nll_KxU = np.concatenate(jax.device_get(outputs), axis=1)[:, :n]
+    return nll_KxU, np.concatenate(counts)[:n]

@@ -1,0 +1,52 @@
+"""metrics.jsonl and the progress line (with ETA) that long work prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from absl import logging
+
+
+class MetricsLog:
+  """Appends one JSON object per logged step or round."""
+
+  def __init__(self, path: Path):
+    self._path = Path(path)
+
+  def write(self, record: dict) -> None:
+    with self._path.open("a") as f:
+      f.write(json.dumps(record, default=float) + "\n")
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60:d}:{rem % 60:02d}"
+
+
+class Progress:
+  """A redrawn line on a terminal; a log line every `every` updates otherwise."""
+
+  def __init__(self, total: int, label: str, every: int = 50, stream=None, initial: int = 0):
+    self.total, self.label, self.every = max(total, 1), label, max(every, 1)
+    self._stream = stream or sys.stderr
+    self._tty = getattr(self._stream, "isatty", lambda: False)()
+    self._start, self._initial = time.perf_counter(), initial
+
+  def update(self, done: int, info: str = "") -> None:
+    elapsed = time.perf_counter() - self._start
+    eta = elapsed / max(done - self._initial, 1) * (self.total - done)
+    line = f"{self.label} {done}/{self.total} [{_duration(elapsed)}<{_duration(eta)}] {info}".rstrip()
+    if self._tty:
+      self._stream.write("\r\033[K" + line)
+      self._stream.flush()
+    elif done % self.every == 0 or done == self.total:
+      logging.info(line)
+
+  def close(self) -> None:
+    if self._tty:
+      self._stream.write("\n")
+      self._stream.flush()

@@ -1,0 +1,105 @@
+"""Bad input never yields a traceback or a half-written workdir: one error line, exit status 2."""
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hetlm_jax.main import cli
+from synthetic import markov_events
+
+TINY = ["--context=8", "--d_model=8", "--n_layers=1", "--n_heads=2", "--d_ff=16", "--epochs=1", "--batch_size=8"]
+
+
+def run(capsys, *args):
+  code = cli(["hetlm", *args])
+  err = capsys.readouterr().err.strip().splitlines()
+  return code, err
+
+
+def assert_refused(capsys, workdir, args, *needles):
+  before = sorted(os.listdir(workdir)) if workdir.exists() else None
+  code, err = run(capsys, "train", f"--workdir={workdir}", *TINY, *args)
+  assert code == 2
+  assert len(err) == 1 and err[0].startswith("hetlm: error: "), err
+  for needle in needles:
+    assert needle in err[0], err[0]
+  after = sorted(os.listdir(workdir)) if workdir.exists() else None
+  assert after == before, "the workdir was changed"
+
+
+@pytest.fixture
+def good_log(tmp_path):
+  path = tmp_path / "good.parquet"
+  pq.write_table(markov_events(n_users=20, n_groups=2, sessions=2, session_len=4)[0], path)
+  return path
+
+
+def test_missing_file(tmp_path, capsys):
+  assert_refused(capsys, tmp_path / "run", [f"--data={tmp_path}/nope.parquet"], "nope.parquet")
+
+
+def test_file_that_is_not_parquet(tmp_path, capsys):
+  bad = tmp_path / "garbage.parquet"
+  bad.write_bytes(os.urandom(300))
+  assert_refused(capsys, tmp_path / "run", [f"--data={bad}"], "garbage.parquet")
+
+
+def test_truncated_parquet(tmp_path, good_log, capsys):
+  cut = tmp_path / "cut.parquet"
+  cut.write_bytes(good_log.read_bytes()[: good_log.stat().st_size // 2])
+  assert_refused(capsys, tmp_path / "run", [f"--data={cut}"], "cut.parquet")
+
+
+def test_missing_column(tmp_path, capsys):
+  path = tmp_path / "nopage.csv"
+  path.write_text("user_id,timestamp\n1,10\n1,20\n")
+  assert_refused(capsys, tmp_path / "run", [f"--data={path}"], "nopage.csv", "page")
+
+
+def test_mistyped_timestamp_column(tmp_path, capsys):
+  path = tmp_path / "badtime.csv"
+  path.write_text("user_id,timestamp,page\n1,yesterday,a\n1,today,b\n")
+  assert_refused(capsys, tmp_path / "run", [f"--data={path}"], "badtime.csv", "timestamp")
+
+
+def test_null_user_ids(tmp_path, capsys):
+  path = tmp_path / "nulls.parquet"
+  pq.write_table(pa.table({"user_id": ["a", None, "a"], "timestamp": [1, 2, 3], "page": ["x", "y", "z"]}), path)
+  assert_refused(capsys, tmp_path / "run", [f"--data={path}"], "nulls.parquet", "user_id")
+
+
+def test_empty_table(tmp_path, capsys):
+  path = tmp_path / "empty.csv"
+  path.write_text("user_id,timestamp,page\n")
+  assert_refused(capsys, tmp_path / "run", [f"--data={path}"], "empty.csv")
+
+
+@pytest.mark.parametrize("flag,needle", [
+  ("--k=0", "--k"), ("--batch_size=0", "--batch_size"), ("--dropout=1.5", "--dropout"),
+  ("--format=xml", "--format"), ("--k=abc", "--k"), ("--no_such_flag=1", "no_such_flag"),
+  ("--k=100000", "--k"),
+])
+def test_flag_out_of_range(tmp_path, good_log, capsys, flag, needle):
+  assert_refused(capsys, tmp_path / "run", [f"--data={good_log}", flag], needle)
+
+
+def test_existing_workdir_with_other_settings_is_left_untouched(tmp_path, good_log, capsys):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text('{"model": {"d_model": 999}}')
+  config_before = (workdir / "config.json").read_text()
+  assert_refused(capsys, workdir, [f"--data={good_log}"], "--d_model")
+  assert (workdir / "config.json").read_text() == config_before
+
+
+def test_unknown_command(capsys):
+  code, err = run(capsys, "fly")
+  assert code == 2 and len(err) == 1 and "fly" in err[0]
+
+
+def test_train_command_writes_a_complete_workdir(tmp_path, good_log, capsys):
+  code, err = run(capsys, "train", f"--workdir={tmp_path / 'run'}", f"--data={good_log}", *TINY)
+  assert code == 0, err
+  assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl"} <= set(os.listdir(tmp_path / "run"))

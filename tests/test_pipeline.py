@@ -1,0 +1,92 @@
+"""train_and_evaluate end to end on a tiny synthetic log: learning, checkpoints, exact resume."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from hetlm_jax.config import Config, DataConfig, ModelConfig, TrainConfig
+from hetlm_jax.pipeline import load_run, prepare_data, train_and_evaluate
+from hetlm_jax.train import loop
+from hetlm_jax.train.loop import Trainer
+from synthetic import markov_events
+
+
+@pytest.fixture(scope="module")
+def log_path(tmp_path_factory):
+  path = tmp_path_factory.mktemp("data") / "events.parquet"
+  table, _ = markov_events(n_users=96, n_groups=2, n_pages=10, sessions=3, session_len=6)
+  pq.write_table(table, path)
+  return str(path)
+
+
+def tiny(path, **train):
+  train = {"batch_size": 16, "epochs": 2, "learning_rate": 1e-2, "log_every": 2, "checkpoint_every": 4, **train}
+  return Config(model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.1),
+                train=TrainConfig(**train), data=DataConfig(path=path))
+
+
+def test_training_lowers_held_out_target_nll(log_path, tmp_path):
+  cfg = tiny(log_path, epochs=6)
+  prepared = prepare_data(cfg)
+  untrained = Trainer(cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size)), 1)
+  nll_KxU, tokens_U = untrained.score(untrained.init_state().params, prepared.seqs, "target")
+  summary = train_and_evaluate(cfg, tmp_path)
+  assert summary["target_nll_token_weighted"] < 0.8 * nll_KxU.sum() / tokens_U.sum()
+
+
+def test_train_writes_checkpoints_tokenizer_config_and_metrics(log_path, tmp_path):
+  train_and_evaluate(tiny(log_path), tmp_path)
+  assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl"} <= {p.name for p in tmp_path.iterdir()}
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["kind"] for r in records][0] == "start" and records[-1]["kind"] == "eval"
+  train = [r for r in records if r["kind"] == "train"]
+  assert train and all({"loss", "perplexity", "tokens_per_s", "step_time_s"} <= set(r) for r in train)
+
+
+def test_checkpoint_restores_identical_parameters(log_path, tmp_path):
+  train_and_evaluate(tiny(log_path), tmp_path)
+  first, second = load_run(tmp_path), load_run(tmp_path)
+  assert first.step > 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(first.params), jax.device_get(second.params))
+  assert first.config.model.vocab_size == first.tokenizer.vocab_size
+
+
+def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_uninterrupted_one(
+    log_path, tmp_path, monkeypatch):
+  cfg = tiny(log_path)
+  train_and_evaluate(cfg, tmp_path / "whole")
+
+  real_step = loop.Trainer._report
+  calls = {"n": 0}
+
+  def crash_after_six_steps(self, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 6:
+      raise KeyboardInterrupt("preempted")
+    return real_step(self, *args, **kwargs)
+
+  monkeypatch.setattr(loop.Trainer, "_report", crash_after_six_steps)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(cfg, tmp_path / "resumed")
+  monkeypatch.setattr(loop.Trainer, "_report", real_step)
+  saved_step = load_run(tmp_path / "resumed").step
+  assert saved_step == 4  # checkpoint_every=4: the crash came at step 7
+
+  seen_first_steps = []
+  real_train_round = loop.Trainer.train_round
+
+  def record_first_step(self, state, *args, **kwargs):
+    seen_first_steps.append(int(state.step))
+    return real_train_round(self, state, *args, **kwargs)
+
+  monkeypatch.setattr(loop.Trainer, "train_round", record_first_step)
+  train_and_evaluate(cfg, tmp_path / "resumed")
+  assert seen_first_steps == [saved_step]
+  whole, resumed = load_run(tmp_path / "whole"), load_run(tmp_path / "resumed")
+  assert whole.step == resumed.step
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               jax.device_get(whole.params), jax.device_get(resumed.params))
