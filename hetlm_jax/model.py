@@ -12,11 +12,11 @@ import jax.numpy as jnp
 from hetlm_jax.config import ModelConfig
 
 
-def _rope(x_BxTxNxH: jax.Array, positions_T: jax.Array) -> jax.Array:
+def _rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
   half = x_BxTxNxH.shape[-1] // 2
   freq_H2 = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angle_TxH2 = positions_T[:, None].astype(jnp.float32) * freq_H2[None, :]
-  sin, cos = jnp.sin(angle_TxH2)[None, :, None, :], jnp.cos(angle_TxH2)[None, :, None, :]
+  angle_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * freq_H2
+  sin, cos = jnp.sin(angle_BxTxH2)[:, :, None, :], jnp.cos(angle_BxTxH2)[:, :, None, :]
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
 
@@ -25,7 +25,8 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, positions_T: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxT: jax.Array | None,
+               deterministic: bool) -> jax.Array:
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     dense = lambda features, axis=-1, name=None: nn.DenseGeneral(
@@ -36,8 +37,8 @@ class Block(nn.Module):
     k_BxTxNxH = dense((cfg.n_heads, cfg.head_dim), name="k")(h_BxTxD)
     v_BxTxNxH = dense((cfg.n_heads, cfg.head_dim), name="v")(h_BxTxD)
     if cfg.positions == "rope":
-      q_BxTxNxH, k_BxTxNxH = _rope(q_BxTxNxH, positions_T), _rope(k_BxTxNxH, positions_T)
-    a_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
+      q_BxTxNxH, k_BxTxNxH = _rope(q_BxTxNxH, positions_BxT), _rope(k_BxTxNxH, positions_BxT)
+    a_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask_Bx1xTxT, is_causal=True)
     a_BxTxD = dense(cfg.d_model, axis=(-2, -1), name="o")(a_BxTxNxH)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(a_BxTxD, deterministic=deterministic)
 
@@ -47,24 +48,41 @@ class Block(nn.Module):
     return x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=deterministic)
 
 
+def segment_positions(segments_BxT: jax.Array) -> jax.Array:
+  """Position of each token within its segment (packed rows hold several users' windows)."""
+  t_T = jnp.arange(segments_BxT.shape[1])
+  starts_BxT = jnp.where(jnp.diff(segments_BxT, axis=1, prepend=-1) != 0, t_T, 0)
+  return t_T - jax.lax.cummax(starts_BxT, axis=1)
+
+
 class PageLM(nn.Module):
-  """Next-page language model; `__call__` returns logits, and the final hidden states if asked."""
+  """Next-page language model; `__call__` returns logits, and the final hidden states if asked.
+
+  `segments_BxT` (optional) packs several sequences per row: tokens attend only within their own
+  segment, and positions restart at every segment.
+  """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, deterministic: bool = True, return_hidden: bool = False):
+  def __call__(self, tokens_BxT: jax.Array, segments_BxT: jax.Array | None = None, deterministic: bool = True,
+               return_hidden: bool = False):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, name="embed")
-    positions_T = jnp.arange(tokens_BxT.shape[1])
+    if segments_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+      mask_Bx1xTxT = None
+    else:
+      positions_BxT = segment_positions(segments_BxT)
+      mask_Bx1xTxT = (segments_BxT[:, None, :, None] == segments_BxT[:, None, None, :])
     x_BxTxD = embed(tokens_BxT).astype(dtype)
     if cfg.positions == "learned":
       pos = nn.Embed(cfg.context, cfg.d_model, param_dtype=jnp.float32, name="pos_embed")
-      x_BxTxD = x_BxTxD + pos(positions_T)[None].astype(dtype)
+      x_BxTxD = x_BxTxD + pos(positions_BxT).astype(dtype)
     x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
     for i in range(cfg.n_layers):
-      x_BxTxD = Block(cfg, name=f"block_{i}")(x_BxTxD, positions_T, deterministic)
+      x_BxTxD = Block(cfg, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxT, deterministic)
     h_BxTxD = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="ln_final")(x_BxTxD)
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(h_BxTxD.astype(jnp.float32))

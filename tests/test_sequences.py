@@ -79,7 +79,7 @@ def test_outcome_token_follows_its_page():
   assert stats["outcome_events"] == 2
   hist, target = decoded(seqs, tok)["u"]
   assert hist == ["<s>", "a", "b", "<cart>", "c", "d"]
-  assert target == ["e", "<orders>", "</s>"]
+  assert target == ["e", "<orders>"]
 
 
 def test_multi_session_user_holds_out_the_last_session():
@@ -92,21 +92,21 @@ def test_multi_session_user_holds_out_the_last_session():
 
 
 @pytest.mark.parametrize("n_events, n_history", [(2, 1), (3, 2), (4, 2), (5, 3)])
-def test_single_session_half_split(n_events, n_history):
+def test_single_session_half_split_without_end_marker(n_events, n_history):
   table = events([("u", t, f"p{t}") for t in range(n_events)])
   seqs, _, tok = build(table, holdout="half")
   hist, target = decoded(seqs, tok)["u"]
   pages = [f"p{t}" for t in range(n_events)]
   assert hist == ["<s>"] + pages[:n_history]
-  assert target == pages[n_history:] + ["</s>"]
+  assert target == pages[n_history:]
 
 
 def test_auto_holdout_is_last_for_user_items_else_half():
   table = events([("u", t, f"p{t}") for t in range(4)])
   seqs, stats, tok = build(table, fmt_hint="user_items")
-  assert stats["holdout"] == "last" and decoded(seqs, tok)["u"][1] == ["p3", "</s>"]
+  assert stats["holdout"] == "last" and decoded(seqs, tok)["u"][1] == ["p3"]
   seqs, stats, tok = build(table)
-  assert stats["holdout"] == "half" and decoded(seqs, tok)["u"][1] == ["p2", "p3", "</s>"]
+  assert stats["holdout"] == "half" and decoded(seqs, tok)["u"][1] == ["p2", "p3"]
   with pytest.raises(HetlmError, match="holdout"):
     build(table, holdout="first")
 
@@ -126,9 +126,16 @@ def test_users_ordered_numerically_and_flat_layout_is_consistent():
   table = events([("10", 0, "a"), ("10", 1, "b"), ("9", 0, "c"), ("9", 1, "a"), ("9", 2, "a")])
   seqs, stats, tok = build(table)
   assert seqs.user_ids.tolist() == ["9", "10"]
-  assert seqs.offsets.tolist() == [0, 5, 9] and stats["tokens"] == 9
+  assert seqs.offsets.tolist() == [0, 4, 7] and stats["tokens"] == 7
   assert seqs.tokens.dtype == np.int32 and seqs.offsets.dtype == np.int64
-  assert tok.decode(seqs.tokens) == ["<s>", "c", "a", "a", "</s>", "<s>", "a", "b", "</s>"]
+  assert tok.decode(seqs.tokens) == ["<s>", "c", "a", "a", "<s>", "a", "b"]
+
+
+def test_only_multi_session_users_have_end_markers():
+  table = events([("multi", 0, "a"), ("multi", 5 * H, "b"), ("single", 0, "c"), ("single", 1, "d")])
+  seqs, _, tok = build(table)
+  assert decoded(seqs, tok) == {"multi": (["<s>", "a", "</s>"], ["<s>", "b", "</s>"]),
+                                "single": (["<s>", "c"], ["d"])}
 
 
 def test_subset_gathers_users():

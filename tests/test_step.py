@@ -15,10 +15,14 @@ CFG = Config(model=ModelConfig(vocab_size=19, context=8, d_model=16, n_layers=1,
 
 
 def _batch(k, cfg=CFG, seed=0):
+  """Random tokens; every row holds two packed segments and then padding."""
   rng = np.random.default_rng(seed)
-  inputs = rng.integers(4, cfg.model.vocab_size, (k, cfg.train.batch_size, cfg.model.context + 1)).astype(np.int32)
-  mask = rng.random((k, cfg.train.batch_size, cfg.model.context)) < 0.8
-  return inputs, mask
+  shape = (k, cfg.train.batch_size, cfg.model.context + 1)
+  inputs = rng.integers(4, cfg.model.vocab_size, shape).astype(np.int32)
+  t = np.arange(shape[-1])
+  cut, end = rng.integers(2, 5, shape[:2] + (1,)), rng.integers(6, shape[-1] + 1, shape[:2] + (1,))
+  segments = np.where(t < cut, 1, np.where(t < end, 2, 0)).astype(np.int32)
+  return inputs, segments
 
 
 def _run(cfg, k, devices, steps=2, batch_seed=0):
@@ -65,12 +69,12 @@ def test_step_sharded_over_four_devices_equals_the_one_device_step(cluster_axis)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one.params, four.params)
 
 
-def test_a_cluster_with_only_masked_rows_gets_zero_loss_and_zero_gradient():
+def test_a_cluster_with_only_padding_rows_gets_zero_loss_and_zero_gradient():
   mesh = make_mesh(CFG, 2, jax.devices()[:1])
   tx = make_optimizer(CFG)
   step = make_train_step(CFG, tx, mesh, abstract_state(CFG, tx, mesh, 2))
-  inputs, mask = _batch(2)
-  mask[1] = False
-  _, metrics = step(create_state(CFG, tx, mesh, 2), inputs, mask)
+  inputs, segments = _batch(2)
+  segments[1] = 0
+  _, metrics = step(create_state(CFG, tx, mesh, 2), inputs, segments)
   assert metrics["tokens"][1] == 0 and metrics["loss"][1] == 0 and metrics["grad_norm"][1] == 0
   assert metrics["loss"][0] > 0

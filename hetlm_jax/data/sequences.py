@@ -9,9 +9,10 @@ one, a new session starts when the gap to the user's previous event exceeds `ses
 
 Held-out target (the split), per user:
   * >= 2 sessions: the last session, BOS and EOS included, is the target; earlier ones the history.
-  * 1 session with n event tokens (between BOS and EOS), holdout="half": target = the last n//2
-    tokens + EOS, history = BOS + the first n - n//2; holdout="last": target = the last event's
-    tokens + EOS. "auto" means "last" for user_items input (SASRec's protocol), else "half".
+  * 1 session with n event tokens, holdout="half": target = the last n//2 tokens, history = BOS +
+    the first n - n//2; holdout="last": target = the last event's tokens. "auto" means "last" for
+    user_items input (SASRec's protocol), else "half". Such a session has no EOS: its end lies in
+    the held-out part, so no training history of single-session data could ever show one.
   * 1 session with fewer than 2 events: dropped, counted as users_dropped_too_short.
 
 Users are ordered by id: numerically when every id is a decimal integer, else by string, so the
@@ -280,27 +281,31 @@ def _layout(user_E: np.ndarray, page_E: np.ndarray, outcome_E: np.ndarray, new_E
   n = len(user_E)
   emit_E = 1 + (outcome_E >= 0).astype(np.int64)
   session_E = np.cumsum(new_E) - 1
-  # Tokens before an event: earlier events' tokens, BOS+EOS of earlier sessions, its own BOS.
-  pos_E = np.cumsum(emit_E) - emit_E + 2 * session_E + 1
-  total = int(emit_E.sum()) + 2 * int(session_E[-1] + 1)
+  # Only sessions of multi-session users end in EOS: a single-session user's end is never seen in
+  # training (it lies in the held-out suffix), so it is not asked for there either.
+  eos_S = sessions_U[user_E[new_E]] >= 2
+  eos_before_S = np.cumsum(eos_S) - eos_S
+  # Tokens before an event: earlier events' tokens, earlier sessions' BOS and EOS, its own BOS.
+  pos_E = np.cumsum(emit_E) - emit_E + session_E + eos_before_S[session_E] + 1
+  total = int(emit_E.sum()) + len(eos_S) + int(eos_S.sum())
   tokens = np.empty(total, np.int32)
   tokens[pos_E] = page_E
   has_outcome = outcome_E >= 0
   tokens[pos_E[has_outcome] + 1] = outcome_E[has_outcome]
   bos_S = pos_E[new_E] - 1
   tokens[bos_S] = BOS
-  tokens[np.append(bos_S[1:] - 1, total - 1)] = EOS
+  tokens[(np.append(bos_S[1:], total) - 1)[eos_S]] = EOS
 
   first_E = np.flatnonzero(np.append(True, user_E[1:] != user_E[:-1]))
   offsets = np.append(bos_S[session_E[first_E]], total).astype(np.int64)
   split = bos_S[np.cumsum(sessions_U) - 1].astype(np.int64)  # last session's BOS
   start_U, end_U = offsets[:-1], offsets[1:]
   if holdout == "half":
-    n_U = end_U - start_U - 2
+    n_U = end_U - start_U - 1
     single_split = start_U + 1 + n_U - n_U // 2
   else:
     last_E = np.append(first_E[1:], n) - 1
-    single_split = end_U - 1 - emit_E[last_E]
+    single_split = end_U - emit_E[last_E]
   split = np.where(sessions_U == 1, single_split, split)
   return tokens, offsets, split
 

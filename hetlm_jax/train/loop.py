@@ -10,8 +10,8 @@ import numpy as np
 from absl import logging
 
 from hetlm_jax.config import Config
-from hetlm_jax.data.sequences import UserSequences, history_windows, target_windows
-from hetlm_jax.train.batches import ClusterBatches
+from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.train.batches import ClusterBatches, ScoringBatches
 from hetlm_jax.train.metrics import MetricsLog, Progress
 from hetlm_jax.train.state import (TrainState, abstract_state, create_state, make_mesh, make_optimizer)
 from hetlm_jax.train.step import make_score_fn, make_train_step
@@ -74,19 +74,26 @@ class Trainer:
   def score(self, params, seqs: UserSequences, part: str, label: str = "score") -> tuple[np.ndarray, np.ndarray]:
     """NLL sums [K, U] of each user's history ('history') or held-out target ('target') under every model,
     and the number of scored tokens [U]."""
-    windows = history_windows if part == "history" else target_windows
-    n, b = seqs.num_users, self.eval_batch
-    progress = Progress(-(-n // b), label, every=10)
-    outputs, counts = [], []
-    for i, lo in enumerate(range(0, n, b)):
-      users = np.arange(lo, lo + b)
-      users[users >= n] = -1
-      inputs, mask = windows(seqs, users, self.cfg.model.context)
-      if part == "history":
-        mask = mask[:, 1:]
-      outputs.append(self.score_batch(params, inputs, mask))
-      counts.append(mask.sum(axis=1))
+    batches = ScoringBatches(seqs, part, self.cfg.model.context + 1, self.eval_batch)
+    progress = Progress(batches.num_batches, label, every=10)
+    nll_KxU = np.zeros((self.k, seqs.num_users))
+    tokens_U = np.zeros(seqs.num_users, np.int64)
+    pending = None
+    for i in range(batches.num_batches):
+      tokens, segments, mask, owner = batches.batch(i)
+      out = self.score_batch(params, tokens, segments, mask)
+      if pending is not None:  # reduce batch i-1 on the host while batch i runs
+        self._add_scores(nll_KxU, *pending)
+      pending = (out, mask, owner)
+      tokens_U += np.bincount(owner[:, 1:][mask], minlength=seqs.num_users)
       progress.update(i + 1)
+    self._add_scores(nll_KxU, *pending)
     progress.close()
-    nll_KxU = np.concatenate(jax.device_get(outputs), axis=1)[:, :n]
-    return nll_KxU, np.concatenate(counts)[:n]
+    return nll_KxU, tokens_U
+
+  @staticmethod
+  def _add_scores(nll_KxU, out, mask, owner):
+    k, u = nll_KxU.shape
+    nll_KxN = np.asarray(jax.device_get(out))[:, mask]
+    index_KxN = np.arange(k)[:, None] * u + owner[:, 1:][mask][None, :]
+    nll_KxU += np.bincount(index_KxN.ravel(), weights=nll_KxN.ravel(), minlength=k * u).reshape(k, u)

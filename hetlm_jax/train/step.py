@@ -14,17 +14,25 @@ from hetlm_jax.model import PageLM
 from hetlm_jax.train.state import TrainState, learning_rate, state_shardings
 
 
-def token_nll(model: PageLM, params, inputs_BxT1, deterministic=True, rngs=None):
+def token_nll(model: PageLM, params, inputs_BxT1, segments_BxT1=None, deterministic=True, rngs=None):
   """Per-position NLL (nats) of inputs[:, 1:] given inputs[:, :-1]."""
-  logits_BxTxV = model.apply({"params": params}, inputs_BxT1[:, :-1], deterministic=deterministic, rngs=rngs)
+  segments_BxT = None if segments_BxT1 is None else segments_BxT1[:, :-1]
+  logits_BxTxV = model.apply({"params": params}, inputs_BxT1[:, :-1], segments_BxT, deterministic=deterministic,
+                             rngs=rngs)
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, inputs_BxT1[:, 1:])
 
 
-def single_model_step(model, tx, lr, params, opt_state, inputs_BxT1, mask_BxT, key):
-  """One AdamW step of one model on its own batch; padding (mask False) is out of the loss."""
+def packed_loss_mask(segments_BxT1: jax.Array) -> jax.Array:
+  """Token t+1 is a training target iff it is real and in the same segment as token t."""
+  return (segments_BxT1[:, 1:] == segments_BxT1[:, :-1]) & (segments_BxT1[:, 1:] != 0)
+
+
+def single_model_step(model, tx, lr, params, opt_state, inputs_BxT1, segments_BxT1, key):
+  """One AdamW step of one model on its packed batch; padding (segment 0) is out of the loss."""
+  mask_BxT = packed_loss_mask(segments_BxT1)
 
   def loss_fn(params):
-    nll_BxT = token_nll(model, params, inputs_BxT1, deterministic=False, rngs={"dropout": key})
+    nll_BxT = token_nll(model, params, inputs_BxT1, segments_BxT1, deterministic=False, rngs={"dropout": key})
     tokens = mask_BxT.sum()
     nll_sum = jnp.where(mask_BxT, nll_BxT, 0.0).sum()
     return nll_sum / jnp.maximum(tokens, 1), (nll_sum, tokens)
@@ -39,17 +47,17 @@ def single_model_step(model, tx, lr, params, opt_state, inputs_BxT1, mask_BxT, k
 def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
   """jit(vmap(single_model_step)) with the state donated, B sharded over 'data', K over 'cluster'.
 
-  Batch: inputs [K, B, T+1] int32 and mask [K, B, T] bool. Returns (state, metrics), metrics per model [K].
+  Batch: inputs and segment ids [K, B, T+1] int32 (0: padding). Returns (state, metrics), metrics per model [K].
   """
   model = PageLM(cfg.model)
   seed = cfg.train.seed
 
-  def train_step(state: TrainState, inputs_KxBxT1, mask_KxBxT):
+  def train_step(state: TrainState, inputs_KxBxT1, segments_KxBxT1):
     # Dropout keys depend only on (seed, step): a resumed run draws the same ones.
     keys_K = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step), inputs_KxBxT1.shape[0])
     lr = learning_rate(cfg, state)
     stacked_step = jax.vmap(functools.partial(single_model_step, model, tx, lr))
-    params, opt_state, metrics = stacked_step(state.params, state.opt_state, inputs_KxBxT1, mask_KxBxT, keys_K)
+    params, opt_state, metrics = stacked_step(state.params, state.opt_state, inputs_KxBxT1, segments_KxBxT1, keys_K)
     metrics["learning_rate"] = jnp.broadcast_to(lr, keys_K.shape)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -61,16 +69,16 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
 
 
 def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
-  """Every one of the K models scores the same users: inputs [B, T+1], mask [B, T] → NLL sums [K, B]."""
+  """Every one of the K models scores the same packed rows: tokens and segments [R, T+1], mask [R, T]
+  → masked per-position NLL [K, R, T] (summed per user on the host)."""
   model = PageLM(cfg.model)
 
-  def score(params, inputs_BxT1, mask_BxT):
+  def score(params, inputs_RxT1, segments_RxT1, mask_RxT):
     def one_model(p):
-      nll_BxT = token_nll(model, p, inputs_BxT1)
-      return jnp.where(mask_BxT, nll_BxT, 0.0).sum(axis=1)
+      return jnp.where(mask_RxT, token_nll(model, p, inputs_RxT1, segments_RxT1), 0.0)
     return jax.vmap(one_model)(params)
 
   params_sharding = state_shardings(mesh, abstract).params
-  users = NamedSharding(mesh, P("data"))
-  return jax.jit(score, in_shardings=(params_sharding, users, users),
+  rows = NamedSharding(mesh, P("data"))
+  return jax.jit(score, in_shardings=(params_sharding, rows, rows, rows),
                  out_shardings=NamedSharding(mesh, P("cluster", "data")))
