@@ -55,8 +55,18 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
-  k: int = 1
+  k: int = 4  # 0: choose among k_candidates by held-out NLL
+  k_candidates: str = "2,4,8"
+  rounds: int = 6  # at most; training stops earlier once fewer than `tolerance` of users move
+  tolerance: float = 0.005
+  init: str = "features"  # random | features | embedding
+  warm_start: bool = False  # start all K models from the single LM trained for the embedding init
+  min_cluster_frac: float = 0.1  # of a balanced share U/K; smaller clusters are re-seeded
+  baselines: bool = True  # also train the single LMs (per-cluster size and parameter-matched)
   cluster_axis: int = 1  # devices along the 'cluster' mesh axis; the rest form the 'data' axis
+
+  def candidates(self) -> list[int]:
+    return [int(x) for x in self.k_candidates.split(",") if x.strip()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +130,21 @@ def validate(cfg: Config) -> None:
     (d.min_count >= 1, f"--min_count={d.min_count} must be at least 1"),
     (d.max_vocab == 0 or d.max_vocab >= 5, f"--max_vocab={d.max_vocab} must be 0 (no cap) or at least 5"),
     (d.max_users >= 0, f"--max_users={d.max_users} must be non-negative"),
-    (c.k >= 1, f"--k={c.k} must be at least 1"),
+    (c.k >= 1 or c.k == 0, f"--k={c.k} must be at least 1 (or auto)"),
+    (_ints(c.k_candidates) and all(x >= 1 for x in c.candidates()),
+     f"--k_candidates={c.k_candidates!r}: expected positive integers separated by commas"),
+    (c.rounds >= 1, f"--rounds={c.rounds} must be at least 1"),
+    (0.0 <= c.tolerance < 1.0, f"--tolerance={c.tolerance} must be in [0, 1)"),
+    (c.init in ("random", "features", "embedding"), f"--init={c.init!r}: expected random, features or embedding"),
+    (not c.warm_start or c.init == "embedding", "--warm_start needs --init=embedding"),
+    (0.0 <= c.min_cluster_frac < 1.0, f"--min_cluster_frac={c.min_cluster_frac} must be in [0, 1)"),
     (c.cluster_axis >= 1, f"--cluster_axis={c.cluster_axis} must be at least 1"),
   ]
   for ok, message in checks:
     if not ok:
       raise HetlmError(message)
+
+
+def _ints(text: str) -> bool:
+  parts = [x.strip() for x in text.split(",")]
+  return bool(parts) and all(x.isdigit() for x in parts)

@@ -15,7 +15,15 @@ _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "cl
 _HELP = {
   "path": "Browsing log (Parquet/CSV events, UCI msnbc, or 'user item' lines); default: the packaged msnbc sample.",
   "format": "Input format: auto, events, msnbc or user_items.",
-  "k": "Number of cluster models K.",
+  "k": "Number of cluster models K, or auto (the best of --k_candidates by held-out NLL).",
+  "k_candidates": "The K values --k=auto tries, separated by commas.",
+  "rounds": "Reassignment rounds at most (each trains --epochs epochs).",
+  "tolerance": "Stop once fewer than this fraction of users change cluster in a round.",
+  "init": "Initial assignment: random (balanced), features (k-means on TF-IDF page/transition counts), "
+          "embedding (k-means on a single LM's mean hidden states).",
+  "warm_start": "Start every cluster model from the single LM of --init=embedding.",
+  "min_cluster_frac": "A cluster smaller than this fraction of U/K is re-seeded by splitting the largest.",
+  "baselines": "Also train the single-LM baselines (per-cluster size and parameter-matched).",
   "context": "Tokens the model sees; longer histories are cut from the left.",
   "holdout": "How single-session users are split: half (prefix/suffix), last (last page), auto.",
   "session_gap_minutes": "Inactivity that starts a new session when the log has no session_id.",
@@ -38,6 +46,9 @@ def _define_config_flags() -> None:
         continue
       name, default = _FLAG_NAMES.get(field.name, field.name), field.default
       help_text = _HELP.get(field.name, f"{section}.{field.name}")
+      if name == "k":  # an integer, or "auto"
+        flags.DEFINE_string(name, str(default), help_text)
+        continue
       define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
                 str: flags.DEFINE_string}[type(default)]
       define(name, default, help_text)
@@ -46,11 +57,24 @@ def _define_config_flags() -> None:
 _define_config_flags()
 
 
+def _k_from_flag(text: str) -> int:
+  if text.strip().lower() == "auto":
+    return 0
+  try:
+    k = int(text)
+  except ValueError:
+    raise HetlmError(f"--k={text}: expected an integer or auto") from None
+  if k < 1:
+    raise HetlmError(f"--k={text} must be at least 1 (or auto)")
+  return k
+
+
 def config_from_flags() -> Config:
   sections = {}
   for section, cls in _SECTIONS.items():
     sections[section] = cls(**{f.name: FLAGS[_FLAG_NAMES.get(f.name, f.name)].value
                                for f in dataclasses.fields(cls) if f.name != "vocab_size"})
+  sections["cluster"] = dataclasses.replace(sections["cluster"], k=_k_from_flag(FLAGS.k))
   return Config(**sections)
 
 

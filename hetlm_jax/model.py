@@ -5,6 +5,8 @@ Shape suffixes: B batch, T time, D model width, N heads, H head width, F feed-fo
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,5 +100,28 @@ def init_params(cfg: ModelConfig, key: jax.Array):
 
 
 def param_count(cfg: ModelConfig) -> int:
-  shapes = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
-  return sum(x.size for x in jax.tree.leaves(shapes))
+  """Closed form of the size of `init_params(cfg)` (a test checks the two agree)."""
+  d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+  block = 2 * 2 * d + 4 * (d * d + d) + (d * f + f) + (f * d + d)
+  head = 0 if cfg.tie_embeddings else d * v + v
+  positions = cfg.context * d if cfg.positions == "learned" else 0
+  return v * d + positions + cfg.n_layers * block + 2 * d + head
+
+
+def matched_config(cfg: ModelConfig, target_params: int) -> ModelConfig:
+  """The wider (then deeper) variant of `cfg` whose parameter count is closest to `target_params`.
+
+  Width moves in steps that keep the head count and an even head width; d_ff keeps its ratio.
+  """
+  ratio = cfg.d_ff / cfg.d_model
+  step = 2 * cfg.n_heads
+  best, best_err = cfg, abs(param_count(cfg) - target_params)
+  for n_layers in range(cfg.n_layers, 2 * cfg.n_layers + 1):
+    for d_model in range(step, 8 * cfg.d_model + 1, step):
+      candidate = dataclasses.replace(cfg, d_model=d_model, n_layers=n_layers, d_ff=max(1, round(ratio * d_model)))
+      err = abs(param_count(candidate) - target_params)
+      if err < best_err:
+        best, best_err = candidate, err
+      if param_count(candidate) > target_params:
+        break
+  return best

@@ -1,30 +1,40 @@
-"""train_and_evaluate(config, workdir): the whole job, callable without a command line."""
+"""train_and_evaluate(config, workdir): the whole job, callable without a command line.
+
+Stages: read and tokenise the log → train HeTLM (K stacked models, reassignment rounds) → train the
+single-LM baselines with the same schedule → evaluate every model on each user's held-out target.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from absl import logging
 
-from hetlm_jax.config import Config, validate
+from hetlm_jax.cluster.assign import kmeans, kmeans_on_features, min_cluster_size, random_balanced, reassign
+from hetlm_jax.config import Config, ModelConfig, validate
 from hetlm_jax.data import SAMPLE_PATH
 from hetlm_jax.data.readers import read_events
 from hetlm_jax.data.sequences import UserSequences, build_sequences, outcome_types
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.errors import HetlmError
-from hetlm_jax.model import param_count
+from hetlm_jax.model import matched_config, param_count
 from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import MetricsLog
+from hetlm_jax.train.state import make_mesh
 
 # Settings that may differ when the same run is resumed; everything else must match the saved config.
 _RESUMABLE_CHANGES = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-                      ("train", "eval_batch_size")}
+                      ("train", "eval_batch_size"), ("model", "vocab_size")}
+_SELECTION_FRACTION = 0.1  # --k=auto: users whose targets choose K, left out of the reported evaluation
 
 
 @dataclasses.dataclass
@@ -33,6 +43,19 @@ class Prepared:
   tokenizer: PageTokenizer
   stats: dict
   seconds: float
+  int_user_ids: bool  # the input's user ids were integers (assignments.parquet keeps them so)
+
+
+@dataclasses.dataclass
+class Trained:
+  """One trained model family: K stacked models (K=1 for a single LM) and their users' clusters."""
+  name: str
+  cfg: Config
+  trainer: Trainer
+  params: object
+  assignment: np.ndarray
+  rounds: int
+  train_s: float
 
 
 def data_path(cfg: Config) -> str:
@@ -49,37 +72,154 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
     tokenizer = PageTokenizer.fit(table["page"], outcome_types(table), min_count=d.min_count,
                                   max_vocab=d.max_vocab or None)
   seqs, stats = build_sequences(table, tokenizer, session_gap_s=d.session_gap_minutes * 60, holdout=d.holdout)
-  if seqs.num_users == 0:
-    raise HetlmError(f"{path}: no user has enough events to hold one out (all {stats.get('users_in', 0)} too short)")
-  return Prepared(seqs, tokenizer, stats, time.perf_counter() - start)
+  int_ids = (table.schema.metadata or {}).get(b"hetlm_user_id") == b"int64"
+  return Prepared(seqs, tokenizer, stats, time.perf_counter() - start, int_ids)
 
 
 def _check_resumable(saved: Config, cfg: Config, workdir: Path) -> None:
   a, b = saved.to_dict(), cfg.to_dict()
   diffs = [f"--{key}" for section in a for key in a[section]
-           if a[section][key] != b[section][key] and (section, key) not in _RESUMABLE_CHANGES
-           and not (section, key) == ("model", "vocab_size")]
+           if a[section][key] != b[section].get(key) and (section, key) not in _RESUMABLE_CHANGES]
   if diffs:
     raise HetlmError(f"{workdir}: holds a run with different settings ({', '.join(diffs)}); "
                      "pass the same flags to resume it, or use a new --workdir")
 
 
+def write_assignments(path: Path, seqs: UserSequences, assignment: np.ndarray, int_ids: bool) -> None:
+  """assignments.parquet (user_id as in the input, cluster), replaced atomically."""
+  ids = pa.array(seqs.user_ids.astype(np.int64) if int_ids else seqs.user_ids.astype(str))
+  tmp = path.with_suffix(".parquet.tmp")
+  pq.write_table(pa.table({"user_id": ids, "cluster": pa.array(assignment, pa.int32())}), tmp)
+  os.replace(tmp, path)
+
+
+def train_model(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Path, log: MetricsLog,
+                initial_assignment, rounds: int, on_round=None, warm_params=None) -> Trained:
+  """Trains (or resumes) one model family in WORKDIR/checkpoints/NAME for at most `rounds` rounds.
+
+  With K > 1, every round ends by scoring each user's history under every model and moving the user
+  to the lowest-perplexity one; training stops early once fewer than `tolerance` of users move.
+  """
+  c = cfg.cluster
+  trainer = Trainer(cfg, k)
+  ckpts = Checkpoints(workdir / "checkpoints" / name, cfg.train.keep_checkpoints)
+  if ckpts.latest_step() is not None:
+    state, assignment, meta = ckpts.restore(trainer.abstract, seqs.num_users)
+    round_index, done = int(meta["round"]), bool(meta["done"])
+    logging.info("%s: resuming at step %d, round %d", name, int(state.step), round_index + 1)
+  else:
+    state = trainer.init_state() if warm_params is None else trainer.warm_state(warm_params)
+    assignment, round_index, done = initial_assignment(), 0, False
+
+  def save(state, step, round_index, done):
+    ckpts.save(state, assignment, {"step": step, "round": round_index, "done": done, "num_users": seqs.num_users,
+                                   "k": k, "model": dataclasses.asdict(cfg.model)})
+
+  def periodic_save(state, step):
+    if step % cfg.train.checkpoint_every == 0:
+      save(state, step, round_index, False)
+
+  min_size = min_cluster_size(seqs.num_users, k, c.min_cluster_frac)
+  start = time.perf_counter()
+  while not done:
+    batches = ClusterBatches(seqs, assignment, k, cfg.train.batch_size, cfg.model.context, cfg.train.epochs,
+                             cfg.train.seed, round_index)
+    if trainer.round_finished(state):
+      state = trainer.start_round(state, batches.steps)
+    state = trainer.train_round(state, batches, log, on_step=periodic_save,
+                                label=f"{name} round {round_index + 1}/{rounds}")
+    round_index += 1
+    done = round_index >= rounds
+    if k > 1:
+      nll_KxU, tokens_U = trainer.score(state.params, seqs, "history", label=f"{name} scoring")
+      nll_per_token_KxU = nll_KxU / np.maximum(tokens_U, 1)
+      moved = reassign(nll_per_token_KxU, assignment, min_size)
+      if moved.reseeded:
+        state = trainer.copy_models(state, moved.source)
+        logging.warning("%s: re-seeded clusters %s by splitting %s (they fell below %d users)", name,
+                        sorted(moved.reseeded), sorted(set(moved.reseeded.values())), min_size)
+      own = nll_per_token_KxU[moved.assignment, np.arange(seqs.num_users)]
+      record = {"kind": "round", "model": name, "round": round_index, "moved": moved.moved,
+                "sizes": moved.sizes.tolist(), "reseeded": {str(a): b for a, b in moved.reseeded.items()},
+                "history_nll_per_cluster": [float(own[moved.assignment == j].mean()) if moved.sizes[j] else None
+                                            for j in range(k)],
+                "history_nll": float(own.mean())}
+      log.write(record)
+      logging.info("%s round %d: %.2f%% of users moved; sizes %s; history NLL %.4f", name, round_index,
+                   100 * moved.moved, moved.sizes.tolist(), record["history_nll"])
+      assignment = moved.assignment
+      done = done or moved.moved < c.tolerance
+    if on_round is not None:
+      on_round(assignment)
+    save(state, int(state.step), round_index, done)
+  train_s = time.perf_counter() - start
+  ckpts.close()
+  return Trained(name, cfg, trainer, state.params, assignment, round_index, train_s)
+
+
+def _initial_assignment(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog):
+  """The --init strategy; 'embedding' first trains a single LM (one round) and returns it for warm starts."""
+  c, seed = cfg.cluster, cfg.train.seed
+  if k == 1:
+    return (lambda: np.zeros(seqs.num_users, np.int32)), None
+  if c.init == "random":
+    return (lambda: random_balanced(seqs.num_users, k, seed)), None
+  if c.init == "features":
+    return (lambda: kmeans_on_features(seqs, vocab_size, k, seed)), None
+  single = train_model("init_single", cfg, 1, seqs, workdir, log, lambda: np.zeros(seqs.num_users, np.int32), 1)
+  embeddings = single.trainer.embed(single.params, seqs)[0]
+  return (lambda: kmeans(embeddings, k, seed)), (single.params if c.warm_start else None)
+
+
+def train_hetlm(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog,
+                name: str = "hetlm", on_round=None) -> Trained:
+  initial, warm = _initial_assignment(cfg, k, seqs, vocab_size, workdir, log)
+  rounds = cfg.cluster.rounds if k > 1 else 1
+  return train_model(name, cfg, k, seqs, workdir, log, initial, rounds, on_round=on_round, warm_params=warm)
+
+
+def per_user_target_nll(trained: Trained, seqs: UserSequences) -> np.ndarray:
+  """Each user's held-out target NLL (nats per token) under the model of their cluster."""
+  nll_KxU, tokens_U = trained.trainer.score(trained.params, seqs, "target", label=f"{trained.name} eval")
+  return nll_KxU[trained.assignment, np.arange(seqs.num_users)] / np.maximum(tokens_U, 1)
+
+
+def summarize(values: np.ndarray) -> dict:
+  p10, p50, p90 = np.percentile(values, [10, 50, 90])
+  return {"mean": float(values.mean()), "var": float(values.var()), "std": float(values.std()),
+          "p10": float(p10), "p50": float(p50), "p90": float(p90)}
+
+
+def _choose_k(cfg: Config, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog):
+  """--k=auto: a full HeTLM per candidate K, judged on the targets of a fixed 10% of users."""
+  select_U = np.random.default_rng([cfg.train.seed, 7]).random(seqs.num_users) < _SELECTION_FRACTION
+  curve, runs = {}, {}
+  for k in cfg.cluster.candidates():
+    run = train_hetlm(cfg, k, seqs, vocab_size, workdir, log, name=f"hetlm_k{k}")
+    curve[k] = float(per_user_target_nll(run, seqs)[select_U].mean())
+    runs[k] = run
+    log.write({"kind": "k_sweep", "k": k, "selection_nll": curve[k], "rounds": run.rounds})
+    logging.info("K=%d: selection NLL %.4f", k, curve[k])
+  best = min(curve, key=curve.get)
+  return runs[best], curve, ~select_U
+
+
 def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
-  """Trains (or resumes) the run in `workdir` and returns its summary; validates everything first."""
+  """Trains (or resumes) the run in `workdir`, writes eval.json and returns it; validates everything first."""
   validate(cfg)
   workdir = Path(workdir)
-  saved_cfg = None
   if (workdir / "config.json").exists():
-    saved_cfg = Config.load(workdir / "config.json")
-    _check_resumable(saved_cfg, cfg, workdir)
+    _check_resumable(Config.load(workdir / "config.json"), cfg, workdir)
   tokenizer = PageTokenizer.load(workdir / "tokenizer.json") if (workdir / "tokenizer.json").exists() else None
   prepared = prepare_data(cfg, tokenizer)
   seqs, tokenizer = prepared.seqs, prepared.tokenizer
-  k = cfg.cluster.k
-  if k > seqs.num_users:
-    raise HetlmError(f"--k={k} is more than the {seqs.num_users} usable users in {data_path(cfg)}")
+  c = cfg.cluster
+  ks = [c.k] if c.k else c.candidates()
+  if max(ks) > seqs.num_users:
+    raise HetlmError(f"--k={max(ks)} is more than the {seqs.num_users} usable users in {data_path(cfg)}")
   cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
-  trainer = Trainer(cfg, k)  # checks the mesh against the flags before anything is written
+  for k in ks:  # checks the mesh against the flags before anything is written
+    make_mesh(cfg, k)
 
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizer.save(workdir / "tokenizer.json")
@@ -90,48 +230,45 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   logging.info("data: %s users (%s dropped as too short), %s events, vocab %d, prepared in %.1fs (%.0f events/s)",
                f"{seqs.num_users:,}", f"{prepared.stats.get('users_dropped_too_short', 0):,}", f"{events:,}",
                tokenizer.vocab_size, prepared.seconds, events / max(prepared.seconds, 1e-9))
-  logging.info("model: %s parameters per cluster model, K=%d, %d devices (mesh %s)", f"{n_params:,}", k,
-               trainer.mesh.size, dict(trainer.mesh.shape))
   log.write({"kind": "start", "users": seqs.num_users, "vocab_size": tokenizer.vocab_size, "params": n_params,
-             "k": k, "devices": trainer.mesh.size, "data": prepared.stats, "prepare_s": prepared.seconds})
+             "k": c.k or "auto", "data": prepared.stats, "prepare_s": prepared.seconds})
 
-  ckpts = Checkpoints(workdir, cfg.train.keep_checkpoints)
-  assignment = np.zeros(seqs.num_users, np.int32)
-  if ckpts.latest_step() is not None:
-    state, assignment, meta = ckpts.restore(trainer.abstract, seqs.num_users)
-    round_index, round_complete = int(meta["round"]), bool(meta["round_complete"])
-    logging.info("resuming from step %d (round %d)", int(state.step), round_index)
+  assignments_path = workdir / "assignments.parquet"
+  on_round = lambda assignment: write_assignments(assignments_path, seqs, assignment, prepared.int_user_ids)
+  evaluated_U, k_curve = np.ones(seqs.num_users, bool), None
+  if c.k == 0:
+    hetlm, k_curve, evaluated_U = _choose_k(cfg, seqs, tokenizer.vocab_size, workdir, log)
+    on_round(hetlm.assignment)
   else:
-    state, round_index, round_complete = trainer.init_state(), 0, False
+    hetlm = train_hetlm(cfg, c.k, seqs, tokenizer.vocab_size, workdir, log, on_round=on_round)
+  k = hetlm.trainer.k
+  models = {"hetlm": hetlm}
+  params = {"hetlm": k * n_params}
+  if c.baselines and k > 1:
+    matched_model = matched_config(cfg.model, k * n_params)
+    logging.info("parameters: HeTLM %s (K=%d × %s) · single %s · single_matched %s (d_model %d, %d layers)",
+                 f"{k * n_params:,}", k, f"{n_params:,}", f"{n_params:,}", f"{param_count(matched_model):,}",
+                 matched_model.d_model, matched_model.n_layers)
+    zeros = lambda: np.zeros(seqs.num_users, np.int32)
+    for name, model_cfg in (("single", cfg.model), ("single_matched", matched_model)):
+      # Same code path with K=1, same epochs per round and as many rounds as HeTLM trained.
+      models[name] = train_model(name, cfg.replace(model=model_cfg), 1, seqs, workdir, log, zeros, hetlm.rounds)
+      params[name] = param_count(model_cfg)
 
-  def save(state, round_index, complete):
-    ckpts.save(state, assignment, {"step": int(state.step), "round": round_index, "round_complete": complete,
-                                   "num_users": seqs.num_users})
-
-  def periodic_save(state):
-    if int(state.step) % cfg.train.checkpoint_every == 0:
-      save(state, round_index, False)
-
-  start = time.perf_counter()
-  if not round_complete:
-    batches = ClusterBatches(seqs, assignment, k, cfg.train.batch_size, cfg.model.context, cfg.train.epochs,
-                             cfg.train.seed, round_index)
-    if int(state.step) == 0 or round_complete:
-      state = trainer.start_round(state, batches.steps)
-    state = trainer.train_round(state, batches, log, on_step=periodic_save)
-    save(state, round_index, True)
-  train_s = time.perf_counter() - start
-
-  nll_KxU, tokens_U = trainer.score(state.params, seqs, "target", label="eval")
-  nll_U = nll_KxU[assignment, np.arange(seqs.num_users)] / np.maximum(tokens_U, 1)
-  summary = {"kind": "eval", "users": seqs.num_users, "target_nll_mean": float(nll_U.mean()),
-             "target_nll_token_weighted": float(nll_KxU[assignment, np.arange(seqs.num_users)].sum() / tokens_U.sum()),
-             "target_nll_std": float(nll_U.std()), "train_s": train_s, "step": int(state.step)}
-  log.write(summary)
-  logging.info("held-out target NLL %.4f nats/token (per-user mean %.4f, std %.4f)",
-               summary["target_nll_token_weighted"], summary["target_nll_mean"], summary["target_nll_std"])
-  ckpts.close()
-  return summary
+  report = {"models": {}, "n_users": int(evaluated_U.sum()), "k": k, "rounds": hetlm.rounds, "params": params,
+            "train_s": {name: m.train_s for name, m in models.items()}, "data": data_path(cfg)}
+  for name, trained in models.items():
+    nll_U = per_user_target_nll(trained, seqs)[evaluated_U]
+    report["models"][name] = {"nll": summarize(nll_U)}
+    logging.info("%s: held-out target NLL mean %.4f, std %.4f nats/token", name, nll_U.mean(), nll_U.std())
+  if k_curve is not None:
+    report["k_sweep"] = {"selection_nll": {str(key): v for key, v in k_curve.items()},
+                         "note": "K chosen on the targets of a random 10% of users, left out of n_users"}
+  tmp = workdir / "eval.json.tmp"
+  tmp.write_text(json.dumps(report, indent=2) + "\n")
+  os.replace(tmp, workdir / "eval.json")
+  log.write({"kind": "eval", **report})
+  return report
 
 
 @dataclasses.dataclass
@@ -143,19 +280,20 @@ class TrainedRun:
   step: int
 
 
-def load_run(workdir: str | Path) -> TrainedRun:
-  """Loads a trained run from its workdir alone (config.json, tokenizer.json, latest checkpoint)."""
+def load_run(workdir: str | Path, model: str = "hetlm") -> TrainedRun:
+  """Loads a trained model family from its workdir alone (config.json, tokenizer.json, latest checkpoint)."""
   workdir = Path(workdir)
   for name in ("config.json", "tokenizer.json"):
     if not (workdir / name).exists():
       raise HetlmError(f"{workdir}: no {name}; is this a hetlm workdir?")
   cfg = Config.load(workdir / "config.json")
   tokenizer = PageTokenizer.load(workdir / "tokenizer.json")
-  ckpts = Checkpoints(workdir, cfg.train.keep_checkpoints)
+  ckpts = Checkpoints(workdir / "checkpoints" / model, cfg.train.keep_checkpoints)
   if ckpts.latest_step() is None:
-    raise HetlmError(f"{workdir}: no checkpoint yet")
-  trainer = Trainer(cfg, cfg.cluster.k)
-  num_users = int(ckpts.meta()["num_users"])
-  state, assignment, meta = ckpts.restore(trainer.abstract, num_users)
+    raise HetlmError(f"{workdir}: no checkpoint of {model} yet")
+  meta = ckpts.meta()  # each model family records its own K and model config
+  cfg = cfg.replace(model=ModelConfig(**meta["model"]))
+  trainer = Trainer(cfg, int(meta["k"]))
+  state, assignment, meta = ckpts.restore(trainer.abstract, int(meta["num_users"]))
   ckpts.close()
   return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]))

@@ -9,7 +9,8 @@ import pytest
 from hetlm_jax.main import cli
 from synthetic import markov_events
 
-TINY = ["--context=8", "--d_model=8", "--n_layers=1", "--n_heads=2", "--d_ff=16", "--epochs=1", "--batch_size=8"]
+TINY = ["--context=8", "--d_model=8", "--n_layers=1", "--n_heads=2", "--d_ff=16", "--epochs=1", "--batch_size=8",
+        "--k=2", "--rounds=1"]
 
 
 def run(capsys, *args):
@@ -79,7 +80,8 @@ def test_empty_table(tmp_path, capsys):
 @pytest.mark.parametrize("flag,needle", [
   ("--k=0", "--k"), ("--batch_size=0", "--batch_size"), ("--dropout=1.5", "--dropout"),
   ("--format=xml", "--format"), ("--k=abc", "--k"), ("--no_such_flag=1", "no_such_flag"),
-  ("--k=100000", "--k"),
+  ("--k=100000", "--k"), ("--k=-1", "--k"), ("--rounds=0", "--rounds"), ("--init=magic", "--init"),
+  ("--k_candidates=2,x", "--k_candidates"), ("--warm_start", "--warm_start"),
 ])
 def test_flag_out_of_range(tmp_path, good_log, capsys, flag, needle):
   assert_refused(capsys, tmp_path / "run", [f"--data={good_log}", flag], needle)
@@ -102,4 +104,5 @@ def test_unknown_command(capsys):
 def test_train_command_writes_a_complete_workdir(tmp_path, good_log, capsys):
   code, err = run(capsys, "train", f"--workdir={tmp_path / 'run'}", f"--data={good_log}", *TINY)
   assert code == 0, err
-  assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl"} <= set(os.listdir(tmp_path / "run"))
+  assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl", "assignments.parquet",
+          "eval.json"} <= set(os.listdir(tmp_path / "run"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hetlm_jax.config import ModelConfig
-from hetlm_jax.model import PageLM, init_params, param_count
+from hetlm_jax.model import PageLM, init_params, matched_config, param_count
 
 TINY = ModelConfig(vocab_size=23, context=12, d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0)
 
@@ -23,9 +23,21 @@ def test_changing_a_later_token_never_changes_earlier_logits(positions):
   assert not np.allclose(np.asarray(a[:, 7:]), np.asarray(b[:, 7:]))
 
 
-def test_param_count_matches_initialised_params_and_tying_saves_the_head():
-  params = init_params(TINY, jax.random.key(0))
-  assert param_count(TINY) == sum(x.size for x in jax.tree.leaves(params))
+@pytest.mark.parametrize("change", [{}, {"positions": "learned"}, {"tie_embeddings": False}, {"n_layers": 3, "d_ff": 40}])
+def test_param_count_matches_initialised_params(change):
+  cfg = dataclasses.replace(TINY, **change)
+  shapes = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
+  assert param_count(cfg) == sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def test_matched_config_is_within_ten_percent_of_k_times_the_cluster_model():
+  for k in (2, 4, 8):
+    matched = matched_config(TINY, k * param_count(TINY))
+    assert abs(param_count(matched) - k * param_count(TINY)) <= 0.1 * k * param_count(TINY)
+    assert matched.n_heads == TINY.n_heads and matched.head_dim % 2 == 0
+
+
+def test_tying_saves_the_head():
   untied = dataclasses.replace(TINY, tie_embeddings=False)
   assert param_count(untied) == param_count(TINY) + TINY.d_model * TINY.vocab_size + TINY.vocab_size
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hetlm_jax.config import Config, DataConfig, ModelConfig, TrainConfig
+from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax.pipeline import load_run, prepare_data, train_and_evaluate
 from hetlm_jax.train import loop
 from hetlm_jax.train.loop import Trainer
@@ -23,10 +23,11 @@ def log_path(tmp_path_factory):
   return str(path)
 
 
-def tiny(path, **train):
+def tiny(path, k=1, **train):
   train = {"batch_size": 16, "epochs": 2, "learning_rate": 1e-2, "log_every": 2, "checkpoint_every": 4, **train}
   return Config(model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.1),
-                train=TrainConfig(**train), data=DataConfig(path=path))
+                train=TrainConfig(**train), data=DataConfig(path=path),
+                cluster=ClusterConfig(k=k, rounds=2, tolerance=0.0, baselines=False))
 
 
 def test_training_lowers_held_out_target_nll(log_path, tmp_path):
@@ -34,13 +35,14 @@ def test_training_lowers_held_out_target_nll(log_path, tmp_path):
   prepared = prepare_data(cfg)
   untrained = Trainer(cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size)), 1)
   nll_KxU, tokens_U = untrained.score(untrained.init_state().params, prepared.seqs, "target")
-  summary = train_and_evaluate(cfg, tmp_path)
-  assert summary["target_nll_token_weighted"] < 0.8 * nll_KxU.sum() / tokens_U.sum()
+  report = train_and_evaluate(cfg, tmp_path)
+  assert report["models"]["hetlm"]["nll"]["mean"] < 0.8 * np.mean(nll_KxU[0] / tokens_U)
 
 
 def test_train_writes_checkpoints_tokenizer_config_and_metrics(log_path, tmp_path):
   train_and_evaluate(tiny(log_path), tmp_path)
-  assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl"} <= {p.name for p in tmp_path.iterdir()}
+  assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl", "assignments.parquet",
+          "eval.json"} <= {p.name for p in tmp_path.iterdir()}
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["kind"] for r in records][0] == "start" and records[-1]["kind"] == "eval"
   train = [r for r in records if r["kind"] == "train"]
@@ -57,7 +59,7 @@ def test_checkpoint_restores_identical_parameters(log_path, tmp_path):
 
 def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_uninterrupted_one(
     log_path, tmp_path, monkeypatch):
-  cfg = tiny(log_path)
+  cfg = tiny(log_path, k=2)  # two stacked models and two reassignment rounds
   train_and_evaluate(cfg, tmp_path / "whole")
 
   real_step = loop.Trainer._report
@@ -85,8 +87,9 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_unin
 
   monkeypatch.setattr(loop.Trainer, "train_round", record_first_step)
   train_and_evaluate(cfg, tmp_path / "resumed")
-  assert seen_first_steps == [saved_step]
+  assert seen_first_steps[0] == saved_step  # the interrupted round continues where it was saved
   whole, resumed = load_run(tmp_path / "whole"), load_run(tmp_path / "resumed")
   assert whole.step == resumed.step
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                jax.device_get(whole.params), jax.device_get(resumed.params))
+  np.testing.assert_array_equal(whole.assignment, resumed.assignment)

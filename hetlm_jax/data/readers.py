@@ -2,7 +2,8 @@
 
 Normalised columns: `user_id` (string), `timestamp` (int64 seconds), `page` (string), and
 optionally `session_id` (int64 codes) and `event_type` (string, nulls allowed). The table's
-schema metadata records the source path and the resolved format (`hetlm_source`, `hetlm_format`).
+schema metadata records the source path, the resolved format and the input's user-id type
+(`hetlm_source`, `hetlm_format`, `hetlm_user_id`: int64 or string).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def read_events(path: str | os.PathLike, fmt: str = "auto", max_users: int | Non
     raise input_error(path, "is a directory, expected a file")
   try:
     fmt, table = _read(path, fmt)
+    int_ids = fmt == "msnbc" or ("user_id" in table.column_names and pa.types.is_integer(table["user_id"].type))
     table = normalise_events(table, path)
     if max_users is not None:
       table = _first_users(table, max_users, path)
@@ -53,7 +55,8 @@ def read_events(path: str | os.PathLike, fmt: str = "auto", max_users: int | Non
     raise
   except _READ_ERRORS as e:
     raise input_error(path, f"cannot read: {_one_line(e)}") from None
-  meta = {b"hetlm_source": path.encode(), b"hetlm_format": fmt.encode()}
+  meta = {b"hetlm_source": path.encode(), b"hetlm_format": fmt.encode(),
+          b"hetlm_user_id": b"int64" if int_ids else b"string"}
   return table.replace_schema_metadata(meta)
 
 

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
 from absl import logging
 
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.train.batches import ClusterBatches, ScoringBatches
 from hetlm_jax.train.metrics import MetricsLog, Progress
-from hetlm_jax.train.state import (TrainState, abstract_state, create_state, make_mesh, make_optimizer)
-from hetlm_jax.train.step import make_score_fn, make_train_step
+from hetlm_jax.train.state import (TrainState, abstract_state, create_state, make_mesh, make_optimizer,
+                                   state_shardings)
+from hetlm_jax.train.step import make_hidden_fn, make_score_fn, make_train_step
+
+
+def _warm_state(tx, k, params) -> TrainState:
+  stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), params)
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, round_start=zero, round_steps=zero, params=stacked,
+                    opt_state=jax.vmap(tx.init)(stacked))
 
 
 class Trainer:
@@ -27,6 +37,14 @@ class Trainer:
     self.abstract = abstract_state(cfg, self.tx, self.mesh, k)
     self.train_step = make_train_step(cfg, self.tx, self.mesh, self.abstract)
     self.score_batch = make_score_fn(cfg, self.mesh, self.abstract)
+    self.hidden_batch = make_hidden_fn(cfg, self.mesh, self.abstract)
+    shardings = state_shardings(self.mesh, self.abstract)
+    take = lambda source_K: lambda x: x[source_K] if x.ndim else x
+    self._gather = jax.jit(
+      lambda state, source_K: state.replace(params=jax.tree.map(take(source_K), state.params),
+                                            opt_state=jax.tree.map(take(source_K), state.opt_state)),
+      out_shardings=shardings, donate_argnums=0)
+    self._warm = jax.jit(functools.partial(_warm_state, self.tx, k), out_shardings=shardings)
     n_data = self.mesh.shape["data"]
     self.eval_batch = -(-cfg.train.eval_batch_size // n_data) * n_data
 
@@ -37,10 +55,26 @@ class Trainer:
     put = lambda value: jax.device_put(np.int32(value), self.abstract.round_start.sharding)
     return state.replace(round_start=put(state.step), round_steps=put(steps))
 
+  def round_finished(self, state: TrainState) -> bool:
+    return int(state.step) - int(state.round_start) >= int(state.round_steps)
+
+  def copy_models(self, state: TrainState, source_K: np.ndarray) -> TrainState:
+    """Model c takes the parameters and optimizer state of model source_K[c] (re-seeding a cluster)."""
+    return self._gather(state, jax.device_put(np.asarray(source_K, np.int32)))
+
+  def warm_state(self, single_params) -> TrainState:
+    """Every one of the K models starts from the same single-model parameters, with fresh moments."""
+    return self._warm(jax.tree.map(lambda x: x[0], single_params))
+
   def train_round(self, state: TrainState, batches: ClusterBatches, log: MetricsLog | None = None,
                   on_step=None, label: str = "train") -> TrainState:
-    """Runs the rest of the current round; `on_step(state)` is called after each dispatched step."""
-    first = int(state.step - state.round_start)
+    """Runs the rest of the current round.
+
+    `on_step(state, step)` is called after each dispatched step but the last, with the global step
+    counted on the host, so the loop never waits on the device.
+    """
+    round_start = int(state.round_start)
+    first = int(state.step) - round_start
     progress = Progress(batches.steps, label, every=self.cfg.train.log_every, initial=first)
     pending, last_time, tokens_seen = None, time.perf_counter(), 0
     for s in range(first, batches.steps):
@@ -49,8 +83,8 @@ class Trainer:
       if pending is not None:  # read step s-1 while step s runs
         tokens_seen, last_time = self._report(pending, log, progress, tokens_seen, last_time, s)
       pending = (int(s) + 1, metrics)
-      if on_step is not None:
-        on_step(state)
+      if on_step is not None and s + 1 < batches.steps:
+        on_step(state, round_start + s + 1)
     if pending is not None:
       self._report(pending, log, progress, tokens_seen, last_time, batches.steps)
     progress.close()
@@ -97,3 +131,18 @@ class Trainer:
     nll_KxN = np.asarray(jax.device_get(out))[:, mask]
     index_KxN = np.arange(k)[:, None] * u + owner[:, 1:][mask][None, :]
     nll_KxU += np.bincount(index_KxN.ravel(), weights=nll_KxN.ravel(), minlength=k * u).reshape(k, u)
+
+  def embed(self, params, seqs: UserSequences) -> np.ndarray:
+    """Each user's mean final hidden state over their history window under every model: [K, U, D]."""
+    batches = ScoringBatches(seqs, "history", self.cfg.model.context + 1, self.eval_batch)
+    k, u, d = self.k, seqs.num_users, self.cfg.model.d_model
+    sums_UxKD = np.zeros((u, k * d))
+    for i in range(batches.num_batches):
+      tokens, segments, _, owner = batches.batch(i)
+      real = owner >= 0
+      h_KxNxD = np.asarray(jax.device_get(self.hidden_batch(params, tokens, segments)))[:, real]
+      n = h_KxNxD.shape[1]
+      to_user = sp.csr_matrix((np.ones(n), (owner[real], np.arange(n))), shape=(u, n))
+      sums_UxKD += to_user @ h_KxNxD.transpose(1, 0, 2).reshape(n, k * d)
+    means_UxKD = sums_UxKD / np.maximum(batches.length_U, 1)[:, None]
+    return means_UxKD.reshape(u, k, d).transpose(1, 0, 2)

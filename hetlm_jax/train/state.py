@@ -75,7 +75,7 @@ def init_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array, k:
   """K independently initialised models stacked on a leading axis."""
   params = jax.vmap(lambda key: init_params(cfg.model, key))(jax.random.split(key, k))
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, round_start=zero, round_steps=jnp.ones((), jnp.int32), params=params,
+  return TrainState(step=zero, round_start=zero, round_steps=zero, params=params,
                     opt_state=jax.vmap(tx.init)(params))
 
 

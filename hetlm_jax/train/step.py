@@ -82,3 +82,16 @@ def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
   rows = NamedSharding(mesh, P("data"))
   return jax.jit(score, in_shardings=(params_sharding, rows, rows, rows),
                  out_shardings=NamedSharding(mesh, P("cluster", "data")))
+
+
+def make_hidden_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
+  """Final hidden states [K, R, T+1, D] of packed rows under every model (for user embeddings)."""
+  model = PageLM(cfg.model)
+
+  def hidden(params, inputs_RxT1, segments_RxT1):
+    one = lambda p: model.apply({"params": p}, inputs_RxT1, segments_RxT1, return_hidden=True)[1]
+    return jax.vmap(one)(params).astype(jnp.float32)
+
+  rows = NamedSharding(mesh, P("data"))
+  return jax.jit(hidden, in_shardings=(state_shardings(mesh, abstract).params, rows, rows),
+                 out_shardings=NamedSharding(mesh, P("cluster", "data")))

@@ -1,0 +1,93 @@
+"""Host-side cluster assignment: initial assignments, perplexity reassignment, no silent degeneracy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.cluster import KMeans
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import TfidfTransformer
+from sklearn.preprocessing import normalize
+
+from hetlm_jax.data.sequences import UserSequences
+
+_TRANSITION_BUCKETS = 1 << 16  # page-pair features are hashed into this many columns
+
+
+def random_balanced(num_users: int, k: int, seed: int) -> np.ndarray:
+  """Every cluster gets ⌊U/K⌋ or ⌈U/K⌉ users, at random."""
+  return (np.random.default_rng(seed).permutation(num_users) % k).astype(np.int32)
+
+
+def user_features(seqs: UserSequences, vocab_size: int) -> sp.csr_matrix:
+  """Sparse per-user counts of pages and of page→page transitions in the history (never the target)."""
+  hist_len_U = seqs.split - seqs.offsets[:-1]
+  user_N = np.repeat(np.arange(seqs.num_users), hist_len_U)
+  index_N = np.arange(int(hist_len_U.sum())) - np.repeat(np.cumsum(hist_len_U) - hist_len_U, hist_len_U)
+  token_N = seqs.tokens[np.repeat(seqs.offsets[:-1], hist_len_U) + index_N].astype(np.int64)
+  same_user = user_N[1:] == user_N[:-1]
+  pair_col = vocab_size + (token_N[:-1] * vocab_size + token_N[1:])[same_user] % _TRANSITION_BUCKETS
+  rows = np.concatenate([user_N, user_N[1:][same_user]])
+  cols = np.concatenate([token_N, pair_col])
+  shape = (seqs.num_users, vocab_size + _TRANSITION_BUCKETS)
+  return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
+
+
+def kmeans(x, k: int, seed: int) -> np.ndarray:
+  """k-means (scikit-learn) on L2-normalised rows."""
+  return KMeans(k, n_init=4, random_state=seed).fit_predict(normalize(x)).astype(np.int32)
+
+
+def kmeans_on_features(seqs: UserSequences, vocab_size: int, k: int, seed: int, dims: int = 64) -> np.ndarray:
+  """TF-IDF weighted page and transition counts, reduced by truncated SVD, then k-means."""
+  x = TfidfTransformer().fit_transform(user_features(seqs, vocab_size))
+  x = x[:, np.flatnonzero(x.getnnz(axis=0))]
+  if x.shape[1] > dims + 1:
+    x = TruncatedSVD(dims, random_state=seed).fit_transform(x)
+  return kmeans(x, k, seed)
+
+
+@dataclasses.dataclass
+class Reassignment:
+  assignment: np.ndarray  # [U] new cluster of every user
+  moved: float  # fraction of users whose cluster changed
+  sizes: np.ndarray  # [K] users per cluster after repair
+  reseeded: dict  # {small cluster: the cluster it was split from}
+  source: np.ndarray  # [K] model each cluster's parameters should now be copied from
+
+
+def min_cluster_size(num_users: int, k: int, fraction: float) -> int:
+  return max(1, int(np.ceil(fraction * num_users / k)))
+
+
+def reassign(nll_per_token_KxU: np.ndarray, current_U: np.ndarray, min_size: int) -> Reassignment:
+  """Each user to the model with the lowest per-token NLL of their history; then no cluster below min_size.
+
+  A cluster that falls below `min_size` is re-seeded: its users go to their next-best model, and the
+  worst-fitting half of the largest cluster (by NLL under its own model) moves into it; the caller
+  copies the split cluster's parameters into the re-seeded one (`source`).
+  """
+  k, u = nll_per_token_KxU.shape
+  new_U = np.argmin(nll_per_token_KxU, axis=0).astype(np.int32)
+  source = np.arange(k)
+  reseeded = {}
+  nll = nll_per_token_KxU.copy()
+  for _ in range(k):  # at most K repairs, each on the host over arrays of users
+    sizes = np.bincount(new_U, minlength=k)
+    small = np.flatnonzero(sizes < min_size)
+    if len(small) == 0 or u < 2 * min_size:
+      break
+    c = int(small[np.argmin(sizes[small])])
+    nll[c] = np.inf
+    members = np.flatnonzero(new_U == c)
+    new_U[members] = np.argmin(nll[:, members], axis=0)
+    largest = int(np.argmax(np.bincount(new_U, minlength=k)))
+    donors = np.flatnonzero(new_U == largest)
+    worst = donors[np.argsort(-nll_per_token_KxU[largest, donors], kind="stable")[: len(donors) // 2]]
+    new_U[worst] = c
+    source[c] = source[largest]
+    reseeded[c] = largest
+  return Reassignment(assignment=new_U, moved=float(np.mean(new_U != current_U)),
+                      sizes=np.bincount(new_U, minlength=k), reseeded=reseeded, source=source)
