@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax.errors import HetlmError
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "bench")
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "cluster": ClusterConfig}
 _HELP = {
   "path": "Browsing log (Parquet/CSV events, UCI msnbc, or 'user item' lines); default: the packaged msnbc sample.",
@@ -21,7 +21,7 @@ _HELP = {
   "tolerance": "Stop once fewer than this fraction of users change cluster in a round.",
   "init": "Initial assignment: random (balanced), features (k-means on TF-IDF page/transition counts), "
           "embedding (k-means on a single LM's mean hidden states).",
-  "warm_start": "Start every cluster model from the single LM of --init=embedding.",
+  "warm_start": "With --init=embedding, start every cluster model from that single LM.",
   "min_cluster_frac": "A cluster smaller than this fraction of U/K is re-seeded by splitting the largest.",
   "baselines": "Also train the single-LM baselines (per-cluster size and parameter-matched).",
   "context": "Tokens the model sees; longer histories are cut from the left.",
@@ -37,6 +37,8 @@ _FLAG_NAMES = {"path": "data"}  # config field → flag name, where they differ
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, tokenizer, config, metrics.")
+flags.DEFINE_string("out", "", "bench: write the measurements to this JSON file.")
+flags.DEFINE_integer("bench_steps", 20, "bench: timed steps per measurement (after one compiling step).")
 
 
 def _define_config_flags() -> None:
@@ -83,8 +85,15 @@ def _main(argv: list[str]) -> int:
     raise HetlmError(f"expected a command ({' | '.join(COMMANDS)}), got {' '.join(argv[1:]) or 'none'}")
   if len(argv) > 2:
     raise HetlmError(f"unexpected arguments: {' '.join(argv[2:])}")
-  from hetlm_jax.pipeline import train_and_evaluate  # JAX starts only once flags are known good
-  train_and_evaluate(config_from_flags(), FLAGS.workdir)
+  cfg = config_from_flags()
+  if argv[1] == "bench":
+    if FLAGS.bench_steps < 1:
+      raise HetlmError(f"--bench_steps={FLAGS.bench_steps} must be at least 1")
+    from hetlm_jax.bench import run_bench  # JAX starts only once flags are known good
+    run_bench(cfg, FLAGS.out or None, FLAGS.bench_steps)
+    return 0
+  from hetlm_jax.pipeline import train_and_evaluate
+  train_and_evaluate(cfg, FLAGS.workdir)
   return 0
 
 

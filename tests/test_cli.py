@@ -1,5 +1,6 @@
 """Bad input never yields a traceback or a half-written workdir: one error line, exit status 2."""
 
+import json
 import os
 
 import pyarrow as pa
@@ -81,7 +82,7 @@ def test_empty_table(tmp_path, capsys):
   ("--k=0", "--k"), ("--batch_size=0", "--batch_size"), ("--dropout=1.5", "--dropout"),
   ("--format=xml", "--format"), ("--k=abc", "--k"), ("--no_such_flag=1", "no_such_flag"),
   ("--k=100000", "--k"), ("--k=-1", "--k"), ("--rounds=0", "--rounds"), ("--init=magic", "--init"),
-  ("--k_candidates=2,x", "--k_candidates"), ("--warm_start", "--warm_start"),
+  ("--k_candidates=2,x", "--k_candidates"),
 ])
 def test_flag_out_of_range(tmp_path, good_log, capsys, flag, needle):
   assert_refused(capsys, tmp_path / "run", [f"--data={good_log}", flag], needle)
@@ -106,3 +107,14 @@ def test_train_command_writes_a_complete_workdir(tmp_path, good_log, capsys):
   assert code == 0, err
   assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl", "assignments.parquet",
           "eval.json"} <= set(os.listdir(tmp_path / "run"))
+
+
+def test_bench_writes_its_measurements(tmp_path, good_log, capsys):
+  out = tmp_path / "bench.json"
+  code, err = run(capsys, "bench", f"--data={good_log}", *TINY, "--bench_steps=2", f"--out={out}")
+  assert code == 0, err
+  result = json.loads(out.read_text())
+  assert [row["k"] for row in result["stacked"]] == [1, 8]
+  assert result["per_cluster_loop"][0]["k"] == 8
+  assert all(row["tokens_per_s"] > 0 for row in result["stacked"] + result["per_cluster_loop"])
+  assert all(row["users_per_s"] > 0 for row in result["scoring"])

@@ -1,5 +1,6 @@
 """HeTLM on synthetic users from distinct Markov behaviours: clusters recovered, better than one LM."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -18,7 +19,8 @@ from synthetic import markov_events
 def markov_config(path, **cluster):
   return Config(model=ModelConfig(context=32, d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.0),
                 train=TrainConfig(batch_size=16, epochs=3, learning_rate=1e-2, log_every=10),
-                data=DataConfig(path=str(path)), cluster=ClusterConfig(k=3, tolerance=0.0, **cluster))
+                data=DataConfig(path=str(path)),
+                cluster=ClusterConfig(k=3, tolerance=0.0, **{"init": "features", **cluster}))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def hetlm_rounds(workdir):
 
 @pytest.fixture(scope="module")
 def markov_run(markov_log, tmp_path_factory):
-  """One HeTLM run (K=3, default initial clusters) on 3 planted behaviours, with its baselines."""
+  """One HeTLM run (K=3, k-means initial clusters) on 3 planted behaviours, with its baselines."""
   path, group_U = markov_log
   root = tmp_path_factory.mktemp("markov_run")
   cfg = markov_config(path, rounds=3)
@@ -115,3 +117,21 @@ def test_a_cluster_below_the_minimum_is_reseeded_from_the_largest():
   donors_before = np.flatnonzero(np.argmin(nll, axis=0) == largest)
   moved = np.flatnonzero(r.assignment == 2)
   assert nll[largest, moved].min() >= np.median(nll[largest, donors_before]) - 1e-12
+
+
+def test_embedding_init_warm_starts_every_cluster_model_from_the_single_lm(markov_log, tmp_path):
+  import jax
+  from hetlm_jax.train.metrics import MetricsLog
+
+  path, group_U = markov_log
+  cfg = markov_config(path, init="embedding", warm_start=True)
+  prepared = prepare_data(cfg)
+  cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size))
+  initial, single_params = pipeline._initial_assignment(cfg, 3, prepared.seqs, prepared.tokenizer.vocab_size,
+                                                        tmp_path, MetricsLog(tmp_path / "m.jsonl"))
+  assignment = initial()
+  assert sorted(np.unique(assignment)) == [0, 1, 2] and len(assignment) == prepared.seqs.num_users
+  assert (tmp_path / "checkpoints" / "init_single").is_dir()
+  warm = loop.Trainer(cfg, 3).warm_state(single_params)
+  jax.tree.map(lambda stacked, single: np.testing.assert_array_equal(
+    np.asarray(stacked), np.broadcast_to(np.asarray(single), stacked.shape)), warm.params, single_params)

@@ -27,7 +27,7 @@ def tiny(path, k=1, **train):
   train = {"batch_size": 16, "epochs": 2, "learning_rate": 1e-2, "log_every": 2, "checkpoint_every": 4, **train}
   return Config(model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.1),
                 train=TrainConfig(**train), data=DataConfig(path=path),
-                cluster=ClusterConfig(k=k, rounds=2, tolerance=0.0, baselines=False))
+                cluster=ClusterConfig(k=k, rounds=2, tolerance=0.0, baselines=False, init="features"))
 
 
 def test_training_lowers_held_out_target_nll(log_path, tmp_path):
