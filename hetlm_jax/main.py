@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax.errors import HetlmError
 
-COMMANDS = ("train", "bench")
+COMMANDS = ("train", "evaluate", "generate", "bench")
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "cluster": ClusterConfig}
 _HELP = {
   "path": "Browsing log (Parquet/CSV events, UCI msnbc, or 'user item' lines); default: the packaged msnbc sample.",
@@ -39,6 +39,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, tokenizer, config, metrics.")
 flags.DEFINE_string("out", "", "bench: write the measurements to this JSON file.")
 flags.DEFINE_integer("bench_steps", 20, "bench: timed steps per measurement (after one compiling step).")
+flags.DEFINE_string("user", "", "generate: the user_id whose next session to generate.")
+flags.DEFINE_integer("max_new", 20, "generate: tokens to generate at most (stops earlier at session end).")
+flags.DEFINE_float("temperature", 0.0, "generate: 0 for greedy decoding, else the sampling temperature.")
+flags.DEFINE_integer("top_k", 0, "generate: sample among the k most likely tokens (0: all).")
+flags.DEFINE_float("top_p", 1.0, "generate: sample within the smallest set holding this probability mass.")
 
 
 def _define_config_flags() -> None:
@@ -92,8 +97,30 @@ def _main(argv: list[str]) -> int:
     from hetlm_jax.bench import run_bench  # JAX starts only once flags are known good
     run_bench(cfg, FLAGS.out or None, FLAGS.bench_steps)
     return 0
+  data = FLAGS.data if FLAGS["data"].present else None
+  if argv[1] == "evaluate":
+    from hetlm_jax.pipeline import evaluate_workdir
+    evaluate_workdir(FLAGS.workdir, data)
+    return 0
+  if argv[1] == "generate":
+    return _generate(data)
   from hetlm_jax.pipeline import train_and_evaluate
   train_and_evaluate(cfg, FLAGS.workdir)
+  return 0
+
+
+def _generate(data: str | None) -> int:
+  if not FLAGS.user:
+    raise HetlmError("generate needs --user=ID")
+  if FLAGS.max_new < 1 or FLAGS.temperature < 0 or FLAGS.top_k < 0 or not 0 < FLAGS.top_p <= 1:
+    raise HetlmError("--max_new must be ≥ 1, --temperature ≥ 0, --top_k ≥ 0 and --top_p in (0, 1]")
+  from hetlm_jax.eval.generate import Sampling
+  from hetlm_jax.pipeline import generate_for_user
+  out = generate_for_user(FLAGS.workdir, FLAGS.user, data,
+                          Sampling(FLAGS.max_new, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p))
+  print(f"user {out['user']} (cluster {out['cluster']})")
+  for label in ("history", "generated", "actual"):
+    print(f"{label + ':':11}{' '.join(out[label])}")
   return 0
 
 

@@ -27,8 +27,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxT: jax.Array | None,
-               deterministic: bool) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array | None,
+               deterministic: bool, kv=None):
+    """With `kv = (k_BxSxNxH, v_BxSxNxH, index)` (decoding), this step's keys and values are written into
+    the cache at `index` and attention runs over the cache under `mask_Bx1xTxS`; returns (x, (k, v))."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     dense = lambda features, axis=-1, name=None: nn.DenseGeneral(
@@ -40,14 +42,22 @@ class Block(nn.Module):
     v_BxTxNxH = dense((cfg.n_heads, cfg.head_dim), name="v")(h_BxTxD)
     if cfg.positions == "rope":
       q_BxTxNxH, k_BxTxNxH = _rope(q_BxTxNxH, positions_BxT), _rope(k_BxTxNxH, positions_BxT)
-    a_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask_Bx1xTxT, is_causal=True)
+    if kv is None:
+      a_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask_Bx1xTxS, is_causal=True)
+    else:
+      k_cache, v_cache, index = kv
+      k_BxSxNxH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxNxH.astype(k_cache.dtype), index, axis=1)
+      v_BxSxNxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxNxH.astype(v_cache.dtype), index, axis=1)
+      a_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxNxH.astype(dtype), v_BxSxNxH.astype(dtype),
+                                               mask=mask_Bx1xTxS)
     a_BxTxD = dense(cfg.d_model, axis=(-2, -1), name="o")(a_BxTxNxH)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(a_BxTxD, deterministic=deterministic)
 
     h_BxTxD = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="ln_mlp")(x_BxTxD)
     h_BxTxF = nn.gelu(dense(cfg.d_ff, name="up")(h_BxTxD))
     h_BxTxD = dense(cfg.d_model, name="down")(h_BxTxF)
-    return x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=deterministic)
+    x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=deterministic)
+    return x_BxTxD if kv is None else (x_BxTxD, (k_BxSxNxH, v_BxSxNxH))
 
 
 def segment_positions(segments_BxT: jax.Array) -> jax.Array:
@@ -61,36 +71,50 @@ class PageLM(nn.Module):
   """Next-page language model; `__call__` returns logits, and the final hidden states if asked.
 
   `segments_BxT` (optional) packs several sequences per row: tokens attend only within their own
-  segment, and positions restart at every segment.
+  segment, and positions restart at every segment. `cache` (decoding, see eval/generate.py) holds
+  per-layer keys/values [L, B, S, N, H], the write `index`, this step's `positions` [B, T] and the
+  attention `mask` [B, 1, T, S]; the call then returns (logits, updated keys/values).
   """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segments_BxT: jax.Array | None = None, deterministic: bool = True,
-               return_hidden: bool = False):
+               return_hidden: bool = False, cache: dict | None = None):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, name="embed")
-    if segments_BxT is None:
+    if cache is not None:
+      positions_BxT, mask_Bx1xTxS = cache["positions"], cache["mask"]
+    elif segments_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
-      mask_Bx1xTxT = None
+      mask_Bx1xTxS = None
     else:
       positions_BxT = segment_positions(segments_BxT)
-      mask_Bx1xTxT = (segments_BxT[:, None, :, None] == segments_BxT[:, None, None, :])
+      mask_Bx1xTxS = (segments_BxT[:, None, :, None] == segments_BxT[:, None, None, :])
     x_BxTxD = embed(tokens_BxT).astype(dtype)
     if cfg.positions == "learned":
       pos = nn.Embed(cfg.context, cfg.d_model, param_dtype=jnp.float32, name="pos_embed")
       x_BxTxD = x_BxTxD + pos(positions_BxT).astype(dtype)
     x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
+    new_k, new_v = [], []
     for i in range(cfg.n_layers):
-      x_BxTxD = Block(cfg, name=f"block_{i}")(x_BxTxD, positions_BxT, mask_Bx1xTxT, deterministic)
+      block = Block(cfg, name=f"block_{i}")
+      if cache is None:
+        x_BxTxD = block(x_BxTxD, positions_BxT, mask_Bx1xTxS, deterministic)
+      else:
+        x_BxTxD, (k, v) = block(x_BxTxD, positions_BxT, mask_Bx1xTxS, deterministic,
+                                kv=(cache["k"][i], cache["v"][i], cache["index"]))
+        new_k.append(k)
+        new_v.append(v)
     h_BxTxD = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="ln_final")(x_BxTxD)
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(h_BxTxD.astype(jnp.float32))
     else:
       logits_BxTxV = nn.Dense(cfg.vocab_size, dtype=dtype, param_dtype=jnp.float32, name="head")(h_BxTxD)
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    if cache is not None:
+      return logits_BxTxV, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
     return (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
 
 

@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +25,8 @@ from hetlm_jax.data.readers import read_events
 from hetlm_jax.data.sequences import UserSequences, build_sequences, outcome_types
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.errors import HetlmError
+from hetlm_jax.eval.evaluate import LMFamily, evaluate, route_by_history
+from hetlm_jax.eval.generate import Sampling, generate
 from hetlm_jax.model import matched_config, param_count
 from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.checkpoint import Checkpoints
@@ -184,12 +187,6 @@ def per_user_target_nll(trained: Trained, seqs: UserSequences) -> np.ndarray:
   return nll_KxU[trained.assignment, np.arange(seqs.num_users)] / np.maximum(tokens_U, 1)
 
 
-def summarize(values: np.ndarray) -> dict:
-  p10, p50, p90 = np.percentile(values, [10, 50, 90])
-  return {"mean": float(values.mean()), "var": float(values.var()), "std": float(values.std()),
-          "p10": float(p10), "p50": float(p50), "p90": float(p90)}
-
-
 def _choose_k(cfg: Config, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog):
   """--k=auto: a full HeTLM per candidate K, judged on the targets of a fixed 10% of users."""
   select_U = np.random.default_rng([cfg.train.seed, 7]).random(seqs.num_users) < _SELECTION_FRACTION
@@ -255,19 +252,16 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
       models[name] = train_model(name, cfg.replace(model=model_cfg), 1, seqs, workdir, log, zeros, hetlm.rounds)
       params[name] = param_count(model_cfg)
 
-  report = {"models": {}, "n_users": int(evaluated_U.sum()), "k": k, "rounds": hetlm.rounds, "params": params,
-            "train_s": {name: m.train_s for name, m in models.items()}, "data": data_path(cfg)}
-  for name, trained in models.items():
-    nll_U = per_user_target_nll(trained, seqs)[evaluated_U]
-    report["models"][name] = {"nll": summarize(nll_U)}
-    logging.info("%s: held-out target NLL mean %.4f, std %.4f nats/token", name, nll_U.mean(), nll_U.std())
+  extra = {"k": k, "rounds": hetlm.rounds, "params": params, "data": data_path(cfg),
+           "train_s": {name: m.train_s for name, m in models.items()}}
   if k_curve is not None:
-    report["k_sweep"] = {"selection_nll": {str(key): v for key, v in k_curve.items()},
-                         "note": "K chosen on the targets of a random 10% of users, left out of n_users"}
-  tmp = workdir / "eval.json.tmp"
-  tmp.write_text(json.dumps(report, indent=2) + "\n")
-  os.replace(tmp, workdir / "eval.json")
-  log.write({"kind": "eval", **report})
+    extra["k_sweep"] = {"selection_nll": {str(key): v for key, v in k_curve.items()},
+                        "note": "K chosen on the targets of a random 10% of users, left out of n_users"}
+  families = {name: LMFamily(name, m.trainer, m.params, m.assignment) for name, m in models.items()}
+  report = evaluate(families, seqs, tokenizer, workdir, evaluated_U, extra=extra, rounds=log.records("round"))
+  for name, summary in report["models"].items():
+    logging.info("%-15s held-out NLL %.4f ± %.4f nats/token", name, summary["nll"]["mean"], summary["nll"]["std"])
+  log.write({"kind": "eval", "models": {name: m["nll"] for name, m in report["models"].items()}})
   return report
 
 
@@ -297,3 +291,64 @@ def load_run(workdir: str | Path, model: str = "hetlm") -> TrainedRun:
   state, assignment, meta = ckpts.restore(trainer.abstract, int(meta["num_users"]))
   ckpts.close()
   return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]))
+
+
+def _families_for(workdir: Path, seqs: UserSequences, int_ids: bool) -> dict[str, LMFamily]:
+  """Every trained model family in `workdir`, with each user of `seqs` routed to one of its models:
+  by the saved assignment when the user was trained on, else by the perplexity of their history."""
+  families = {}
+  saved = pq.read_table(workdir / "assignments.parquet") if (workdir / "assignments.parquet").exists() else None
+  for name in ("hetlm", "single", "single_matched"):
+    if not (workdir / "checkpoints" / name).is_dir():
+      continue
+    run = load_run(workdir, name)
+    k = jax.tree.leaves(run.params)[0].shape[0]
+    family = LMFamily(name, Trainer(run.config, k), run.params, np.zeros(seqs.num_users, np.int32))
+    if k > 1:
+      known = {}
+      if saved is not None:
+        ids = saved["user_id"].to_numpy(zero_copy_only=False).astype(str)
+        known = dict(zip(ids, saved["cluster"].to_numpy()))
+      routed = route_by_history(family, seqs)
+      family.assignment = np.array([known.get(u, r) for u, r in zip(seqs.user_ids.astype(str), routed)], np.int32)
+    families[name] = family
+  if not families:
+    raise HetlmError(f"{workdir}: no trained model under checkpoints/; run `hetlm train` first")
+  return families
+
+
+def _workdir_data(workdir: Path, data: str | None) -> tuple[Config, Prepared]:
+  for name in ("config.json", "tokenizer.json"):
+    if not (workdir / name).exists():
+      raise HetlmError(f"{workdir}: no {name}; is this a hetlm workdir?")
+  cfg = Config.load(workdir / "config.json")
+  if data:
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, path=data, format="auto"))
+  return cfg, prepare_data(cfg, PageTokenizer.load(workdir / "tokenizer.json"))
+
+
+def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
+  """`hetlm evaluate`: re-evaluates every trained model in `workdir` on its data, or on `data`."""
+  workdir = Path(workdir)
+  cfg, prepared = _workdir_data(workdir, data)
+  families = _families_for(workdir, prepared.seqs, prepared.int_user_ids)
+  log = MetricsLog(workdir / "metrics.jsonl")
+  return evaluate(families, prepared.seqs, prepared.tokenizer, workdir, rounds=log.records("round"),
+                  extra={"data": data_path(cfg)})
+
+
+def generate_for_user(workdir: str | Path, user: str, data: str | None = None,
+                      sampling: Sampling = Sampling()) -> dict:
+  """`hetlm generate`: the user's history, their next session generated by their cluster's model, the actual one."""
+  workdir = Path(workdir)
+  cfg, prepared = _workdir_data(workdir, data)
+  seqs, tokenizer = prepared.seqs, prepared.tokenizer
+  matches = np.flatnonzero(seqs.user_ids.astype(str) == str(user))
+  if len(matches) == 0:
+    raise HetlmError(f"{data_path(cfg)}: no user {user!r} with enough events to hold out a next session")
+  one = seqs.subset(matches[:1])
+  family = _families_for(workdir, one, prepared.int_user_ids)["hetlm"]
+  generated = generate(family.trainer.cfg.model, family.params, one, family.assignment, np.array([0]), sampling,
+                       seed=cfg.train.seed)[0]
+  return {"user": str(user), "cluster": int(family.assignment[0]), "history": tokenizer.decode(one.history(0)),
+          "generated": tokenizer.decode(generated), "actual": tokenizer.decode(one.target(0))}

@@ -13,11 +13,12 @@ from absl import logging
 
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.eval.generate import prompts
 from hetlm_jax.train.batches import ClusterBatches, ScoringBatches
 from hetlm_jax.train.metrics import MetricsLog, Progress
 from hetlm_jax.train.state import (TrainState, abstract_state, create_state, make_mesh, make_optimizer,
                                    state_shardings)
-from hetlm_jax.train.step import make_hidden_fn, make_score_fn, make_train_step
+from hetlm_jax.train.step import make_hidden_fn, make_next_logprobs_fn, make_score_fn, make_train_step
 
 
 def _warm_state(tx, k, params) -> TrainState:
@@ -38,6 +39,7 @@ class Trainer:
     self.train_step = make_train_step(cfg, self.tx, self.mesh, self.abstract)
     self.score_batch = make_score_fn(cfg, self.mesh, self.abstract)
     self.hidden_batch = make_hidden_fn(cfg, self.mesh, self.abstract)
+    self.next_logprobs_batch = make_next_logprobs_fn(cfg, self.mesh, self.abstract)
     shardings = state_shardings(self.mesh, self.abstract)
     take = lambda source_K: lambda x: x[source_K] if x.ndim else x
     self._gather = jax.jit(
@@ -146,3 +148,15 @@ class Trainer:
       sums_UxKD += to_user @ h_KxNxD.transpose(1, 0, 2).reshape(n, k * d)
     means_UxKD = sums_UxKD / np.maximum(batches.length_U, 1)[:, None]
     return means_UxKD.reshape(u, k, d).transpose(1, 0, 2)
+
+  def next_logprobs(self, params, seqs: UserSequences, users_B: np.ndarray, cluster_B: np.ndarray) -> np.ndarray:
+    """[B, V] log-distribution of each user's first target token (after BOS for a new session) under the
+    model of `cluster_B`; the batch is padded to the eval batch so the shape stays fixed."""
+    b, n = self.eval_batch, len(users_B)
+    padded = np.full(b, -1)
+    padded[:n] = users_B
+    left_BxT, pad_B = prompts(seqs, padded, self.cfg.model.context)
+    width = left_BxT.shape[1]
+    right_BxT = np.take_along_axis(left_BxT, (np.arange(width)[None, :] + pad_B[:, None]) % width, axis=1)
+    out_KxBxV = self.next_logprobs_batch(params, right_BxT, np.maximum(width - 1 - pad_B, 0).astype(np.int32))
+    return np.asarray(jax.device_get(out_KxBxV))[np.asarray(cluster_B), np.arange(n)]

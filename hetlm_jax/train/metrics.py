@@ -20,6 +20,13 @@ class MetricsLog:
     with self._path.open("a") as f:
       f.write(json.dumps(record, default=float) + "\n")
 
+  def records(self, kind: str) -> list[dict]:
+    """The logged records of one kind, in order (earlier sessions of a resumed run included)."""
+    if not self._path.exists():
+      return []
+    records = (json.loads(line) for line in self._path.read_text().splitlines() if line.strip())
+    return [r for r in records if r.get("kind") == kind]
+
 
 def _duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))

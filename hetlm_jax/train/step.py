@@ -95,3 +95,18 @@ def make_hidden_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
   rows = NamedSharding(mesh, P("data"))
   return jax.jit(hidden, in_shardings=(state_shardings(mesh, abstract).params, rows, rows),
                  out_shardings=NamedSharding(mesh, P("cluster", "data")))
+
+
+def make_next_logprobs_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
+  """log p(next token) after each right-padded row's last real token, under every model: [K, B, V]."""
+  model = PageLM(cfg.model)
+
+  def next_logprobs(params, inputs_BxT, last_B):
+    def one_model(p):
+      logits_BxTxV = model.apply({"params": p}, inputs_BxT)
+      return jax.nn.log_softmax(logits_BxTxV[jnp.arange(inputs_BxT.shape[0]), last_B], axis=-1)
+    return jax.vmap(one_model)(params)
+
+  rows = NamedSharding(mesh, P("data"))
+  return jax.jit(next_logprobs, in_shardings=(state_shardings(mesh, abstract).params, rows, rows),
+                 out_shardings=NamedSharding(mesh, P("cluster", "data")))

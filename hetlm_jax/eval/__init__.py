@@ -1,0 +1,1 @@
+"""Evaluation: held-out metrics and classic clickstream baselines."""

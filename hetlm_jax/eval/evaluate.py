@@ -1,0 +1,193 @@
+"""Per-user evaluation of every model on the held-out targets, in one harness: eval.json and report.md.
+
+A user's cluster comes from their history alone (the assignment at the end of training, or, for users
+the models never saw, the lowest history perplexity). Metrics per user, then mean/var/std/p10/p50/p90.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import logging
+from scipy.special import logsumexp
+
+from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.data.tokenizer import BOS, PageTokenizer
+from hetlm_jax.eval import metrics as M
+from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
+from hetlm_jax.eval.generate import Sampling, generate
+from hetlm_jax.train.loop import Trainer
+from hetlm_jax.train.metrics import Progress
+
+LM_NAMES = ("hetlm", "single", "single_matched")
+
+
+@dataclasses.dataclass
+class LMFamily:
+  """A trained model family (K stacked models; K=1 for the single LMs) and each user's model."""
+  name: str
+  trainer: Trainer
+  params: object
+  assignment: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+  generate_users: int = 500  # users whose next session is generated (greedy), for session metrics
+  outcome_samples: int = 8  # sampled continuations per user for the outcome probability
+  max_new: int = 20
+  negatives: int = 100
+  bootstrap: int = 1000
+  seed: int = 0
+
+
+def first_page_index(seqs: UserSequences) -> np.ndarray:
+  """Where the token the next-page metrics rank sits: the target's first token, after its BOS if it
+  opens a session."""
+  opens_session_U = (seqs.tokens[seqs.split] == BOS) & (seqs.split + 1 < seqs.offsets[1:])
+  return seqs.split + opens_session_U
+
+
+def route_by_history(family: LMFamily, seqs: UserSequences) -> np.ndarray:
+  """Cluster of every user by the lowest per-token NLL of their history (never the target)."""
+  nll_KxU, tokens_U = family.trainer.score(family.params, seqs, "history", label=f"{family.name} routing")
+  return np.argmin(nll_KxU / np.maximum(tokens_U, 1), axis=0).astype(np.int32)
+
+
+def _page_tokens(tokens: np.ndarray, tokenizer: PageTokenizer) -> np.ndarray:
+  return tokens[tokens >= tokenizer.num_specials]
+
+
+def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions,
+                gen_users: np.ndarray) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+  """Per-user metric arrays of one LM family, and its target NLL sums under every model [K, U] with the
+  scored token counts [U]."""
+  u = seqs.num_users
+  out = {}
+  nll_KxU, tokens_U = family.trainer.score(family.params, seqs, "target", label=f"{family.name} eval")
+  out["nll"] = nll_KxU[family.assignment, np.arange(u)] / np.maximum(tokens_U, 1)
+  out.update(_ranking(lambda users: family.trainer.next_logprobs(family.params, seqs, users,
+                                                                 family.assignment[users]),
+                      seqs, tokenizer, opts, family.trainer.eval_batch, family.name))
+  cfg = family.trainer.cfg.model
+  greedy = generate(cfg, family.params, seqs, family.assignment, gen_users, Sampling(max_new=opts.max_new),
+                    seed=opts.seed)
+  generated = [_page_tokens(g, tokenizer) for g in greedy]
+  actual = [_page_tokens(seqs.target(int(v)), tokenizer) for v in gen_users]
+  for name, fn in (("edit_similarity", M.edit_similarity), ("jaccard", M.jaccard), ("rouge_l_f1", M.rouge_l_f1),
+                   ("length_error", M.length_error)):
+    out[name] = np.full(u, np.nan)
+    out[name][gen_users] = fn(generated, actual)
+  if tokenizer.outcome_types:
+    samples = [generate(cfg, family.params, seqs, family.assignment, gen_users,
+                        Sampling(max_new=opts.max_new, temperature=1.0), seed=opts.seed + 1 + i)
+               for i in range(opts.outcome_samples)]
+    out["outcomes"] = {}
+    for outcome in tokenizer.outcome_types:
+      token = tokenizer.outcome_id(outcome)
+      label = np.array([token in seqs.target(int(v)) for v in gen_users])
+      prob = np.mean([[token in g for g in sample] for sample in samples], axis=0)
+      predicted = np.array([token in g for g in greedy])
+      out["outcomes"][outcome] = {"auc": M.outcome_auc(prob, label), "f1": M.outcome_f1(predicted, label),
+                                  "positives": int(label.sum()), "users": int(len(label))}
+  return out, (nll_KxU, tokens_U)
+
+
+def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int,
+             label: str) -> dict:
+  """Next-page HR@1/5/10, NDCG@10, MRR: full ranking over pages, and against sampled negatives."""
+  candidate_V = np.arange(tokenizer.vocab_size) >= tokenizer.num_specials
+  true_U = seqs.tokens[first_page_index(seqs)]
+  parts = []
+  n_batches = -(-seqs.num_users // batch)
+  progress = Progress(n_batches, f"{label} ranking", every=10)
+  for i, lo in enumerate(range(0, seqs.num_users, batch)):
+    users = np.arange(lo, min(lo + batch, seqs.num_users))
+    logp_BxV = logprobs_fn(users)
+    full = M.ranking_metrics(logp_BxV, true_U[users], candidate_V)
+    sampled = M.sampled_ranking_metrics(logp_BxV, true_U[users], seqs.subset(users), candidate_V,
+                                        opts.negatives, seed=opts.seed + lo)
+    parts.append({**{k: full[k] for k in ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr")},
+                  **{f"{k}_sampled": sampled[k] for k in ("hr@10", "ndcg@10")}})
+    progress.update(i + 1)
+  progress.close()
+  return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _baseline_metrics(model, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int,
+                      name: str) -> dict:
+  model.fit(seqs, tokenizer.vocab_size)
+  nll_U, tokens_U = model.target_nll(seqs)
+  out = {"nll": nll_U / np.maximum(tokens_U, 1)}
+  def logprobs(users):
+    subset = seqs.subset(users)
+    return model.next_token_logprobs(subset, at_U=first_page_index(subset))
+
+  out.update(_ranking(logprobs, seqs, tokenizer, opts, batch, name))
+  return out
+
+
+def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: PageTokenizer, workdir: Path,
+             evaluated_U: np.ndarray | None = None, opts: EvalOptions = EvalOptions(), extra: dict | None = None,
+             rounds: list[dict] | None = None) -> dict:
+  """Writes eval.json and report.md (with figures) into `workdir`; returns the eval.json content."""
+  start = time.perf_counter()
+  u = seqs.num_users
+  evaluated_U = np.ones(u, bool) if evaluated_U is None else evaluated_U
+  rng = np.random.default_rng(opts.seed)
+  candidates = np.flatnonzero(evaluated_U)
+  gen_users = np.sort(rng.choice(candidates, min(opts.generate_users, len(candidates)), replace=False))
+  per_user, outcomes, hetlm_scores = {}, {}, None
+  for name, family in families.items():
+    logging.info("evaluating %s", name)
+    per_user[name], scores = _lm_metrics(family, seqs, tokenizer, opts, gen_users)
+    if "outcomes" in per_user[name]:
+      outcomes[name] = per_user[name].pop("outcomes")
+    if name == "hetlm":
+      hetlm_scores = scores
+  k = families["hetlm"].trainer.k if "hetlm" in families else 1
+  if hetlm_scores is not None and k > 1:
+    # The proper mixture likelihood: log Σ_k π_k p_k(target), π = the clusters' shares of users.
+    nll_KxU, tokens_U = hetlm_scores
+    share_K = np.bincount(families["hetlm"].assignment, minlength=k) / u
+    log_mix_U = logsumexp(np.log(np.maximum(share_K, 1e-12))[:, None] - nll_KxU, axis=0)
+    per_user["hetlm_mixture"] = {"nll": -log_mix_U / np.maximum(tokens_U, 1)}
+  baselines = {"popularity": Popularity(), "markov": Markov(), "markov_mixture": MarkovMixture(max(k, 2))}
+  batch = next(iter(families.values())).trainer.eval_batch if families else 512
+  for name, model in baselines.items():
+    logging.info("evaluating %s", name)
+    per_user[name] = _baseline_metrics(model, seqs, tokenizer, opts, batch, name)
+
+  report = {"models": {name: {metric: M.summarize(values[evaluated_U]) for metric, values in metrics.items()}
+                       for name, metrics in per_user.items()},
+            "n_users": int(evaluated_U.sum()), "generated_users": int(len(gen_users)), **(extra or {})}
+  if outcomes:
+    report["outcomes"] = outcomes
+  if "hetlm" in per_user:
+    report["bootstrap"] = {
+      f"hetlm-{other}": {metric: M.paired_bootstrap(per_user["hetlm"][metric][evaluated_U],
+                                                    per_user[other][metric][evaluated_U], opts.bootstrap, opts.seed)
+                         for metric in ("nll", "hr@10", "ndcg@10")}
+      for other in ("single", "single_matched") if other in per_user}
+    assignment = families["hetlm"].assignment
+    report["clusters"] = [
+      {"cluster": c, "users": int(((assignment == c) & evaluated_U).sum()),
+       **{f"{name}_nll": float(np.nanmean(per_user[name]["nll"][(assignment == c) & evaluated_U]))
+          for name in per_user if ((assignment == c) & evaluated_U).any()}}
+      for c in range(k)]
+  report["eval_s"] = time.perf_counter() - start
+  _write_json(workdir / "eval.json", report)
+  from hetlm_jax.eval.report import write_report  # matplotlib stays optional
+  write_report(workdir, report, {name: m["nll"][evaluated_U] for name, m in per_user.items()}, rounds or [])
+  return report
+
+
+def _write_json(path: Path, content: dict) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(content, indent=2, default=float) + "\n")
+  os.replace(tmp, path)

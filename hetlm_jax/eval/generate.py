@@ -1,0 +1,132 @@
+"""Batched, jitted autoregressive decoding with a KV cache; all K cluster models in one vmapped call.
+
+Prompts are left-padded to a common length P so every row writes the cache at the same index;
+positions count from each row's first real token, and padded keys are masked out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hetlm_jax.config import ModelConfig
+from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.data.tokenizer import BOS, EOS, PAD
+from hetlm_jax.model import PageLM
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  max_new: int = 20
+  temperature: float = 0.0  # 0: greedy
+  top_k: int = 0  # 0: no cut
+  top_p: float = 1.0
+
+
+def _pick(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+  logits_BxV = logits_BxV.at[:, PAD].set(-jnp.inf).at[:, BOS].set(-jnp.inf)
+  if s.temperature <= 0:
+    return jnp.argmax(logits_BxV, axis=-1)
+  logits_BxV = logits_BxV / s.temperature
+  if s.top_k > 0:
+    kth_B = jax.lax.top_k(logits_BxV, s.top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B, -jnp.inf, logits_BxV)
+  if s.top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
+    # Keep the smallest set whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    keep_BxV = (cum_BxV - jax.nn.softmax(sorted_BxV, axis=-1)) < s.top_p
+    cutoff_B = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_B, -jnp.inf, logits_BxV)
+  return jax.random.categorical(key, logits_BxV, axis=-1)
+
+
+def decode_one(cfg: ModelConfig, s: Sampling, params, prompt_BxP, pad_B, key):
+  """Continues each left-padded prompt by up to s.max_new tokens; after EOS a row emits PAD."""
+  model = PageLM(cfg)
+  b, p = prompt_BxP.shape
+  size = p + s.max_new
+  slots_S = jnp.arange(size)
+  key_valid_BxS = slots_S[None, :] >= pad_B[:, None]
+  shape = (cfg.n_layers, b, size, cfg.n_heads, cfg.head_dim)
+  kv = {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)}
+
+  def run(tokens_BxT, index, kv):
+    query_T = index + jnp.arange(tokens_BxT.shape[1])
+    mask_Bx1xTxS = (slots_S[None, None, None, :] <= query_T[None, None, :, None]) & key_valid_BxS[:, None, None, :]
+    positions_BxT = jnp.maximum(query_T[None, :] - pad_B[:, None], 0)
+    cache = {**kv, "index": index, "positions": positions_BxT, "mask": mask_Bx1xTxS}
+    return model.apply({"params": params}, tokens_BxT, cache=cache)
+
+  logits_BxPxV, kv = run(prompt_BxP, 0, kv)
+
+  def step(carry, i):
+    logits_BxV, kv, done_B = carry
+    token_B = _pick(logits_BxV, jax.random.fold_in(key, i), s)
+    out_B = jnp.where(done_B, PAD, token_B)
+    done_B = done_B | (token_B == EOS)
+    logits_Bx1xV, kv = run(out_B[:, None], p + i, kv)
+    return (logits_Bx1xV[:, 0], kv, done_B), out_B
+
+  carry = (logits_BxPxV[:, -1], kv, jnp.zeros(b, bool))
+  _, out_NxB = jax.lax.scan(step, carry, jnp.arange(s.max_new))
+  return out_NxB.T
+
+
+@functools.lru_cache(maxsize=8)
+def make_decoder(cfg: ModelConfig, s: Sampling):
+  """jit(vmap(decode_one)) over K stacked models: prompts [K, B, P], pads [K, B], keys [K] → [K, B, N]."""
+  return jax.jit(jax.vmap(functools.partial(decode_one, cfg, s)))
+
+
+def prompts(seqs: UserSequences, users_B: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded prompts [B, length] (the most recent history tokens, plus BOS when the held-out target
+  is a new session) and the padding count of each row; user -1 gives an all-padding row."""
+  real_B = users_B >= 0
+  u_B = np.where(real_B, users_B, 0)
+  opens_session_B = seqs.tokens[np.minimum(seqs.split[u_B], len(seqs.tokens) - 1)] == BOS
+  opens_session_B &= seqs.split[u_B] < seqs.offsets[u_B + 1]
+  # A trailing BOS is appended for new-session targets, so take one history token fewer.
+  hist_B = np.minimum(seqs.split[u_B] - seqs.offsets[u_B], length - opens_session_B)
+  len_B = np.where(real_B, hist_B + opens_session_B, 1)
+  pad_B = length - len_B
+  cols_BxL = np.arange(length)[None, :]
+  src_BxL = seqs.split[u_B][:, None] - hist_B[:, None] + (cols_BxL - pad_B[:, None])
+  take_BxL = (cols_BxL >= pad_B[:, None]) & (cols_BxL - pad_B[:, None] < hist_B[:, None])
+  out_BxL = np.where(take_BxL, seqs.tokens[np.clip(src_BxL, 0, len(seqs.tokens) - 1)], PAD)
+  out_BxL[np.arange(len(u_B)), length - 1] = np.where(opens_session_B, BOS, out_BxL[:, length - 1])
+  out_BxL[~real_B] = PAD
+  return out_BxL.astype(np.int32), pad_B.astype(np.int32)
+
+
+def generate(cfg: ModelConfig, params, seqs: UserSequences, assignment_U: np.ndarray, users: np.ndarray,
+             s: Sampling, seed: int = 0, batch: int = 256) -> list[np.ndarray]:
+  """Next session of each listed user from their own cluster's model; the tokens before EOS/PAD."""
+  k = jax.tree.leaves(params)[0].shape[0]
+  length = max(cfg.context - s.max_new, 2)
+  decoder = make_decoder(cfg, s)
+  users = np.asarray(users)
+  clusters = assignment_U[users]
+  out: list[np.ndarray] = [np.zeros(0, np.int32)] * len(users)
+  # Each cluster's users in columns of a [K, batch] table: one vmapped call serves every cluster.
+  order = np.argsort(clusters, kind="stable")
+  rank = np.arange(len(users)) - np.searchsorted(clusters[order], clusters[order])
+  n_cols = int(np.bincount(clusters, minlength=k).max()) if len(users) else 0
+  table = np.full((k, max(n_cols, 1)), -1, np.int64)
+  table[clusters[order], rank] = order
+  for lo in range(0, n_cols, batch):
+    cols = table[:, lo:lo + batch]
+    cols = np.pad(cols, ((0, 0), (0, batch - cols.shape[1])), constant_values=-1)
+    user_KxB = np.where(cols >= 0, users[np.maximum(cols, 0)], -1)
+    p, pad = prompts(seqs, user_KxB.reshape(-1), length)
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), lo), k)
+    tokens_KxBxN = np.asarray(decoder(params, p.reshape(k, batch, -1), pad.reshape(k, batch), keys))
+    for c, b in zip(*np.nonzero(cols >= 0)):  # collect per user: a loop over output rows, not over models
+      row = tokens_KxBxN[c, b]
+      stop = np.flatnonzero((row == EOS) | (row == PAD))
+      out[cols[c, b]] = row[: stop[0] if len(stop) else len(row)]
+  return out

@@ -1,0 +1,270 @@
+"""Held-out metrics: next-page ranking, per-user summaries and paired bootstrap, sessions, outcomes.
+
+Per-user metric arrays hold NaN for users a metric does not apply to, so nan-aware reductions
+(and `summarize`) skip them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import f1_score, roc_auc_score
+
+from hetlm_jax.data.sequences import UserSequences
+
+_CHUNK = 1 << 22  # entries of a temporary rows×columns array (bootstrap, exact negatives) at once
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking of the true next token
+
+
+def _from_ranks(rank_U: np.ndarray, valid_U: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
+  """hr@k, ndcg@k for every k, and mrr from 1-based ranks; NaN where not valid."""
+  rank_U = np.where(valid_U, rank_U, np.nan).astype(np.float64)
+  out = {"valid": valid_U, "rank": rank_U}
+  with np.errstate(invalid="ignore"):
+    for k in ks:
+      hit_U = rank_U <= k
+      out[f"hr@{k}"] = np.where(valid_U, hit_U, np.nan)
+      # One relevant item, so the ideal DCG is 1.
+      out[f"ndcg@{k}"] = np.where(valid_U, np.where(hit_U, 1.0 / np.log2(rank_U + 1), 0.0), np.nan)
+    out["mrr"] = 1.0 / rank_U
+  return out
+
+
+def ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, candidate_V: np.ndarray,
+                    ks: Sequence[int] = (1, 5, 10)) -> dict[str, np.ndarray]:
+  """Rank of each user's true token among all candidate tokens (e.g. pages), ties pessimistic.
+
+  Returns per-user "hr@k", "ndcg@k" (for every k in ks), "mrr", "rank" and the boolean "valid":
+  users whose true token is not a candidate (e.g. EOS) are excluded and get NaN.
+  """
+  logp_UxV = np.asarray(logp_UxV)
+  true_U = np.asarray(true_U, np.int64)
+  candidate_V = np.asarray(candidate_V, bool)
+  valid_U = candidate_V[true_U]
+  score_U = logp_UxV[np.arange(len(true_U)), true_U]
+  # The true token itself is among the counted ones when it is a candidate.
+  ahead_U = ((logp_UxV >= score_U[:, None]) & candidate_V).sum(axis=1) - valid_U
+  return _from_ranks(ahead_U + 1, valid_U, ks)
+
+
+def sample_negatives(seqs: UserSequences, candidate_V: np.ndarray, n_negatives: int = 100,
+                     seed: int = 0, exclude_U: np.ndarray | None = None,
+                     max_rounds: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """[U, n] negatives per user, uniform without replacement over candidates the user never had.
+
+  Never in the user's history or target (nor `exclude_U[u]`). Returns (negatives_UxN int64,
+  ok_U bool); users with fewer than n eligible candidates get ok=False and a row of -1.
+  """
+  candidate_V = np.asarray(candidate_V, bool)
+  v, u = len(candidate_V), seqs.num_users
+  cand_C = np.flatnonzero(candidate_V)
+  c = len(cand_C)
+  user_T = np.repeat(np.arange(u, dtype=np.int64), seqs.lengths)
+  seen_keys = [user_T * v + seqs.tokens]
+  if exclude_U is not None:
+    seen_keys.append(np.arange(u, dtype=np.int64) * v + np.asarray(exclude_U, np.int64))
+  seen_S = np.unique(np.concatenate(seen_keys))
+  seen_S = seen_S[candidate_V[seen_S % v]]
+  ok_U = c - np.bincount(seen_S // v, minlength=u) >= n_negatives
+  neg_UxN = np.full((u, n_negatives), -1, np.int64)
+  if c == 0 or n_negatives == 0 or not ok_U.any():
+    return neg_UxN, ok_U
+
+  rng = np.random.default_rng(seed)
+  rows_R = np.flatnonzero(ok_U)
+  draw_RxN = cand_C[rng.integers(0, c, (len(rows_R), n_negatives))]
+
+  def bad(draw_RxN: np.ndarray) -> np.ndarray:
+    key_RxN = rows_R[:, None] * v + draw_RxN
+    idx_RxN = np.minimum(np.searchsorted(seen_S, key_RxN), len(seen_S) - 1)
+    seen_RxN = seen_S[idx_RxN] == key_RxN if len(seen_S) else np.zeros(key_RxN.shape, bool)
+    # Repeats within a row: every occurrence after the first is redrawn.
+    order_RxN = np.argsort(draw_RxN, axis=1, kind="stable")
+    sorted_RxN = np.take_along_axis(draw_RxN, order_RxN, axis=1)
+    dup_sorted_RxN = np.zeros_like(seen_RxN)
+    dup_sorted_RxN[:, 1:] = sorted_RxN[:, 1:] == sorted_RxN[:, :-1]
+    dup_RxN = np.empty_like(seen_RxN)
+    np.put_along_axis(dup_RxN, order_RxN, dup_sorted_RxN, axis=1)
+    return seen_RxN | dup_RxN
+
+  # Redrawing only the offending entries never looks at item labels, so each row stays a uniform
+  # random subset of its eligible candidates.
+  bad_RxN = bad(draw_RxN)
+  for _ in range(max_rounds):
+    if not bad_RxN.any():
+      break
+    draw_RxN[bad_RxN] = cand_C[rng.integers(0, c, int(bad_RxN.sum()))]
+    bad_RxN = bad(draw_RxN)
+  stuck_R = np.flatnonzero(bad_RxN.any(axis=1))
+  if len(stuck_R):  # rows with few eligible items: exact draw by random keys over all candidates
+    draw_RxN[stuck_R] = _exact_negatives(rows_R[stuck_R], seen_S, cand_C, v, n_negatives, rng)
+  neg_UxN[rows_R] = draw_RxN
+  return neg_UxN, ok_U
+
+
+def _exact_negatives(users_R: np.ndarray, seen_S: np.ndarray, cand_C: np.ndarray, v: int,
+                     n: int, rng: np.random.Generator) -> np.ndarray:
+  """Per user (ascending ids), the candidates with the n smallest uniform keys, seen ones barred."""
+  cand_index_V = np.full(v, -1, np.int64)
+  cand_index_V[cand_C] = np.arange(len(cand_C))
+  out_RxN = np.empty((len(users_R), n), np.int64)
+  chunk = max(1, _CHUNK // len(cand_C))
+  seen_user_S, seen_item_S = seen_S // v, seen_S % v
+  for lo in range(0, len(users_R), chunk):
+    users = users_R[lo:lo + chunk]
+    keys_RxC = rng.random((len(users), len(cand_C)))
+    mine_S = np.isin(seen_user_S, users)
+    row_S = np.searchsorted(users, seen_user_S[mine_S])  # users_R is sorted
+    keys_RxC[row_S, cand_index_V[seen_item_S[mine_S]]] = np.inf
+    out_RxN[lo:lo + chunk] = cand_C[np.argpartition(keys_RxC, n - 1, axis=1)[:, :n]]
+  return out_RxN
+
+
+def sampled_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, seqs: UserSequences,
+                            candidate_V: np.ndarray, n_negatives: int = 100, seed: int = 0,
+                            ks: Sequence[int] = (1, 5, 10)) -> dict[str, np.ndarray]:
+  """SASRec's protocol: rank the true token against n negatives from `sample_negatives`, ties pessimistic.
+
+  Same keys as `ranking_metrics`; a user is also invalid when fewer than n negatives exist.
+  """
+  logp_UxV = np.asarray(logp_UxV)
+  true_U = np.asarray(true_U, np.int64)
+  candidate_V = np.asarray(candidate_V, bool)
+  neg_UxN, ok_U = sample_negatives(seqs, candidate_V, n_negatives, seed, exclude_U=true_U)
+  valid_U = candidate_V[true_U] & ok_U
+  score_U = logp_UxV[np.arange(len(true_U)), true_U]
+  neg_score_UxN = np.take_along_axis(logp_UxV, np.maximum(neg_UxN, 0), axis=1)
+  ahead_U = (neg_score_UxN >= score_U[:, None]).sum(axis=1)
+  return _from_ranks(ahead_U + 1, valid_U, ks)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-user summaries and paired comparison
+
+
+def summarize(values_U: np.ndarray) -> dict[str, float]:
+  """Mean, variance (ddof=0), std and 10/50/90th percentiles, ignoring NaN."""
+  x = np.asarray(values_U, np.float64)
+  with warnings.catch_warnings():  # all-NaN or empty input gives NaN, silently
+    warnings.simplefilter("ignore", RuntimeWarning)
+    p10, p50, p90 = np.nanpercentile(x, [10, 50, 90]) if x.size else (np.nan,) * 3
+    return {"mean": float(np.nanmean(x)), "var": float(np.nanvar(x)), "std": float(np.nanstd(x)),
+            "p10": float(p10), "p50": float(p50), "p90": float(p90)}
+
+
+def paired_bootstrap(a_U: np.ndarray, b_U: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+  """Percentile CIs for mean(a) − mean(b) and var(a) − var(b), resampling users jointly.
+
+  var is the across-user variance (ddof=0), so var_diff compares how heterogeneous the two are.
+  Users with NaN in a or b are dropped.
+  """
+  a_U, b_U = np.asarray(a_U, np.float64), np.asarray(b_U, np.float64)
+  if a_U.shape != b_U.shape:
+    raise ValueError("a and b must hold the same users")
+  keep_U = ~(np.isnan(a_U) | np.isnan(b_U))
+  a_U, b_U = a_U[keep_U], b_U[keep_U]
+  u = len(a_U)
+  if u == 0:
+    return {"mean_diff": np.nan, "mean_ci": [np.nan, np.nan], "var_diff": np.nan,
+            "var_ci": [np.nan, np.nan]}
+  rng = np.random.default_rng(seed)
+  diff_U = a_U - b_U
+  mean_B, var_B = np.empty(n_boot), np.empty(n_boot)
+  chunk = max(1, _CHUNK // u)
+  for lo in range(0, n_boot, chunk):
+    idx_BxU = rng.integers(0, u, (min(chunk, n_boot - lo), u))
+    mean_B[lo:lo + chunk] = diff_U[idx_BxU].mean(axis=1)
+    var_B[lo:lo + chunk] = a_U[idx_BxU].var(axis=1) - b_U[idx_BxU].var(axis=1)
+  q = [(1 - level) / 2, (1 + level) / 2]
+  return {"mean_diff": float(diff_U.mean()), "mean_ci": np.quantile(mean_B, q).tolist(),
+          "var_diff": float(a_U.var() - b_U.var()), "var_ci": np.quantile(var_B, q).tolist()}
+
+
+# --------------------------------------------------------------------------------------------
+# Generated vs actual sessions (one Python loop over users; each DP row is one numpy step)
+
+
+def _levenshtein(x: np.ndarray, y: np.ndarray) -> int:
+  if len(x) < len(y):
+    x, y = y, x
+  if len(y) == 0:
+    return len(x)
+  j_M = np.arange(len(y) + 1)
+  prev_M = j_M.copy()
+  for i, xi in enumerate(x, start=1):
+    step_M = np.empty_like(prev_M)
+    step_M[0] = i
+    step_M[1:] = np.minimum(prev_M[1:] + 1, prev_M[:-1] + (y != xi))
+    # Insertions chain along the row: row[j] = min_{k<=j} step[k] + (j - k).
+    prev_M = np.minimum.accumulate(step_M - j_M) + j_M
+  return int(prev_M[-1])
+
+
+def _lcs(x: np.ndarray, y: np.ndarray) -> int:
+  if len(x) < len(y):
+    x, y = y, x
+  if len(y) == 0:
+    return 0
+  prev_M = np.zeros(len(y) + 1, np.int64)
+  for xi in x:
+    step_M = np.zeros_like(prev_M)
+    step_M[1:] = np.where(y == xi, prev_M[:-1] + 1, prev_M[1:])
+    # A match never falls below its left neighbour, so a running max gives the full recurrence.
+    prev_M = np.maximum.accumulate(step_M)
+  return int(prev_M[-1])
+
+
+def _pairs(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]):
+  if len(generated_U) != len(actual_U):
+    raise ValueError("generated and actual must hold the same users")
+  return [(np.asarray(g).ravel(), np.asarray(a).ravel()) for g, a in zip(generated_U, actual_U)]
+
+
+def edit_similarity(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]) -> np.ndarray:
+  """1 − Levenshtein(gen, actual) / max(len); 1.0 when both are empty."""
+  return np.array([1.0 - _levenshtein(g, a) / max(len(g), len(a)) if max(len(g), len(a)) else 1.0
+                   for g, a in _pairs(generated_U, actual_U)], np.float64)
+
+
+def jaccard(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]) -> np.ndarray:
+  """|set(gen) ∩ set(actual)| / |set(gen) ∪ set(actual)|; 1.0 when both are empty."""
+  out = []
+  for g, a in _pairs(generated_U, actual_U):
+    union = len(np.union1d(g, a))
+    out.append(len(np.intersect1d(g, a)) / union if union else 1.0)
+  return np.array(out, np.float64)
+
+
+def rouge_l_f1(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]) -> np.ndarray:
+  """ROUGE-L F1: 2·LCS / (len(gen) + len(actual)); 1.0 when both are empty, 0 when one is."""
+  # With P = LCS/len(gen) and R = LCS/len(actual), 2PR/(P+R) reduces to the line above.
+  return np.array([2.0 * _lcs(g, a) / (len(g) + len(a)) if len(g) + len(a) else 1.0
+                   for g, a in _pairs(generated_U, actual_U)], np.float64)
+
+
+def length_error(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]) -> np.ndarray:
+  """|len(gen) − len(actual)|."""
+  return np.array([abs(len(g) - len(a)) for g, a in _pairs(generated_U, actual_U)], np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Outcomes (e.g. will the next session contain a <cart>)
+
+
+def outcome_auc(prob_U: np.ndarray, label_U: np.ndarray) -> float:
+  """ROC AUC of predicted outcome probabilities; NaN when only one class is present."""
+  label_U = np.asarray(label_U, bool)
+  if label_U.size == 0 or label_U.all() or not label_U.any():
+    return float("nan")
+  return float(roc_auc_score(label_U, np.asarray(prob_U, np.float64)))
+
+
+def outcome_f1(pred_U: np.ndarray, label_U: np.ndarray) -> float:
+  """F1 of predicted outcomes (0 when there are no positives at all)."""
+  return float(f1_score(np.asarray(label_U, bool), np.asarray(pred_U, bool), zero_division=0))

@@ -1,0 +1,127 @@
+"""report.md: the side-by-side table, the paired bootstrap, per-cluster figures, and PNG figures beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+_ORDER = ("hetlm", "hetlm_mixture", "single", "single_matched", "markov_mixture", "markov", "popularity")
+_METRICS = ("nll", "hr@10", "ndcg@10", "mrr", "hr@10_sampled", "ndcg@10_sampled", "edit_similarity",
+            "rouge_l_f1")
+
+
+def _fmt(x) -> str:
+  return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
+
+
+def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sweep: dict | None) -> list[str]:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return []
+  names = []
+  shown = [m for m in ("single", "single_matched", "hetlm") if m in nll]
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+  for m in shown:
+    x = np.sort(nll[m][~np.isnan(nll[m])])
+    a1.plot(x, np.arange(1, len(x) + 1) / len(x), linewidth=1.5, label=f"{m} (mean {x.mean():.3f}, std {x.std():.3f})")
+  a1.set_xlabel("held-out target NLL per user (nats/token)")
+  a1.set_ylabel("fraction of users at or below")
+  a1.set_title("Per-user NLL, cumulative (higher and steeper is better)")
+  a1.legend(fontsize=8)
+  a2.boxplot([nll[m][~np.isnan(nll[m])] for m in shown], showfliers=False)
+  a2.set_xticks(range(1, len(shown) + 1), shown)
+  a2.set_ylabel("nats/token")
+  a2.set_title("Spread over users (whiskers 1.5 IQR)")
+  fig.tight_layout()
+  fig.savefig(workdir / "nll_per_user.png", dpi=120)
+  plt.close(fig)
+  names.append("nll_per_user.png")
+  hetlm_rounds = [r for r in rounds if r.get("model", "").startswith("hetlm")]
+  if hetlm_rounds:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    x = [r["round"] for r in hetlm_rounds]
+    sizes = np.array([r["sizes"] for r in hetlm_rounds])
+    bottom = np.zeros(len(x))
+    for c in range(sizes.shape[1]):
+      a1.bar(x, sizes[:, c], bottom=bottom, label=f"cluster {c}")
+      bottom += sizes[:, c]
+    a1.set_xlabel("round")
+    a1.set_ylabel("users")
+    a1.set_title("Cluster sizes")
+    a1.legend(fontsize=7)
+    a2.plot(x, [100 * r["moved"] for r in hetlm_rounds], marker="o")
+    a2.set_xlabel("round")
+    a2.set_ylabel("users moved (%)")
+    a2.set_title("Reassignment churn")
+    fig.tight_layout()
+    fig.savefig(workdir / "rounds.png", dpi=120)
+    plt.close(fig)
+    names.append("rounds.png")
+  if k_sweep:
+    ks = sorted(int(k) for k in k_sweep)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ks, [k_sweep[str(k)] for k in ks], marker="o")
+    ax.set_xlabel("K")
+    ax.set_ylabel("selection NLL (nats/token)")
+    ax.set_title("Held-out NLL vs K")
+    fig.tight_layout()
+    fig.savefig(workdir / "nll_vs_k.png", dpi=120)
+    plt.close(fig)
+    names.append("nll_vs_k.png")
+  return names
+
+
+def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds: list[dict]) -> None:
+  models = [m for m in _ORDER if m in report["models"]]
+  lines = ["# HeTLM evaluation", "",
+           f"{report['n_users']:,} users; each user's held-out target is scored given their history, and each "
+           "user's cluster is chosen from the history alone. NLL is in nats per target token (lower is better); "
+           "next-page metrics rank the target's first page among all pages, and `_sampled` among 100 random "
+           "pages the user never visited (SASRec's protocol). Cells: mean (std over users).", ""]
+  metrics = [m for m in _METRICS if any(m in report["models"][name] for name in models)]
+  lines.append("| model | " + " | ".join(metrics) + " |")
+  lines.append("|---" * (len(metrics) + 1) + "|")
+  for name in models:
+    cells = []
+    for metric in metrics:
+      s = report["models"][name].get(metric)
+      cells.append(f"{_fmt(s['mean'])} ({_fmt(s['std'])})" if s else "–")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", "Per-user NLL percentiles (p10 / p50 / p90):", ""]
+  for name in models:
+    s = report["models"][name]["nll"]
+    lines.append(f"- {name}: {_fmt(s['p10'])} / {_fmt(s['p50'])} / {_fmt(s['p90'])}, variance {_fmt(s['var'])}")
+  if "bootstrap" in report:
+    lines += ["", "## HeTLM minus the single LMs (paired bootstrap, 95% intervals)", "",
+              "| comparison | metric | mean diff | 95% CI | variance diff | 95% CI |", "|---|---|---|---|---|---|"]
+    for comparison, by_metric in report["bootstrap"].items():
+      for metric, b in by_metric.items():
+        lines.append(f"| {comparison} | {metric} | {_fmt(b['mean_diff'])} | [{_fmt(b['mean_ci'][0])}, "
+                     f"{_fmt(b['mean_ci'][1])}] | {_fmt(b['var_diff'])} | [{_fmt(b['var_ci'][0])}, "
+                     f"{_fmt(b['var_ci'][1])}] |")
+    lines += ["", "For NLL a negative difference favours HeTLM (lower mean, lower variance); for HR/NDCG a "
+              "positive mean difference does."]
+  if report.get("clusters"):
+    cols = [c for c in ("hetlm_nll", "single_nll", "single_matched_nll") if c in report["clusters"][0]]
+    lines += ["", "## Per cluster (mean NLL of the cluster's users)", "",
+              "| cluster | users | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for row in report["clusters"]:
+      lines.append(f"| {row['cluster']} | {row['users']:,} | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+  if report.get("outcomes"):
+    lines += ["", "## Outcomes (will the next session contain it?)", "", "| model | outcome | AUC | F1 | positives / users |",
+              "|---|---|---|---|---|"]
+    for name, by_outcome in report["outcomes"].items():
+      for outcome, o in by_outcome.items():
+        lines.append(f"| {name} | {outcome} | {_fmt(o['auc'])} | {_fmt(o['f1'])} | {o['positives']} / {o['users']} |")
+  figures = _figures(workdir, nll, rounds, (report.get("k_sweep") or {}).get("selection_nll"))
+  if figures:
+    lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
+  else:
+    lines += ["", "(Figures need matplotlib: `pip install 'hetlm_jax[plots]'`.)"]
+  tmp = workdir / "report.md.tmp"
+  tmp.write_text("\n".join(lines) + "\n")
+  tmp.replace(workdir / "report.md")
