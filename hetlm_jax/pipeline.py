@@ -7,7 +7,6 @@ single-LM baselines with the same schedule → evaluate every model on each user
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path

@@ -187,7 +187,18 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
   return report
 
 
+def _finite(x):
+  """NaN (a metric that applies to nobody, e.g. AUC with one class) becomes null: strict JSON."""
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite(v) for v in x]
+  if isinstance(x, (float, np.floating)):
+    return None if np.isnan(x) else float(x)
+  return x
+
+
 def _write_json(path: Path, content: dict) -> None:
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(content, indent=2, default=float) + "\n")
+  tmp.write_text(json.dumps(_finite(content), indent=2, allow_nan=False, default=float) + "\n")
   os.replace(tmp, path)

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
-from absl import logging
 
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
