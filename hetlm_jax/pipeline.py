@@ -7,6 +7,7 @@ single-LM baselines with the same schedule → evaluate every model on each user
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from absl import logging
 
@@ -197,6 +199,8 @@ def _choose_k(cfg: Config, seqs: UserSequences, vocab_size: int, workdir: Path, 
     log.write({"kind": "k_sweep", "k": k, "selection_nll": curve[k], "rounds": run.rounds})
     logging.info("K=%d: selection NLL %.4f", k, curve[k])
   best = min(curve, key=curve.get)
+  # The chosen K's checkpoints stay under hetlm_kK; this file tells load_run that they are "hetlm".
+  (workdir / "k_auto.json").write_text(json.dumps({"k": best, "selection_nll": curve}) + "\n")
   return runs[best], curve, ~select_U
 
 
@@ -257,7 +261,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     extra["k_sweep"] = {"selection_nll": {str(key): v for key, v in k_curve.items()},
                         "note": "K chosen on the targets of a random 10% of users, left out of n_users"}
   families = {name: LMFamily(name, m.trainer, m.params, m.assignment) for name, m in models.items()}
-  report = evaluate(families, seqs, tokenizer, workdir, evaluated_U, extra=extra, rounds=log.records("round"))
+  rounds = [r for r in log.records("round") if r["model"] == hetlm.name]
+  report = evaluate(families, seqs, tokenizer, workdir, evaluated_U, extra=extra, rounds=rounds)
   for name, summary in report["models"].items():
     logging.info("%-15s held-out NLL %.4f ± %.4f nats/token", name, summary["nll"]["mean"], summary["nll"]["std"])
   log.write({"kind": "eval", "models": {name: m["nll"] for name, m in report["models"].items()}})
@@ -273,6 +278,13 @@ class TrainedRun:
   step: int
 
 
+def load_run_name(workdir: Path, model: str) -> str:
+  """The checkpoint folder of a model family: with --k=auto, "hetlm" is the chosen hetlm_kK."""
+  if model == "hetlm" and (workdir / "k_auto.json").exists():
+    return f"hetlm_k{json.loads((workdir / 'k_auto.json').read_text())['k']}"
+  return model
+
+
 def load_run(workdir: str | Path, model: str = "hetlm") -> TrainedRun:
   """Loads a trained model family from its workdir alone (config.json, tokenizer.json, latest checkpoint)."""
   workdir = Path(workdir)
@@ -281,6 +293,7 @@ def load_run(workdir: str | Path, model: str = "hetlm") -> TrainedRun:
       raise HetlmError(f"{workdir}: no {name}; is this a hetlm workdir?")
   cfg = Config.load(workdir / "config.json")
   tokenizer = PageTokenizer.load(workdir / "tokenizer.json")
+  model = load_run_name(workdir, model)
   ckpts = Checkpoints(workdir / "checkpoints" / model, cfg.train.keep_checkpoints)
   if ckpts.latest_step() is None:
     raise HetlmError(f"{workdir}: no checkpoint of {model} yet")
@@ -292,28 +305,37 @@ def load_run(workdir: str | Path, model: str = "hetlm") -> TrainedRun:
   return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]))
 
 
-def _families_for(workdir: Path, seqs: UserSequences, int_ids: bool) -> dict[str, LMFamily]:
+def _families_for(workdir: Path, seqs: UserSequences) -> dict[str, LMFamily]:
   """Every trained model family in `workdir`, with each user of `seqs` routed to one of its models:
   by the saved assignment when the user was trained on, else by the perplexity of their history."""
   families = {}
-  saved = pq.read_table(workdir / "assignments.parquet") if (workdir / "assignments.parquet").exists() else None
   for name in ("hetlm", "single", "single_matched"):
-    if not (workdir / "checkpoints" / name).is_dir():
+    try:
+      run = load_run(workdir, name)
+    except HetlmError:
       continue
-    run = load_run(workdir, name)
     k = jax.tree.leaves(run.params)[0].shape[0]
     family = LMFamily(name, Trainer(run.config, k), run.params, np.zeros(seqs.num_users, np.int32))
     if k > 1:
-      known = {}
-      if saved is not None:
-        ids = saved["user_id"].to_numpy(zero_copy_only=False).astype(str)
-        known = dict(zip(ids, saved["cluster"].to_numpy()))
-      routed = route_by_history(family, seqs)
-      family.assignment = np.array([known.get(u, r) for u, r in zip(seqs.user_ids.astype(str), routed)], np.int32)
+      family.assignment = _saved_or_routed(workdir, family, seqs)
     families[name] = family
   if not families:
     raise HetlmError(f"{workdir}: no trained model under checkpoints/; run `hetlm train` first")
   return families
+
+
+def _saved_or_routed(workdir: Path, family: LMFamily, seqs: UserSequences) -> np.ndarray:
+  assignment_U = np.full(seqs.num_users, -1, np.int32)
+  if (workdir / "assignments.parquet").exists():
+    saved = pq.read_table(workdir / "assignments.parquet")
+    saved_ids = pc.cast(saved["user_id"], pa.string())
+    found_U = pc.fill_null(pc.index_in(pa.array(seqs.user_ids.astype(str)), value_set=saved_ids), -1).to_numpy()
+    known_U = found_U >= 0
+    assignment_U[known_U] = saved["cluster"].to_numpy()[found_U[known_U]]
+  unknown = np.flatnonzero(assignment_U < 0)
+  if len(unknown):  # users the models never saw: the lowest perplexity of their history
+    assignment_U[unknown] = route_by_history(family, seqs.subset(unknown))
+  return assignment_U
 
 
 def _workdir_data(workdir: Path, data: str | None) -> tuple[Config, Prepared]:
@@ -330,10 +352,11 @@ def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
   """`hetlm evaluate`: re-evaluates every trained model in `workdir` on its data, or on `data`."""
   workdir = Path(workdir)
   cfg, prepared = _workdir_data(workdir, data)
-  families = _families_for(workdir, prepared.seqs, prepared.int_user_ids)
+  families = _families_for(workdir, prepared.seqs)
   log = MetricsLog(workdir / "metrics.jsonl")
-  return evaluate(families, prepared.seqs, prepared.tokenizer, workdir, rounds=log.records("round"),
-                  extra={"data": data_path(cfg)})
+  hetlm_name = load_run_name(workdir, "hetlm")
+  rounds = [r for r in log.records("round") if r["model"] == hetlm_name]
+  return evaluate(families, prepared.seqs, prepared.tokenizer, workdir, rounds=rounds, extra={"data": data_path(cfg)})
 
 
 def generate_for_user(workdir: str | Path, user: str, data: str | None = None,
@@ -346,7 +369,7 @@ def generate_for_user(workdir: str | Path, user: str, data: str | None = None,
   if len(matches) == 0:
     raise HetlmError(f"{data_path(cfg)}: no user {user!r} with enough events to hold out a next session")
   one = seqs.subset(matches[:1])
-  family = _families_for(workdir, one, prepared.int_user_ids)["hetlm"]
+  family = _families_for(workdir, one)["hetlm"]
   generated = generate(family.trainer.cfg.model, family.params, one, family.assignment, np.array([0]), sampling,
                        seed=cfg.train.seed)[0]
   return {"user": str(user), "cluster": int(family.assignment[0]), "history": tokenizer.decode(one.history(0)),

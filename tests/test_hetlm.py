@@ -135,3 +135,15 @@ def test_embedding_init_warm_starts_every_cluster_model_from_the_single_lm(marko
   warm = loop.Trainer(cfg, 3).warm_state(single_params)
   jax.tree.map(lambda stacked, single: np.testing.assert_array_equal(
     np.asarray(stacked), np.broadcast_to(np.asarray(single), stacked.shape)), warm.params, single_params)
+
+
+def test_k_auto_trains_each_candidate_and_keeps_the_best_on_held_out_users(markov_log, tmp_path):
+  path, _ = markov_log
+  cfg = markov_config(path, rounds=1, baselines=False, k_candidates="2,3")
+  cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, k=0))
+  report = train_and_evaluate(cfg, tmp_path)
+  curve = {int(k): v for k, v in report["k_sweep"]["selection_nll"].items()}
+  assert set(curve) == {2, 3} and report["k"] == min(curve, key=curve.get)
+  assert report["n_users"] < prepare_data(cfg).seqs.num_users  # the selection users are left out
+  assert (tmp_path / "nll_vs_k.png").exists()
+  assert pipeline.load_run(tmp_path).params["embed"]["embedding"].shape[0] == report["k"]

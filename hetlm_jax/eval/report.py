@@ -40,7 +40,7 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
   fig.savefig(workdir / "nll_per_user.png", dpi=120)
   plt.close(fig)
   names.append("nll_per_user.png")
-  hetlm_rounds = [r for r in rounds if r.get("model", "").startswith("hetlm")]
+  hetlm_rounds = rounds  # the reassignment rounds of the evaluated HeTLM
   if hetlm_rounds:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     x = [r["round"] for r in hetlm_rounds]
