@@ -7,6 +7,7 @@ single-LM baselines with the same schedule → evaluate every model on each user
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -98,11 +99,12 @@ def write_assignments(path: Path, seqs: UserSequences, assignment: np.ndarray, i
 
 
 def train_model(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Path, log: MetricsLog,
-                initial_assignment, rounds: int, on_round=None, warm_params=None) -> Trained:
+                initial_assignment, rounds: int, on_round=None, warm_params=lambda: None) -> Trained:
   """Trains (or resumes) one model family in WORKDIR/checkpoints/NAME for at most `rounds` rounds.
 
   With K > 1, every round ends by scoring each user's history under every model and moving the user
   to the lowest-perplexity one; training stops early once fewer than `tolerance` of users move.
+  `initial_assignment()` and `warm_params()` are called only when there is no checkpoint to resume.
   """
   c = cfg.cluster
   trainer = Trainer(cfg, k)
@@ -112,7 +114,8 @@ def train_model(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Pa
     round_index, done = int(meta["round"]), bool(meta["done"])
     logging.info("%s: resuming at step %d, round %d", name, int(state.step), round_index + 1)
   else:
-    state = trainer.init_state() if warm_params is None else trainer.warm_state(warm_params)
+    warm = warm_params()
+    state = trainer.init_state() if warm is None else trainer.warm_state(warm)
     assignment, round_index, done = initial_assignment(), 0, False
 
   def save(state, step, round_index, done):
@@ -162,17 +165,23 @@ def train_model(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Pa
 
 
 def _initial_assignment(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog):
-  """The --init strategy; 'embedding' first trains a single LM (one round) and returns it for warm starts."""
+  """The --init strategy as (assignment, warm-start params) thunks; 'embedding' first trains a single LM
+  (one round, its own checkpoints) whose mean hidden states are clustered and, with --warm_start, copied."""
   c, seed = cfg.cluster, cfg.train.seed
+  no_warm = lambda: None
   if k == 1:
-    return (lambda: np.zeros(seqs.num_users, np.int32)), None
+    return (lambda: np.zeros(seqs.num_users, np.int32)), no_warm
   if c.init == "random":
-    return (lambda: random_balanced(seqs.num_users, k, seed)), None
+    return (lambda: random_balanced(seqs.num_users, k, seed)), no_warm
   if c.init == "features":
-    return (lambda: kmeans_on_features(seqs, vocab_size, k, seed)), None
-  single = train_model("init_single", cfg, 1, seqs, workdir, log, lambda: np.zeros(seqs.num_users, np.int32), 1)
-  embeddings = single.trainer.embed(single.params, seqs)[0]
-  return (lambda: kmeans(embeddings, k, seed)), (single.params if c.warm_start else None)
+    return (lambda: kmeans_on_features(seqs, vocab_size, k, seed)), no_warm
+
+  @functools.lru_cache(maxsize=1)
+  def single():
+    return train_model("init_single", cfg, 1, seqs, workdir, log, lambda: np.zeros(seqs.num_users, np.int32), 1)
+
+  initial = lambda: kmeans(single().trainer.embed(single().params, seqs)[0], k, seed)
+  return initial, ((lambda: single().params) if c.warm_start else no_warm)
 
 
 def train_hetlm(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog,

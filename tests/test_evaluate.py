@@ -34,7 +34,7 @@ def test_eval_json_holds_every_model_and_metric_as_specified(otto_run):
   on_disk = json.loads((workdir / "eval.json").read_text())
   assert on_disk["n_users"] == report["n_users"] > 0
   for model in MODELS:
-    for metric in ("nll", "hr@10", "ndcg@10"):
+    for metric in ("nll", "perplexity", "hr@10", "ndcg@10", "mrr"):
       assert set(on_disk["models"][model][metric]) == {"mean", "var", "std", "p10", "p50", "p90"}, (model, metric)
   assert np.isfinite(on_disk["models"]["hetlm"]["nll"]["mean"])
   assert "hetlm-single" in on_disk["bootstrap"] and "hetlm_mixture" in on_disk["models"]

@@ -127,9 +127,9 @@ def test_embedding_init_warm_starts_every_cluster_model_from_the_single_lm(marko
   cfg = markov_config(path, init="embedding", warm_start=True)
   prepared = prepare_data(cfg)
   cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size))
-  initial, single_params = pipeline._initial_assignment(cfg, 3, prepared.seqs, prepared.tokenizer.vocab_size,
-                                                        tmp_path, MetricsLog(tmp_path / "m.jsonl"))
-  assignment = initial()
+  initial, warm = pipeline._initial_assignment(cfg, 3, prepared.seqs, prepared.tokenizer.vocab_size,
+                                               tmp_path, MetricsLog(tmp_path / "m.jsonl"))
+  assignment, single_params = initial(), warm()
   assert sorted(np.unique(assignment)) == [0, 1, 2] and len(assignment) == prepared.seqs.num_users
   assert (tmp_path / "checkpoints" / "init_single").is_dir()
   warm = loop.Trainer(cfg, 3).warm_state(single_params)

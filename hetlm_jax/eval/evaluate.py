@@ -163,6 +163,8 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
     logging.info("evaluating %s", name)
     per_user[name] = _baseline_metrics(model, seqs, tokenizer, opts, batch, name)
 
+  for metrics in per_user.values():
+    metrics["perplexity"] = np.exp(metrics["nll"])
   report = {"models": {name: {metric: M.summarize(values[evaluated_U]) for metric, values in metrics.items()}
                        for name, metrics in per_user.items()},
             "n_users": int(evaluated_U.sum()), "generated_users": int(len(gen_users)), **(extra or {})}
