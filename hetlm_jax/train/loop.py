@@ -77,21 +77,22 @@ class Trainer:
     round_start = int(state.round_start)
     first = int(state.step) - round_start
     progress = Progress(batches.steps, label, every=self.cfg.train.log_every, initial=first)
-    pending, last_time, tokens_seen = None, time.perf_counter(), 0
+    pending, last_time = None, time.perf_counter()
     for s in range(first, batches.steps):
-      inputs, mask = batches.batch(s)
-      state, metrics = self.train_step(state, inputs, mask)
+      inputs, segments = batches.batch(s)
+      state, metrics = self.train_step(state, inputs, segments)
       if pending is not None:  # read step s-1 while step s runs
-        tokens_seen, last_time = self._report(pending, log, progress, tokens_seen, last_time, s)
-      pending = (int(s) + 1, metrics)
+        last_time = self._report(pending, log, progress, last_time, s)
+      pending = (s + 1, metrics)
       if on_step is not None and s + 1 < batches.steps:
         on_step(state, round_start + s + 1)
     if pending is not None:
-      self._report(pending, log, progress, tokens_seen, last_time, batches.steps)
+      self._report(pending, log, progress, last_time, batches.steps)
     progress.close()
     return state
 
-  def _report(self, pending, log, progress, tokens_seen, last_time, done):
+  def _report(self, pending, log, progress, last_time: float, done: int) -> float:
+    """Logs one finished step's metrics; returns the time they arrived (the next step's start)."""
     step_in_round, metrics = pending
     m = jax.device_get(metrics)
     now = time.perf_counter()
@@ -104,7 +105,7 @@ class Trainer:
                  "loss_per_model": m["loss"].tolist(), "grad_norm": m["grad_norm"].tolist(),
                  "learning_rate": float(m["learning_rate"][0]), "tokens_per_s": tok_s,
                  "step_time_s": now - last_time})
-    return tokens_seen + tokens, now
+    return now
 
   def score(self, params, seqs: UserSequences, part: str, label: str = "score") -> tuple[np.ndarray, np.ndarray]:
     """NLL sums [K, U] of each user's history ('history') or held-out target ('target') under every model,
