@@ -73,14 +73,16 @@ class PageLM(nn.Module):
   `segments_BxT` (optional) packs several sequences per row: tokens attend only within their own
   segment, and positions restart at every segment. `cache` (decoding, see eval/generate.py) holds
   per-layer keys/values [L, B, S, N, H], the write `index`, this step's `positions` [B, T] and the
-  attention `mask` [B, 1, T, S]; the call then returns (logits, updated keys/values).
+  attention `mask` [B, 1, T, S]; the call then returns (logits, updated keys/values). `only_at_B`
+  keeps just one position per row before the output layer (logits [B, 1, V]): with a large page
+  vocabulary the full [B, T, V] logits would dominate memory.
   """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segments_BxT: jax.Array | None = None, deterministic: bool = True,
-               return_hidden: bool = False, cache: dict | None = None):
+               return_hidden: bool = False, cache: dict | None = None, only_at_B: jax.Array | None = None):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, name="embed")
@@ -107,6 +109,8 @@ class PageLM(nn.Module):
                                 kv=(cache["k"][i], cache["v"][i], cache["index"]))
         new_k.append(k)
         new_v.append(v)
+    if only_at_B is not None:
+      x_BxTxD = x_BxTxD[jnp.arange(x_BxTxD.shape[0]), only_at_B][:, None]
     h_BxTxD = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="ln_final")(x_BxTxD)
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(h_BxTxD.astype(jnp.float32))

@@ -103,8 +103,8 @@ def make_next_logprobs_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
 
   def next_logprobs(params, inputs_BxT, last_B):
     def one_model(p):
-      logits_BxTxV = model.apply({"params": p}, inputs_BxT)
-      return jax.nn.log_softmax(logits_BxTxV[jnp.arange(inputs_BxT.shape[0]), last_B], axis=-1)
+      logits_Bx1xV = model.apply({"params": p}, inputs_BxT, only_at_B=last_B)
+      return jax.nn.log_softmax(logits_Bx1xV[:, 0], axis=-1)
     return jax.vmap(one_model)(params)
 
   rows = NamedSharding(mesh, P("data"))
