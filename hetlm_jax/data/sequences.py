@@ -167,38 +167,50 @@ def build_sequences(table: pa.Table, tokenizer: PageTokenizer, session_gap_s: fl
   return seqs, stats
 
 
+def window_bounds(seqs: UserSequences, part: str, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per user: first token index, length (≤ width) and first scored token of the window of `part`.
+
+  'history': the most recent `width` history tokens, every predicted one scored (training, and
+  assigning clusters). 'target': the last `width` tokens of history+target, but starting no later
+  than the last history token so at least one target token is predicted (a target longer than that
+  keeps its beginning); only target tokens are scored (held-out evaluation).
+  """
+  begin_U, split_U, end_U = seqs.offsets[:-1], seqs.split, seqs.offsets[1:]
+  if part == "history":
+    length_U = np.minimum(split_U - begin_U, width)
+    start_U = split_U - length_U
+    return start_U, length_U, start_U + 1
+  if part == "target":
+    start_U = np.minimum(np.maximum(begin_U, end_U - width), split_U - 1)
+    return start_U, np.minimum(end_U - start_U, width), split_U
+  raise ValueError(f"part must be 'history' or 'target', not {part!r}")
+
+
+def _windows(seqs: UserSequences, user_idx_B: np.ndarray, part: str, context: int):
+  user_B = np.asarray(user_idx_B, np.int64)
+  u_B = np.where(user_B >= 0, user_B, 0)
+  start_U, length_U, scored_U = window_bounds(seqs, part, context + 1)
+  len_B = np.where(user_B >= 0, length_U[u_B], 0)
+  inputs_BxT1, valid_BxT1 = _gather(seqs.tokens, start_U[u_B], len_B, context + 1)
+  pos_BxT = start_U[u_B][:, None] + np.arange(1, context + 1)[None, :]
+  return inputs_BxT1, valid_BxT1, valid_BxT1[:, 1:] & (pos_BxT >= scored_U[u_B][:, None])
+
+
 def history_windows(seqs: UserSequences, user_idx_B: np.ndarray,
                     context: int) -> tuple[np.ndarray, np.ndarray]:
   """[B, context+1] windows of the most recent history tokens, right-padded with PAD.
 
   Returns (inputs_BxT1 int32, valid_BxT1 bool); user index -1 gives an empty row.
   """
-  user_B = np.asarray(user_idx_B, np.int64)
-  real_B = user_B >= 0
-  u_B = np.where(real_B, user_B, 0)
-  end_B = seqs.split[u_B]
-  len_B = np.where(real_B, np.minimum(end_B - seqs.offsets[u_B], context + 1), 0)
-  return _gather(seqs.tokens, end_B - len_B, len_B, context + 1)
+  inputs_BxT1, valid_BxT1, _ = _windows(seqs, user_idx_B, "history", context)
+  return inputs_BxT1, valid_BxT1
 
 
 def target_windows(seqs: UserSequences, user_idx_B: np.ndarray,
                    context: int) -> tuple[np.ndarray, np.ndarray]:
-  """[B, context+1] windows ending the user's history+target, and which predictions are scored.
-
-  The window is the last context+1 tokens, but starts no later than the last history token so
-  at least one target token is predicted; a target longer than that keeps its beginning.
-  Returns (inputs_BxT1 int32, loss_mask_BxT bool): loss_mask[b, t] iff token t+1 is a target
-  token. User index -1 gives an empty row.
-  """
-  user_B = np.asarray(user_idx_B, np.int64)
-  real_B = user_B >= 0
-  u_B = np.where(real_B, user_B, 0)
-  split_B, end_B = seqs.split[u_B], seqs.offsets[u_B + 1]
-  start_B = np.minimum(np.maximum(seqs.offsets[u_B], end_B - (context + 1)), split_B - 1)
-  len_B = np.where(real_B, np.minimum(end_B - start_B, context + 1), 0)
-  inputs_BxT1, valid_BxT1 = _gather(seqs.tokens, start_B, len_B, context + 1)
-  pos_BxT = start_B[:, None] + np.arange(1, context + 1)[None, :]
-  loss_mask_BxT = valid_BxT1[:, 1:] & (pos_BxT >= split_B[:, None])
+  """[B, context+1] windows ending the user's history+target (see `window_bounds`), and which
+  predictions are scored: loss_mask_BxT[b, t] iff token t+1 is a target token. User -1: empty row."""
+  inputs_BxT1, _, loss_mask_BxT = _windows(seqs, user_idx_B, "target", context)
   return inputs_BxT1, loss_mask_BxT
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.data.sequences import UserSequences, window_bounds
 
 
 class ClusterBatches:
@@ -23,7 +23,7 @@ class ClusterBatches:
     self.seqs, self.assignment_U = seqs, np.asarray(assignment_U)
     self.k, self.batch_size, self.width, self.epochs = k, batch_size, context + 1, epochs
     self.seed, self.round_index = seed, round_index
-    self.lengths_U = np.minimum(seqs.split - seqs.offsets[:-1], self.width)
+    self.first_U, self.lengths_U, _ = window_bounds(seqs, "history", self.width)
     tokens_K = np.bincount(self.assignment_U, weights=self.lengths_U, minlength=k)
     rows = -(-int(tokens_K.max()) // self.width)
     self.steps_per_epoch = max(1, -(-rows // batch_size))
@@ -52,7 +52,7 @@ class ClusterBatches:
     example = np.repeat(np.arange(len(order)), length)
     offset = np.arange(total) - np.repeat(end - length, length)
     pos = start[example] + offset
-    first = self.seqs.split[order] - length  # window = last `length` history tokens
+    first = self.first_U[order]
     rows = self.steps_per_epoch * self.batch_size
     tokens = np.zeros((self.k, rows, self.width), np.int32)
     segments = np.zeros((self.k, rows, self.width), np.int32)
@@ -70,24 +70,6 @@ class ClusterBatches:
     return self._tables[0][:, rows], self._tables[1][:, rows]
 
 
-def scoring_windows(seqs: UserSequences, part: str, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Per user: first token index, length (≤ width) and first scored token of the window to score.
-
-  'history': the most recent `width` history tokens, every predicted one scored (used to assign
-  clusters). 'target': the window ending the target, starting no later than the last history
-  token, scoring target tokens only (held-out evaluation).
-  """
-  begin_U, split_U, end_U = seqs.offsets[:-1], seqs.split, seqs.offsets[1:]
-  if part == "history":
-    length_U = np.minimum(split_U - begin_U, width)
-    start_U = split_U - length_U
-    return start_U, length_U, start_U + 1
-  if part == "target":
-    start_U = np.minimum(np.maximum(begin_U, end_U - width), split_U - 1)
-    return start_U, np.minimum(end_U - start_U, width), split_U
-  raise ValueError(f"part must be 'history' or 'target', not {part!r}")
-
-
 class ScoringBatches:
   """Every user's window once, packed into fixed slots so no window is cut and little is padding.
 
@@ -97,7 +79,7 @@ class ScoringBatches:
 
   def __init__(self, seqs: UserSequences, part: str, width: int, batch_rows: int):
     self.seqs, self.width, self.batch_rows = seqs, width, batch_rows
-    self.start_U, self.length_U, self.scored_U = scoring_windows(seqs, part, width)
+    self.start_U, self.length_U, self.scored_U = window_bounds(seqs, part, width)
     slots = [width // 2**j for j in range(8) if width // 2**j >= 4] or [width]
     slot_class_U = np.searchsorted(-np.array(slots), -self.length_U, side="right") - 1
     self.row_U = np.zeros(seqs.num_users, np.int64)
