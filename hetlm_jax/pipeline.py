@@ -27,7 +27,7 @@ from hetlm_jax.data.readers import read_events
 from hetlm_jax.data.sequences import UserSequences, build_sequences, outcome_types
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.errors import HetlmError
-from hetlm_jax.eval.evaluate import LMFamily, evaluate, route_by_history
+from hetlm_jax.eval.evaluate import LMFamily, evaluate, per_user_nll, route_by_history
 from hetlm_jax.eval.generate import Sampling, generate
 from hetlm_jax.model import matched_config, param_count
 from hetlm_jax.train.batches import ClusterBatches
@@ -191,19 +191,13 @@ def train_hetlm(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workd
   return train_model(name, cfg, k, seqs, workdir, log, initial, rounds, on_round=on_round, warm_params=warm)
 
 
-def per_user_target_nll(trained: Trained, seqs: UserSequences) -> np.ndarray:
-  """Each user's held-out target NLL (nats per token) under the model of their cluster."""
-  nll_KxU, tokens_U = trained.trainer.score(trained.params, seqs, "target", label=f"{trained.name} eval")
-  return nll_KxU[trained.assignment, np.arange(seqs.num_users)] / np.maximum(tokens_U, 1)
-
-
 def _choose_k(cfg: Config, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog):
   """--k=auto: a full HeTLM per candidate K, judged on the targets of a fixed 10% of users."""
   select_U = np.random.default_rng([cfg.train.seed, 7]).random(seqs.num_users) < _SELECTION_FRACTION
   curve, runs = {}, {}
   for k in cfg.cluster.candidates():
     run = train_hetlm(cfg, k, seqs, vocab_size, workdir, log, name=f"hetlm_k{k}")
-    curve[k] = float(per_user_target_nll(run, seqs)[select_U].mean())
+    curve[k] = float(per_user_nll(run, seqs)[0][select_U].mean())
     runs[k] = run
     log.write({"kind": "k_sweep", "k": k, "selection_nll": curve[k], "rounds": run.rounds})
     logging.info("K=%d: selection NLL %.4f", k, curve[k])

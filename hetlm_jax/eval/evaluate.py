@@ -59,6 +59,14 @@ def route_by_history(family: LMFamily, seqs: UserSequences) -> np.ndarray:
   return np.argmin(nll_KxU / np.maximum(tokens_U, 1), axis=0).astype(np.int32)
 
 
+def per_user_nll(family, seqs: UserSequences) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Each user's held-out target NLL (nats/token) under the model of their cluster, plus the NLL sums of
+  every user under every model [K, U] and the scored token counts [U]. `family`: an LMFamily or alike."""
+  nll_KxU, tokens_U = family.trainer.score(family.params, seqs, "target", label=f"{family.name} eval")
+  nll_U = nll_KxU[family.assignment, np.arange(seqs.num_users)] / np.maximum(tokens_U, 1)
+  return nll_U, nll_KxU, tokens_U
+
+
 def _page_tokens(tokens: np.ndarray, tokenizer: PageTokenizer) -> np.ndarray:
   return tokens[tokens >= tokenizer.num_specials]
 
@@ -69,8 +77,7 @@ def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer,
   scored token counts [U]."""
   u = seqs.num_users
   out = {}
-  nll_KxU, tokens_U = family.trainer.score(family.params, seqs, "target", label=f"{family.name} eval")
-  out["nll"] = nll_KxU[family.assignment, np.arange(u)] / np.maximum(tokens_U, 1)
+  out["nll"], nll_KxU, tokens_U = per_user_nll(family, seqs)
   out.update(_ranking(lambda users: family.trainer.next_logprobs(family.params, seqs, users,
                                                                  family.assignment[users]),
                       seqs, tokenizer, opts, family.trainer.eval_batch, family.name))
