@@ -51,6 +51,9 @@ class DataConfig:
   min_count: int = 1
   max_vocab: int = 0  # 0: no cap
   max_users: int = 0  # 0: all users
+  test_users: int = 0  # > 0: split by user (whole sequences of new users are the test), not in time
+  train_users: int = 0  # with test_users: how many users train (0: all the others)
+  split_seed: int = 0  # the split by user takes numpy.random.default_rng(split_seed).permutation(U)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,7 @@ class ClusterConfig:
   tolerance: float = 0.005
   init: str = "embedding"  # random | features | embedding (measured best: docs/RESULTS.md)
   warm_start: bool = True  # with init=embedding: all K models start from that single LM
+  warm_lr_scale: float = 1.0  # warm-started cluster models train at this fraction of --learning_rate
   min_cluster_frac: float = 0.1  # of a balanced share U/K; smaller clusters are re-seeded
   baselines: bool = True  # also train the single LMs (per-cluster size and parameter-matched)
   cluster_axis: int = 1  # devices along the 'cluster' mesh axis; the rest form the 'data' axis
@@ -130,12 +134,17 @@ def validate(cfg: Config) -> None:
     (d.min_count >= 1, f"--min_count={d.min_count} must be at least 1"),
     (d.max_vocab == 0 or d.max_vocab >= 5, f"--max_vocab={d.max_vocab} must be 0 (no cap) or at least 5"),
     (d.max_users >= 0, f"--max_users={d.max_users} must be non-negative"),
+    (d.test_users >= 0 and d.train_users >= 0, "--test_users and --train_users must be non-negative"),
+    (d.test_users > 0 or d.train_users == 0, "--train_users needs --test_users (the split by user)"),
+    (d.test_users == 0 or c.k != 0, "--k=auto needs the split in time (no --test_users): it chooses K "
+                                    "on held-out targets of the training users"),
     (c.k >= 1 or c.k == 0, f"--k={c.k} must be at least 1 (or auto)"),
     (_ints(c.k_candidates) and all(x >= 1 for x in c.candidates()),
      f"--k_candidates={c.k_candidates!r}: expected positive integers separated by commas"),
     (c.rounds >= 1, f"--rounds={c.rounds} must be at least 1"),
     (0.0 <= c.tolerance < 1.0, f"--tolerance={c.tolerance} must be in [0, 1)"),
     (c.init in ("random", "features", "embedding"), f"--init={c.init!r}: expected random, features or embedding"),
+    (0.0 < c.warm_lr_scale <= 1.0, f"--warm_lr_scale={c.warm_lr_scale} must be in (0, 1]"),
     (0.0 <= c.min_cluster_frac < 1.0, f"--min_cluster_frac={c.min_cluster_frac} must be in [0, 1)"),
     (c.cluster_axis >= 1, f"--cluster_axis={c.cluster_axis} must be at least 1"),
   ]

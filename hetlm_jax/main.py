@@ -22,6 +22,7 @@ _HELP = {
   "init": "Initial assignment: random (balanced), features (k-means on TF-IDF page/transition counts), "
           "embedding (k-means on a single LM's mean hidden states).",
   "warm_start": "With --init=embedding, start every cluster model from that single LM.",
+  "warm_lr_scale": "Warm-started cluster models fine-tune at this fraction of --learning_rate.",
   "min_cluster_frac": "A cluster smaller than this fraction of U/K is re-seeded by splitting the largest.",
   "baselines": "Also train the single-LM baselines (per-cluster size and parameter-matched).",
   "context": "Tokens the model sees; longer histories are cut from the left.",
@@ -32,6 +33,10 @@ _HELP = {
   "dtype": "Compute dtype: float32 or bfloat16 (parameters stay float32).",
   "cluster_axis": "Devices on the 'cluster' mesh axis (the rest shard the batch).",
   "max_users": "Keep only the first N users of the log (0: all).",
+  "test_users": "Split by user instead of in time: N users, never trained on, whose whole sequences are the "
+                "test (0: each user's last session is held out).",
+  "train_users": "With --test_users: the number of users to train on (0: all the others).",
+  "split_seed": "The split by user permutes users with numpy.random.default_rng(split_seed).",
 }
 _FLAG_NAMES = {"path": "data"}  # config field → flag name, where they differ
 

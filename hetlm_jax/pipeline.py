@@ -24,11 +24,12 @@ from hetlm_jax.cluster.assign import kmeans, kmeans_on_features, min_cluster_siz
 from hetlm_jax.config import Config, ModelConfig, validate
 from hetlm_jax.data import SAMPLE_PATH
 from hetlm_jax.data.readers import read_events
-from hetlm_jax.data.sequences import UserSequences, build_sequences, outcome_types
+from hetlm_jax.data.sequences import UserSequences, build_sequences, outcome_types, split_users
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import LMFamily, evaluate, per_user_nll, route_by_history
 from hetlm_jax.eval.generate import Sampling, generate
+from hetlm_jax.eval.new_users import evaluate_new_users
 from hetlm_jax.model import matched_config, param_count
 from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.checkpoint import Checkpoints
@@ -49,6 +50,7 @@ class Prepared:
   stats: dict
   seconds: float
   int_user_ids: bool  # the input's user ids were integers (assignments.parquet keeps them so)
+  test_seqs: UserSequences | None = None  # the split by user (--test_users): new users, whole sequences
 
 
 @dataclasses.dataclass
@@ -76,9 +78,17 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
   if tokenizer is None:
     tokenizer = PageTokenizer.fit(table["page"], outcome_types(table), min_count=d.min_count,
                                   max_vocab=d.max_vocab or None)
-  seqs, stats = build_sequences(table, tokenizer, session_gap_s=d.session_gap_minutes * 60, holdout=d.holdout)
+  holdout = "none" if d.test_users else d.holdout
+  seqs, stats = build_sequences(table, tokenizer, session_gap_s=d.session_gap_minutes * 60, holdout=holdout)
   int_ids = (table.schema.metadata or {}).get(b"hetlm_user_id") == b"int64"
-  return Prepared(seqs, tokenizer, stats, time.perf_counter() - start, int_ids)
+  test_seqs = None
+  if d.test_users:
+    if d.train_users + d.test_users > seqs.num_users or seqs.num_users - d.test_users < 1:
+      raise HetlmError(f"{path}: {seqs.num_users:,} users, too few for --train_users={d.train_users} and "
+                       f"--test_users={d.test_users}")
+    seqs, test_seqs = split_users(seqs, d.train_users, d.test_users, d.split_seed)
+    stats.update(users=seqs.num_users, test_users=test_seqs.num_users, test_tokens=test_seqs.num_tokens)
+  return Prepared(seqs, tokenizer, stats, time.perf_counter() - start, int_ids, test_seqs)
 
 
 def _check_resumable(saved: Config, cfg: Config, workdir: Path) -> None:
@@ -188,7 +198,15 @@ def train_hetlm(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workd
                 name: str = "hetlm", on_round=None) -> Trained:
   initial, warm = _initial_assignment(cfg, k, seqs, vocab_size, workdir, log)
   rounds = cfg.cluster.rounds if k > 1 else 1
+  if warmed(cfg, k):  # fine-tuning from a trained LM: a gentler learning rate keeps what it learned
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train,
+                                                learning_rate=cfg.train.learning_rate * cfg.cluster.warm_lr_scale))
   return train_model(name, cfg, k, seqs, workdir, log, initial, rounds, on_round=on_round, warm_params=warm)
+
+
+def warmed(cfg: Config, k: int) -> bool:
+  """Whether HeTLM's K models start from a single LM trained first (one round, 'init_single')."""
+  return k > 1 and cfg.cluster.init == "embedding" and cfg.cluster.warm_start
 
 
 def _choose_k(cfg: Config, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog):
@@ -253,9 +271,11 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
                  f"{k * n_params:,}", k, f"{n_params:,}", f"{n_params:,}", f"{param_count(matched_model):,}",
                  matched_model.d_model, matched_model.n_layers)
     zeros = lambda: np.zeros(seqs.num_users, np.int32)
+    # Same code path with K=1, same epochs per round, and as many passes over every user as HeTLM made
+    # (its rounds, plus the round of the single LM it started from).
+    single_rounds = hetlm.rounds + warmed(cfg, k)
     for name, model_cfg in (("single", cfg.model), ("single_matched", matched_model)):
-      # Same code path with K=1, same epochs per round and as many rounds as HeTLM trained.
-      models[name] = train_model(name, cfg.replace(model=model_cfg), 1, seqs, workdir, log, zeros, hetlm.rounds)
+      models[name] = train_model(name, cfg.replace(model=model_cfg), 1, seqs, workdir, log, zeros, single_rounds)
       params[name] = param_count(model_cfg)
 
   extra = {"k": k, "rounds": hetlm.rounds, "params": params, "data": data_path(cfg),
@@ -265,9 +285,14 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
                         "note": "K chosen on the targets of a random 10% of users, left out of n_users"}
   families = {name: LMFamily(name, m.trainer, m.params, m.assignment) for name, m in models.items()}
   rounds = [r for r in log.records("round") if r["model"] == hetlm.name]
-  report = evaluate(families, seqs, tokenizer, workdir, evaluated_U, extra=extra, rounds=rounds)
+  if prepared.test_seqs is not None:
+    report = evaluate_new_users(families, seqs, prepared.test_seqs, tokenizer, workdir, extra=extra, rounds=rounds)
+  else:
+    report = evaluate(families, seqs, tokenizer, workdir, evaluated_U, extra=extra, rounds=rounds)
   for name, summary in report["models"].items():
     logging.info("%-15s held-out NLL %.4f ± %.4f nats/token", name, summary["nll"]["mean"], summary["nll"]["std"])
+  for name, bits in report.get("bits_per_token", {}).items():
+    logging.info("%-22s %.4f bits/page token (no end marker), %.4f with it", name, bits["no_end"], bits["with_end"])
   log.write({"kind": "eval", "models": {name: m["nll"] for name, m in report["models"].items()}})
   return report
 
@@ -359,7 +384,11 @@ def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
   log = MetricsLog(workdir / "metrics.jsonl")
   hetlm_name = load_run_name(workdir, "hetlm")
   rounds = [r for r in log.records("round") if r["model"] == hetlm_name]
-  return evaluate(families, prepared.seqs, prepared.tokenizer, workdir, rounds=rounds, extra={"data": data_path(cfg)})
+  extra = {"data": data_path(cfg)}
+  if prepared.test_seqs is not None:
+    return evaluate_new_users(families, prepared.seqs, prepared.test_seqs, prepared.tokenizer, workdir,
+                              extra=extra, rounds=rounds)
+  return evaluate(families, prepared.seqs, prepared.tokenizer, workdir, rounds=rounds, extra=extra)
 
 
 def generate_for_user(workdir: str | Path, user: str, data: str | None = None,

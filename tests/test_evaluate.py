@@ -93,3 +93,17 @@ def test_lm_next_page_distribution_matches_a_direct_forward_pass(otto_run):
     context = seqs.tokens[seqs.offsets[u]:first_page_index(seqs)[u]][-run.config.model.context:]
     logits = PageLM(run.config.model).apply({"params": params}, context[None])[0, -1]
     np.testing.assert_allclose(logp[u], jax.nn.log_softmax(logits), rtol=1e-5, atol=1e-5)
+
+
+def test_one_clusters_batch_runs_only_its_model_and_matches_every_model(otto_run):
+  run = load_run(otto_run[0])
+  seqs = prepare_data(run.config, run.tokenizer).seqs
+  trainer = Trainer(run.config, 2)
+  users = np.arange(4)
+  every_KxBxV = trainer.next_logprobs(run.params, seqs, users)
+  assert every_KxBxV.shape[:2] == (2, 4)
+  for k in (0, 1):
+    np.testing.assert_allclose(trainer.next_logprobs(run.params, seqs, users, np.full(4, k)), every_KxBxV[k],
+                               rtol=1e-5, atol=1e-5)
+  mixed = trainer.next_logprobs(run.params, seqs, users, np.array([0, 1, 1, 0]))
+  np.testing.assert_allclose(mixed, every_KxBxV[[0, 1, 1, 0], np.arange(4)], rtol=1e-5, atol=1e-5)

@@ -14,6 +14,8 @@ Held-out target (the split), per user:
     user_items input (SASRec's protocol), else "half". Such a session has no EOS: its end lies in
     the held-out part, so no training history of single-session data could ever show one.
   * 1 session with fewer than 2 events: dropped, counted as users_dropped_too_short.
+  holdout="none" (whole sequences, for a split by user: see `split_users`): no target (split = end),
+  every session ends in EOS, and every user with an event is kept.
 
 Users are ordered by id: numerically when every id is a decimal integer, else by string, so the
 result does not depend on row order.
@@ -32,7 +34,7 @@ from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
 from hetlm_jax.errors import HetlmError, input_error
 
 VIEW_EVENTS = ("view", "click", "clicks", "page_view", "pageview")
-HOLDOUTS = ("auto", "half", "last")
+HOLDOUTS = ("auto", "half", "last", "none")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -93,6 +95,18 @@ class UserSequences:
                          n_sessions=self.n_sessions[idx_V])
 
 
+def split_users(seqs: UserSequences, n_train: int, n_test: int, seed: int) -> tuple[UserSequences, UserSequences]:
+  """The split by user: users in the order of numpy.random.default_rng(seed).permutation(U); the next
+  n_test after the first n_train are the test users (n_train 0: all the others). Training users keep
+  their whole sequence as history; a test user's target is everything after the opening BOS."""
+  perm = np.random.default_rng(seed).permutation(seqs.num_users)
+  test_idx = perm[n_train:n_train + n_test]
+  train_idx = perm[:n_train] if n_train else perm[n_test:]
+  train, test = seqs.subset(train_idx), seqs.subset(test_idx)
+  test = dataclasses.replace(test, split=test.offsets[:-1] + 1)
+  return (dataclasses.replace(train, split=train.offsets[1:].copy()), test)
+
+
 def outcome_types(table: pa.Table) -> list[str]:
   """Sorted distinct outcome event types (lower-cased) present in `table`."""
   if "event_type" not in table.column_names:
@@ -148,7 +162,7 @@ def build_sequences(table: pa.Table, tokenizer: PageTokenizer, session_gap_s: fl
   users_in = len(user_ids)
   events_U = np.bincount(user_E, minlength=users_in)
   sessions_U = np.bincount(user_E[new_E], minlength=users_in)
-  keep_U = (sessions_U >= 2) | (events_U >= 2)
+  keep_U = (sessions_U >= 2) | (events_U >= (1 if holdout == "none" else 2))
   if not keep_U.any():
     raise input_error(source, "no users left: every user has one session with fewer than 2 events")
   if not keep_U.all():
@@ -184,6 +198,44 @@ def window_bounds(seqs: UserSequences, part: str, width: int) -> tuple[np.ndarra
     start_U = np.minimum(np.maximum(begin_U, end_U - width), split_U - 1)
     return start_U, np.minimum(end_U - start_U, width), split_U
   raise ValueError(f"part must be 'history' or 'target', not {part!r}")
+
+
+def all_windows(seqs: UserSequences, part: str, width: int) -> tuple[np.ndarray, ...]:
+  """Windows that together score every token of `part`: (owner_W, start_W, length_W, scored_W).
+
+  'history': the window of `window_bounds` plus, for a longer history, earlier windows of `width`
+  tokens, each overlapping the next by one token, so every history token but the first is predicted
+  once (training uses them all). 'target': the window of `window_bounds` plus, for a target that
+  overflows it, windows ending every width/2 tokens, each scoring only its last width/2 tokens
+  with at least width/2 tokens of context.
+  """
+  start_U, length_U, scored_U = window_bounds(seqs, part, width)
+  if part == "history":
+    step = width - 1
+    extra_U = np.maximum(start_U - seqs.offsets[:-1], 0)
+    n_U = -(-extra_U // step)
+    owner_W, j_W = _expand(n_U)
+    end_W = start_U[owner_W] + 1 - (j_W - 1) * step  # each ends one token after the next one starts
+    first_W = np.maximum(end_W - width, seqs.offsets[:-1][owner_W])
+    extra = (first_W, end_W - first_W, first_W + 1)
+  else:
+    stride = max(width // 2, 1)
+    first_end_U = start_U + length_U
+    n_U = -(-(seqs.offsets[1:] - first_end_U) // stride)
+    owner_W, j_W = _expand(n_U)
+    scored_W = first_end_U[owner_W] + (j_W - 1) * stride
+    end_W = np.minimum(scored_W + stride, seqs.offsets[1:][owner_W])
+    extra = (end_W - width, np.full(len(owner_W), width), scored_W)
+  owner = np.concatenate([np.arange(seqs.num_users), owner_W])
+  order = np.argsort(owner, kind="stable")
+  return (owner[order],) + tuple(np.concatenate([a, b]).astype(np.int64)[order]
+                                 for a, b in zip((start_U, length_U, scored_U), extra))
+
+
+def _expand(n_U: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(owner_W, j_W): user u repeated n_U[u] times, with j = 1..n_U[u]."""
+  owner_W = np.repeat(np.arange(len(n_U)), n_U)
+  return owner_W, np.arange(len(owner_W)) - np.repeat(np.cumsum(n_U) - n_U, n_U) + 1
 
 
 def _windows(seqs: UserSequences, user_idx_B: np.ndarray, part: str, context: int):
@@ -295,7 +347,7 @@ def _layout(user_E: np.ndarray, page_E: np.ndarray, outcome_E: np.ndarray, new_E
   session_E = np.cumsum(new_E) - 1
   # Only sessions of multi-session users end in EOS: a single-session user's end is never seen in
   # training (it lies in the held-out suffix), so it is not asked for there either.
-  eos_S = sessions_U[user_E[new_E]] >= 2
+  eos_S = (sessions_U[user_E[new_E]] >= 2) | (holdout == "none")
   eos_before_S = np.cumsum(eos_S) - eos_S
   # Tokens before an event: earlier events' tokens, earlier sessions' BOS and EOS, its own BOS.
   pos_E = np.cumsum(emit_E) - emit_E + session_E + eos_before_S[session_E] + 1
@@ -312,6 +364,8 @@ def _layout(user_E: np.ndarray, page_E: np.ndarray, outcome_E: np.ndarray, new_E
   offsets = np.append(bos_S[session_E[first_E]], total).astype(np.int64)
   split = bos_S[np.cumsum(sessions_U) - 1].astype(np.int64)  # last session's BOS
   start_U, end_U = offsets[:-1], offsets[1:]
+  if holdout == "none":
+    return tokens, offsets, end_U.copy()
   if holdout == "half":
     n_U = end_U - start_U - 1
     single_split = start_U + 1 + n_U - n_U // 2

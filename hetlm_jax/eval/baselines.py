@@ -11,6 +11,9 @@ import numpy as np
 from scipy.special import logsumexp
 
 from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.data.tokenizer import BOS, EOS, PAD
+
+_ENDS = np.array([PAD, BOS, EOS])  # tokens that are not pages: renormalised away with pages_only
 
 
 def _ranges(start_U: np.ndarray, end_U: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -29,12 +32,20 @@ def _history_pairs(seqs: UserSequences) -> tuple[np.ndarray, np.ndarray, np.ndar
   return user_N, tokens[pos_N - 1], tokens[pos_N]
 
 
-def _target_pairs(seqs: UserSequences) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(user_N, prev_N, next_N) for every target token; its predecessor may be the last history token."""
+def _target_pairs(seqs: UserSequences, pages_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(user_N, prev_N, next_N) for every target token (with `pages_only`, every one but BOS and EOS);
+  its predecessor may be the last history token."""
   # Every history holds at least its BOS, so pos - 1 never leaves the user.
   user_N, pos_N = _ranges(seqs.split, seqs.offsets[1:])
   tokens = seqs.tokens.astype(np.int64)
+  if pages_only:
+    keep_N = ~np.isin(tokens[pos_N], _ENDS)
+    user_N, pos_N = user_N[keep_N], pos_N[keep_N]
   return user_N, tokens[pos_N - 1], tokens[pos_N]
+
+
+def _counts(user_N: np.ndarray, u: int) -> np.ndarray:
+  return np.bincount(user_N, minlength=u).astype(np.int64)
 
 
 def _positions(seqs: UserSequences, at_U: np.ndarray | None) -> np.ndarray:
@@ -80,6 +91,11 @@ class _PairTable:
     count_KxN = np.where(seen_N, self.counts_KxP[:, idx_N] if p else 0.0, 0.0)
     return np.log(count_KxN + self.alpha) - self.log_norm_KxV[:, prev_N]
 
+  def log_continue(self, prev_N: np.ndarray) -> np.ndarray:
+    """[K, N] log(1 − Σ_{e ∈ PAD, BOS, EOS} A_k[prev, e]): the chance that a page follows `prev`."""
+    end_KxN = sum(np.exp(self.log_prob(prev_N, np.full(len(prev_N), e, np.int64))) for e in _ENDS)
+    return np.log1p(-end_KxN)
+
   def log_rows(self, prev_U: np.ndarray, k: int) -> np.ndarray:
     """[U, V] log A_k[prev_U[u], :]."""
     v = self.vocab_size
@@ -124,11 +140,13 @@ class Popularity:
     self.logp_V = np.log(counts_V + self.alpha) - np.log(counts_V.sum() + self.alpha * vocab_size)
     return self
 
-  def target_nll(self, seqs: UserSequences) -> tuple[np.ndarray, np.ndarray]:
-    """(nll_sum_U float64, tokens_U int64) of every user's target."""
-    user_N, pos_N = _ranges(seqs.split, seqs.offsets[1:])
-    nll_U = -np.bincount(user_N, weights=self.logp_V[seqs.tokens[pos_N]], minlength=seqs.num_users)
-    return nll_U, seqs.target_lengths.astype(np.int64)
+  def target_nll(self, seqs: UserSequences, pages_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(nll_sum_U float64, tokens_U int64) of every user's target; `pages_only`: page tokens only, each
+    given that the sequence goes on."""
+    user_N, _, next_N = _target_pairs(seqs, pages_only)
+    logp_V = self.logp_V - (np.log1p(-np.exp(self.logp_V[_ENDS]).sum()) if pages_only else 0.0)
+    nll_U = -np.bincount(user_N, weights=logp_V[next_N], minlength=seqs.num_users)
+    return nll_U, _counts(user_N, seqs.num_users)
 
   def next_token_logprobs(self, seqs: UserSequences, at_U: np.ndarray | None = None) -> np.ndarray:
     """[U, V] log p(token at at_U | earlier tokens); at_U defaults to the first target token."""
@@ -151,12 +169,13 @@ class Markov:
     self.table_ = _fit_table(prev_N, next_N, vocab_size, self.alpha)
     return self
 
-  def target_nll(self, seqs: UserSequences) -> tuple[np.ndarray, np.ndarray]:
-    """(nll_sum_U float64, tokens_U int64) of every user's target."""
-    user_N, prev_N, next_N = _target_pairs(seqs)
+  def target_nll(self, seqs: UserSequences, pages_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(nll_sum_U float64, tokens_U int64) of every user's target; `pages_only`: as Popularity's."""
+    user_N, prev_N, next_N = _target_pairs(seqs, pages_only)
     ll_N = self.table_.log_prob(prev_N, next_N)[0]
-    return (-np.bincount(user_N, weights=ll_N, minlength=seqs.num_users),
-            seqs.target_lengths.astype(np.int64))
+    if pages_only:
+      ll_N = ll_N - self.table_.log_continue(prev_N)[0]
+    return -np.bincount(user_N, weights=ll_N, minlength=seqs.num_users), _counts(user_N, seqs.num_users)
 
   def next_token_logprobs(self, seqs: UserSequences, at_U: np.ndarray | None = None) -> np.ndarray:
     """[U, V] log p(token at at_U | the token before it); at_U defaults to the first target token."""
@@ -225,12 +244,15 @@ class MarkovMixture:
     joint_UxK = self._history_log_joint(seqs)
     return np.exp(joint_UxK - logsumexp(joint_UxK, axis=1, keepdims=True))
 
-  def target_nll(self, seqs: UserSequences) -> tuple[np.ndarray, np.ndarray]:
-    """(nll_sum_U, tokens_U); the posterior over components is updated after every target token."""
+  def target_nll(self, seqs: UserSequences, pages_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(nll_sum_U, tokens_U); the posterior over components is updated after every target token.
+    `pages_only`: as Popularity's (each chain's next-page distribution given that the sequence goes on)."""
     joint_UxK = self._history_log_joint(seqs)
-    user_N, prev_N, next_N = _target_pairs(seqs)
+    user_N, prev_N, next_N = _target_pairs(seqs, pages_only)
     ll_KxN = self.table_.log_prob(prev_N, next_N)
-    len_U = seqs.target_lengths.astype(np.int64)
+    if pages_only:
+      ll_KxN = ll_KxN - self.table_.log_continue(prev_N)
+    len_U = _counts(user_N, seqs.num_users)
     # Target log-likelihood so far, before token n: an exclusive cumsum restarted at each user.
     before_KxN = np.cumsum(ll_KxN, axis=1) - ll_KxN
     start_N = np.repeat(np.cumsum(len_U) - len_U, len_U)

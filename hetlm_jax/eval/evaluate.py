@@ -80,7 +80,7 @@ def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer,
   out["nll"], nll_KxU, tokens_U = per_user_nll(family, seqs)
   out.update(_ranking(lambda users: family.trainer.next_logprobs(family.params, seqs, users,
                                                                  family.assignment[users]),
-                      seqs, tokenizer, opts, family.trainer.eval_batch, family.name))
+                      seqs, tokenizer, opts, family.trainer.eval_batch, family.name, groups_U=family.assignment))
   cfg = family.trainer.cfg.model
   greedy = generate(cfg, family.params, seqs, family.assignment, gen_users, Sampling(max_new=opts.max_new),
                     seed=opts.seed)
@@ -106,24 +106,31 @@ def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer,
 
 
 def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int,
-             label: str) -> dict:
-  """Next-page HR@1/5/10, NDCG@10, MRR: full ranking over pages, and against sampled negatives."""
+             label: str, groups_U: np.ndarray | None = None) -> dict:
+  """Next-page HR@1/5/10, NDCG@10, MRR: full ranking over pages, and against sampled negatives.
+
+  `logprobs_fn(users)` gets batches of users of one group (e.g. cluster) each, when groups are given.
+  """
   candidate_V = np.arange(tokenizer.vocab_size) >= tokenizer.num_specials
   true_U = seqs.tokens[first_page_index(seqs)]
-  parts = []
-  n_batches = -(-seqs.num_users // batch)
-  progress = Progress(n_batches, f"{label} ranking", every=10)
-  for i, lo in enumerate(range(0, seqs.num_users, batch)):
-    users = np.arange(lo, min(lo + batch, seqs.num_users))
+  groups_U = np.zeros(seqs.num_users, np.int64) if groups_U is None else np.asarray(groups_U)
+  order = np.argsort(groups_U, kind="stable")
+  bounds = np.flatnonzero(np.diff(groups_U[order])) + 1
+  batches = [b for g in np.split(order, bounds) for b in np.array_split(g, -(-len(g) // batch))]
+  out = {}
+  progress = Progress(len(batches), f"{label} ranking", every=10)
+  for i, users in enumerate(batches):
     logp_BxV = logprobs_fn(users)
     full = M.ranking_metrics(logp_BxV, true_U[users], candidate_V)
     sampled = M.sampled_ranking_metrics(logp_BxV, true_U[users], seqs.subset(users), candidate_V,
-                                        opts.negatives, seed=opts.seed + lo)
-    parts.append({**{k: full[k] for k in ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr")},
-                  **{f"{k}_sampled": sampled[k] for k in ("hr@10", "ndcg@10")}})
+                                        opts.negatives, seed=opts.seed + int(users[0]))
+    part = {**{k: full[k] for k in ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr")},
+            **{f"{k}_sampled": sampled[k] for k in ("hr@10", "ndcg@10")}}
+    for key, values in part.items():
+      out.setdefault(key, np.full(seqs.num_users, np.nan))[users] = values
     progress.update(i + 1)
   progress.close()
-  return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+  return out
 
 
 def _baseline_metrics(model, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int,

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-_ORDER = ("hetlm", "hetlm_mixture", "single", "single_matched", "markov_mixture", "markov", "popularity")
-_METRICS = ("nll", "hr@10", "ndcg@10", "mrr", "hr@10_sampled", "ndcg@10_sampled", "edit_similarity",
+_ORDER = ("hetlm", "hetlm_mixture", "single", "single_matched", "markov_mixture", "markov_mixture_k40", "markov",
+          "popularity")
+_METRICS = ("nll", "nll_no_end", "hr@10", "ndcg@10", "mrr", "hr@10_sampled", "ndcg@10_sampled", "edit_similarity",
             "rouge_l_f1")
 
 
@@ -77,11 +78,26 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
 
 def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds: list[dict]) -> None:
   models = [m for m in _ORDER if m in report["models"]]
-  lines = ["# HeTLM evaluation", "",
-           f"{report['n_users']:,} users; each user's held-out target is scored given their history, and each "
-           "user's cluster is chosen from the history alone. NLL is in nats per target token (lower is better); "
-           "next-page metrics rank the target's first page among all pages, and `_sampled` among 100 random "
-           "pages the user never visited (SASRec's protocol). Cells: mean (std over users).", ""]
+  if report.get("protocol") == "new_users":
+    intro = (f"{report['n_users']:,} new users, never trained on (the split by user); each user's whole sequence "
+             "is scored. HeTLM and the Markov mixture score it with their mixture likelihood (π = cluster shares), "
+             "as a new user has no history to route by. `nll`: nats per token with the end marker; `nll_no_end`: "
+             "nats per page token, each page given that the sequence goes on. Next-page metrics rank each user's "
+             f"last page given the pages before it ({report['ranked_users']:,} users with at least two pages). "
+             "Cells: mean (std over users).")
+  else:
+    intro = (f"{report['n_users']:,} users; each user's held-out target is scored given their history, and each "
+             "user's cluster is chosen from the history alone. NLL is in nats per target token (lower is better); "
+             "next-page metrics rank the target's first page among all pages, and `_sampled` among 100 random "
+             "pages the user never visited (SASRec's protocol). Cells: mean (std over users).")
+  lines = ["# HeTLM evaluation", "", intro, ""]
+  if report.get("bits_per_token"):
+    lines += ["Pooled over all test tokens, in bits per token (lower is better):", "",
+              "| model | no end marker | with end marker |", "|---|---|---|"]
+    for name in models:
+      b = report["bits_per_token"].get(name, {})
+      lines.append(f"| {name} | {_fmt(b.get('no_end'))} | {_fmt(b.get('with_end'))} |")
+    lines.append("")
   metrics = [m for m in _METRICS if any(m in report["models"][name] for name in models)]
   lines.append("| model | " + " | ".join(metrics) + " |")
   lines.append("|---" * (len(metrics) + 1) + "|")

@@ -37,8 +37,9 @@ class Trainer:
     self.abstract = abstract_state(cfg, self.tx, self.mesh, k)
     self.train_step = make_train_step(cfg, self.tx, self.mesh, self.abstract)
     self.score_batch = make_score_fn(cfg, self.mesh, self.abstract)
+    self.score_pages_batch = make_score_fn(cfg, self.mesh, self.abstract, pages_only=True)
     self.hidden_batch = make_hidden_fn(cfg, self.mesh, self.abstract)
-    self.next_logprobs_batch = make_next_logprobs_fn(cfg, self.mesh, self.abstract)
+    self.next_logprobs_batch, self.next_logprobs_model = make_next_logprobs_fn(cfg, self.mesh, self.abstract)
     shardings = state_shardings(self.mesh, self.abstract)
     take = lambda source_K: lambda x: x[source_K] if x.ndim else x
     self._gather = jax.jit(
@@ -107,17 +108,20 @@ class Trainer:
                  "step_time_s": now - last_time})
     return now
 
-  def score(self, params, seqs: UserSequences, part: str, label: str = "score") -> tuple[np.ndarray, np.ndarray]:
+  def score(self, params, seqs: UserSequences, part: str, label: str = "score",
+            pages_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """NLL sums [K, U] of each user's history ('history') or held-out target ('target') under every model,
-    and the number of scored tokens [U]."""
-    batches = ScoringBatches(seqs, part, self.cfg.model.context + 1, self.eval_batch)
+    and the number of scored tokens [U]. `pages_only`: only page tokens are scored, each given that the
+    sequence goes on (no end marker: BOS and EOS are neither scored nor predicted)."""
+    batches = ScoringBatches(seqs, part, self.cfg.model.context + 1, self.eval_batch, pages_only)
+    score_batch = self.score_pages_batch if pages_only else self.score_batch
     progress = Progress(batches.num_batches, label, every=10)
     nll_KxU = np.zeros((self.k, seqs.num_users))
     tokens_U = np.zeros(seqs.num_users, np.int64)
     pending = None
     for i in range(batches.num_batches):
       tokens, segments, mask, owner = batches.batch(i)
-      out = self.score_batch(params, tokens, segments, mask)
+      out = score_batch(params, tokens, segments, mask)
       if pending is not None:  # reduce batch i-1 on the host while batch i runs
         self._add_scores(nll_KxU, *pending)
       pending = (out, mask, owner)
@@ -149,14 +153,20 @@ class Trainer:
     means_UxKD = sums_UxKD / np.maximum(batches.length_U, 1)[:, None]
     return means_UxKD.reshape(u, k, d).transpose(1, 0, 2)
 
-  def next_logprobs(self, params, seqs: UserSequences, users_B: np.ndarray, cluster_B: np.ndarray) -> np.ndarray:
+  def next_logprobs(self, params, seqs: UserSequences, users_B: np.ndarray,
+                    cluster_B: np.ndarray | None = None) -> np.ndarray:
     """[B, V] log-distribution of each user's first target token (after BOS for a new session) under the
-    model of `cluster_B`; the batch is padded to the eval batch so the shape stays fixed."""
+    model of `cluster_B`, or [K, B, V] under every model when cluster_B is None; the batch is padded to the
+    eval batch so the shape stays fixed. A batch of one cluster's users runs only that cluster's model."""
     b, n = self.eval_batch, len(users_B)
     padded = np.full(b, -1)
     padded[:n] = users_B
     left_BxT, pad_B = prompts(seqs, padded, self.cfg.model.context)
     width = left_BxT.shape[1]
     right_BxT = np.take_along_axis(left_BxT, (np.arange(width)[None, :] + pad_B[:, None]) % width, axis=1)
-    out_KxBxV = self.next_logprobs_batch(params, right_BxT, np.maximum(width - 1 - pad_B, 0).astype(np.int32))
-    return np.asarray(jax.device_get(out_KxBxV))[np.asarray(cluster_B), np.arange(n)]
+    last_B = np.maximum(width - 1 - pad_B, 0).astype(np.int32)
+    if cluster_B is not None and n and (np.asarray(cluster_B) == cluster_B[0]).all():
+      out_BxV = self.next_logprobs_model(params, np.int32(cluster_B[0]), right_BxT, last_B)
+      return np.asarray(jax.device_get(out_BxV))[:n]
+    out_KxBxV = np.asarray(jax.device_get(self.next_logprobs_batch(params, right_BxT, last_B)))[:, :n]
+    return out_KxBxV if cluster_B is None else out_KxBxV[np.asarray(cluster_B), np.arange(n)]

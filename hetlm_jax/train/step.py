@@ -10,15 +10,21 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hetlm_jax.config import Config
+from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 from hetlm_jax.model import PageLM
 from hetlm_jax.train.state import TrainState, learning_rate, state_shardings
 
 
-def token_nll(model: PageLM, params, inputs_BxT1, segments_BxT1=None, deterministic=True, rngs=None):
-  """Per-position NLL (nats) of inputs[:, 1:] given inputs[:, :-1]."""
+def token_nll(model: PageLM, params, inputs_BxT1, segments_BxT1=None, deterministic=True, rngs=None,
+              pages_only=False):
+  """Per-position NLL (nats) of inputs[:, 1:] given inputs[:, :-1]; with `pages_only`, the next token's
+  distribution is renormalised over everything but PAD, BOS and EOS (the sequence goes on)."""
   segments_BxT = None if segments_BxT1 is None else segments_BxT1[:, :-1]
   logits_BxTxV = model.apply({"params": params}, inputs_BxT1[:, :-1], segments_BxT, deterministic=deterministic,
-                             rngs=rngs)
+                             rngs=rngs).astype(jnp.float32)
+  if pages_only:
+    ends_V = jnp.zeros(logits_BxTxV.shape[-1], bool).at[jnp.array([PAD, BOS, EOS])].set(True)
+    logits_BxTxV = jnp.where(ends_V, -jnp.inf, logits_BxTxV)
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, inputs_BxT1[:, 1:])
 
 
@@ -68,14 +74,15 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
                  donate_argnums=0)
 
 
-def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
+def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, pages_only: bool = False):
   """Every one of the K models scores the same packed rows: tokens and segments [R, T+1], mask [R, T]
-  → masked per-position NLL [K, R, T] (summed per user on the host)."""
+  → masked per-position NLL [K, R, T] (summed per user on the host). `pages_only`: see token_nll."""
   model = PageLM(cfg.model)
 
   def score(params, inputs_RxT1, segments_RxT1, mask_RxT):
     def one_model(p):
-      return jnp.where(mask_RxT, token_nll(model, p, inputs_RxT1, segments_RxT1), 0.0)
+      nll_RxT = token_nll(model, p, inputs_RxT1, segments_RxT1, pages_only=pages_only)
+      return jnp.where(mask_RxT, nll_RxT, 0.0)
     return jax.vmap(one_model)(params)
 
   params_sharding = state_shardings(mesh, abstract).params
@@ -98,15 +105,20 @@ def make_hidden_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
 
 
 def make_next_logprobs_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
-  """log p(next token) after each right-padded row's last real token, under every model: [K, B, V]."""
+  """log p(next token) after each right-padded row's last real token: under every model [K, B, V], and
+  under one model k, for a batch of one cluster's users [B, V] (K times cheaper)."""
   model = PageLM(cfg.model)
 
-  def next_logprobs(params, inputs_BxT, last_B):
-    def one_model(p):
-      logits_Bx1xV = model.apply({"params": p}, inputs_BxT, only_at_B=last_B)
-      return jax.nn.log_softmax(logits_Bx1xV[:, 0], axis=-1)
-    return jax.vmap(one_model)(params)
+  def one_model(p, inputs_BxT, last_B):
+    logits_Bx1xV = model.apply({"params": p}, inputs_BxT, only_at_B=last_B)
+    return jax.nn.log_softmax(logits_Bx1xV[:, 0], axis=-1)
 
-  rows = NamedSharding(mesh, P("data"))
-  return jax.jit(next_logprobs, in_shardings=(state_shardings(mesh, abstract).params, rows, rows),
-                 out_shardings=NamedSharding(mesh, P("cluster", "data")))
+  def every_model(params, inputs_BxT, last_B):
+    return jax.vmap(one_model, in_axes=(0, None, None))(params, inputs_BxT, last_B)
+
+  def model_k(params, k, inputs_BxT, last_B):
+    return one_model(jax.tree.map(lambda x: x[k], params), inputs_BxT, last_B)
+
+  params, rows = state_shardings(mesh, abstract).params, NamedSharding(mesh, P("data"))
+  return (jax.jit(every_model, in_shardings=(params, rows, rows), out_shardings=NamedSharding(mesh, P("cluster", "data"))),
+          jax.jit(model_k, in_shardings=(params, NamedSharding(mesh, P()), rows, rows), out_shardings=rows))

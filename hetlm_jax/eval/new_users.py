@@ -1,0 +1,147 @@
+"""Evaluation on new users (the split by user, --test_users): DESIGN.md's msnbc protocol.
+
+Every test user's whole sequence is scored by models that never saw the user. A new user has no
+history to route by, so HeTLM's score is the mixture likelihood log Σ_k π_k p_k(sequence), with π the
+clusters' shares of training users: the posterior over clusters sharpens as the user's pages arrive.
+The Markov mixture is scored the same way. Per user: `nll` (nats per token, the end marker included)
+and `nll_no_end` (nats per page token, each page given that the sequence goes on). Pooled over all
+test tokens: bits per token, the protocol's figure. Next-page metrics rank each user's last page
+given the pages before it (users with at least two pages), HeTLM weighting its models by their
+posterior given those pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import logging
+from scipy.special import logsumexp
+
+from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
+from hetlm_jax.eval import metrics as M
+from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
+from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, _write_json
+
+PUBLISHED_MIXTURE_K = 40  # Cadez et al.'s mixture of Markov chains on msnbc (DESIGN.md)
+
+
+def last_page_view(seqs: UserSequences) -> tuple[np.ndarray, UserSequences]:
+  """The users with at least two pages, each split before their last page: (users, view)."""
+  page_N = ~np.isin(seqs.tokens, [PAD, BOS, EOS])
+  begin_U = seqs.offsets[:-1]  # every sequence holds at least its BOS, so no segment is empty
+  last_U = np.maximum.reduceat(np.where(page_N, np.arange(seqs.num_tokens), -1), begin_U)
+  pages_U = np.add.reduceat(page_N.astype(np.int64), begin_U)
+  users = np.flatnonzero(pages_U >= 2)
+  view = seqs.subset(users)
+  shift_V = seqs.offsets[users] - view.offsets[:-1]
+  return users, dataclasses.replace(view, split=last_U[users] - shift_V)
+
+
+def _log_shares(family: LMFamily) -> np.ndarray:
+  k = family.trainer.k
+  share_K = np.bincount(family.assignment, minlength=k) / max(len(family.assignment), 1)
+  return np.log(np.maximum(share_K, 1e-12))
+
+
+def _lm_scores(family: LMFamily, test: UserSequences, view: UserSequences, tokenizer: PageTokenizer,
+               opts: EvalOptions) -> tuple[dict, dict, np.ndarray]:
+  """Per-user metrics, pooled sums {"with_end": (nll, tokens), "no_end": ...} and the MAP cluster."""
+  t, log_pi_K = family.trainer, _log_shares(family)
+  pooled, out = {}, {}
+  for key, pages_only in (("with_end", False), ("no_end", True)):
+    nll_KxU, tokens_U = t.score(family.params, test, "target", label=f"{family.name} {key}", pages_only=pages_only)
+    joint_KxU = log_pi_K[:, None] - nll_KxU
+    nll_U = -logsumexp(joint_KxU, axis=0)
+    pooled[key] = (float(nll_U.sum()), int(tokens_U.sum()))
+    out["nll" if key == "with_end" else "nll_no_end"] = nll_U / np.maximum(tokens_U, 1)
+    if key == "with_end":
+      map_U = np.argmax(joint_KxU, axis=0)
+  prefix_KxU, _ = t.score(family.params, view, "history", label=f"{family.name} prefixes")
+  log_post_KxU = log_pi_K[:, None] - prefix_KxU
+  log_post_KxU -= logsumexp(log_post_KxU, axis=0, keepdims=True)
+
+  def logprobs(users):
+    return logsumexp(log_post_KxU[:, users, None] + t.next_logprobs(family.params, view, users), axis=0)
+
+  out.update(_ranking(logprobs, view, tokenizer, opts, t.eval_batch, family.name))
+  return out, pooled, map_U
+
+
+def _baseline_scores(model, train: UserSequences, test: UserSequences, view: UserSequences,
+                     tokenizer: PageTokenizer, opts: EvalOptions, batch: int, name: str) -> tuple[dict, dict]:
+  model.fit(train, tokenizer.vocab_size)
+  out, pooled = {}, {}
+  for key, pages_only in (("with_end", False), ("no_end", True)):
+    nll_U, tokens_U = model.target_nll(test, pages_only=pages_only)
+    pooled[key] = (float(nll_U.sum()), int(tokens_U.sum()))
+    out["nll" if key == "with_end" else "nll_no_end"] = nll_U / np.maximum(tokens_U, 1)
+
+  def logprobs(users):
+    return model.next_token_logprobs(view.subset(users))
+
+  out.update(_ranking(logprobs, view, tokenizer, opts, batch, name))
+  return out, pooled
+
+
+def evaluate_new_users(families: dict[str, LMFamily], train: UserSequences, test: UserSequences,
+                       tokenizer: PageTokenizer, workdir: Path, opts: EvalOptions = EvalOptions(),
+                       extra: dict | None = None, rounds: list[dict] | None = None) -> dict:
+  """Writes eval.json and report.md for the split by user; returns the eval.json content."""
+  start = time.perf_counter()
+  u = test.num_users
+  ranked_users, view = last_page_view(test)
+  per_user, pooled, map_U = {}, {}, None
+
+  def widen(metrics: dict) -> dict:  # ranking metrics exist for the users of the view only
+    for key, values in metrics.items():
+      if len(values) != u:
+        full = np.full(u, np.nan)
+        full[ranked_users] = values
+        metrics[key] = full
+    return metrics
+
+  for name, family in families.items():
+    logging.info("evaluating %s on %s new users", name, f"{u:,}")
+    metrics, pooled[name], clusters_U = _lm_scores(family, test, view, tokenizer, opts)
+    per_user[name] = widen(metrics)
+    if name == "hetlm":
+      map_U = clusters_U
+  k = families["hetlm"].trainer.k if "hetlm" in families else 1
+  batch = next(iter(families.values())).trainer.eval_batch if families else 512
+  baselines = {"popularity": Popularity(), "markov": Markov(), "markov_mixture": MarkovMixture(max(k, 2)),
+               f"markov_mixture_k{PUBLISHED_MIXTURE_K}": MarkovMixture(PUBLISHED_MIXTURE_K)}
+  for name, model in baselines.items():
+    logging.info("evaluating %s", name)
+    metrics, pooled[name] = _baseline_scores(model, train, test, view, tokenizer, opts, batch, name)
+    per_user[name] = widen(metrics)
+
+  for metrics in per_user.values():
+    metrics["perplexity"] = np.exp(metrics["nll"])
+  bits = {name: {key: total / max(tokens, 1) / np.log(2) for key, (total, tokens) in p.items()}
+          for name, p in pooled.items()}
+  report = {"protocol": "new_users",
+            "models": {name: {metric: M.summarize(values) for metric, values in metrics.items()}
+                       for name, metrics in per_user.items()},
+            "bits_per_token": bits, "n_users": u, "ranked_users": int(len(ranked_users)),
+            "train_users": train.num_users, "test_tokens": {key: t for key, (_, t) in next(iter(pooled.values())).items()},
+            **(extra or {})}
+  if "hetlm" in per_user:
+    report["bootstrap"] = {
+      f"hetlm-{other}": {metric: M.paired_bootstrap(per_user["hetlm"][metric], per_user[other][metric],
+                                                    opts.bootstrap, opts.seed)
+                         for metric in ("nll", "nll_no_end", "hr@10")}
+      for other in ("single", "single_matched") if other in per_user}
+    report["clusters"] = [
+      {"cluster": c, "users": int((map_U == c).sum()),
+       **{f"{name}_nll": float(np.nanmean(per_user[name]["nll"][map_U == c])) for name in per_user
+          if (map_U == c).any()}}
+      for c in range(k)]
+  report["eval_s"] = time.perf_counter() - start
+  _write_json(workdir / "eval.json", report)
+  from hetlm_jax.eval.report import write_report  # matplotlib stays optional
+  write_report(workdir, report, {name: m["nll"] for name, m in per_user.items()}, rounds or [])
+  return report

@@ -1,0 +1,192 @@
+"""The split by user (--test_users): whole sequences, sliding windows, the no-end-marker score and the
+mixture likelihood of new users."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
+from hetlm_jax.data.sequences import UserSequences, all_windows, build_sequences, split_users
+from hetlm_jax.data.tokenizer import BOS, EOS, PageTokenizer
+from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
+from hetlm_jax.eval.new_users import last_page_view
+from hetlm_jax.main import cli
+from hetlm_jax.model import PageLM
+from hetlm_jax.pipeline import prepare_data, train_and_evaluate
+from hetlm_jax.train.loop import Trainer
+from synthetic import markov_events
+
+
+def _seqs(lengths, splits):
+  """Users with tokens 4, 5, 6, ... (one flat run), each split at the given offset from its start."""
+  offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+  tokens = (4 + np.arange(offsets[-1]) % 10).astype(np.int32)
+  tokens[offsets[:-1]] = BOS
+  return UserSequences(user_ids=np.array([f"u{i}" for i in range(len(lengths))], object), tokens=tokens,
+                       offsets=offsets, split=offsets[:-1] + np.asarray(splits), n_sessions=np.ones(len(lengths), np.int32))
+
+
+def _predicted(seqs, part, width):
+  """How often each token is scored, over all windows of `part`, and whether every window fits."""
+  owner_W, start_W, length_W, scored_W = all_windows(seqs, part, width)
+  count_N = np.zeros(seqs.num_tokens, np.int64)
+  for u, s, n, first in zip(owner_W, start_W, length_W, scored_W):
+    assert 1 <= n <= width and seqs.offsets[u] <= s and s + n <= seqs.offsets[u + 1]
+    assert s < first <= s + n  # the first scored token has some context in its window
+    count_N[first:s + n] += 1
+  return count_N
+
+
+@pytest.mark.parametrize("width", [4, 5, 9])
+def test_windows_score_every_history_and_target_token_exactly_once(width):
+  seqs = _seqs([3, 10, 25, 7, 40], [1, 9, 5, 6, 30])
+  in_history_N = np.zeros(seqs.num_tokens, bool)
+  in_target_N = np.zeros(seqs.num_tokens, bool)
+  for u in range(seqs.num_users):
+    in_history_N[seqs.offsets[u] + 1:seqs.split[u]] = True  # every history token but the opening BOS
+    in_target_N[seqs.split[u]:seqs.offsets[u + 1]] = True
+  np.testing.assert_array_equal(_predicted(seqs, "history", width), in_history_N)
+  np.testing.assert_array_equal(_predicted(seqs, "target", width), in_target_N)
+
+
+def test_long_targets_are_scored_in_full_with_context_from_earlier_windows():
+  cfg = Config(model=ModelConfig(vocab_size=14, context=7, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
+               train=TrainConfig(eval_batch_size=8))
+  trainer = Trainer(cfg, 1)
+  state = trainer.init_state()
+  seqs = _seqs([30, 5], [1, 3])
+  nll_KxU, tokens_U = trainer.score(state.params, seqs, "target")
+  np.testing.assert_array_equal(tokens_U, seqs.target_lengths)
+  # By hand: each target token from the tokens before it in the one window that scores it.
+  model = PageLM(cfg.model)
+  params = jax.tree.map(lambda x: x[0], state.params)
+  _, start_W, length_W, scored_W = all_windows(seqs, "target", 8)
+  expected = 0.0
+  for start, length, first in zip(start_W[:-1], length_W[:-1], scored_W[:-1]):  # user 0's windows
+    for pos in range(first, start + length):
+      logits = model.apply({"params": params}, jnp.asarray(seqs.tokens[start:pos][None]))
+      expected -= float(jax.nn.log_softmax(logits[0, -1])[seqs.tokens[pos]])
+  np.testing.assert_allclose(nll_KxU[0, 0], expected, rtol=1e-4)
+
+
+def test_pages_only_scores_each_page_given_that_the_sequence_goes_on():
+  cfg = Config(model=ModelConfig(vocab_size=14, context=15, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
+               train=TrainConfig(eval_batch_size=8))
+  trainer = Trainer(cfg, 1)
+  params = trainer.init_state().params
+  seqs = _seqs([6], [1])
+  seqs.tokens[5] = EOS  # BOS p p p p EOS
+  nll_KxU, tokens_U = trainer.score(params, seqs, "target", pages_only=True)
+  assert tokens_U[0] == 4
+  logits = PageLM(cfg.model).apply({"params": jax.tree.map(lambda x: x[0], params)}, jnp.asarray(seqs.tokens[None, :5]))
+  logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+  cont = np.log(1 - np.exp(logp[:, [0, BOS, EOS]]).sum(axis=1))
+  expected = -sum(logp[t, seqs.tokens[t + 1]] - cont[t] for t in range(4))
+  np.testing.assert_allclose(nll_KxU[0, 0], expected, rtol=1e-4)
+  with_end, tokens_with_end = trainer.score(params, seqs, "target")
+  assert tokens_with_end[0] == 5 and with_end[0, 0] > nll_KxU[0, 0]
+
+
+def test_baselines_without_end_marker_renormalise_over_pages():
+  # Chains BOS a b EOS / BOS a a EOS; alpha tiny so the counts speak: after a, a/b/EOS are 1/3 each.
+  a, b = 4, 5
+  tokens = np.array([BOS, a, b, EOS, BOS, a, a, EOS], np.int32)
+  train = UserSequences(np.array(["x", "y"], object), tokens, np.array([0, 4, 8]), np.array([4, 8]), np.ones(2, np.int32))
+  test = UserSequences(np.array(["z"], object), np.array([BOS, a, b, EOS], np.int32), np.array([0, 4]), np.array([1]),
+                       np.ones(1, np.int32))
+  markov = Markov(alpha=1e-9).fit(train, 6)
+  nll, n = markov.target_nll(test, pages_only=True)
+  # p(a | BOS) = 1; p(b | a, not the end) = (1/3) / (2/3).
+  assert n[0] == 2
+  np.testing.assert_allclose(nll[0], -np.log(1.0) - np.log(0.5), atol=1e-6)
+  nll_end, n_end = markov.target_nll(test)
+  np.testing.assert_allclose(nll_end[0], -np.log(1 / 3), atol=1e-6)  # p(a | BOS) = p(EOS | b) = 1
+  assert n_end[0] == 3
+  pop = Popularity(alpha=1e-9).fit(train, 6)  # a 3/6, b 1/6, EOS 2/6
+  nll, n = pop.target_nll(test, pages_only=True)
+  np.testing.assert_allclose(nll[0], -np.log(3 / 4) - np.log(1 / 4), atol=1e-6)
+  one = MarkovMixture(k=1, iters=2, alpha=1e-9).fit(train, 6)
+  np.testing.assert_allclose(one.target_nll(test, pages_only=True)[0], markov.target_nll(test, pages_only=True)[0],
+                             atol=1e-6)
+
+
+def test_split_users_follows_the_seeded_permutation_and_keeps_whole_sequences():
+  rows = [(u, t, p) for u, pages in enumerate(["a", "ab", "abc", "b", "ba", "c"]) for t, p in enumerate(pages)]
+  table = pa.table({"user_id": [r[0] for r in rows], "timestamp": [r[1] for r in rows], "page": [r[2] for r in rows]})
+  tok = PageTokenizer.fit(table["page"])
+  seqs, _ = build_sequences(table, tok, holdout="none")
+  assert seqs.num_users == 6  # one-page users are kept: their sequence is BOS page EOS
+  np.testing.assert_array_equal(seqs.lengths, [3, 4, 5, 3, 4, 3])
+  assert (seqs.tokens[seqs.offsets[1:] - 1] == EOS).all()
+  train, test = split_users(seqs, 3, 2, seed=0)
+  perm = np.random.default_rng(0).permutation(6)
+  assert list(train.user_ids) == [str(u) for u in perm[:3]]
+  assert list(test.user_ids) == [str(u) for u in perm[3:5]]
+  np.testing.assert_array_equal(train.split, train.offsets[1:])  # all history
+  np.testing.assert_array_equal(test.split, test.offsets[:-1] + 1)  # all target but the BOS
+  rest, _ = split_users(seqs, 0, 2, seed=0)
+  assert list(rest.user_ids) == [str(u) for u in perm[2:]]
+
+
+def test_last_page_view_splits_before_each_users_last_page():
+  tokens = np.array([BOS, 4, EOS, BOS, 4, 5, EOS, BOS, 6, EOS, BOS, 7, EOS], np.int32)
+  seqs = UserSequences(np.array(["a", "b", "c"], object), tokens, np.array([0, 3, 7, 13]), np.array([1, 4, 8]),
+                       np.array([1, 1, 2], np.int32))
+  users, view = last_page_view(seqs)
+  np.testing.assert_array_equal(users, [1, 2])  # user a has one page: nothing to rank
+  assert [int(view.tokens[s]) for s in view.split] == [5, 7]
+  np.testing.assert_array_equal(view.split - view.offsets[:-1], [2, 4])
+
+
+@pytest.fixture(scope="module")
+def new_users_run(tmp_path_factory):
+  table, _ = markov_events(n_users=160, n_groups=2, n_pages=8, sessions=1, session_len=10)
+  path = tmp_path_factory.mktemp("data") / "log.parquet"
+  import pyarrow.parquet as pq
+  pq.write_table(table, path)
+  workdir = tmp_path_factory.mktemp("run")
+  cfg = Config(model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
+               train=TrainConfig(batch_size=16, epochs=2, eval_batch_size=64),
+               data=DataConfig(path=str(path), test_users=40, train_users=100),
+               cluster=ClusterConfig(k=2, rounds=2, init="random"))
+  return cfg, workdir, train_and_evaluate(cfg, workdir)
+
+
+def test_new_users_eval_scores_the_mixture_likelihood_and_pools_bits(new_users_run):
+  cfg, workdir, report = new_users_run
+  on_disk = json.loads((workdir / "eval.json").read_text())
+  assert on_disk["protocol"] == "new_users" and on_disk["n_users"] == 40 and on_disk["train_users"] == 100
+  for model in ("hetlm", "single", "single_matched", "markov", "markov_mixture", "popularity"):
+    assert set(on_disk["bits_per_token"][model]) == {"no_end", "with_end"}
+    for metric in ("nll", "nll_no_end", "hr@10", "ndcg@10"):
+      assert np.isfinite(on_disk["models"][model][metric]["mean"]), (model, metric)
+  assert on_disk["test_tokens"] == {"with_end": 40 * 11, "no_end": 40 * 10}
+  # HeTLM's per-user NLL is log Σ_k π_k p_k(sequence), recomputed here from the saved models.
+  from hetlm_jax.eval.evaluate import LMFamily
+  from hetlm_jax.pipeline import _families_for
+  prepared = prepare_data(cfg)
+  family = _families_for(workdir, prepared.seqs)["hetlm"]
+  nll_KxU, tokens_U = family.trainer.score(family.params, prepared.test_seqs, "target")
+  share = np.bincount(family.assignment, minlength=2) / 100
+  mix_U = -np.log((share[:, None] * np.exp(-nll_KxU)).sum(axis=0)) / tokens_U
+  np.testing.assert_allclose(mix_U.mean(), on_disk["models"]["hetlm"]["nll"]["mean"], rtol=1e-5)
+  bits = (mix_U * tokens_U).sum() / tokens_U.sum() / np.log(2)
+  np.testing.assert_allclose(bits, on_disk["bits_per_token"]["hetlm"]["with_end"], rtol=1e-5)
+  assert "bits per token" in (workdir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("flags,needle", [
+  (["--train_users=10"], "--train_users needs --test_users"),
+  (["--test_users=5", "--k=auto"], "--k=auto"),
+  (["--test_users=100000"], "too few"),
+])
+def test_split_by_user_flags_are_checked_before_anything_is_written(tmp_path, capsys, flags, needle):
+  workdir = tmp_path / "run"
+  assert cli(["hetlm", "train", f"--workdir={workdir}", "--flagfile=configs/tiny.flags", *flags]) == 2
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and needle in err
+  assert not workdir.exists()
