@@ -23,13 +23,13 @@ from hetlm_jax.train.loop import Trainer
 
 def _time_steps(step_fn, state, batches: ClusterBatches, steps: int):
   """Seconds per step after one compiling warm-up step, and the real (unpadded) tokens per step."""
-  inputs, segments = batches.batch(0)
+  inputs, segments, _ = batches.batch(0)
   state, metrics = step_fn(state, inputs, segments)
   jax.block_until_ready(metrics)
   tokens = 0
   start = time.perf_counter()
   for s in range(steps):
-    inputs, segments = batches.batch((s + 1) % batches.steps)
+    inputs, segments, _ = batches.batch((s + 1) % batches.steps)
     tokens += int(((segments[..., 1:] == segments[..., :-1]) & (segments[..., 1:] != 0)).sum())
     state, metrics = step_fn(state, inputs, segments)
   jax.block_until_ready(metrics)

@@ -64,6 +64,8 @@ class ClusterConfig:
   tolerance: float = 0.005
   init: str = "embedding"  # random | features | embedding (measured best: docs/RESULTS.md)
   warm_start: bool = True  # with init=embedding: all K models start from that single LM
+  soft: bool = False  # soft EM: each model trains on every user, weighted by its posterior responsibility
+  init_rounds: int = 1  # with init=embedding: rounds of the single LM trained first
   warm_lr_scale: float = 1.0  # warm-started cluster models train at this fraction of --learning_rate
   min_cluster_frac: float = 0.1  # of a balanced share U/K; smaller clusters are re-seeded
   baselines: bool = True  # also train the single LMs (per-cluster size and parameter-matched)
@@ -144,6 +146,7 @@ def validate(cfg: Config) -> None:
     (c.rounds >= 1, f"--rounds={c.rounds} must be at least 1"),
     (0.0 <= c.tolerance < 1.0, f"--tolerance={c.tolerance} must be in [0, 1)"),
     (c.init in ("random", "features", "embedding"), f"--init={c.init!r}: expected random, features or embedding"),
+    (c.init_rounds >= 1, f"--init_rounds={c.init_rounds} must be at least 1"),
     (0.0 < c.warm_lr_scale <= 1.0, f"--warm_lr_scale={c.warm_lr_scale} must be in (0, 1]"),
     (0.0 <= c.min_cluster_frac < 1.0, f"--min_cluster_frac={c.min_cluster_frac} must be in [0, 1)"),
     (c.cluster_axis >= 1, f"--cluster_axis={c.cluster_axis} must be at least 1"),

@@ -22,6 +22,10 @@ _HELP = {
   "init": "Initial assignment: random (balanced), features (k-means on TF-IDF page/transition counts), "
           "embedding (k-means on a single LM's mean hidden states).",
   "warm_start": "With --init=embedding, start every cluster model from that single LM.",
+  "soft": "Soft EM: after the first round every cluster model trains on every user, each weighted by the "
+          "posterior of that cluster given the user's history (assignments.parquet keeps the most likely).",
+  "init_rounds": "With --init=embedding, rounds of the single LM trained first (clustered, and copied "
+                 "with --warm_start).",
   "warm_lr_scale": "Warm-started cluster models fine-tune at this fraction of --learning_rate.",
   "min_cluster_frac": "A cluster smaller than this fraction of U/K is re-seeded by splitting the largest.",
   "baselines": "Also train the single-LM baselines (per-cluster size and parameter-matched).",

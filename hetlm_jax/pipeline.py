@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from absl import logging
+from scipy.special import logsumexp
 
 from hetlm_jax.cluster.assign import kmeans, kmeans_on_features, min_cluster_size, random_balanced, reassign
 from hetlm_jax.config import Config, ModelConfig, validate
@@ -63,6 +64,14 @@ class Trained:
   assignment: np.ndarray
   rounds: int
   train_s: float
+  weights: np.ndarray | None = None  # [U, K] soft-EM responsibilities (--soft), else None
+
+
+def cluster_shares(assignment_U: np.ndarray, weights_UxK: np.ndarray | None, k: int) -> np.ndarray:
+  """[K] the clusters' shares of users: mean responsibilities under soft EM, else of the assignment."""
+  if weights_UxK is not None:
+    return weights_UxK.mean(axis=0)
+  return np.bincount(assignment_U, minlength=k) / max(len(assignment_U), 1)
 
 
 def data_path(cfg: Config) -> str:
@@ -120,17 +129,17 @@ def train_model(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Pa
   trainer = Trainer(cfg, k)
   ckpts = Checkpoints(workdir / "checkpoints" / name, cfg.train.keep_checkpoints)
   if ckpts.latest_step() is not None:
-    state, assignment, meta = ckpts.restore(trainer.abstract, seqs.num_users)
+    state, assignment, meta, weights = ckpts.restore(trainer.abstract, seqs.num_users)
     round_index, done = int(meta["round"]), bool(meta["done"])
     logging.info("%s: resuming at step %d, round %d", name, int(state.step), round_index + 1)
   else:
     warm = warm_params()
     state = trainer.init_state() if warm is None else trainer.warm_state(warm)
-    assignment, round_index, done = initial_assignment(), 0, False
+    assignment, weights, round_index, done = initial_assignment(), None, 0, False
 
   def save(state, step, round_index, done):
     ckpts.save(state, assignment, {"step": step, "round": round_index, "done": done, "num_users": seqs.num_users,
-                                   "k": k, "model": dataclasses.asdict(cfg.model)})
+                                   "k": k, "model": dataclasses.asdict(cfg.model)}, weights)
 
   def periodic_save(state, step):
     if step % cfg.train.checkpoint_every == 0:
@@ -140,7 +149,7 @@ def train_model(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Pa
   start = time.perf_counter()
   while not done:
     batches = ClusterBatches(seqs, assignment, k, cfg.train.batch_size, cfg.model.context, cfg.train.epochs,
-                             cfg.train.seed, round_index)
+                             cfg.train.seed, round_index, weights)
     if trainer.round_finished(state):
       state = trainer.start_round(state, batches.steps)
     state = trainer.train_round(state, batches, log, on_step=periodic_save,
@@ -150,7 +159,15 @@ def train_model(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Pa
     if k > 1:
       nll_KxU, tokens_U = trainer.score(state.params, seqs, "history", label=f"{name} scoring")
       nll_per_token_KxU = nll_KxU / np.maximum(tokens_U, 1)
-      moved = reassign(nll_per_token_KxU, assignment, min_size)
+      if c.soft:  # the posterior over clusters of each user's history, with the clusters' shares as prior
+        log_joint_KxU = np.log(np.maximum(cluster_shares(assignment, weights, k), 1e-12))[:, None] - nll_KxU
+        moved = reassign(-log_joint_KxU / np.maximum(tokens_U, 1), assignment, min_size)
+        weights = np.exp(log_joint_KxU - logsumexp(log_joint_KxU, axis=0)).T
+        # Users that re-seeding moved away from their most likely cluster belong to the new one alone.
+        forced = np.flatnonzero(moved.assignment != np.argmax(weights, axis=1))
+        weights[forced] = np.eye(k)[moved.assignment[forced]]
+      else:
+        moved = reassign(nll_per_token_KxU, assignment, min_size)
       if moved.reseeded:
         state = trainer.copy_models(state, moved.source)
         logging.warning("%s: re-seeded clusters %s by splitting %s (they fell below %d users)", name,
@@ -171,12 +188,13 @@ def train_model(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Pa
     save(state, int(state.step), round_index, done)
   train_s = time.perf_counter() - start
   ckpts.close()
-  return Trained(name, cfg, trainer, state.params, assignment, round_index, train_s)
+  return Trained(name, cfg, trainer, state.params, assignment, round_index, train_s, weights)
 
 
 def _initial_assignment(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog):
   """The --init strategy as (assignment, warm-start params) thunks; 'embedding' first trains a single LM
-  (one round, its own checkpoints) whose mean hidden states are clustered and, with --warm_start, copied."""
+  (--init_rounds rounds, its own checkpoints) whose mean hidden states are clustered and, with --warm_start,
+  copied."""
   c, seed = cfg.cluster, cfg.train.seed
   no_warm = lambda: None
   if k == 1:
@@ -188,7 +206,8 @@ def _initial_assignment(cfg: Config, k: int, seqs: UserSequences, vocab_size: in
 
   @functools.lru_cache(maxsize=1)
   def single():
-    return train_model("init_single", cfg, 1, seqs, workdir, log, lambda: np.zeros(seqs.num_users, np.int32), 1)
+    return train_model("init_single", cfg, 1, seqs, workdir, log, lambda: np.zeros(seqs.num_users, np.int32),
+                       c.init_rounds)
 
   initial = lambda: kmeans(single().trainer.embed(single().params, seqs)[0], k, seed)
   return initial, ((lambda: single().params) if c.warm_start else no_warm)
@@ -205,7 +224,7 @@ def train_hetlm(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workd
 
 
 def warmed(cfg: Config, k: int) -> bool:
-  """Whether HeTLM's K models start from a single LM trained first (one round, 'init_single')."""
+  """Whether HeTLM's K models start from a single LM trained first ('init_single')."""
   return k > 1 and cfg.cluster.init == "embedding" and cfg.cluster.warm_start
 
 
@@ -272,8 +291,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
                  matched_model.d_model, matched_model.n_layers)
     zeros = lambda: np.zeros(seqs.num_users, np.int32)
     # Same code path with K=1, same epochs per round, and as many passes over every user as HeTLM made
-    # (its rounds, plus the round of the single LM it started from).
-    single_rounds = hetlm.rounds + warmed(cfg, k)
+    # (its rounds, plus those of the single LM it started from).
+    single_rounds = hetlm.rounds + (c.init_rounds if warmed(cfg, k) else 0)
     for name, model_cfg in (("single", cfg.model), ("single_matched", matched_model)):
       models[name] = train_model(name, cfg.replace(model=model_cfg), 1, seqs, workdir, log, zeros, single_rounds)
       params[name] = param_count(model_cfg)
@@ -283,7 +302,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   if k_curve is not None:
     extra["k_sweep"] = {"selection_nll": {str(key): v for key, v in k_curve.items()},
                         "note": "K chosen on the targets of a random 10% of users, left out of n_users"}
-  families = {name: LMFamily(name, m.trainer, m.params, m.assignment) for name, m in models.items()}
+  families = {name: LMFamily(name, m.trainer, m.params, m.assignment,
+                             cluster_shares(m.assignment, m.weights, m.trainer.k)) for name, m in models.items()}
   rounds = [r for r in log.records("round") if r["model"] == hetlm.name]
   if prepared.test_seqs is not None:
     report = evaluate_new_users(families, seqs, prepared.test_seqs, tokenizer, workdir, extra=extra, rounds=rounds)
@@ -304,6 +324,7 @@ class TrainedRun:
   params: object  # stacked: leading K axis
   assignment: np.ndarray  # cluster of each user, in the order of the training data's users
   step: int
+  weights: np.ndarray | None = None  # [U, K] soft-EM responsibilities (--soft), else None
 
 
 def load_run_name(workdir: Path, model: str) -> str:
@@ -328,9 +349,9 @@ def load_run(workdir: str | Path, model: str = "hetlm") -> TrainedRun:
   meta = ckpts.meta()  # each model family records its own K and model config
   cfg = cfg.replace(model=ModelConfig(**meta["model"]))
   trainer = Trainer(cfg, int(meta["k"]))
-  state, assignment, meta = ckpts.restore(trainer.abstract, int(meta["num_users"]))
+  state, assignment, meta, weights = ckpts.restore(trainer.abstract, int(meta["num_users"]))
   ckpts.close()
-  return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]))
+  return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]), weights)
 
 
 def _families_for(workdir: Path, seqs: UserSequences) -> dict[str, LMFamily]:
@@ -343,7 +364,8 @@ def _families_for(workdir: Path, seqs: UserSequences) -> dict[str, LMFamily]:
     except HetlmError:
       continue
     k = jax.tree.leaves(run.params)[0].shape[0]
-    family = LMFamily(name, Trainer(run.config, k), run.params, np.zeros(seqs.num_users, np.int32))
+    family = LMFamily(name, Trainer(run.config, k), run.params, np.zeros(seqs.num_users, np.int32),
+                      cluster_shares(run.assignment, run.weights, k))
     if k > 1:
       family.assignment = _saved_or_routed(workdir, family, seqs)
     families[name] = family

@@ -24,7 +24,7 @@ def _tokens_per_user(batches, seqs):
   counts = np.zeros(seqs.num_users, np.int64)
   for step in range(batches.steps):
     order = batches.order(step // batches.steps_per_epoch)
-    _, segments = batches.batch(step)
+    _, segments, _ = batches.batch(step)
     seg = segments[segments > 0] - 1
     np.add.at(counts, order[seg], 1)
   return counts
@@ -37,7 +37,7 @@ def test_every_user_is_seen_exactly_epochs_times_whatever_the_cluster_sizes():
   batches = ClusterBatches(seqs, assignment, k=3, batch_size=4, context=12, epochs=3, seed=0, round_index=0)
   expected = np.minimum(seqs.split - seqs.offsets[:-1], 13)
   np.testing.assert_array_equal(_tokens_per_user(batches, seqs), 3 * expected)
-  inputs, segments = batches.batch(0)
+  inputs, segments, _ = batches.batch(0)
   assert inputs.shape == segments.shape == (3, 4, 13)
   assert (segments[2] == 0).all()  # the empty cluster gets only padding
 
@@ -48,7 +48,7 @@ def test_packed_rows_hold_each_users_most_recent_history_in_order():
                            round_index=0)
   order = batches.order(0)
   assert sorted(order) == list(range(10))
-  inputs, segments = batches.batch(0)
+  inputs, segments, _ = batches.batch(0)
   stream, seg_stream = inputs[0].reshape(-1), segments[0].reshape(-1)
   for rank, user in enumerate(order):
     window, valid = history_windows(seqs, np.array([user]), 7)
@@ -86,3 +86,23 @@ def test_packed_scoring_equals_scoring_each_user_alone():
       p_k = jax.tree.map(lambda x: x[k], params)
       alone = np.where(mask, np.asarray(token_nll(PageLM(cfg.model), p_k, inputs)), 0).sum(axis=1)
       np.testing.assert_allclose(nll_KxU[k], alone, rtol=1e-5)
+
+
+def test_soft_weights_put_each_user_in_every_likely_cluster_with_its_responsibility():
+  seqs, _ = _seqs(30)
+  rng = np.random.default_rng(0)
+  weights = rng.dirichlet(np.ones(3), size=seqs.num_users)
+  weights[:5] = [1.0, 0.0, 0.0]  # below MIN_WEIGHT in clusters 1 and 2: not there at all
+  batches = ClusterBatches(seqs, weights.argmax(1), k=3, batch_size=4, context=12, epochs=2, seed=0,
+                           round_index=0, weights_UxK=weights)
+  mass = np.zeros((seqs.num_users, 3))
+  for step in range(batches.steps):
+    _, segments, token_w = batches.batch(step)
+    order = batches.order(step // batches.steps_per_epoch)
+    for c in range(3):
+      real = segments[c] > 0
+      np.add.at(mass[:, c], batches.owner_X[order[segments[c][real] - 1]], token_w[c][real])
+  history_U = np.minimum(seqs.split - seqs.offsets[:-1], 13)
+  expected = 2 * weights * history_U[:, None] * (weights >= ClusterBatches.MIN_WEIGHT)
+  np.testing.assert_allclose(mass, expected, rtol=1e-5)
+  assert (mass[:5, 1:] == 0).all()

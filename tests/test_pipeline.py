@@ -57,9 +57,11 @@ def test_checkpoint_restores_identical_parameters(log_path, tmp_path):
   assert first.config.model.vocab_size == first.tokenizer.vocab_size
 
 
+@pytest.mark.parametrize("soft", [False, True])
 def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_uninterrupted_one(
-    log_path, tmp_path, monkeypatch):
+    log_path, tmp_path, monkeypatch, soft):
   cfg = tiny(log_path, k=2)  # two stacked models and two reassignment rounds
+  cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, soft=soft, rounds=3))
   train_and_evaluate(cfg, tmp_path / "whole")
 
   real_step = loop.Trainer._report
@@ -93,3 +95,9 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_unin
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                jax.device_get(whole.params), jax.device_get(resumed.params))
   np.testing.assert_array_equal(whole.assignment, resumed.assignment)
+  if soft:  # responsibilities: a posterior per user, whose most likely cluster is the user's cluster
+    np.testing.assert_allclose(whole.weights, resumed.weights, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whole.weights.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(whole.weights.argmax(axis=1), whole.assignment)
+  else:
+    assert whole.weights is None

@@ -78,3 +78,25 @@ def test_a_cluster_with_only_padding_rows_gets_zero_loss_and_zero_gradient():
   _, metrics = step(create_state(CFG, tx, mesh, 2), inputs, segments)
   assert metrics["tokens"][1] == 0 and metrics["loss"][1] == 0 and metrics["grad_norm"][1] == 0
   assert metrics["loss"][0] > 0
+
+
+def test_token_weights_give_a_weighted_mean_loss():
+  mesh = make_mesh(CFG, 2, jax.devices()[:1])
+  tx = make_optimizer(CFG)
+  step = make_train_step(CFG, tx, mesh, abstract_state(CFG, tx, mesh, 2))
+  inputs, segments = _batch(2)
+  ones = (segments > 0).astype(np.float32)
+  _, plain = step(create_state(CFG, tx, mesh, 2), inputs, segments)
+  # The loss is a weighted mean: a constant factor per model changes nothing.
+  _, scaled = step(create_state(CFG, tx, mesh, 2), inputs, segments, ones * np.array([0.3, 2.0])[:, None, None])
+  np.testing.assert_allclose(scaled["loss"], plain["loss"], rtol=1e-5)
+  np.testing.assert_allclose(scaled["grad_norm"], plain["grad_norm"], rtol=1e-4)
+  # Weight 0 on a row is the same as that row being padding.
+  zero_row = ones.copy()
+  zero_row[:, 0] = 0
+  padded = segments.copy()
+  padded[:, 0] = 0
+  _, weighted = step(create_state(CFG, tx, mesh, 2), inputs, segments, zero_row)
+  _, dropped = step(create_state(CFG, tx, mesh, 2), inputs, padded)
+  np.testing.assert_allclose(weighted["loss"], dropped["loss"], rtol=1e-5)
+  np.testing.assert_allclose(weighted["grad_norm"], dropped["grad_norm"], rtol=1e-4)

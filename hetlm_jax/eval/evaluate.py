@@ -34,6 +34,13 @@ class LMFamily:
   trainer: Trainer
   params: object
   assignment: np.ndarray
+  shares: np.ndarray | None = None  # [K] the mixture's prior π; None: the clusters' shares of `assignment`
+
+  def log_prior(self) -> np.ndarray:
+    """[K] log π_k of the mixture likelihood log Σ_k π_k p_k(·)."""
+    k = self.trainer.k
+    share_K = self.shares if self.shares is not None else np.bincount(self.assignment, minlength=k) / len(self.assignment)
+    return np.log(np.maximum(share_K, 1e-12))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +175,7 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
   if hetlm_scores is not None and k > 1:
     # The proper mixture likelihood: log Σ_k π_k p_k(target), π = the clusters' shares of users.
     nll_KxU, tokens_U = hetlm_scores
-    share_K = np.bincount(families["hetlm"].assignment, minlength=k) / u
-    log_mix_U = logsumexp(np.log(np.maximum(share_K, 1e-12))[:, None] - nll_KxU, axis=0)
+    log_mix_U = logsumexp(families["hetlm"].log_prior()[:, None] - nll_KxU, axis=0)
     per_user["hetlm_mixture"] = {"nll": -log_mix_U / np.maximum(tokens_U, 1)}
   baselines = {"popularity": Popularity(), "markov": Markov(), "markov_mixture": MarkovMixture(max(k, 2))}
   batch = next(iter(families.values())).trainer.eval_batch if families else 512

@@ -41,16 +41,10 @@ def last_page_view(seqs: UserSequences) -> tuple[np.ndarray, UserSequences]:
   return users, dataclasses.replace(view, split=last_U[users] - shift_V)
 
 
-def _log_shares(family: LMFamily) -> np.ndarray:
-  k = family.trainer.k
-  share_K = np.bincount(family.assignment, minlength=k) / max(len(family.assignment), 1)
-  return np.log(np.maximum(share_K, 1e-12))
-
-
 def _lm_scores(family: LMFamily, test: UserSequences, view: UserSequences, tokenizer: PageTokenizer,
                opts: EvalOptions) -> tuple[dict, dict, np.ndarray]:
   """Per-user metrics, pooled sums {"with_end": (nll, tokens), "no_end": ...} and the MAP cluster."""
-  t, log_pi_K = family.trainer, _log_shares(family)
+  t, log_pi_K = family.trainer, family.log_prior()
   pooled, out = {}, {}
   for key, pages_only in (("with_end", False), ("no_end", True)):
     nll_KxU, tokens_U = t.score(family.params, test, "target", label=f"{family.name} {key}", pages_only=pages_only)

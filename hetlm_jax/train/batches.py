@@ -19,14 +19,24 @@ from hetlm_jax.data.tokenizer import BOS, EOS
 
 
 class ClusterBatches:
+  """`weights_UxK` (soft EM): every user is an example of every cluster whose responsibility for the user
+  is at least MIN_WEIGHT, its tokens weighted by it in that cluster's loss. Without: of its own cluster
+  in `assignment_U`, with weight 1."""
+
+  MIN_WEIGHT = 0.01
 
   def __init__(self, seqs: UserSequences, assignment_U: np.ndarray, k: int, batch_size: int, context: int,
-               epochs: int, seed: int, round_index: int):
+               epochs: int, seed: int, round_index: int, weights_UxK: np.ndarray | None = None):
     self.seqs, self.assignment_U = seqs, np.asarray(assignment_U)
     self.k, self.batch_size, self.width, self.epochs = k, batch_size, context + 1, epochs
     self.seed, self.round_index = seed, round_index
-    self.owner_X, self.first_X, self.lengths_X, _ = all_windows(seqs, "history", self.width)
-    self.cluster_X = self.assignment_U[self.owner_X]
+    owner_W, first_W, lengths_W, _ = all_windows(seqs, "history", self.width)
+    if weights_UxK is None:
+      window_X, self.cluster_X, self.weight_X = np.arange(len(owner_W)), self.assignment_U[owner_W], None
+    else:
+      window_X, self.cluster_X = np.nonzero(np.asarray(weights_UxK)[owner_W] >= self.MIN_WEIGHT)
+      self.weight_X = np.asarray(weights_UxK, np.float32)[owner_W[window_X], self.cluster_X]
+    self.owner_X, self.first_X, self.lengths_X = owner_W[window_X], first_W[window_X], lengths_W[window_X]
     tokens_K = np.bincount(self.cluster_X, weights=self.lengths_X, minlength=k)
     rows = -(-int(tokens_K.max()) // self.width)
     self.steps_per_epoch = max(1, -(-rows // batch_size))
@@ -42,8 +52,8 @@ class ClusterBatches:
     rng = np.random.default_rng([self.seed, self.round_index, epoch])
     return np.lexsort((rng.random(len(self.cluster_X)), self.cluster_X))
 
-  def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and segment ids [K, steps_per_epoch * B, T+1] of one epoch."""
+  def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens, segment ids and token weights [K, steps_per_epoch * B, T+1] of one epoch."""
     order = self.order(epoch)
     cluster, length = self.cluster_X[order], self.lengths_X[order]
     # Position of each example in its cluster's stream.
@@ -60,18 +70,20 @@ class ClusterBatches:
     rows = self.steps_per_epoch * self.batch_size
     tokens = np.zeros((self.k, rows, self.width), np.int32)
     segments = np.zeros((self.k, rows, self.width), np.int32)
+    weights = np.zeros((self.k, rows, self.width), np.float32)
     where = (cluster[example], pos // self.width, pos % self.width)
     tokens[where] = self.seqs.tokens[first[example] + offset]
     segments[where] = example + 1
-    return tokens, segments
+    weights[where] = 1.0 if self.weight_X is None else self.weight_X[order][example]
+    return tokens, segments, weights
 
-  def batch(self, step_in_round: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and segment ids [K, B, T+1] int32 for this step of the round."""
+  def batch(self, step_in_round: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens and segment ids [K, B, T+1] int32, and token weights [K, B, T+1] float32 (0: padding)."""
     epoch, i = divmod(step_in_round, self.steps_per_epoch)
     if epoch != self._epoch:
       self._epoch, self._tables = epoch, self._pack(epoch)
     rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
-    return self._tables[0][:, rows], self._tables[1][:, rows]
+    return tuple(table[:, rows] for table in self._tables)
 
 
 class ScoringBatches:

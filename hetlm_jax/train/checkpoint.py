@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -21,25 +22,33 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, state: TrainState, assignment_U: np.ndarray, meta: dict) -> None:
+  def save(self, state: TrainState, assignment_U: np.ndarray, meta: dict, weights_UxK: np.ndarray | None = None) -> None:
+    """`weights_UxK`: soft-EM responsibilities in use, kept so a resumed round trains on the same ones."""
     step = int(meta["step"])
     if step in self._manager.all_steps():
       return
+    assignment = {"cluster": np.asarray(assignment_U, np.int32)}
+    if weights_UxK is not None:
+      assignment["weight"] = np.asarray(weights_UxK, np.float32)
     self._manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      assignment=ocp.args.StandardSave({"cluster": np.asarray(assignment_U, np.int32)}),
-      meta=ocp.args.JsonSave(meta)))
+      state=ocp.args.StandardSave(state), assignment=ocp.args.StandardSave(assignment),
+      meta=ocp.args.JsonSave({**meta, "soft": weights_UxK is not None})))
     self._manager.wait_until_finished()
 
   def restore(self, abstract: TrainState, num_users: int, step: int | None = None):
-    """Restores onto the shardings carried by `abstract`; returns (state, assignment, meta)."""
+    """Restores onto the shardings carried by `abstract`; returns (state, assignment, meta, weights or None)."""
     step = self._manager.latest_step() if step is None else step
     abstract_assignment = {"cluster": np.zeros(num_users, np.int32)}
+    if self.meta(step).get("soft"):
+      k = jax.tree.leaves(abstract.params)[0].shape[0]
+      abstract_assignment["weight"] = np.zeros((num_users, k), np.float32)
     restored = self._manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract),
       assignment=ocp.args.StandardRestore(abstract_assignment),
       meta=ocp.args.JsonRestore()))
-    return restored["state"], np.asarray(restored["assignment"]["cluster"]), dict(restored["meta"])
+    assignment = restored["assignment"]
+    weights = np.asarray(assignment["weight"]) if "weight" in assignment else None
+    return restored["state"], np.asarray(assignment["cluster"]), dict(restored["meta"]), weights
 
   def meta(self, step: int | None = None) -> dict:
     step = self._manager.latest_step() if step is None else step

@@ -80,8 +80,7 @@ class Trainer:
     progress = Progress(batches.steps, label, every=self.cfg.train.log_every, initial=first)
     pending, last_time = None, time.perf_counter()
     for s in range(first, batches.steps):
-      inputs, segments = batches.batch(s)
-      state, metrics = self.train_step(state, inputs, segments)
+      state, metrics = self.train_step(state, *batches.batch(s))
       if pending is not None:  # read step s-1 while step s runs
         last_time = self._report(pending, log, progress, last_time, s)
       pending = (s + 1, metrics)

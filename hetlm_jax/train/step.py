@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -33,15 +34,16 @@ def packed_loss_mask(segments_BxT1: jax.Array) -> jax.Array:
   return (segments_BxT1[:, 1:] == segments_BxT1[:, :-1]) & (segments_BxT1[:, 1:] != 0)
 
 
-def single_model_step(model, tx, lr, params, opt_state, inputs_BxT1, segments_BxT1, key):
-  """One AdamW step of one model on its packed batch; padding (segment 0) is out of the loss."""
-  mask_BxT = packed_loss_mask(segments_BxT1)
+def single_model_step(model, tx, lr, params, opt_state, inputs_BxT1, segments_BxT1, weights_BxT1, key):
+  """One AdamW step of one model on its packed batch: the weighted mean NLL of its predicted tokens
+  (weights 1 under hard assignment, responsibilities under soft); padding (segment 0) is out of the loss."""
+  weight_BxT = jnp.where(packed_loss_mask(segments_BxT1), weights_BxT1[:, 1:], 0.0)
 
   def loss_fn(params):
     nll_BxT = token_nll(model, params, inputs_BxT1, segments_BxT1, deterministic=False, rngs={"dropout": key})
-    tokens = mask_BxT.sum()
-    nll_sum = jnp.where(mask_BxT, nll_BxT, 0.0).sum()
-    return nll_sum / jnp.maximum(tokens, 1), (nll_sum, tokens)
+    tokens = weight_BxT.sum()
+    nll_sum = (weight_BxT * nll_BxT).sum()
+    return nll_sum / jnp.maximum(tokens, 1e-6), (nll_sum, tokens)
 
   (loss, (nll_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
@@ -53,25 +55,34 @@ def single_model_step(model, tx, lr, params, opt_state, inputs_BxT1, segments_Bx
 def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
   """jit(vmap(single_model_step)) with the state donated, B sharded over 'data', K over 'cluster'.
 
-  Batch: inputs and segment ids [K, B, T+1] int32 (0: padding). Returns (state, metrics), metrics per model [K].
+  Batch: inputs and segment ids [K, B, T+1] int32 (0: padding), and optionally token weights [K, B, T+1]
+  float32 (default: 1 on every real token). Returns (state, metrics), metrics per model [K].
   """
   model = PageLM(cfg.model)
   seed = cfg.train.seed
 
-  def train_step(state: TrainState, inputs_KxBxT1, segments_KxBxT1):
+  def train_step(state: TrainState, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1):
     # Dropout keys depend only on (seed, step): a resumed run draws the same ones.
     keys_K = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step), inputs_KxBxT1.shape[0])
     lr = learning_rate(cfg, state)
     stacked_step = jax.vmap(functools.partial(single_model_step, model, tx, lr))
-    params, opt_state, metrics = stacked_step(state.params, state.opt_state, inputs_KxBxT1, segments_KxBxT1, keys_K)
+    params, opt_state, metrics = stacked_step(state.params, state.opt_state, inputs_KxBxT1, segments_KxBxT1,
+                                              weights_KxBxT1, keys_K)
     metrics["learning_rate"] = jnp.broadcast_to(lr, keys_K.shape)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   shardings = state_shardings(mesh, abstract)
   batch = NamedSharding(mesh, P("cluster", "data"))
   per_model = NamedSharding(mesh, P("cluster"))
-  return jax.jit(train_step, in_shardings=(shardings, batch, batch), out_shardings=(shardings, per_model),
-                 donate_argnums=0)
+  jitted = jax.jit(train_step, in_shardings=(shardings, batch, batch, batch), out_shardings=(shardings, per_model),
+                   donate_argnums=0)
+
+  def step(state: TrainState, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1=None):
+    if weights_KxBxT1 is None:
+      weights_KxBxT1 = (np.asarray(segments_KxBxT1) > 0).astype(np.float32)
+    return jitted(state, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1)
+
+  return step
 
 
 def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, pages_only: bool = False):
