@@ -118,3 +118,17 @@ def test_bench_writes_its_measurements(tmp_path, good_log, capsys):
   assert result["per_cluster_loop"][0]["k"] == 8
   assert all(row["tokens_per_s"] > 0 for row in result["stacked"] + result["per_cluster_loop"])
   assert all(row["users_per_s"] > 0 for row in result["scoring"])
+
+
+def test_the_default_preset_holds_the_built_in_defaults():
+  from hetlm_jax.config import Config
+  defaults = {name: value for section in Config().to_dict().values() for name, value in section.items()}
+  lines = [ln.strip() for ln in open("configs/default.flags") if ln.startswith("--")]
+  assert lines
+  for line in lines:
+    name, _, value = line[2:].partition("=")
+    expected = defaults[name]
+    if isinstance(expected, bool):
+      assert value == "" and expected, line  # a bare --flag sets a boolean
+    else:
+      assert type(expected)(value) == expected, line

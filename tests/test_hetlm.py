@@ -90,7 +90,7 @@ def test_reassignment_recovers_the_clusters_from_a_mostly_random_start(markov_lo
   assert all(min(r["sizes"]) > 0 and sum(r["sizes"]) == seqs.num_users for r in rounds)
   # Users moved between rounds, yet the step and the scoring pass were each compiled once.
   hetlm, = trainers
-  assert hetlm.train_step._cache_size() == 1 and hetlm.score_batch._cache_size() == 1
+  assert hetlm.train_step.jitted._cache_size() == 1 and hetlm.score_batch._cache_size() == 1
 
 
 def test_single_matched_has_about_k_times_the_parameters(markov_run):

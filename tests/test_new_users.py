@@ -13,6 +13,7 @@ from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, Tra
 from hetlm_jax.data.sequences import UserSequences, all_windows, build_sequences, split_users
 from hetlm_jax.data.tokenizer import BOS, EOS, PageTokenizer
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
+from hetlm_jax.eval.generate import prompts
 from hetlm_jax.eval.new_users import last_page_view
 from hetlm_jax.main import cli
 from hetlm_jax.model import PageLM
@@ -130,6 +131,13 @@ def test_split_users_follows_the_seeded_permutation_and_keeps_whole_sequences():
   np.testing.assert_array_equal(test.split, test.offsets[:-1] + 1)  # all target but the BOS
   rest, _ = split_users(seqs, 0, 2, seed=0)
   assert list(rest.user_ids) == [str(u) for u in perm[2:]]
+
+
+def test_a_whole_sequence_prompts_a_new_session():
+  seqs = _seqs([5], [5])  # split by user: no target, the whole sequence is history
+  seqs.tokens[4] = EOS
+  prompt_BxL, pad_B = prompts(seqs, np.array([0]), 8)
+  np.testing.assert_array_equal(prompt_BxL[0, pad_B[0]:], np.r_[seqs.tokens[:5], BOS])
 
 
 def test_last_page_view_splits_before_each_users_last_page():

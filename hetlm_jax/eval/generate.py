@@ -85,11 +85,12 @@ def make_decoder(cfg: ModelConfig, s: Sampling):
 
 def prompts(seqs: UserSequences, users_B: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded prompts [B, length] (the most recent history tokens, plus BOS when the held-out target
-  is a new session) and the padding count of each row; user -1 gives an all-padding row."""
+  is a new session or there is none) and the padding count of each row; user -1 gives an all-padding row."""
   real_B = users_B >= 0
   u_B = np.where(real_B, users_B, 0)
-  opens_session_B = seqs.tokens[np.minimum(seqs.split[u_B], len(seqs.tokens) - 1)] == BOS
-  opens_session_B &= seqs.split[u_B] < seqs.offsets[u_B + 1]
+  # A target that opens a session, or none at all (a whole sequence, split by user): a new session follows.
+  no_target_B = seqs.split[u_B] >= seqs.offsets[u_B + 1]
+  opens_session_B = (seqs.tokens[np.minimum(seqs.split[u_B], len(seqs.tokens) - 1)] == BOS) | no_target_B
   # A trailing BOS is appended for new-session targets, so take one history token fewer.
   hist_B = np.minimum(seqs.split[u_B] - seqs.offsets[u_B], length - opens_session_B)
   len_B = np.where(real_B, hist_B + opens_session_B, 1)

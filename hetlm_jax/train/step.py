@@ -82,6 +82,7 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
       weights_KxBxT1 = (np.asarray(segments_KxBxT1) > 0).astype(np.float32)
     return jitted(state, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1)
 
+  step.jitted = jitted  # the compiled function, e.g. to check that it compiles once
   return step
 
 
