@@ -198,3 +198,17 @@ def test_split_by_user_flags_are_checked_before_anything_is_written(tmp_path, ca
   err = capsys.readouterr().err
   assert len(err.strip().splitlines()) == 1 and needle in err
   assert not workdir.exists()
+
+
+def test_one_page_users_are_scored_and_leave_nothing_to_rank(tmp_path):
+  import pyarrow.parquet as pq
+  path = tmp_path / "one_page.parquet"
+  pq.write_table(pa.table({"user_id": list(range(40)), "timestamp": [0] * 40, "page": [f"p{u % 3}" for u in range(40)]}),
+                 path)
+  cfg = Config(model=ModelConfig(context=8, d_model=8, n_layers=1, n_heads=2, d_ff=16, dropout=0.0),
+               train=TrainConfig(batch_size=8, epochs=1, eval_batch_size=16),
+               data=DataConfig(path=str(path), test_users=10), cluster=ClusterConfig(k=2, rounds=1, init="random"))
+  report = train_and_evaluate(cfg, tmp_path / "run")
+  assert report["ranked_users"] == 0 and report["test_tokens"] == {"with_end": 20, "no_end": 10}
+  on_disk = json.loads((tmp_path / "run" / "eval.json").read_text())
+  assert on_disk["models"]["hetlm"]["hr@10"]["mean"] is None and on_disk["models"]["hetlm"]["nll"]["mean"] > 0

@@ -123,8 +123,9 @@ def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: E
   groups_U = np.zeros(seqs.num_users, np.int64) if groups_U is None else np.asarray(groups_U)
   order = np.argsort(groups_U, kind="stable")
   bounds = np.flatnonzero(np.diff(groups_U[order])) + 1
-  batches = [b for g in np.split(order, bounds) for b in np.array_split(g, -(-len(g) // batch))]
-  out = {}
+  batches = [b for g in np.split(order, bounds) if len(g) for b in np.array_split(g, -(-len(g) // batch))]
+  out = {key: np.full(seqs.num_users, np.nan)
+         for key in ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr", "hr@10_sampled", "ndcg@10_sampled")}
   progress = Progress(len(batches), f"{label} ranking", every=10)
   for i, users in enumerate(batches):
     logp_BxV = logprobs_fn(users)
@@ -134,7 +135,7 @@ def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: E
     part = {**{k: full[k] for k in ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr")},
             **{f"{k}_sampled": sampled[k] for k in ("hr@10", "ndcg@10")}}
     for key, values in part.items():
-      out.setdefault(key, np.full(seqs.num_users, np.nan))[users] = values
+      out[key][users] = values
     progress.update(i + 1)
   progress.close()
   return out
