@@ -124,18 +124,18 @@ def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: E
   order = np.argsort(groups_U, kind="stable")
   bounds = np.flatnonzero(np.diff(groups_U[order])) + 1
   batches = [b for g in np.split(order, bounds) if len(g) for b in np.array_split(g, -(-len(g) // batch))]
-  out = {key: np.full(seqs.num_users, np.nan)
-         for key in ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr", "hr@10_sampled", "ndcg@10_sampled")}
+  full_keys, sampled_keys = ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr"), ("hr@10", "ndcg@10")
+  out = {key: np.full(seqs.num_users, np.nan) for key in (*full_keys, *(f"{k}_sampled" for k in sampled_keys))}
   progress = Progress(len(batches), f"{label} ranking", every=10)
   for i, users in enumerate(batches):
     logp_BxV = logprobs_fn(users)
     full = M.ranking_metrics(logp_BxV, true_U[users], candidate_V)
     sampled = M.sampled_ranking_metrics(logp_BxV, true_U[users], seqs.subset(users), candidate_V,
                                         opts.negatives, seed=opts.seed + int(users[0]))
-    part = {**{k: full[k] for k in ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr")},
-            **{f"{k}_sampled": sampled[k] for k in ("hr@10", "ndcg@10")}}
-    for key, values in part.items():
-      out[key][users] = values
+    for k in full_keys:
+      out[k][users] = full[k]
+    for k in sampled_keys:
+      out[f"{k}_sampled"][users] = sampled[k]
     progress.update(i + 1)
   progress.close()
   return out

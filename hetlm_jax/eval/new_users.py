@@ -27,6 +27,13 @@ from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
 from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, _write_json
 
 PUBLISHED_MIXTURE_K = 40  # Cadez et al.'s mixture of Markov chains on msnbc (DESIGN.md)
+# Pooled key, per-user metric and pages_only of the two scorings of every test sequence.
+_SCORINGS = (("with_end", "nll", False), ("no_end", "nll_no_end", True))
+
+
+def _record(out: dict, pooled: dict, key: str, metric: str, nll_U: np.ndarray, tokens_U: np.ndarray) -> None:
+  pooled[key] = (float(nll_U.sum()), int(tokens_U.sum()))
+  out[metric] = nll_U / np.maximum(tokens_U, 1)
 
 
 def last_page_view(seqs: UserSequences) -> tuple[np.ndarray, UserSequences]:
@@ -46,13 +53,11 @@ def _lm_scores(family: LMFamily, test: UserSequences, view: UserSequences, token
   """Per-user metrics, pooled sums {"with_end": (nll, tokens), "no_end": ...} and the MAP cluster."""
   t, log_pi_K = family.trainer, family.log_prior()
   pooled, out = {}, {}
-  for key, pages_only in (("with_end", False), ("no_end", True)):
+  for key, metric, pages_only in _SCORINGS:
     nll_KxU, tokens_U = t.score(family.params, test, "target", label=f"{family.name} {key}", pages_only=pages_only)
     joint_KxU = log_pi_K[:, None] - nll_KxU
-    nll_U = -logsumexp(joint_KxU, axis=0)
-    pooled[key] = (float(nll_U.sum()), int(tokens_U.sum()))
-    out["nll" if key == "with_end" else "nll_no_end"] = nll_U / np.maximum(tokens_U, 1)
-    if key == "with_end":
+    _record(out, pooled, key, metric, -logsumexp(joint_KxU, axis=0), tokens_U)
+    if not pages_only:
       map_U = np.argmax(joint_KxU, axis=0)
   prefix_KxU, _ = t.score(family.params, view, "history", label=f"{family.name} prefixes")
   log_post_KxU = log_pi_K[:, None] - prefix_KxU
@@ -69,10 +74,8 @@ def _baseline_scores(model, train: UserSequences, test: UserSequences, view: Use
                      tokenizer: PageTokenizer, opts: EvalOptions, batch: int, name: str) -> tuple[dict, dict]:
   model.fit(train, tokenizer.vocab_size)
   out, pooled = {}, {}
-  for key, pages_only in (("with_end", False), ("no_end", True)):
-    nll_U, tokens_U = model.target_nll(test, pages_only=pages_only)
-    pooled[key] = (float(nll_U.sum()), int(tokens_U.sum()))
-    out["nll" if key == "with_end" else "nll_no_end"] = nll_U / np.maximum(tokens_U, 1)
+  for key, metric, pages_only in _SCORINGS:
+    _record(out, pooled, key, metric, *model.target_nll(test, pages_only=pages_only))
 
   def logprobs(users):
     return model.next_token_logprobs(view.subset(users))
