@@ -117,9 +117,12 @@ def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: E
   """Next-page HR@1/5/10, NDCG@10, MRR: full ranking over pages, and against sampled negatives.
 
   `logprobs_fn(users)` gets batches of users of one group (e.g. cluster) each, when groups are given.
+  The negatives depend on (opts.seed, seqs) only, never on the batching, so every model and baseline
+  ranks each user's true page against the same pages.
   """
   candidate_V = np.arange(tokenizer.vocab_size) >= tokenizer.num_specials
   true_U = seqs.tokens[first_page_index(seqs)]
+  neg_UxN, ok_U = M.sample_negatives(seqs, candidate_V, opts.negatives, opts.seed, exclude_U=true_U)
   groups_U = np.zeros(seqs.num_users, np.int64) if groups_U is None else np.asarray(groups_U)
   order = np.argsort(groups_U, kind="stable")
   bounds = np.flatnonzero(np.diff(groups_U[order])) + 1
@@ -130,8 +133,7 @@ def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: E
   for i, users in enumerate(batches):
     logp_BxV = logprobs_fn(users)
     full = M.ranking_metrics(logp_BxV, true_U[users], candidate_V)
-    sampled = M.sampled_ranking_metrics(logp_BxV, true_U[users], seqs.subset(users), candidate_V,
-                                        opts.negatives, seed=opts.seed + int(users[0]))
+    sampled = M.negatives_ranking_metrics(logp_BxV, true_U[users], neg_UxN[users], ok_U[users], candidate_V)
     for k in full_keys:
       out[k][users] = full[k]
     for k in sampled_keys:

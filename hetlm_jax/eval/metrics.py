@@ -132,10 +132,19 @@ def sampled_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, seqs: User
 
   Same keys as `ranking_metrics`; a user is also invalid when fewer than n negatives exist.
   """
+  neg_UxN, ok_U = sample_negatives(seqs, candidate_V, n_negatives, seed, exclude_U=np.asarray(true_U, np.int64))
+  return negatives_ranking_metrics(logp_UxV, true_U, neg_UxN, ok_U, candidate_V, ks)
+
+
+def negatives_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, neg_UxN: np.ndarray, ok_U: np.ndarray,
+                              candidate_V: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, np.ndarray]:
+  """Rank of the true token against given negatives (rows of `sample_negatives`), ties pessimistic.
+
+  Drawn once for all users, the same negatives serve every model, so their metrics are paired.
+  """
   logp_UxV = np.asarray(logp_UxV)
   true_U = np.asarray(true_U, np.int64)
   candidate_V = np.asarray(candidate_V, bool)
-  neg_UxN, ok_U = sample_negatives(seqs, candidate_V, n_negatives, seed, exclude_U=true_U)
   valid_U = candidate_V[true_U] & ok_U
   score_U = logp_UxV[np.arange(len(true_U)), true_U]
   neg_score_UxN = np.take_along_axis(logp_UxV, np.maximum(neg_UxN, 0), axis=1)
