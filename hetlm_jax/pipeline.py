@@ -79,14 +79,15 @@ def data_path(cfg: Config) -> str:
 
 
 def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepared:
-  """Reads the log and builds per-user sequences; fits the tokenizer unless one is given."""
+  """Reads the log and builds per-user sequences; fits the tokenizer on the training histories unless one
+  is given (pages seen only in held-out targets or test users are unknown to the models, so UNK)."""
   d = cfg.data
   path = data_path(cfg)
   start = time.perf_counter()
   table = read_events(path, d.format, max_users=d.max_users or None)
-  if tokenizer is None:
-    tokenizer = PageTokenizer.fit(table["page"], outcome_types(table), min_count=d.min_count,
-                                  max_vocab=d.max_vocab or None)
+  given = tokenizer is not None
+  if not given:  # every page for now; which events train is known only once the sequences are built
+    tokenizer = PageTokenizer.fit(table["page"], outcome_types(table))
   holdout = "none" if d.test_users else d.holdout
   seqs, stats = build_sequences(table, tokenizer, session_gap_s=d.session_gap_minutes * 60, holdout=holdout)
   int_ids = (table.schema.metadata or {}).get(b"hetlm_user_id") == b"int64"
@@ -97,6 +98,14 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
                        f"--test_users={d.test_users}")
     seqs, test_seqs = split_users(seqs, d.train_users, d.test_users, d.split_seed)
     stats.update(users=seqs.num_users, test_users=test_seqs.num_users, test_tokens=test_seqs.num_tokens)
+  if not given:
+    # A training user's history is all that trains (split_users makes a training user's whole sequence
+    # history); min_count and max_vocab apply to those counts.
+    counts_V = seqs.history_counts(tokenizer.vocab_size)
+    stats["pages_never_in_training"] = int((counts_V[tokenizer.num_specials:] == 0).sum())
+    tokenizer, map_V = tokenizer.restrict(counts_V, d.min_count, d.max_vocab or None)
+    seqs = seqs.map_tokens(map_V)
+    test_seqs = test_seqs.map_tokens(map_V) if test_seqs is not None else None
   return Prepared(seqs, tokenizer, stats, time.perf_counter() - start, int_ids, test_seqs)
 
 

@@ -1,13 +1,19 @@
 """The evaluation is fair to every model: paired negatives, a training-only vocabulary, the history posterior
 of the mixture, and the headline table of report.md."""
 
+import dataclasses
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from hetlm_jax.config import Config, DataConfig
 from hetlm_jax.data.sequences import build_sequences
-from hetlm_jax.data.tokenizer import PageTokenizer
+from hetlm_jax.data.tokenizer import UNK, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.evaluate import EvalOptions, _ranking, first_page_index
+from hetlm_jax.pipeline import prepare_data
 from synthetic import markov_events
 
 
@@ -38,3 +44,53 @@ def test_sampled_negatives_do_not_depend_on_how_users_are_batched(wide):
   for key in ("hr@10", "ndcg@10"):
     np.testing.assert_array_equal(by_cluster[f"{key}_sampled"], in_order[f"{key}_sampled"])
     np.testing.assert_array_equal(by_cluster[f"{key}_sampled"], expected[key])
+
+
+def _log(tmp_path, rows):
+  """A parquet log of (user, hour, page) rows, one page a minute within the hour."""
+  users, hours, pages = zip(*rows)
+  ts = [1_600_000_000 + 7200 * h + 60 * i for i, h in enumerate(hours)]
+  path = tmp_path / "events.parquet"
+  pq.write_table(pa.table({"user_id": list(users), "timestamp": ts, "page": list(pages)}), path)
+  return str(path)
+
+
+def _pages(seqs, tok, part):
+  """Page strings of every user's `part` ('history' or 'target')."""
+  get = seqs.history if part == "history" else seqs.target
+  return [p for u in range(seqs.num_users) for p in tok.decode(get(u))]
+
+
+def test_pages_seen_only_in_held_out_targets_are_not_in_the_vocabulary(tmp_path):
+  path = _log(tmp_path, [
+    # Two sessions: the last one is the target.
+    ("a", 0, "home"), ("a", 0, "news"), ("a", 1, "home"), ("a", 1, "target_only"),
+    # One session, --holdout=half: history <s> home sport, target sport2 tail_only.
+    ("b", 0, "home"), ("b", 0, "sport"), ("b", 0, "sport2"), ("b", 0, "tail_only"),
+    # "news" trains once (user a) and is held out once (user c): min_count=2 counts only the first.
+    ("c", 0, "home"), ("c", 0, "sport"), ("c", 1, "news")])
+  cfg = Config(data=DataConfig(path=path, holdout="half"))
+  prepared = prepare_data(cfg)
+  tok, seqs = prepared.tokenizer, prepared.seqs
+  assert set(tok.tokens[tok.num_specials:]) == {"home", "news", "sport"}
+  assert _pages(seqs, tok, "target").count("<unk>") == 3  # target_only, sport2, tail_only
+  assert "<unk>" not in _pages(seqs, tok, "history") and prepared.stats["pages_never_in_training"] == 3
+  rare = prepare_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, min_count=2)))
+  assert set(rare.tokenizer.tokens[rare.tokenizer.num_specials:]) == {"home", "sport"}
+  assert rare.tokenizer.encode_pages(["news"]).tolist() == [UNK]
+  # A given (saved) tokenizer is used as it is.
+  every = PageTokenizer.fit(["home", "target_only"])
+  again = prepare_data(cfg, every)
+  assert again.tokenizer is every and "target_only" in _pages(again.seqs, every, "target")
+
+
+def test_pages_seen_only_in_test_users_are_not_in_the_vocabulary(tmp_path):
+  users = [f"u{i}" for i in range(5)]
+  path = _log(tmp_path, [row for u in users for row in ((u, 0, "home"), (u, 0, f"own_{u}"))])
+  prepared = prepare_data(Config(data=DataConfig(path=path, test_users=2, split_seed=1)))
+  tok, train, test = prepared.tokenizer, prepared.seqs, prepared.test_seqs
+  assert set(tok.tokens[tok.num_specials:]) == {"home"} | {f"own_{u}" for u in train.user_ids}
+  assert test.num_users == 2
+  for u in range(test.num_users):
+    assert tok.decode(test.target(u)) == ["home", "<unk>", "</s>"]
+

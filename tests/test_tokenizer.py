@@ -57,6 +57,21 @@ def test_min_count_and_max_vocab_map_to_unk():
     PageTokenizer.fit(PAGES, outcome_types=["cart"], max_vocab=4)
 
 
+
+def test_restrict_to_training_counts_is_fit_on_those_events_and_maps_the_rest_to_unk():
+  tok = PageTokenizer.fit(PAGES, outcome_types=["cart"])  # <cart>, then a b c d
+  counts_V = np.zeros(tok.vocab_size, np.int64)
+  counts_V[tok.encode_pages(["b", "c", "d"])] = [3, 1, 2]  # "a" never trains
+  new, map_V = tok.restrict(counts_V, min_count=2)
+  assert new == PageTokenizer.fit(["b"] * 3 + ["c"] + ["d"] * 2, outcome_types=["cart"], min_count=2)
+  assert new.tokens[4:] == ["<cart>", "b", "d"]
+  old_ids = tok.encode_pages(["a", "b", "c", "d"])
+  np.testing.assert_array_equal(map_V[old_ids], new.encode_pages(["a", "b", "c", "d"]))
+  assert map_V[old_ids].tolist() == [UNK, 5, UNK, 6] and map_V[:5].tolist() == [0, 1, 2, 3, 4]
+  capped, _ = tok.restrict(counts_V, max_vocab=6)
+  assert capped.tokens[5:] == ["b"]
+
+
 def test_save_load_round_trip(tmp_path):
   tok = PageTokenizer.fit(PAGES + ["ü-page"], outcome_types=["cart"])
   written = tok.save(tmp_path)

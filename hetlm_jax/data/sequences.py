@@ -94,6 +94,15 @@ class UserSequences:
                          offsets=new_offsets, split=self.split[idx_V] - shift_V,
                          n_sessions=self.n_sessions[idx_V])
 
+  def map_tokens(self, map_V: np.ndarray) -> UserSequences:
+    """The same sequences with every token id t replaced by map_V[t] (e.g. a restricted vocabulary)."""
+    return dataclasses.replace(self, tokens=np.asarray(map_V, np.int32)[self.tokens])
+
+  def history_counts(self, vocab_size: int) -> np.ndarray:
+    """[V] occurrences of every token id in the users' histories: the tokens the models train on."""
+    in_history_N = np.arange(self.num_tokens) < np.repeat(self.split, self.lengths)
+    return np.bincount(self.tokens[in_history_N], minlength=vocab_size)
+
 
 def split_users(seqs: UserSequences, n_train: int, n_test: int, seed: int) -> tuple[UserSequences, UserSequences]:
   """The split by user: users in the order of numpy.random.default_rng(seed).permutation(U); the next

@@ -46,20 +46,36 @@ class PageTokenizer:
 
     `max_vocab` bounds the whole vocabulary, specials and outcome tokens included.
     """
+    counts = pc.value_counts(_as_strings(pages).drop_null())
+    return cls._from_counts(outcome_types, counts.field("values"), counts.field("counts"), min_count, max_vocab)
+
+  @classmethod
+  def _from_counts(cls, outcome_types: Iterable[str], pages: pa.Array, counts: pa.Array, min_count: int,
+                   max_vocab: int | None) -> PageTokenizer:
     # Lower-cased like build_sequences matches event types, so "Cart" and "cart" are one token.
     outcomes = sorted({str(o).strip().lower() for o in outcome_types})
     n_fixed = len(SPECIALS) + len(outcomes)
     if max_vocab is not None and max_vocab < n_fixed:
       raise HetlmError(f"max_vocab={max_vocab} is smaller than the {n_fixed} special and outcome "
                        "tokens")
-    counts = pc.value_counts(_as_strings(pages).drop_null())
-    table = pa.table({"page": counts.field("values"), "count": counts.field("counts")})
+    table = pa.table({"page": pages, "count": counts})
     table = table.filter(pc.greater_equal(table["count"], max(int(min_count), 1)))
     # Ties broken by the page string so ids do not depend on row order.
     table = table.sort_by([("count", "descending"), ("page", "ascending")])
     if max_vocab is not None:
       table = table.slice(0, max_vocab - n_fixed)
     return cls(outcomes, table["page"].to_pylist())
+
+  def restrict(self, counts_V: np.ndarray, min_count: int = 1,
+               max_vocab: int | None = None) -> tuple[PageTokenizer, np.ndarray]:
+    """The tokenizer `fit` would give on events with these per-token counts (e.g. of training data
+    only), and the [V] map from this tokenizer's ids to its ids: pages it drops map to UNK."""
+    counts_V = np.asarray(counts_V, np.int64)
+    if counts_V.shape != (self.vocab_size,):
+      raise ValueError(f"counts_V must have shape ({self.vocab_size},), not {counts_V.shape}")
+    new = self._from_counts(self._outcomes, self._pages, counts_V[self.num_specials:], min_count, max_vocab)
+    map_V = np.concatenate([np.arange(self.num_specials, dtype=np.int32), new.encode_pages(self._pages)])
+    return new, map_V
 
   @property
   def vocab_size(self) -> int:
