@@ -5,13 +5,14 @@ import json
 import jax
 import numpy as np
 import pytest
+from scipy.special import logsumexp
 
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.eval.evaluate import LMFamily, first_page_index, route_by_history
 from hetlm_jax.main import cli
 from hetlm_jax.model import PageLM
-from hetlm_jax.pipeline import generate_for_user, load_run, prepare_data, train_and_evaluate
+from hetlm_jax.pipeline import cluster_shares, generate_for_user, load_run, prepare_data, train_and_evaluate
 from hetlm_jax.train.loop import Trainer
 
 OTTO = "tests/data/otto_sample.parquet"
@@ -38,6 +39,22 @@ def test_eval_json_holds_every_model_and_metric_as_specified(otto_run):
       assert set(on_disk["models"][model][metric]) == {"mean", "var", "std", "p10", "p50", "p90"}, (model, metric)
   assert np.isfinite(on_disk["models"]["hetlm"]["nll"]["mean"])
   assert "hetlm-single" in on_disk["bootstrap"] and "hetlm_mixture" in on_disk["models"]
+
+
+def test_hetlm_mixture_weights_the_models_by_their_posterior_given_the_history(otto_run):
+  workdir, report = otto_run
+  run = load_run(workdir)
+  seqs = prepare_data(run.config, run.tokenizer).seqs
+  trainer = Trainer(run.config, 2)
+  target_KxU, tokens_U = trainer.score(run.params, seqs, "target")
+  history_KxU, _ = trainer.score(run.params, seqs, "history")
+  log_prior_K = np.log(cluster_shares(run.assignment, run.weights, 2))
+  log_post_KxU = log_prior_K[:, None] - history_KxU
+  log_post_KxU -= logsumexp(log_post_KxU, axis=0)
+  expected_U = -logsumexp(log_post_KxU - target_KxU, axis=0) / tokens_U
+  by_prior_U = -logsumexp(log_prior_K[:, None] - target_KxU, axis=0) / tokens_U
+  assert by_prior_U.mean() != pytest.approx(expected_U.mean(), rel=1e-3)  # the prior's answer differs
+  assert report["models"]["hetlm_mixture"]["nll"]["mean"] == pytest.approx(expected_U.mean(), rel=1e-5)
 
 
 def test_outcome_metrics_run_end_to_end_on_real_shoppers(otto_run):

@@ -74,6 +74,17 @@ def per_user_nll(family, seqs: UserSequences) -> tuple[np.ndarray, np.ndarray, n
   return nll_U, nll_KxU, tokens_U
 
 
+def mixture_nll(family, seqs: UserSequences, nll_KxU: np.ndarray, tokens_U: np.ndarray) -> np.ndarray:
+  """[U] −log Σ_k P(k | history_u) p_k(target_u | history_u) per target token, P(k | history) ∝
+  π_k p_k(history): the mixture likelihood of the target given everything seen before it.
+
+  `nll_KxU`, `tokens_U`: the target scores of `per_user_nll`; `family`: an LMFamily or alike."""
+  history_KxU, _ = family.trainer.score(family.params, seqs, "history", label=f"{family.name} history posterior")
+  log_post_KxU = family.log_prior()[:, None] - history_KxU
+  log_post_KxU -= logsumexp(log_post_KxU, axis=0, keepdims=True)
+  return -logsumexp(log_post_KxU - nll_KxU, axis=0) / np.maximum(tokens_U, 1)
+
+
 def _page_tokens(tokens: np.ndarray, tokenizer: PageTokenizer) -> np.ndarray:
   return tokens[tokens >= tokenizer.num_specials]
 
@@ -176,10 +187,8 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
       hetlm_scores = scores
   k = families["hetlm"].trainer.k if "hetlm" in families else 1
   if hetlm_scores is not None and k > 1:
-    # The proper mixture likelihood: log Σ_k π_k p_k(target), π = the clusters' shares of users.
-    nll_KxU, tokens_U = hetlm_scores
-    log_mix_U = logsumexp(families["hetlm"].log_prior()[:, None] - nll_KxU, axis=0)
-    per_user["hetlm_mixture"] = {"nll": -log_mix_U / np.maximum(tokens_U, 1)}
+    # The mixture likelihood of the target, each model weighted by its posterior given the user's history.
+    per_user["hetlm_mixture"] = {"nll": mixture_nll(families["hetlm"], seqs, *hetlm_scores)}
   baselines = {"popularity": Popularity(), "markov": Markov(), "markov_mixture": MarkovMixture(max(k, 2))}
   batch = next(iter(families.values())).trainer.eval_batch if families else 512
   for name, model in baselines.items():
