@@ -21,6 +21,8 @@ class ModelConfig:
   positions: str = "rope"  # "rope" | "learned"
   tie_embeddings: bool = True
   dtype: str = "float32"  # compute dtype; params stay float32
+  output_bias: bool = False  # a bias on the output logits (a cluster's own, with --cluster_params other than all)
+  lora_rank: int = 0  # > 0: LoRA adapters of this rank on every projection (--cluster_params=adapters:R)
 
   @property
   def head_dim(self) -> int:
@@ -70,6 +72,10 @@ class ClusterConfig:
   min_cluster_frac: float = 0.1  # of a balanced share U/K; smaller clusters are re-seeded
   baselines: bool = True  # also train the single LMs (per-cluster size and parameter-matched)
   cluster_axis: int = 1  # devices along the 'cluster' mesh axis; the rest form the 'data' axis
+  cluster_params: str = "all"  # which parameters each cluster owns: all | head | top:N | adapters:R
+
+  def lora_rank(self) -> int:
+    return int(self.cluster_params.split(":")[1]) if self.cluster_params.startswith("adapters:") else 0
 
   def candidates(self) -> list[int]:
     return [int(x) for x in self.k_candidates.split(",") if x.strip()]
@@ -150,10 +156,20 @@ def validate(cfg: Config) -> None:
     (0.0 < c.warm_lr_scale <= 1.0, f"--warm_lr_scale={c.warm_lr_scale} must be in (0, 1]"),
     (0.0 <= c.min_cluster_frac < 1.0, f"--min_cluster_frac={c.min_cluster_frac} must be in [0, 1)"),
     (c.cluster_axis >= 1, f"--cluster_axis={c.cluster_axis} must be at least 1"),
+    (_cluster_params_ok(c.cluster_params, m.n_layers),
+     f"--cluster_params={c.cluster_params!r}: expected all, head, top:N (1 <= N <= --n_layers={m.n_layers}) "
+     "or adapters:R (R >= 1)"),
   ]
   for ok, message in checks:
     if not ok:
       raise HetlmError(message)
+
+
+def _cluster_params_ok(spec: str, n_layers: int) -> bool:
+  kind, _, n = spec.partition(":")
+  if kind in ("all", "head"):
+    return not n
+  return kind in ("top", "adapters") and n.isdigit() and int(n) >= 1 and (kind == "adapters" or int(n) <= n_layers)
 
 
 def _ints(text: str) -> bool:

@@ -36,6 +36,9 @@ _HELP = {
   "batch_size": "Windows per cluster per step, over all devices.",
   "dtype": "Compute dtype: float32 or bfloat16 (parameters stay float32).",
   "cluster_axis": "Devices on the 'cluster' mesh axis (the rest shard the batch).",
+  "cluster_params": "Which parameters each cluster owns; the rest is one shared trunk trained on every user: all "
+                    "(K whole models), head (final norm and output bias), top:N (also the last N blocks), "
+                    "adapters:R (also LoRA of rank R on every projection).",
   "max_users": "Keep only the first N users of the log (0: all).",
   "test_users": "Split by user instead of in time: N users, never trained on, whose whole sequences are the "
                 "test (0: each user's last session is held out).",
@@ -43,6 +46,7 @@ _HELP = {
   "split_seed": "The split by user permutes users with numpy.random.default_rng(split_seed).",
 }
 _FLAG_NAMES = {"path": "data"}  # config field → flag name, where they differ
+_DERIVED = ("vocab_size", "output_bias", "lora_rank")  # set from the data and --cluster_params, not flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, tokenizer, config, metrics.")
@@ -58,7 +62,7 @@ flags.DEFINE_float("top_p", 1.0, "generate: sample within the smallest set holdi
 def _define_config_flags() -> None:
   for section, cls in _SECTIONS.items():
     for field in dataclasses.fields(cls):
-      if field.name == "vocab_size":
+      if field.name in _DERIVED:
         continue
       name, default = _FLAG_NAMES.get(field.name, field.name), field.default
       help_text = _HELP.get(field.name, f"{section}.{field.name}")
@@ -89,7 +93,7 @@ def config_from_flags() -> Config:
   sections = {}
   for section, cls in _SECTIONS.items():
     sections[section] = cls(**{f.name: FLAGS[_FLAG_NAMES.get(f.name, f.name)].value
-                               for f in dataclasses.fields(cls) if f.name != "vocab_size"})
+                               for f in dataclasses.fields(cls) if f.name not in _DERIVED})
   sections["cluster"] = dataclasses.replace(sections["cluster"], k=_k_from_flag(FLAGS.k))
   return Config(**sections)
 

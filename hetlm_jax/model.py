@@ -33,8 +33,17 @@ class Block(nn.Module):
     the cache at `index` and attention runs over the cache under `mask_Bx1xTxS`; returns (x, (k, v))."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
-    dense = lambda features, axis=-1, name=None: nn.DenseGeneral(
-      features, axis=axis, dtype=dtype, param_dtype=jnp.float32, name=name)
+    general = lambda features, axis=-1, name=None, **kw: nn.DenseGeneral(
+      features, axis=axis, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
+
+    def dense(features, axis=-1, name=None):
+      """A projection, plus a low-rank update W + A·B when --cluster_params=adapters:R (B starts at zero)."""
+      full = general(features, axis=axis, name=name)
+      if not cfg.lora_rank:
+        return full
+      down = general(cfg.lora_rank, axis=axis, name=f"{name}_lora_a", use_bias=False)
+      up = general(features, name=f"{name}_lora_b", use_bias=False, kernel_init=nn.initializers.zeros)
+      return lambda x: full(x) + up(down(x))
 
     h_BxTxD = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="ln_attn")(x_BxTxD)
     q_BxTxNxH = dense((cfg.n_heads, cfg.head_dim), name="q")(h_BxTxD)
@@ -117,6 +126,8 @@ class PageLM(nn.Module):
     else:
       logits_BxTxV = nn.Dense(cfg.vocab_size, dtype=dtype, param_dtype=jnp.float32, name="head")(h_BxTxD)
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    if cfg.output_bias:
+      logits_BxTxV = logits_BxTxV + self.param("output_bias", nn.initializers.zeros, (cfg.vocab_size,), jnp.float32)
     if cache is not None:
       return logits_BxTxV, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
     return (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
@@ -129,11 +140,12 @@ def init_params(cfg: ModelConfig, key: jax.Array):
 
 def param_count(cfg: ModelConfig) -> int:
   """Closed form of the size of `init_params(cfg)` (a test checks the two agree)."""
-  d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+  d, f, v, r = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.lora_rank
   block = 2 * 2 * d + 4 * (d * d + d) + (d * f + f) + (f * d + d)
-  head = 0 if cfg.tie_embeddings else d * v + v
+  lora = r * (4 * 2 * d + 2 * (d + f))  # A [in, R] and B [R, out] on q, k, v, o, up and down
+  head = (0 if cfg.tie_embeddings else d * v + v) + (v if cfg.output_bias else 0)
   positions = cfg.context * d if cfg.positions == "learned" else 0
-  return v * d + positions + cfg.n_layers * block + 2 * d + head
+  return v * d + positions + cfg.n_layers * (block + lora) + 2 * d + head
 
 
 def matched_config(cfg: ModelConfig, target_params: int) -> ModelConfig:

@@ -36,7 +36,8 @@ from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import MetricsLog
-from hetlm_jax.train.state import make_mesh
+from hetlm_jax.train.split import num_models, part_sizes
+from hetlm_jax.train.state import cluster_spec, make_mesh
 
 # Settings that may differ when the same run is resumed; everything else must match the saved config.
 _RESUMABLE_CHANGES = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
@@ -148,7 +149,8 @@ def train_model(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Pa
 
   def save(state, step, round_index, done):
     ckpts.save(state, assignment, {"step": step, "round": round_index, "done": done, "num_users": seqs.num_users,
-                                   "k": k, "model": dataclasses.asdict(cfg.model)}, weights)
+                                   "k": k, "cluster_params": cluster_spec(cfg, k),
+                                   "model": dataclasses.asdict(cfg.model)}, weights)
 
   def periodic_save(state, step):
     if step % cfg.train.checkpoint_every == 0:
@@ -266,7 +268,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   ks = [c.k] if c.k else c.candidates()
   if max(ks) > seqs.num_users:
     raise HetlmError(f"--k={max(ks)} is more than the {seqs.num_users} usable users in {data_path(cfg)}")
-  cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+  cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size,
+                                              output_bias=c.cluster_params != "all", lora_rank=c.lora_rank()))
   for k in ks:  # checks the mesh against the flags before anything is written
     make_mesh(cfg, k)
 
@@ -274,7 +277,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   tokenizer.save(workdir / "tokenizer.json")
   cfg.save(workdir / "config.json")
   log = MetricsLog(workdir / "metrics.jsonl")
-  n_params = param_count(cfg.model)
+  n_shared, n_own = part_sizes(cfg.model, c.cluster_params)
+  n_params = n_shared + n_own
   events = prepared.stats.get("events", 0)
   logging.info("data: %s users (%s dropped as too short), %s events, vocab %d, prepared in %.1fs (%.0f events/s)",
                f"{seqs.num_users:,}", f"{prepared.stats.get('users_dropped_too_short', 0):,}", f"{events:,}",
@@ -292,21 +296,25 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     hetlm = train_hetlm(cfg, c.k, seqs, tokenizer.vocab_size, workdir, log, on_round=on_round)
   k = hetlm.trainer.k
   models = {"hetlm": hetlm}
-  params = {"hetlm": k * n_params}
+  total = n_shared + k * n_own if k > 1 else n_params
+  params = {"hetlm": total}
+  parts = {"cluster_params": c.cluster_params, "shared": n_shared if k > 1 else 0,
+           "per_cluster": n_own if k > 1 else n_params}
   if c.baselines and k > 1:
-    matched_model = matched_config(cfg.model, k * n_params)
-    logging.info("parameters: HeTLM %s (K=%d × %s) · single %s · single_matched %s (d_model %d, %d layers)",
-                 f"{k * n_params:,}", k, f"{n_params:,}", f"{n_params:,}", f"{param_count(matched_model):,}",
-                 matched_model.d_model, matched_model.n_layers)
+    single_model = dataclasses.replace(cfg.model, lora_rank=0)  # adapters are a cluster's own: a single LM has none
+    matched_model = matched_config(single_model, total)
+    logging.info("parameters: HeTLM %s (shared %s + K=%d × %s own) · single %s · single_matched %s (d_model %d, "
+                 "%d layers)", f"{total:,}", f"{n_shared:,}", k, f"{n_own:,}", f"{param_count(single_model):,}",
+                 f"{param_count(matched_model):,}", matched_model.d_model, matched_model.n_layers)
     zeros = lambda: np.zeros(seqs.num_users, np.int32)
     # Same code path with K=1, same epochs per round, and as many passes over every user as HeTLM made
     # (its rounds, plus those of the single LM it started from).
     single_rounds = hetlm.rounds + (c.init_rounds if warmed(cfg, k) else 0)
-    for name, model_cfg in (("single", cfg.model), ("single_matched", matched_model)):
+    for name, model_cfg in (("single", single_model), ("single_matched", matched_model)):
       models[name] = train_model(name, cfg.replace(model=model_cfg), 1, seqs, workdir, log, zeros, single_rounds)
       params[name] = param_count(model_cfg)
 
-  extra = {"k": k, "rounds": hetlm.rounds, "params": params, "data": data_path(cfg),
+  extra = {"k": k, "rounds": hetlm.rounds, "params": params, "hetlm_params": parts, "data": data_path(cfg),
            "train_s": {name: m.train_s for name, m in models.items()}}
   if k_curve is not None:
     extra["k_sweep"] = {"selection_nll": {str(key): v for key, v in k_curve.items()},
@@ -372,7 +380,7 @@ def _families_for(workdir: Path, seqs: UserSequences) -> dict[str, LMFamily]:
       run = load_run(workdir, name)
     except HetlmError:
       continue
-    k = jax.tree.leaves(run.params)[0].shape[0]
+    k = num_models(run.params)
     family = LMFamily(name, Trainer(run.config, k), run.params, np.zeros(seqs.num_users, np.int32),
                       cluster_shares(run.assignment, run.weights, k))
     if k > 1:

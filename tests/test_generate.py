@@ -9,7 +9,8 @@ import pytest
 
 from hetlm_jax.config import ModelConfig
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
-from hetlm_jax.eval.generate import Sampling, make_decoder, prompts
+from hetlm_jax.eval.generate import Sampling, make_decoder
+from hetlm_jax.train.batches import prompts
 from hetlm_jax.model import PageLM, init_params
 
 CFG = ModelConfig(vocab_size=17, context=16, d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0)
@@ -31,7 +32,7 @@ def _greedy_by_recomputation(cfg, params, prompt, n):
 def test_kv_cache_greedy_decoding_equals_full_recomputation(positions):
   cfg = dataclasses.replace(CFG, positions=positions)
   params = init_params(cfg, jax.random.key(1))
-  stacked = jax.tree.map(lambda x: x[None], params)
+  stacked = {"shared": {}, "cluster": jax.tree.map(lambda x: x[None], params)}
   raw = [[BOS, 5, 6, 7, 8, 9], [BOS, 11], [BOS, 12, 4, 4]]
   p = 8
   prompt = np.zeros((1, len(raw), p), np.int32)
@@ -51,7 +52,7 @@ def test_generation_stops_at_session_end():
   cfg = dataclasses.replace(CFG, tie_embeddings=False)
   params = init_params(cfg, jax.random.key(0))
   params = {**params, "head": {**params["head"], "bias": params["head"]["bias"].at[EOS].set(100.0)}}
-  stacked = jax.tree.map(lambda x: x[None], params)
+  stacked = {"shared": {}, "cluster": jax.tree.map(lambda x: x[None], params)}
   prompt = np.array([[[PAD, BOS, 5, 6]]], np.int32)
   out = np.asarray(make_decoder(cfg, Sampling(max_new=5))(stacked, prompt, np.array([[1]], np.int32),
                                                           jax.random.split(jax.random.key(0), 1)))
@@ -59,7 +60,7 @@ def test_generation_stops_at_session_end():
 
 
 def test_sampling_settings_reduce_to_greedy_and_are_seeded():
-  params = jax.tree.map(lambda x: x[None], init_params(CFG, jax.random.key(2)))
+  params = {"shared": {}, "cluster": jax.tree.map(lambda x: x[None], init_params(CFG, jax.random.key(2)))}
   prompt, pad = np.array([[[BOS, 5, 6, 7]] * 4], np.int32), np.zeros((1, 4), np.int32)
   keys = jax.random.split(jax.random.key(3), 1)
   run = lambda s, k=keys: np.asarray(make_decoder(CFG, s)(params, prompt, pad, k))

@@ -146,4 +146,4 @@ def test_k_auto_trains_each_candidate_and_keeps_the_best_on_held_out_users(marko
   assert set(curve) == {2, 3} and report["k"] == min(curve, key=curve.get)
   assert report["n_users"] < prepare_data(cfg).seqs.num_users  # the selection users are left out
   assert (tmp_path / "nll_vs_k.png").exists()
-  assert pipeline.load_run(tmp_path).params["embed"]["embedding"].shape[0] == report["k"]
+  assert pipeline.load_run(tmp_path).params["cluster"]["embed"]["embedding"].shape[0] == report["k"]

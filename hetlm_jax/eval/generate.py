@@ -17,6 +17,8 @@ from hetlm_jax.config import ModelConfig
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 from hetlm_jax.model import PageLM
+from hetlm_jax.train.batches import prompts
+from hetlm_jax.train.split import merge, num_models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,35 +81,16 @@ def decode_one(cfg: ModelConfig, s: Sampling, params, prompt_BxP, pad_B, key):
 
 @functools.lru_cache(maxsize=8)
 def make_decoder(cfg: ModelConfig, s: Sampling):
-  """jit(vmap(decode_one)) over K stacked models: prompts [K, B, P], pads [K, B], keys [K] → [K, B, N]."""
-  return jax.jit(jax.vmap(functools.partial(decode_one, cfg, s)))
-
-
-def prompts(seqs: UserSequences, users_B: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-  """Left-padded prompts [B, length] (the most recent history tokens, plus BOS when the held-out target
-  is a new session or there is none) and the padding count of each row; user -1 gives an all-padding row."""
-  real_B = users_B >= 0
-  u_B = np.where(real_B, users_B, 0)
-  # A target that opens a session, or none at all (a whole sequence, split by user): a new session follows.
-  no_target_B = seqs.split[u_B] >= seqs.offsets[u_B + 1]
-  opens_session_B = (seqs.tokens[np.minimum(seqs.split[u_B], len(seqs.tokens) - 1)] == BOS) | no_target_B
-  # A trailing BOS is appended for new-session targets, so take one history token fewer.
-  hist_B = np.minimum(seqs.split[u_B] - seqs.offsets[u_B], length - opens_session_B)
-  len_B = np.where(real_B, hist_B + opens_session_B, 1)
-  pad_B = length - len_B
-  cols_BxL = np.arange(length)[None, :]
-  src_BxL = seqs.split[u_B][:, None] - hist_B[:, None] + (cols_BxL - pad_B[:, None])
-  take_BxL = (cols_BxL >= pad_B[:, None]) & (cols_BxL - pad_B[:, None] < hist_B[:, None])
-  out_BxL = np.where(take_BxL, seqs.tokens[np.clip(src_BxL, 0, len(seqs.tokens) - 1)], PAD)
-  out_BxL[np.arange(len(u_B)), length - 1] = np.where(opens_session_B, BOS, out_BxL[:, length - 1])
-  out_BxL[~real_B] = PAD
-  return out_BxL.astype(np.int32), pad_B.astype(np.int32)
+  """jit(vmap(decode_one)) over K split, stacked models: prompts [K, B, P], pads [K, B], keys [K] → [K, B, N]."""
+  def one(shared, cluster, *args):
+    return decode_one(cfg, s, merge(shared, cluster), *args)
+  return jax.jit(lambda params, *args: jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(params["shared"], params["cluster"], *args))
 
 
 def generate(cfg: ModelConfig, params, seqs: UserSequences, assignment_U: np.ndarray, users: np.ndarray,
              s: Sampling, seed: int = 0, batch: int = 256) -> list[np.ndarray]:
   """Next session of each listed user from their own cluster's model; the tokens before EOS/PAD."""
-  k = jax.tree.leaves(params)[0].shape[0]
+  k = num_models(params)
   length = max(cfg.context - s.max_new, 2)
   decoder = make_decoder(cfg, s)
   users = np.asarray(users)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from hetlm_jax.data.sequences import UserSequences, all_windows
-from hetlm_jax.data.tokenizer import BOS, EOS
+from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 
 
 class ClusterBatches:
@@ -130,3 +130,24 @@ class ScoringBatches:
     if self.pages_only:
       scored &= (tokens != BOS) & (tokens != EOS)
     return tokens, segments, scored[:, 1:] & (segments[:, 1:] == segments[:, :-1]), owner
+
+
+def prompts(seqs: UserSequences, users_B: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded prompts [B, length] (the most recent history tokens, plus BOS when the held-out target
+  is a new session or there is none) and the padding count of each row; user -1 gives an all-padding row."""
+  real_B = users_B >= 0
+  u_B = np.where(real_B, users_B, 0)
+  # A target that opens a session, or none at all (a whole sequence, split by user): a new session follows.
+  no_target_B = seqs.split[u_B] >= seqs.offsets[u_B + 1]
+  opens_session_B = (seqs.tokens[np.minimum(seqs.split[u_B], len(seqs.tokens) - 1)] == BOS) | no_target_B
+  # A trailing BOS is appended for new-session targets, so take one history token fewer.
+  hist_B = np.minimum(seqs.split[u_B] - seqs.offsets[u_B], length - opens_session_B)
+  len_B = np.where(real_B, hist_B + opens_session_B, 1)
+  pad_B = length - len_B
+  cols_BxL = np.arange(length)[None, :]
+  src_BxL = seqs.split[u_B][:, None] - hist_B[:, None] + (cols_BxL - pad_B[:, None])
+  take_BxL = (cols_BxL >= pad_B[:, None]) & (cols_BxL - pad_B[:, None] < hist_B[:, None])
+  out_BxL = np.where(take_BxL, seqs.tokens[np.clip(src_BxL, 0, len(seqs.tokens) - 1)], PAD)
+  out_BxL[np.arange(len(u_B)), length - 1] = np.where(opens_session_B, BOS, out_BxL[:, length - 1])
+  out_BxL[~real_B] = PAD
+  return out_BxL.astype(np.int32), pad_B.astype(np.int32)

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from hetlm_jax.train.split import num_models
 from hetlm_jax.train.state import TrainState
 
 
@@ -40,7 +41,7 @@ class Checkpoints:
     step = self._manager.latest_step() if step is None else step
     abstract_assignment = {"cluster": np.zeros(num_users, np.int32)}
     if self.meta(step).get("soft"):
-      k = jax.tree.leaves(abstract.params)[0].shape[0]
+      k = num_models(abstract.params)
       abstract_assignment["weight"] = np.zeros((num_users, k), np.float32)
     restored = self._manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract),

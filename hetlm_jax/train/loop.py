@@ -12,19 +12,18 @@ import scipy.sparse as sp
 
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
-from hetlm_jax.eval.generate import prompts
-from hetlm_jax.train.batches import ClusterBatches, ScoringBatches
+from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, prompts
 from hetlm_jax.train.metrics import MetricsLog, Progress
-from hetlm_jax.train.state import (TrainState, abstract_state, create_state, make_mesh, make_optimizer,
-                                   state_shardings)
+from hetlm_jax.train.split import model_params, partition
+from hetlm_jax.train.state import (TrainState, abstract_state, cluster_spec, create_state, make_mesh, make_optimizer,
+                                   split_state, state_shardings)
 from hetlm_jax.train.step import make_hidden_fn, make_next_logprobs_fn, make_score_fn, make_train_step
 
 
-def _warm_state(tx, k, params) -> TrainState:
-  stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), params)
-  zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, round_start=zero, round_steps=zero, params=stacked,
-                    opt_state=jax.vmap(tx.init)(stacked))
+def _warm_state(tx, k, spec, n_layers, single_params) -> TrainState:
+  parts = partition(spec, n_layers, model_params(single_params, 0))
+  stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), parts["cluster"])
+  return split_state(tx, {"shared": parts["shared"], "cluster": stacked})
 
 
 class Trainer:
@@ -41,12 +40,13 @@ class Trainer:
     self.hidden_batch = make_hidden_fn(cfg, self.mesh, self.abstract)
     self.next_logprobs_batch, self.next_logprobs_model = make_next_logprobs_fn(cfg, self.mesh, self.abstract)
     shardings = state_shardings(self.mesh, self.abstract)
-    take = lambda source_K: lambda x: x[source_K] if x.ndim else x
+    take = lambda source_K: lambda tree: {**tree, "cluster": jax.tree.map(lambda x: x[source_K], tree["cluster"])}
     self._gather = jax.jit(
-      lambda state, source_K: state.replace(params=jax.tree.map(take(source_K), state.params),
-                                            opt_state=jax.tree.map(take(source_K), state.opt_state)),
+      lambda state, source_K: state.replace(params=take(source_K)(state.params),
+                                            opt_state=take(source_K)(state.opt_state)),
       out_shardings=shardings, donate_argnums=0)
-    self._warm = jax.jit(functools.partial(_warm_state, self.tx, k), out_shardings=shardings)
+    self._warm = jax.jit(functools.partial(_warm_state, self.tx, k, cluster_spec(cfg, k), cfg.model.n_layers),
+                         out_shardings=shardings)
     n_data = self.mesh.shape["data"]
     self.eval_batch = -(-cfg.train.eval_batch_size // n_data) * n_data
 
@@ -61,12 +61,13 @@ class Trainer:
     return int(state.step) - int(state.round_start) >= int(state.round_steps)
 
   def copy_models(self, state: TrainState, source_K: np.ndarray) -> TrainState:
-    """Model c takes the parameters and optimizer state of model source_K[c] (re-seeding a cluster)."""
+    """Model c takes the own parameters and optimizer state of model source_K[c] (re-seeding a cluster)."""
     return self._gather(state, jax.device_put(np.asarray(source_K, np.int32)))
 
   def warm_state(self, single_params) -> TrainState:
-    """Every one of the K models starts from the same single-model parameters, with fresh moments."""
-    return self._warm(jax.tree.map(lambda x: x[0], single_params))
+    """Every one of the K models starts from the same single-model parameters (a K=1 family), with fresh
+    moments."""
+    return self._warm(single_params)
 
   def train_round(self, state: TrainState, batches: ClusterBatches, log: MetricsLog | None = None,
                   on_step=None, label: str = "train") -> TrainState:

@@ -1,8 +1,9 @@
-"""Stacked train state (every leaf has a leading K axis), the optimizer, and the device mesh.
+"""Stacked train state, the optimizer, and the device mesh.
 
-K cluster models share one pytree: params and optimizer state are built under `jax.vmap`, so one
+K cluster models share one pytree, split as train/split.py says: the cluster-specific parameters
+and their optimizer state are built under `jax.vmap` (a leading K axis), the shared ones once, so one
 compiled step trains all of them. The mesh has axes ('cluster', 'data'): K is split over 'cluster',
-each batch's B axis over 'data'.
+each batch's B axis over 'data'; the shared part is replicated.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hetlm_jax.config import Config
 from hetlm_jax.errors import HetlmError
 from hetlm_jax.model import init_params
+from hetlm_jax.train.split import partition
 
 
 @flax.struct.dataclass
@@ -27,8 +29,13 @@ class TrainState:
   step: jax.Array  # global step over all rounds; the data order and dropout keys derive from it
   round_start: jax.Array  # global step at which the current reassignment round began
   round_steps: jax.Array  # steps in the current round; the learning-rate schedule spans them
-  params: Any  # leading K axis on every leaf
-  opt_state: Any  # leading K axis on every leaf
+  params: Any  # {"shared": one copy, "cluster": leading K axis on every leaf}
+  opt_state: Any  # the same split: {"shared": ..., "cluster": ...}
+
+
+def cluster_spec(cfg: Config, k: int) -> str:
+  """--cluster_params of a family of k models; a single model (k=1) owns all of its parameters."""
+  return cfg.cluster.cluster_params if k > 1 else "all"
 
 
 def make_mesh(cfg: Config, k: int, devices=None) -> Mesh:
@@ -71,22 +78,27 @@ def learning_rate(cfg: Config, state: TrainState) -> jax.Array:
   return schedule(jnp.clip(fraction * _SCHEDULE_RESOLUTION, 0, _SCHEDULE_RESOLUTION).astype(jnp.int32))
 
 
-def init_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array, k: int) -> TrainState:
-  """K independently initialised models stacked on a leading axis."""
-  params = jax.vmap(lambda key: init_params(cfg.model, key))(jax.random.split(key, k))
+def split_state(tx: optax.GradientTransformation, params) -> TrainState:
+  """A fresh state (step 0, new optimizer moments) around split, stacked `params`."""
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, round_start=zero, round_steps=zero, params=params,
-                    opt_state=jax.vmap(tx.init)(params))
+  opt_state = {"shared": tx.init(params["shared"]), "cluster": jax.vmap(tx.init)(params["cluster"])}
+  return TrainState(step=zero, round_start=zero, round_steps=zero, params=params, opt_state=opt_state)
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array, k: int) -> TrainState:
+  """K independently initialised models; the shared part is model 0's."""
+  full = jax.vmap(lambda key: init_params(cfg.model, key))(jax.random.split(key, k))
+  parts = partition(cluster_spec(cfg, k), cfg.model.n_layers, full)
+  return split_state(tx, {"shared": jax.tree.map(lambda x: x[0], parts["shared"]), "cluster": parts["cluster"]})
 
 
 def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
-  """The K axis of every stacked leaf goes on 'cluster'; the step counter is replicated."""
+  """The K axis of every stacked leaf goes on 'cluster'; the shared part and the step counter are replicated."""
   stacked, replicated = NamedSharding(mesh, P("cluster")), NamedSharding(mesh, P())
-  return TrainState(
-    step=replicated, round_start=replicated, round_steps=replicated,
-    params=jax.tree.map(lambda _: stacked, abstract_state.params),
-    opt_state=jax.tree.map(lambda x: stacked if x.ndim else replicated,
-                           abstract_state.opt_state))
+  split = lambda tree: {"shared": jax.tree.map(lambda _: replicated, tree["shared"]),
+                        "cluster": jax.tree.map(lambda x: stacked if x.ndim else replicated, tree["cluster"])}
+  return TrainState(step=replicated, round_start=replicated, round_steps=replicated,
+                    params=split(abstract_state.params), opt_state=split(abstract_state.opt_state))
 
 
 def create_state(cfg: Config, tx, mesh: Mesh, k: int) -> TrainState:

@@ -13,7 +13,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hetlm_jax.config import Config
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 from hetlm_jax.model import PageLM
-from hetlm_jax.train.state import TrainState, learning_rate, state_shardings
+from hetlm_jax.train.split import merge, model_params, partition, per_model
+from hetlm_jax.train.state import TrainState, cluster_spec, learning_rate, state_shardings
 
 
 def token_nll(model: PageLM, params, inputs_BxT1, segments_BxT1=None, deterministic=True, rngs=None,
@@ -34,8 +35,8 @@ def packed_loss_mask(segments_BxT1: jax.Array) -> jax.Array:
   return (segments_BxT1[:, 1:] == segments_BxT1[:, :-1]) & (segments_BxT1[:, 1:] != 0)
 
 
-def single_model_step(model, tx, lr, params, opt_state, inputs_BxT1, segments_BxT1, weights_BxT1, key):
-  """One AdamW step of one model on its packed batch: the weighted mean NLL of its predicted tokens
+def single_model_grads(model, params, inputs_BxT1, segments_BxT1, weights_BxT1, key):
+  """Gradient of one model's loss on its packed batch: the weighted mean NLL of its predicted tokens
   (weights 1 under hard assignment, responsibilities under soft); padding (segment 0) is out of the loss."""
   weight_BxT = jnp.where(packed_loss_mask(segments_BxT1), weights_BxT1[:, 1:], 0.0)
 
@@ -46,36 +47,61 @@ def single_model_step(model, tx, lr, params, opt_state, inputs_BxT1, segments_Bx
     return nll_sum / jnp.maximum(tokens, 1e-6), (nll_sum, tokens)
 
   (loss, (nll_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
-  metrics = {"loss": loss, "nll_sum": nll_sum, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
-  return params, opt_state, metrics
+  return grads, {"loss": loss, "nll_sum": nll_sum, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
+
+
+def apply_update(tx, lr, grads, opt_state, params, active):
+  """One AdamW update; where `active` is false (no real token in the batch) params and moments stay as they are."""
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
+  keep = lambda new, old: jnp.where(active, new, old)
+  return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
+
+
+def stacked_step(model, tx, spec: str, n_layers: int, lr, params, opt_state, inputs_KxBxT1, segments_KxBxT1,
+                 weights_KxBxT1, keys_K):
+  """The K models' step: each model's gradient by `single_model_grads` (vmapped); each cluster's own part
+  updates from its own gradient, the shared part from the token-weighted mean of the K gradients, i.e. the
+  gradient of the mean loss over every real token of the step."""
+  def grads_of_one(cluster, *batch):
+    grads, metrics = single_model_grads(model, merge(params["shared"], cluster), *batch)
+    return partition(spec, n_layers, grads), metrics
+
+  grads, metrics = jax.vmap(grads_of_one)(params["cluster"], inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1, keys_K)
+  tokens_K = metrics["tokens"]
+  share_K = tokens_K / jnp.maximum(tokens_K.sum(), 1e-6)
+  shared_grads = jax.tree.map(lambda g_K: jnp.tensordot(share_K, g_K, axes=1), grads["shared"])
+  update = functools.partial(apply_update, tx, lr)
+  cluster, cluster_opt = jax.vmap(update)(grads["cluster"], opt_state["cluster"], params["cluster"], tokens_K > 0)
+  shared, shared_opt = update(shared_grads, opt_state["shared"], params["shared"], tokens_K.sum() > 0)
+  return {"shared": shared, "cluster": cluster}, {"shared": shared_opt, "cluster": cluster_opt}, metrics
 
 
 def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
-  """jit(vmap(single_model_step)) with the state donated, B sharded over 'data', K over 'cluster'.
+  """jit(stacked_step) with the state donated, B sharded over 'data', K over 'cluster'.
 
   Batch: inputs and segment ids [K, B, T+1] int32 (0: padding), and optionally token weights [K, B, T+1]
   float32 (default: 1 on every real token). Returns (state, metrics), metrics per model [K].
   """
   model = PageLM(cfg.model)
   seed = cfg.train.seed
+  k = jax.tree.leaves(abstract.params["cluster"])[0].shape[0]
+  step_fn = functools.partial(stacked_step, model, tx, cluster_spec(cfg, k), cfg.model.n_layers)
 
   def train_step(state: TrainState, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1):
     # Dropout keys depend only on (seed, step): a resumed run draws the same ones.
     keys_K = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step), inputs_KxBxT1.shape[0])
     lr = learning_rate(cfg, state)
-    stacked_step = jax.vmap(functools.partial(single_model_step, model, tx, lr))
-    params, opt_state, metrics = stacked_step(state.params, state.opt_state, inputs_KxBxT1, segments_KxBxT1,
-                                              weights_KxBxT1, keys_K)
+    params, opt_state, metrics = step_fn(lr, state.params, state.opt_state, inputs_KxBxT1, segments_KxBxT1,
+                                         weights_KxBxT1, keys_K)
     metrics["learning_rate"] = jnp.broadcast_to(lr, keys_K.shape)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   shardings = state_shardings(mesh, abstract)
   batch = NamedSharding(mesh, P("cluster", "data"))
-  per_model = NamedSharding(mesh, P("cluster"))
-  jitted = jax.jit(train_step, in_shardings=(shardings, batch, batch, batch), out_shardings=(shardings, per_model),
-                   donate_argnums=0)
+  per_model_sharding = NamedSharding(mesh, P("cluster"))
+  jitted = jax.jit(train_step, in_shardings=(shardings, batch, batch, batch),
+                   out_shardings=(shardings, per_model_sharding), donate_argnums=0)
 
   def step(state: TrainState, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1=None):
     if weights_KxBxT1 is None:
@@ -95,7 +121,7 @@ def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, pages_only: boo
     def one_model(p):
       nll_RxT = token_nll(model, p, inputs_RxT1, segments_RxT1, pages_only=pages_only)
       return jnp.where(mask_RxT, nll_RxT, 0.0)
-    return jax.vmap(one_model)(params)
+    return per_model(one_model)(params)
 
   params_sharding = state_shardings(mesh, abstract).params
   rows = NamedSharding(mesh, P("data"))
@@ -109,7 +135,7 @@ def make_hidden_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
 
   def hidden(params, inputs_RxT1, segments_RxT1):
     one = lambda p: model.apply({"params": p}, inputs_RxT1, segments_RxT1, return_hidden=True)[1]
-    return jax.vmap(one)(params).astype(jnp.float32)
+    return per_model(one)(params).astype(jnp.float32)
 
   rows = NamedSharding(mesh, P("data"))
   return jax.jit(hidden, in_shardings=(state_shardings(mesh, abstract).params, rows, rows),
@@ -126,10 +152,10 @@ def make_next_logprobs_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
     return jax.nn.log_softmax(logits_Bx1xV[:, 0], axis=-1)
 
   def every_model(params, inputs_BxT, last_B):
-    return jax.vmap(one_model, in_axes=(0, None, None))(params, inputs_BxT, last_B)
+    return per_model(one_model)(params, inputs_BxT, last_B)
 
   def model_k(params, k, inputs_BxT, last_B):
-    return one_model(jax.tree.map(lambda x: x[k], params), inputs_BxT, last_B)
+    return one_model(model_params(params, k), inputs_BxT, last_B)
 
   params, rows = state_shardings(mesh, abstract).params, NamedSharding(mesh, P("data"))
   return (jax.jit(every_model, in_shardings=(params, rows, rows), out_shardings=NamedSharding(mesh, P("cluster", "data"))),
