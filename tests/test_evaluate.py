@@ -57,6 +57,20 @@ def test_hetlm_mixture_weights_the_models_by_their_posterior_given_the_history(o
   assert report["models"]["hetlm_mixture"]["nll"]["mean"] == pytest.approx(expected_U.mean(), rel=1e-5)
 
 
+def test_report_opens_with_generation_alignment_and_nll_with_bootstrap_intervals(otto_run):
+  workdir, report = otto_run
+  headline = ("edit_similarity", "jaccard", "rouge_l_f1", "nll")
+  for other in ("single", "single_matched"):
+    for metric in headline:
+      b = report["bootstrap"][f"hetlm-{other}"][metric]
+      assert np.isfinite([b["mean_diff"], *b["mean_ci"], b["var_diff"], *b["var_ci"]]).all(), (other, metric)
+  lines = (workdir / "report.md").read_text().splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+  rows = [line.split("|")[1:3] for line in lines[start + 2:] if line.startswith("|")][:8]
+  assert [(m.strip(), o.strip()) for m, o in rows] == [(m, o) for m in headline for o in ("single", "single_matched")]
+  assert lines[start].count("95% CI") == 2
+
+
 def test_outcome_metrics_run_end_to_end_on_real_shoppers(otto_run):
   outcomes = otto_run[1]["outcomes"]
   assert set(outcomes["hetlm"]) == {"carts", "orders"}

@@ -13,6 +13,7 @@ from hetlm_jax.data.sequences import build_sequences
 from hetlm_jax.data.tokenizer import UNK, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, first_page_index, mixture_nll
+from hetlm_jax.eval.report import write_report
 from hetlm_jax.pipeline import prepare_data
 from synthetic import markov_events
 
@@ -120,3 +121,59 @@ def test_mixture_weights_each_model_by_its_posterior_given_the_history_not_the_p
   np.testing.assert_allclose(nll_U[0], -np.log(post_K @ np.exp(-target_KxU[:, 0])) / 2)
   assert nll_U[0] > 2.0 > 0.2 > by_prior  # model 1's poor target fit dominates, as its posterior does
   np.testing.assert_allclose(nll_U[1], by_prior)  # a history that tells nothing leaves the prior
+
+
+def _fake_report(metrics, **extra):
+  """A report dict as evaluate() makes it: per-user summaries of four models, and HeTLM's paired bootstrap."""
+  rng = np.random.default_rng(0)
+  per_user = {name: {m: rng.normal(loc, 1.0, 50) for m in metrics}
+              for name, loc in (("hetlm", 0.0), ("single", 0.5), ("single_matched", 0.3), ("markov", 1.0))}
+  for values in per_user.values():  # alignment is NaN for users without a generated session
+    for m in set(metrics) & {"edit_similarity", "jaccard", "rouge_l_f1"}:
+      values[m][30:] = np.nan
+  report = {"models": {name: {m: M.summarize(v) for m, v in ms.items()} for name, ms in per_user.items()},
+            "n_users": 50, "bootstrap": {f"hetlm-{o}": {m: M.paired_bootstrap(per_user["hetlm"][m], per_user[o][m], 200)
+                                                        for m in metrics} for o in ("single", "single_matched")},
+            **extra}
+  return report, {name: ms["nll"] for name, ms in per_user.items()}
+
+
+def _first_table(text):
+  """Rows (lists of cells) of the first table after report.md's intro."""
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+  end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+  return [[c.strip() for c in line.strip("|").split("|")] for line in lines[start:end]]
+
+
+def _check_headline(report, rows, metrics):
+  header, body = rows[0], rows[2:]
+  assert header == ["metric", "vs", "HeTLM mean", "other mean", "Δ mean [95% CI]", "HeTLM var", "other var",
+                    "Δ var [95% CI]"]
+  assert [(r[0], r[1]) for r in body] == [(m, o) for m in metrics for o in ("single", "single_matched")]
+  for metric, other, h_mean, o_mean, d_mean, h_var, o_var, d_var in body:
+    h, o = report["models"]["hetlm"][metric], report["models"][other][metric]
+    b = report["bootstrap"][f"hetlm-{other}"][metric]
+    assert (h_mean, o_mean, h_var, o_var) == tuple(f"{x:.4f}" for x in (h["mean"], o["mean"], h["var"], o["var"]))
+    assert d_mean == f"{b['mean_diff']:.4f} [{b['mean_ci'][0]:.4f}, {b['mean_ci'][1]:.4f}]"
+    assert d_var == f"{b['var_diff']:.4f} [{b['var_ci'][0]:.4f}, {b['var_ci'][1]:.4f}]"
+    assert b["mean_ci"][0] < b["mean_diff"] < b["mean_ci"][1]
+
+
+def test_report_opens_with_generation_alignment_and_per_user_nll_against_the_single_lms(tmp_path):
+  headline = ("edit_similarity", "jaccard", "rouge_l_f1", "nll")
+  report, nll = _fake_report((*headline, "hr@10"), generated_users=30)
+  write_report(tmp_path, report, nll, [])
+  text = (tmp_path / "report.md").read_text()
+  _check_headline(report, _first_table(text), headline)
+  assert text.index("| metric | vs |") < text.index("| model | nll |")  # the side-by-side table follows
+  assert "30 users" in text
+
+
+def test_report_of_new_users_opens_with_nll_with_and_without_the_end_marker(tmp_path):
+  report, nll = _fake_report(("nll", "nll_no_end", "hr@10"), protocol="new_users", ranked_users=40,
+                             bits_per_token={"hetlm": {"no_end": 2.0, "with_end": 2.5}})
+  write_report(tmp_path, report, nll, [])
+  text = (tmp_path / "report.md").read_text()
+  _check_headline(report, _first_table(text), ("nll", "nll_no_end"))
+  assert text.index("| metric | vs |") < text.index("| model | no end marker |") < text.index("| model | nll |")

@@ -25,6 +25,7 @@ from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import Progress
 
 LM_NAMES = ("hetlm", "single", "single_matched")
+_ALIGNMENT = ("edit_similarity", "jaccard", "rouge_l_f1")  # generated vs actual next session, NaN if not generated
 
 
 @dataclasses.dataclass
@@ -206,7 +207,7 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
     report["bootstrap"] = {
       f"hetlm-{other}": {metric: M.paired_bootstrap(per_user["hetlm"][metric][evaluated_U],
                                                     per_user[other][metric][evaluated_U], opts.bootstrap, opts.seed)
-                         for metric in ("nll", "hr@10", "ndcg@10")}
+                         for metric in (*_ALIGNMENT, "nll", "hr@10", "ndcg@10")}
       for other in ("single", "single_matched") if other in per_user}
     assignment = families["hetlm"].assignment
     report["clusters"] = [

@@ -1,4 +1,5 @@
-"""report.md: the side-by-side table, the paired bootstrap, per-cluster figures, and PNG figures beside it."""
+"""report.md: the headline table (generation alignment and per-user NLL, HeTLM against the single LMs), the
+side-by-side table, the paired bootstrap, per-cluster figures, and PNG figures beside it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,49 @@ _ORDER = ("hetlm", "hetlm_mixture", "single", "single_matched", "markov_mixture"
           "popularity")
 _METRICS = ("nll", "nll_no_end", "hr@10", "ndcg@10", "mrr", "hr@10_sampled", "ndcg@10_sampled", "edit_similarity",
             "rouge_l_f1")
+# The paper's headline: how well the generated next session matches the actual one, and per-user NLL.
+_HEADLINE = ("edit_similarity", "jaccard", "rouge_l_f1", "nll")
+_HEADLINE_NEW_USERS = ("nll", "nll_no_end")  # the split by user generates nothing
+_SINGLES = ("single", "single_matched")
 
 
 def _fmt(x) -> str:
   return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
+
+
+def _interval(boot: dict, which: str) -> str:
+  """'diff [lo, hi]' of a paired_bootstrap result, `which` 'mean' or 'var'."""
+  lo, hi = boot.get(f"{which}_ci") or (None, None)
+  return f"{_fmt(boot.get(f'{which}_diff'))} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def _headline(report: dict) -> list[str]:
+  """HeTLM against each single LM, per headline metric: mean and variance over users, and the paired-bootstrap
+  95% intervals of HeTLM − other for both."""
+  models = report["models"]
+  if "hetlm" not in models:
+    return []
+  new_users = report.get("protocol") == "new_users"
+  metrics = [m for m in (_HEADLINE_NEW_USERS if new_users else _HEADLINE) if m in models["hetlm"]]
+  boot = report.get("bootstrap", {})
+  others = [o for o in _SINGLES if f"hetlm-{o}" in boot and o in models] or [None]
+  if new_users:
+    lead = "HeTLM against the single LMs, per new user: NLL with and without the end marker (lower is better)."
+  else:
+    lead = ("HeTLM against the single LMs, per user: how well the generated next session matches the actual one "
+            f"({report.get('generated_users', 0):,} users; edit similarity, Jaccard and ROUGE-L F1, higher is "
+            "better) and the held-out NLL (lower is better).")
+  lines = [lead + " Mean and variance over users; Δ = HeTLM − other, with paired-bootstrap 95% intervals.", "",
+           "| metric | vs | HeTLM mean | other mean | Δ mean [95% CI] | HeTLM var | other var | Δ var [95% CI] |",
+           "|---|---|---|---|---|---|---|---|"]
+  for metric in metrics:
+    h = models["hetlm"][metric]
+    for other in others:
+      o = models[other].get(metric, {}) if other else {}
+      b = boot[f"hetlm-{other}"].get(metric, {}) if other else {}
+      lines.append(f"| {metric} | {other or '–'} | {_fmt(h['mean'])} | {_fmt(o.get('mean'))} | "
+                   f"{_interval(b, 'mean')} | {_fmt(h['var'])} | {_fmt(o.get('var'))} | {_interval(b, 'var')} |")
+  return lines + [""]
 
 
 def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sweep: dict | None) -> list[str]:
@@ -83,14 +123,13 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
              "is scored. HeTLM and the Markov mixture score it with their mixture likelihood (π = cluster shares), "
              "as a new user has no history to route by. `nll`: nats per token with the end marker; `nll_no_end`: "
              "nats per page token, each page given that the sequence goes on. Next-page metrics rank each user's "
-             f"last page given the pages before it ({report['ranked_users']:,} users with at least two pages). "
-             "Cells: mean (std over users).")
+             f"last page given the pages before it ({report['ranked_users']:,} users with at least two pages).")
   else:
     intro = (f"{report['n_users']:,} users; each user's held-out target is scored given their history, and each "
              "user's cluster is chosen from the history alone. NLL is in nats per target token (lower is better); "
              "next-page metrics rank the target's first page among all pages, and `_sampled` among 100 random "
-             "pages the user never visited (SASRec's protocol). Cells: mean (std over users).")
-  lines = ["# HeTLM evaluation", "", intro, ""]
+             "pages the user never visited (SASRec's protocol).")
+  lines = ["# HeTLM evaluation", "", intro, ""] + _headline(report)
   if report.get("bits_per_token"):
     lines += ["Pooled over all test tokens, in bits per token (lower is better):", "",
               "| model | no end marker | with end marker |", "|---|---|---|"]
@@ -99,6 +138,7 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
       lines.append(f"| {name} | {_fmt(b.get('no_end'))} | {_fmt(b.get('with_end'))} |")
     lines.append("")
   metrics = [m for m in _METRICS if any(m in report["models"][name] for name in models)]
+  lines += ["Every model side by side. Cells: mean (std over users).", ""]
   lines.append("| model | " + " | ".join(metrics) + " |")
   lines.append("|---" * (len(metrics) + 1) + "|")
   for name in models:
@@ -119,8 +159,8 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
         lines.append(f"| {comparison} | {metric} | {_fmt(b['mean_diff'])} | [{_fmt(b['mean_ci'][0])}, "
                      f"{_fmt(b['mean_ci'][1])}] | {_fmt(b['var_diff'])} | [{_fmt(b['var_ci'][0])}, "
                      f"{_fmt(b['var_ci'][1])}] |")
-    lines += ["", "For NLL a negative difference favours HeTLM (lower mean, lower variance); for HR/NDCG a "
-              "positive mean difference does."]
+    lines += ["", "For NLL a negative difference favours HeTLM (lower mean, lower variance); for HR/NDCG and the "
+              "session alignment (edit similarity, Jaccard, ROUGE-L F1) a positive mean difference does."]
   if report.get("clusters"):
     cols = [c for c in ("hetlm_nll", "single_nll", "single_matched_nll") if c in report["clusters"][0]]
     lines += ["", "## Per cluster (mean NLL of the cluster's users)", "",
