@@ -32,7 +32,9 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   batch_size: int = 64  # windows per cluster per step, across all devices
-  epochs: int = 2  # epochs per round
+  epochs: int = 8  # passes over every user per round, at most (the cap of early stopping)
+  patience: int = 2  # stop a round after this many passes without a better validation NLL (0: run every pass)
+  val_frac: float = 0.1  # training users whose held-out targets decide early stopping (and --k=auto)
   learning_rate: float = 3e-3
   warmup_frac: float = 0.05
   weight_decay: float = 0.01
@@ -66,7 +68,7 @@ class ClusterConfig:
   tolerance: float = 0.005
   init: str = "embedding"  # random | features | embedding (measured best: docs/RESULTS.md)
   warm_start: bool = True  # with init=embedding: all K models start from that single LM
-  soft: bool = True  # soft EM: each model trains on every user, weighted by its posterior responsibility
+  soft: bool = False  # soft EM: each model trains on every user, weighted by its posterior responsibility
   init_rounds: int = 1  # with init=embedding: rounds of the single LM trained first
   warm_lr_scale: float = 0.3  # warm-started cluster models train at this fraction of --learning_rate
   min_cluster_frac: float = 0.1  # of a balanced share U/K; smaller clusters are re-seeded
@@ -127,6 +129,10 @@ def validate(cfg: Config) -> None:
     (m.dtype in ("float32", "bfloat16"), f"--dtype={m.dtype!r}: expected float32 or bfloat16"),
     (t.batch_size >= 1, f"--batch_size={t.batch_size} must be at least 1"),
     (t.epochs >= 1, f"--epochs={t.epochs} must be at least 1"),
+    (t.patience >= 0, f"--patience={t.patience} must be non-negative"),
+    (0.0 <= t.val_frac < 1.0, f"--val_frac={t.val_frac} must be in [0, 1)"),
+    (t.val_frac > 0 or (t.patience == 0 and c.k != 0),
+     "--val_frac=0 leaves no validation users: it needs --patience=0 and a fixed --k"),
     (t.learning_rate > 0, f"--learning_rate={t.learning_rate} must be positive"),
     (0.0 <= t.warmup_frac < 1.0, f"--warmup_frac={t.warmup_frac} must be in [0, 1)"),
     (t.weight_decay >= 0, f"--weight_decay={t.weight_decay} must be non-negative"),

@@ -7,42 +7,39 @@ single-LM baselines with the same schedule → evaluate every model on each user
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from absl import logging
-from scipy.special import logsumexp
 
-from hetlm_jax.cluster.assign import kmeans, kmeans_on_features, min_cluster_size, random_balanced, reassign
+from hetlm_jax.cluster.rounds import Validation, cluster_shares, train_family, train_hetlm, warmed
 from hetlm_jax.config import Config, ModelConfig, validate
 from hetlm_jax.data import SAMPLE_PATH
 from hetlm_jax.data.readers import read_events
-from hetlm_jax.data.sequences import UserSequences, build_sequences, outcome_types, split_users
+from hetlm_jax.data.sequences import (UserSequences, build_sequences, held_out_users, outcome_types, spare_users,
+                                      split_users)
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.errors import HetlmError
-from hetlm_jax.eval.evaluate import LMFamily, evaluate, per_user_nll, route_by_history
+from hetlm_jax.eval.evaluate import LMFamily, evaluate, route_by_history
 from hetlm_jax.eval.generate import Sampling, generate
 from hetlm_jax.eval.new_users import evaluate_new_users
 from hetlm_jax.model import matched_config, param_count
-from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import MetricsLog
 from hetlm_jax.train.split import num_models, part_sizes
-from hetlm_jax.train.state import cluster_spec, make_mesh
+from hetlm_jax.train.state import make_mesh
 
 # Settings that may differ when the same run is resumed; everything else must match the saved config.
 _RESUMABLE_CHANGES = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-                      ("train", "eval_batch_size"), ("model", "vocab_size")}
-_SELECTION_FRACTION = 0.1  # --k=auto: users whose targets choose K, left out of the reported evaluation
+                      ("train", "eval_batch_size"), ("model", "vocab_size"),
+                      ("model", "output_bias"), ("model", "lora_rank")}  # the last three are derived
 
 
 @dataclasses.dataclass
@@ -53,26 +50,7 @@ class Prepared:
   seconds: float
   int_user_ids: bool  # the input's user ids were integers (assignments.parquet keeps them so)
   test_seqs: UserSequences | None = None  # the split by user (--test_users): new users, whole sequences
-
-
-@dataclasses.dataclass
-class Trained:
-  """One trained model family: K stacked models (K=1 for a single LM) and their users' clusters."""
-  name: str
-  cfg: Config
-  trainer: Trainer
-  params: object
-  assignment: np.ndarray
-  rounds: int
-  train_s: float
-  weights: np.ndarray | None = None  # [U, K] soft-EM responsibilities (--soft), else None
-
-
-def cluster_shares(assignment_U: np.ndarray, weights_UxK: np.ndarray | None, k: int) -> np.ndarray:
-  """[K] the clusters' shares of users: mean responsibilities under soft EM, else of the assignment."""
-  if weights_UxK is not None:
-    return weights_UxK.mean(axis=0)
-  return np.bincount(assignment_U, minlength=k) / max(len(assignment_U), 1)
+  val_seqs: UserSequences | None = None  # split by user: unused users after the test users, for validation
 
 
 def data_path(cfg: Config) -> str:
@@ -92,11 +70,14 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
   holdout = "none" if d.test_users else d.holdout
   seqs, stats = build_sequences(table, tokenizer, session_gap_s=d.session_gap_minutes * 60, holdout=holdout)
   int_ids = (table.schema.metadata or {}).get(b"hetlm_user_id") == b"int64"
-  test_seqs = None
+  test_seqs = val_seqs = None
   if d.test_users:
     if d.train_users + d.test_users > seqs.num_users or seqs.num_users - d.test_users < 1:
       raise HetlmError(f"{path}: {seqs.num_users:,} users, too few for --train_users={d.train_users} and "
                        f"--test_users={d.test_users}")
+    spare = spare_users(seqs.num_users, d.train_users, d.test_users, round(cfg.train.val_frac * d.train_users),
+                        d.split_seed)
+    val_seqs = None if spare is None or not len(spare) else held_out_users(seqs, spare)
     seqs, test_seqs = split_users(seqs, d.train_users, d.test_users, d.split_seed)
     stats.update(users=seqs.num_users, test_users=test_seqs.num_users, test_tokens=test_seqs.num_tokens)
   if not given:
@@ -106,8 +87,8 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
     stats["pages_never_in_training"] = int((counts_V[tokenizer.num_specials:] == 0).sum())
     tokenizer, map_V = tokenizer.restrict(counts_V, d.min_count, d.max_vocab or None)
     seqs = seqs.map_tokens(map_V)
-    test_seqs = test_seqs.map_tokens(map_V) if test_seqs is not None else None
-  return Prepared(seqs, tokenizer, stats, time.perf_counter() - start, int_ids, test_seqs)
+    test_seqs, val_seqs = (None if x is None else x.map_tokens(map_V) for x in (test_seqs, val_seqs))
+  return Prepared(seqs, tokenizer, stats, time.perf_counter() - start, int_ids, test_seqs, val_seqs)
 
 
 def _check_resumable(saved: Config, cfg: Config, workdir: Path) -> None:
@@ -127,132 +108,40 @@ def write_assignments(path: Path, seqs: UserSequences, assignment: np.ndarray, i
   os.replace(tmp, path)
 
 
-def train_model(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Path, log: MetricsLog,
-                initial_assignment, rounds: int, on_round=None, warm_params=lambda: None) -> Trained:
-  """Trains (or resumes) one model family in WORKDIR/checkpoints/NAME for at most `rounds` rounds.
-
-  With K > 1, every round ends by scoring each user's history under every model and moving the user
-  to the lowest-perplexity one; training stops early once fewer than `tolerance` of users move.
-  `initial_assignment()` and `warm_params()` are called only when there is no checkpoint to resume.
-  """
-  c = cfg.cluster
-  trainer = Trainer(cfg, k)
-  ckpts = Checkpoints(workdir / "checkpoints" / name, cfg.train.keep_checkpoints)
-  if ckpts.latest_step() is not None:
-    state, assignment, meta, weights = ckpts.restore(trainer.abstract, seqs.num_users)
-    round_index, done = int(meta["round"]), bool(meta["done"])
-    logging.info("%s: resuming at step %d, round %d", name, int(state.step), round_index + 1)
-  else:
-    warm = warm_params()
-    state = trainer.init_state() if warm is None else trainer.warm_state(warm)
-    assignment, weights, round_index, done = initial_assignment(), None, 0, False
-
-  def save(state, step, round_index, done):
-    ckpts.save(state, assignment, {"step": step, "round": round_index, "done": done, "num_users": seqs.num_users,
-                                   "k": k, "cluster_params": cluster_spec(cfg, k),
-                                   "model": dataclasses.asdict(cfg.model)}, weights)
-
-  def periodic_save(state, step):
-    if step % cfg.train.checkpoint_every == 0:
-      save(state, step, round_index, False)
-
-  min_size = min_cluster_size(seqs.num_users, k, c.min_cluster_frac)
-  start = time.perf_counter()
-  while not done:
-    batches = ClusterBatches(seqs, assignment, k, cfg.train.batch_size, cfg.model.context, cfg.train.epochs,
-                             cfg.train.seed, round_index, weights)
-    if trainer.round_finished(state):
-      state = trainer.start_round(state, batches.steps)
-    state = trainer.train_round(state, batches, log, on_step=periodic_save,
-                                label=f"{name} round {round_index + 1}/{rounds}")
-    round_index += 1
-    done = round_index >= rounds
-    if k > 1:
-      nll_KxU, tokens_U = trainer.score(state.params, seqs, "history", label=f"{name} scoring")
-      nll_per_token_KxU = nll_KxU / np.maximum(tokens_U, 1)
-      if c.soft:  # the posterior over clusters of each user's history, with the clusters' shares as prior
-        log_joint_KxU = np.log(np.maximum(cluster_shares(assignment, weights, k), 1e-12))[:, None] - nll_KxU
-        moved = reassign(-log_joint_KxU / np.maximum(tokens_U, 1), assignment, min_size)
-        weights = np.exp(log_joint_KxU - logsumexp(log_joint_KxU, axis=0)).T
-        # Users that re-seeding moved away from their most likely cluster belong to the new one alone.
-        forced = np.flatnonzero(moved.assignment != np.argmax(weights, axis=1))
-        weights[forced] = np.eye(k)[moved.assignment[forced]]
-      else:
-        moved = reassign(nll_per_token_KxU, assignment, min_size)
-      if moved.reseeded:
-        state = trainer.copy_models(state, moved.source)
-        logging.warning("%s: re-seeded clusters %s by splitting %s (they fell below %d users)", name,
-                        sorted(moved.reseeded), sorted(set(moved.reseeded.values())), min_size)
-      own = nll_per_token_KxU[moved.assignment, np.arange(seqs.num_users)]
-      record = {"kind": "round", "model": name, "round": round_index, "moved": moved.moved,
-                "sizes": moved.sizes.tolist(), "reseeded": {str(a): b for a, b in moved.reseeded.items()},
-                "history_nll_per_cluster": [float(own[moved.assignment == j].mean()) if moved.sizes[j] else None
-                                            for j in range(k)],
-                "history_nll": float(own.mean())}
-      log.write(record)
-      logging.info("%s round %d: %.2f%% of users moved; sizes %s; history NLL %.4f", name, round_index,
-                   100 * moved.moved, moved.sizes.tolist(), record["history_nll"])
-      assignment = moved.assignment
-      done = done or moved.moved < c.tolerance
-    if on_round is not None:
-      on_round(assignment)
-    save(state, int(state.step), round_index, done)
-  train_s = time.perf_counter() - start
-  ckpts.close()
-  return Trained(name, cfg, trainer, state.params, assignment, round_index, train_s, weights)
-
-
-def _initial_assignment(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog):
-  """The --init strategy as (assignment, warm-start params) thunks; 'embedding' first trains a single LM
-  (--init_rounds rounds, its own checkpoints) whose mean hidden states are clustered and, with --warm_start,
-  copied."""
-  c, seed = cfg.cluster, cfg.train.seed
-  no_warm = lambda: None
-  if k == 1:
-    return (lambda: np.zeros(seqs.num_users, np.int32)), no_warm
-  if c.init == "random":
-    return (lambda: random_balanced(seqs.num_users, k, seed)), no_warm
-  if c.init == "features":
-    return (lambda: kmeans_on_features(seqs, vocab_size, k, seed)), no_warm
-
-  @functools.lru_cache(maxsize=1)
-  def single():
-    return train_model("init_single", cfg, 1, seqs, workdir, log, lambda: np.zeros(seqs.num_users, np.int32),
-                       c.init_rounds)
-
-  initial = lambda: kmeans(single().trainer.embed(single().params, seqs)[0], k, seed)
-  return initial, ((lambda: single().params) if c.warm_start else no_warm)
-
-
-def train_hetlm(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog,
-                name: str = "hetlm", on_round=None) -> Trained:
-  initial, warm = _initial_assignment(cfg, k, seqs, vocab_size, workdir, log)
-  rounds = cfg.cluster.rounds if k > 1 else 1
-  if warmed(cfg, k):  # fine-tuning from a trained LM: a gentler learning rate keeps what it learned
-    cfg = cfg.replace(train=dataclasses.replace(cfg.train,
-                                                learning_rate=cfg.train.learning_rate * cfg.cluster.warm_lr_scale))
-  return train_model(name, cfg, k, seqs, workdir, log, initial, rounds, on_round=on_round, warm_params=warm)
-
-
-def warmed(cfg: Config, k: int) -> bool:
-  """Whether HeTLM's K models start from a single LM trained first ('init_single')."""
-  return k > 1 and cfg.cluster.init == "embedding" and cfg.cluster.warm_start
-
-
-def _choose_k(cfg: Config, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog):
-  """--k=auto: a full HeTLM per candidate K, judged on the targets of a fixed 10% of users."""
-  select_U = np.random.default_rng([cfg.train.seed, 7]).random(seqs.num_users) < _SELECTION_FRACTION
+def _choose_k(cfg: Config, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog,
+              validation: Validation):
+  """--k=auto: a full HeTLM per candidate K, judged on the validation users' held-out targets."""
   curve, runs = {}, {}
   for k in cfg.cluster.candidates():
-    run = train_hetlm(cfg, k, seqs, vocab_size, workdir, log, name=f"hetlm_k{k}")
-    curve[k] = float(per_user_nll(run, seqs)[0][select_U].mean())
+    run = train_hetlm(cfg, k, seqs, vocab_size, workdir, log, validation, name=f"hetlm_k{k}")
+    curve[k] = validation.nll(run.trainer, run.params, run.assignment, run.weights)
     runs[k] = run
     log.write({"kind": "k_sweep", "k": k, "selection_nll": curve[k], "rounds": run.rounds})
-    logging.info("K=%d: selection NLL %.4f", k, curve[k])
+    logging.info("K=%d: validation NLL %.4f", k, curve[k])
   best = min(curve, key=curve.get)
   # The chosen K's checkpoints stay under hetlm_kK; this file tells load_run that they are "hetlm".
   (workdir / "k_auto.json").write_text(json.dumps({"k": best, "selection_nll": curve}) + "\n")
-  return runs[best], curve, ~select_U
+  return runs[best], curve
+
+
+def validation_slice(cfg: Config, prepared: Prepared) -> tuple[UserSequences, Validation | None, np.ndarray]:
+  """The users whose held-out targets decide early stopping and --k=auto: (training users, validation, the
+  training users the evaluation reports on).
+
+  Split in time: a fixed random --val_frac of the training users; they keep training on their histories
+  and are left out of the evaluation. Split by user: --val_frac x --train_users users the split leaves
+  unused, else that share of the training users, taken out of training; their whole sequences are held
+  out, as the test users' are."""
+  seqs = prepared.seqs
+  if prepared.val_seqs is not None:
+    return seqs, Validation(prepared.val_seqs, None), np.ones(seqs.num_users, bool)
+  val_U = np.random.default_rng([cfg.train.seed, 7]).random(seqs.num_users) < cfg.train.val_frac
+  if not val_U.any() or val_U.all():
+    return seqs, None, np.ones(seqs.num_users, bool)
+  if cfg.data.test_users:
+    return (seqs.subset(~val_U), Validation(held_out_users(seqs, np.flatnonzero(val_U)), None),
+            np.ones(int((~val_U).sum()), bool))
+  return seqs, Validation(seqs.subset(val_U), np.flatnonzero(val_U)), ~val_U
 
 
 def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
@@ -286,14 +175,15 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   log.write({"kind": "start", "users": seqs.num_users, "vocab_size": tokenizer.vocab_size, "params": n_params,
              "k": c.k or "auto", "data": prepared.stats, "prepare_s": prepared.seconds})
 
+  seqs, validation, evaluated_U = validation_slice(cfg, prepared)
   assignments_path = workdir / "assignments.parquet"
   on_round = lambda assignment: write_assignments(assignments_path, seqs, assignment, prepared.int_user_ids)
-  evaluated_U, k_curve = np.ones(seqs.num_users, bool), None
+  k_curve = None
   if c.k == 0:
-    hetlm, k_curve, evaluated_U = _choose_k(cfg, seqs, tokenizer.vocab_size, workdir, log)
+    hetlm, k_curve = _choose_k(cfg, seqs, tokenizer.vocab_size, workdir, log, validation)
     on_round(hetlm.assignment)
   else:
-    hetlm = train_hetlm(cfg, c.k, seqs, tokenizer.vocab_size, workdir, log, on_round=on_round)
+    hetlm = train_hetlm(cfg, c.k, seqs, tokenizer.vocab_size, workdir, log, validation, on_round=on_round)
   k = hetlm.trainer.k
   models = {"hetlm": hetlm}
   total = n_shared + k * n_own if k > 1 else n_params
@@ -307,18 +197,25 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
                  "%d layers)", f"{total:,}", f"{n_shared:,}", k, f"{n_own:,}", f"{param_count(single_model):,}",
                  f"{param_count(matched_model):,}", matched_model.d_model, matched_model.n_layers)
     zeros = lambda: np.zeros(seqs.num_users, np.int32)
-    # Same code path with K=1, same epochs per round, and as many passes over every user as HeTLM made
-    # (its rounds, plus those of the single LM it started from).
+    # Same code path with K=1, the same early-stopping rule and cap per round, and as many rounds as HeTLM
+    # made (its rounds, plus those of the single LM it started from).
     single_rounds = hetlm.rounds + (c.init_rounds if warmed(cfg, k) else 0)
     for name, model_cfg in (("single", single_model), ("single_matched", matched_model)):
-      models[name] = train_model(name, cfg.replace(model=model_cfg), 1, seqs, workdir, log, zeros, single_rounds)
+      models[name] = train_family(name, cfg.replace(model=model_cfg), 1, seqs, workdir, log, zeros, single_rounds,
+                                  validation)
       params[name] = param_count(model_cfg)
 
+  passes = {name: m.passes for name, m in models.items()}
+  init = [r["passes"] for r in log.records("stop") if r["model"] == "init_single"]
+  if init and warmed(cfg, k):
+    passes["init_single"] = sum(init)
   extra = {"k": k, "rounds": hetlm.rounds, "params": params, "hetlm_params": parts, "data": data_path(cfg),
-           "train_s": {name: m.train_s for name, m in models.items()}}
+           "train_s": {name: m.train_s for name, m in models.items()}, "passes": passes,
+           "early_stopping": {"patience": cfg.train.patience if validation else 0, "max_passes_per_round": cfg.train.epochs,
+                              "validation_users": 0 if validation is None else validation.seqs.num_users}}
   if k_curve is not None:
     extra["k_sweep"] = {"selection_nll": {str(key): v for key, v in k_curve.items()},
-                        "note": "K chosen on the targets of a random 10% of users, left out of n_users"}
+                        "note": "K chosen on the validation users' held-out targets; they are left out of n_users"}
   families = {name: LMFamily(name, m.trainer, m.params, m.assignment,
                              cluster_shares(m.assignment, m.weights, m.trainer.k)) for name, m in models.items()}
   rounds = [r for r in log.records("round") if r["model"] == hetlm.name]
@@ -366,7 +263,7 @@ def load_run(workdir: str | Path, model: str = "hetlm") -> TrainedRun:
   meta = ckpts.meta()  # each model family records its own K and model config
   cfg = cfg.replace(model=ModelConfig(**meta["model"]))
   trainer = Trainer(cfg, int(meta["k"]))
-  state, assignment, meta, weights = ckpts.restore(trainer.abstract, int(meta["num_users"]))
+  state, _, assignment, meta, weights = ckpts.restore(trainer.abstract, int(meta["num_users"]))
   ckpts.close()
   return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]), weights)
 
@@ -416,18 +313,20 @@ def _workdir_data(workdir: Path, data: str | None) -> tuple[Config, Prepared]:
 
 
 def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
-  """`hetlm evaluate`: re-evaluates every trained model in `workdir` on its data, or on `data`."""
+  """`hetlm evaluate`: re-evaluates every trained model in `workdir` on its data (the validation users left
+  out, as `train` does), or on every user of `data`."""
   workdir = Path(workdir)
   cfg, prepared = _workdir_data(workdir, data)
-  families = _families_for(workdir, prepared.seqs)
+  seqs, _, evaluated_U = validation_slice(cfg, prepared) if data is None else (prepared.seqs, None, None)
+  families = _families_for(workdir, seqs)
   log = MetricsLog(workdir / "metrics.jsonl")
   hetlm_name = load_run_name(workdir, "hetlm")
   rounds = [r for r in log.records("round") if r["model"] == hetlm_name]
   extra = {"data": data_path(cfg)}
   if prepared.test_seqs is not None:
-    return evaluate_new_users(families, prepared.seqs, prepared.test_seqs, prepared.tokenizer, workdir,
+    return evaluate_new_users(families, seqs, prepared.test_seqs, prepared.tokenizer, workdir,
                               extra=extra, rounds=rounds)
-  return evaluate(families, prepared.seqs, prepared.tokenizer, workdir, rounds=rounds, extra=extra)
+  return evaluate(families, seqs, prepared.tokenizer, workdir, evaluated_U, rounds=rounds, extra=extra)
 
 
 def generate_for_user(workdir: str | Path, user: str, data: str | None = None,

@@ -9,6 +9,7 @@ from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.model import PageLM, init_params
 from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.loop import Trainer
+from hetlm_jax.train.split import model_params
 from hetlm_jax.train.step import packed_loss_mask, token_nll
 from synthetic import markov_events
 
@@ -83,7 +84,7 @@ def test_packed_scoring_equals_scoring_each_user_alone():
     mask = mask[:, 1:] if part == "history" else mask
     np.testing.assert_array_equal(tokens_U, mask.sum(axis=1))
     for k in range(2):
-      p_k = jax.tree.map(lambda x: x[k], params)
+      p_k = model_params(params, k)
       alone = np.where(mask, np.asarray(token_nll(PageLM(cfg.model), p_k, inputs)), 0).sum(axis=1)
       np.testing.assert_allclose(nll_KxU[k], alone, rtol=1e-5)
 

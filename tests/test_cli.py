@@ -82,7 +82,9 @@ def test_empty_table(tmp_path, capsys):
   ("--k=0", "--k"), ("--batch_size=0", "--batch_size"), ("--dropout=1.5", "--dropout"),
   ("--format=xml", "--format"), ("--k=abc", "--k"), ("--no_such_flag=1", "no_such_flag"),
   ("--k=100000", "--k"), ("--k=-1", "--k"), ("--rounds=0", "--rounds"), ("--init=magic", "--init"),
-  ("--k_candidates=2,x", "--k_candidates"),
+  ("--k_candidates=2,x", "--k_candidates"), ("--cluster_params=top:5", "--cluster_params"),
+  ("--cluster_params=adapters", "--cluster_params"), ("--cluster_params=body", "--cluster_params"),
+  ("--patience=-1", "--patience"), ("--val_frac=1.0", "--val_frac"),
 ])
 def test_flag_out_of_range(tmp_path, good_log, capsys, flag, needle):
   assert_refused(capsys, tmp_path / "run", [f"--data={good_log}", flag], needle)
@@ -127,6 +129,9 @@ def test_the_default_preset_holds_the_built_in_defaults():
   assert lines
   for line in lines:
     name, _, value = line[2:].partition("=")
+    if name not in defaults and name.startswith("no"):  # --noflag sets a boolean to False
+      assert value == "" and defaults[name[2:]] is False, line
+      continue
     expected = defaults[name]
     if isinstance(expected, bool):
       assert value == "" and expected, line  # a bare --flag sets a boolean

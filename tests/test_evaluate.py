@@ -12,8 +12,10 @@ from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.eval.evaluate import LMFamily, first_page_index, route_by_history
 from hetlm_jax.main import cli
 from hetlm_jax.model import PageLM
-from hetlm_jax.pipeline import cluster_shares, generate_for_user, load_run, prepare_data, train_and_evaluate
+from hetlm_jax.pipeline import (cluster_shares, generate_for_user, load_run, prepare_data, train_and_evaluate,
+                                validation_slice)
 from hetlm_jax.train.loop import Trainer
+from hetlm_jax.train.split import model_params
 
 OTTO = "tests/data/otto_sample.parquet"
 MODELS = ("single", "single_matched", "hetlm", "markov", "markov_mixture", "popularity")
@@ -44,7 +46,8 @@ def test_eval_json_holds_every_model_and_metric_as_specified(otto_run):
 def test_hetlm_mixture_weights_the_models_by_their_posterior_given_the_history(otto_run):
   workdir, report = otto_run
   run = load_run(workdir)
-  seqs = prepare_data(run.config, run.tokenizer).seqs
+  prepared = prepare_data(run.config, run.tokenizer)
+  seqs, _, evaluated_U = validation_slice(run.config, prepared)  # the validation users are not reported
   trainer = Trainer(run.config, 2)
   target_KxU, tokens_U = trainer.score(run.params, seqs, "target")
   history_KxU, _ = trainer.score(run.params, seqs, "history")
@@ -54,7 +57,7 @@ def test_hetlm_mixture_weights_the_models_by_their_posterior_given_the_history(o
   expected_U = -logsumexp(log_post_KxU - target_KxU, axis=0) / tokens_U
   by_prior_U = -logsumexp(log_prior_K[:, None] - target_KxU, axis=0) / tokens_U
   assert by_prior_U.mean() != pytest.approx(expected_U.mean(), rel=1e-3)  # the prior's answer differs
-  assert report["models"]["hetlm_mixture"]["nll"]["mean"] == pytest.approx(expected_U.mean(), rel=1e-5)
+  assert report["models"]["hetlm_mixture"]["nll"]["mean"] == pytest.approx(expected_U[evaluated_U].mean(), rel=1e-5)
 
 
 def test_report_opens_with_generation_alignment_and_nll_with_bootstrap_intervals(otto_run):
@@ -119,7 +122,7 @@ def test_lm_next_page_distribution_matches_a_direct_forward_pass(otto_run):
   trainer = Trainer(run.config, 1)
   users = np.arange(3)
   logp = trainer.next_logprobs(run.params, seqs, users, np.zeros(3, np.int64))
-  params = jax.tree.map(lambda x: x[0], run.params)
+  params = model_params(run.params, 0)
   for u in users:
     context = seqs.tokens[seqs.offsets[u]:first_page_index(seqs)[u]][-run.config.model.context:]
     logits = PageLM(run.config.model).apply({"params": params}, context[None])[0, -1]

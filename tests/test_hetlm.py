@@ -11,6 +11,7 @@ from sklearn.metrics import adjusted_rand_score
 from hetlm_jax.cluster.assign import reassign
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax import pipeline
+from hetlm_jax.cluster import rounds as cluster_rounds
 from hetlm_jax.pipeline import prepare_data, train_and_evaluate
 from hetlm_jax.train import loop
 from synthetic import markov_events
@@ -72,7 +73,7 @@ def test_reassignment_recovers_the_clusters_from_a_mostly_random_start(markov_lo
   rng = np.random.default_rng(0)
   start = np.where(rng.random(len(truth)) < 0.8, rng.integers(0, 3, len(truth)), truth).astype(np.int32)
   assert adjusted_rand_score(truth, start) < 0.1
-  monkeypatch.setattr(pipeline, "kmeans_on_features", lambda *args, **kwargs: start)
+  monkeypatch.setattr(cluster_rounds, "kmeans_on_features", lambda *args, **kwargs: start)
   trainers = []
   real_init = loop.Trainer.__init__
 
@@ -127,8 +128,8 @@ def test_embedding_init_warm_starts_every_cluster_model_from_the_single_lm(marko
   cfg = markov_config(path, init="embedding", warm_start=True)
   prepared = prepare_data(cfg)
   cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size))
-  initial, warm = pipeline._initial_assignment(cfg, 3, prepared.seqs, prepared.tokenizer.vocab_size,
-                                               tmp_path, MetricsLog(tmp_path / "m.jsonl"))
+  initial, warm = cluster_rounds.initial_assignment(cfg, 3, prepared.seqs, prepared.tokenizer.vocab_size,
+                                                    tmp_path, MetricsLog(tmp_path / "m.jsonl"), validation=None)
   assignment, single_params = initial(), warm()
   assert sorted(np.unique(assignment)) == [0, 1, 2] and len(assignment) == prepared.seqs.num_users
   assert (tmp_path / "checkpoints" / "init_single").is_dir()

@@ -13,12 +13,13 @@ from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, Tra
 from hetlm_jax.data.sequences import UserSequences, all_windows, build_sequences, split_users
 from hetlm_jax.data.tokenizer import BOS, EOS, PageTokenizer
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
-from hetlm_jax.eval.generate import prompts
 from hetlm_jax.eval.new_users import last_page_view
 from hetlm_jax.main import cli
 from hetlm_jax.model import PageLM
 from hetlm_jax.pipeline import prepare_data, train_and_evaluate
+from hetlm_jax.train.batches import prompts
 from hetlm_jax.train.loop import Trainer
+from hetlm_jax.train.split import model_params
 from synthetic import markov_events
 
 
@@ -64,7 +65,7 @@ def test_long_targets_are_scored_in_full_with_context_from_earlier_windows():
   np.testing.assert_array_equal(tokens_U, seqs.target_lengths)
   # By hand: each target token from the tokens before it in the one window that scores it.
   model = PageLM(cfg.model)
-  params = jax.tree.map(lambda x: x[0], state.params)
+  params = model_params(state.params, 0)
   _, start_W, length_W, scored_W = all_windows(seqs, "target", 8)
   expected = 0.0
   for start, length, first in zip(start_W[:-1], length_W[:-1], scored_W[:-1]):  # user 0's windows
@@ -83,7 +84,7 @@ def test_pages_only_scores_each_page_given_that_the_sequence_goes_on():
   seqs.tokens[5] = EOS  # BOS p p p p EOS
   nll_KxU, tokens_U = trainer.score(params, seqs, "target", pages_only=True)
   assert tokens_U[0] == 4
-  logits = PageLM(cfg.model).apply({"params": jax.tree.map(lambda x: x[0], params)}, jnp.asarray(seqs.tokens[None, :5]))
+  logits = PageLM(cfg.model).apply({"params": model_params(params, 0)}, jnp.asarray(seqs.tokens[None, :5]))
   logp = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
   cont = np.log(1 - np.exp(logp[:, [0, BOS, EOS]]).sum(axis=1))
   expected = -sum(logp[t, seqs.tokens[t + 1]] - cont[t] for t in range(4))
@@ -160,7 +161,7 @@ def new_users_run(tmp_path_factory):
   cfg = Config(model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
                train=TrainConfig(batch_size=16, epochs=2, eval_batch_size=64),
                data=DataConfig(path=str(path), test_users=40, train_users=100),
-               cluster=ClusterConfig(k=2, rounds=2, init="random"))
+               cluster=ClusterConfig(k=2, rounds=2, init="random", soft=True))
   return cfg, workdir, train_and_evaluate(cfg, workdir)
 
 
@@ -174,7 +175,7 @@ def test_new_users_eval_scores_the_mixture_likelihood_and_pools_bits(new_users_r
       assert np.isfinite(on_disk["models"][model][metric]["mean"]), (model, metric)
   assert on_disk["test_tokens"] == {"with_end": 40 * 11, "no_end": 40 * 10}
   # HeTLM's per-user NLL is log Σ_k π_k p_k(sequence), recomputed here from the saved models; π is the mean
-  # of the saved soft-EM responsibilities (--soft is on), not the share of each user's most likely cluster.
+  # of the saved soft-EM responsibilities (--soft), not the share of each user's most likely cluster.
   from hetlm_jax.pipeline import _families_for, load_run
   prepared = prepare_data(cfg)
   family = _families_for(workdir, prepared.seqs)["hetlm"]

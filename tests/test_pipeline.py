@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from hetlm_jax.cluster import rounds
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax.pipeline import load_run, prepare_data, train_and_evaluate
 from hetlm_jax.train import loop
@@ -57,11 +58,12 @@ def test_checkpoint_restores_identical_parameters(log_path, tmp_path):
   assert first.config.model.vocab_size == first.tokenizer.vocab_size
 
 
-@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("soft,cluster_params", [(False, "all"), (True, "all"), (False, "adapters:2")])
 def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_uninterrupted_one(
-    log_path, tmp_path, monkeypatch, soft):
+    log_path, tmp_path, monkeypatch, soft, cluster_params):
+  """With early stopping (validation after every pass) and, for adapters, a split state."""
   cfg = tiny(log_path, k=2)  # two stacked models and two reassignment rounds
-  cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, soft=soft, rounds=3))
+  cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, soft=soft, rounds=3, cluster_params=cluster_params))
   train_and_evaluate(cfg, tmp_path / "whole")
 
   real_step = loop.Trainer._report
@@ -101,3 +103,32 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_unin
     np.testing.assert_array_equal(whole.weights.argmax(axis=1), whole.assignment)
   else:
     assert whole.weights is None
+
+
+def test_a_round_stops_after_patience_passes_without_progress_and_keeps_its_best_pass(log_path, tmp_path,
+                                                                                      monkeypatch):
+  cfg = tiny(log_path, epochs=8, patience=2)
+  script = iter([5.0, 4.0, 3.0, 3.5, 3.2, 1.0, 1.0])  # round start, then after each pass: best at pass 2
+  seen = []
+
+  def scripted(self, trainer, params, assignment, weights):
+    seen.append(jax.device_get(params))
+    return next(script)
+
+  monkeypatch.setattr(rounds.Validation, "nll", scripted)
+  report = train_and_evaluate(cfg, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  stop, = [r for r in records if r["kind"] == "stop"]
+  assert (stop["passes"], stop["best_pass"], stop["validation_nll"]) == (4, 2, 3.0)
+  assert [r["pass"] for r in records if r["kind"] == "validation"] == [1, 2, 3, 4]
+  assert report["passes"] == {"hetlm": 4}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(load_run(tmp_path).params), seen[2])
+
+
+def test_validation_users_train_but_are_left_out_of_the_evaluation(log_path, tmp_path):
+  cfg = tiny(log_path, val_frac=0.25)
+  report = train_and_evaluate(cfg, tmp_path)
+  users = prepare_data(cfg).seqs.num_users
+  assert report["early_stopping"]["validation_users"] + report["n_users"] == users
+  assert 0.1 * users < report["early_stopping"]["validation_users"] < 0.4 * users
+  assert len(load_run(tmp_path).assignment) == users

@@ -109,11 +109,22 @@ def split_users(seqs: UserSequences, n_train: int, n_test: int, seed: int) -> tu
   n_test after the first n_train are the test users (n_train 0: all the others). Training users keep
   their whole sequence as history; a test user's target is everything after the opening BOS."""
   perm = np.random.default_rng(seed).permutation(seqs.num_users)
-  test_idx = perm[n_train:n_train + n_test]
   train_idx = perm[:n_train] if n_train else perm[n_test:]
-  train, test = seqs.subset(train_idx), seqs.subset(test_idx)
-  test = dataclasses.replace(test, split=test.offsets[:-1] + 1)
-  return (dataclasses.replace(train, split=train.offsets[1:].copy()), test)
+  train = seqs.subset(train_idx)
+  return dataclasses.replace(train, split=train.offsets[1:].copy()), held_out_users(seqs, perm[n_train:n_train + n_test])
+
+
+def held_out_users(seqs: UserSequences, idx: np.ndarray) -> UserSequences:
+  """The users `idx` as new users: everything after each sequence's opening BOS is the target."""
+  held = seqs.subset(idx)
+  return dataclasses.replace(held, split=held.offsets[:-1] + 1)
+
+
+def spare_users(num_users: int, n_train: int, n_test: int, n: int, seed: int) -> np.ndarray | None:
+  """The n users after the test users in split_users' order, when --train_users leaves that many unused."""
+  if not n_train or num_users - n_train - n_test < n:
+    return None
+  return np.random.default_rng(seed).permutation(num_users)[n_train + n_test:n_train + n_test + n]
 
 
 def outcome_types(table: pa.Table) -> list[str]:

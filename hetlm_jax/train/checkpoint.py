@@ -1,10 +1,9 @@
-"""Orbax checkpoints of the stacked state plus the host-side run position (round, assignment)."""
+"""Orbax checkpoints of the stacked state plus the host-side run position (round, assignment, early stopping)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -13,17 +12,19 @@ from hetlm_jax.train.state import TrainState
 
 
 class Checkpoints:
-  """WORKDIR/checkpoints: items `state` (sharded pytree), `assignment` (user → cluster) and `meta` (JSON)."""
+  """WORKDIR/checkpoints: items `state` (sharded pytree), `best` (the round's best params and optimizer state so
+  far, by validation NLL), `assignment` (user → cluster) and `meta` (JSON)."""
 
   def __init__(self, workdir: Path, keep: int):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
-                                          item_names=("state", "assignment", "meta"))
+                                          item_names=("state", "best", "assignment", "meta"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, state: TrainState, assignment_U: np.ndarray, meta: dict, weights_UxK: np.ndarray | None = None) -> None:
+  def save(self, state: TrainState, best: dict, assignment_U: np.ndarray, meta: dict,
+           weights_UxK: np.ndarray | None = None) -> None:
     """`weights_UxK`: soft-EM responsibilities in use, kept so a resumed round trains on the same ones."""
     step = int(meta["step"])
     if step in self._manager.all_steps():
@@ -32,12 +33,12 @@ class Checkpoints:
     if weights_UxK is not None:
       assignment["weight"] = np.asarray(weights_UxK, np.float32)
     self._manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), assignment=ocp.args.StandardSave(assignment),
+      state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best), assignment=ocp.args.StandardSave(assignment),
       meta=ocp.args.JsonSave({**meta, "soft": weights_UxK is not None})))
     self._manager.wait_until_finished()
 
   def restore(self, abstract: TrainState, num_users: int, step: int | None = None):
-    """Restores onto the shardings carried by `abstract`; returns (state, assignment, meta, weights or None)."""
+    """Restores onto the shardings carried by `abstract`; returns (state, best, assignment, meta, weights or None)."""
     step = self._manager.latest_step() if step is None else step
     abstract_assignment = {"cluster": np.zeros(num_users, np.int32)}
     if self.meta(step).get("soft"):
@@ -45,11 +46,13 @@ class Checkpoints:
       abstract_assignment["weight"] = np.zeros((num_users, k), np.float32)
     restored = self._manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract),
+      best=ocp.args.StandardRestore({"params": abstract.params, "opt_state": abstract.opt_state}),
       assignment=ocp.args.StandardRestore(abstract_assignment),
       meta=ocp.args.JsonRestore()))
     assignment = restored["assignment"]
     weights = np.asarray(assignment["weight"]) if "weight" in assignment else None
-    return restored["state"], np.asarray(assignment["cluster"]), dict(restored["meta"]), weights
+    return (restored["state"], dict(restored["best"]), np.asarray(assignment["cluster"]), dict(restored["meta"]),
+            weights)
 
   def meta(self, step: int | None = None) -> dict:
     step = self._manager.latest_step() if step is None else step

@@ -70,25 +70,26 @@ class Trainer:
     return self._warm(single_params)
 
   def train_round(self, state: TrainState, batches: ClusterBatches, log: MetricsLog | None = None,
-                  on_step=None, label: str = "train") -> TrainState:
-    """Runs the rest of the current round.
+                  on_step=None, label: str = "train", until: int | None = None) -> TrainState:
+    """Runs the current round up to step `until` of the round (default: its end), e.g. one epoch.
 
     `on_step(state, step)` is called after each dispatched step but the last, with the global step
     counted on the host, so the loop never waits on the device.
     """
     round_start = int(state.round_start)
     first = int(state.step) - round_start
-    progress = Progress(batches.steps, label, every=self.cfg.train.log_every, initial=first)
+    until = batches.steps if until is None else until
+    progress = Progress(until, label, every=self.cfg.train.log_every, initial=first)
     pending, last_time = None, time.perf_counter()
-    for s in range(first, batches.steps):
+    for s in range(first, until):
       state, metrics = self.train_step(state, *batches.batch(s))
       if pending is not None:  # read step s-1 while step s runs
         last_time = self._report(pending, log, progress, last_time, s)
       pending = (s + 1, metrics)
-      if on_step is not None and s + 1 < batches.steps:
+      if on_step is not None and s + 1 < until:
         on_step(state, round_start + s + 1)
     if pending is not None:
-      self._report(pending, log, progress, last_time, batches.steps)
+      self._report(pending, log, progress, last_time, until)
     progress.close()
     return state
 

@@ -1,0 +1,231 @@
+"""The HeTLM rounds, top to bottom: initial assignment → [M-step: train the K models until the validation
+NLL stops improving → E-step: move each user to the model that explains their history best (hard), or
+weight every model by its posterior (soft) → re-seed degenerate clusters] until few users move.
+
+A single LM is the same loop with K=1 and no E-step, so every model family trains by the same rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from scipy.special import logsumexp
+
+from hetlm_jax.cluster.assign import kmeans, kmeans_on_features, min_cluster_size, random_balanced, reassign
+from hetlm_jax.config import Config
+from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.train.batches import ClusterBatches
+from hetlm_jax.train.checkpoint import Checkpoints
+from hetlm_jax.train.loop import Trainer
+from hetlm_jax.train.metrics import MetricsLog
+from hetlm_jax.train.state import cluster_spec
+
+
+@dataclasses.dataclass
+class Trained:
+  """One trained model family: K stacked models (K=1 for a single LM) and their users' clusters."""
+  name: str
+  cfg: Config
+  trainer: Trainer
+  params: object
+  assignment: np.ndarray
+  rounds: int
+  train_s: float
+  weights: np.ndarray | None = None  # [U, K] soft-EM responsibilities (--soft), else None
+  passes: int = 0  # passes over every user trained, over all rounds (early stopping decides how many)
+
+
+def cluster_shares(assignment_U: np.ndarray, weights_UxK: np.ndarray | None, k: int) -> np.ndarray:
+  """[K] the clusters' shares of users: mean responsibilities under soft EM, else of the assignment."""
+  if weights_UxK is not None:
+    return weights_UxK.mean(axis=0)
+  return np.bincount(assignment_U, minlength=k) / max(len(assignment_U), 1)
+
+
+@dataclasses.dataclass
+class Validation:
+  """Held-out targets of a slice of the training users, which decide when a round stops training.
+
+  Split in time, `users` are their indices among the training users: they train on their histories, their
+  targets are scored by their own cluster's model, and the evaluation leaves them out. Split by user,
+  `users` is None: they never train, and their whole sequences are scored by the mixture likelihood.
+  """
+  seqs: UserSequences
+  users: np.ndarray | None
+
+  def nll(self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None) -> float:
+    """Nats per scored target token, pooled over the validation users."""
+    nll_KxV, tokens_V = trainer.score(params, self.seqs, "target", label="validation")
+    if self.users is not None:
+      nll_V = nll_KxV[assignment_U[self.users], np.arange(self.seqs.num_users)]
+    else:
+      log_prior_K = np.log(np.maximum(cluster_shares(assignment_U, weights_UxK, trainer.k), 1e-12))
+      nll_V = -logsumexp(log_prior_K[:, None] - nll_KxV, axis=0)
+    return float(nll_V.sum() / max(tokens_V.sum(), 1))
+
+
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Path, log: MetricsLog,
+                 initial_assignment, rounds: int, validation: Validation | None, on_round=None,
+                 warm_params=lambda: None) -> Trained:
+  """Trains (or resumes) one model family in WORKDIR/checkpoints/NAME for at most `rounds` rounds.
+
+  Each round trains at most `--epochs` passes; after each pass the validation NLL is measured, and after
+  `--patience` passes without a better one the round stops and returns to its best pass (a round never
+  leaves the validation NLL worse than it found it). With K > 1 the round then ends with the E-step;
+  training stops early once fewer than `tolerance` of users move. `initial_assignment()` and
+  `warm_params()` are called only when there is no checkpoint to resume.
+  """
+  c, t = cfg.cluster, cfg.train
+  patience = t.patience if validation is not None else 0
+  trainer = Trainer(cfg, k)
+  ckpts = Checkpoints(workdir / "checkpoints" / name, t.keep_checkpoints)
+  if ckpts.latest_step() is not None:
+    state, best, assignment, meta, weights = ckpts.restore(trainer.abstract, seqs.num_users)
+    logging.info("%s: resuming at step %d, round %d", name, int(state.step), int(meta["round"]) + 1)
+  else:
+    warm = warm_params()
+    state = trainer.init_state() if warm is None else trainer.warm_state(warm)
+    best, assignment, weights = None, initial_assignment(), None
+    meta = {"round": 0, "done": False, "in_round": False, "passes": 0}
+
+  def save(state):
+    ckpts.save(state, best, assignment, {**meta, "step": int(state.step), "num_users": seqs.num_users, "k": k,
+                                         "cluster_params": cluster_spec(cfg, k),
+                                         "model": dataclasses.asdict(cfg.model)}, weights)
+
+  def periodic_save(state, step):
+    if step % t.checkpoint_every == 0:
+      save(state)
+
+  def validate(state) -> float:
+    return validation.nll(trainer, state.params, assignment, weights)
+
+  min_size = min_cluster_size(seqs.num_users, k, c.min_cluster_frac)
+  start = time.perf_counter()
+  while not meta["done"]:
+    round_index = meta["round"]
+    batches = ClusterBatches(seqs, assignment, k, t.batch_size, cfg.model.context, t.epochs, t.seed, round_index,
+                             weights)
+    per_epoch = batches.steps_per_epoch
+    # M-step: the K models train on their users, at most --epochs passes, until validation stops improving.
+    if not meta["in_round"]:
+      state = trainer.start_round(state, batches.steps)
+      best = {"params": _copy(state.params), "opt_state": _copy(state.opt_state)}
+      meta.update(in_round=True, best_epoch=0, best_nll=validate(state) if patience else None)
+    epoch = (int(state.step) - int(state.round_start)) // per_epoch
+    while epoch < t.epochs and not (patience and epoch - meta["best_epoch"] >= patience):
+      state = trainer.train_round(state, batches, log, on_step=periodic_save, until=(epoch + 1) * per_epoch,
+                                  label=f"{name} round {round_index + 1}/{rounds} pass {epoch + 1}/{t.epochs}")
+      epoch += 1
+      if patience:
+        nll = validate(state)
+        log.write({"kind": "validation", "model": name, "round": round_index + 1, "pass": epoch, "nll": nll})
+        if nll < meta["best_nll"]:
+          best = {"params": _copy(state.params), "opt_state": _copy(state.opt_state)}
+          meta.update(best_epoch=epoch, best_nll=nll)
+      if epoch < t.epochs and not (patience and epoch - meta["best_epoch"] >= patience):
+        save(state)  # the round's last pass is saved at the end of the round, below, at the same step
+    if patience and meta["best_epoch"] < epoch:  # back to the best pass; the step counter goes on
+      state = state.replace(params=best["params"], opt_state=best["opt_state"])
+      best = {"params": _copy(state.params), "opt_state": _copy(state.opt_state)}
+    log.write({"kind": "stop", "model": name, "round": round_index + 1, "passes": epoch,
+               "best_pass": meta["best_epoch"] if patience else epoch, "validation_nll": meta["best_nll"]})
+    logging.info("%s round %d: %d passes, kept pass %d%s", name, round_index + 1, epoch,
+                 meta["best_epoch"] if patience else epoch,
+                 f" (validation NLL {meta['best_nll']:.4f})" if patience else "")
+    meta.update(round=round_index + 1, in_round=False, passes=meta["passes"] + epoch)
+    meta["done"] = meta["round"] >= rounds
+    if k > 1:  # E-step
+      assignment, weights, moved = _reassign(name, trainer, state, seqs, assignment, weights, c.soft, min_size, log,
+                                             meta["round"])
+      if moved.reseeded:
+        state = trainer.copy_models(state, moved.source)
+        best = {"params": _copy(state.params), "opt_state": _copy(state.opt_state)}
+      meta["done"] = meta["done"] or moved.moved < c.tolerance
+    if on_round is not None:
+      on_round(assignment)
+    save(state)
+  train_s = time.perf_counter() - start
+  ckpts.close()
+  return Trained(name, cfg, trainer, state.params, assignment, meta["round"], train_s, weights, meta["passes"])
+
+
+def _reassign(name: str, trainer: Trainer, state, seqs: UserSequences, assignment: np.ndarray, weights, soft: bool,
+              min_size: int, log: MetricsLog, round_index: int):
+  """Scores every user's history under every model; returns (assignment, weights, Reassignment)."""
+  k = trainer.k
+  nll_KxU, tokens_U = trainer.score(state.params, seqs, "history", label=f"{name} scoring")
+  nll_per_token_KxU = nll_KxU / np.maximum(tokens_U, 1)
+  if soft:  # the posterior over clusters of each user's history, with the clusters' shares as prior
+    log_joint_KxU = np.log(np.maximum(cluster_shares(assignment, weights, k), 1e-12))[:, None] - nll_KxU
+    moved = reassign(-log_joint_KxU / np.maximum(tokens_U, 1), assignment, min_size)
+    weights = np.exp(log_joint_KxU - logsumexp(log_joint_KxU, axis=0)).T
+    # Users that re-seeding moved away from their most likely cluster belong to the new one alone.
+    forced = np.flatnonzero(moved.assignment != np.argmax(weights, axis=1))
+    weights[forced] = np.eye(k)[moved.assignment[forced]]
+  else:
+    moved = reassign(nll_per_token_KxU, assignment, min_size)
+  if moved.reseeded:
+    logging.warning("%s: re-seeded clusters %s by splitting %s (they fell below %d users)", name,
+                    sorted(moved.reseeded), sorted(set(moved.reseeded.values())), min_size)
+  own = nll_per_token_KxU[moved.assignment, np.arange(seqs.num_users)]
+  record = {"kind": "round", "model": name, "round": round_index, "moved": moved.moved,
+            "sizes": moved.sizes.tolist(), "reseeded": {str(a): b for a, b in moved.reseeded.items()},
+            "history_nll_per_cluster": [float(own[moved.assignment == j].mean()) if moved.sizes[j] else None
+                                        for j in range(k)],
+            "history_nll": float(own.mean())}
+  log.write(record)
+  logging.info("%s round %d: %.2f%% of users moved; sizes %s; history NLL %.4f", name, round_index,
+               100 * moved.moved, moved.sizes.tolist(), record["history_nll"])
+  return moved.assignment, weights, moved
+
+
+def warmed(cfg: Config, k: int) -> bool:
+  """Whether HeTLM's K models start from a single LM trained first ('init_single')."""
+  return k > 1 and cfg.cluster.init == "embedding" and cfg.cluster.warm_start
+
+
+def initial_assignment(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog,
+                       validation: Validation | None):
+  """The --init strategy as (assignment, warm-start params) thunks; 'embedding' first trains a single LM
+  (--init_rounds rounds, its own checkpoints) whose mean hidden states are clustered and, with --warm_start,
+  copied."""
+  c, seed = cfg.cluster, cfg.train.seed
+  no_warm = lambda: None
+  if k == 1:
+    return (lambda: np.zeros(seqs.num_users, np.int32)), no_warm
+  if c.init == "random":
+    return (lambda: random_balanced(seqs.num_users, k, seed)), no_warm
+  if c.init == "features":
+    return (lambda: kmeans_on_features(seqs, vocab_size, k, seed)), no_warm
+
+  @functools.lru_cache(maxsize=1)
+  def single():
+    return train_family("init_single", cfg, 1, seqs, workdir, log, lambda: np.zeros(seqs.num_users, np.int32),
+                        c.init_rounds, validation)
+
+  initial = lambda: kmeans(single().trainer.embed(single().params, seqs)[0], k, seed)
+  return initial, ((lambda: single().params) if c.warm_start else no_warm)
+
+
+def train_hetlm(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog,
+                validation: Validation | None, name: str = "hetlm", on_round=None) -> Trained:
+  """HeTLM with K cluster models from its initial assignment (K=1: a single LM)."""
+  initial, warm = initial_assignment(cfg, k, seqs, vocab_size, workdir, log, validation)
+  rounds = cfg.cluster.rounds if k > 1 else 1
+  if warmed(cfg, k):  # fine-tuning from a trained LM: a gentler learning rate keeps what it learned
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train,
+                                                learning_rate=cfg.train.learning_rate * cfg.cluster.warm_lr_scale))
+  return train_family(name, cfg, k, seqs, workdir, log, initial, rounds, validation, on_round=on_round,
+                      warm_params=warm)
