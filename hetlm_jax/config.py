@@ -69,7 +69,7 @@ class ClusterConfig:
   init: str = "embedding"  # random | features | embedding (measured best: docs/RESULTS.md)
   warm_start: bool = True  # with init=embedding: all K models start from that single LM
   soft: bool = False  # soft EM: each model trains on every user, weighted by its posterior responsibility
-  init_rounds: int = 1  # with init=embedding: rounds of the single LM trained first
+  init_rounds: int = 3  # with init=embedding: rounds of the single LM trained first, at most
   warm_lr_scale: float = 0.3  # warm-started cluster models train at this fraction of --learning_rate
   min_cluster_frac: float = 0.1  # of a balanced share U/K; smaller clusters are re-seeded
   baselines: bool = True  # also train the single LMs (per-cluster size and parameter-matched)

@@ -17,22 +17,27 @@ _HELP = {
   "format": "Input format: auto, events, msnbc or user_items.",
   "k": "Number of cluster models K, or auto (the best of --k_candidates by held-out NLL).",
   "k_candidates": "The K values --k=auto tries, separated by commas.",
-  "rounds": "Reassignment rounds at most (each trains --epochs epochs).",
+  "rounds": "Reassignment rounds at most (each trains until the validation NLL stops improving).",
   "tolerance": "Stop once fewer than this fraction of users change cluster in a round.",
   "init": "Initial assignment: random (balanced), features (k-means on TF-IDF page/transition counts), "
           "embedding (k-means on a single LM's mean hidden states).",
   "warm_start": "With --init=embedding, start every cluster model from that single LM.",
   "soft": "Soft EM: after the first round every cluster model trains on every user, each weighted by the "
           "posterior of that cluster given the user's history (assignments.parquet keeps the most likely).",
-  "init_rounds": "With --init=embedding, rounds of the single LM trained first (clustered, and copied "
-                 "with --warm_start).",
+  "init_rounds": "With --init=embedding, rounds of the single LM trained first, at most (clustered, and "
+                 "copied with --warm_start).",
   "warm_lr_scale": "Warm-started cluster models fine-tune at this fraction of --learning_rate.",
   "min_cluster_frac": "A cluster smaller than this fraction of U/K is re-seeded by splitting the largest.",
   "baselines": "Also train the single-LM baselines (per-cluster size and parameter-matched).",
   "context": "Tokens the model sees; longer histories are cut from the left.",
   "holdout": "How single-session users are split: half (prefix/suffix), last (last page), auto.",
   "session_gap_minutes": "Inactivity that starts a new session when the log has no session_id.",
-  "epochs": "Passes over every user per reassignment round.",
+  "epochs": "Passes over every user per round, at most: the learning-rate schedule's cycle, cut short by "
+            "early stopping.",
+  "patience": "Stop a round after this many passes without a better validation NLL, once half of --epochs "
+              "is trained (0: train every pass).",
+  "val_frac": "Share of the training users whose held-out targets decide early stopping and --k=auto; they are "
+              "left out of the reported evaluation.",
   "batch_size": "Windows per cluster per step, over all devices.",
   "dtype": "Compute dtype: float32 or bfloat16 (parameters stay float32).",
   "cluster_axis": "Devices on the 'cluster' mesh axis (the rest shard the batch).",

@@ -186,6 +186,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     hetlm = train_hetlm(cfg, c.k, seqs, tokenizer.vocab_size, workdir, log, validation, on_round=on_round)
   k = hetlm.trainer.k
   models = {"hetlm": hetlm}
+  init_passes = [r["passes"] for r in log.records("stop") if r["model"] == "init_single"]  # one per round
   total = n_shared + k * n_own if k > 1 else n_params
   params = {"hetlm": total}
   parts = {"cluster_params": c.cluster_params, "shared": n_shared if k > 1 else 0,
@@ -197,18 +198,17 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
                  "%d layers)", f"{total:,}", f"{n_shared:,}", k, f"{n_own:,}", f"{param_count(single_model):,}",
                  f"{param_count(matched_model):,}", matched_model.d_model, matched_model.n_layers)
     zeros = lambda: np.zeros(seqs.num_users, np.int32)
-    # Same code path with K=1, the same early-stopping rule and cap per round, and as many rounds as HeTLM
-    # made (its rounds, plus those of the single LM it started from).
-    single_rounds = hetlm.rounds + (c.init_rounds if warmed(cfg, k) else 0)
+    # Same code path with K=1 and the same rules; at most as many rounds as HeTLM made (its rounds, plus those
+    # of the single LM it started from).
+    single_rounds = hetlm.rounds + (len(init_passes) if warmed(cfg, k) else 0)
     for name, model_cfg in (("single", single_model), ("single_matched", matched_model)):
       models[name] = train_family(name, cfg.replace(model=model_cfg), 1, seqs, workdir, log, zeros, single_rounds,
                                   validation)
       params[name] = param_count(model_cfg)
 
   passes = {name: m.passes for name, m in models.items()}
-  init = [r["passes"] for r in log.records("stop") if r["model"] == "init_single"]
-  if init and warmed(cfg, k):
-    passes["init_single"] = sum(init)
+  if init_passes and warmed(cfg, k):
+    passes["init_single"] = sum(init_passes)
   extra = {"k": k, "rounds": hetlm.rounds, "params": params, "hetlm_params": parts, "data": data_path(cfg),
            "train_s": {name: m.train_s for name, m in models.items()}, "passes": passes,
            "early_stopping": {"patience": cfg.train.patience if validation else 0, "max_passes_per_round": cfg.train.epochs,

@@ -111,6 +111,29 @@ def test_train_command_writes_a_complete_workdir(tmp_path, good_log, capsys):
           "eval.json"} <= set(os.listdir(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("spec", ["head", "adapters:2"])
+def test_train_with_a_shared_trunk_reports_its_parts_and_its_models_load_and_generate(tmp_path, good_log, capsys,
+                                                                                      spec):
+  import jax
+  from hetlm_jax.model import param_count
+  from hetlm_jax.pipeline import generate_for_user, load_run
+  workdir = tmp_path / "run"
+  code, err = run(capsys, "train", f"--workdir={workdir}", f"--data={good_log}", *TINY, "--n_layers=2",
+                  "--d_model=16", "--d_ff=32", f"--cluster_params={spec}")  # big enough to match within 10%
+  assert code == 0, err
+  report = json.loads((workdir / "eval.json").read_text())
+  parts, params = report["hetlm_params"], report["params"]
+  assert 0 < parts["per_cluster"] < parts["shared"]
+  assert params["hetlm"] == parts["shared"] + 2 * parts["per_cluster"]
+  assert abs(params["single_matched"] - params["hetlm"]) <= 0.1 * params["hetlm"]
+  run_ = load_run(workdir)
+  shared, own = (sum(x.size for x in jax.tree.leaves(run_.params[p])) for p in ("shared", "cluster"))
+  assert (shared, own) == (parts["shared"], 2 * parts["per_cluster"])  # one shared copy, K stacked parts
+  assert shared + own // 2 == param_count(run_.config.model)
+  out = generate_for_user(workdir, "u0000")
+  assert out["cluster"] in (0, 1) and out["history"][0] == "<s>"
+
+
 def test_bench_writes_its_measurements(tmp_path, good_log, capsys):
   out = tmp_path / "bench.json"
   code, err = run(capsys, "bench", f"--data={good_log}", *TINY, "--bench_steps=2", f"--out={out}")

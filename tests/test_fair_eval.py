@@ -177,3 +177,32 @@ def test_report_of_new_users_opens_with_nll_with_and_without_the_end_marker(tmp_
   text = (tmp_path / "report.md").read_text()
   _check_headline(report, _first_table(text), ("nll", "nll_no_end"))
   assert text.index("| metric | vs |") < text.index("| model | no end marker |") < text.index("| model | nll |")
+
+
+def _verdict_lines(text):
+  lines = text.splitlines()
+  start = lines.index("Who wins (paired bootstrap, 95% intervals):")
+  end = lines.index("", start + 2)
+  return lines[start + 2:end]
+
+
+def test_report_names_the_winner_of_each_comparison_as_the_bootstrap_sees_it(tmp_path):
+  report, nll = _fake_report(("nll", "hr@10"), early_stopping={"patience": 2, "max_passes_per_round": 8,
+                                                               "validation_users": 5},
+                             passes={"init_single": 6, "hetlm": 3, "single": 9}, train_s={"hetlm": 12.4})
+  report["bootstrap"]["hetlm-single"]["nll"].update(mean_ci=[-0.9, -0.1], var_ci=[0.2, 0.4])
+  report["bootstrap"]["hetlm-single_matched"]["nll"].update(mean_ci=[-0.1, 0.2], var_ci=[-0.3, -0.1])
+  report["models"]["markov"]["hr@10"]["mean"] = 2.0  # higher than every LM's
+  write_report(tmp_path, report, nll, [])
+  text = (tmp_path / "report.md").read_text()
+  verdicts = _verdict_lines(text)
+  assert verdicts[0] == ("- Per-user `nll`, HeTLM against `single`: HeTLM has the lower mean; `single` has the "
+                         "lower variance over users.")
+  assert verdicts[1] == ("- Per-user `nll`, HeTLM against `single_matched`: the means tie (the interval holds 0); "
+                         "HeTLM has the lower variance over users.")
+  assert verdicts[2].startswith("- The best LM (`hetlm`) beats the first-order Markov chain in `nll`")
+  assert verdicts[3].startswith("- The first-order Markov chain beats every LM in `hr@10` (2.0000 against")
+  assert "validation NLL stopped improving" in verdicts[3]
+  # How long each model trained, and the headline rows are not repeated further down.
+  assert "| hetlm | 3 | 12 |" in text and "| single | 9 | – |" in text and "5 validation users" in text
+  assert "| hetlm-single | nll |" not in text and "| hetlm-single | hr@10 |" in text

@@ -108,7 +108,9 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_unin
 def test_a_round_stops_after_patience_passes_without_progress_and_keeps_its_best_pass(log_path, tmp_path,
                                                                                       monkeypatch):
   cfg = tiny(log_path, epochs=8, patience=2)
-  script = iter([5.0, 4.0, 3.0, 3.5, 3.2, 1.0, 1.0])  # round start, then after each pass: best at pass 2
+  # Round start, then after each pass: passes 1-2 are worse than the start, but a round trains at least half
+  # its cap (4 passes); the best is pass 3, and patience stops the round 2 passes later.
+  script = iter([5.0, 6.0, 5.5, 3.0, 3.5, 3.2, 1.0, 1.0])
   seen = []
 
   def scripted(self, trainer, params, assignment, weights):
@@ -119,10 +121,22 @@ def test_a_round_stops_after_patience_passes_without_progress_and_keeps_its_best
   report = train_and_evaluate(cfg, tmp_path)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   stop, = [r for r in records if r["kind"] == "stop"]
-  assert (stop["passes"], stop["best_pass"], stop["validation_nll"]) == (4, 2, 3.0)
-  assert [r["pass"] for r in records if r["kind"] == "validation"] == [1, 2, 3, 4]
-  assert report["passes"] == {"hetlm": 4}
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(load_run(tmp_path).params), seen[2])
+  assert (stop["passes"], stop["best_pass"], stop["validation_nll"]) == (5, 3, 3.0)
+  assert [r["pass"] for r in records if r["kind"] == "validation"] == [1, 2, 3, 4, 5]
+  assert report["passes"] == {"hetlm": 5}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(load_run(tmp_path).params), seen[3])
+
+
+def test_hetlm_rounds_end_when_a_round_cannot_improve_on_its_start(log_path, tmp_path, monkeypatch):
+  cfg = tiny(log_path, k=2, epochs=4, patience=2)
+  cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, rounds=3))
+  script = iter([5.0, 4.0, 4.5, 4.6, 4.0, 4.1, 4.2])  # round 1 improves at pass 1; round 2 never beats its start
+  monkeypatch.setattr(rounds.Validation, "nll", lambda *args: next(script))
+  report = train_and_evaluate(cfg, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["round"], r["passes"], r["best_pass"]) for r in records if r["kind"] == "stop"] == [(1, 3, 1), (2, 2, 0)]
+  assert [r["round"] for r in records if r["kind"] == "round"] == [1]  # no E-step after round 2
+  assert report["rounds"] == 2 and report["passes"] == {"hetlm": 5}
 
 
 def test_validation_users_train_but_are_left_out_of_the_evaluation(log_path, tmp_path):

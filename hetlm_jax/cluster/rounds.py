@@ -80,10 +80,11 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
                  warm_params=lambda: None) -> Trained:
   """Trains (or resumes) one model family in WORKDIR/checkpoints/NAME for at most `rounds` rounds.
 
-  Each round trains at most `--epochs` passes; after each pass the validation NLL is measured, and after
-  `--patience` passes without a better one the round stops and returns to its best pass (a round never
-  leaves the validation NLL worse than it found it). With K > 1 the round then ends with the E-step;
-  training stops early once fewer than `tolerance` of users move. `initial_assignment()` and
+  Each round is one cycle of the learning-rate schedule over at most `--epochs` passes, at least half of
+  them; after each pass the validation NLL is measured, and after `--patience` passes without a better one
+  the round stops and returns to its best pass (a round never leaves the validation NLL worse than it found
+  it). With K > 1 the round then ends with the E-step. Training stops after `rounds` rounds, after a round
+  that did not improve on its start, or (K > 1) once fewer than `tolerance` of users move. `initial_assignment()` and
   `warm_params()` are called only when there is no checkpoint to resume.
   """
   c, t = cfg.cluster, cfg.train
@@ -112,6 +113,9 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
     return validation.nll(trainer, state.params, assignment, weights)
 
   min_size = min_cluster_size(seqs.num_users, k, c.min_cluster_frac)
+  # The schedule decays over the cap: passes near its peak learning rate are noisy, and the gains come as it
+  # decays, so patience only counts once half the cap has been trained.
+  min_passes = -(-t.epochs // 2)
   start = time.perf_counter()
   while not meta["done"]:
     round_index = meta["round"]
@@ -124,7 +128,8 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
       best = {"params": _copy(state.params), "opt_state": _copy(state.opt_state)}
       meta.update(in_round=True, best_epoch=0, best_nll=validate(state) if patience else None)
     epoch = (int(state.step) - int(state.round_start)) // per_epoch
-    while epoch < t.epochs and not (patience and epoch - meta["best_epoch"] >= patience):
+    stalled = lambda: bool(patience) and epoch >= min_passes and epoch - meta["best_epoch"] >= patience
+    while epoch < t.epochs and not stalled():
       state = trainer.train_round(state, batches, log, on_step=periodic_save, until=(epoch + 1) * per_epoch,
                                   label=f"{name} round {round_index + 1}/{rounds} pass {epoch + 1}/{t.epochs}")
       epoch += 1
@@ -134,7 +139,7 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
         if nll < meta["best_nll"]:
           best = {"params": _copy(state.params), "opt_state": _copy(state.opt_state)}
           meta.update(best_epoch=epoch, best_nll=nll)
-      if epoch < t.epochs and not (patience and epoch - meta["best_epoch"] >= patience):
+      if epoch < t.epochs and not stalled():
         save(state)  # the round's last pass is saved at the end of the round, below, at the same step
     if patience and meta["best_epoch"] < epoch:  # back to the best pass; the step counter goes on
       state = state.replace(params=best["params"], opt_state=best["opt_state"])
@@ -146,7 +151,13 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
                  f" (validation NLL {meta['best_nll']:.4f})" if patience else "")
     meta.update(round=round_index + 1, in_round=False, passes=meta["passes"] + epoch)
     meta["done"] = meta["round"] >= rounds
-    if k > 1:  # E-step
+    if patience and meta["best_epoch"] == 0:
+      # No pass beat the round's start: another warm restart of the schedule is not worth training, and with
+      # K > 1 the models are those the last E-step (or the warm start) left, so another E-step could only
+      # shuffle ties. The rounds have converged.
+      logging.info("%s round %d: no pass improved the validation NLL; the rounds end", name, round_index + 1)
+      meta["done"] = True
+    elif k > 1:  # E-step
       assignment, weights, moved = _reassign(name, trainer, state, seqs, assignment, weights, c.soft, min_size, log,
                                              meta["round"])
       if moved.reseeded:

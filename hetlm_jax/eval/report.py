@@ -56,6 +56,74 @@ def _headline(report: dict) -> list[str]:
   return lines + [""]
 
 
+_LOWER_IS_BETTER = ("nll", "nll_no_end")
+
+
+def _verdicts(report: dict) -> list[str]:
+  """One sentence per comparison that names the winner, as the paired bootstrap sees it: HeTLM against each
+  single LM on per-user NLL (mean and variance), and the best LM against the first-order Markov chain."""
+  models, boot = report["models"], report.get("bootstrap", {})
+  lines = []
+  metric = "nll_no_end" if report.get("protocol") == "new_users" else "nll"
+  for other in _SINGLES:
+    b = boot.get(f"hetlm-{other}", {}).get(metric)
+    if not b or b["mean_ci"][0] is None or np.isnan(b["mean_ci"][0]):
+      continue
+    said = []
+    for which, word, words in (("mean", "mean", "means"), ("var", "variance over users", "variances over users")):
+      lo, hi = b[f"{which}_ci"]
+      if hi < 0:
+        said.append(f"HeTLM has the lower {word}")
+      elif lo > 0:
+        said.append(f"`{other}` has the lower {word}")
+      else:
+        said.append(f"the {words} tie (the interval holds 0)")
+    lines.append(f"- Per-user `{metric}`, HeTLM against `{other}`: " + "; ".join(said) + ".")
+  if "markov" in models:
+    for metric, lower in ((metric, True), ("hr@10", False)):
+      lms = [m for m in ("hetlm", "hetlm_mixture", *_SINGLES) if metric in models.get(m, {})]
+      if metric not in models["markov"] or not lms:
+        continue
+      best = (min if lower else max)(lms, key=lambda m: models[m][metric]["mean"])
+      lm, mk = models[best][metric]["mean"], models["markov"][metric]["mean"]
+      if (lm < mk) if lower else (lm > mk):
+        lines.append(f"- The best LM (`{best}`) beats the first-order Markov chain in `{metric}` ({_fmt(lm)} "
+                     f"against {_fmt(mk)}).")
+      else:
+        lines.append(f"- The first-order Markov chain beats every LM in `{metric}` ({_fmt(mk)} against "
+                     f"`{best}`'s {_fmt(lm)}). {_why_markov_wins(report)}")
+  return (["Who wins (paired bootstrap, 95% intervals):", ""] + lines + [""]) if lines else []
+
+
+def _why_markov_wins(report: dict) -> str:
+  stopping = report.get("early_stopping") or {}
+  if not stopping.get("patience"):
+    return ("Training had no early stopping (--patience=0), so the LMs may be undertrained: rerun with "
+            "--patience and a larger --epochs.")
+  return ("Every LM trained until its validation NLL stopped improving, so more passes would not help: with few "
+          "users per page, counting transitions is hard to beat; a smaller model, more --dropout or more users "
+          "may close the gap.")
+
+
+def _training(report: dict) -> list[str]:
+  """How long each model trained: passes over its users (early stopping decides) and seconds."""
+  passes, seconds = report.get("passes") or {}, report.get("train_s") or {}
+  if not passes:
+    return []
+  stopping = report.get("early_stopping") or {}
+  if stopping.get("patience"):
+    rule = (f"Each round trained at most {stopping['max_passes_per_round']} passes and stopped after "
+            f"{stopping['patience']} passes without a better NLL on the held-out targets of "
+            f"{stopping['validation_users']:,} validation users, keeping its best pass.")
+  else:
+    rule = f"Each round trained {stopping.get('max_passes_per_round', '?')} passes (no early stopping)."
+  lines = ["## Training", "", rule + " `init_single` is the single LM HeTLM started from.", "",
+           "| model | passes over its users | train seconds |", "|---|---|---|"]
+  for name, n in passes.items():
+    lines.append(f"| {name} | {n} | {seconds[name]:.0f} |" if name in seconds else f"| {name} | {n} | – |")
+  return lines + [""]
+
+
 def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sweep: dict | None) -> list[str]:
   try:
     import matplotlib
@@ -129,7 +197,7 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
              "user's cluster is chosen from the history alone. NLL is in nats per target token (lower is better); "
              "next-page metrics rank the target's first page among all pages, and `_sampled` among 100 random "
              "pages the user never visited (SASRec's protocol).")
-  lines = ["# HeTLM evaluation", "", intro, ""] + _headline(report)
+  lines = ["# HeTLM evaluation", "", intro, ""] + _headline(report) + _verdicts(report)
   if report.get("bits_per_token"):
     lines += ["Pooled over all test tokens, in bits per token (lower is better):", "",
               "| model | no end marker | with end marker |", "|---|---|---|"]
@@ -151,16 +219,20 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
   for name in models:
     s = report["models"][name]["nll"]
     lines.append(f"- {name}: {_fmt(s['p10'])} / {_fmt(s['p50'])} / {_fmt(s['p90'])}, variance {_fmt(s['var'])}")
-  if "bootstrap" in report:
-    lines += ["", "## HeTLM minus the single LMs (paired bootstrap, 95% intervals)", "",
+  headline = set(_HEADLINE_NEW_USERS if report.get("protocol") == "new_users" else _HEADLINE)
+  rest = {c: {m: b for m, b in by_metric.items() if not (c in {f"hetlm-{o}" for o in _SINGLES} and m in headline)}
+          for c, by_metric in report.get("bootstrap", {}).items()}
+  if any(rest.values()):  # the headline table already shows HeTLM − single LMs on its metrics
+    lines += ["", "## Other paired comparisons (paired bootstrap, 95% intervals)", "",
               "| comparison | metric | mean diff | 95% CI | variance diff | 95% CI |", "|---|---|---|---|---|---|"]
-    for comparison, by_metric in report["bootstrap"].items():
+    for comparison, by_metric in rest.items():
       for metric, b in by_metric.items():
         lines.append(f"| {comparison} | {metric} | {_fmt(b['mean_diff'])} | [{_fmt(b['mean_ci'][0])}, "
                      f"{_fmt(b['mean_ci'][1])}] | {_fmt(b['var_diff'])} | [{_fmt(b['var_ci'][0])}, "
                      f"{_fmt(b['var_ci'][1])}] |")
     lines += ["", "For NLL a negative difference favours HeTLM (lower mean, lower variance); for HR/NDCG and the "
               "session alignment (edit similarity, Jaccard, ROUGE-L F1) a positive mean difference does."]
+  lines += [""] + _training(report)
   if report.get("clusters"):
     cols = [c for c in ("hetlm_nll", "single_nll", "single_matched_nll") if c in report["clusters"][0]]
     lines += ["", "## Per cluster (mean NLL of the cluster's users)", "",
