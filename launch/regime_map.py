@@ -51,18 +51,28 @@ def summarize(workdir: Path) -> dict | None:
   b = report["bootstrap"]["hetlm-single_matched"][metric]
   # Settings are compared on the validation users, never on the evaluated ones: each model's best validation NLL
   # in its last round.
-  validation = {}
+  validation, hetlm_stops = {}, []
   for line in (workdir / "metrics.jsonl").read_text().splitlines():
     record = json.loads(line)
     if record["kind"] == "stop":
       validation[record["model"]] = record["validation_nll"]
-  return {"validation": {m: validation.get(m) for m in ("hetlm", "single", "single_matched")},
+      hetlm_stops += [record] if record["model"] == "hetlm" else []
+  # No HeTLM pass beat the LM it was warm-started from: the rounds ended, and HeTLM is that LM, K times.
+  is_init = len(hetlm_stops) == 1 and hetlm_stops[0]["best_pass"] == 0
+  return {"validation": {m: validation.get(m) for m in ("hetlm", "single", "single_matched")}, "is_init_lm": is_init,
           "run": workdir.name, "metric": metric, "k": report["k"], "rounds": report["rounds"],
           "hetlm": models["hetlm"][metric]["mean"], "single": models["single"][metric]["mean"],
           "single_matched": models["single_matched"][metric]["mean"],
           "markov": models.get("markov", {}).get(metric, {}).get("mean"),
           "mean_diff": b["mean_diff"], "mean_ci": b["mean_ci"], "var_diff": b["var_diff"], "var_ci": b["var_ci"],
           "params": report["params"], "passes": report.get("passes"), "train_s": report.get("train_s")}
+
+
+def label(run: str) -> str:
+  """'ctx64_adapters8_k4_hard' → 'context 64, adapters:8, K=4, hard'."""
+  context, params, k, em = run.split("_")
+  params = params.replace("top", "top:").replace("adapters", "adapters:")
+  return f"context {context[3:]}, {params}, K={k[1:]}, {em}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -77,13 +87,14 @@ def plot(rows: list[dict], path: Path) -> None:
     hi = [r[f"{which}_ci"][1] - r[f"{which}_diff"] for r in rows]
     colors = ["tab:green" if r[f"{which}_ci"][1] < 0 else "tab:red" if r[f"{which}_ci"][0] > 0 else "tab:gray"
               for r in rows]
-    ax.errorbar(diff, y, xerr=[lo, hi], fmt="none", ecolor=colors, capsize=3)
-    ax.scatter(diff, y, c=colors, zorder=3)
+    for i in y:
+      ax.errorbar(diff[i], i, xerr=[[lo[i]], [hi[i]]], fmt="o", color=colors[i], capsize=3)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_title(f"HeTLM − single_matched: {title}\n(left of 0: HeTLM better; green/red: 95% CI excludes 0)",
                  fontsize=9)
     ax.set_xlabel("nats per target token" if which == "mean" else "(nats per target token)²")
-  axes[0].set_yticks(list(y), [r["run"] for r in rows], fontsize=8)
+  axes[0].set_yticks(list(y), [label(r["run"]) + (" (= init LM)" if r["is_init_lm"] else "") for r in rows],
+                     fontsize=8)
   axes[0].invert_yaxis()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -111,10 +122,12 @@ def main() -> int:
     print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
   rows = [r for r in (summarize(d) for d in sorted(out.iterdir()) if d.is_dir()) if r]
   (out / "regime_map.json").write_text(json.dumps(rows, indent=1) + "\n")
-  print("| run | K | rounds | HeTLM | single | single_matched | Δ mean [95% CI] | Δ var [95% CI] |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| run | K | rounds | validation Δ | HeTLM | single | single_matched | Δ mean [95% CI] | Δ var [95% CI] |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['run']} | {r['k']} | {r['rounds']} | {r['hetlm']:.4f} | {r['single']:.4f} | "
+    v = r["validation"]
+    val = f"{v['hetlm'] - v['single_matched']:+.4f}" if None not in (v["hetlm"], v["single_matched"]) else "–"
+    print(f"| {r['run']} | {r['k']} | {r['rounds']} | {val} | {r['hetlm']:.4f} | {r['single']:.4f} | "
           f"{r['single_matched']:.4f} | {r['mean_diff']:+.4f} [{r['mean_ci'][0]:+.4f}, {r['mean_ci'][1]:+.4f}] | "
           f"{r['var_diff']:+.4f} [{r['var_ci'][0]:+.4f}, {r['var_ci'][1]:+.4f}] |")
   if args.plot and rows:
