@@ -56,7 +56,7 @@ def _headline(report: dict) -> list[str]:
   return lines + [""]
 
 
-_LOWER_IS_BETTER = ("nll", "nll_no_end")
+_SAME = 1e-5  # nats: identical models (HeTLM that kept its init LM) differ by float rounding, not more
 
 
 def _verdicts(report: dict) -> list[str]:
@@ -72,12 +72,12 @@ def _verdicts(report: dict) -> list[str]:
     said = []
     for which, word, words in (("mean", "mean", "means"), ("var", "variance over users", "variances over users")):
       lo, hi = b[f"{which}_ci"]
-      if hi < 0:
+      if hi < -_SAME:
         said.append(f"HeTLM has the lower {word}")
-      elif lo > 0:
+      elif lo > _SAME:
         said.append(f"`{other}` has the lower {word}")
       else:
-        said.append(f"the {words} tie (the interval holds 0)")
+        said.append(f"the {words} tie (no difference the interval can tell)")
     lines.append(f"- Per-user `{metric}`, HeTLM against `{other}`: " + "; ".join(said) + ".")
   if "markov" in models:
     for metric, lower in ((metric, True), ("hr@10", False)):
@@ -112,9 +112,10 @@ def _training(report: dict) -> list[str]:
     return []
   stopping = report.get("early_stopping") or {}
   if stopping.get("patience"):
-    rule = (f"Each round trained at most {stopping['max_passes_per_round']} passes and stopped after "
-            f"{stopping['patience']} passes without a better NLL on the held-out targets of "
-            f"{stopping['validation_users']:,} validation users, keeping its best pass.")
+    rule = (f"Each round trained at most {stopping['max_passes_per_round']} passes and, once half of them were "
+            f"trained, stopped after {stopping['patience']} passes without a better NLL on the held-out targets of "
+            f"{stopping['validation_users']:,} validation users, keeping its best pass. A model's rounds ended after "
+            "one that did not improve on its start.")
   else:
     rule = f"Each round trained {stopping.get('max_passes_per_round', '?')} passes (no early stopping)."
   lines = ["## Training", "", rule + " `init_single` is the single LM HeTLM started from.", "",
@@ -232,7 +233,7 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
                      f"{_fmt(b['var_ci'][1])}] |")
     lines += ["", "For NLL a negative difference favours HeTLM (lower mean, lower variance); for HR/NDCG and the "
               "session alignment (edit similarity, Jaccard, ROUGE-L F1) a positive mean difference does."]
-  lines += [""] + _training(report)
+  lines += [""] + _training(report)[:-1]
   if report.get("clusters"):
     cols = [c for c in ("hetlm_nll", "single_nll", "single_matched_nll") if c in report["clusters"][0]]
     lines += ["", "## Per cluster (mean NLL of the cluster's users)", "",
