@@ -100,9 +100,9 @@ def _why_markov_wins(report: dict) -> str:
   if not stopping.get("patience"):
     return ("Training had no early stopping (--patience=0), so the LMs may be undertrained: rerun with "
             "--patience and a larger --epochs.")
-  return ("Every LM trained until its validation NLL stopped improving, so more passes would not help: with few "
-          "users per page, counting transitions is hard to beat; a smaller model, more --dropout or more users "
-          "may close the gap.")
+  return ("Every LM trained until its validation NLL stopped improving, so more of the same training did not help "
+          "on the validation users: with few users per page, counting transitions is hard to beat; a smaller model, "
+          "more --dropout, a longer cycle (--epochs) or more users may close the gap.")
 
 
 def _training(report: dict) -> list[str]:
