@@ -71,8 +71,9 @@ class Validation:
     return float(nll_V.sum() / max(tokens_V.sum(), 1))
 
 
-def _copy(tree):
-  return jax.tree.map(jnp.copy, tree)
+def _snapshot(state) -> dict:
+  """A copy of the params and optimizer state that outlives the next (donating) train step."""
+  return jax.tree.map(jnp.copy, {"params": state.params, "opt_state": state.opt_state})
 
 
 def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Path, log: MetricsLog,
@@ -125,7 +126,7 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
     # M-step: the K models train on their users, at most --epochs passes, until validation stops improving.
     if not meta["in_round"]:
       state = trainer.start_round(state, batches.steps)
-      best = {"params": _copy(state.params), "opt_state": _copy(state.opt_state)}
+      best = _snapshot(state)
       meta.update(in_round=True, best_epoch=0, best_nll=validate(state) if patience else None)
     epoch = (int(state.step) - int(state.round_start)) // per_epoch
     stalled = lambda: bool(patience) and epoch >= min_passes and epoch - meta["best_epoch"] >= patience
@@ -137,13 +138,13 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
         nll = validate(state)
         log.write({"kind": "validation", "model": name, "round": round_index + 1, "pass": epoch, "nll": nll})
         if nll < meta["best_nll"]:
-          best = {"params": _copy(state.params), "opt_state": _copy(state.opt_state)}
+          best = _snapshot(state)
           meta.update(best_epoch=epoch, best_nll=nll)
       if epoch < t.epochs and not stalled():
         save(state)  # the round's last pass is saved at the end of the round, below, at the same step
     if patience and meta["best_epoch"] < epoch:  # back to the best pass; the step counter goes on
       state = state.replace(params=best["params"], opt_state=best["opt_state"])
-      best = {"params": _copy(state.params), "opt_state": _copy(state.opt_state)}
+      best = _snapshot(state)
     log.write({"kind": "stop", "model": name, "round": round_index + 1, "passes": epoch,
                "best_pass": meta["best_epoch"] if patience else epoch, "validation_nll": meta["best_nll"]})
     logging.info("%s round %d: %d passes, kept pass %d%s", name, round_index + 1, epoch,
@@ -162,7 +163,7 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
                                              meta["round"])
       if moved.reseeded:
         state = trainer.copy_models(state, moved.source)
-        best = {"params": _copy(state.params), "opt_state": _copy(state.opt_state)}
+        best = _snapshot(state)
       meta["done"] = meta["done"] or moved.moved < c.tolerance
     if on_round is not None:
       on_round(assignment)
