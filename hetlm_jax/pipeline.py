@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from absl import logging
 
-from hetlm_jax.cluster.rounds import Validation, cluster_shares, train_family, train_hetlm, warmed
+from hetlm_jax.cluster.assign import cluster_shares
+from hetlm_jax.cluster.rounds import Validation, train_family, train_hetlm, warmed
 from hetlm_jax.config import Config, ModelConfig, validate
 from hetlm_jax.data import SAMPLE_PATH
 from hetlm_jax.data.readers import read_events
@@ -211,7 +212,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     passes["init_single"] = sum(init_passes)
   extra = {"k": k, "rounds": hetlm.rounds, "params": params, "hetlm_params": parts, "data": data_path(cfg),
            "train_s": {name: m.train_s for name, m in models.items()}, "passes": passes,
-           "early_stopping": {"patience": cfg.train.patience if validation else 0, "max_passes_per_round": cfg.train.epochs,
+           "early_stopping": {"patience": cfg.train.patience if validation else 0,
+                              "max_passes_per_round": cfg.train.epochs,
                               "validation_users": 0 if validation is None else validation.seqs.num_users}}
   if k_curve is not None:
     extra["k_sweep"] = {"selection_nll": {str(key): v for key, v in k_curve.items()},

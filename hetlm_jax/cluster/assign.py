@@ -91,3 +91,15 @@ def reassign(nll_per_token_KxU: np.ndarray, current_U: np.ndarray, min_size: int
     reseeded[c] = largest
   return Reassignment(assignment=new_U, moved=float(np.mean(new_U != current_U)),
                       sizes=np.bincount(new_U, minlength=k), reseeded=reseeded, source=source)
+
+
+def cluster_shares(assignment_U: np.ndarray, weights_UxK: np.ndarray | None, k: int) -> np.ndarray:
+  """[K] the clusters' shares of users: mean responsibilities under soft EM, else of the assignment."""
+  if weights_UxK is not None:
+    return weights_UxK.mean(axis=0)
+  return np.bincount(assignment_U, minlength=k) / max(len(assignment_U), 1)
+
+
+def log_shares(share_K: np.ndarray) -> np.ndarray:
+  """[K] log π_k, the mixture prior over clusters (an empty cluster gets log 1e-12, not -inf)."""
+  return np.log(np.maximum(share_K, 1e-12))

@@ -18,7 +18,8 @@ import numpy as np
 from absl import logging
 from scipy.special import logsumexp
 
-from hetlm_jax.cluster.assign import kmeans, kmeans_on_features, min_cluster_size, random_balanced, reassign
+from hetlm_jax.cluster.assign import (cluster_shares, kmeans, kmeans_on_features, log_shares, min_cluster_size,
+                                      random_balanced, reassign)
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.train.batches import ClusterBatches
@@ -42,13 +43,6 @@ class Trained:
   passes: int = 0  # passes over every user trained, over all rounds (early stopping decides how many)
 
 
-def cluster_shares(assignment_U: np.ndarray, weights_UxK: np.ndarray | None, k: int) -> np.ndarray:
-  """[K] the clusters' shares of users: mean responsibilities under soft EM, else of the assignment."""
-  if weights_UxK is not None:
-    return weights_UxK.mean(axis=0)
-  return np.bincount(assignment_U, minlength=k) / max(len(assignment_U), 1)
-
-
 @dataclasses.dataclass
 class Validation:
   """Held-out targets of a slice of the training users, which decide when a round stops training.
@@ -66,7 +60,7 @@ class Validation:
     if self.users is not None:
       nll_V = nll_KxV[assignment_U[self.users], np.arange(self.seqs.num_users)]
     else:
-      log_prior_K = np.log(np.maximum(cluster_shares(assignment_U, weights_UxK, trainer.k), 1e-12))
+      log_prior_K = log_shares(cluster_shares(assignment_U, weights_UxK, trainer.k))
       nll_V = -logsumexp(log_prior_K[:, None] - nll_KxV, axis=0)
     return float(nll_V.sum() / max(tokens_V.sum(), 1))
 
@@ -180,7 +174,7 @@ def _reassign(name: str, trainer: Trainer, state, seqs: UserSequences, assignmen
   nll_KxU, tokens_U = trainer.score(state.params, seqs, "history", label=f"{name} scoring")
   nll_per_token_KxU = nll_KxU / np.maximum(tokens_U, 1)
   if soft:  # the posterior over clusters of each user's history, with the clusters' shares as prior
-    log_joint_KxU = np.log(np.maximum(cluster_shares(assignment, weights, k), 1e-12))[:, None] - nll_KxU
+    log_joint_KxU = log_shares(cluster_shares(assignment, weights, k))[:, None] - nll_KxU
     moved = reassign(-log_joint_KxU / np.maximum(tokens_U, 1), assignment, min_size)
     weights = np.exp(log_joint_KxU - logsumexp(log_joint_KxU, axis=0)).T
     # Users that re-seeding moved away from their most likely cluster belong to the new one alone.

@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 from scipy.special import logsumexp
 
+from hetlm_jax.cluster.assign import cluster_shares, log_shares
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, PageTokenizer
 from hetlm_jax.eval import metrics as M
@@ -39,9 +40,8 @@ class LMFamily:
 
   def log_prior(self) -> np.ndarray:
     """[K] log π_k of the mixture likelihood log Σ_k π_k p_k(·)."""
-    k = self.trainer.k
-    share_K = self.shares if self.shares is not None else np.bincount(self.assignment, minlength=k) / len(self.assignment)
-    return np.log(np.maximum(share_K, 1e-12))
+    share_K = self.shares if self.shares is not None else cluster_shares(self.assignment, None, self.trainer.k)
+    return log_shares(share_K)
 
 
 @dataclasses.dataclass(frozen=True)
