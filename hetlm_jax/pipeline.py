@@ -162,6 +162,14 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
                                               output_bias=c.cluster_params != "all", lora_rank=c.lora_rank()))
   for k in ks:  # checks the mesh against the flags before anything is written
     make_mesh(cfg, k)
+  sliced = validation_slice(cfg, prepared)
+  if sliced[1] is None:
+    if not c.k:
+      raise HetlmError(f"{data_path(cfg)}: --val_frac={cfg.train.val_frac} draws no validation user among "
+                       f"{seqs.num_users:,} users, and --k=auto chooses K on them: raise --val_frac")
+    if cfg.train.patience:
+      logging.warning("--val_frac=%s draws no validation user among %s users: early stopping is off, and every "
+                      "round trains --epochs=%d passes", cfg.train.val_frac, f"{seqs.num_users:,}", cfg.train.epochs)
 
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizer.save(workdir / "tokenizer.json")
@@ -176,7 +184,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   log.write({"kind": "start", "users": seqs.num_users, "vocab_size": tokenizer.vocab_size, "params": n_params,
              "k": c.k or "auto", "data": prepared.stats, "prepare_s": prepared.seconds})
 
-  seqs, validation, evaluated_U = validation_slice(cfg, prepared)
+  seqs, validation, evaluated_U = sliced
   assignments_path = workdir / "assignments.parquet"
   on_round = lambda assignment: write_assignments(assignments_path, seqs, assignment, prepared.int_user_ids)
   k_curve = None

@@ -99,6 +99,11 @@ def test_existing_workdir_with_other_settings_is_left_untouched(tmp_path, good_l
   assert (workdir / "config.json").read_text() == config_before
 
 
+def test_k_auto_without_validation_users_is_refused(tmp_path, good_log, capsys):
+  assert_refused(capsys, tmp_path / "run", [f"--data={good_log}", "--k=auto", "--val_frac=0.001"], str(good_log),
+                 "--val_frac=0.001", "--k=auto")
+
+
 def test_unknown_command(capsys):
   code, err = run(capsys, "fly")
   assert code == 2 and len(err) == 1 and "fly" in err[0]
