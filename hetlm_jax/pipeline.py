@@ -145,6 +145,13 @@ def validation_slice(cfg: Config, prepared: Prepared) -> tuple[UserSequences, Va
   return seqs, Validation(seqs.subset(val_U), np.flatnonzero(val_U)), ~val_U
 
 
+def _kept_its_init_lm(log: MetricsLog, name: str, warm: bool) -> bool:
+  """Whether HeTLM's first round found no pass better than the single LM it was warm-started from, so the
+  rounds ended there and its K models are copies of that LM."""
+  stops = [r for r in log.records("stop") if r["model"] == name]
+  return warm and len(stops) == 1 and stops[0]["best_pass"] == 0
+
+
 def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   """Trains (or resumes) the run in `workdir`, writes eval.json and returns it; validates everything first."""
   validate(cfg)
@@ -220,6 +227,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     passes["init_single"] = sum(init_passes)
   extra = {"k": k, "rounds": hetlm.rounds, "params": params, "hetlm_params": parts, "data": data_path(cfg),
            "train_s": {name: m.train_s for name, m in models.items()}, "passes": passes,
+           "hetlm_is_init_lm": _kept_its_init_lm(log, hetlm.name, warmed(cfg, k)),
            "early_stopping": {"patience": cfg.train.patience if validation else 0,
                               "max_passes_per_round": cfg.train.epochs,
                               "validation_users": 0 if validation is None else validation.seqs.num_users}}

@@ -207,3 +207,8 @@ def test_report_names_the_winner_of_each_comparison_as_the_bootstrap_sees_it(tmp
   # How long each model trained, and the headline rows are not repeated further down.
   assert "| hetlm | 3 | 12 |" in text and "| single | 9 | – |" in text and "5 validation users" in text
   assert "| hetlm-single | nll |" not in text and "| hetlm-single | hr@10 |" in text
+  assert "warm-started from" not in text
+  report["hetlm_is_init_lm"] = True  # a HeTLM that kept its init LM says so first
+  write_report(tmp_path, report, nll, [])
+  assert _verdict_lines((tmp_path / "report.md").read_text())[0].startswith(
+    "- HeTLM *is* the single LM it was warm-started from")

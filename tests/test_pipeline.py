@@ -137,6 +137,7 @@ def test_hetlm_rounds_end_when_a_round_cannot_improve_on_its_start(log_path, tmp
   assert [(r["round"], r["passes"], r["best_pass"]) for r in records if r["kind"] == "stop"] == [(1, 3, 1), (2, 2, 0)]
   assert [r["round"] for r in records if r["kind"] == "round"] == [1]  # no E-step after round 2
   assert report["rounds"] == 2 and report["passes"] == {"hetlm": 5}
+  assert report["hetlm_is_init_lm"] is False  # its first round improved (and it was not warm-started)
 
 
 def test_validation_users_train_but_are_left_out_of_the_evaluation(log_path, tmp_path):

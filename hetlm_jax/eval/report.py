@@ -64,6 +64,9 @@ def _verdicts(report: dict) -> list[str]:
   single LM on per-user NLL (mean and variance), and the best LM against the first-order Markov chain."""
   models, boot = report["models"], report.get("bootstrap", {})
   lines = []
+  if report.get("hetlm_is_init_lm"):
+    lines.append("- HeTLM *is* the single LM it was warm-started from: no HeTLM pass beat that LM on the validation "
+                 "users, so its K models are copies of it. Any difference below is that LM's, not clustering's.")
   metric = "nll_no_end" if report.get("protocol") == "new_users" else "nll"
   for other in _SINGLES:
     b = boot.get(f"hetlm-{other}", {}).get(metric)
