@@ -20,13 +20,21 @@ class ModelConfig:
   dropout: float = 0.1
   positions: str = "rope"  # "rope" | "learned"
   tie_embeddings: bool = True
-  dtype: str = "float32"  # compute dtype; params stay float32
+  dtype: str = "auto"  # compute dtype (params stay float32); auto: bfloat16 on GPU and TPU, float32 on CPU
   output_bias: bool = False  # a bias on the output logits (a cluster's own, with --cluster_params other than all)
   lora_rank: int = 0  # > 0: LoRA adapters of this rank on every projection (--cluster_params=adapters:R)
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self) -> str:
+    """`dtype`, with auto resolved for the backend JAX runs on."""
+    if self.dtype != "auto":
+      return self.dtype
+    import jax  # here, so reading a config does not start JAX
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +48,10 @@ class TrainConfig:
   weight_decay: float = 0.01
   grad_clip: float = 1.0
   seed: int = 0
-  log_every: int = 50
+  log_every: int = 50  # steps between metrics records (progress is also shown at least every 10 s)
+  prefetch: int = 2  # batches built and put on the devices ahead of the step, in a background thread (0: none)
+  balance: bool = True  # smaller clusters cycle their own users instead of padding (see train/batches.py)
+  stack: str = "auto"  # how the K models share a step: vmap | unroll | auto (unroll on CPU, vmap elsewhere)
   checkpoint_every: int = 500  # steps; a checkpoint is also saved at the end of every round
   keep_checkpoints: int = 3
   eval_batch_size: int = 512
@@ -126,7 +137,7 @@ def validate(cfg: Config) -> None:
     (m.positions in ("rope", "learned"), f"--positions={m.positions!r}: expected rope or learned"),
     (m.positions != "rope" or m.head_dim % 2 == 0, "--positions=rope needs an even d_model / n_heads"),
     (0.0 <= m.dropout < 1.0, f"--dropout={m.dropout} must be in [0, 1)"),
-    (m.dtype in ("float32", "bfloat16"), f"--dtype={m.dtype!r}: expected float32 or bfloat16"),
+    (m.dtype in ("auto", "float32", "bfloat16"), f"--dtype={m.dtype!r}: expected auto, float32 or bfloat16"),
     (t.batch_size >= 1, f"--batch_size={t.batch_size} must be at least 1"),
     (t.epochs >= 1, f"--epochs={t.epochs} must be at least 1"),
     (t.patience >= 0, f"--patience={t.patience} must be non-negative"),
@@ -138,6 +149,8 @@ def validate(cfg: Config) -> None:
     (t.weight_decay >= 0, f"--weight_decay={t.weight_decay} must be non-negative"),
     (t.grad_clip > 0, f"--grad_clip={t.grad_clip} must be positive"),
     (t.log_every >= 1, f"--log_every={t.log_every} must be at least 1"),
+    (t.prefetch >= 0, f"--prefetch={t.prefetch} must be at least 0"),
+    (t.stack in ("auto", "vmap", "unroll"), f"--stack={t.stack!r}: expected auto, vmap or unroll"),
     (t.checkpoint_every >= 1, f"--checkpoint_every={t.checkpoint_every} must be at least 1"),
     (t.keep_checkpoints >= 1, f"--keep_checkpoints={t.keep_checkpoints} must be at least 1"),
     (t.eval_batch_size >= 1, f"--eval_batch_size={t.eval_batch_size} must be at least 1"),

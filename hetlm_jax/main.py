@@ -39,7 +39,14 @@ _HELP = {
   "val_frac": "Share of the training users whose held-out targets decide early stopping and --k=auto; they are "
               "left out of the reported evaluation.",
   "batch_size": "Windows per cluster per step, over all devices.",
-  "dtype": "Compute dtype: float32 or bfloat16 (parameters stay float32).",
+  "log_every": "Steps between training records in metrics.jsonl (the progress line shows at least every 10 s).",
+  "prefetch": "Batches built on the host and put on the devices ahead of the step, in a background thread "
+              "(0: built in the step loop).",
+  "stack": "How the K models share one jitted step: vmap (batched matmuls), unroll (K graphs in one program, "
+           "faster on CPU) or auto (unroll on CPU without a cluster-sharded mesh, vmap elsewhere).",
+  "balance": "Smaller clusters cycle their own users, each token weighted by 1/appearances, instead of "
+             "training on padding while the largest cluster finishes its epoch.",
+  "dtype": "Compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU), float32 or bfloat16; parameters stay float32.",
   "cluster_axis": "Devices on the 'cluster' mesh axis (the rest shard the batch).",
   "cluster_params": "Which parameters each cluster owns; the rest is one shared trunk trained on every user: all "
                     "(K whole models), head (final norm and output bias), top:N (also the last N blocks), "
@@ -56,7 +63,11 @@ _DERIVED = ("vocab_size", "output_bias", "lora_rank")  # set from the data and -
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, tokenizer, config, metrics.")
 flags.DEFINE_string("out", "", "bench: write the measurements to this JSON file.")
-flags.DEFINE_integer("bench_steps", 20, "bench: timed steps per measurement (after one compiling step).")
+flags.DEFINE_integer("bench_steps", 20, "bench: timed steps per measurement (after two untimed ones).")
+flags.DEFINE_integer("bench_k", 8, "bench: the number of stacked models measured.")
+flags.DEFINE_boolean("bench_torch", True, "bench: also measure the same models in PyTorch (needs torch).")
+flags.DEFINE_string("sweep", "", "bench: also measure these d_model x K sizes, one row each (e.g. 64x8,256x4); "
+                    "full: d_model 64, 256, 512, 1024 times K 1, 4, 8, 16.")
 flags.DEFINE_string("user", "", "generate: the user_id whose next session to generate.")
 flags.DEFINE_integer("max_new", 20, "generate: tokens to generate at most (stops earlier at session end).")
 flags.DEFINE_float("temperature", 0.0, "generate: 0 for greedy decoding, else the sampling temperature.")
@@ -94,6 +105,21 @@ def _k_from_flag(text: str) -> int:
   return k
 
 
+def _sweep_from_flag(text: str) -> list[tuple[int, int]]:
+  if text.strip() == "full":
+    return [(d, k) for d in (64, 256, 512, 1024) for k in (1, 4, 8, 16)]
+  pairs = []
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    try:
+      d_model, k = (int(x) for x in item.lower().split("x"))
+    except ValueError:
+      raise HetlmError(f"--sweep={text}: expected d_model x K pairs such as 64x8,256x4, or full") from None
+    if d_model < 8 or d_model % 8 or k < 1:
+      raise HetlmError(f"--sweep={text}: {item} needs d_model a multiple of 8 and K at least 1")
+    pairs.append((d_model, k))
+  return pairs
+
+
 def config_from_flags() -> Config:
   sections = {}
   for section, cls in _SECTIONS.items():
@@ -112,8 +138,11 @@ def _main(argv: list[str]) -> int:
   if argv[1] == "bench":
     if FLAGS.bench_steps < 1:
       raise HetlmError(f"--bench_steps={FLAGS.bench_steps} must be at least 1")
+    if FLAGS.bench_k < 1:
+      raise HetlmError(f"--bench_k={FLAGS.bench_k} must be at least 1")
+    sweep = _sweep_from_flag(FLAGS.sweep)
     from hetlm_jax.bench import run_bench  # JAX starts only once flags are known good
-    run_bench(cfg, FLAGS.out or None, FLAGS.bench_steps)
+    run_bench(cfg, FLAGS.out or None, FLAGS.bench_steps, FLAGS.bench_k, sweep, FLAGS.bench_torch)
     return 0
   data = FLAGS.data if FLAGS["data"].present else None
   if argv[1] == "evaluate":

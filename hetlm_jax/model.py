@@ -23,6 +23,26 @@ def _rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
 
 
+def causal_attention(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, v_BxTxNxH: jax.Array,
+                     mask_Bx1xTxT: jax.Array | None, fused: bool | None = None) -> jax.Array:
+  """Causal self-attention, within segments where `mask` is given. `fused` (default: off a CPU) calls
+  jax.nn.dot_product_attention, which takes cuDNN's fused kernel on a GPU where it applies; otherwise two
+  einsums in the [B, T, N, H] layout, which on a CPU skip its transposes (10% of a training step, measured
+  in docs/BENCHMARKS.md). Scores and softmax in float32."""
+  if fused is None:
+    fused = jax.default_backend() != "cpu"
+  if fused:
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask_Bx1xTxT, is_causal=True)
+  t, h = q_BxTxNxH.shape[1], q_BxTxNxH.shape[-1]
+  scores_BxNxTxT = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxTxNxH).astype(jnp.float32) / jnp.sqrt(h)
+  allowed = jnp.tril(jnp.ones((t, t), bool))
+  if mask_Bx1xTxT is not None:
+    allowed = allowed & mask_Bx1xTxT
+  scores_BxNxTxT = jnp.where(allowed, scores_BxNxTxT, jnp.finfo(jnp.float32).min)
+  probs_BxNxTxT = jax.nn.softmax(scores_BxNxTxT, axis=-1).astype(v_BxTxNxH.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxT, v_BxTxNxH)
+
+
 class Block(nn.Module):
   cfg: ModelConfig
 
@@ -32,7 +52,7 @@ class Block(nn.Module):
     """With `kv = (k_BxSxNxH, v_BxSxNxH, index)` (decoding), this step's keys and values are written into
     the cache at `index` and attention runs over the cache under `mask_Bx1xTxS`; returns (x, (k, v))."""
     cfg = self.cfg
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = jnp.dtype(cfg.compute_dtype)
     general = lambda features, axis=-1, name=None, **kw: nn.DenseGeneral(
       features, axis=axis, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
 
@@ -52,7 +72,7 @@ class Block(nn.Module):
     if cfg.positions == "rope":
       q_BxTxNxH, k_BxTxNxH = _rope(q_BxTxNxH, positions_BxT), _rope(k_BxTxNxH, positions_BxT)
     if kv is None:
-      a_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask_Bx1xTxS, is_causal=True)
+      a_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_Bx1xTxS)
     else:
       k_cache, v_cache, index = kv
       k_BxSxNxH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxNxH.astype(k_cache.dtype), index, axis=1)
@@ -69,11 +89,10 @@ class Block(nn.Module):
     return x_BxTxD if kv is None else (x_BxTxD, (k_BxSxNxH, v_BxSxNxH))
 
 
-def segment_positions(segments_BxT: jax.Array) -> jax.Array:
-  """Position of each token within its segment (packed rows hold several users' windows)."""
-  t_T = jnp.arange(segments_BxT.shape[1])
-  starts_BxT = jnp.where(jnp.diff(segments_BxT, axis=1, prepend=-1) != 0, t_T, 0)
-  return t_T - jax.lax.cummax(starts_BxT, axis=1)
+def segment_positions(same_BxTxS: jax.Array) -> jax.Array:
+  """Position of each token within its segment (packed rows hold several users' windows), from the
+  same-segment matrix: a real segment is contiguous, so it starts at the first column of its row there."""
+  return jnp.arange(same_BxTxS.shape[1]) - jnp.argmax(same_BxTxS, axis=-1)
 
 
 class PageLM(nn.Module):
@@ -84,25 +103,27 @@ class PageLM(nn.Module):
   per-layer keys/values [L, B, S, N, H], the write `index`, this step's `positions` [B, T] and the
   attention `mask` [B, 1, T, S]; the call then returns (logits, updated keys/values). `only_at_B`
   keeps just one position per row before the output layer (logits [B, 1, V]): with a large page
-  vocabulary the full [B, T, V] logits would dominate memory.
+  vocabulary the full [B, T, V] logits would dominate memory. `hidden_only` returns the final hidden
+  states [B, T, D] before the output layer, which `project` applies (the loss does so in chunks).
   """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segments_BxT: jax.Array | None = None, deterministic: bool = True,
-               return_hidden: bool = False, cache: dict | None = None, only_at_B: jax.Array | None = None):
+               return_hidden: bool = False, cache: dict | None = None, only_at_B: jax.Array | None = None,
+               hidden_only: bool = False):
     cfg = self.cfg
-    dtype = jnp.dtype(cfg.dtype)
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, name="embed")
+    dtype = jnp.dtype(cfg.compute_dtype)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.float32, name="embed")
     if cache is not None:
       positions_BxT, mask_Bx1xTxS = cache["positions"], cache["mask"]
     elif segments_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
       mask_Bx1xTxS = None
     else:
-      positions_BxT = segment_positions(segments_BxT)
-      mask_Bx1xTxS = (segments_BxT[:, None, :, None] == segments_BxT[:, None, None, :])
+      same_BxTxS = segments_BxT[:, :, None] == segments_BxT[:, None, :]
+      positions_BxT, mask_Bx1xTxS = segment_positions(same_BxTxS), same_BxTxS[:, None]
     x_BxTxD = embed(tokens_BxT).astype(dtype)
     if cfg.positions == "learned":
       pos = nn.Embed(cfg.context, cfg.d_model, param_dtype=jnp.float32, name="pos_embed")
@@ -121,8 +142,10 @@ class PageLM(nn.Module):
     if only_at_B is not None:
       x_BxTxD = x_BxTxD[jnp.arange(x_BxTxD.shape[0]), only_at_B][:, None]
     h_BxTxD = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="ln_final")(x_BxTxD)
+    if hidden_only:
+      return h_BxTxD
     if cfg.tie_embeddings:
-      logits_BxTxV = embed.attend(h_BxTxD.astype(jnp.float32))
+      logits_BxTxV = embed.attend(h_BxTxD)
     else:
       logits_BxTxV = nn.Dense(cfg.vocab_size, dtype=dtype, param_dtype=jnp.float32, name="head")(h_BxTxD)
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
@@ -131,6 +154,22 @@ class PageLM(nn.Module):
     if cache is not None:
       return logits_BxTxV, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
     return (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
+
+
+def project(cfg: ModelConfig, params, h_NxD: jax.Array) -> jax.Array:
+  """The output layer of `PageLM` as a function of its parameters: float32 logits [N, V] of final hidden
+  states, the matmul in the compute dtype."""
+  dtype = jnp.dtype(cfg.compute_dtype)
+  if cfg.tie_embeddings:
+    w_DxV, b_V = params["embed"]["embedding"].T, None
+  else:
+    w_DxV, b_V = params["head"]["kernel"], params["head"]["bias"]
+  logits_NxV = jnp.dot(h_NxD.astype(dtype), w_DxV.astype(dtype)).astype(jnp.float32)
+  if b_V is not None:
+    logits_NxV = logits_NxV + b_V.astype(dtype).astype(jnp.float32)
+  if cfg.output_bias:
+    logits_NxV = logits_NxV + params["output_bias"]
+  return logits_NxV
 
 
 def init_params(cfg: ModelConfig, key: jax.Array):

@@ -20,22 +20,23 @@ def _seqs(n_users=50):
   return build_sequences(table, tok)[0], tok
 
 
-def _tokens_per_user(batches, seqs):
-  """How many history tokens of each user the round's batches carry (segment id → user)."""
-  counts = np.zeros(seqs.num_users, np.int64)
+def _tokens_per_user(batches, seqs, weighted=False):
+  """How many history tokens of each user the round's batches carry (segment id → user), or their weights."""
+  counts = np.zeros(seqs.num_users)
   for step in range(batches.steps):
     order = batches.order(step // batches.steps_per_epoch)
-    _, segments, _ = batches.batch(step)
+    _, segments, weights = batches.batch(step)
     seg = segments[segments > 0] - 1
-    np.add.at(counts, order[seg], 1)
+    np.add.at(counts, batches.owner_X[order[seg]], weights[segments > 0] if weighted else 1)
   return counts
 
 
-def test_every_user_is_seen_exactly_epochs_times_whatever_the_cluster_sizes():
+def test_without_balance_every_user_is_seen_exactly_epochs_times_whatever_the_cluster_sizes():
   seqs, _ = _seqs()
   assignment = np.zeros(seqs.num_users, np.int64)
   assignment[:7] = 1  # one small cluster, one large one, one empty
-  batches = ClusterBatches(seqs, assignment, k=3, batch_size=4, context=12, epochs=3, seed=0, round_index=0)
+  batches = ClusterBatches(seqs, assignment, k=3, batch_size=4, context=12, epochs=3, seed=0, round_index=0,
+                           balance=False)
   expected = np.minimum(seqs.split - seqs.offsets[:-1], 13)
   np.testing.assert_array_equal(_tokens_per_user(batches, seqs), 3 * expected)
   inputs, segments, _ = batches.batch(0)
@@ -43,10 +44,30 @@ def test_every_user_is_seen_exactly_epochs_times_whatever_the_cluster_sizes():
   assert (segments[2] == 0).all()  # the empty cluster gets only padding
 
 
+def test_balanced_rows_fill_small_clusters_and_keep_every_users_weight_per_epoch():
+  seqs, _ = _seqs()
+  assignment = np.zeros(seqs.num_users, np.int64)
+  assignment[:7] = 1  # a small cluster: without balance, most of its rows would be padding
+  plain = ClusterBatches(seqs, assignment, k=2, batch_size=4, context=12, epochs=3, seed=0, round_index=0,
+                         balance=False)
+  balanced = ClusterBatches(seqs, assignment, k=2, batch_size=4, context=12, epochs=3, seed=0, round_index=0)
+  assert balanced.steps == plain.steps
+  assert plain.padding_fraction() > 0.3 and balanced.padding_fraction() < 0.1
+  expected = np.minimum(seqs.split - seqs.offsets[:-1], 13)
+  np.testing.assert_allclose(_tokens_per_user(balanced, seqs, weighted=True), 3 * expected, rtol=1e-5)
+  seen = _tokens_per_user(balanced, seqs)
+  assert (seen[:7] > 3 * expected[:7]).all()  # the small cluster's users cycle, at weight 1/appearances
+  assert (seen[7:] >= 3 * expected[7:]).all()  # the largest fills its last rows' ends the same way
+  for step in range(balanced.steps):  # no two copies of an example share a segment id
+    _, segments, _ = balanced.batch(step)
+    order = balanced.order(step // balanced.steps_per_epoch)
+    assert len(np.unique(segments[segments > 0])) <= len(order)
+
+
 def test_packed_rows_hold_each_users_most_recent_history_in_order():
   seqs, _ = _seqs(10)
   batches = ClusterBatches(seqs, np.zeros(10, np.int64), k=1, batch_size=64, context=7, epochs=1, seed=3,
-                           round_index=0)
+                           round_index=0, balance=False)
   order = batches.order(0)
   assert sorted(order) == list(range(10))
   inputs, segments, _ = batches.batch(0)

@@ -139,15 +139,38 @@ def test_train_with_a_shared_trunk_reports_its_parts_and_its_models_load_and_gen
   assert out["cluster"] in (0, 1) and out["history"][0] == "<s>"
 
 
-def test_bench_writes_its_measurements(tmp_path, good_log, capsys):
+BENCH_KEYS = ("device", "devices", "k", "batch", "seq_len", "params_per_model", "jax_version", "date",
+              "vmapped_tokens_per_s", "loop_tokens_per_s", "torch_tokens_per_s", "torch_loop_tokens_per_s",
+              "torch_func_tokens_per_s", "model_flops_per_token", "mfu", "score_users_per_s", "score_tokens_per_s",
+              "prep_events_per_s", "padding_fraction", "host_wait_fraction")
+
+
+def test_bench_writes_every_measurement(tmp_path, good_log, capsys):
   out = tmp_path / "bench.json"
-  code, err = run(capsys, "bench", f"--data={good_log}", *TINY, "--bench_steps=2", f"--out={out}")
+  code, err = run(capsys, "bench", f"--data={good_log}", *TINY, "--bench_steps=2", "--bench_k=2", "--sweep=8x1",
+                  f"--out={out}")
   assert code == 0, err
   result = json.loads(out.read_text())
-  assert [row["k"] for row in result["stacked"]] == [1, 8]
-  assert result["per_cluster_loop"][0]["k"] == 8
-  assert all(row["tokens_per_s"] > 0 for row in result["stacked"] + result["per_cluster_loop"])
-  assert all(row["users_per_s"] > 0 for row in result["scoring"])
+  assert set(BENCH_KEYS) <= set(result)
+  assert (result["k"], result["batch"], result["seq_len"], result["devices"]) == (2, 8, 8, 4)
+  for key in BENCH_KEYS[8:]:
+    if not key.startswith("torch"):
+      assert result[key] >= 0 if key.endswith("fraction") else result[key] > 0, key
+  torch_figures = [result[key] for key in BENCH_KEYS if key.startswith("torch")]
+  assert all(x is None for x in torch_figures) or all(x > 0 for x in torch_figures)
+  assert result["padding_fraction"] < 1 and result["host_wait_fraction"] < 1
+  [row] = result["sweep"]
+  assert (row["k"], row["d_model"]) == (1, 8) and row["vmapped_tokens_per_s"] > 0 and row["mfu"] > 0
+
+
+def test_bench_without_torch_leaves_its_figures_null(tmp_path, good_log, capsys, monkeypatch):
+  from hetlm_jax.bench import torch_reference
+  monkeypatch.setattr(torch_reference, "available", lambda: "PyTorch is not installed (test)")
+  out = tmp_path / "bench.json"
+  code, err = run(capsys, "bench", f"--data={good_log}", *TINY, "--bench_steps=1", "--bench_k=2", f"--out={out}")
+  assert code == 0, err
+  result = json.loads(out.read_text())
+  assert result["torch_tokens_per_s"] is None and "not installed" in result["torch_missing"]
 
 
 def test_the_default_preset_holds_the_built_in_defaults():

@@ -62,7 +62,7 @@ def test_checkpoint_restores_identical_parameters(log_path, tmp_path):
 def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_uninterrupted_one(
     log_path, tmp_path, monkeypatch, soft, cluster_params):
   """With early stopping (validation after every pass) and, for adapters, a split state."""
-  cfg = tiny(log_path, k=2)  # two stacked models and two reassignment rounds
+  cfg = tiny(log_path, k=2, log_every=1)  # two stacked models; metrics read (and the crash hook run) every step
   cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, soft=soft, rounds=3, cluster_params=cluster_params))
   train_and_evaluate(cfg, tmp_path / "whole")
 

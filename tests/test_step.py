@@ -38,9 +38,11 @@ def _run(cfg, k, devices, steps=2, batch_seed=0):
   return jax.device_get(state), history
 
 
-def test_vmapped_step_equals_k_separate_single_model_steps():
+@pytest.mark.parametrize("stack", ["vmap", "unroll"])
+def test_vmapped_step_equals_k_separate_single_model_steps(stack):
   k = 3
-  stacked, stacked_metrics = _run(CFG, k, jax.devices()[:1])
+  stacked_cfg = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, stack=stack))
+  stacked, stacked_metrics = _run(stacked_cfg, k, jax.devices()[:1])
   mesh = make_mesh(CFG, 1, jax.devices()[:1])
   tx = make_optimizer(CFG)
   step = make_train_step(CFG, tx, mesh, abstract_state(CFG, tx, mesh, 1))
@@ -108,8 +110,9 @@ TOP1 = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, n_layers=2,
                            cluster=ClusterConfig(cluster_params="top:1"))
 
 
-@pytest.mark.parametrize("spec", ["head", "top:1", "adapters:2"])
-def test_split_step_gives_the_shared_part_the_mean_gradient_over_every_clusters_tokens(spec):
+@pytest.mark.parametrize("spec,unroll", [("head", False), ("top:1", True), ("adapters:2", False),
+                                         ("adapters:2", True)])
+def test_split_step_gives_the_shared_part_the_mean_gradient_over_every_clusters_tokens(spec, unroll):
   """With an identity optimizer and lr 1 the step subtracts the gradient: each cluster's own part moves by
   the gradient of its own mean loss, the shared trunk by that of the mean loss over all K clusters' tokens."""
   import jax.numpy as jnp
@@ -129,7 +132,7 @@ def test_split_step_gives_the_shared_part_the_mean_gradient_over_every_clusters_
   segments[1, 3:] = 0  # cluster 1 has fewer real tokens than cluster 0
   weights = (segments > 0).astype(np.float32)
   keys = jax.random.split(jax.random.key(1), k)
-  new_params, _, _ = stacked_step(model, tx, spec, cfg.model.n_layers, 1.0, state.params, state.opt_state,
+  new_params, _, _ = stacked_step(model, tx, spec, cfg.model.n_layers, unroll, 1.0, state.params, state.opt_state,
                                   inputs, segments, weights, keys)
 
   def sums(shared, cluster_c, c):

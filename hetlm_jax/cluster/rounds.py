@@ -112,58 +112,61 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
   # decays, so patience only counts once half the cap has been trained.
   min_passes = -(-t.epochs // 2)
   start = time.perf_counter()
-  while not meta["done"]:
-    round_index = meta["round"]
-    batches = ClusterBatches(seqs, assignment, k, t.batch_size, cfg.model.context, t.epochs, t.seed, round_index,
-                             weights)
-    per_epoch = batches.steps_per_epoch
-    # M-step: the K models train on their users, at most --epochs passes, until validation stops improving.
-    if not meta["in_round"]:
-      state = trainer.start_round(state, batches.steps)
-      best = _snapshot(state)
-      meta.update(in_round=True, best_epoch=0, best_nll=validate(state) if patience else None)
-    epoch = (int(state.step) - int(state.round_start)) // per_epoch
-    stalled = lambda: bool(patience) and epoch >= min_passes and epoch - meta["best_epoch"] >= patience
-    while epoch < t.epochs and not stalled():
-      state = trainer.train_round(state, batches, log, on_step=periodic_save, until=(epoch + 1) * per_epoch,
-                                  label=f"{name} round {round_index + 1}/{rounds} pass {epoch + 1}/{t.epochs}")
-      epoch += 1
-      if patience:
-        nll = validate(state)
-        log.write({"kind": "validation", "model": name, "round": round_index + 1, "pass": epoch, "nll": nll})
-        if nll < meta["best_nll"]:
-          best = _snapshot(state)
-          meta.update(best_epoch=epoch, best_nll=nll)
-      if epoch < t.epochs and not stalled():
-        save(state)  # the round's last pass is saved at the end of the round, below, at the same step
-    if patience and meta["best_epoch"] < epoch:  # back to the best pass; the step counter goes on
-      state = state.replace(params=best["params"], opt_state=best["opt_state"])
-      best = _snapshot(state)
-    log.write({"kind": "stop", "model": name, "round": round_index + 1, "passes": epoch,
-               "best_pass": meta["best_epoch"] if patience else epoch, "validation_nll": meta["best_nll"]})
-    logging.info("%s round %d: %d passes, kept pass %d%s", name, round_index + 1, epoch,
-                 meta["best_epoch"] if patience else epoch,
-                 f" (validation NLL {meta['best_nll']:.4f})" if patience else "")
-    meta.update(round=round_index + 1, in_round=False, passes=meta["passes"] + epoch)
-    meta["done"] = meta["round"] >= rounds
-    if patience and meta["best_epoch"] == 0:
-      # No pass beat the round's start: another warm restart of the schedule is not worth training, and with
-      # K > 1 the models are those the last E-step (or the warm start) left, so another E-step could only
-      # shuffle ties. The rounds have converged.
-      logging.info("%s round %d: no pass improved the validation NLL; the rounds end", name, round_index + 1)
-      meta["done"] = True
-    elif k > 1:  # E-step
-      assignment, weights, moved = _reassign(name, trainer, state, seqs, assignment, weights, c.soft, min_size, log,
-                                             meta["round"])
-      if moved.reseeded:
-        state = trainer.copy_models(state, moved.source)
+  try:
+    while not meta["done"]:
+      round_index = meta["round"]
+      batches = ClusterBatches(seqs, assignment, k, t.batch_size, cfg.model.context, t.epochs, t.seed, round_index,
+                               weights, balance=t.balance)
+      per_epoch = batches.steps_per_epoch
+      # M-step: the K models train on their users, at most --epochs passes, until validation stops improving.
+      if not meta["in_round"]:
+        state = trainer.start_round(state, batches.steps)
         best = _snapshot(state)
-      meta["done"] = meta["done"] or moved.moved < c.tolerance
-    if on_round is not None:
-      on_round(assignment)
-    save(state)
+        meta.update(in_round=True, best_epoch=0, best_nll=validate(state) if patience else None)
+      epoch = (int(state.step) - int(state.round_start)) // per_epoch
+      stalled = lambda: bool(patience) and epoch >= min_passes and epoch - meta["best_epoch"] >= patience
+      while epoch < t.epochs and not stalled():
+        state = trainer.train_round(state, batches, log, on_step=periodic_save, until=(epoch + 1) * per_epoch,
+                                    label=f"{name} round {round_index + 1}/{rounds} pass {epoch + 1}/{t.epochs}",
+                                    record={"model": name, "round": round_index + 1, "pass": epoch + 1})
+        epoch += 1
+        if patience:
+          nll = validate(state)
+          log.write({"kind": "validation", "model": name, "round": round_index + 1, "pass": epoch, "nll": nll})
+          if nll < meta["best_nll"]:
+            best = _snapshot(state)
+            meta.update(best_epoch=epoch, best_nll=nll)
+        if epoch < t.epochs and not stalled():
+          save(state)  # the round's last pass is saved at the end of the round, below, at the same step
+      if patience and meta["best_epoch"] < epoch:  # back to the best pass; the step counter goes on
+        state = state.replace(params=best["params"], opt_state=best["opt_state"])
+        best = _snapshot(state)
+      log.write({"kind": "stop", "model": name, "round": round_index + 1, "passes": epoch,
+                 "best_pass": meta["best_epoch"] if patience else epoch, "validation_nll": meta["best_nll"]})
+      logging.info("%s round %d: %d passes, kept pass %d%s", name, round_index + 1, epoch,
+                   meta["best_epoch"] if patience else epoch,
+                   f" (validation NLL {meta['best_nll']:.4f})" if patience else "")
+      meta.update(round=round_index + 1, in_round=False, passes=meta["passes"] + epoch)
+      meta["done"] = meta["round"] >= rounds
+      if patience and meta["best_epoch"] == 0:
+        # No pass beat the round's start: another warm restart of the schedule is not worth training, and with
+        # K > 1 the models are those the last E-step (or the warm start) left, so another E-step could only
+        # shuffle ties. The rounds have converged.
+        logging.info("%s round %d: no pass improved the validation NLL; the rounds end", name, round_index + 1)
+        meta["done"] = True
+      elif k > 1:  # E-step
+        assignment, weights, moved = _reassign(name, trainer, state, seqs, assignment, weights, c.soft, min_size, log,
+                                               meta["round"])
+        if moved.reseeded:
+          state = trainer.copy_models(state, moved.source)
+          best = _snapshot(state)
+        meta["done"] = meta["done"] or moved.moved < c.tolerance
+      if on_round is not None:
+        on_round(assignment)
+      save(state)
+  finally:  # also on an error or interrupt: pending checkpoint writes finish before the process goes on
+    ckpts.close()
   train_s = time.perf_counter() - start
-  ckpts.close()
   return Trained(name, cfg, trainer, state.params, assignment, meta["round"], train_s, weights, meta["passes"])
 
 

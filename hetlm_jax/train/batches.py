@@ -4,10 +4,14 @@ A user's training examples are windows of `context + 1` tokens that together cov
 history (`all_windows`; most users have one). Browsing histories are short, so examples are packed:
 each cluster's examples, in a shuffled order, are laid end to end and cut into rows of `context + 1`
 tokens, with a segment id per example (0 = padding) that keeps attention inside it. An example cut
-by a row end continues as its own segment in the next row. A round lasts as many steps as the
-cluster with the most tokens needs for `epochs` passes; other clusters fill the rest with padding
-rows, so every user is seen exactly `epochs` times per round whatever the cluster sizes, and the
-batch shape never changes.
+by a row end continues as its own segment in the next row. An epoch lasts as many steps as the
+cluster with the most tokens needs for one pass, and the batch shape never changes.
+
+Clusters are rarely the same size. With `balance` (the default), a smaller cluster does not fill the
+rest of the epoch with padding: it goes on cycling its own examples, reshuffled each cycle, until its
+rows are full, and every token's weight is divided by the number of times it appears in the epoch. So
+each user still counts once per epoch (the weights of a user's tokens sum to their number, as without
+balance), the steps are as many, and the padding is only the largest cluster's last row ends.
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 class ClusterBatches:
   """`weights_UxK` (soft EM): every user is an example of every cluster whose responsibility for the user
   is at least MIN_WEIGHT, its tokens weighted by it in that cluster's loss. Without: of its own cluster
-  in `assignment_U`, with weight 1."""
+  in `assignment_U`, with weight 1. `balance`: see the module docstring."""
 
   MIN_WEIGHT = 0.01
 
   def __init__(self, seqs: UserSequences, assignment_U: np.ndarray, k: int, batch_size: int, context: int,
-               epochs: int, seed: int, round_index: int, weights_UxK: np.ndarray | None = None):
+               epochs: int, seed: int, round_index: int, weights_UxK: np.ndarray | None = None,
+               balance: bool = True):
     self.seqs, self.assignment_U = seqs, np.asarray(assignment_U)
     self.k, self.batch_size, self.width, self.epochs = k, batch_size, context + 1, epochs
-    self.seed, self.round_index = seed, round_index
+    self.seed, self.round_index, self.balance = seed, round_index, balance
     owner_W, first_W, lengths_W, _ = all_windows(seqs, "history", self.width)
     if weights_UxK is None:
       window_X, self.cluster_X, self.weight_X = np.arange(len(owner_W)), self.assignment_U[owner_W], None
@@ -37,9 +42,10 @@ class ClusterBatches:
       window_X, self.cluster_X = np.nonzero(np.asarray(weights_UxK)[owner_W] >= self.MIN_WEIGHT)
       self.weight_X = np.asarray(weights_UxK, np.float32)[owner_W[window_X], self.cluster_X]
     self.owner_X, self.first_X, self.lengths_X = owner_W[window_X], first_W[window_X], lengths_W[window_X]
-    tokens_K = np.bincount(self.cluster_X, weights=self.lengths_X, minlength=k)
-    rows = -(-int(tokens_K.max()) // self.width)
+    self.tokens_K = np.bincount(self.cluster_X, weights=self.lengths_X, minlength=k).astype(np.int64)
+    rows = -(-int(self.tokens_K.max()) // self.width)
     self.steps_per_epoch = max(1, -(-rows // batch_size))
+    self.capacity = self.steps_per_epoch * batch_size * self.width  # token slots per cluster per epoch
     self._epoch, self._tables = -1, None
 
   @property
@@ -47,10 +53,19 @@ class ClusterBatches:
     return self.steps_per_epoch * self.epochs
 
   def order(self, epoch: int) -> np.ndarray:
-    """Examples of an epoch: by cluster, shuffled within it; segment id s in that epoch is example
-    order[s-1], a window of user owner_X[order[s-1]]."""
+    """Examples of an epoch, by cluster: segment id s in that epoch is example order[s-1], a window of user
+    owner_X[order[s-1]]. Without balance each example appears once, shuffled within its cluster; with it, a
+    cluster's examples appear in `cycles` successive shuffles, the last one cut where its rows are full."""
     rng = np.random.default_rng([self.seed, self.round_index, epoch])
-    return np.lexsort((rng.random(len(self.cluster_X)), self.cluster_X))
+    if not self.balance:
+      return np.lexsort((rng.random(len(self.cluster_X)), self.cluster_X))
+    cycles_K = np.where(self.tokens_K > 0, -(-self.capacity // np.maximum(self.tokens_K, 1)), 0)
+    example = np.repeat(np.arange(len(self.cluster_X)), cycles_K[self.cluster_X])
+    cluster = self.cluster_X[example]
+    # The cycle number of each copy: its rank among the copies of the same example.
+    cycle = np.arange(len(example)) - np.repeat(np.cumsum(cycles_K[self.cluster_X]) - cycles_K[self.cluster_X],
+                                                cycles_K[self.cluster_X])
+    return example[np.lexsort((rng.random(len(example)), cycle, cluster))]
 
   def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokens, segment ids and token weights [K, steps_per_epoch * B, T+1] of one epoch."""
@@ -61,20 +76,30 @@ class ClusterBatches:
     cluster_base = np.zeros(self.k + 1, np.int64)
     np.add.at(cluster_base, cluster + 1, length)
     start = end - length - np.cumsum(cluster_base)[cluster]
-    # One entry per token: which example, and where in the stream.
+    # One entry per token: which example, and where in the stream; the stream ends at the cluster's rows.
     total = int(end[-1]) if len(end) else 0
-    example = np.repeat(np.arange(len(order)), length)
+    copy = np.repeat(np.arange(len(order)), length)
     offset = np.arange(total) - np.repeat(end - length, length)
-    pos = start[example] + offset
-    first = self.first_X[order]
+    pos = start[copy] + offset
+    kept = pos < self.capacity
+    copy, offset, pos = copy[kept], offset[kept], pos[kept]
+    example = order[copy]
+    weight = np.ones(len(copy), np.float32) if self.weight_X is None else self.weight_X[example]
+    if self.balance:  # a token that appears n times in the epoch counts 1/n each time
+      kept_length = np.clip(self.capacity - start, 0, length)  # of each copy (at most one cut per cluster)
+      whole_X = np.bincount(order[kept_length == length], minlength=len(self.cluster_X))
+      cut_X = np.zeros(len(self.cluster_X), np.int64)
+      cut = (kept_length > 0) & (kept_length < length)
+      cut_X[order[cut]] = kept_length[cut]
+      weight = weight / (whole_X[example] + (offset < cut_X[example]))
     rows = self.steps_per_epoch * self.batch_size
     tokens = np.zeros((self.k, rows, self.width), np.int32)
     segments = np.zeros((self.k, rows, self.width), np.int32)
     weights = np.zeros((self.k, rows, self.width), np.float32)
-    where = (cluster[example], pos // self.width, pos % self.width)
-    tokens[where] = self.seqs.tokens[first[example] + offset]
-    segments[where] = example + 1
-    weights[where] = 1.0 if self.weight_X is None else self.weight_X[order][example]
+    where = (cluster[copy], pos // self.width, pos % self.width)
+    tokens[where] = self.seqs.tokens[self.first_X[example] + offset]
+    segments[where] = copy + 1
+    weights[where] = weight
     return tokens, segments, weights
 
   def batch(self, step_in_round: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,6 +109,11 @@ class ClusterBatches:
       self._epoch, self._tables = epoch, self._pack(epoch)
     rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
     return tuple(table[:, rows] for table in self._tables)
+
+  def padding_fraction(self, epoch: int = 0) -> float:
+    """Padded slots over all slots of the epoch's K x rows x (T+1) batches."""
+    segments = self._pack(epoch)[1]
+    return float((segments == 0).mean())
 
 
 class ScoringBatches:
@@ -98,7 +128,7 @@ class ScoringBatches:
     self.seqs, self.width, self.batch_rows, self.pages_only = seqs, width, batch_rows, pages_only
     self.owner_W, self.start_W, self.length_W, self.scored_W = all_windows(seqs, part, width)
     self.length_U = np.bincount(self.owner_W, weights=self.length_W, minlength=seqs.num_users)
-    slots = [width // 2**j for j in range(8) if width // 2**j >= 4] or [width]
+    slots = self.slot_widths(width)
     slot_class_W = np.searchsorted(-np.array(slots), -self.length_W, side="right") - 1
     self.row_W = np.zeros(len(self.owner_W), np.int64)
     self.col_W = np.zeros(len(self.owner_W), np.int64)
@@ -110,6 +140,15 @@ class ScoringBatches:
       self.col_W[windows] = (np.arange(len(windows)) % per_row) * slot
       rows += -(-len(windows) // per_row)
     self.num_batches = max(1, -(-rows // batch_rows))
+
+  @staticmethod
+  def slot_widths(width: int) -> list[int]:
+    return [width // 2**j for j in range(8) if width // 2**j >= 4] or [width]
+
+  @classmethod
+  def max_windows(cls, width: int, batch_rows: int) -> int:
+    """The most windows (so users) one batch can hold: every row cut into the narrowest slots."""
+    return batch_rows * (width // cls.slot_widths(width)[-1])
 
   def batch(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """tokens and segments [R, W] int32, score mask [R, W-1] bool, user of each token [R, W] (-1: none)."""

@@ -13,14 +13,17 @@ from hetlm_jax.train.state import TrainState
 
 class Checkpoints:
   """WORKDIR/checkpoints: items `state` (sharded pytree), `best` (the round's best params and optimizer state so
-  far, by validation NLL), `assignment` (user → cluster) and `meta` (JSON)."""
+  far, by validation NLL), `assignment` (user → cluster) and `meta` (JSON). Saves are asynchronous: `save`
+  returns once the arrays are copied off the devices (so the next step may reuse their buffers) and orbax
+  writes them in the background; reads and `close` wait for pending writes first."""
 
   def __init__(self, workdir: Path, keep: int):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
                                           item_names=("state", "best", "assignment", "meta"))
 
   def latest_step(self) -> int | None:
+    self._manager.wait_until_finished()
     return self._manager.latest_step()
 
   def save(self, state: TrainState, best: dict, assignment_U: np.ndarray, meta: dict,
@@ -35,10 +38,10 @@ class Checkpoints:
     self._manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best), assignment=ocp.args.StandardSave(assignment),
       meta=ocp.args.JsonSave({**meta, "soft": weights_UxK is not None})))
-    self._manager.wait_until_finished()
 
   def restore(self, abstract: TrainState, num_users: int, step: int | None = None):
     """Restores onto the shardings carried by `abstract`; returns (state, best, assignment, meta, weights or None)."""
+    self._manager.wait_until_finished()
     step = self._manager.latest_step() if step is None else step
     abstract_assignment = {"cluster": np.zeros(num_users, np.int32)}
     if self.meta(step).get("soft"):
@@ -55,8 +58,10 @@ class Checkpoints:
             weights)
 
   def meta(self, step: int | None = None) -> dict:
+    self._manager.wait_until_finished()
     step = self._manager.latest_step() if step is None else step
     return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
   def close(self) -> None:
+    self._manager.wait_until_finished()
     self._manager.close()

@@ -1,4 +1,4 @@
-"""The trainer: K stacked models, step loop with one-behind metrics, scoring of every user by every model."""
+"""The trainer: K stacked models, a step loop fed ahead and read every few steps, scoring of every user by every model."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, prompts
 from hetlm_jax.train.metrics import MetricsLog, Progress
+from hetlm_jax.train.prefetch import Prefetcher
 from hetlm_jax.train.split import model_params, partition
 from hetlm_jax.train.state import (TrainState, abstract_state, cluster_spec, create_state, make_mesh, make_optimizer,
                                    split_state, state_shardings)
@@ -35,8 +36,12 @@ class Trainer:
     self.tx = make_optimizer(cfg)
     self.abstract = abstract_state(cfg, self.tx, self.mesh, k)
     self.train_step = make_train_step(cfg, self.tx, self.mesh, self.abstract)
-    self.score_batch = make_score_fn(cfg, self.mesh, self.abstract)
-    self.score_pages_batch = make_score_fn(cfg, self.mesh, self.abstract, pages_only=True)
+    n_data = self.mesh.shape["data"]
+    self.eval_batch = -(-cfg.train.eval_batch_size // n_data) * n_data
+    self.host_wait_s = 0.0  # time train_round waited for a batch, over every call
+    slots = ScoringBatches.max_windows(cfg.model.context + 1, self.eval_batch)
+    self.score_batch = make_score_fn(cfg, self.mesh, self.abstract, slots)
+    self.score_pages_batch = make_score_fn(cfg, self.mesh, self.abstract, slots, pages_only=True)
     self.hidden_batch = make_hidden_fn(cfg, self.mesh, self.abstract)
     self.next_logprobs_batch, self.next_logprobs_model = make_next_logprobs_fn(cfg, self.mesh, self.abstract)
     shardings = state_shardings(self.mesh, self.abstract)
@@ -70,43 +75,59 @@ class Trainer:
     return self._warm(single_params)
 
   def train_round(self, state: TrainState, batches: ClusterBatches, log: MetricsLog | None = None,
-                  on_step=None, label: str = "train", until: int | None = None) -> TrainState:
+                  on_step=None, label: str = "train", until: int | None = None,
+                  record: dict | None = None) -> TrainState:
     """Runs the current round up to step `until` of the round (default: its end), e.g. one epoch.
 
+    Batches come from a background thread (`--prefetch`). Metrics stay on the device and are read every
+    `--log_every` steps, at least every 10 s (the progress line), and at the end; each read logs the
+    window since the last one, with `record` (e.g. model, round) in its metrics.jsonl record.
     `on_step(state, step)` is called after each dispatched step but the last, with the global step
     counted on the host, so the loop never waits on the device.
     """
     round_start = int(state.round_start)
     first = int(state.step) - round_start
     until = batches.steps if until is None else until
-    progress = Progress(until, label, every=self.cfg.train.log_every, initial=first)
-    pending, last_time = None, time.perf_counter()
-    for s in range(first, until):
-      state, metrics = self.train_step(state, *batches.batch(s))
-      if pending is not None:  # read step s-1 while step s runs
-        last_time = self._report(pending, log, progress, last_time, s)
-      pending = (s + 1, metrics)
-      if on_step is not None and s + 1 < until:
-        on_step(state, round_start + s + 1)
-    if pending is not None:
-      self._report(pending, log, progress, last_time, until)
+    progress = Progress(until, label, every=1, initial=first)
+    put = functools.partial(jax.device_put, device=self.train_step.batch_sharding)
+    feed = Prefetcher(batches.batch, put, first, until, self.cfg.train.prefetch)
+    window, window_start = [], time.perf_counter()
+    try:
+      for done, batch in enumerate(feed, start=first + 1):
+        state, metrics = self.train_step(state, *batch)
+        window.append(metrics)
+        if done % self.cfg.train.log_every == 0 or done == until or time.perf_counter() - window_start >= 10:
+          window_start = self._report(window, log, progress, window_start, done, record)
+          window = []
+        if on_step is not None and done < until:
+          on_step(state, round_start + done)
+    finally:
+      feed.close()
+      self.host_wait_s += feed.wait_s
     progress.close()
     return state
 
-  def _report(self, pending, log, progress, last_time: float, done: int) -> float:
-    """Logs one finished step's metrics; returns the time they arrived (the next step's start)."""
-    step_in_round, metrics = pending
-    m = jax.device_get(metrics)
+  def _report(self, window: list, log, progress, window_start: float, done: int, record: dict | None) -> float:
+    """Reads the window's metrics (waiting for its last step) and shows/logs them; returns the time."""
+    m = jax.device_get(window)
     now = time.perf_counter()
-    tokens = float(m["tokens"].sum())
-    loss = float(m["nll_sum"].sum() / max(tokens, 1.0))
-    tok_s = tokens / max(now - last_time, 1e-9)
+    stack = lambda key: np.stack([step[key] for step in m])  # [steps, K]
+    weight_SxK, nll_SxK = stack("tokens"), stack("nll_sum")
+    real = float(stack("real_tokens").sum())
+    loss = float(nll_SxK.sum() / max(weight_SxK.sum(), 1e-9))
+    tok_s = real / max(now - window_start, 1e-9)
     progress.update(done, f"loss {loss:.3f} ppl {np.exp(min(loss, 50)):.2f} {tok_s:,.0f} tok/s")
-    if log is not None and (step_in_round % self.cfg.train.log_every == 0 or done == progress.total):
-      log.write({"kind": "train", "step_in_round": step_in_round, "loss": loss, "perplexity": float(np.exp(min(loss, 50))),
-                 "loss_per_model": m["loss"].tolist(), "grad_norm": m["grad_norm"].tolist(),
-                 "learning_rate": float(m["learning_rate"][0]), "tokens_per_s": tok_s,
-                 "step_time_s": now - last_time})
+    if log is not None and (done % self.cfg.train.log_every == 0 or done == progress.total):
+      # Per model, over the window's steps where it had real tokens (None: only padding in the window).
+      had_K = weight_SxK.sum(0) > 0
+      per_model = np.where(had_K, nll_SxK.sum(0) / np.maximum(weight_SxK.sum(0), 1e-9), np.nan)
+      grad_K = np.where(had_K, (stack("grad_norm") * (weight_SxK > 0)).sum(0)
+                        / np.maximum((weight_SxK > 0).sum(0), 1), np.nan)
+      none_if_nan = lambda a: [None if np.isnan(x) else float(x) for x in a]
+      log.write({"kind": "train", **(record or {}), "step_in_round": done, "steps": len(m), "loss": loss,
+                 "perplexity": float(np.exp(min(loss, 50))), "loss_per_model": none_if_nan(per_model),
+                 "grad_norm": none_if_nan(grad_K), "learning_rate": float(m[-1]["learning_rate"][0]),
+                 "tokens_per_s": tok_s, "step_time_s": (now - window_start) / len(m)})
     return now
 
   def score(self, params, seqs: UserSequences, part: str, label: str = "score",
@@ -122,10 +143,12 @@ class Trainer:
     pending = None
     for i in range(batches.num_batches):
       tokens, segments, mask, owner = batches.batch(i)
-      out = score_batch(params, tokens, segments, mask)
-      if pending is not None:  # reduce batch i-1 on the host while batch i runs
+      users_S, local_RxT = np.unique(np.where(mask, owner[:, 1:], -1), return_inverse=True)
+      local_RxT = local_RxT.reshape(mask.shape).astype(np.int32) - int(users_S[0] < 0)  # -1: no scored token
+      sums_KxS = score_batch(params, tokens, segments, mask, np.maximum(local_RxT, 0))
+      if pending is not None:  # add batch i-1 while batch i runs
         self._add_scores(nll_KxU, *pending)
-      pending = (out, mask, owner)
+      pending = (sums_KxS, users_S[users_S >= 0])
       tokens_U += np.bincount(owner[:, 1:][mask], minlength=seqs.num_users)
       progress.update(i + 1)
     self._add_scores(nll_KxU, *pending)
@@ -133,11 +156,8 @@ class Trainer:
     return nll_KxU, tokens_U
 
   @staticmethod
-  def _add_scores(nll_KxU, out, mask, owner):
-    k, u = nll_KxU.shape
-    nll_KxN = np.asarray(jax.device_get(out))[:, mask]
-    index_KxN = np.arange(k)[:, None] * u + owner[:, 1:][mask][None, :]
-    nll_KxU += np.bincount(index_KxN.ravel(), weights=nll_KxN.ravel(), minlength=k * u).reshape(k, u)
+  def _add_scores(nll_KxU, sums_KxS, users_N):
+    nll_KxU[:, users_N] += np.asarray(jax.device_get(sums_KxS))[:, :len(users_N)]
 
   def embed(self, params, seqs: UserSequences) -> np.ndarray:
     """Each user's mean final hidden state over their history window under every model: [K, U, D]."""

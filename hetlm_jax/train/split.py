@@ -11,6 +11,7 @@ blocks; `adapters:R` adds LoRA factors of rank R over a shared trunk.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 from hetlm_jax.config import ModelConfig
@@ -52,10 +53,24 @@ def model_params(params, k) -> dict:
   return merge(params["shared"], jax.tree.map(lambda x: x[k], params["cluster"]))
 
 
-def per_model(fn):
-  """vmap of `fn(one_model_params, *args)` over the K models of a split family, the args shared by all."""
+def map_models(fn, unroll: bool = False):
+  """`jax.vmap(fn)` over the leading K axis of every argument; with `unroll`, K calls of `fn` traced into
+  the same program and their results stacked. On a CPU the unrolled form is faster (measured in
+  docs/BENCHMARKS.md): XLA runs K independent small graphs side by side instead of batching every matmul."""
+  if not unroll:
+    return jax.vmap(fn)
+
+  def mapped(*args):
+    k = jax.tree.leaves(args)[0].shape[0]
+    outs = [fn(*jax.tree.map(lambda x: x[i], args)) for i in range(k)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  return mapped
+
+
+def per_model(fn, unroll: bool = False):
+  """`fn(one_model_params, *args)` mapped over the K models of a split family, the args shared by all."""
   def mapped(params, *args):
-    return jax.vmap(lambda cluster: fn(merge(params["shared"], cluster), *args))(params["cluster"])
+    return map_models(lambda cluster: fn(merge(params["shared"], cluster), *args), unroll)(params["cluster"])
   return mapped
 
 

@@ -10,24 +10,50 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hetlm_jax.config import Config
+from hetlm_jax.config import Config, ModelConfig
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
-from hetlm_jax.model import PageLM
-from hetlm_jax.train.split import merge, model_params, partition, per_model
+from hetlm_jax.model import PageLM, project
+from hetlm_jax.train.split import map_models, merge, model_params, partition, per_model
 from hetlm_jax.train.state import TrainState, cluster_spec, learning_rate, state_shardings
 
 
+# Logits of at most this many elements per model exist at once in the loss: [K, B, T, V] would not fit
+# with a large page vocabulary (Amazon: 23,715 items).
+LOGITS_CHUNK = 1 << 22
+
+
+def output_nll(cfg: ModelConfig, params, h_BxTxD, targets_BxT, pages_only=False, chunk=LOGITS_CHUNK):
+  """NLL (nats) of each target under the output layer applied to the final hidden states, over chunks of
+  positions so at most ~`chunk` logits exist at once (each chunk's logits are recomputed in the backward
+  pass). `pages_only`: the distribution is renormalised over everything but PAD, BOS and EOS."""
+  b, t, d = h_BxTxD.shape
+  n, v = b * t, cfg.vocab_size
+
+  def nll_of(h_CxD, y_C):
+    logits_CxV = project(cfg, params, h_CxD)
+    if pages_only:
+      ends_V = jnp.zeros(v, bool).at[jnp.array([PAD, BOS, EOS])].set(True)
+      logits_CxV = jnp.where(ends_V, -jnp.inf, logits_CxV)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_CxV, y_C)
+
+  h_NxD, y_N = h_BxTxD.reshape(n, d), targets_BxT.reshape(n)
+  c = max(1, min(n, chunk // max(v, 1)))
+  if c == n:
+    return nll_of(h_NxD, y_N).reshape(b, t)
+  pad = -n % c
+  h_MxCxD = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(-1, c, d)
+  y_MxC = jnp.pad(y_N, (0, pad)).reshape(-1, c)
+  nll_MxC = jax.lax.map(jax.checkpoint(lambda hy: nll_of(*hy)), (h_MxCxD, y_MxC))
+  return nll_MxC.reshape(-1)[:n].reshape(b, t)
+
+
 def token_nll(model: PageLM, params, inputs_BxT1, segments_BxT1=None, deterministic=True, rngs=None,
-              pages_only=False):
-  """Per-position NLL (nats) of inputs[:, 1:] given inputs[:, :-1]; with `pages_only`, the next token's
-  distribution is renormalised over everything but PAD, BOS and EOS (the sequence goes on)."""
+              pages_only=False, chunk=LOGITS_CHUNK):
+  """Per-position NLL (nats) of inputs[:, 1:] given inputs[:, :-1]; `pages_only`: see output_nll."""
   segments_BxT = None if segments_BxT1 is None else segments_BxT1[:, :-1]
-  logits_BxTxV = model.apply({"params": params}, inputs_BxT1[:, :-1], segments_BxT, deterministic=deterministic,
-                             rngs=rngs).astype(jnp.float32)
-  if pages_only:
-    ends_V = jnp.zeros(logits_BxTxV.shape[-1], bool).at[jnp.array([PAD, BOS, EOS])].set(True)
-    logits_BxTxV = jnp.where(ends_V, -jnp.inf, logits_BxTxV)
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, inputs_BxT1[:, 1:])
+  h_BxTxD = model.apply({"params": params}, inputs_BxT1[:, :-1], segments_BxT, deterministic=deterministic,
+                        rngs=rngs, hidden_only=True)
+  return output_nll(model.cfg, params, h_BxTxD, inputs_BxT1[:, 1:], pages_only, chunk)
 
 
 def packed_loss_mask(segments_BxT1: jax.Array) -> jax.Array:
@@ -37,7 +63,8 @@ def packed_loss_mask(segments_BxT1: jax.Array) -> jax.Array:
 
 def single_model_grads(model, params, inputs_BxT1, segments_BxT1, weights_BxT1, key):
   """Gradient of one model's loss on its packed batch: the weighted mean NLL of its predicted tokens
-  (weights 1 under hard assignment, responsibilities under soft); padding (segment 0) is out of the loss."""
+  (1 under hard assignment, responsibilities under soft, divided by a token's appearances in the epoch when
+  clusters are balanced); padding (segment 0) is out of the loss."""
   weight_BxT = jnp.where(packed_loss_mask(segments_BxT1), weights_BxT1[:, 1:], 0.0)
 
   def loss_fn(params):
@@ -47,7 +74,9 @@ def single_model_grads(model, params, inputs_BxT1, segments_BxT1, weights_BxT1, 
     return nll_sum / jnp.maximum(tokens, 1e-6), (nll_sum, tokens)
 
   (loss, (nll_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  return grads, {"loss": loss, "nll_sum": nll_sum, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
+  real = (weight_BxT > 0).sum()
+  return grads, {"loss": loss, "nll_sum": nll_sum, "tokens": tokens, "real_tokens": real,
+                 "grad_norm": optax.tree.norm(grads)}
 
 
 def apply_update(tx, lr, grads, opt_state, params, active):
@@ -58,21 +87,30 @@ def apply_update(tx, lr, grads, opt_state, params, active):
   return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
 
 
-def stacked_step(model, tx, spec: str, n_layers: int, lr, params, opt_state, inputs_KxBxT1, segments_KxBxT1,
-                 weights_KxBxT1, keys_K):
-  """The K models' step: each model's gradient by `single_model_grads` (vmapped); each cluster's own part
-  updates from its own gradient, the shared part from the token-weighted mean of the K gradients, i.e. the
-  gradient of the mean loss over every real token of the step."""
+def unrolled(cfg: Config, mesh: Mesh) -> bool:
+  """--stack resolved: auto unrolls the K models on a CPU unless K is sharded over devices."""
+  if cfg.train.stack != "auto":
+    return cfg.train.stack == "unroll"
+  return jax.default_backend() == "cpu" and mesh.shape["cluster"] == 1
+
+
+def stacked_step(model, tx, spec: str, n_layers: int, unroll: bool, lr, params, opt_state, inputs_KxBxT1,
+                 segments_KxBxT1, weights_KxBxT1, keys_K):
+  """The K models' step: each model's gradient by `single_model_grads` (mapped over K, see map_models);
+  each cluster's own part updates from its own gradient, the shared part from the token-weighted mean of
+  the K gradients, i.e. the gradient of the mean loss over every real token of the step."""
   def grads_of_one(cluster, *batch):
     grads, metrics = single_model_grads(model, merge(params["shared"], cluster), *batch)
     return partition(spec, n_layers, grads), metrics
 
-  grads, metrics = jax.vmap(grads_of_one)(params["cluster"], inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1, keys_K)
+  grads, metrics = map_models(grads_of_one, unroll)(params["cluster"], inputs_KxBxT1, segments_KxBxT1,
+                                                   weights_KxBxT1, keys_K)
   tokens_K = metrics["tokens"]
   share_K = tokens_K / jnp.maximum(tokens_K.sum(), 1e-6)
   shared_grads = jax.tree.map(lambda g_K: jnp.tensordot(share_K, g_K, axes=1), grads["shared"])
   update = functools.partial(apply_update, tx, lr)
-  cluster, cluster_opt = jax.vmap(update)(grads["cluster"], opt_state["cluster"], params["cluster"], tokens_K > 0)
+  cluster, cluster_opt = map_models(update, unroll)(grads["cluster"], opt_state["cluster"], params["cluster"],
+                                                    tokens_K > 0)
   shared, shared_opt = update(shared_grads, opt_state["shared"], params["shared"], tokens_K.sum() > 0)
   return {"shared": shared, "cluster": cluster}, {"shared": shared_opt, "cluster": cluster_opt}, metrics
 
@@ -86,7 +124,7 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
   model = PageLM(cfg.model)
   seed = cfg.train.seed
   k = jax.tree.leaves(abstract.params["cluster"])[0].shape[0]
-  step_fn = functools.partial(stacked_step, model, tx, cluster_spec(cfg, k), cfg.model.n_layers)
+  step_fn = functools.partial(stacked_step, model, tx, cluster_spec(cfg, k), cfg.model.n_layers, unrolled(cfg, mesh))
 
   def train_step(state: TrainState, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1):
     # Dropout keys depend only on (seed, step): a resumed run draws the same ones.
@@ -109,24 +147,26 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
     return jitted(state, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1)
 
   step.jitted = jitted  # the compiled function, e.g. to check that it compiles once
+  step.batch_sharding = batch
   return step
 
 
-def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, pages_only: bool = False):
-  """Every one of the K models scores the same packed rows: tokens and segments [R, T+1], mask [R, T]
-  → masked per-position NLL [K, R, T] (summed per user on the host). `pages_only`: see token_nll."""
+def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, slots: int, pages_only: bool = False):
+  """Every one of the K models scores the same packed rows: tokens and segments [R, T+1], mask [R, T] and the
+  batch-local user of each predicted token [R, T] (0 <= user < `slots`) → the masked NLL summed per local
+  user on the device, [K, slots]; only that comes back to the host. `pages_only`: see token_nll."""
   model = PageLM(cfg.model)
 
-  def score(params, inputs_RxT1, segments_RxT1, mask_RxT):
+  def score(params, inputs_RxT1, segments_RxT1, mask_RxT, user_RxT):
     def one_model(p):
       nll_RxT = token_nll(model, p, inputs_RxT1, segments_RxT1, pages_only=pages_only)
-      return jnp.where(mask_RxT, nll_RxT, 0.0)
-    return per_model(one_model)(params)
+      return jax.ops.segment_sum(jnp.where(mask_RxT, nll_RxT, 0.0).ravel(), user_RxT.ravel(), num_segments=slots)
+    return per_model(one_model, unrolled(cfg, mesh))(params)
 
   params_sharding = state_shardings(mesh, abstract).params
   rows = NamedSharding(mesh, P("data"))
-  return jax.jit(score, in_shardings=(params_sharding, rows, rows, rows),
-                 out_shardings=NamedSharding(mesh, P("cluster", "data")))
+  return jax.jit(score, in_shardings=(params_sharding, rows, rows, rows, rows),
+                 out_shardings=NamedSharding(mesh, P("cluster")))
 
 
 def make_hidden_fn(cfg: Config, mesh: Mesh, abstract: TrainState):

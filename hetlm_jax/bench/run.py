@@ -1,0 +1,187 @@
+"""hetlm bench: one run, identical shapes and batches for every contender, medians over timed steps.
+
+Contenders for the same K models: the stacked step (one jitted vmapped step), a Python loop of K jitted
+single-model steps, and PyTorch (K eager models in a loop, and a torch.func ensemble). Also: MFU, the
+scoring pass, data preparation, padding in a real round's batches and the time the step loop waits for the
+input pipeline. See docs/BENCHMARKS.md for the figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+
+from hetlm_jax.bench import flops, torch_reference
+from hetlm_jax.cluster.assign import kmeans_on_features, random_balanced
+from hetlm_jax.config import Config, validate
+from hetlm_jax.model import param_count
+from hetlm_jax.pipeline import prepare_data
+from hetlm_jax.train.batches import ClusterBatches
+from hetlm_jax.train.loop import Trainer
+from hetlm_jax.train.step import packed_loss_mask
+
+WARMUP = 2  # untimed steps first (the first compiles)
+
+
+def _real_tokens(batch) -> int:
+  """Predicted tokens of a [K, B, T+1] batch (what the loss counts; padding and segment starts are not)."""
+  return int(np.asarray(jax.vmap(packed_loss_mask)(batch[1])).sum())
+
+
+def _median_step_s(step_fn, state, batches: list) -> float:
+  """Median seconds of the steps after WARMUP, each timed to its end on the device."""
+  times = []
+  for i, batch in enumerate(batches):
+    start = time.perf_counter()
+    state, metrics = step_fn(state, *batch)
+    jax.block_until_ready(metrics)
+    if i >= WARMUP:
+      times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def _stacked_step_s(cfg: Config, k: int, batches: list) -> float:
+  trainer = Trainer(cfg, k)
+  state = trainer.start_round(trainer.init_state(), 10**6)
+  on_device = [jax.device_put(b, trainer.train_step.batch_sharding) for b in batches]
+  return _median_step_s(trainer.train_step, state, on_device)
+
+
+def _loop_step_s(cfg: Config, k: int, batches: list) -> float:
+  """The same K models as K separate states, stepped by a Python loop of one jitted single-model step."""
+  trainer = Trainer(cfg, 1)
+  states = [trainer.start_round(trainer.init_state(), 10**6) for _ in range(k)]
+  put = lambda b: [jax.device_put(tuple(a[c:c + 1] for a in b), trainer.train_step.batch_sharding) for c in range(k)]
+
+  def loop_step(states, per_cluster):
+    out = [trainer.train_step(states[c], *per_cluster[c]) for c in range(k)]
+    return [s for s, _ in out], [m for _, m in out]
+
+  return _median_step_s(lambda states, *b: loop_step(states, b), states, [tuple(put(b)) for b in batches])
+
+
+def _throughput(cfg: Config, seqs, k: int, steps: int, with_torch: bool) -> dict:
+  """Tokens/s of the stacked step, the loop and PyTorch on the same `steps` timed batches."""
+  rounds = ClusterBatches(seqs, random_balanced(seqs.num_users, k, 0), k, cfg.train.batch_size, cfg.model.context,
+                          10**4, cfg.train.seed, 0)
+  batches = [rounds.batch(s % rounds.steps) for s in range(WARMUP + steps)]
+  tokens = float(np.median([_real_tokens(b) for b in batches[WARMUP:]]))
+  row = {"k": k, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "batch": cfg.train.batch_size,
+         "seq_len": cfg.model.context, "params_per_model": param_count(cfg.model),
+         "real_tokens_per_step": tokens, "compute_dtype": cfg.model.compute_dtype}
+  logging.info("bench: stacked step, K=%d, d_model=%d", k, cfg.model.d_model)
+  row["vmapped_step_s"] = _stacked_step_s(cfg, k, batches)
+  logging.info("bench: loop of %d single-model steps", k)
+  row["loop_step_s"] = _loop_step_s(cfg, k, batches)
+  row["vmapped_tokens_per_s"] = tokens / row["vmapped_step_s"]
+  row["loop_tokens_per_s"] = tokens / row["loop_step_s"]
+  row["vmapped_over_loop"] = row["vmapped_tokens_per_s"] / row["loop_tokens_per_s"]
+  row.update({key: None for key in ("torch_loop_tokens_per_s", "torch_func_tokens_per_s", "torch_tokens_per_s",
+                                    "vmapped_over_torch")})
+  missing = torch_reference.available()
+  if with_torch and missing:
+    logging.warning("bench: no PyTorch figures: %s", missing)
+    row["torch_missing"] = missing
+  elif with_torch:
+    logging.info("bench: PyTorch, the same %d models (eager loop, torch.func ensemble)", k)
+    measured = torch_reference.measure(cfg, k, batches, WARMUP)
+    row.update({key: value for key, value in measured.items() if not key.endswith("_step_s")})
+    for way in ("loop", "func"):
+      row[f"torch_{way}_tokens_per_s"] = tokens / measured[f"torch_{way}_step_s"]
+    row["torch_tokens_per_s"] = max(row["torch_loop_tokens_per_s"], row["torch_func_tokens_per_s"])
+    row["vmapped_over_torch"] = row["vmapped_tokens_per_s"] / row["torch_tokens_per_s"]
+  row["model_flops_per_token"] = flops.model_flops_per_token(cfg.model)
+  return row
+
+
+def _scoring(cfg: Config, seqs, k: int) -> dict:
+  trainer = Trainer(cfg, k)
+  params = trainer.init_state().params
+  trainer.score(params, seqs.subset(np.arange(min(seqs.num_users, 64))), "history")  # compile
+  start = time.perf_counter()
+  _, tokens_U = trainer.score(params, seqs, "history")
+  seconds = time.perf_counter() - start
+  return {"score_users_per_s": seqs.num_users / seconds, "score_tokens_per_s": float(tokens_U.sum()) / seconds,
+          "score_user_model_pairs_per_s": k * seqs.num_users / seconds}
+
+
+def _real_round(cfg: Config, seqs, vocab_size: int, k: int, steps: int) -> dict:
+  """A round as training runs it, on a k-means assignment (clusters of unequal size): the padding share of
+  its batches, with and without --balance, and the share of step time spent waiting for the next batch."""
+  assignment = kmeans_on_features(seqs, vocab_size, k, cfg.train.seed)
+  make = lambda balance: ClusterBatches(seqs, assignment, k, cfg.train.batch_size, cfg.model.context,
+                                        cfg.train.epochs, cfg.train.seed, 0, balance=balance)
+  batches = make(cfg.train.balance)
+  trainer = Trainer(cfg, k)
+  state = trainer.start_round(trainer.init_state(), batches.steps)
+  state = trainer.train_round(state, batches, until=min(WARMUP, batches.steps))  # compile
+  trainer.host_wait_s = 0.0
+  start = time.perf_counter()
+  until = min(WARMUP + steps, batches.steps)
+  state = trainer.train_round(state, batches, until=until)
+  jax.block_until_ready(state.params)
+  wall = time.perf_counter() - start
+  tokens = sum(_real_tokens(batches.batch(s)) for s in range(WARMUP, until))
+  return {"cluster_sizes": np.bincount(assignment, minlength=k).tolist(),
+          "padding_fraction": batches.padding_fraction(), "padding_fraction_unbalanced": make(False).padding_fraction(),
+          "host_wait_fraction": trainer.host_wait_s / wall, "round_steps_timed": until - WARMUP,
+          "round_tokens_per_s": tokens / wall}
+
+
+def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: list[tuple[int, int]] = (),
+              with_torch: bool = True) -> dict:
+  """Measures on the configured data (default: the packaged sample); writes JSON to `out` if given.
+  `sweep`: (d_model, K) pairs, one row each in `sweep` (d_ff = 4 d_model, head width 64 from d_model 256)."""
+  validate(cfg)
+  prepared = prepare_data(cfg)
+  seqs, vocab = prepared.seqs, prepared.tokenizer.vocab_size
+  cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=vocab))
+  device = jax.devices()[0]
+  peak, peak_source = flops.peak_flops(device)
+  result = {
+    "date": time.strftime("%Y-%m-%d"), "device": f"{device.platform}: {device.device_kind}",
+    "devices": jax.device_count(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+    "jax_version": jax.__version__, "users": seqs.num_users, "model": dataclasses.asdict(cfg.model),
+    "peak_flops": peak, "peak_source": peak_source,
+    "prep_events_per_s": prepared.stats["events"] / max(prepared.seconds, 1e-9),
+  }
+  main = _throughput(cfg, seqs, k, steps, with_torch)
+  result.update(main)
+  result["mfu"] = main["model_flops_per_token"] * main["vmapped_tokens_per_s"] / peak
+  logging.info("bench: scoring pass, K=%d", k)
+  result.update(_scoring(cfg, seqs, k))
+  logging.info("bench: a real round's input pipeline, K=%d", k)
+  result.update(_real_round(cfg, seqs, vocab, k, steps))
+  result["sweep"] = []
+  for d_model, sweep_k in sweep:
+    model = dataclasses.replace(cfg.model, d_model=d_model, d_ff=4 * d_model, n_heads=max(4, d_model // 64))
+    row = _throughput(cfg.replace(model=model), seqs, sweep_k, steps, with_torch)
+    row["mfu"] = row["model_flops_per_token"] * row["vmapped_tokens_per_s"] / peak
+    result["sweep"].append(row)
+  _log(result)
+  if out:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+  return result
+
+
+def _log(result: dict) -> None:
+  fmt = lambda x: "n/a" if x is None else f"{x:,.0f}"
+  for row in [result, *result["sweep"]]:
+    logging.info("K=%d d_model=%d: stacked %s tokens/s, loop %s, PyTorch %s (loop %s, torch.func %s), MFU %.2f%%",
+                 row["k"], row["d_model"], fmt(row["vmapped_tokens_per_s"]), fmt(row["loop_tokens_per_s"]),
+                 fmt(row["torch_tokens_per_s"]), fmt(row["torch_loop_tokens_per_s"]),
+                 fmt(row["torch_func_tokens_per_s"]), 100 * row["mfu"])
+  logging.info("scoring %s users/s, %s tokens/s; padding %.1f%% (unbalanced %.1f%%); host wait %.1f%% of step time",
+               fmt(result["score_users_per_s"]), fmt(result["score_tokens_per_s"]), 100 * result["padding_fraction"],
+               100 * result["padding_fraction_unbalanced"], 100 * result["host_wait_fraction"])
