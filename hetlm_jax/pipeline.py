@@ -218,8 +218,10 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     # of the single LM it started from).
     single_rounds = hetlm.rounds + (len(init_passes) if warmed(cfg, k) else 0)
     for name, model_cfg in (("single", single_model), ("single_matched", matched_model)):
+      # The single LM's first rounds are those of the LM that warm-started HeTLM: it goes on from there.
+      source = "init_single" if name == "single" and warmed(cfg, k) else None
       models[name] = train_family(name, cfg.replace(model=model_cfg), 1, seqs, workdir, log, zeros, single_rounds,
-                                  validation)
+                                  validation, continue_from=source)
       params[name] = param_count(model_cfg)
 
   passes = {name: m.passes for name, m in models.items()}

@@ -148,3 +148,29 @@ def test_k_auto_trains_each_candidate_and_keeps_the_best_on_held_out_users(marko
   assert report["n_users"] < prepare_data(cfg).seqs.num_users  # the selection users are left out
   assert (tmp_path / "nll_vs_k.png").exists()
   assert pipeline.load_run(tmp_path).params["cluster"]["embed"]["embedding"].shape[0] == report["k"]
+
+
+def test_the_single_lm_goes_on_from_the_warm_start_lm_exactly_as_if_trained_from_scratch(markov_log, tmp_path):
+  import jax
+  from hetlm_jax.train.metrics import MetricsLog
+
+  path, _ = markov_log
+  cfg = markov_config(path)
+  cfg = cfg.replace(train=dataclasses.replace(cfg.train, epochs=2))
+  prepared = prepare_data(cfg)
+  cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size))
+  seqs, log = prepared.seqs, MetricsLog(tmp_path / "metrics.jsonl")
+  zeros = lambda: np.zeros(seqs.num_users, np.int32)
+  train = lambda name, rounds, source=None: cluster_rounds.train_family(name, cfg, 1, seqs, tmp_path, log, zeros,
+                                                                        rounds, None, continue_from=source)
+  init = train("init_single", 2)
+  continued, scratch = train("single", 3, "init_single"), train("scratch", 3)
+  assert [r["from"] for r in log.records("continued")] == ["init_single"]
+  assert continued.rounds == scratch.rounds == 3 and continued.passes == scratch.passes == 6
+  assert continued.train_s > init.train_s > 0  # the inherited rounds count in its training time
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.device_get(continued.params), jax.device_get(scratch.params))
+  other = cfg.replace(train=dataclasses.replace(cfg.train, learning_rate=0.5))  # a different config: from scratch
+  cluster_rounds.train_family("single_other", other, 1, seqs, tmp_path, log, zeros, 3, None,
+                              continue_from="init_single")
+  assert len(log.records("continued")) == 1

@@ -72,7 +72,7 @@ def _snapshot(state) -> dict:
 
 def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Path, log: MetricsLog,
                  initial_assignment, rounds: int, validation: Validation | None, on_round=None,
-                 warm_params=lambda: None) -> Trained:
+                 warm_params=lambda: None, continue_from: str | None = None) -> Trained:
   """Trains (or resumes) one model family in WORKDIR/checkpoints/NAME for at most `rounds` rounds.
 
   Each round is one cycle of the learning-rate schedule over at most `--epochs` passes, at least half of
@@ -81,14 +81,27 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
   it). With K > 1 the round then ends with the E-step. Training stops after `rounds` rounds, after a round
   that did not improve on its start, or (K > 1) once fewer than `tolerance` of users move. `initial_assignment()` and
   `warm_params()` are called only when there is no checkpoint to resume.
+
+  `continue_from`: a finished family trained by the same rules with the same config, K and data (the single
+  LM that warm-starts HeTLM): with no checkpoint of its own, this family starts from that one's last one,
+  which is exactly where its own first rounds would have ended, and trains on from there.
   """
   c, t = cfg.cluster, cfg.train
   patience = t.patience if validation is not None else 0
   trainer = Trainer(cfg, k)
   ckpts = Checkpoints(workdir / "checkpoints" / name, t.keep_checkpoints)
+  source = _continuable(workdir, continue_from, cfg, k, rounds) if ckpts.latest_step() is None else None
   if ckpts.latest_step() is not None:
     state, best, assignment, meta, weights = ckpts.restore(trainer.abstract, seqs.num_users)
     logging.info("%s: resuming at step %d, round %d", name, int(state.step), int(meta["round"]) + 1)
+  elif source is not None:
+    state, best, assignment, meta, weights = source.restore(trainer.abstract, seqs.num_users)
+    source.close()
+    meta["done"] = bool(meta.get("converged")) or meta["round"] >= rounds
+    log.write({"kind": "continued", "model": name, "from": continue_from, "rounds": meta["round"],
+               "passes": meta["passes"]})
+    logging.info("%s: its first %d rounds are %s's (same config and data); continuing from step %d", name,
+                 meta["round"], continue_from, int(state.step))
   else:
     warm = warm_params()
     state = trainer.init_state() if warm is None else trainer.warm_state(warm)
@@ -96,9 +109,11 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
     meta = {"round": 0, "done": False, "in_round": False, "passes": 0}
 
   def save(state):
+    meta["train_s"] = trained_before + time.perf_counter() - start
     ckpts.save(state, best, assignment, {**meta, "step": int(state.step), "num_users": seqs.num_users, "k": k,
                                          "cluster_params": cluster_spec(cfg, k),
-                                         "model": dataclasses.asdict(cfg.model)}, weights)
+                                         "model": dataclasses.asdict(cfg.model),
+                                         "train": dataclasses.asdict(cfg.train)}, weights)
 
   def periodic_save(state, step):
     if step % t.checkpoint_every == 0:
@@ -107,11 +122,11 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
   def validate(state) -> float:
     return validation.nll(trainer, state.params, assignment, weights)
 
+  start, trained_before = time.perf_counter(), meta.get("train_s", 0.0)  # seconds, over every session of the run
   min_size = min_cluster_size(seqs.num_users, k, c.min_cluster_frac)
   # The schedule decays over the cap: passes near its peak learning rate are noisy, and the gains come as it
   # decays, so patience only counts once half the cap has been trained.
   min_passes = -(-t.epochs // 2)
-  start = time.perf_counter()
   try:
     while not meta["done"]:
       round_index = meta["round"]
@@ -153,21 +168,37 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
         # K > 1 the models are those the last E-step (or the warm start) left, so another E-step could only
         # shuffle ties. The rounds have converged.
         logging.info("%s round %d: no pass improved the validation NLL; the rounds end", name, round_index + 1)
-        meta["done"] = True
+        meta.update(done=True, converged=True)
       elif k > 1:  # E-step
         assignment, weights, moved = _reassign(name, trainer, state, seqs, assignment, weights, c.soft, min_size, log,
                                                meta["round"])
         if moved.reseeded:
           state = trainer.copy_models(state, moved.source)
           best = _snapshot(state)
-        meta["done"] = meta["done"] or moved.moved < c.tolerance
+        meta["converged"] = bool(moved.moved < c.tolerance)
+        meta["done"] = meta["done"] or meta["converged"]
       if on_round is not None:
         on_round(assignment)
       save(state)
   finally:  # also on an error or interrupt: pending checkpoint writes finish before the process goes on
     ckpts.close()
-  train_s = time.perf_counter() - start
+  train_s = meta.get("train_s", trained_before)  # as of the last checkpoint: a finished run's resume adds nothing
   return Trained(name, cfg, trainer, state.params, assignment, meta["round"], train_s, weights, meta["passes"])
+
+
+def _continuable(workdir: Path, source: str | None, cfg: Config, k: int, rounds: int) -> Checkpoints | None:
+  """The checkpoints of family `source`, if it finished by the same rules, config and K within `rounds`."""
+  if source is None or not (workdir / "checkpoints" / source).exists():
+    return None
+  ckpts = Checkpoints(workdir / "checkpoints" / source, cfg.train.keep_checkpoints)
+  meta = ckpts.meta() if ckpts.latest_step() is not None else {}
+  same = (meta.get("done") and not meta.get("in_round") and meta.get("k") == k and meta["round"] <= rounds
+          and meta.get("model") == dataclasses.asdict(cfg.model) and meta.get("train") == dataclasses.asdict(cfg.train)
+          and meta.get("cluster_params") == cluster_spec(cfg, k))
+  if not same:
+    ckpts.close()
+    return None
+  return ckpts
 
 
 def _reassign(name: str, trainer: Trainer, state, seqs: UserSequences, assignment: np.ndarray, weights, soft: bool,
