@@ -161,18 +161,23 @@ def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: 
   logging.info("bench: a real round's input pipeline, K=%d", k)
   result.update(_real_round(cfg, seqs, vocab, k, steps))
   result["sweep"] = []
+  _write(out, result)  # and again after each sweep row: a sweep cut short keeps what it measured
   for d_model, sweep_k in sweep:
     model = dataclasses.replace(cfg.model, d_model=d_model, d_ff=4 * d_model, n_heads=max(4, d_model // 64))
     row = _throughput(cfg.replace(model=model), seqs, sweep_k, steps, with_torch)
     row["mfu"] = row["model_flops_per_token"] * row["vmapped_tokens_per_s"] / peak
     result["sweep"].append(row)
+    _write(out, result)
   _log(result)
+  return result
+
+
+def _write(out: str | None, result: dict) -> None:
   if out:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(out).with_name(Path(out).name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out)
-  return result
 
 
 def _log(result: dict) -> None:
