@@ -51,6 +51,7 @@ class TrainConfig:
   log_every: int = 50  # steps between metrics records (progress is also shown at least every 10 s)
   prefetch: int = 2  # batches built and put on the devices ahead of the step, in a background thread (0: none)
   balance: bool = True  # smaller clusters cycle their own users instead of padding (see train/batches.py)
+  tensorboard: bool = False  # also write TensorBoard event files, WORKDIR/tensorboard/MODEL (needs tensorboardX)
   stack: str = "auto"  # how the K models share a step: vmap | unroll | auto (unroll on CPU, vmap elsewhere)
   checkpoint_every: int = 500  # steps; a checkpoint is also saved at the end of every round
   keep_checkpoints: int = 3

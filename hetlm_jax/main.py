@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import sys
 
 from absl import app, flags, logging
@@ -42,6 +44,8 @@ _HELP = {
   "log_every": "Steps between training records in metrics.jsonl (the progress line shows at least every 10 s).",
   "prefetch": "Batches built on the host and put on the devices ahead of the step, in a background thread "
               "(0: built in the step loop).",
+  "tensorboard": "Also write TensorBoard event files beside metrics.jsonl, one run per model in WORKDIR/tensorboard "
+                 "(needs tensorboardX: pip install 'hetlm_jax[tensorboard]').",
   "stack": "How the K models share one jitted step: vmap (batched matmuls), unroll (K graphs in one program, "
            "faster on CPU) or auto (unroll on CPU without a cluster-sharded mesh, vmap elsewhere).",
   "balance": "Smaller clusters cycle their own users, each token weighted by 1/appearances, instead of "
@@ -56,7 +60,34 @@ _HELP = {
                 "test (0: each user's last session is held out).",
   "train_users": "With --test_users: the number of users to train on (0: all the others).",
   "split_seed": "The split by user permutes users with numpy.random.default_rng(split_seed).",
+  "d_model": "Width of each cluster model's residual stream.",
+  "n_layers": "Transformer blocks per model.",
+  "n_heads": "Attention heads per block (d_model must divide into them, with an even head width).",
+  "d_ff": "Width of each block's feed-forward layer.",
+  "dropout": "Dropout rate on embeddings, attention and feed-forward outputs while training.",
+  "positions": "Position encoding: rope (rotary, restarting in every packed segment) or learned.",
+  "tie_embeddings": "Share the page embedding with the output layer.",
+  "learning_rate": "Peak AdamW learning rate of each round's warmup-then-cosine schedule.",
+  "warmup_frac": "Share of each round's cap of steps spent warming the learning rate up.",
+  "weight_decay": "AdamW weight decay (not on norms, biases or learned positions).",
+  "grad_clip": "Clip each model's gradient to this global norm.",
+  "seed": "Seed of initialisation, shuffling, dropout and k-means: the same seed gives the same run.",
+  "checkpoint_every": "Steps between periodic checkpoints (one is also saved at the end of every round).",
+  "keep_checkpoints": "Checkpoints kept per model; older ones are deleted.",
+  "eval_batch_size": "Rows per batch when scoring users (evaluation, validation, reassignment).",
+  "min_count": "Pages seen fewer times than this in training histories share one unknown-page token.",
+  "max_vocab": "Keep only the most frequent pages, up to this many (0: no cap).",
 }
+_GROUPS = {"data": "data", "model": "model", "train": "training", "cluster": "clustering"}
+_COMMANDS_HELP = {
+  "train": "train HeTLM and the single-LM baselines on a log, evaluate them, write WORKDIR/report.md",
+  "evaluate": "evaluate a trained workdir again, on its own data or on --data",
+  "generate": "print a user's history, the next session their cluster's model generates, and the actual one",
+  "bench": "measure throughput: stacked step, per-model loop, PyTorch, MFU, scoring (--out=FILE.json)",
+}
+_RUN_FLAGS = {"train": ("workdir",), "evaluate": ("workdir", "data"),
+              "generate": ("workdir", "data", "user", "max_new", "temperature", "top_k", "top_p"),
+              "bench": ("out", "bench_steps", "bench_k", "bench_torch", "sweep")}
 _FLAG_NAMES = {"path": "data"}  # config field → flag name, where they differ
 _DERIVED = ("vocab_size", "output_bias", "lora_rank")  # set from the data and --cluster_params, not flags
 
@@ -147,13 +178,26 @@ def _main(argv: list[str]) -> int:
   data = FLAGS.data if FLAGS["data"].present else None
   if argv[1] == "evaluate":
     from hetlm_jax.pipeline import evaluate_workdir
-    evaluate_workdir(FLAGS.workdir, data)
+    _summary(evaluate_workdir(FLAGS.workdir, data), FLAGS.workdir)
     return 0
   if argv[1] == "generate":
     return _generate(data)
   from hetlm_jax.pipeline import train_and_evaluate
-  train_and_evaluate(cfg, FLAGS.workdir)
+  _summary(train_and_evaluate(cfg, FLAGS.workdir), FLAGS.workdir)
   return 0
+
+
+def _summary(report: dict, workdir: str) -> None:
+  """The last three lines of train and evaluate: the models' held-out NLL, which is lowest, where to read on."""
+  from pathlib import Path
+  nll = {name: metrics["nll"]["mean"] for name, metrics in report.get("models", {}).items() if "nll" in metrics}
+  lms = [name for name in ("hetlm", "single", "single_matched") if name in nll]
+  print("held-out NLL (nats/token, mean over users): " + ", ".join(f"{name} {nll[name]:.4f}" for name in lms))
+  if lms:
+    best = min(lms, key=nll.get)
+    note = " (HeTLM kept its warm-start LM: no HeTLM pass beat it)" if report.get("hetlm_is_init_lm") else ""
+    print(f"lowest among the LMs: {best}{note}; per-user intervals and the other metrics are in the report")
+  print(f"report: {Path(workdir) / 'report.md'} (eval.json, assignments.parquet and checkpoints/ beside it)")
 
 
 def _generate(data: str | None) -> int:
@@ -189,10 +233,55 @@ def main(argv: list[str]) -> int:
     return _main(argv)
   except HetlmError as e:
     return _fail(e)
+  except OSError as e:  # the disk filled up or a file became unwritable during the run
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+      raise
+    return _fail(f"{e.filename or '--workdir'}: {e.strerror}")
+
+
+_HELP_FLAGS = ("--help", "-h", "-?", "--helpfull", "--helpshort")
+
+
+def help_text(command: str | None) -> str:
+  """`hetlm --help` (the commands) or `hetlm COMMAND --help` (its flags, grouped, with defaults)."""
+  if command not in COMMANDS:
+    lines = ["usage: hetlm COMMAND [--flag=value ...] [--flagfile=configs/NAME.flags]", "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, text in _COMMANDS_HELP.items()]
+    lines += ["", "`hetlm COMMAND --help` lists that command's flags, with their defaults."]
+    return "\n".join(lines)
+
+  def flag(name: str) -> str:
+    default = FLAGS[name].default
+    shown = str(default).lower() if isinstance(default, bool) else default
+    return f"  --{name}={shown}\n      {FLAGS[name].help}"
+
+  lines = [f"usage: hetlm {command} [--flag=value ...]", "", _COMMANDS_HELP[command] + "."]
+  if command in ("train", "bench"):  # evaluate and generate take the settings saved in the workdir
+    for section in ("data", "model", "train", "cluster"):
+      fields = dataclasses.fields(_SECTIONS[section])
+      names = [_FLAG_NAMES.get(f.name, f.name) for f in fields if f.name not in _DERIVED]
+      lines += ["", f"{_GROUPS[section]}:"] + [flag(name) for name in names]
+  lines += ["", "run:"] + [flag(name) for name in _RUN_FLAGS[command]]
+  return "\n".join(lines)
+
+
+def _asks_for_help(argv: list[str]) -> bool:
+  return any(arg in _HELP_FLAGS for arg in argv[1:])
+
+
+def _print_help(argv: list[str]) -> int:
+  command = next((arg for arg in argv[1:] if arg in COMMANDS), None)
+  try:
+    print(help_text(command), flush=True)
+  except BrokenPipeError:  # e.g. piped into head
+    sys.stdout = open(os.devnull, "w")
+  return 0
 
 
 def cli(argv: list[str]) -> int:
   """Parses flags afresh and runs: the whole program without a process (used by the tests)."""
+  if _asks_for_help(argv):
+    return _print_help(argv)
   FLAGS.unparse_flags()
   try:
     rest = FLAGS(argv)
@@ -210,6 +299,8 @@ class _QuietLibraries:
 
 def run() -> None:
   """Console-script entry point."""
+  if _asks_for_help(sys.argv):
+    sys.exit(_print_help(sys.argv))
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -28,12 +29,12 @@ from hetlm_jax.data.sequences import (UserSequences, build_sequences, held_out_u
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import LMFamily, evaluate, route_by_history
-from hetlm_jax.eval.generate import Sampling, generate
+from hetlm_jax.eval.generate import Sampling, generate, session_length_from_data
 from hetlm_jax.eval.new_users import evaluate_new_users
 from hetlm_jax.model import matched_config, param_count
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
-from hetlm_jax.train.metrics import MetricsLog
+from hetlm_jax.train.metrics import MetricsLog, tensorboard_available
 from hetlm_jax.train.split import num_models, part_sizes
 from hetlm_jax.train.state import make_mesh
 
@@ -152,10 +153,32 @@ def _kept_its_init_lm(log: MetricsLog, name: str, warm: bool) -> bool:
   return warm and len(stops) == 1 and stops[0]["best_pass"] == 0
 
 
+MIN_FREE_BYTES = 100 * 2**20  # a run's checkpoints and outputs need at least this much room to start
+
+
+def check_workdir(workdir: Path) -> None:
+  """Refuses a --workdir that is a file, lies under a file, cannot be written or sits on a full disk."""
+  existing = workdir
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  if not existing.is_dir():
+    where = "is a file" if existing == workdir else f"lies under {existing}, which is a file"
+    raise HetlmError(f"--workdir={workdir} {where}, not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise HetlmError(f"--workdir={workdir}: {existing} is not writable")
+  free = shutil.disk_usage(existing).free
+  if free < MIN_FREE_BYTES:
+    raise HetlmError(f"--workdir={workdir}: the disk is full ({free / 2**20:.0f} MiB free; a run needs "
+                     f"{MIN_FREE_BYTES // 2**20} MiB to start)")
+
+
 def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   """Trains (or resumes) the run in `workdir`, writes eval.json and returns it; validates everything first."""
   validate(cfg)
   workdir = Path(workdir)
+  check_workdir(workdir)
+  if cfg.train.tensorboard and tensorboard_available():
+    raise HetlmError(tensorboard_available())
   if (workdir / "config.json").exists():
     _check_resumable(Config.load(workdir / "config.json"), cfg, workdir)
   tokenizer = PageTokenizer.load(workdir / "tokenizer.json") if (workdir / "tokenizer.json").exists() else None
@@ -181,7 +204,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizer.save(workdir / "tokenizer.json")
   cfg.save(workdir / "config.json")
-  log = MetricsLog(workdir / "metrics.jsonl")
+  log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard" if cfg.train.tensorboard else None)
   n_shared, n_own = part_sizes(cfg.model, c.cluster_params)
   n_params = n_shared + n_own
   events = prepared.stats.get("events", 0)
@@ -248,6 +271,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   for name, bits in report.get("bits_per_token", {}).items():
     logging.info("%-22s %.4f bits/page token (no end marker), %.4f with it", name, bits["no_end"], bits["with_end"])
   log.write({"kind": "eval", "models": {name: m["nll"] for name, m in report["models"].items()}})
+  log.close()
   return report
 
 
@@ -332,6 +356,19 @@ def _workdir_data(workdir: Path, data: str | None) -> tuple[Config, Prepared]:
   return cfg, prepare_data(cfg, PageTokenizer.load(workdir / "tokenizer.json"))
 
 
+# What eval.json says about the training (not the evaluation); `hetlm evaluate` carries it over.
+PROVENANCE = ("k", "rounds", "params", "hetlm_params", "train_s", "passes", "early_stopping", "hetlm_is_init_lm",
+              "k_sweep")
+
+
+def _training_provenance(workdir: Path) -> dict:
+  try:
+    previous = json.loads((workdir / "eval.json").read_text())
+  except (OSError, ValueError):
+    return {}
+  return {key: previous[key] for key in PROVENANCE if key in previous}
+
+
 def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
   """`hetlm evaluate`: re-evaluates every trained model in `workdir` on its data (the validation users left
   out, as `train` does), or on every user of `data`."""
@@ -342,7 +379,7 @@ def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
   log = MetricsLog(workdir / "metrics.jsonl")
   hetlm_name = load_run_name(workdir, "hetlm")
   rounds = [r for r in log.records("round") if r["model"] == hetlm_name]
-  extra = {"data": data_path(cfg)}
+  extra = {**_training_provenance(workdir), "data": data_path(cfg)}
   if prepared.test_seqs is not None:
     return evaluate_new_users(families, seqs, prepared.test_seqs, prepared.tokenizer, workdir,
                               extra=extra, rounds=rounds)
@@ -360,6 +397,9 @@ def generate_for_user(workdir: str | Path, user: str, data: str | None = None,
     raise HetlmError(f"{data_path(cfg)}: no user {user!r} with enough events to hold out a next session")
   one = seqs.subset(matches[:1])
   family = _families_for(workdir, one)["hetlm"]
+  length = session_length_from_data(seqs, tokenizer.num_specials)  # when the model never saw a session end
+  if length is not None:
+    sampling = dataclasses.replace(sampling, max_new=min(sampling.max_new, length))
   generated = generate(family.trainer.cfg.model, family.params, one, family.assignment, np.array([0]), sampling,
                        seed=cfg.train.seed)[0]
   return {"user": str(user), "cluster": int(family.assignment[0]), "history": tokenizer.decode(one.history(0)),

@@ -16,8 +16,9 @@ TINY = ["--context=8", "--d_model=8", "--n_layers=1", "--n_heads=2", "--d_ff=16"
 
 def run(capsys, *args):
   code = cli(["hetlm", *args])
-  err = capsys.readouterr().err.strip().splitlines()
-  return code, err
+  captured = capsys.readouterr()
+  run.out = captured.out.strip().splitlines()
+  return code, captured.err.strip().splitlines()
 
 
 def assert_refused(capsys, workdir, args, *needles):
@@ -109,11 +110,60 @@ def test_unknown_command(capsys):
   assert code == 2 and len(err) == 1 and "fly" in err[0]
 
 
-def test_train_command_writes_a_complete_workdir(tmp_path, good_log, capsys):
-  code, err = run(capsys, "train", f"--workdir={tmp_path / 'run'}", f"--data={good_log}", *TINY)
+def test_train_command_writes_a_complete_workdir_that_keeps_its_provenance(tmp_path, good_log, capsys):
+  workdir = tmp_path / "run"
+  code, err = run(capsys, "train", f"--workdir={workdir}", f"--data={good_log}", *TINY)
   assert code == 0, err
   assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl", "assignments.parquet",
-          "eval.json"} <= set(os.listdir(tmp_path / "run"))
+          "eval.json"} <= set(os.listdir(workdir))
+  steps = os.listdir(workdir / "checkpoints" / "hetlm")  # checkpoints/MODEL/STEP, nothing nested between
+  assert steps and all(name.isdigit() for name in steps)
+  assert run.out[-1].startswith(f"report: {workdir / 'report.md'}") and "held-out NLL" in run.out[-3]
+  first = json.loads((workdir / "eval.json").read_text())
+  assert first["train_s"]["hetlm"] > 0.01
+  provenance = {key: first[key] for key in ("k", "rounds", "params", "train_s", "passes")}
+  code, err = run(capsys, "train", f"--workdir={workdir}", f"--data={good_log}", *TINY)  # resumes a finished run
+  assert code == 0, err
+  assert {key: json.loads((workdir / "eval.json").read_text())[key] for key in provenance} == provenance
+  code, err = run(capsys, "evaluate", f"--workdir={workdir}")
+  assert code == 0, err
+  assert {key: json.loads((workdir / "eval.json").read_text()).get(key) for key in provenance} == provenance
+
+
+def test_the_readmes_plain_orbax_snippet_restores_a_checkpoint(tmp_path, good_log, capsys):
+  workdir = tmp_path / "run"
+  assert run(capsys, "train", f"--workdir={workdir}", f"--data={good_log}", *TINY, "--nobaselines")[0] == 0
+  readme = open("README.md").read()
+  snippet = readme.split("<!-- plain-orbax-snippet")[1].split("```python")[1].split("```")[0]
+  namespace = {}
+  exec("\n".join(line[2:] for line in snippet.splitlines()).replace("runs/default", str(workdir)), namespace)
+  cluster = namespace["params"]["cluster"]
+  assert cluster["embed"]["embedding"].shape[0] == 2  # K=2 stacked models
+
+
+@pytest.mark.parametrize("make,needle", [
+  (lambda p: p.write_text("not a directory"), "is a file"),
+  (lambda p: (p.parent / "file").write_text("x"), "which is a file"),
+])
+def test_a_workdir_that_cannot_be_a_directory_is_refused(tmp_path, good_log, capsys, make, needle):
+  workdir = tmp_path / "run"
+  make(workdir)
+  target = workdir if workdir.exists() else tmp_path / "file" / "run"
+  code, err = run(capsys, "train", f"--workdir={target}", f"--data={good_log}", *TINY)
+  assert code == 2 and len(err) == 1 and err[0].startswith("hetlm: error: --workdir=") and needle in err[0], err
+
+
+def test_an_unwritable_or_full_workdir_is_refused(tmp_path, good_log, capsys, monkeypatch):
+  import shutil
+  from hetlm_jax import pipeline
+  monkeypatch.setattr(pipeline.os, "access", lambda path, mode: False)  # tests may run as root, who writes anywhere
+  code, err = run(capsys, "train", f"--workdir={tmp_path / 'run'}", f"--data={good_log}", *TINY)
+  assert code == 2 and "is not writable" in err[0] and not (tmp_path / "run").exists()
+  monkeypatch.undo()
+  full = shutil.disk_usage(tmp_path)._replace(free=10 * 2**20)
+  monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: full)
+  code, err = run(capsys, "train", f"--workdir={tmp_path / 'run'}", f"--data={good_log}", *TINY)
+  assert code == 2 and "the disk is full" in err[0] and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("spec", ["head", "adapters:2"])
@@ -188,3 +238,35 @@ def test_the_default_preset_holds_the_built_in_defaults():
       assert value == "" and expected, line  # a bare --flag sets a boolean
     else:
       assert type(expected)(value) == expected, line
+
+
+def test_help_lists_the_commands_and_each_commands_flags_grouped_with_sentences_and_defaults(capsys):
+  code, _ = run(capsys, "--help")
+  assert code == 0 and all(any(line.strip().startswith(name) for line in run.out)
+                           for name in ("train", "evaluate", "generate", "bench"))
+  code, _ = run(capsys, "train", "--help")
+  assert code == 0
+  text = "\n".join(run.out)
+  for group in ("data:", "model:", "training:", "clustering:", "run:"):
+    assert f"\n{group}\n" in text
+  flag_lines = [i for i, line in enumerate(run.out) if line.startswith("  --")]
+  assert len(flag_lines) > 40
+  for i in flag_lines:
+    sentence = run.out[i + 1].strip()
+    assert "=" in run.out[i] and sentence[0].isupper() and sentence.endswith((".", ")")), run.out[i:i + 2]
+  assert "  --k=4" in run.out and "  --dtype=auto" in run.out and "  --tie_embeddings=true" in run.out
+  code, _ = run(capsys, "generate", "-h")
+  assert code == 0 and "  --user=" in run.out and "model:" not in run.out
+
+
+def test_tensorboard_writes_one_run_per_model_with_the_training_and_validation_scalars(tmp_path, good_log, capsys):
+  from tensorboard_events import scalars
+  workdir = tmp_path / "run"
+  code, err = run(capsys, "train", f"--workdir={workdir}", f"--data={good_log}", *TINY, "--tensorboard",
+                  "--log_every=1")
+  assert code == 0, err
+  assert {"hetlm", "single", "single_matched"} <= set(os.listdir(workdir / "tensorboard"))
+  tags = scalars(workdir / "tensorboard" / "hetlm")
+  assert {"train/loss", "train/tokens_per_s", "train/learning_rate"} <= set(tags)
+  steps = [step for step, _ in tags["train/loss"]]
+  assert steps == sorted(steps) and len(steps) >= 2

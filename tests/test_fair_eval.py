@@ -196,11 +196,11 @@ def test_report_names_the_winner_of_each_comparison_as_the_bootstrap_sees_it(tmp
   write_report(tmp_path, report, nll, [])
   text = (tmp_path / "report.md").read_text()
   verdicts = _verdict_lines(text)
-  assert verdicts[0] == ("- Per-user `nll`, HeTLM against `single`: HeTLM has the lower mean; `single` has the "
-                         "lower variance over users.")
+  assert verdicts[0] == ("- `nll` (lower is better), HeTLM against `single`: HeTLM is better in the mean; `single` "
+                         "varies less over users.")
   # An interval that excludes 0 by float rounding alone (identical models) is a tie.
-  assert verdicts[1] == ("- Per-user `nll`, HeTLM against `single_matched`: the means tie (no difference the interval "
-                         "can tell); HeTLM has the lower variance over users.")
+  assert verdicts[1] == ("- `nll` (lower is better), HeTLM against `single_matched`: no detectable difference in the "
+                         "mean; HeTLM varies less over users.")
   assert verdicts[2].startswith("- The best LM (`hetlm`) beats the first-order Markov chain in `nll`")
   assert verdicts[3].startswith("- The first-order Markov chain beats every LM in `hr@10` (2.0000 against")
   assert "validation NLL stopped improving" in verdicts[3]
@@ -208,6 +208,14 @@ def test_report_names_the_winner_of_each_comparison_as_the_bootstrap_sees_it(tmp
   assert "| hetlm | 3 | 12 |" in text and "| single | 9 | – |" in text and "5 validation users" in text
   assert "| hetlm-single | nll |" not in text and "| hetlm-single | hr@10 |" in text
   assert "warm-started from" not in text
+  # A planted loss, and a catalogue too small for ranking metrics to discriminate, said in words.
+  report["bootstrap"]["hetlm-single"]["nll"].update(mean_ci=[0.1, 0.5], var_ci=[-0.01, 0.02])
+  report["n_pages"] = 17
+  write_report(tmp_path, report, nll, [])
+  verdicts = _verdict_lines((tmp_path / "report.md").read_text())
+  assert verdicts[0] == ("- `nll` (lower is better), HeTLM against `single`: `single` is better in the mean; the "
+                         "variances over users tie.")
+  assert any("with 17 pages" in line and "can hardly tell models apart" in line for line in verdicts)
   report["hetlm_is_init_lm"] = True  # a HeTLM that kept its init LM says so first
   write_report(tmp_path, report, nll, [])
   assert _verdict_lines((tmp_path / "report.md").read_text())[0].startswith(

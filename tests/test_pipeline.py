@@ -47,7 +47,8 @@ def test_train_writes_checkpoints_tokenizer_config_and_metrics(log_path, tmp_pat
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["kind"] for r in records][0] == "start" and records[-1]["kind"] == "eval"
   train = [r for r in records if r["kind"] == "train"]
-  assert train and all({"loss", "perplexity", "tokens_per_s", "step_time_s"} <= set(r) for r in train)
+  assert train and all({"loss", "perplexity", "tokens_per_s", "step_time_s", "model", "round", "pass"} <= set(r)
+                       for r in train)
 
 
 def test_checkpoint_restores_identical_parameters(log_path, tmp_path):

@@ -100,3 +100,20 @@ def test_cpu_attention_equals_jax_dot_product_attention_within_segments():
   for m in (mask, None):
     np.testing.assert_allclose(causal_attention(q, k, v, m, fused=False), causal_attention(q, k, v, m, fused=True),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_metrics_window_averages_each_clusters_loss_over_the_steps_where_it_had_real_tokens(tmp_path):
+  import types
+  from hetlm_jax.train.loop import Trainer
+  from hetlm_jax.train.metrics import MetricsLog, Progress
+  step = lambda tokens, nll, grad: {"tokens": np.array(tokens, np.float32), "nll_sum": np.array(nll, np.float32),
+                                    "real_tokens": np.array(tokens, np.int32), "grad_norm": np.array(grad, np.float32),
+                                    "learning_rate": np.array([1e-3] * 3), "step": np.array([7] * 3)}
+  # Cluster 1 has real tokens in the first step only; cluster 2 in none.
+  window = [step([10, 4, 0], [20, 8, 0], [1.0, 3.0, 0.0]), step([10, 0, 0], [10, 0, 0], [2.0, 0.0, 0.0])]
+  log = MetricsLog(tmp_path / "m.jsonl")
+  Trainer._report(types.SimpleNamespace(_stepped=True), window, log, Progress(10, "t"), 0.0, 2, {"model": "x"})
+  [record] = log.records("train")
+  assert record["loss_per_model"] == [1.5, 2.0, None] and record["grad_norm"] == [1.5, 3.0, None]
+  assert record["model"] == "x" and record["step"] == 7 and record["steps"] == 2
+  assert record["loss"] == pytest.approx((20 + 8 + 10) / 24)

@@ -21,7 +21,7 @@ from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
-from hetlm_jax.eval.generate import Sampling, generate
+from hetlm_jax.eval.generate import Sampling, generate, session_length_from_data
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import Progress
 
@@ -90,6 +90,13 @@ def _page_tokens(tokens: np.ndarray, tokenizer: PageTokenizer) -> np.ndarray:
   return tokens[tokens >= tokenizer.num_specials]
 
 
+def generation_sampling(seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions) -> Sampling:
+  """How the evaluation generates next sessions: the default decoding, and a length from the data when the
+  training histories never end a session (see session_length_from_data)."""
+  length = session_length_from_data(seqs, tokenizer.num_specials)
+  return Sampling(max_new=opts.max_new if length is None else min(opts.max_new, length))
+
+
 def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions,
                 gen_users: np.ndarray) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
   """Per-user metric arrays of one LM family, and its target NLL sums under every model [K, U] with the
@@ -101,7 +108,7 @@ def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer,
                                                                  family.assignment[users]),
                       seqs, tokenizer, opts, family.trainer.eval_batch, family.name, groups_U=family.assignment))
   cfg = family.trainer.cfg.model
-  greedy = generate(cfg, family.params, seqs, family.assignment, gen_users, Sampling(max_new=opts.max_new),
+  greedy = generate(cfg, family.params, seqs, family.assignment, gen_users, generation_sampling(seqs, tokenizer, opts),
                     seed=opts.seed)
   generated = [_page_tokens(g, tokenizer) for g in greedy]
   actual = [_page_tokens(seqs.target(int(v)), tokenizer) for v in gen_users]
@@ -200,7 +207,8 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
     metrics["perplexity"] = np.exp(metrics["nll"])
   report = {"models": {name: {metric: M.summarize(values[evaluated_U]) for metric, values in metrics.items()}
                        for name, metrics in per_user.items()},
-            "n_users": int(evaluated_U.sum()), "generated_users": int(len(gen_users)), **(extra or {})}
+            "n_users": int(evaluated_U.sum()), "generated_users": int(len(gen_users)),
+            "n_pages": tokenizer.vocab_size - tokenizer.num_specials, "negatives": opts.negatives, **(extra or {})}
   if outcomes:
     report["outcomes"] = outcomes
   if "hetlm" in per_user:

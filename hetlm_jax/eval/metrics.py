@@ -262,6 +262,18 @@ def length_error(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarra
   return np.array([abs(len(g) - len(a)) for g, a in _pairs(generated_U, actual_U)], np.float64)
 
 
+def max_repeats(sessions_U: Sequence[np.ndarray]) -> np.ndarray:
+  """How often each session's most repeated page occurs in it (0 for an empty session)."""
+  return np.array([np.unique(np.asarray(s), return_counts=True)[1].max() if len(s) else 0 for s in sessions_U],
+                  np.int64)
+
+
+def repetition_rate(generated_U: Sequence[np.ndarray], real_U: Sequence[np.ndarray], quantile: float = 0.99) -> float:
+  """Share of generated sessions that repeat one page more often than `quantile` of real sessions do."""
+  limit = np.quantile(max_repeats(real_U), quantile) if len(real_U) else np.inf
+  return float((max_repeats(generated_U) > limit).mean()) if len(generated_U) else float("nan")
+
+
 # --------------------------------------------------------------------------------------------
 # Outcomes (e.g. will the next session contain a <cart>)
 

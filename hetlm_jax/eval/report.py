@@ -68,20 +68,26 @@ def _verdicts(report: dict) -> list[str]:
     lines.append("- HeTLM *is* the single LM it was warm-started from: no HeTLM pass beat that LM on the validation "
                  "users, so its K models are copies of it. Any difference below is that LM's, not clustering's.")
   metric = "nll_no_end" if report.get("protocol") == "new_users" else "nll"
-  for other in _SINGLES:
-    b = boot.get(f"hetlm-{other}", {}).get(metric)
-    if not b or b["mean_ci"][0] is None or np.isnan(b["mean_ci"][0]):
-      continue
-    said = []
-    for which, word, words in (("mean", "mean", "means"), ("var", "variance over users", "variances over users")):
-      lo, hi = b[f"{which}_ci"]
-      if hi < -_SAME:
-        said.append(f"HeTLM has the lower {word}")
-      elif lo > _SAME:
-        said.append(f"`{other}` has the lower {word}")
+  headline = _HEADLINE_NEW_USERS if report.get("protocol") == "new_users" else _HEADLINE
+  for m in [m for m in headline if m in models.get("hetlm", {})]:
+    lower_better = m.startswith("nll")
+    for other in _SINGLES:
+      b = boot.get(f"hetlm-{other}", {}).get(m)
+      if not b or b["mean_ci"][0] is None or np.isnan(b["mean_ci"][0]):
+        continue
+      lo, hi = b["mean_ci"]
+      if (hi < -_SAME) if lower_better else (lo > _SAME):
+        said = "HeTLM is better"
+      elif (lo > _SAME) if lower_better else (hi < -_SAME):
+        said = f"`{other}` is better"
       else:
-        said.append(f"the {words} tie (no difference the interval can tell)")
-    lines.append(f"- Per-user `{metric}`, HeTLM against `{other}`: " + "; ".join(said) + ".")
+        said = "no detectable difference"
+      lo_v, hi_v = b["var_ci"]
+      spread = ("HeTLM varies less over users" if hi_v < -_SAME else f"`{other}` varies less over users"
+                if lo_v > _SAME else "the variances over users tie")
+      lines.append(f"- `{m}` ({'lower' if lower_better else 'higher'} is better), HeTLM against `{other}`: "
+                   f"{said} in the mean; {spread}.")
+  lines += _undefined_or_weak(report)
   if "markov" in models:
     for metric, lower in ((metric, True), ("hr@10", False)):
       lms = [m for m in ("hetlm", "hetlm_mixture", *_SINGLES) if metric in models.get(m, {})]
@@ -96,6 +102,22 @@ def _verdicts(report: dict) -> list[str]:
         lines.append(f"- The first-order Markov chain beats every LM in `{metric}` ({_fmt(mk)} against "
                      f"`{best}`'s {_fmt(lm)}). {_why_markov_wins(report)}")
   return (["Who wins (paired bootstrap, 95% intervals):", ""] + lines + [""]) if lines else []
+
+
+def _undefined_or_weak(report: dict) -> list[str]:
+  """Why a metric shows "–", and which ranking metrics cannot tell models apart on this catalogue."""
+  models, lines = report["models"], []
+  pages, negatives = report.get("n_pages"), report.get("negatives", 100)
+  sampled = [m for m in ("hr@10_sampled", "ndcg@10_sampled") if any(m in v for v in models.values())]
+  undefined = [m for m in sampled if all(v.get(m) is None or v[m].get("mean") is None or np.isnan(v[m]["mean"])
+                                          for v in models.values() if m in v)]
+  if undefined and pages is not None:
+    lines.append(f"- {', '.join(f'`{m}`' for m in undefined)}: not defined here (–). They rank the target among "
+                 f"{negatives} pages the user never visited, and this catalogue has only {pages} pages.")
+  if pages is not None and pages < 50 and any("hr@10" in v for v in models.values()):
+    lines.append(f"- Ranking metrics (`hr@10`, `ndcg@10`, `mrr`) can hardly tell models apart here: with {pages} "
+                 "pages, the top 10 already holds most of the catalogue.")
+  return lines
 
 
 def _why_markov_wins(report: dict) -> str:
@@ -138,13 +160,18 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
   names = []
   shown = [m for m in ("single", "single_matched", "hetlm") if m in nll]
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
-  for m in shown:
-    x = np.sort(nll[m][~np.isnan(nll[m])])
-    a1.plot(x, np.arange(1, len(x) + 1) / len(x), linewidth=1.5, label=f"{m} (mean {x.mean():.3f}, std {x.std():.3f})")
-  a1.set_xlabel("held-out target NLL per user (nats/token)")
-  a1.set_ylabel("fraction of users at or below")
-  a1.set_title("Per-user NLL, cumulative (higher and steeper is better)")
-  a1.legend(fontsize=8)
+  # Paired per user: the models' CDFs lie on top of each other, their differences do not.
+  for m in [m for m in shown if m != "hetlm" and "hetlm" in nll]:
+    both = ~np.isnan(nll["hetlm"]) & ~np.isnan(nll[m])
+    diff = np.sort(nll["hetlm"][both] - nll[m][both])
+    a1.plot(np.arange(1, len(diff) + 1) / len(diff), diff, linewidth=1.5,
+            label=f"HeTLM − {m} (mean {diff.mean():+.4f}; HeTLM better for {100 * (diff < 0).mean():.0f}% of users)")
+  a1.axhline(0.0, color="black", linewidth=0.8)
+  a1.set_xlabel("users, sorted by the difference (fraction)")
+  a1.set_ylabel("HeTLM NLL − other NLL (nats/token)")
+  a1.set_title("Per-user paired difference (below 0: HeTLM better)")
+  if a1.lines[1:]:
+    a1.legend(fontsize=8)
   a2.boxplot([nll[m][~np.isnan(nll[m])] for m in shown], showfliers=False)
   a2.set_xticks(range(1, len(shown) + 1), shown)
   a2.set_ylabel("nats/token")
@@ -163,11 +190,14 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
       a1.bar(x, sizes[:, c], bottom=bottom, label=f"cluster {c}")
       bottom += sizes[:, c]
     a1.set_xlabel("round")
+    a1.set_xticks(x)
     a1.set_ylabel("users")
     a1.set_title("Cluster sizes")
     a1.legend(fontsize=7)
     a2.plot(x, [100 * r["moved"] for r in hetlm_rounds], marker="o")
     a2.set_xlabel("round")
+    a2.set_xticks(x)
+    a2.set_ylim(bottom=0)
     a2.set_ylabel("users moved (%)")
     a2.set_title("Reassignment churn")
     fig.tight_layout()

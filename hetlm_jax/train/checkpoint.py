@@ -12,14 +12,14 @@ from hetlm_jax.train.state import TrainState
 
 
 class Checkpoints:
-  """WORKDIR/checkpoints: items `state` (sharded pytree), `best` (the round's best params and optimizer state so
+  """WORKDIR/checkpoints/MODEL/STEP/: items `state` (sharded pytree), `best` (the round's best params and optimizer state so
   far, by validation NLL), `assignment` (user → cluster) and `meta` (JSON). Saves are asynchronous: `save`
   returns once the arrays are copied off the devices (so the next step may reuse their buffers) and orbax
   writes them in the background; reads and `close` wait for pending writes first."""
 
-  def __init__(self, workdir: Path, keep: int):
+  def __init__(self, directory: Path, keep: int):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
+    self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                           item_names=("state", "best", "assignment", "meta"))
 
   def latest_step(self) -> int | None:

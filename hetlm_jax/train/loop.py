@@ -39,6 +39,7 @@ class Trainer:
     n_data = self.mesh.shape["data"]
     self.eval_batch = -(-cfg.train.eval_batch_size // n_data) * n_data
     self.host_wait_s = 0.0  # time train_round waited for a batch, over every call
+    self._stepped = False  # the first metrics window's time includes compiling the step
     slots = ScoringBatches.max_windows(cfg.model.context + 1, self.eval_batch)
     self.score_batch = make_score_fn(cfg, self.mesh, self.abstract, slots)
     self.score_pages_batch = make_score_fn(cfg, self.mesh, self.abstract, slots, pages_only=True)
@@ -92,13 +93,16 @@ class Trainer:
     put = functools.partial(jax.device_put, device=self.train_step.batch_sharding)
     feed = Prefetcher(batches.batch, put, first, until, self.cfg.train.prefetch)
     window, window_start = [], time.perf_counter()
+    shown = window_start
     try:
       for done, batch in enumerate(feed, start=first + 1):
         state, metrics = self.train_step(state, *batch)
         window.append(metrics)
-        if done % self.cfg.train.log_every == 0 or done == until or time.perf_counter() - window_start >= 10:
-          window_start = self._report(window, log, progress, window_start, done, record)
-          window = []
+        boundary = done % self.cfg.train.log_every == 0 or done == until
+        if boundary or time.perf_counter() - shown >= 10:  # a metrics record, or only the progress line
+          shown = self._report(window, log if boundary else None, progress, window_start, done, record)
+          if boundary:
+            window, window_start = [], shown
         if on_step is not None and done < until:
           on_step(state, round_start + done)
     finally:
@@ -108,7 +112,8 @@ class Trainer:
     return state
 
   def _report(self, window: list, log, progress, window_start: float, done: int, record: dict | None) -> float:
-    """Reads the window's metrics (waiting for its last step) and shows/logs them; returns the time."""
+    """Reads the window's metrics (waiting for its last step), shows them and, given a log, writes them as
+    one record; returns the time."""
     m = jax.device_get(window)
     now = time.perf_counter()
     stack = lambda key: np.stack([step[key] for step in m])  # [steps, K]
@@ -116,15 +121,18 @@ class Trainer:
     real = float(stack("real_tokens").sum())
     loss = float(nll_SxK.sum() / max(weight_SxK.sum(), 1e-9))
     tok_s = real / max(now - window_start, 1e-9)
-    progress.update(done, f"loss {loss:.3f} ppl {np.exp(min(loss, 50)):.2f} {tok_s:,.0f} tok/s")
-    if log is not None and (done % self.cfg.train.log_every == 0 or done == progress.total):
+    compiling = "" if self._stepped else " (includes compiling the step)"
+    self._stepped = True
+    progress.update(done, f"loss {loss:.3f} ppl {np.exp(min(loss, 50)):.2f} {tok_s:,.0f} tok/s{compiling}")
+    if log is not None:
       # Per model, over the window's steps where it had real tokens (None: only padding in the window).
       had_K = weight_SxK.sum(0) > 0
       per_model = np.where(had_K, nll_SxK.sum(0) / np.maximum(weight_SxK.sum(0), 1e-9), np.nan)
       grad_K = np.where(had_K, (stack("grad_norm") * (weight_SxK > 0)).sum(0)
                         / np.maximum((weight_SxK > 0).sum(0), 1), np.nan)
       none_if_nan = lambda a: [None if np.isnan(x) else float(x) for x in a]
-      log.write({"kind": "train", **(record or {}), "step_in_round": done, "steps": len(m), "loss": loss,
+      log.write({"kind": "train", **(record or {}), "step": int(m[-1]["step"][0]), "step_in_round": done,
+                 "steps": len(m), "loss": loss,
                  "perplexity": float(np.exp(min(loss, 50))), "loss_per_model": none_if_nan(per_model),
                  "grad_norm": none_if_nan(grad_K), "learning_rate": float(m[-1]["learning_rate"][0]),
                  "tokens_per_s": tok_s, "step_time_s": (now - window_start) / len(m)})

@@ -11,14 +11,37 @@ from absl import logging
 
 
 class MetricsLog:
-  """Appends one JSON object per logged step or round."""
+  """Appends one JSON object per logged step or round; with `tensorboard_dir`, also TensorBoard scalars of the
+  training and validation records, one run (subdirectory) per model."""
 
-  def __init__(self, path: Path):
+  def __init__(self, path: Path, tensorboard_dir: Path | None = None):
     self._path = Path(path)
+    self._tb_dir, self._writers, self._validations = tensorboard_dir, {}, {}
 
   def write(self, record: dict) -> None:
     with self._path.open("a") as f:
       f.write(json.dumps(record, default=float) + "\n")
+    if self._tb_dir is not None and record.get("kind") in ("train", "validation") and "model" in record:
+      self._scalars(record)
+
+  def _scalars(self, record: dict) -> None:
+    model = record["model"]
+    if model not in self._writers:
+      from tensorboardX import SummaryWriter  # checked by tensorboard_available() before the run starts
+      self._writers[model] = SummaryWriter(logdir=str(Path(self._tb_dir) / model))
+    writer = self._writers[model]
+    if record["kind"] == "train":
+      for key in ("loss", "perplexity", "tokens_per_s", "learning_rate", "step_time_s"):
+        writer.add_scalar(f"train/{key}", record[key], record["step"])
+    else:  # validation after every pass: x is the pass counted over all rounds
+      self._validations[model] = self._validations.get(model, 0) + 1
+      writer.add_scalar("validation/nll", record["nll"], self._validations[model])
+    writer.flush()
+
+  def close(self) -> None:
+    for writer in self._writers.values():
+      writer.close()
+    self._writers = {}
 
   def records(self, kind: str) -> list[dict]:
     """The logged records of one kind, in order (earlier sessions of a resumed run included)."""
@@ -26,6 +49,14 @@ class MetricsLog:
       return []
     records = (json.loads(line) for line in self._path.read_text().splitlines() if line.strip())
     return [r for r in records if r.get("kind") == kind]
+
+
+def tensorboard_available() -> str | None:
+  """None if tensorboardX imports, else why not."""
+  import importlib.util
+  if importlib.util.find_spec("tensorboardX") is None:
+    return "--tensorboard needs tensorboardX: pip install 'hetlm_jax[tensorboard]'"
+  return None
 
 
 def _duration(seconds: float) -> str:

@@ -133,6 +133,7 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
     params, opt_state, metrics = step_fn(lr, state.params, state.opt_state, inputs_KxBxT1, segments_KxBxT1,
                                          weights_KxBxT1, keys_K)
     metrics["learning_rate"] = jnp.broadcast_to(lr, keys_K.shape)
+    metrics["step"] = jnp.broadcast_to(state.step + 1, keys_K.shape)  # the global step this one ends at
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   shardings = state_shardings(mesh, abstract)
