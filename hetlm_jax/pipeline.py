@@ -40,7 +40,8 @@ from hetlm_jax.train.state import make_mesh
 
 # Settings that may differ when the same run is resumed; everything else must match the saved config.
 _RESUMABLE_CHANGES = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-                      ("train", "eval_batch_size"), ("model", "vocab_size"),
+                      ("train", "eval_batch_size"), ("train", "prefetch"), ("train", "stack"), ("train", "tensorboard"),
+                      ("model", "vocab_size"),
                       ("model", "output_bias"), ("model", "lora_rank")}  # the last three are derived
 
 
