@@ -96,7 +96,7 @@ def segment_positions(same_BxTxS: jax.Array) -> jax.Array:
 
 
 class PageLM(nn.Module):
-  """Next-page language model; `__call__` returns logits, and the final hidden states if asked.
+  """Next-page language model; `__call__` returns logits, or the final hidden states with `hidden_only`.
 
   `segments_BxT` (optional) packs several sequences per row: tokens attend only within their own
   segment, and positions restart at every segment. `cache` (decoding, see eval/generate.py) holds
@@ -111,8 +111,7 @@ class PageLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segments_BxT: jax.Array | None = None, deterministic: bool = True,
-               return_hidden: bool = False, cache: dict | None = None, only_at_B: jax.Array | None = None,
-               hidden_only: bool = False):
+               cache: dict | None = None, only_at_B: jax.Array | None = None, hidden_only: bool = False):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.float32, name="embed")
@@ -153,7 +152,7 @@ class PageLM(nn.Module):
       logits_BxTxV = logits_BxTxV + self.param("output_bias", nn.initializers.zeros, (cfg.vocab_size,), jnp.float32)
     if cache is not None:
       return logits_BxTxV, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
-    return (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
+    return logits_BxTxV
 
 
 def project(cfg: ModelConfig, params, h_NxD: jax.Array) -> jax.Array:

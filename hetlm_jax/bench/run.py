@@ -68,8 +68,9 @@ def _loop_step_s(cfg: Config, k: int, batches: list) -> float:
   return _median_step_s(lambda states, *b: loop_step(states, b), states, [tuple(put(b)) for b in batches])
 
 
-def _throughput(cfg: Config, seqs, k: int, steps: int, with_torch: bool) -> dict:
-  """Tokens/s of the stacked step, the loop and PyTorch on the same `steps` timed batches."""
+def _throughput(cfg: Config, seqs, k: int, steps: int, with_torch: bool, peak: float) -> dict:
+  """Tokens/s of the stacked step, the loop and PyTorch on the same `steps` timed batches; the stacked
+  step's MFU against `peak` FLOP/s."""
   rounds = ClusterBatches(seqs, random_balanced(seqs.num_users, k, 0), k, cfg.train.batch_size, cfg.model.context,
                           10**4, cfg.train.seed, 0)
   batches = [rounds.batch(s % rounds.steps) for s in range(WARMUP + steps)]
@@ -99,6 +100,7 @@ def _throughput(cfg: Config, seqs, k: int, steps: int, with_torch: bool) -> dict
     row["torch_tokens_per_s"] = max(row["torch_loop_tokens_per_s"], row["torch_func_tokens_per_s"])
     row["vmapped_over_torch"] = row["vmapped_tokens_per_s"] / row["torch_tokens_per_s"]
   row["model_flops_per_token"] = flops.model_flops_per_token(cfg.model)
+  row["mfu"] = row["model_flops_per_token"] * row["vmapped_tokens_per_s"] / peak
   return row
 
 
@@ -153,9 +155,7 @@ def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: 
     "peak_flops": peak, "peak_source": peak_source,
     "prep_events_per_s": prepared.stats["events"] / max(prepared.seconds, 1e-9),
   }
-  main = _throughput(cfg, seqs, k, steps, with_torch)
-  result.update(main)
-  result["mfu"] = main["model_flops_per_token"] * main["vmapped_tokens_per_s"] / peak
+  result.update(_throughput(cfg, seqs, k, steps, with_torch, peak))
   logging.info("bench: scoring pass, K=%d", k)
   result.update(_scoring(cfg, seqs, k))
   logging.info("bench: a real round's input pipeline, K=%d", k)
@@ -164,9 +164,7 @@ def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: 
   _write(out, result)  # and again after each sweep row: a sweep cut short keeps what it measured
   for d_model, sweep_k in sweep:
     model = dataclasses.replace(cfg.model, d_model=d_model, d_ff=4 * d_model, n_heads=max(4, d_model // 64))
-    row = _throughput(cfg.replace(model=model), seqs, sweep_k, steps, with_torch)
-    row["mfu"] = row["model_flops_per_token"] * row["vmapped_tokens_per_s"] / peak
-    result["sweep"].append(row)
+    result["sweep"].append(_throughput(cfg.replace(model=model), seqs, sweep_k, steps, with_torch, peak))
     _write(out, result)
   _log(result)
   return result

@@ -175,7 +175,7 @@ def make_hidden_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
   model = PageLM(cfg.model)
 
   def hidden(params, inputs_RxT1, segments_RxT1):
-    one = lambda p: model.apply({"params": p}, inputs_RxT1, segments_RxT1, return_hidden=True)[1]
+    one = lambda p: model.apply({"params": p}, inputs_RxT1, segments_RxT1, hidden_only=True)
     return per_model(one)(params).astype(jnp.float32)
 
   rows = NamedSharding(mesh, P("data"))
