@@ -85,7 +85,8 @@ _COMMANDS_HELP = {
   "generate": "print a user's history, the next session their cluster's model generates, and the actual one",
   "bench": "measure throughput: stacked step, per-model loop, PyTorch, MFU, scoring (--out=FILE.json)",
 }
-_RUN_FLAGS = {"train": ("workdir",), "evaluate": ("workdir", "data"),
+_HOSTS = ("coordinator_address", "num_processes", "process_id")
+_RUN_FLAGS = {"train": ("workdir", *_HOSTS, "inject"), "evaluate": ("workdir", "data", *_HOSTS),
               "generate": ("workdir", "data", "user", "max_new", "temperature", "top_k", "top_p"),
               "bench": ("out", "bench_steps", "bench_k", "bench_torch", "sweep")}
 _FLAG_NAMES = {"path": "data"}  # config field → flag name, where they differ
@@ -99,6 +100,13 @@ flags.DEFINE_integer("bench_k", 8, "bench: the number of stacked models measured
 flags.DEFINE_boolean("bench_torch", True, "bench: also measure the same models in PyTorch (needs torch).")
 flags.DEFINE_string("sweep", "", "bench: also measure these d_model x K sizes, one row each (e.g. 64x8,256x4); "
                     "full: d_model 64, 256, 512, 1024 times K 1, 4, 8, 16.")
+flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0's coordinator (jax.distributed); "
+                    "not needed under SLURM (srun) or on a Cloud TPU VM slice, where it is found.")
+flags.DEFINE_integer("num_processes", 0, "Multi-process: the number of processes (one per host) with "
+                     "--coordinator_address.")
+flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index, 0 to --num_processes - 1.")
+flags.DEFINE_string("inject", "", "Testing: KIND@STEP plants a fault after global step STEP: sigterm, sigint or "
+                    "sigkill sent to this process, or nan (that step's loss).")
 flags.DEFINE_string("user", "", "generate: the user_id whose next session to generate.")
 flags.DEFINE_integer("max_new", 20, "generate: tokens to generate at most (stops earlier at session end).")
 flags.DEFINE_float("temperature", 0.0, "generate: 0 for greedy decoding, else the sampling temperature.")
@@ -176,6 +184,11 @@ def _main(argv: list[str]) -> int:
     run_bench(cfg, FLAGS.out or None, FLAGS.bench_steps, FLAGS.bench_k, sweep, FLAGS.bench_torch)
     return 0
   data = FLAGS.data if FLAGS["data"].present else None
+  from hetlm_jax import hosts  # JAX starts here: the processes of a multi-host job join first
+  from hetlm_jax.train import interrupt
+  interrupt.inject(FLAGS.inject)
+  if argv[1] in ("train", "evaluate"):
+    hosts.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if argv[1] == "evaluate":
     from hetlm_jax.pipeline import evaluate_workdir
     _summary(evaluate_workdir(FLAGS.workdir, data), FLAGS.workdir)
@@ -183,8 +196,25 @@ def _main(argv: list[str]) -> int:
   if argv[1] == "generate":
     return _generate(data)
   from hetlm_jax.pipeline import train_and_evaluate
-  _summary(train_and_evaluate(cfg, FLAGS.workdir), FLAGS.workdir)
+  try:
+    report = train_and_evaluate(cfg, FLAGS.workdir)
+  except interrupt.Preempted as stopped:
+    if hosts.is_primary():
+      print(f"{stopped.signal_name}: stopped at step {stopped.step} of {stopped.model}, with a checkpoint there. "
+            f"The same command resumes the run:\n  {resume_command()}", flush=True)
+    return 0
+  if hosts.is_primary():
+    _summary(report, FLAGS.workdir)
   return 0
+
+
+_argv: list[str] = []  # the command line as typed, for the resume command
+
+
+def resume_command() -> str:
+  import shlex
+  words = [word for word in _argv if not word.startswith("--inject")]
+  return shlex.join(["hetlm", *words[1:]])
 
 
 def _summary(report: dict, workdir: str) -> None:
@@ -237,6 +267,10 @@ def main(argv: list[str]) -> int:
     if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
       raise
     return _fail(f"{e.filename or '--workdir'}: {e.strerror}")
+  except KeyboardInterrupt:  # Ctrl-C outside training (which stops cleanly on it): nothing half-written
+    print(f"hetlm: interrupted; what was saved is kept, and the same command resumes:\n  {resume_command()}",
+          file=sys.stderr)
+    return 130
 
 
 _HELP_FLAGS = ("--help", "-h", "-?", "--helpfull", "--helpshort")
@@ -283,6 +317,7 @@ def cli(argv: list[str]) -> int:
   if _asks_for_help(argv):
     return _print_help(argv)
   FLAGS.unparse_flags()
+  _argv[:] = argv
   try:
     rest = FLAGS(argv)
   except flags.Error as e:
@@ -303,6 +338,7 @@ def run() -> None:
     sys.exit(_print_help(sys.argv))
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _argv[:] = sys.argv
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse)
 
 

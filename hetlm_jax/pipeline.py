@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from absl import logging
 
+from hetlm_jax import hosts
 from hetlm_jax.cluster.assign import cluster_shares
 from hetlm_jax.cluster.rounds import Validation, train_family, train_hetlm, warmed
 from hetlm_jax.config import Config, ModelConfig, validate
@@ -104,7 +105,9 @@ def _check_resumable(saved: Config, cfg: Config, workdir: Path) -> None:
 
 
 def write_assignments(path: Path, seqs: UserSequences, assignment: np.ndarray, int_ids: bool) -> None:
-  """assignments.parquet (user_id as in the input, cluster), replaced atomically."""
+  """assignments.parquet (user_id as in the input, cluster), replaced atomically; by process 0 alone."""
+  if not hosts.is_primary():
+    return
   ids = pa.array(seqs.user_ids.astype(np.int64) if int_ids else seqs.user_ids.astype(str))
   tmp = path.with_suffix(".parquet.tmp")
   pq.write_table(pa.table({"user_id": ids, "cluster": pa.array(assignment, pa.int32())}), tmp)
@@ -123,7 +126,8 @@ def _choose_k(cfg: Config, seqs: UserSequences, vocab_size: int, workdir: Path, 
     logging.info("K=%d: validation NLL %.4f", k, curve[k])
   best = min(curve, key=curve.get)
   # The chosen K's checkpoints stay under hetlm_kK; this file tells load_run that they are "hetlm".
-  (workdir / "k_auto.json").write_text(json.dumps({"k": best, "selection_nll": curve}) + "\n")
+  if hosts.is_primary():
+    (workdir / "k_auto.json").write_text(json.dumps({"k": best, "selection_nll": curve}) + "\n")
   return runs[best], curve
 
 
@@ -202,10 +206,13 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
       logging.warning("--val_frac=%s draws no validation user among %s users: early stopping is off, and every "
                       "round trains --epochs=%d passes", cfg.train.val_frac, f"{seqs.num_users:,}", cfg.train.epochs)
 
-  workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer.save(workdir / "tokenizer.json")
-  cfg.save(workdir / "config.json")
+  if hosts.is_primary():  # in a multi-process job, process 0 writes the run's files; orbax saves collectively
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(workdir / "tokenizer.json")
+    cfg.save(workdir / "config.json")
+  hosts.barrier("workdir ready")
   log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard" if cfg.train.tensorboard else None)
+  hosts.barrier("metrics read")  # every process starts from the same records
   n_shared, n_own = part_sizes(cfg.model, c.cluster_params)
   n_params = n_shared + n_own
   events = prepared.stats.get("events", 0)

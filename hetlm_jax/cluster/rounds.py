@@ -22,6 +22,8 @@ from hetlm_jax.cluster.assign import (cluster_shares, kmeans, kmeans_on_features
                                       random_balanced, reassign)
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.errors import HetlmError
+from hetlm_jax.train import interrupt
 from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
@@ -115,9 +117,20 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
                                          "model": dataclasses.asdict(cfg.model),
                                          "train": dataclasses.asdict(cfg.train)}, weights)
 
+  stop = interrupt.StopRequest()
+
   def periodic_save(state, step):
-    if step % t.checkpoint_every == 0:
+    """After each step: a checkpoint every --checkpoint_every steps, or now and stop on SIGTERM/SIGINT."""
+    stopping = stop.requested(step)
+    if stopping or step % t.checkpoint_every == 0:
+      trainer.check_finite()  # no checkpoint holds what a step with a NaN loss did
       save(state)
+    if stopping:
+      raise interrupt.Preempted(name, step, stop.received)
+
+  def stop_if_asked(state):  # where every process is at the same point, right after a checkpoint
+    if stop.requested(int(state.step), boundary=True):
+      raise interrupt.Preempted(name, int(state.step), stop.received)
 
   def validate(state) -> float:
     return validation.nll(trainer, state.params, assignment, weights)
@@ -128,58 +141,64 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
   # decays, so patience only counts once half the cap has been trained.
   min_passes = -(-t.epochs // 2)
   try:
-    while not meta["done"]:
-      round_index = meta["round"]
-      batches = ClusterBatches(seqs, assignment, k, t.batch_size, cfg.model.context, t.epochs, t.seed, round_index,
-                               weights, balance=t.balance)
-      per_epoch = batches.steps_per_epoch
-      # M-step: the K models train on their users, at most --epochs passes, until validation stops improving.
-      if not meta["in_round"]:
-        state = trainer.start_round(state, batches.steps)
-        best = _snapshot(state)
-        meta.update(in_round=True, best_epoch=0, best_nll=validate(state) if patience else None)
-      epoch = (int(state.step) - int(state.round_start)) // per_epoch
-      stalled = lambda: bool(patience) and epoch >= min_passes and epoch - meta["best_epoch"] >= patience
-      while epoch < t.epochs and not stalled():
-        state = trainer.train_round(state, batches, log, on_step=periodic_save, until=(epoch + 1) * per_epoch,
-                                    label=f"{name} round {round_index + 1}/{rounds} pass {epoch + 1}/{t.epochs}",
-                                    record={"model": name, "round": round_index + 1, "pass": epoch + 1})
-        epoch += 1
-        if patience:
-          nll = validate(state)
-          log.write({"kind": "validation", "model": name, "round": round_index + 1, "pass": epoch, "nll": nll})
-          if nll < meta["best_nll"]:
-            best = _snapshot(state)
-            meta.update(best_epoch=epoch, best_nll=nll)
-        if epoch < t.epochs and not stalled():
-          save(state)  # the round's last pass is saved at the end of the round, below, at the same step
-      if patience and meta["best_epoch"] < epoch:  # back to the best pass; the step counter goes on
-        state = state.replace(params=best["params"], opt_state=best["opt_state"])
-        best = _snapshot(state)
-      log.write({"kind": "stop", "model": name, "round": round_index + 1, "passes": epoch,
-                 "best_pass": meta["best_epoch"] if patience else epoch, "validation_nll": meta["best_nll"]})
-      logging.info("%s round %d: %d passes, kept pass %d%s", name, round_index + 1, epoch,
-                   meta["best_epoch"] if patience else epoch,
-                   f" (validation NLL {meta['best_nll']:.4f})" if patience else "")
-      meta.update(round=round_index + 1, in_round=False, passes=meta["passes"] + epoch)
-      meta["done"] = meta["round"] >= rounds
-      if patience and meta["best_epoch"] == 0:
-        # No pass beat the round's start: another warm restart of the schedule is not worth training, and with
-        # K > 1 the models are those the last E-step (or the warm start) left, so another E-step could only
-        # shuffle ties. The rounds have converged.
-        logging.info("%s round %d: no pass improved the validation NLL; the rounds end", name, round_index + 1)
-        meta.update(done=True, converged=True)
-      elif k > 1:  # E-step
-        assignment, weights, moved = _reassign(name, trainer, state, seqs, assignment, weights, c.soft, min_size, log,
-                                               meta["round"])
-        if moved.reseeded:
-          state = trainer.copy_models(state, moved.source)
+    with stop:
+      while not meta["done"]:
+        round_index = meta["round"]
+        batches = ClusterBatches(seqs, assignment, k, t.batch_size, cfg.model.context, t.epochs, t.seed,
+                                 round_index, weights, balance=t.balance)
+        per_epoch = batches.steps_per_epoch
+        # M-step: the K models train on their users, at most --epochs passes, until validation stops improving.
+        if not meta["in_round"]:
+          state = trainer.start_round(state, batches.steps)
           best = _snapshot(state)
-        meta["converged"] = bool(moved.moved < c.tolerance)
-        meta["done"] = meta["done"] or meta["converged"]
-      if on_round is not None:
-        on_round(assignment)
-      save(state)
+          meta.update(in_round=True, best_epoch=0, best_nll=validate(state) if patience else None)
+        epoch = (int(state.step) - int(state.round_start)) // per_epoch
+        stalled = lambda: bool(patience) and epoch >= min_passes and epoch - meta["best_epoch"] >= patience
+        while epoch < t.epochs and not stalled():
+          state = trainer.train_round(state, batches, log, on_step=periodic_save, until=(epoch + 1) * per_epoch,
+                                      label=f"{name} round {round_index + 1}/{rounds} pass {epoch + 1}/{t.epochs}",
+                                      record={"model": name, "round": round_index + 1, "pass": epoch + 1})
+          epoch += 1
+          if patience:
+            nll = validate(state)
+            log.write({"kind": "validation", "model": name, "round": round_index + 1, "pass": epoch, "nll": nll})
+            if nll < meta["best_nll"]:
+              best = _snapshot(state)
+              meta.update(best_epoch=epoch, best_nll=nll)
+          if epoch < t.epochs and not stalled():
+            save(state)  # the round's last pass is saved at the end of the round, below, at the same step
+            stop_if_asked(state)
+        if patience and meta["best_epoch"] < epoch:  # back to the best pass; the step counter goes on
+          state = state.replace(params=best["params"], opt_state=best["opt_state"])
+          best = _snapshot(state)
+        log.write({"kind": "stop", "model": name, "round": round_index + 1, "passes": epoch,
+                   "best_pass": meta["best_epoch"] if patience else epoch, "validation_nll": meta["best_nll"]})
+        logging.info("%s round %d: %d passes, kept pass %d%s", name, round_index + 1, epoch,
+                     meta["best_epoch"] if patience else epoch,
+                     f" (validation NLL {meta['best_nll']:.4f})" if patience else "")
+        meta.update(round=round_index + 1, in_round=False, passes=meta["passes"] + epoch)
+        meta["done"] = meta["round"] >= rounds
+        if patience and meta["best_epoch"] == 0:
+          # No pass beat the round's start: another warm restart of the schedule is not worth training, and with
+          # K > 1 the models are those the last E-step (or the warm start) left, so another E-step could only
+          # shuffle ties. The rounds have converged.
+          logging.info("%s round %d: no pass improved the validation NLL; the rounds end", name, round_index + 1)
+          meta.update(done=True, converged=True)
+        elif k > 1:  # E-step
+          assignment, weights, moved = _reassign(name, trainer, state, seqs, assignment, weights, c.soft, min_size,
+                                                 log, meta["round"])
+          if moved.reseeded:
+            state = trainer.copy_models(state, moved.source)
+            best = _snapshot(state)
+          meta["converged"] = bool(moved.moved < c.tolerance)
+          meta["done"] = meta["done"] or meta["converged"]
+        if on_round is not None:
+          on_round(assignment)
+        save(state)
+        stop_if_asked(state)
+  except interrupt.NonFiniteLoss as e:
+    raise HetlmError(f"{name}: {e}; training stopped, and its last good checkpoint (step {ckpts.latest_step()}) "
+                     f"is kept in {workdir / 'checkpoints' / name}") from None
   finally:  # also on an error or interrupt: pending checkpoint writes finish before the process goes on
     ckpts.close()
   train_s = meta.get("train_s", trained_before)  # as of the last checkpoint: a finished run's resume adds nothing

@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 from scipy.special import logsumexp
 
+from hetlm_jax import hosts
 from hetlm_jax.cluster.assign import cluster_shares, log_shares
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, PageTokenizer
@@ -224,10 +225,17 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
           for name in per_user if ((assignment == c) & evaluated_U).any()}}
       for c in range(k)]
   report["eval_s"] = time.perf_counter() - start
+  write_outputs(workdir, report, {name: m["nll"][evaluated_U] for name, m in per_user.items()}, rounds)
+  return report
+
+
+def write_outputs(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds: list[dict] | None) -> None:
+  """eval.json, report.md and its pictures; in a multi-process job, by process 0 alone."""
+  if not hosts.is_primary():
+    return
   _write_json(workdir / "eval.json", report)
   from hetlm_jax.eval.report import write_report  # matplotlib stays optional
-  write_report(workdir, report, {name: m["nll"][evaluated_U] for name, m in per_user.items()}, rounds or [])
-  return report
+  write_report(workdir, report, nll, rounds or [])
 
 
 def _finite(x):

@@ -24,7 +24,7 @@ from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
-from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, _write_json
+from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, write_outputs
 
 PUBLISHED_MIXTURE_K = 40  # Cadez et al.'s mixture of Markov chains on msnbc (DESIGN.md)
 # Pooled key, per-user metric and pages_only of the two scorings of every test sequence.
@@ -138,7 +138,5 @@ def evaluate_new_users(families: dict[str, LMFamily], train: UserSequences, test
           if (map_U == c).any()}}
       for c in range(k)]
   report["eval_s"] = time.perf_counter() - start
-  _write_json(workdir / "eval.json", report)
-  from hetlm_jax.eval.report import write_report  # matplotlib stays optional
-  write_report(workdir, report, {name: m["nll"] for name, m in per_user.items()}, rounds or [])
+  write_outputs(workdir, report, {name: m["nll"] for name, m in per_user.items()}, rounds)
   return report

@@ -9,9 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hetlm_jax import hosts
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.train import interrupt
 from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, prompts
 from hetlm_jax.train.metrics import MetricsLog, Progress
 from hetlm_jax.train.prefetch import Prefetcher
@@ -40,6 +43,7 @@ class Trainer:
     self.eval_batch = -(-cfg.train.eval_batch_size // n_data) * n_data
     self.host_wait_s = 0.0  # time train_round waited for a batch, over every call
     self._stepped = False  # the first metrics window's time includes compiling the step
+    self._window = []  # metrics of the steps since the last record, still on the devices
     slots = ScoringBatches.max_windows(cfg.model.context + 1, self.eval_batch)
     self.score_batch = make_score_fn(cfg, self.mesh, self.abstract, slots)
     self.score_pages_batch = make_score_fn(cfg, self.mesh, self.abstract, slots, pages_only=True)
@@ -53,14 +57,14 @@ class Trainer:
       out_shardings=shardings, donate_argnums=0)
     self._warm = jax.jit(functools.partial(_warm_state, self.tx, k, cluster_spec(cfg, k), cfg.model.n_layers),
                          out_shardings=shardings)
-    n_data = self.mesh.shape["data"]
-    self.eval_batch = -(-cfg.train.eval_batch_size // n_data) * n_data
+    self._rows = NamedSharding(self.mesh, P("data"))
+    self._replicated = NamedSharding(self.mesh, P())
 
   def init_state(self) -> TrainState:
     return create_state(self.cfg, self.tx, self.mesh, self.k)
 
   def start_round(self, state: TrainState, steps: int) -> TrainState:
-    put = lambda value: jax.device_put(np.int32(value), self.abstract.round_start.sharding)
+    put = lambda value: hosts.put(np.int32(value), self.abstract.round_start.sharding)
     return state.replace(round_start=put(state.step), round_steps=put(steps))
 
   def round_finished(self, state: TrainState) -> bool:
@@ -68,7 +72,7 @@ class Trainer:
 
   def copy_models(self, state: TrainState, source_K: np.ndarray) -> TrainState:
     """Model c takes the own parameters and optimizer state of model source_K[c] (re-seeding a cluster)."""
-    return self._gather(state, jax.device_put(np.asarray(source_K, np.int32)))
+    return self._gather(state, hosts.put(np.asarray(source_K, np.int32), self._replicated))
 
   def warm_state(self, single_params) -> TrainState:
     """Every one of the K models starts from the same single-model parameters (a K=1 family), with fresh
@@ -90,19 +94,25 @@ class Trainer:
     first = int(state.step) - round_start
     until = batches.steps if until is None else until
     progress = Progress(until, label, every=1, initial=first)
-    put = functools.partial(jax.device_put, device=self.train_step.batch_sharding)
-    feed = Prefetcher(batches.batch, put, first, until, self.cfg.train.prefetch)
-    window, window_start = [], time.perf_counter()
+    put = functools.partial(hosts.put_all, sharding=self.train_step.batch_sharding)  # this host's rows
+
+    def make(s):
+      tokens, segments, weights = batches.batch(s)
+      return tokens, segments, weights * np.nan if interrupt.nan_at(round_start + s + 1) else weights
+
+    feed = Prefetcher(make, put, first, until, self.cfg.train.prefetch)
+    self._window, window_start = [], time.perf_counter()
     shown = window_start
     try:
       for done, batch in enumerate(feed, start=first + 1):
         state, metrics = self.train_step(state, *batch)
-        window.append(metrics)
+        self._window.append(metrics)
+        interrupt.after_step(round_start + done)
         boundary = done % self.cfg.train.log_every == 0 or done == until
         if boundary or time.perf_counter() - shown >= 10:  # a metrics record, or only the progress line
-          shown = self._report(window, log if boundary else None, progress, window_start, done, record)
+          shown = self._report(self._window, log if boundary else None, progress, window_start, done, record)
           if boundary:
-            window, window_start = [], shown
+            self._window, window_start = [], shown
         if on_step is not None and done < until:
           on_step(state, round_start + done)
     finally:
@@ -114,7 +124,8 @@ class Trainer:
   def _report(self, window: list, log, progress, window_start: float, done: int, record: dict | None) -> float:
     """Reads the window's metrics (waiting for its last step), shows them and, given a log, writes them as
     one record; returns the time."""
-    m = jax.device_get(window)
+    m = hosts.fetch(window)
+    self._check_finite(m)
     now = time.perf_counter()
     stack = lambda key: np.stack([step[key] for step in m])  # [steps, K]
     weight_SxK, nll_SxK = stack("tokens"), stack("nll_sum")
@@ -138,6 +149,18 @@ class Trainer:
                  "tokens_per_s": tok_s, "step_time_s": (now - window_start) / len(m)})
     return now
 
+  def check_finite(self) -> None:
+    """Raises NonFiniteLoss if a step since the last metrics record had a NaN or infinite loss (waits for
+    them): called before a checkpoint, so none holds what such a step did."""
+    self._check_finite(hosts.fetch(self._window))
+
+  @staticmethod
+  def _check_finite(window: list) -> None:
+    for metrics in window:
+      if not np.isfinite(metrics["nll_sum"]).all():
+        raise interrupt.NonFiniteLoss(f"the training loss is {float(metrics['nll_sum'].sum())} at step "
+                                      f"{int(metrics['step'][0])}")
+
   def score(self, params, seqs: UserSequences, part: str, label: str = "score",
             pages_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """NLL sums [K, U] of each user's history ('history') or held-out target ('target') under every model,
@@ -153,7 +176,8 @@ class Trainer:
       tokens, segments, mask, owner = batches.batch(i)
       users_S, local_RxT = np.unique(np.where(mask, owner[:, 1:], -1), return_inverse=True)
       local_RxT = local_RxT.reshape(mask.shape).astype(np.int32) - int(users_S[0] < 0)  # -1: no scored token
-      sums_KxS = score_batch(params, tokens, segments, mask, np.maximum(local_RxT, 0))
+      sums_KxS = score_batch(params, *hosts.put_all((tokens, segments, mask, np.maximum(local_RxT, 0)),
+                                                    self._rows))
       if pending is not None:  # add batch i-1 while batch i runs
         self._add_scores(nll_KxU, *pending)
       pending = (sums_KxS, users_S[users_S >= 0])
@@ -165,7 +189,7 @@ class Trainer:
 
   @staticmethod
   def _add_scores(nll_KxU, sums_KxS, users_N):
-    nll_KxU[:, users_N] += np.asarray(jax.device_get(sums_KxS))[:, :len(users_N)]
+    nll_KxU[:, users_N] += np.asarray(hosts.fetch(sums_KxS))[:, :len(users_N)]
 
   def embed(self, params, seqs: UserSequences) -> np.ndarray:
     """Each user's mean final hidden state over their history window under every model: [K, U, D]."""
@@ -175,7 +199,8 @@ class Trainer:
     for i in range(batches.num_batches):
       tokens, segments, _, owner = batches.batch(i)
       real = owner >= 0
-      h_KxNxD = np.asarray(jax.device_get(self.hidden_batch(params, tokens, segments)))[:, real]
+      h_KxNxD = np.asarray(hosts.fetch(self.hidden_batch(params, *hosts.put_all((tokens, segments), self._rows))))
+      h_KxNxD = h_KxNxD[:, real]
       n = h_KxNxD.shape[1]
       to_user = sp.csr_matrix((np.ones(n), (owner[real], np.arange(n))), shape=(u, n))
       sums_UxKD += to_user @ h_KxNxD.transpose(1, 0, 2).reshape(n, k * d)
@@ -195,7 +220,9 @@ class Trainer:
     right_BxT = np.take_along_axis(left_BxT, (np.arange(width)[None, :] + pad_B[:, None]) % width, axis=1)
     last_B = np.maximum(width - 1 - pad_B, 0).astype(np.int32)
     if cluster_B is not None and n and (np.asarray(cluster_B) == cluster_B[0]).all():
-      out_BxV = self.next_logprobs_model(params, np.int32(cluster_B[0]), right_BxT, last_B)
-      return np.asarray(jax.device_get(out_BxV))[:n]
-    out_KxBxV = np.asarray(jax.device_get(self.next_logprobs_batch(params, right_BxT, last_B)))[:, :n]
+      model = hosts.put(np.int32(cluster_B[0]), self._replicated)
+      out_BxV = self.next_logprobs_model(params, model, *hosts.put_all((right_BxT, last_B), self._rows))
+      return np.asarray(hosts.fetch(out_BxV))[:n]
+    out_KxBxV = self.next_logprobs_batch(params, *hosts.put_all((right_BxT, last_B), self._rows))
+    out_KxBxV = np.asarray(hosts.fetch(out_KxBxV))[:, :n]
     return out_KxBxV if cluster_B is None else out_KxBxV[np.asarray(cluster_B), np.arange(n)]

@@ -9,16 +9,26 @@ from pathlib import Path
 
 from absl import logging
 
+from hetlm_jax import hosts
+
 
 class MetricsLog:
   """Appends one JSON object per logged step or round; with `tensorboard_dir`, also TensorBoard scalars of the
-  training and validation records, one run (subdirectory) per model."""
+  training and validation records, one run (subdirectory) per model. Records are also kept in memory, after
+  those of earlier sessions of the run: in a multi-process job only process 0 writes the file, and every
+  process reads the same records."""
 
   def __init__(self, path: Path, tensorboard_dir: Path | None = None):
     self._path = Path(path)
     self._tb_dir, self._writers, self._validations = tensorboard_dir, {}, {}
+    self._primary = hosts.is_primary()
+    lines = self._path.read_text().splitlines() if self._path.exists() else []
+    self._records = [json.loads(line) for line in lines if line.strip()]
 
   def write(self, record: dict) -> None:
+    self._records.append(json.loads(json.dumps(record, default=float)))
+    if not self._primary:
+      return
     with self._path.open("a") as f:
       f.write(json.dumps(record, default=float) + "\n")
     if self._tb_dir is not None and record.get("kind") in ("train", "validation") and "model" in record:
@@ -45,10 +55,7 @@ class MetricsLog:
 
   def records(self, kind: str) -> list[dict]:
     """The logged records of one kind, in order (earlier sessions of a resumed run included)."""
-    if not self._path.exists():
-      return []
-    records = (json.loads(line) for line in self._path.read_text().splitlines() if line.strip())
-    return [r for r in records if r.get("kind") == kind]
+    return [r for r in self._records if r.get("kind") == kind]
 
 
 def tensorboard_available() -> str | None:
@@ -71,7 +78,7 @@ class Progress:
   def __init__(self, total: int, label: str, every: int = 50, stream=None, initial: int = 0):
     self.total, self.label, self.every = max(total, 1), label, max(every, 1)
     self._stream = stream or sys.stderr
-    self._tty = getattr(self._stream, "isatty", lambda: False)()
+    self._tty = getattr(self._stream, "isatty", lambda: False)() and hosts.is_primary()
     self._start, self._initial = time.perf_counter(), initial
 
   def update(self, done: int, info: str = "") -> None:

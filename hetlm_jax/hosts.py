@@ -1,0 +1,108 @@
+"""One process per host: starting jax.distributed, which process writes, and global arrays fed from host rows.
+
+Every process runs the same program on the same data: the same tokenizer, users and batch order (all of
+them derive from the data and the seed). Each builds a step's global batch on its host, deterministically,
+and puts on its own devices only the rows (and clusters) those devices hold; results every process needs
+(scores, metrics, hidden states) are gathered to every process, so every host makes the same decisions
+(early stopping, the E-step's assignment). Only process 0 writes files other than checkpoints, which orbax
+writes collectively.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from hetlm_jax.errors import HetlmError
+
+
+def cluster_environment() -> str | None:
+  """The multi-process launcher this process runs under, if any: 'slurm' (srun with more than one task) or
+  'tpu' (a Cloud TPU VM slice of more than one host); jax.distributed finds the rest from its variables."""
+  if "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+    return "slurm"
+  if len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+    return "tpu"
+  return None
+
+
+def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+  """Joins the job's processes when given a coordinator or run by a known launcher; one process needs nothing.
+  Must run before anything else touches JAX."""
+  explicit = bool(coordinator_address) or num_processes > 1
+  if explicit and (not coordinator_address or num_processes < 1 or not 0 <= process_id < num_processes):
+    raise HetlmError(f"--coordinator_address={coordinator_address or '(none)'} --num_processes={num_processes} "
+                     f"--process_id={process_id}: a multi-process run needs all three, with 0 <= process_id < "
+                     "num_processes")
+  detected = None if explicit else cluster_environment()
+  if not explicit and detected is None:
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # collectives between CPU processes
+  try:
+    if explicit:
+      jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    else:
+      jax.distributed.initialize()
+  except (RuntimeError, ValueError) as e:  # the coordinator cannot be reached, or the launcher's variables are off
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise HetlmError(f"jax.distributed could not start ({detected or coordinator_address}): {first}") from None
+  if jax.process_index() > 0:  # one log of the job's progress: the other processes only warn
+    logging.set_verbosity(logging.WARNING)
+  logging.info("process %d of %d (%s), %d of %d devices here", jax.process_index(), jax.process_count(),
+               detected or "--coordinator_address", jax.local_device_count(), jax.device_count())
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (metrics, assignments, evaluation, report)."""
+  return jax.process_index() == 0
+
+
+def local_block(sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """The part of a global array of `shape` that this process's devices hold under `sharding`: on the meshes
+  used here, one contiguous block (rows of the batch, and clusters when K is sharded over hosts)."""
+  block = []
+  for dim, size in enumerate(shape):
+    ranges = [index[dim].indices(size)[:2] for index in sharding.addressable_devices_indices_map(shape).values()]
+    block.append(slice(min(r[0] for r in ranges), max(r[1] for r in ranges)))
+  return tuple(block)
+
+
+def put(x, sharding) -> jax.Array:
+  """A host array that every process holds whole (same values) → a global array; each process copies only
+  its own block to its own devices."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  return jax.make_array_from_process_local_data(sharding, x[local_block(sharding, x.shape)], x.shape)
+
+
+def put_all(xs, sharding) -> tuple:
+  return tuple(put(x, sharding) for x in xs)
+
+
+def fetch(tree):
+  """Device values as numpy on every process; arrays spread over several hosts are gathered first."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, tree)
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process (every process must call this at the same point)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.asarray(multihost_utils.process_allgather(np.array([flag]))).any())
+
+
+def barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
