@@ -95,6 +95,9 @@ class ClusterConfig:
     return [int(x) for x in self.k_candidates.split(",") if x.strip()]
 
 
+FLAG_NAMES = {"path": "data"}  # config field → command-line flag, where they differ
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()

@@ -9,7 +9,7 @@ import sys
 
 from absl import app, flags, logging
 
-from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
+from hetlm_jax.config import FLAG_NAMES, ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax.errors import HetlmError
 
 COMMANDS = ("train", "evaluate", "generate", "bench")
@@ -89,7 +89,6 @@ _HOSTS = ("coordinator_address", "num_processes", "process_id")
 _RUN_FLAGS = {"train": ("workdir", *_HOSTS, "inject"), "evaluate": ("workdir", "data", *_HOSTS),
               "generate": ("workdir", "data", "user", "max_new", "temperature", "top_k", "top_p"),
               "bench": ("out", "bench_steps", "bench_k", "bench_torch", "sweep")}
-_FLAG_NAMES = {"path": "data"}  # config field → flag name, where they differ
 _DERIVED = ("vocab_size", "output_bias", "lora_rank")  # set from the data and --cluster_params, not flags
 
 FLAGS = flags.FLAGS
@@ -119,7 +118,7 @@ def _define_config_flags() -> None:
     for field in dataclasses.fields(cls):
       if field.name in _DERIVED:
         continue
-      name, default = _FLAG_NAMES.get(field.name, field.name), field.default
+      name, default = FLAG_NAMES.get(field.name, field.name), field.default
       help_text = _HELP.get(field.name, f"{section}.{field.name}")
       if name == "k":  # an integer, or "auto"
         flags.DEFINE_string(name, str(default), help_text)
@@ -162,7 +161,7 @@ def _sweep_from_flag(text: str) -> list[tuple[int, int]]:
 def config_from_flags() -> Config:
   sections = {}
   for section, cls in _SECTIONS.items():
-    sections[section] = cls(**{f.name: FLAGS[_FLAG_NAMES.get(f.name, f.name)].value
+    sections[section] = cls(**{f.name: FLAGS[FLAG_NAMES.get(f.name, f.name)].value
                                for f in dataclasses.fields(cls) if f.name not in _DERIVED})
   sections["cluster"] = dataclasses.replace(sections["cluster"], k=_k_from_flag(FLAGS.k))
   return Config(**sections)
@@ -293,7 +292,7 @@ def help_text(command: str | None) -> str:
   if command in ("train", "bench"):  # evaluate and generate take the settings saved in the workdir
     for section in ("data", "model", "train", "cluster"):
       fields = dataclasses.fields(_SECTIONS[section])
-      names = [_FLAG_NAMES.get(f.name, f.name) for f in fields if f.name not in _DERIVED]
+      names = [FLAG_NAMES.get(f.name, f.name) for f in fields if f.name not in _DERIVED]
       lines += ["", f"{_GROUPS[section]}:"] + [flag(name) for name in names]
   lines += ["", "run:"] + [flag(name) for name in _RUN_FLAGS[command]]
   return "\n".join(lines)

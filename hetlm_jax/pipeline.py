@@ -22,7 +22,7 @@ from absl import logging
 from hetlm_jax import hosts
 from hetlm_jax.cluster.assign import cluster_shares
 from hetlm_jax.cluster.rounds import Validation, train_family, train_hetlm, warmed
-from hetlm_jax.config import Config, ModelConfig, validate
+from hetlm_jax.config import FLAG_NAMES, Config, ModelConfig, validate
 from hetlm_jax.data import SAMPLE_PATH
 from hetlm_jax.data.readers import read_events
 from hetlm_jax.data.sequences import (UserSequences, build_sequences, held_out_users, outcome_types, spare_users,
@@ -70,7 +70,11 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
   table = read_events(path, d.format, max_users=d.max_users or None)
   given = tokenizer is not None
   if not given:  # every page for now; which events train is known only once the sequences are built
-    tokenizer = PageTokenizer.fit(table["page"], outcome_types(table))
+    outcomes = outcome_types(table)
+    if not outcomes and pc.count_distinct(table["page"]).as_py() < 2:
+      raise HetlmError(f"{path}: every event has the same page ({table['page'][0].as_py()[:60]!r}), so there is "
+                       "nothing to predict; is 'page' the right column?")
+    tokenizer = PageTokenizer.fit(table["page"], outcomes)
   holdout = "none" if d.test_users else d.holdout
   seqs, stats = build_sequences(table, tokenizer, session_gap_s=d.session_gap_minutes * 60, holdout=holdout)
   int_ids = (table.schema.metadata or {}).get(b"hetlm_user_id") == b"int64"
@@ -97,8 +101,8 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
 
 def _check_resumable(saved: Config, cfg: Config, workdir: Path) -> None:
   a, b = saved.to_dict(), cfg.to_dict()
-  diffs = [f"--{key}" for section in a for key in a[section]
-           if a[section][key] != b[section].get(key) and (section, key) not in _RESUMABLE_CHANGES]
+  diffs = [f"--{FLAG_NAMES.get(key, key)}: {a[section][key]} there, {b[section].get(key)} now" for section in a
+           for key in a[section] if a[section][key] != b[section].get(key) and (section, key) not in _RESUMABLE_CHANGES]
   if diffs:
     raise HetlmError(f"{workdir}: holds a run with different settings ({', '.join(diffs)}); "
                      "pass the same flags to resume it, or use a new --workdir")

@@ -28,6 +28,9 @@ OPTIONAL_COLUMNS = ("session_id", "event_type")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _CSV_SUFFIXES = (".csv", ".csv.gz")
 _SNIFF_LINES = 20
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as spreadsheet programs write it
+# 2200-01-01 in seconds since 1970: later times are another unit (milliseconds now are ~1.7e12) or junk.
+_LATEST_S = 7_258_118_400
 # Errors that pyarrow, numpy and the stdlib decoders raise on malformed input.
 _READ_ERRORS = (pa.ArrowException, OSError, ValueError, TypeError, EOFError, IndexError,
                 zipfile.BadZipFile, UnicodeDecodeError)
@@ -45,6 +48,8 @@ def read_events(path: str | os.PathLike, fmt: str = "auto", max_users: int | Non
     raise input_error(path, "no such file")
   if os.path.isdir(path):
     raise input_error(path, "is a directory, expected a file")
+  if os.path.getsize(path) == 0:
+    raise input_error(path, "empty file (0 bytes)")
   try:
     fmt, table = _read(path, fmt)
     int_ids = fmt == "msnbc" or ("user_id" in table.column_names and pa.types.is_integer(table["user_id"].type))
@@ -88,6 +93,7 @@ def normalise_events(table: pa.Table, source: str = "events") -> pa.Table:
       "timestamp": _to_seconds(table["timestamp"], source),
       "page": _to_string(table["page"], "page", source, allow_int=True),
   }
+  _check_seconds(cols["timestamp"], source)
   for name in ("user_id", "page"):
     _no_nulls(cols[name], name, source)
   if "session_id" in table.column_names:
@@ -139,8 +145,12 @@ def _read_csv(path: str) -> pa.Table:
   # Ids and pages stay strings ("007" is not 7); only "" means null so a page named "NA" survives.
   text_cols = {c: pa.string() for c in ("user_id", "page", "event_type", "session_id")}
   opts = pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True, null_values=[""])
-  try:
-    return pacsv.read_csv(path, convert_options=opts)
+  with open(path, "rb") as f:
+    head = f.read(512).removeprefix(_BOM).lstrip().lower()
+  if head.startswith((b"<!doctype html", b"<html")):
+    raise input_error(path, "is an HTML page, not CSV (a web page saved in place of the download?)")
+  try:  # a quoted value may hold a newline (RFC 4180), e.g. a page title
+    return pacsv.read_csv(path, convert_options=opts, parse_options=pacsv.ParseOptions(newlines_in_values=True))
   except _READ_ERRORS as e:
     raise input_error(path, f"not a readable CSV file ({_one_line(e)})") from None
 
@@ -151,12 +161,12 @@ def _load_bytes(path: str) -> bytes:
     data = f.read()
   try:
     if data[:2] == b"\x1f\x8b":
-      return gzip.decompress(data)
-    if data[:4] == b"PK\x03\x04":
-      return _zip_member(data, path)
+      data = gzip.decompress(data)
+    elif data[:4] == b"PK\x03\x04":
+      data = _zip_member(data, path)
   except (OSError, EOFError, zipfile.BadZipFile) as e:
     raise input_error(path, f"corrupt compressed file ({_one_line(e)})") from None
-  return data
+  return data.removeprefix(_BOM)
 
 
 def _zip_member(data: bytes, path: str) -> bytes:
@@ -328,6 +338,7 @@ def _no_nulls(col: pa.ChunkedArray, name: str, source: str) -> None:
 
 
 _UNIT_PER_S = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+_UNIT_NAMES = {"ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
 
 
 def _to_seconds(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
@@ -362,7 +373,9 @@ def _to_seconds(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
 
 
 def _strings_to_seconds(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
-  for target in (pa.int64(), pa.float64(), pa.timestamp("ns"), pa.timestamp("ns", tz="UTC")):
+  # Nanoseconds end in 2262: later dates parse as microseconds, to be refused as dates rather than as text.
+  for target in (pa.int64(), pa.float64(), pa.timestamp("ns"), pa.timestamp("ns", tz="UTC"), pa.timestamp("us"),
+                 pa.timestamp("us", tz="UTC")):
     try:
       return _to_seconds(col.cast(target), source)
     except pa.ArrowInvalid:
@@ -372,6 +385,19 @@ def _strings_to_seconds(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
   example = (odd if len(odd) else col)[0].as_py()
   raise input_error(source, f"column 'timestamp' holds non-numeric strings such as {example!r}; "
                             "expected integer seconds or ISO-8601 timestamps")
+
+
+def _check_seconds(col: pa.ChunkedArray, source: str) -> None:
+  """Refuses times before 1970 (often -1 for unknown) or after 2200 (often milliseconds, not seconds)."""
+  lo, hi = (x.as_py() for x in pc.min_max(col).values())
+  if lo < 0:
+    raise input_error(source, f"column 'timestamp' has negative values such as {lo}; expected seconds since 1970")
+  if hi > _LATEST_S:
+    # A unit guessed only if it puts the latest time between 1990 and 2200.
+    unit = next((name for name, per_s in _UNIT_PER_S.items() if 631_152_000 <= hi // per_s <= _LATEST_S), None)
+    guess = f" (these look like {_UNIT_NAMES[unit]})" if unit else ""
+    raise input_error(source, f"column 'timestamp' has values after the year 2200 such as {hi}{guess}; "
+                              "expected seconds since 1970")
 
 
 def _session_codes(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
