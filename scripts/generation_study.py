@@ -1,6 +1,6 @@
 """Greedy decoding against sampling for generated next sessions, on a trained workdir (docs/RESULTS.md).
 
-  python launch/generation_study.py --workdir=runs/default --out=docs/generation_study.json
+  python scripts/generation_study.py --workdir=runs/default --out=docs/generation_study.json
 
 For each decoding setting, HeTLM generates the next session of the same users (the first 500 of the
 evaluated users in a fixed random order, never the validation users): edit similarity, Jaccard and ROUGE-L F1

@@ -1,6 +1,6 @@
 """Builds the packaged MSNBC sample: the header and the lines of a seeded random subset of users.
 
-  python launch/make_msnbc_sample.py --src=/path/msnbc990928.zip \
+  python scripts/make_msnbc_sample.py --src=/path/msnbc990928.zip \
       --out=hetlm_jax/data/samples/msnbc_sample.seq.gz --users=20000 --seed=0
 """
 

@@ -1,6 +1,6 @@
 """Converts OTTO session JSONL into the events Parquet fixture used by the tests.
 
-  python launch/make_otto_fixture.py --src=/path/otto_sample.jsonl --out=tests/data/otto_sample.parquet
+  python scripts/make_otto_fixture.py --src=/path/otto_sample.jsonl --out=tests/data/otto_sample.parquet
 
 Input lines: {"session": int, "events": [{"aid": int, "ts": ms, "type": "clicks"|"carts"|"orders"}]}.
 Output columns: user_id (the session, as a string), timestamp (int64 s), page (str(aid)), event_type.

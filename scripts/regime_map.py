@@ -2,9 +2,9 @@
 `single_matched` (per-user mean NLL and its variance over users, with the paired-bootstrap 95% intervals that
 eval.json holds), then plots the map.
 
-  python launch/regime_map.py --out=runs/regime --grid=context                # 8|64 x all|top:1|head|adapters:8
-  python launch/regime_map.py --out=runs/regime --grid=k --settings=64/all,8/head   # K 2|4|8 and soft EM
-  python launch/regime_map.py --out=runs/regime --plot=docs/regime_map.png          # tabulate and plot only
+  python scripts/regime_map.py --out=runs/regime --grid=context                # 8|64 x all|top:1|head|adapters:8
+  python scripts/regime_map.py --out=runs/regime --grid=k --settings=64/all,8/head   # K 2|4|8 and soft EM
+  python scripts/regime_map.py --out=runs/regime --plot=docs/regime_map.png          # tabulate and plot only
 
 Every run is its own workdir under --out, so an interrupted map resumes where it stopped; extra arguments
 after `--` go to every `hetlm train` (e.g. `-- --data=msnbc990928.zip --test_users=...`).
