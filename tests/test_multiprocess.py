@@ -20,8 +20,9 @@ def test_two_processes_end_as_one_process_with_four_devices_and_only_process_0_w
 
 def test_sigterm_stops_both_processes_at_one_step_and_one_process_resumes_to_the_same_end(tiny_reference, tmp_path,
                                                                                          capsys):
+  """With K=2 sharded over the two processes (--cluster_axis=2): each holds one cluster's model."""
   log, reference = tiny_reference
-  args = train_args(log, tmp_path / "run")
+  args = train_args(log, tmp_path / "run", "--cluster_axis=2")
   stopped = hetlm_process([*args, "--inject=sigterm@5"], processes=2, devices=2)
   assert stopped.returncode == 0, stopped.stderr[-3000:]
   assert stopped.stdout.count("The same command resumes") == 1, stopped.stdout

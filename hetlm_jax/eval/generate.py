@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hetlm_jax.config import ModelConfig
+from hetlm_jax import hosts
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 from hetlm_jax.model import PageLM
@@ -123,7 +124,7 @@ def generate(cfg: ModelConfig, params, seqs: UserSequences, assignment_U: np.nda
     user_KxB = np.where(cols >= 0, users[np.maximum(cols, 0)], -1)
     p, pad = prompts(seqs, user_KxB.reshape(-1), length)
     keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), lo), k)
-    tokens_KxBxN = np.asarray(decoder(params, p.reshape(k, batch, -1), pad.reshape(k, batch), keys))
+    tokens_KxBxN = np.asarray(hosts.fetch(decoder(params, p.reshape(k, batch, -1), pad.reshape(k, batch), keys)))
     for c, b in zip(*np.nonzero(cols >= 0)):  # collect per user: a loop over output rows, not over models
       row = tokens_KxBxN[c, b]
       stop = np.flatnonzero((row == EOS) | (row == PAD))

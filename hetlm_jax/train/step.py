@@ -138,7 +138,9 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
 
   shardings = state_shardings(mesh, abstract)
   batch = NamedSharding(mesh, P("cluster", "data"))
-  per_model_sharding = NamedSharding(mesh, P("cluster"))
+  # Metrics [K] on every device: any process reads them whenever it likes (the progress line is timed), with
+  # no collective that the other processes would have to join.
+  per_model_sharding = NamedSharding(mesh, P())
   jitted = jax.jit(train_step, in_shardings=(shardings, batch, batch, batch),
                    out_shardings=(shardings, per_model_sharding), donate_argnums=0)
 
