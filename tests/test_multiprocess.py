@@ -31,3 +31,27 @@ def test_sigterm_stops_both_processes_at_one_step_and_one_process_resumes_to_the
   assert cli(["hetlm", *args]) == 0  # one process with four devices takes over the two processes' checkpoint
   capsys.readouterr()
   assert_same_result(reference, tmp_path / "run")
+
+
+def test_incomplete_multi_process_flags_are_refused_in_one_line(tmp_path, capsys):
+  for flags in (["--num_processes=2"], ["--coordinator_address=localhost:1234"],
+                ["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"]):
+    assert cli(["hetlm", "train", f"--workdir={tmp_path / 'run'}", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "multi-process run needs all three" in err[0], err
+  assert not (tmp_path / "run").exists()
+
+
+def test_slurm_and_tpu_vm_launches_are_detected_and_a_plain_process_is_not(monkeypatch):
+  from hetlm_jax.hosts import cluster_environment
+  for name in ("SLURM_STEP_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(name, raising=False)
+  assert cluster_environment() is None
+  monkeypatch.setenv("SLURM_STEP_ID", "0")
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert cluster_environment() is None  # srun with one task: a single process
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert cluster_environment() == "slurm"
+  monkeypatch.delenv("SLURM_STEP_ID")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
+  assert cluster_environment() == "tpu"
