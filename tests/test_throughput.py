@@ -112,7 +112,8 @@ def test_a_metrics_window_averages_each_clusters_loss_over_the_steps_where_it_ha
   # Cluster 1 has real tokens in the first step only; cluster 2 in none.
   window = [step([10, 4, 0], [20, 8, 0], [1.0, 3.0, 0.0]), step([10, 0, 0], [10, 0, 0], [2.0, 0.0, 0.0])]
   log = MetricsLog(tmp_path / "m.jsonl")
-  Trainer._report(types.SimpleNamespace(_stepped=True), window, log, Progress(10, "t"), 0.0, 2, {"model": "x"})
+  trainer = types.SimpleNamespace(_stepped=True, _check_finite=Trainer._check_finite)
+  Trainer._report(trainer, window, log, Progress(10, "t"), 0.0, 2, {"model": "x"})
   [record] = log.records("train")
   assert record["loss_per_model"] == [1.5, 2.0, None] and record["grad_norm"] == [1.5, 3.0, None]
   assert record["model"] == "x" and record["step"] == 7 and record["steps"] == 2

@@ -125,7 +125,8 @@ class Trainer:
     """Reads the window's metrics (waiting for its last step), shows them and, given a log, writes them as
     one record; returns the time."""
     m = hosts.fetch(window)
-    self._check_finite(m)
+    if log is not None:  # at a step every process reaches: in a multi-process job they all stop there
+      self._check_finite(m)
     now = time.perf_counter()
     stack = lambda key: np.stack([step[key] for step in m])  # [steps, K]
     weight_SxK, nll_SxK = stack("tokens"), stack("nll_sum")
