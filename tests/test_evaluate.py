@@ -141,3 +141,22 @@ def test_one_clusters_batch_runs_only_its_model_and_matches_every_model(otto_run
                                rtol=1e-5, atol=1e-5)
   mixed = trainer.next_logprobs(run.params, seqs, users, np.array([0, 1, 1, 0]))
   np.testing.assert_allclose(mixed, every_KxBxV[[0, 1, 1, 0], np.arange(4)], rtol=1e-5, atol=1e-5)
+
+
+def test_a_users_next_page_distribution_does_not_depend_on_how_wide_the_batchs_prompts_are(tmp_path):
+  """next_logprobs cuts prompts to the batch's longest (rounded up to a power of two): a short history gives
+  the same distribution in a batch of short ones (width 8) as beside a long one (the whole context)."""
+  cfg = Config(model=ModelConfig(context=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, vocab_size=12),
+               train=TrainConfig(batch_size=4, eval_batch_size=4))
+  tokens, offsets, split = [], [0], []
+  for length in (3, 5, 40):  # histories of 3, 5 and 40 tokens (the last longer than the context), then 2 targets
+    tokens += [int(x) for x in 3 + np.arange(length + 2) % 9]
+    split.append(offsets[-1] + length)
+    offsets.append(len(tokens))
+  seqs = UserSequences(np.array(["a", "b", "c"]), np.array(tokens, np.int32), np.array(offsets), np.array(split),
+                       np.ones(3, np.int32))
+  trainer = Trainer(cfg, 1)
+  params = trainer.init_state().params
+  short = trainer.next_logprobs(params, seqs, np.array([0, 1]), np.array([0, 0]))
+  beside_long = trainer.next_logprobs(params, seqs, np.array([0, 1, 2]), np.array([0, 0, 0]))
+  np.testing.assert_allclose(short, beside_long[:2], rtol=1e-5, atol=1e-6)

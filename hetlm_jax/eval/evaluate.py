@@ -144,7 +144,8 @@ def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: E
   true_U = seqs.tokens[first_page_index(seqs)]
   neg_UxN, ok_U = M.sample_negatives(seqs, candidate_V, opts.negatives, opts.seed, exclude_U=true_U)
   groups_U = np.zeros(seqs.num_users, np.int64) if groups_U is None else np.asarray(groups_U)
-  order = np.argsort(groups_U, kind="stable")
+  # Within a group, by history length: a batch's prompts are as wide as its longest (Trainer.next_logprobs).
+  order = np.lexsort((seqs.split - seqs.offsets[:-1], groups_U))
   bounds = np.flatnonzero(np.diff(groups_U[order])) + 1
   batches = [b for g in np.split(order, bounds) if len(g) for b in np.array_split(g, -(-len(g) // batch))]
   full_keys, sampled_keys = ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr"), ("hr@10", "ndcg@10")

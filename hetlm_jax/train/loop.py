@@ -212,11 +212,16 @@ class Trainer:
                     cluster_B: np.ndarray | None = None) -> np.ndarray:
     """[B, V] log-distribution of each user's first target token (after BOS for a new session) under the
     model of `cluster_B`, or [K, B, V] under every model when cluster_B is None; the batch is padded to the
-    eval batch so the shape stays fixed. A batch of one cluster's users runs only that cluster's model."""
-    b, n = self.eval_batch, len(users_B)
+    eval batch. A batch of one cluster's users runs only that cluster's model. Prompts are only as wide as the
+    batch's longest needs, rounded up to a power of two (at least 8, at most --context): browsing histories are
+    short, and a few widths keep the compiled shapes few."""
+    b, n, context = self.eval_batch, len(users_B), self.cfg.model.context
     padded = np.full(b, -1)
     padded[:n] = users_B
-    left_BxT, pad_B = prompts(seqs, padded, self.cfg.model.context)
+    left_BxT, pad_B = prompts(seqs, padded, context)
+    longest = int(context - pad_B[:max(n, 1)].min())
+    width = min(context, max(8, 1 << (longest - 1).bit_length()))
+    left_BxT, pad_B = left_BxT[:, context - width:], (pad_B - (context - width)).astype(np.int32)
     width = left_BxT.shape[1]
     right_BxT = np.take_along_axis(left_BxT, (np.arange(width)[None, :] + pad_B[:, None]) % width, axis=1)
     last_B = np.maximum(width - 1 - pad_B, 0).astype(np.int32)
