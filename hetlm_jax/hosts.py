@@ -10,6 +10,7 @@ writes collectively.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -106,3 +107,16 @@ def any_process(flag: bool) -> bool:
 def barrier(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def check_same(what: str, *arrays) -> None:
+  """Raises HetlmError unless every process holds the same `arrays` (compared by a digest): hosts that read
+  different data, or drifted apart, would otherwise train a wrong model or wait forever on each other."""
+  if jax.process_count() == 1:
+    return
+  digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).digest()[:16]
+  mine = np.frombuffer(digest, np.int32)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+  differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+  if differ:
+    raise HetlmError(f"{what} differs between process 0 and process(es) {', '.join(map(str, differ))}")

@@ -193,6 +193,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   tokenizer = PageTokenizer.load(workdir / "tokenizer.json") if (workdir / "tokenizer.json").exists() else None
   prepared = prepare_data(cfg, tokenizer)
   seqs, tokenizer = prepared.seqs, prepared.tokenizer
+  hosts.check_same(f"{data_path(cfg)}: the data read (users, tokens, pages)", seqs.tokens, seqs.offsets, seqs.split,
+                   np.array([tokenizer.vocab_size]))
   c = cfg.cluster
   ks = [c.k] if c.k else c.candidates()
   if max(ks) > seqs.num_users:

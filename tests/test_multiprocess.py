@@ -1,9 +1,16 @@
 """Two processes on localhost (jax.distributed, CPU collectives, two devices each) against one process with four."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
 
 from hetlm_jax.main import cli
-from tiny_run import assert_same_result, hetlm_process, train_args
+from synthetic import markov_events
+from tiny_run import REPO, assert_same_result, hetlm_process, train_args
 
 
 def test_two_processes_end_as_one_process_with_four_devices_and_only_process_0_writes(tiny_reference, tmp_path):
@@ -55,3 +62,23 @@ def test_slurm_and_tpu_vm_launches_are_detected_and_a_plain_process_is_not(monke
   monkeypatch.delenv("SLURM_STEP_ID")
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
   assert cluster_environment() == "tpu"
+
+
+def test_processes_that_read_different_data_refuse_to_train_in_one_line(tiny_reference, tmp_path):
+  log, _ = tiny_reference
+  other = tmp_path / "other.parquet"
+  pq.write_table(markov_events(n_users=120, n_groups=2, sessions=3, session_len=6, seed=1)[0], other)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  runs = [subprocess.Popen([sys.executable, "-m", "hetlm_jax.main", *train_args(data, tmp_path / "run"),
+                            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i, data in enumerate((log, other))]
+  for run in runs:
+    _, err = run.communicate(timeout=300)
+    errors = [line for line in err.splitlines() if line.startswith("hetlm: error: ")]
+    assert run.returncode == 2 and len(errors) == 1, err[-3000:]
+    assert "differs between process 0 and process(es) 1" in errors[0]
+  assert not (tmp_path / "run").exists()

@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 from scipy.special import logsumexp
 
+from hetlm_jax import hosts
 from hetlm_jax.cluster.assign import (cluster_shares, kmeans, kmeans_on_features, log_shares, min_cluster_size,
                                       random_balanced, reassign)
 from hetlm_jax.config import Config
@@ -238,6 +239,7 @@ def _reassign(name: str, trainer: Trainer, state, seqs: UserSequences, assignmen
   if moved.reseeded:
     logging.warning("%s: re-seeded clusters %s by splitting %s (they fell below %d users)", name,
                     sorted(moved.reseeded), sorted(set(moved.reseeded.values())), min_size)
+  hosts.check_same(f"{name}'s assignment after round {round_index}", moved.assignment)
   own = nll_per_token_KxU[moved.assignment, np.arange(seqs.num_users)]
   record = {"kind": "round", "model": name, "round": round_index, "moved": moved.moved,
             "sizes": moved.sizes.tolist(), "reseeded": {str(a): b for a, b in moved.reseeded.items()},
