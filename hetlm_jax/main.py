@@ -190,7 +190,9 @@ def _main(argv: list[str]) -> int:
     hosts.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if argv[1] == "evaluate":
     from hetlm_jax.pipeline import evaluate_workdir
-    _summary(evaluate_workdir(FLAGS.workdir, data), FLAGS.workdir)
+    report = evaluate_workdir(FLAGS.workdir, data)
+    if hosts.is_primary():
+      _summary(report, FLAGS.workdir)
     return 0
   if argv[1] == "generate":
     return _generate(data)

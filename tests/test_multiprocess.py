@@ -13,7 +13,7 @@ from synthetic import markov_events
 from tiny_run import REPO, assert_same_result, hetlm_process, train_args
 
 
-def test_two_processes_end_as_one_process_with_four_devices_and_only_process_0_writes(tiny_reference, tmp_path):
+def test_two_processes_train_and_evaluate_as_one_process_with_four_devices_and_only_process_0_writes(tiny_reference, tmp_path):
   log, reference = tiny_reference
   done = hetlm_process(train_args(log, tmp_path / "two"), processes=2, devices=2)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -23,6 +23,12 @@ def test_two_processes_end_as_one_process_with_four_devices_and_only_process_0_w
   lines = lambda d: [json.loads(line)["kind"] for line in (d / "metrics.jsonl").read_text().splitlines()]
   assert lines(tmp_path / "two") == lines(reference)
   assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in reference.iterdir())
+  # `hetlm evaluate` as two processes writes the same evaluation again (with the training's provenance).
+  written = (tmp_path / "two" / "eval.json").stat().st_mtime_ns
+  again = hetlm_process(["evaluate", f"--workdir={tmp_path / 'two'}"], processes=2, devices=2)
+  assert again.returncode == 0 and again.stdout.count("report: ") == 1, again.stderr[-3000:]
+  assert (tmp_path / "two" / "eval.json").stat().st_mtime_ns > written
+  assert_same_result(reference, tmp_path / "two")
 
 
 def test_sigterm_stops_both_processes_at_one_step_and_one_process_resumes_to_the_same_end(tiny_reference, tmp_path,
