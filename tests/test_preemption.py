@@ -58,3 +58,13 @@ def test_a_nan_loss_stops_the_run_with_one_line_naming_the_step_and_keeps_the_la
   restored = ocp.CheckpointManager((tmp_path / "run" / "checkpoints" / "hetlm").absolute()).restore(
     4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["state"]))
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_skipped_and_the_next_record_starts_a_new_line(tmp_path):
+  from hetlm_jax.train.metrics import MetricsLog
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"kind": "train", "step": 4}\n{"kind": "train", "st')
+  log = MetricsLog(path)
+  assert log.records("train") == [{"kind": "train", "step": 4}]
+  log.write({"kind": "train", "step": 5})
+  assert [r["step"] for r in MetricsLog(path).records("train")] == [4, 5]

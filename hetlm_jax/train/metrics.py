@@ -22,15 +22,17 @@ class MetricsLog:
     self._path = Path(path)
     self._tb_dir, self._writers, self._validations = tensorboard_dir, {}, {}
     self._primary = hosts.is_primary()
-    lines = self._path.read_text().splitlines() if self._path.exists() else []
-    self._records = [json.loads(line) for line in lines if line.strip()]
+    text = self._path.read_text() if self._path.exists() else ""
+    self._records = [record for record in map(_parsed, text.splitlines()) if record is not None]
+    self._cut = bool(text) and not text.endswith("\n")  # the last line was cut short: start a new one
 
   def write(self, record: dict) -> None:
     self._records.append(json.loads(json.dumps(record, default=float)))
     if not self._primary:
       return
     with self._path.open("a") as f:
-      f.write(json.dumps(record, default=float) + "\n")
+      f.write("\n" * self._cut + json.dumps(record, default=float) + "\n")
+    self._cut = False
     if self._tb_dir is not None and record.get("kind") in ("train", "validation") and "model" in record:
       self._scalars(record)
 
@@ -56,6 +58,14 @@ class MetricsLog:
   def records(self, kind: str) -> list[dict]:
     """The logged records of one kind, in order (earlier sessions of a resumed run included)."""
     return [r for r in self._records if r.get("kind") == kind]
+
+
+def _parsed(line: str) -> dict | None:
+  """One metrics.jsonl record; None for a blank line or one cut short (a process killed while writing it)."""
+  try:
+    return json.loads(line) if line.strip() else None
+  except json.JSONDecodeError:
+    return None
 
 
 def tensorboard_available() -> str | None:
