@@ -274,7 +274,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     extra["k_sweep"] = {"selection_nll": {str(key): v for key, v in k_curve.items()},
                         "note": "K chosen on the validation users' held-out targets; they are left out of n_users"}
   families = {name: LMFamily(name, m.trainer, m.params, m.assignment,
-                             cluster_shares(m.assignment, m.weights, m.trainer.k)) for name, m in models.items()}
+                             cluster_shares(m.assignment, m.weights, m.trainer.k), m.history_nll)
+              for name, m in models.items()}
   rounds = [r for r in log.records("round") if r["model"] == hetlm.name]
   if prepared.test_seqs is not None:
     report = evaluate_new_users(families, seqs, prepared.test_seqs, tokenizer, workdir, extra=extra, rounds=rounds)

@@ -174,3 +174,41 @@ def test_the_single_lm_goes_on_from_the_warm_start_lm_exactly_as_if_trained_from
   cluster_rounds.train_family("single_other", other, 1, seqs, tmp_path, log, zeros, 3, None,
                               continue_from="init_single")
   assert len(log.records("continued")) == 1
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_the_history_scores_kept_from_the_last_e_step_are_those_of_the_returned_models(markov_log, tmp_path,
+                                                                                       monkeypatch, early_stopping):
+  """The evaluation's mixture posterior reuses them instead of scoring every history again: they must be the
+  scores of the parameters it evaluates. Without early stopping, the last round ends with an E-step; with it,
+  the second round is made to find no pass better than its start, so it goes back to the parameters that the
+  first round's E-step scored, and the rounds end there."""
+  from hetlm_jax.train.metrics import MetricsLog
+
+  if early_stopping:
+    real_reassign, real_nll, after_e_step = cluster_rounds._reassign, cluster_rounds.Validation.nll, []
+
+    def reassign(*args, **kwargs):
+      after_e_step.append(True)
+      return real_reassign(*args, **kwargs)
+
+    def nll(self, *args):  # the first validation after an E-step (the round's start) is unbeatable
+      return 0.0 if after_e_step and after_e_step.pop() else real_nll(self, *args)
+    monkeypatch.setattr(cluster_rounds, "_reassign", reassign)
+    monkeypatch.setattr(cluster_rounds.Validation, "nll", nll)
+
+  path, _ = markov_log
+  cfg = markov_config(path, rounds=2)
+  cfg = cfg.replace(train=dataclasses.replace(cfg.train, patience=1 if early_stopping else 0, epochs=2))
+  prepared = prepare_data(cfg)
+  cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size))
+  seqs, validation, _ = pipeline.validation_slice(cfg, prepared)
+  log = MetricsLog(tmp_path / "metrics.jsonl")
+  trained = cluster_rounds.train_hetlm(cfg, 3, seqs, prepared.tokenizer.vocab_size, tmp_path, log,
+                                       validation if early_stopping else None)
+  stops = log.records("stop")
+  assert len(stops) == 2 and len(log.records("round")) == (1 if early_stopping else 2)
+  assert stops[0]["best_pass"] > 0 and (stops[1]["best_pass"] == 0) == early_stopping
+  assert trained.history_nll is not None and trained.history_nll.shape == (3, seqs.num_users)
+  fresh, _ = trained.trainer.score(trained.params, seqs, "history")
+  np.testing.assert_allclose(trained.history_nll, fresh, rtol=1e-6)

@@ -44,6 +44,9 @@ class Trained:
   train_s: float
   weights: np.ndarray | None = None  # [U, K] soft-EM responsibilities (--soft), else None
   passes: int = 0  # passes over every user trained, over all rounds (early stopping decides how many)
+  # [K, U] NLL sums of every user's history under every model of `params`, from the last E-step when it scored
+  # exactly these parameters (the evaluation's mixture posterior needs the same numbers); else None.
+  history_nll: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -119,6 +122,7 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
                                          "train": dataclasses.asdict(cfg.train)}, weights)
 
   stop = interrupt.StopRequest()
+  scored = None  # the last E-step's [K, U] history NLL, while state.params are still the parameters it scored
 
   def periodic_save(state, step):
     """After each step: a checkpoint every --checkpoint_every steps, or now and stop on SIGTERM/SIGINT."""
@@ -172,6 +176,8 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
         if patience and meta["best_epoch"] < epoch:  # back to the best pass; the step counter goes on
           state = state.replace(params=best["params"], opt_state=best["opt_state"])
           best = _snapshot(state)
+        if not (patience and meta["best_epoch"] == 0):  # else the round's start: the parameters last scored
+          scored = None
         log.write({"kind": "stop", "model": name, "round": round_index + 1, "passes": epoch,
                    "best_pass": meta["best_epoch"] if patience else epoch, "validation_nll": meta["best_nll"]})
         logging.info("%s round %d: %d passes, kept pass %d%s", name, round_index + 1, epoch,
@@ -186,11 +192,11 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
           logging.info("%s round %d: no pass improved the validation NLL; the rounds end", name, round_index + 1)
           meta.update(done=True, converged=True)
         elif k > 1:  # E-step
-          assignment, weights, moved = _reassign(name, trainer, state, seqs, assignment, weights, c.soft, min_size,
-                                                 log, meta["round"])
+          assignment, weights, moved, scored = _reassign(name, trainer, state, seqs, assignment, weights, c.soft,
+                                                         min_size, log, meta["round"])
           if moved.reseeded:
             state = trainer.copy_models(state, moved.source)
-            best = _snapshot(state)
+            best, scored = _snapshot(state), None
           meta["converged"] = bool(moved.moved < c.tolerance)
           meta["done"] = meta["done"] or meta["converged"]
         if on_round is not None:
@@ -203,7 +209,8 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
   finally:  # also on an error or interrupt: pending checkpoint writes finish before the process goes on
     ckpts.close()
   train_s = meta.get("train_s", trained_before)  # as of the last checkpoint: a finished run's resume adds nothing
-  return Trained(name, cfg, trainer, state.params, assignment, meta["round"], train_s, weights, meta["passes"])
+  return Trained(name, cfg, trainer, state.params, assignment, meta["round"], train_s, weights, meta["passes"],
+                 scored)
 
 
 def _continuable(workdir: Path, source: str | None, cfg: Config, k: int, rounds: int) -> Checkpoints | None:
@@ -223,7 +230,8 @@ def _continuable(workdir: Path, source: str | None, cfg: Config, k: int, rounds:
 
 def _reassign(name: str, trainer: Trainer, state, seqs: UserSequences, assignment: np.ndarray, weights, soft: bool,
               min_size: int, log: MetricsLog, round_index: int):
-  """Scores every user's history under every model; returns (assignment, weights, Reassignment)."""
+  """Scores every user's history under every model; returns (assignment, weights, Reassignment, the [K, U]
+  history NLL sums)."""
   k = trainer.k
   nll_KxU, tokens_U = trainer.score(state.params, seqs, "history", label=f"{name} scoring")
   nll_per_token_KxU = nll_KxU / np.maximum(tokens_U, 1)
@@ -249,7 +257,7 @@ def _reassign(name: str, trainer: Trainer, state, seqs: UserSequences, assignmen
   log.write(record)
   logging.info("%s round %d: %.2f%% of users moved; sizes %s; history NLL %.4f", name, round_index,
                100 * moved.moved, moved.sizes.tolist(), record["history_nll"])
-  return moved.assignment, weights, moved
+  return moved.assignment, weights, moved, nll_KxU
 
 
 def warmed(cfg: Config, k: int) -> bool:

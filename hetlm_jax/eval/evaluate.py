@@ -38,6 +38,7 @@ class LMFamily:
   params: object
   assignment: np.ndarray
   shares: np.ndarray | None = None  # [K] the mixture's prior π; None: the clusters' shares of `assignment`
+  history_nll: np.ndarray | None = None  # [K, U] history NLL sums of the evaluated users under `params`, if known
 
   def log_prior(self) -> np.ndarray:
     """[K] log π_k of the mixture likelihood log Σ_k π_k p_k(·)."""
@@ -80,8 +81,12 @@ def mixture_nll(family, seqs: UserSequences, nll_KxU: np.ndarray, tokens_U: np.n
   """[U] −log Σ_k P(k | history_u) p_k(target_u | history_u) per target token, P(k | history) ∝
   π_k p_k(history): the mixture likelihood of the target given everything seen before it.
 
-  `nll_KxU`, `tokens_U`: the target scores of `per_user_nll`; `family`: an LMFamily or alike."""
-  history_KxU, _ = family.trainer.score(family.params, seqs, "history", label=f"{family.name} history posterior")
+  `nll_KxU`, `tokens_U`: the target scores of `per_user_nll`; `family`: an LMFamily or alike. The history
+  scores are the family's `history_nll` when training's last E-step left them (the same computation on the
+  same parameters and users), else computed here."""
+  history_KxU = getattr(family, "history_nll", None)
+  if history_KxU is None or history_KxU.shape != nll_KxU.shape:
+    history_KxU, _ = family.trainer.score(family.params, seqs, "history", label=f"{family.name} history posterior")
   log_post_KxU = family.log_prior()[:, None] - history_KxU
   log_post_KxU -= logsumexp(log_post_KxU, axis=0, keepdims=True)
   return -logsumexp(log_post_KxU - nll_KxU, axis=0) / np.maximum(tokens_U, 1)
