@@ -41,7 +41,9 @@ class ModelConfig:
 class TrainConfig:
   batch_size: int = 64  # windows per cluster per step, across all devices
   epochs: int = 8  # passes over every user per round, at most (the cap of early stopping)
-  patience: int = 2  # stop a round after this many passes without a better validation NLL (0: run every pass)
+  patience: int = 2  # stop a round after this many validations without a better one (0: run every pass)
+  warm_epochs: int = 2  # passes at most of a round that goes on from a trained model (warm start, anneal)
+  val_every: float = 0.25  # passes between validations in such a round (a round from scratch: every pass)
   val_frac: float = 0.1  # training users whose held-out targets decide early stopping (and --k=auto)
   learning_rate: float = 3e-3
   warmup_frac: float = 0.05
@@ -51,6 +53,7 @@ class TrainConfig:
   log_every: int = 50  # steps between metrics records (progress is also shown at least every 10 s)
   prefetch: int = 2  # batches built and put on the devices ahead of the step, in a background thread (0: none)
   balance: bool = True  # smaller clusters cycle their own users instead of padding (see train/batches.py)
+  max_repeat: int = 0  # with balance: a cluster's users appear at most this many times a pass (0: no cap)
   tensorboard: bool = False  # also write TensorBoard event files, WORKDIR/tensorboard/MODEL (needs tensorboardX)
   stack: str = "auto"  # how the K models share a step: vmap | unroll | auto (unroll on CPU, vmap elsewhere)
   checkpoint_every: int = 500  # steps; a checkpoint is also saved at the end of every round
@@ -81,8 +84,11 @@ class ClusterConfig:
   init: str = "embedding"  # random | features | embedding (measured best: docs/RESULTS.md)
   warm_start: bool = True  # with init=embedding: all K models start from that single LM
   soft: bool = False  # soft EM: each model trains on every user, weighted by its posterior responsibility
-  init_rounds: int = 3  # with init=embedding: rounds of the single LM trained first, at most
-  warm_lr_scale: float = 0.3  # warm-started cluster models train at this fraction of --learning_rate
+  init_rounds: int = 3  # rounds from scratch of every single LM (the init LM, single, single_matched), at most
+  warm_lr_scale: float = 0.05  # warm-started rounds start at this fraction of --learning_rate, then decay
+  prox: float = 0.0  # warm-started models: an L2 pull of strength prox toward the LM they start from
+  route_frac: float = 0.0  # the last share of every training history: kept out of training, routes users
+  interpolate: bool = False  # warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init (validation)
   min_cluster_frac: float = 0.1  # of a balanced share U/K; smaller clusters are re-seeded
   baselines: bool = True  # also train the single LMs (per-cluster size and parameter-matched)
   cluster_axis: int = 1  # devices along the 'cluster' mesh axis; the rest form the 'data' axis
@@ -145,6 +151,9 @@ def validate(cfg: Config) -> None:
     (t.batch_size >= 1, f"--batch_size={t.batch_size} must be at least 1"),
     (t.epochs >= 1, f"--epochs={t.epochs} must be at least 1"),
     (t.patience >= 0, f"--patience={t.patience} must be non-negative"),
+    (t.warm_epochs >= 1, f"--warm_epochs={t.warm_epochs} must be at least 1"),
+    (0.0 < t.val_every <= 1.0, f"--val_every={t.val_every} must be in (0, 1]"),
+    (t.max_repeat >= 0, f"--max_repeat={t.max_repeat} must be non-negative"),
     (0.0 <= t.val_frac < 1.0, f"--val_frac={t.val_frac} must be in [0, 1)"),
     (t.val_frac > 0 or (t.patience == 0 and c.k != 0),
      "--val_frac=0 leaves no validation users: it needs --patience=0 and a fixed --k"),
@@ -177,6 +186,8 @@ def validate(cfg: Config) -> None:
     (c.init in ("random", "features", "embedding"), f"--init={c.init!r}: expected random, features or embedding"),
     (c.init_rounds >= 1, f"--init_rounds={c.init_rounds} must be at least 1"),
     (0.0 < c.warm_lr_scale <= 1.0, f"--warm_lr_scale={c.warm_lr_scale} must be in (0, 1]"),
+    (c.prox >= 0.0, f"--prox={c.prox} must be non-negative"),
+    (0.0 <= c.route_frac < 1.0, f"--route_frac={c.route_frac} must be in [0, 1)"),
     (0.0 <= c.min_cluster_frac < 1.0, f"--min_cluster_frac={c.min_cluster_frac} must be in [0, 1)"),
     (c.cluster_axis >= 1, f"--cluster_axis={c.cluster_axis} must be at least 1"),
     (_cluster_params_ok(c.cluster_params, m.n_layers),

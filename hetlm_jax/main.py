@@ -26,9 +26,22 @@ _HELP = {
   "warm_start": "With --init=embedding, start every cluster model from that single LM.",
   "soft": "Soft EM: after the first round every cluster model trains on every user, each weighted by the "
           "posterior of that cluster given the user's history (assignments.parquet keeps the most likely).",
-  "init_rounds": "With --init=embedding, rounds of the single LM trained first, at most (clustered, and "
-                 "copied with --warm_start).",
-  "warm_lr_scale": "Warm-started cluster models fine-tune at this fraction of --learning_rate.",
+  "init_rounds": "Rounds from scratch of every single LM, at most: the one --init=embedding clusters (and "
+                 "--warm_start copies), single and single_matched; each then anneals (see --warm_epochs).",
+  "warm_lr_scale": "Warm-started rounds (HeTLM's clusters, single_ft) start at this fraction of --learning_rate, "
+                   "with no warmup, and decay to 1/20 of it.",
+  "prox": "Warm-started models: the gradient of prox/2 ||theta - theta_init||^2, a pull toward the LM they "
+          "start from (0: none).",
+  "route_frac": "Keep this last share of every training user's history out of training, and route users "
+                "(the E-step) by it alone, so reassignment never rewards memorising (0: route by the whole "
+                "history).",
+  "interpolate": "Warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init, their parameters "
+                 "interpolated toward the LM they started from, alpha per cluster from 0, 0.25, ..., 1 by the "
+                 "validation users (alpha 0 for all is that LM, so validation cannot see them fall below it).",
+  "warm_epochs": "Passes at most of a round that goes on from a trained model: a warm-started round, and the "
+                 "anneal that ends every single LM.",
+  "val_every": "Passes between validations in such a round (a round from scratch validates every pass).",
+  "max_repeat": "With --balance: a smaller cluster's users appear at most this many times per pass (0: no cap).",
   "min_cluster_frac": "A cluster smaller than this fraction of U/K is re-seeded by splitting the largest.",
   "baselines": "Also train the single-LM baselines (per-cluster size and parameter-matched).",
   "context": "Tokens the model sees; longer histories are cut from the left.",
@@ -36,8 +49,8 @@ _HELP = {
   "session_gap_minutes": "Inactivity that starts a new session when the log has no session_id.",
   "epochs": "Passes over every user per round, at most: the learning-rate schedule's cycle, cut short by "
             "early stopping.",
-  "patience": "Stop a round after this many passes without a better validation NLL, once half of --epochs "
-              "is trained (0: train every pass).",
+  "patience": "Stop a round after this many validations without a better per-user mean validation NLL; a "
+              "round from scratch counts them once half of --epochs is trained (0: train every pass).",
   "val_frac": "Share of the training users whose held-out targets decide early stopping and --k=auto; they are "
               "left out of the reported evaluation.",
   "batch_size": "Windows per cluster per step, over all devices.",

@@ -21,12 +21,12 @@ from absl import logging
 
 from hetlm_jax import hosts
 from hetlm_jax.cluster.assign import cluster_shares
-from hetlm_jax.cluster.rounds import Validation, train_family, train_hetlm, warmed
+from hetlm_jax.cluster.rounds import Validation, train_family, train_hetlm, train_single_ft, warmed
 from hetlm_jax.config import FLAG_NAMES, Config, ModelConfig, validate
 from hetlm_jax.data import SAMPLE_PATH
 from hetlm_jax.data.readers import read_events
-from hetlm_jax.data.sequences import (UserSequences, build_sequences, held_out_users, outcome_types, spare_users,
-                                      split_users)
+from hetlm_jax.data.sequences import (UserSequences, build_sequences, held_out_users, outcome_types, routing_split,
+                                      spare_users, split_users)
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import LMFamily, evaluate, route_by_history
@@ -156,10 +156,12 @@ def validation_slice(cfg: Config, prepared: Prepared) -> tuple[UserSequences, Va
 
 
 def _kept_its_init_lm(log: MetricsLog, name: str, warm: bool) -> bool:
-  """Whether HeTLM's first round found no pass better than the single LM it was warm-started from, so the
-  rounds ended there and its K models are copies of that LM."""
+  """Whether no round of HeTLM found a point better than where it started, so its K models are copies of the
+  single LM it was warm-started from."""
   stops = [r for r in log.records("stop") if r["model"] == name]
-  return warm and len(stops) == 1 and stops[0]["best_pass"] == 0
+  mixed = [r for r in log.records("interpolate") if r["model"] == name]
+  back = bool(mixed) and not any(mixed[-1]["alpha"]) and not mixed[-1]["alpha_shared"]  # interpolated all the way back
+  return warm and bool(stops) and (back or not any(r.get("improved", r.get("best_pass")) for r in stops))
 
 
 MIN_FREE_BYTES = 100 * 2**20  # a run's checkpoints and outputs need at least this much room to start
@@ -229,17 +231,19 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
              "k": c.k or "auto", "data": prepared.stats, "prepare_s": prepared.seconds})
 
   seqs, validation, evaluated_U = sliced
+  # Every model trains on the same tokens; with --route_frac, each history's tail is kept out to route users.
+  train_seqs = routing_split(seqs, c.route_frac) if c.route_frac else seqs
   assignments_path = workdir / "assignments.parquet"
   on_round = lambda assignment: write_assignments(assignments_path, seqs, assignment, prepared.int_user_ids)
   k_curve = None
   if c.k == 0:
-    hetlm, k_curve = _choose_k(cfg, seqs, tokenizer.vocab_size, workdir, log, validation)
+    hetlm, k_curve = _choose_k(cfg, train_seqs, tokenizer.vocab_size, workdir, log, validation)
     on_round(hetlm.assignment)
   else:
-    hetlm = train_hetlm(cfg, c.k, seqs, tokenizer.vocab_size, workdir, log, validation, on_round=on_round)
+    hetlm = train_hetlm(cfg, c.k, train_seqs, tokenizer.vocab_size, workdir, log, validation, on_round=on_round)
   k = hetlm.trainer.k
   models = {"hetlm": hetlm}
-  init_passes = [r["passes"] for r in log.records("stop") if r["model"] == "init_single"]  # one per round
+  init_stops = [r for r in log.records("stop") if r["model"] == "init_single"]  # one per round
   total = n_shared + k * n_own if k > 1 else n_params
   params = {"hetlm": total}
   parts = {"cluster_params": c.cluster_params, "shared": n_shared if k > 1 else 0,
@@ -251,25 +255,35 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
                  "%d layers)", f"{total:,}", f"{n_shared:,}", k, f"{n_own:,}", f"{param_count(single_model):,}",
                  f"{param_count(matched_model):,}", matched_model.d_model, matched_model.n_layers)
     zeros = lambda: np.zeros(seqs.num_users, np.int32)
-    # Same code path with K=1 and the same rules; at most as many rounds as HeTLM made (its rounds, plus those
-    # of the single LM it started from).
-    single_rounds = hetlm.rounds + (len(init_passes) if warmed(cfg, k) else 0)
+    # Same code path with K=1 and the same rules as the LM HeTLM starts from (rounds from scratch, then an
+    # anneal): `single` is that LM (its checkpoints are copied when it was trained with the same config).
     for name, model_cfg in (("single", single_model), ("single_matched", matched_model)):
-      # The single LM's first rounds are those of the LM that warm-started HeTLM: it goes on from there.
       source = "init_single" if name == "single" and warmed(cfg, k) else None
-      models[name] = train_family(name, cfg.replace(model=model_cfg), 1, seqs, workdir, log, zeros, single_rounds,
-                                  validation, continue_from=source)
+      models[name] = train_family(name, cfg.replace(model=model_cfg), 1, train_seqs, workdir, log, zeros,
+                                  c.init_rounds, validation, continue_from=source)
       params[name] = param_count(model_cfg)
+    if warmed(cfg, k):  # the K=1 control, fine-tuned from the same LM exactly as HeTLM's clusters are
+      models["single_ft"] = train_single_ft(cfg, train_seqs, workdir, log, validation, hetlm.rounds)
+      params["single_ft"] = param_count(cfg.model)
 
-  passes = {name: m.passes for name, m in models.items()}
-  if init_passes and warmed(cfg, k):
-    passes["init_single"] = sum(init_passes)
+  passes = {name: round(m.passes, 2) for name, m in models.items()}
+  tokens = {name: int(m.tokens) for name, m in models.items()}
+  if init_stops and warmed(cfg, k):
+    passes["init_single"] = round(sum(r["passes"] for r in init_stops), 2)
+    tokens["init_single"] = int(sum(r.get("tokens", 0) for r in init_stops))
   extra = {"k": k, "rounds": hetlm.rounds, "params": params, "hetlm_params": parts, "data": data_path(cfg),
-           "train_s": {name: m.train_s for name, m in models.items()}, "passes": passes,
+           "train_s": {name: m.train_s for name, m in models.items()}, "passes": passes, "tokens_trained": tokens,
            "hetlm_is_init_lm": _kept_its_init_lm(log, hetlm.name, warmed(cfg, k)),
            "early_stopping": {"patience": cfg.train.patience if validation else 0,
                               "max_passes_per_round": cfg.train.epochs,
+                              "warm_passes_per_round": cfg.train.warm_epochs, "val_every": cfg.train.val_every,
+                              "warm_lr_scale": c.warm_lr_scale, "prox": c.prox, "route_frac": c.route_frac,
+                              "interpolate": c.interpolate,
                               "validation_users": 0 if validation is None else validation.seqs.num_users}}
+  if validation is not None:  # the statistic every decision read, per model: per-user mean and its variance
+    extra["validation"] = {name: dict(zip(("mean", "var"), validation.stats(m.trainer, m.params, m.assignment,
+                                                                              m.weights)))
+                           for name, m in models.items()}
   if k_curve is not None:
     extra["k_sweep"] = {"selection_nll": {str(key): v for key, v in k_curve.items()},
                         "note": "K chosen on the validation users' held-out targets; they are left out of n_users"}
@@ -331,7 +345,7 @@ def _families_for(workdir: Path, seqs: UserSequences) -> dict[str, LMFamily]:
   """Every trained model family in `workdir`, with each user of `seqs` routed to one of its models:
   by the saved assignment when the user was trained on, else by the perplexity of their history."""
   families = {}
-  for name in ("hetlm", "single", "single_matched"):
+  for name in ("hetlm", "single", "single_ft", "single_matched"):
     try:
       run = load_run(workdir, name)
     except HetlmError:
@@ -372,8 +386,8 @@ def _workdir_data(workdir: Path, data: str | None) -> tuple[Config, Prepared]:
 
 
 # What eval.json says about the training (not the evaluation); `hetlm evaluate` carries it over.
-PROVENANCE = ("k", "rounds", "params", "hetlm_params", "train_s", "passes", "early_stopping", "hetlm_is_init_lm",
-              "k_sweep")
+PROVENANCE = ("k", "rounds", "params", "hetlm_params", "train_s", "passes", "tokens_trained", "early_stopping",
+              "hetlm_is_init_lm", "k_sweep", "validation")
 
 
 def _training_provenance(workdir: Path) -> dict:

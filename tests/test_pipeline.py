@@ -1,6 +1,7 @@
 """train_and_evaluate end to end on a tiny synthetic log: learning, checkpoints, exact resume."""
 
 import dataclasses
+import itertools
 import json
 
 import jax
@@ -106,38 +107,51 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_unin
     assert whole.weights is None
 
 
-def test_a_round_stops_after_patience_passes_without_progress_and_keeps_its_best_pass(log_path, tmp_path,
-                                                                                      monkeypatch):
-  cfg = tiny(log_path, epochs=8, patience=2)
-  # Round start, then after each pass: passes 1-2 are worse than the start, but a round trains at least half
-  # its cap (4 passes); the best is pass 3, and patience stops the round 2 passes later.
-  script = iter([5.0, 6.0, 5.5, 3.0, 3.5, 3.2, 1.0, 1.0])
+def no_e_step_validation(monkeypatch):
+  """The E-step measures validation before and after it; scripted tests script only the rounds' validations."""
+  real = rounds._reassign
+  monkeypatch.setattr(rounds, "_reassign", lambda *args, **kwargs: real(*args[:11], None, **kwargs))
+
+
+def test_a_round_stops_after_patience_validations_without_progress_and_keeps_its_best_pass(log_path, tmp_path,
+                                                                                           monkeypatch):
+  cfg = tiny(log_path, epochs=8, patience=2, val_every=0.5)
+  # Round start, then after each pass: passes 1-2 are worse than the start, but a round from scratch trains at
+  # least half its cap (4 passes); the best is pass 3, and patience stops the round 2 passes later. The kept pass
+  # is near the peak of the schedule, so an anneal round follows, validated every half pass: it never beats its
+  # start (pass 3), and patience (2 validations) stops it after one pass.
+  script = itertools.chain([5.0, 6.0, 5.5, 3.0, 3.5, 3.2, 3.0, 3.3, 3.4], itertools.repeat(9.0))
   seen = []
 
   def scripted(self, trainer, params, assignment, weights):
     seen.append(jax.device_get(params))
-    return next(script)
+    return next(script), 0.0
 
-  monkeypatch.setattr(rounds.Validation, "nll", scripted)
+  monkeypatch.setattr(rounds.Validation, "stats", scripted)
   report = train_and_evaluate(cfg, tmp_path)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  stop, = [r for r in records if r["kind"] == "stop"]
-  assert (stop["passes"], stop["best_pass"], stop["validation_nll"]) == (5, 3, 3.0)
-  assert [r["pass"] for r in records if r["kind"] == "validation"] == [1, 2, 3, 4, 5]
-  assert report["passes"] == {"hetlm": 5}
+  cold, anneal = [r for r in records if r["kind"] == "stop"]
+  assert (cold["passes"], cold["best_pass"], cold["validation_nll"]) == (5, 3, 3.0)
+  assert (anneal["round_kind"], anneal["passes"], anneal["improved"]) == ("anneal", 1.0, False)
+  assert [r["pass"] for r in records if r["kind"] == "validation"] == [1, 2, 3, 4, 5, 0.5, 1.0]
+  assert report["passes"] == {"hetlm": 6.0}
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(load_run(tmp_path).params), seen[3])
 
 
-def test_hetlm_rounds_end_when_a_round_cannot_improve_on_its_start(log_path, tmp_path, monkeypatch):
-  cfg = tiny(log_path, k=2, epochs=4, patience=2)
+def test_hetlm_rounds_end_when_a_round_cannot_improve_on_its_start_then_anneal(log_path, tmp_path, monkeypatch):
+  cfg = tiny(log_path, k=2, epochs=4, patience=2, val_every=1.0)
   cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, rounds=3))
-  script = iter([5.0, 4.0, 4.5, 4.6, 4.0, 4.1, 4.2])  # round 1 improves at pass 1; round 2 never beats its start
-  monkeypatch.setattr(rounds.Validation, "nll", lambda *args: next(script))
+  # Round 1 improves at pass 1; round 2 never beats its start; then the anneal (from pass 1 of round 1, near
+  # the peak rate) improves at its first pass.
+  script = itertools.chain([5.0, 4.0, 4.5, 4.6, 4.0, 4.1, 4.2, 4.0, 3.9, 3.95], itertools.repeat(9.0))
+  monkeypatch.setattr(rounds.Validation, "stats", lambda *args: (next(script), 0.0))
+  no_e_step_validation(monkeypatch)
   report = train_and_evaluate(cfg, tmp_path)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [(r["round"], r["passes"], r["best_pass"]) for r in records if r["kind"] == "stop"] == [(1, 3, 1), (2, 2, 0)]
-  assert [r["round"] for r in records if r["kind"] == "round"] == [1]  # no E-step after round 2
-  assert report["rounds"] == 2 and report["passes"] == {"hetlm": 5}
+  assert [(r["round"], r["round_kind"], r["passes"], r["best_pass"]) for r in records if r["kind"] == "stop"] == [
+    (1, "cold", 3, 1), (2, "cold", 2, 0), (3, "anneal", 2, 1)]
+  assert [r["round"] for r in records if r["kind"] == "round"] == [1]  # no E-step after round 2, nor the anneal
+  assert report["rounds"] == 3 and report["passes"] == {"hetlm": 7}
   assert report["hetlm_is_init_lm"] is False  # its first round improved (and it was not warm-started)
 
 

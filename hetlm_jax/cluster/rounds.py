@@ -19,8 +19,9 @@ from absl import logging
 from scipy.special import logsumexp
 
 from hetlm_jax import hosts
-from hetlm_jax.cluster.assign import (cluster_shares, kmeans, kmeans_on_features, log_shares, min_cluster_size,
-                                      random_balanced, reassign)
+from hetlm_jax.cluster.assign import (Reassignment, cluster_shares, kmeans, kmeans_on_features, log_shares,
+                                      min_cluster_size, random_balanced, reassign)
+from hetlm_jax.cluster.policy import Policy
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.errors import HetlmError
@@ -29,6 +30,7 @@ from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import MetricsLog
+from hetlm_jax.train.split import partition
 from hetlm_jax.train.state import cluster_spec
 
 
@@ -43,10 +45,11 @@ class Trained:
   rounds: int
   train_s: float
   weights: np.ndarray | None = None  # [U, K] soft-EM responsibilities (--soft), else None
-  passes: int = 0  # passes over every user trained, over all rounds (early stopping decides how many)
+  passes: float = 0.0  # passes over every user trained, over all rounds (early stopping decides how many)
   # [K, U] NLL sums of every user's history under every model of `params`, from the last E-step when it scored
   # exactly these parameters (the evaluation's mixture posterior needs the same numbers); else None.
   history_nll: np.ndarray | None = None
+  tokens: float = 0.0  # real tokens trained on, over all rounds (a token repeated by --balance counts each time)
 
 
 @dataclasses.dataclass
@@ -60,15 +63,27 @@ class Validation:
   seqs: UserSequences
   users: np.ndarray | None
 
-  def nll(self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None) -> float:
-    """Nats per scored target token, pooled over the validation users."""
+  def per_user(self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None
+               ) -> np.ndarray:
+    """[V] each validation user's NLL per target token (nats); NaN for a user with no target token."""
     nll_KxV, tokens_V = trainer.score(params, self.seqs, "target", label="validation")
     if self.users is not None:
       nll_V = nll_KxV[assignment_U[self.users], np.arange(self.seqs.num_users)]
     else:
       log_prior_K = log_shares(cluster_shares(assignment_U, weights_UxK, trainer.k))
       nll_V = -logsumexp(log_prior_K[:, None] - nll_KxV, axis=0)
-    return float(nll_V.sum() / max(tokens_V.sum(), 1))
+    return np.where(tokens_V > 0, nll_V / np.maximum(tokens_V, 1), np.nan)
+
+  def stats(self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None
+            ) -> tuple[float, float]:
+    """Mean and variance over the validation users of each user's NLL per target token (nats)."""
+    per_user = self.per_user(trainer, params, assignment_U, weights_UxK)
+    per_user = per_user[~np.isnan(per_user)]
+    return float(per_user.mean()), float(per_user.var())
+
+  def nll(self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None) -> float:
+    """The per-user mean NLL: the statistic every stopping and gating decision reads."""
+    return self.stats(trainer, params, assignment_U, weights_UxK)[0]
 
 
 def _snapshot(state) -> dict:
@@ -79,47 +94,54 @@ def _snapshot(state) -> dict:
 def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Path, log: MetricsLog,
                  initial_assignment, rounds: int, validation: Validation | None, on_round=None,
                  warm_params=lambda: None, continue_from: str | None = None) -> Trained:
-  """Trains (or resumes) one model family in WORKDIR/checkpoints/NAME for at most `rounds` rounds.
+  """Trains (or resumes) one model family in WORKDIR/checkpoints/NAME for at most `rounds` rounds (plus an
+  anneal), by the rules of cluster/policy.py.
 
-  Each round is one cycle of the learning-rate schedule over at most `--epochs` passes, at least half of
-  them; after each pass the validation NLL is measured, and after `--patience` passes without a better one
-  the round stops and returns to its best pass (a round never leaves the validation NLL worse than it found
-  it). With K > 1 the round then ends with the E-step. Training stops after `rounds` rounds, after a round
-  that did not improve on its start, or (K > 1) once fewer than `tolerance` of users move. `initial_assignment()` and
-  `warm_params()` are called only when there is no checkpoint to resume.
+  Each round is one cycle of the learning-rate schedule; at each validation the validation users' per-user
+  mean NLL is measured, and after `--patience` validations without a better one the round stops and
+  returns to its best point (a round never leaves the validation NLL worse than it found it). With K > 1
+  the round then ends with the E-step. `initial_assignment()` is called only when there is no checkpoint to
+  resume; `warm_params()` (a trained single LM, or None) when there is none or when --prox needs it.
 
-  `continue_from`: a finished family trained by the same rules with the same config, K and data (the single
-  LM that warm-starts HeTLM): with no checkpoint of its own, this family starts from that one's last one,
-  which is exactly where its own first rounds would have ended, and trains on from there.
+  `continue_from`: a finished family trained by the same rules with the same config, K, data and rounds
+  (the single LM that warm-starts HeTLM): with no checkpoint of its own, this family is a copy of that one.
   """
   c, t = cfg.cluster, cfg.train
-  patience = t.patience if validation is not None else 0
-  trainer = Trainer(cfg, k)
+  warm = warm_params if continue_from is None else (lambda: None)
   ckpts = Checkpoints(workdir / "checkpoints" / name, t.keep_checkpoints)
-  source = _continuable(workdir, continue_from, cfg, k, rounds) if ckpts.latest_step() is None else None
-  if ckpts.latest_step() is not None:
+  resuming = ckpts.latest_step() is not None
+  source = None if resuming else _continuable(workdir, continue_from, cfg, k, rounds)
+  start_params = warm() if not (resuming or source) or c.prox or c.interpolate else None
+  policy = Policy(cfg, k, warm=start_params is not None, validating=validation is not None)
+  if resuming:  # a family that started warm says so in its checkpoint, whatever warm_params gives now
+    policy = dataclasses.replace(policy, warm=bool(ckpts.meta().get("warm")))
+  trainer = Trainer(cfg, k, prox=policy.prox)
+  if policy.prox or policy.interpolates:
+    trainer.anchor = trainer.anchor_from(start_params)
+  if resuming:
     state, best, assignment, meta, weights = ckpts.restore(trainer.abstract, seqs.num_users)
-    logging.info("%s: resuming at step %d, round %d", name, int(state.step), int(meta["round"]) + 1)
+    if meta["done"]:
+      logging.info("%s: trained (step %d, %d rounds), loaded from its checkpoint", name, int(state.step), meta["round"])
+    else:
+      logging.info("%s: resuming at step %d, round %d", name, int(state.step), int(meta["round"]) + 1)
   elif source is not None:
     state, best, assignment, meta, weights = source.restore(trainer.abstract, seqs.num_users)
     source.close()
-    meta["done"] = bool(meta.get("converged")) or meta["round"] >= rounds
     log.write({"kind": "continued", "model": name, "from": continue_from, "rounds": meta["round"],
                "passes": meta["passes"]})
-    logging.info("%s: its first %d rounds are %s's (same config and data); continuing from step %d", name,
-                 meta["round"], continue_from, int(state.step))
+    logging.info("%s: it is %s, trained by the same rules on the same data (%d rounds)", name, continue_from,
+                 meta["round"])
   else:
-    warm = warm_params()
-    state = trainer.init_state() if warm is None else trainer.warm_state(warm)
+    state = trainer.init_state() if start_params is None else trainer.warm_state(start_params)
     best, assignment, weights = None, initial_assignment(), None
-    meta = {"round": 0, "done": False, "in_round": False, "passes": 0}
+    meta = {**policy.first_meta(), "warm": policy.warm}
 
-  def save(state):
+  def save(state, replace=False):
     meta["train_s"] = trained_before + time.perf_counter() - start
     ckpts.save(state, best, assignment, {**meta, "step": int(state.step), "num_users": seqs.num_users, "k": k,
-                                         "cluster_params": cluster_spec(cfg, k),
+                                         "rounds_cap": rounds, "cluster_params": cluster_spec(cfg, k),
                                          "model": dataclasses.asdict(cfg.model),
-                                         "train": dataclasses.asdict(cfg.train)}, weights)
+                                         "train": dataclasses.asdict(cfg.train)}, weights, replace=replace)
 
   stop = interrupt.StopRequest()
   scored = None  # the last E-step's [K, U] history NLL, while state.params are still the parameters it scored
@@ -137,72 +159,103 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
     if stop.requested(int(state.step), boundary=True):
       raise interrupt.Preempted(name, int(state.step), stop.received)
 
-  def validate(state) -> float:
-    return validation.nll(trainer, state.params, assignment, weights)
+  def validate(state, assignment_U=None, weights_UxK=None) -> tuple[float, float]:
+    """Per-user mean and variance, under the family's assignment or the one given."""
+    if assignment_U is None:
+      assignment_U, weights_UxK = assignment, weights
+    return validation.stats(trainer, state.params, assignment_U, weights_UxK)
 
   start, trained_before = time.perf_counter(), meta.get("train_s", 0.0)  # seconds, over every session of the run
   min_size = min_cluster_size(seqs.num_users, k, c.min_cluster_frac)
-  # The schedule decays over the cap: passes near its peak learning rate are noisy, and the gains come as it
-  # decays, so patience only counts once half the cap has been trained.
-  min_passes = -(-t.epochs // 2)
+  if source is not None:
+    save(state)  # its own checkpoint, so the family loads by its own name
   try:
     with stop:
       while not meta["done"]:
         round_index = meta["round"]
-        batches = ClusterBatches(seqs, assignment, k, t.batch_size, cfg.model.context, t.epochs, t.seed,
-                                 round_index, weights, balance=t.balance)
-        per_epoch = batches.steps_per_epoch
-        # M-step: the K models train on their users, at most --epochs passes, until validation stops improving.
+        plan = policy.plan(meta)
+        batches = ClusterBatches(seqs, assignment, k, t.batch_size, cfg.model.context, plan.passes, t.seed,
+                                 round_index, weights, balance=t.balance, max_repeat=t.max_repeat)
+        per_epoch, total = batches.steps_per_epoch, batches.steps
+        every, checks = plan.check_steps(per_epoch), plan.checks(per_epoch)
+        # M-step: the K models train on their users until validation stops improving, at most plan.passes.
         if not meta["in_round"]:
-          state = trainer.start_round(state, batches.steps)
+          state = trainer.start_round(state, total, plan.round_lr)
           best = _snapshot(state)
-          meta.update(in_round=True, best_epoch=0, best_nll=validate(state) if patience else None)
-        epoch = (int(state.step) - int(state.round_start)) // per_epoch
-        stalled = lambda: bool(patience) and epoch >= min_passes and epoch - meta["best_epoch"] >= patience
-        while epoch < t.epochs and not stalled():
-          state = trainer.train_round(state, batches, log, on_step=periodic_save, until=(epoch + 1) * per_epoch,
-                                      label=f"{name} round {round_index + 1}/{rounds} pass {epoch + 1}/{t.epochs}",
-                                      record={"model": name, "round": round_index + 1, "pass": epoch + 1})
-          epoch += 1
-          if patience:
-            nll = validate(state)
-            log.write({"kind": "validation", "model": name, "round": round_index + 1, "pass": epoch, "nll": nll})
+          start_nll = validate(state) if policy.patience else (None, None)
+          meta.update(in_round=True, best_check=0, best_nll=start_nll[0], best_var=start_nll[1])
+        check = (int(state.step) - int(state.round_start)) // every
+        label = (f"{name} anneal" if plan.kind == "anneal" else
+                 f"{name} round {round_index + 1}/{rounds}{' (warm)' if plan.kind == 'warm' else ''}")
+        while check < checks and not plan.stalled(check, meta["best_check"]):
+          until = min((check + 1) * every, total)
+          state = trainer.train_round(state, batches, log, on_step=periodic_save, until=until,
+                                      label=f"{label} pass {until / per_epoch:.2f}/{plan.passes}",
+                                      record={"model": name, "round": round_index + 1, "round_kind": plan.kind,
+                                              "pass": round(until / per_epoch, 3)})
+          check += 1
+          if policy.patience:
+            nll, var = validate(state)
+            log.write({"kind": "validation", "model": name, "round": round_index + 1,
+                       "pass": round(until / per_epoch, 3), "nll": nll, "var": var})
             if nll < meta["best_nll"]:
               best = _snapshot(state)
-              meta.update(best_epoch=epoch, best_nll=nll)
-          if epoch < t.epochs and not stalled():
-            save(state)  # the round's last pass is saved at the end of the round, below, at the same step
+              meta.update(best_check=check, best_nll=nll, best_var=var)
+          if check < checks and not plan.stalled(check, meta["best_check"]):
+            save(state)  # the round's last validation is saved at the end of the round, below, at the same step
             stop_if_asked(state)
-        if patience and meta["best_epoch"] < epoch:  # back to the best pass; the step counter goes on
+        steps = int(state.step) - int(state.round_start)
+        kept = meta["best_check"] if policy.patience else check
+        improved = kept > 0
+        if improved:
+          meta["kept_lr"] = policy.kept_lr(plan, kept, per_epoch)
+        meta.update(round=round_index + 1, in_round=False, passes=meta["passes"] + steps / per_epoch,
+                    tokens=meta["tokens"] + steps * batches.tokens_per_epoch / per_epoch)
+        log.write({"kind": "stop", "model": name, "round": round_index + 1, "round_kind": plan.kind,
+                   "passes": round(steps / per_epoch, 3), "best_pass": round(min(kept * every, total) / per_epoch, 3),
+                   "improved": improved, "validation_nll": meta["best_nll"], "validation_var": meta["best_var"],
+                   "tokens": steps * batches.tokens_per_epoch / per_epoch})
+        logging.info("%s: %.2f passes, kept pass %.2f%s", label, steps / per_epoch,
+                     min(kept * every, total) / per_epoch,
+                     f" (validation per-user NLL {meta['best_nll']:.4f}, variance {meta['best_var']:.4f})"
+                     if policy.patience else "")
+        moved = None
+        estep = policy.runs_estep(plan, meta, improved)
+        reverted = bool(policy.patience) and meta["best_check"] < check
+        if reverted and improved:  # back to the best point (the step counter goes on), which the E-step routes by
           state = state.replace(params=best["params"], opt_state=best["opt_state"])
           best = _snapshot(state)
-        if not (patience and meta["best_epoch"] == 0):  # else the round's start: the parameters last scored
-          scored = None
-        log.write({"kind": "stop", "model": name, "round": round_index + 1, "passes": epoch,
-                   "best_pass": meta["best_epoch"] if patience else epoch, "validation_nll": meta["best_nll"]})
-        logging.info("%s round %d: %d passes, kept pass %d%s", name, round_index + 1, epoch,
-                     meta["best_epoch"] if patience else epoch,
-                     f" (validation NLL {meta['best_nll']:.4f})" if patience else "")
-        meta.update(round=round_index + 1, in_round=False, passes=meta["passes"] + epoch)
-        meta["done"] = meta["round"] >= rounds
-        if patience and meta["best_epoch"] == 0:
-          # No pass beat the round's start: another warm restart of the schedule is not worth training, and with
-          # K > 1 the models are those the last E-step (or the warm start) left, so another E-step could only
-          # shuffle ties. The rounds have converged.
-          logging.info("%s round %d: no pass improved the validation NLL; the rounds end", name, round_index + 1)
-          meta.update(done=True, converged=True)
-        elif k > 1:  # E-step
-          assignment, weights, moved, scored = _reassign(name, trainer, state, seqs, assignment, weights, c.soft,
-                                                         min_size, log, meta["round"])
+        if estep:
+          # E-step. When the round found nothing better than its start (the first round, which always ends in
+          # one), it routes by the models as trained, its last point, not by the start it then returns to.
+          assignment, weights, moved, scored_now = _reassign(name, trainer, state, seqs, assignment, weights, c.soft,
+                                                             min_size, log, meta["round"], policy.route_part,
+                                                             validate if policy.patience else None,
+                                                             gate=improved)
+        if reverted and not improved:  # back to the round's start
+          state = state.replace(params=best["params"], opt_state=best["opt_state"])
+          best = _snapshot(state)
+        if estep:
+          # The E-step's scores stand for the parameters kept only if it scored them, on whole histories.
+          scored = scored_now if improved and policy.route_part == "history" else None
           if moved.reseeded:
             state = trainer.copy_models(state, moved.source)
             best, scored = _snapshot(state), None
-          meta["converged"] = bool(moved.moved < c.tolerance)
-          meta["done"] = meta["done"] or meta["converged"]
+          moved = moved.moved
+        elif improved:
+          scored = None  # the parameters changed since they were last scored
+        policy.end_round(plan, meta, improved, rounds, moved)
+        if not improved:
+          logging.info("%s: no validation improved on the round's start%s", label,
+                       "" if not meta["done"] else "; the rounds end")
         if on_round is not None:
           on_round(assignment)
         save(state)
         stop_if_asked(state)
+      if policy.interpolates and "alpha" not in meta:
+        params, meta["alpha"] = _interpolate(name, trainer, state.params, validation, assignment, weights, log)
+        state, best, scored = state.replace(params=params), None, None
+        save(state, replace=True)  # the same step: the interpolated parameters are the family's
   except interrupt.NonFiniteLoss as e:
     raise HetlmError(f"{name}: {e}; training stopped, and its last good checkpoint (step {ckpts.latest_step()}) "
                      f"is kept in {workdir / 'checkpoints' / name}") from None
@@ -210,16 +263,63 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
     ckpts.close()
   train_s = meta.get("train_s", trained_before)  # as of the last checkpoint: a finished run's resume adds nothing
   return Trained(name, cfg, trainer, state.params, assignment, meta["round"], train_s, weights, meta["passes"],
-                 scored)
+                 scored, meta["tokens"])
+
+
+INTERPOLATION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def interpolate_params(params, anchor: dict, alpha_K: np.ndarray, alpha_shared: float, spec: str, n_layers: int):
+  """Model k's parameters alpha_k theta_k + (1 - alpha_k) theta_init (`anchor`: the init LM, one model), the
+  shared part with `alpha_shared`: alpha 0 is the init LM, 1 the trained cluster model."""
+  split = partition(spec, n_layers, anchor)
+  alpha_K = jnp.asarray(alpha_K, jnp.float32)
+  mix_K = lambda x_K, a: alpha_K.reshape((-1,) + (1,) * (x_K.ndim - 1)) * x_K + (1 - alpha_K.reshape(
+    (-1,) + (1,) * (x_K.ndim - 1))) * a
+  return {"shared": jax.tree.map(lambda x, a: alpha_shared * x + (1 - alpha_shared) * a, params["shared"],
+                                 split["shared"]),
+          "cluster": jax.tree.map(mix_K, params["cluster"], split["cluster"])}
+
+
+def _interpolate(name: str, trainer: Trainer, params, validation: Validation, assignment_U, weights_UxK,
+                 log: MetricsLog):
+  """--interpolate: every cluster model becomes alpha_k theta_k + (1 - alpha_k) theta_init, alpha from
+  INTERPOLATION_GRID by the validation users' per-user mean NLL: first one alpha for every model (and the
+  shared part), then, split in time, each cluster's own alpha on its own validation users. alpha = 0 for all
+  is the init LM, so the result is at least as good as it on validation."""
+  k, spec, n_layers = trainer.k, cluster_spec(trainer.cfg, trainer.k), trainer.cfg.model.n_layers
+  mixed = jax.jit(functools.partial(interpolate_params, spec=spec, n_layers=n_layers),
+                  out_shardings=jax.tree.map(lambda x: x.sharding, trainer.abstract.params))
+  per_user = lambda alpha_K, alpha_shared: validation.per_user(
+    trainer, mixed(params, trainer.anchor, np.asarray(alpha_K, np.float32), alpha_shared), assignment_U, weights_UxK)
+  scores = {a: per_user(np.full(k, a), a) for a in INTERPOLATION_GRID}
+  common = min(INTERPOLATION_GRID, key=lambda a: np.nanmean(scores[a]))
+  alpha_K = np.full(k, common)
+  if validation.users is not None and k > 1:  # each cluster's users are scored by its own model alone
+    cluster_V = assignment_U[validation.users]
+    by_alpha = {a: per_user(np.full(k, a), common) for a in INTERPOLATION_GRID}
+    for c in range(k):
+      mine = cluster_V == c
+      if mine.any():
+        alpha_K[c] = min(INTERPOLATION_GRID, key=lambda a: np.nanmean(by_alpha[a][mine]))
+  final = per_user(alpha_K, common)
+  record = {"kind": "interpolate", "model": name, "alpha": alpha_K.tolist(), "alpha_shared": common,
+            "validation_nll": float(np.nanmean(final)), "validation_var": float(np.nanvar(final)),
+            "validation_trained": float(np.nanmean(scores[1.0])), "validation_init": float(np.nanmean(scores[0.0]))}
+  log.write(record)
+  logging.info("%s: interpolated toward its init LM, alpha %s (shared %.2f): validation per-user NLL %.4f "
+               "(trained %.4f, init LM %.4f)", name, alpha_K.tolist(), common, record["validation_nll"],
+               record["validation_trained"], record["validation_init"])
+  return mixed(params, trainer.anchor, alpha_K.astype(np.float32), common), record["alpha"]
 
 
 def _continuable(workdir: Path, source: str | None, cfg: Config, k: int, rounds: int) -> Checkpoints | None:
-  """The checkpoints of family `source`, if it finished by the same rules, config and K within `rounds`."""
+  """The checkpoints of family `source`, if it finished by the same rules, config, K and cap of `rounds`."""
   if source is None or not (workdir / "checkpoints" / source).exists():
     return None
   ckpts = Checkpoints(workdir / "checkpoints" / source, cfg.train.keep_checkpoints)
   meta = ckpts.meta() if ckpts.latest_step() is not None else {}
-  same = (meta.get("done") and not meta.get("in_round") and meta.get("k") == k and meta["round"] <= rounds
+  same = (meta.get("done") and not meta.get("in_round") and meta.get("k") == k and meta.get("rounds_cap") == rounds
           and meta.get("model") == dataclasses.asdict(cfg.model) and meta.get("train") == dataclasses.asdict(cfg.train)
           and meta.get("cluster_params") == cluster_spec(cfg, k))
   if not same:
@@ -229,12 +329,19 @@ def _continuable(workdir: Path, source: str | None, cfg: Config, k: int, rounds:
 
 
 def _reassign(name: str, trainer: Trainer, state, seqs: UserSequences, assignment: np.ndarray, weights, soft: bool,
-              min_size: int, log: MetricsLog, round_index: int):
-  """Scores every user's history under every model; returns (assignment, weights, Reassignment, the [K, U]
-  history NLL sums)."""
-  k = trainer.k
-  nll_KxU, tokens_U = trainer.score(state.params, seqs, "history", label=f"{name} scoring")
+              min_size: int, log: MetricsLog, round_index: int, part: str = "history", validate=None,
+              gate: bool = False):
+  """Scores `part` of every user's sequence (the whole history, or the routing tail) under every model;
+  returns (assignment, weights, Reassignment, the [K, U] NLL sums). A user with nothing to score (a
+  history too short for a routing tail) keeps their cluster. `validate(state, assignment, weights)`, if
+  given, measures the validation before and after, logged with the round; with `gate`, a reassignment that
+  makes it worse is not taken (nobody moves), as a round that makes it worse is not."""
+  k, old_weights = trainer.k, weights
+  before = validate(state) if validate is not None else None
+  nll_KxU, tokens_U = trainer.score(state.params, seqs, part, label=f"{name} scoring")
   nll_per_token_KxU = nll_KxU / np.maximum(tokens_U, 1)
+  unrouted = np.flatnonzero(tokens_U == 0)
+  nll_per_token_KxU[:, unrouted] = (np.arange(k)[:, None] != assignment[unrouted]).astype(float)
   if soft:  # the posterior over clusters of each user's history, with the clusters' shares as prior
     log_joint_KxU = log_shares(cluster_shares(assignment, weights, k))[:, None] - nll_KxU
     moved = reassign(-log_joint_KxU / np.maximum(tokens_U, 1), assignment, min_size)
@@ -249,14 +356,29 @@ def _reassign(name: str, trainer: Trainer, state, seqs: UserSequences, assignmen
                     sorted(moved.reseeded), sorted(set(moved.reseeded.values())), min_size)
   hosts.check_same(f"{name}'s assignment after round {round_index}", moved.assignment)
   own = nll_per_token_KxU[moved.assignment, np.arange(seqs.num_users)]
-  record = {"kind": "round", "model": name, "round": round_index, "moved": moved.moved,
+  routed = tokens_U > 0
+  record = {"kind": "round", "model": name, "round": round_index, "moved": moved.moved, "routed_by": part,
             "sizes": moved.sizes.tolist(), "reseeded": {str(a): b for a, b in moved.reseeded.items()},
-            "history_nll_per_cluster": [float(own[moved.assignment == j].mean()) if moved.sizes[j] else None
-                                        for j in range(k)],
-            "history_nll": float(own.mean())}
+            "history_nll_per_cluster": [float(own[routed & (moved.assignment == j)].mean())
+                                        if (routed & (moved.assignment == j)).any() else None for j in range(k)],
+            "history_nll": float(own[routed].mean()) if routed.any() else None}
+  if validate is not None:
+    after = validate(state, moved.assignment, weights) if moved.moved else before
+    if moved.reseeded:  # the validation users' models are copied after this; not measured here
+      after = (None, None)
+    record.update(validation_before=before[0], validation_after=after[0], validation_var_before=before[1],
+                  validation_var_after=after[1])
+    if gate and after[0] is not None and after[0] > before[0]:
+      logging.info("%s round %d: reassignment would raise the validation per-user NLL from %.4f to %.4f; not taken",
+                   name, round_index, before[0], after[0])
+      record["taken"] = False
+      stay = Reassignment(assignment, 0.0, np.bincount(assignment, minlength=k), {}, np.arange(k))
+      log.write(record)
+      return assignment, old_weights, stay, nll_KxU
   log.write(record)
-  logging.info("%s round %d: %.2f%% of users moved; sizes %s; history NLL %.4f", name, round_index,
-               100 * moved.moved, moved.sizes.tolist(), record["history_nll"])
+  logging.info("%s round %d: %.2f%% of users moved; sizes %s%s", name, round_index, 100 * moved.moved,
+               moved.sizes.tolist(), "" if validate is None or after[0] is None else
+               f"; validation per-user NLL {before[0]:.4f} before, {after[0]:.4f} after")
   return moved.assignment, weights, moved, nll_KxU
 
 
@@ -265,11 +387,17 @@ def warmed(cfg: Config, k: int) -> bool:
   return k > 1 and cfg.cluster.init == "embedding" and cfg.cluster.warm_start
 
 
+def init_lm(cfg: Config, seqs: UserSequences, workdir: Path, log: MetricsLog, validation: Validation | None) -> Trained:
+  """The single LM HeTLM starts from ('init_single'): at most --init_rounds rounds from scratch, then annealed;
+  trained once, then loaded from its checkpoints."""
+  return train_family("init_single", cfg, 1, seqs, workdir, log, lambda: np.zeros(seqs.num_users, np.int32),
+                      cfg.cluster.init_rounds, validation)
+
+
 def initial_assignment(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog,
                        validation: Validation | None):
   """The --init strategy as (assignment, warm-start params) thunks; 'embedding' first trains a single LM
-  (--init_rounds rounds, its own checkpoints) whose mean hidden states are clustered and, with --warm_start,
-  copied."""
+  (init_lm) whose mean hidden states are clustered and, with --warm_start, copied."""
   c, seed = cfg.cluster, cfg.train.seed
   no_warm = lambda: None
   if k == 1:
@@ -278,23 +406,25 @@ def initial_assignment(cfg: Config, k: int, seqs: UserSequences, vocab_size: int
     return (lambda: random_balanced(seqs.num_users, k, seed)), no_warm
   if c.init == "features":
     return (lambda: kmeans_on_features(seqs, vocab_size, k, seed)), no_warm
-
-  @functools.lru_cache(maxsize=1)
-  def single():
-    return train_family("init_single", cfg, 1, seqs, workdir, log, lambda: np.zeros(seqs.num_users, np.int32),
-                        c.init_rounds, validation)
-
+  single = functools.lru_cache(maxsize=1)(lambda: init_lm(cfg, seqs, workdir, log, validation))
   initial = lambda: kmeans(single().trainer.embed(single().params, seqs)[0], k, seed)
   return initial, ((lambda: single().params) if c.warm_start else no_warm)
 
 
 def train_hetlm(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog,
                 validation: Validation | None, name: str = "hetlm", on_round=None) -> Trained:
-  """HeTLM with K cluster models from its initial assignment (K=1: a single LM)."""
+  """HeTLM with K cluster models from its initial assignment (K=1: a single LM). Warm-started, its rounds
+  go on from the init LM by the warm rules of cluster/policy.py."""
   initial, warm = initial_assignment(cfg, k, seqs, vocab_size, workdir, log, validation)
   rounds = cfg.cluster.rounds if k > 1 else 1
-  if warmed(cfg, k):  # fine-tuning from a trained LM: a gentler learning rate keeps what it learned
-    cfg = cfg.replace(train=dataclasses.replace(cfg.train,
-                                                learning_rate=cfg.train.learning_rate * cfg.cluster.warm_lr_scale))
   return train_family(name, cfg, k, seqs, workdir, log, initial, rounds, validation, on_round=on_round,
                       warm_params=warm)
+
+
+def train_single_ft(cfg: Config, seqs: UserSequences, workdir: Path, log: MetricsLog, validation: Validation | None,
+                    rounds: int) -> Trained:
+  """The K=1 control (`single_ft`): the init LM fine-tuned exactly as HeTLM's clusters are (same warm rules,
+  `rounds` rounds at most, no E-step), so that HeTLM minus single_ft is what clustering adds."""
+  zeros = lambda: np.zeros(seqs.num_users, np.int32)
+  return train_family("single_ft", cfg, 1, seqs, workdir, log, zeros, rounds, validation,
+                      warm_params=lambda: init_lm(cfg, seqs, workdir, log, validation).params)

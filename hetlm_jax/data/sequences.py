@@ -104,6 +104,21 @@ class UserSequences:
     return np.bincount(self.tokens[in_history_N], minlength=vocab_size)
 
 
+def routing_split(seqs: UserSequences, frac: float) -> UserSequences:
+  """Every user's history alone, its last `frac` of tokens (rounded up, at least one where the history has
+  three or more) made the target: the models train on what is left (the history part) and users are routed
+  by how well each model predicts the target part, tokens no model trained on. Histories of one or two
+  tokens keep them all for training (no target: such a user is not routed)."""
+  hist_U = seqs.history_lengths
+  tail_U = np.where(hist_U >= 3, np.minimum(np.ceil(frac * hist_U).astype(np.int64), hist_U - 2), 0)
+  history = seqs.subset(np.arange(seqs.num_users))
+  keep_N = np.arange(seqs.num_tokens) < np.repeat(seqs.split, seqs.lengths)  # history tokens only
+  offsets = np.zeros(seqs.num_users + 1, np.int64)
+  np.cumsum(hist_U, out=offsets[1:])
+  return dataclasses.replace(history, tokens=history.tokens[keep_N], offsets=offsets,
+                             split=offsets[1:] - tail_U)
+
+
 def split_users(seqs: UserSequences, n_train: int, n_test: int, seed: int) -> tuple[UserSequences, UserSequences]:
   """The split by user: users in the order of numpy.random.default_rng(seed).permutation(U); the next
   n_test after the first n_train are the test users (n_train 0: all the others). Training users keep

@@ -26,7 +26,7 @@ from hetlm_jax.eval.generate import Sampling, generate, session_length_from_data
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import Progress
 
-LM_NAMES = ("hetlm", "single", "single_matched")
+LM_NAMES = ("hetlm", "single", "single_ft", "single_matched")
 _ALIGNMENT = ("edit_similarity", "jaccard", "rouge_l_f1")  # generated vs actual next session, NaN if not generated
 
 
@@ -223,7 +223,7 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
       f"hetlm-{other}": {metric: M.paired_bootstrap(per_user["hetlm"][metric][evaluated_U],
                                                     per_user[other][metric][evaluated_U], opts.bootstrap, opts.seed)
                          for metric in (*_ALIGNMENT, "nll", "hr@10", "ndcg@10")}
-      for other in ("single", "single_matched") if other in per_user}
+      for other in ("single", "single_ft", "single_matched") if other in per_user}
     assignment = families["hetlm"].assignment
     report["clusters"] = [
       {"cluster": c, "users": int(((assignment == c) & evaluated_U).sum()),

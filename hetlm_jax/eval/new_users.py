@@ -131,7 +131,7 @@ def evaluate_new_users(families: dict[str, LMFamily], train: UserSequences, test
       f"hetlm-{other}": {metric: M.paired_bootstrap(per_user["hetlm"][metric], per_user[other][metric],
                                                     opts.bootstrap, opts.seed)
                          for metric in ("nll", "nll_no_end", "hr@10")}
-      for other in ("single", "single_matched") if other in per_user}
+      for other in ("single", "single_ft", "single_matched") if other in per_user}
     report["clusters"] = [
       {"cluster": c, "users": int((map_U == c).sum()),
        **{f"{name}_nll": float(np.nanmean(per_user[name]["nll"][map_U == c])) for name in per_user

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-_ORDER = ("hetlm", "hetlm_mixture", "single", "single_matched", "markov_mixture", "markov_mixture_k40", "markov",
+_ORDER = ("hetlm", "hetlm_mixture", "single", "single_ft", "single_matched", "markov_mixture", "markov_mixture_k40", "markov",
           "popularity")
 _METRICS = ("nll", "nll_no_end", "hr@10", "ndcg@10", "mrr", "hr@10_sampled", "ndcg@10_sampled", "edit_similarity",
             "rouge_l_f1")
 # The paper's headline: how well the generated next session matches the actual one, and per-user NLL.
 _HEADLINE = ("edit_similarity", "jaccard", "rouge_l_f1", "nll")
 _HEADLINE_NEW_USERS = ("nll", "nll_no_end")  # the split by user generates nothing
-_SINGLES = ("single", "single_matched")
+_SINGLES = ("single", "single_ft", "single_matched")
 
 
 def _fmt(x) -> str:
@@ -65,7 +65,7 @@ def _verdicts(report: dict) -> list[str]:
   models, boot = report["models"], report.get("bootstrap", {})
   lines = []
   if report.get("hetlm_is_init_lm"):
-    lines.append("- HeTLM *is* the single LM it was warm-started from: no HeTLM pass beat that LM on the validation "
+    lines.append("- HeTLM *is* the single LM it was warm-started from: no HeTLM round beat that LM on the validation "
                  "users, so its K models are copies of it. Any difference below is that LM's, not clustering's.")
   metric = "nll_no_end" if report.get("protocol") == "new_users" else "nll"
   headline = _HEADLINE_NEW_USERS if report.get("protocol") == "new_users" else _HEADLINE
@@ -131,22 +131,36 @@ def _why_markov_wins(report: dict) -> str:
 
 
 def _training(report: dict) -> list[str]:
-  """How long each model trained: passes over its users (early stopping decides) and seconds."""
+  """How each model trained: passes over its users and tokens (early stopping decides), seconds, and the
+  validation statistic every decision read (per-user mean NLL, with its variance over users)."""
   passes, seconds = report.get("passes") or {}, report.get("train_s") or {}
+  tokens, validation = report.get("tokens_trained") or {}, report.get("validation") or {}
   if not passes:
     return []
   stopping = report.get("early_stopping") or {}
   if stopping.get("patience"):
-    rule = (f"Each round trained at most {stopping['max_passes_per_round']} passes and, once half of them were "
-            f"trained, stopped after {stopping['patience']} passes without a better NLL on the held-out targets of "
-            f"{stopping['validation_users']:,} validation users, keeping its best pass. A model's rounds ended after "
-            "one that did not improve on its start.")
+    rule = (f"Single LMs trained rounds from scratch of at most {stopping['max_passes_per_round']} passes, "
+            f"validated after every pass and stopped after {stopping['patience']} validations without a better "
+            "one once half were trained, then an anneal from their kept pass.")
+    if "warm_passes_per_round" in stopping:
+      rule += (f" Warm-started models (`hetlm`, `single_ft`) went on from that LM in rounds of at most "
+               f"{stopping['warm_passes_per_round']} passes starting at {stopping['warm_lr_scale']}x the learning "
+               f"rate, validated every {stopping['val_every']} passes with the same patience"
+               + (f", pulled toward it with prox {stopping['prox']}" if stopping.get("prox") else "")
+               + (f", users routed by the last {stopping['route_frac']} of their history, kept out of training"
+                  if stopping.get("route_frac") else "") + ".")
+    rule += (f" Every decision read the per-user mean NLL of the held-out targets of "
+             f"{stopping['validation_users']:,} validation users; each round kept its best point, and a model's "
+             "rounds ended after one that did not improve on its start.")
   else:
     rule = f"Each round trained {stopping.get('max_passes_per_round', '?')} passes (no early stopping)."
   lines = ["## Training", "", rule + " `init_single` is the single LM HeTLM started from.", "",
-           "| model | passes over its users | train seconds |", "|---|---|---|"]
+           "| model | passes over its users | tokens trained | train seconds | validation NLL (per-user mean) | "
+           "validation variance |", "|---|---|---|---|---|---|"]
   for name, n in passes.items():
-    lines.append(f"| {name} | {n} | {seconds[name]:.0f} |" if name in seconds else f"| {name} | {n} | – |")
+    v = validation.get(name, {})
+    lines.append(f"| {name} | {n} | {tokens[name]:,} | " if name in tokens else f"| {name} | {n} | – | ")
+    lines[-1] += (f"{seconds[name]:.0f} | " if name in seconds else "– | ") + f"{_fmt(v.get('mean'))} | {_fmt(v.get('var'))} |"
   return lines + [""]
 
 
@@ -158,7 +172,7 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
   except ImportError:
     return []
   names = []
-  shown = [m for m in ("single", "single_matched", "hetlm") if m in nll]
+  shown = [m for m in ("single", "single_ft", "single_matched", "hetlm") if m in nll]
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
   # Paired per user: the models' CDFs lie on top of each other, their differences do not.
   for m in [m for m in shown if m != "hetlm" and "hetlm" in nll]:

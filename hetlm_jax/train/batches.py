@@ -11,7 +11,9 @@ Clusters are rarely the same size. With `balance` (the default), a smaller clust
 rest of the epoch with padding: it goes on cycling its own examples, reshuffled each cycle, until its
 rows are full, and every token's weight is divided by the number of times it appears in the epoch. So
 each user still counts once per epoch (the weights of a user's tokens sum to their number, as without
-balance), the steps are as many, and the padding is only the largest cluster's last row ends.
+balance), the steps are as many, and the padding is only the largest cluster's last row ends. `max_repeat`
+caps the cycles: a small cluster's users appear at most that many times a pass, and the rest of its rows
+are padding, so a cluster of few users does not see each of them many times per pass.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ class ClusterBatches:
 
   def __init__(self, seqs: UserSequences, assignment_U: np.ndarray, k: int, batch_size: int, context: int,
                epochs: int, seed: int, round_index: int, weights_UxK: np.ndarray | None = None,
-               balance: bool = True):
+               balance: bool = True, max_repeat: int = 0):
     self.seqs, self.assignment_U = seqs, np.asarray(assignment_U)
     self.k, self.batch_size, self.width, self.epochs = k, batch_size, context + 1, epochs
-    self.seed, self.round_index, self.balance = seed, round_index, balance
+    self.seed, self.round_index, self.balance, self.max_repeat = seed, round_index, balance, max_repeat
     owner_W, first_W, lengths_W, _ = all_windows(seqs, "history", self.width)
     if weights_UxK is None:
       window_X, self.cluster_X, self.weight_X = np.arange(len(owner_W)), self.assignment_U[owner_W], None
@@ -46,6 +48,13 @@ class ClusterBatches:
     rows = -(-int(self.tokens_K.max()) // self.width)
     self.steps_per_epoch = max(1, -(-rows // batch_size))
     self.capacity = self.steps_per_epoch * batch_size * self.width  # token slots per cluster per epoch
+    self.cycles_K = np.ones(k, np.int64)  # how many times each cluster's examples appear in an epoch
+    if balance:
+      self.cycles_K = np.where(self.tokens_K > 0, -(-self.capacity // np.maximum(self.tokens_K, 1)), 0)
+      if max_repeat:
+        self.cycles_K = np.minimum(self.cycles_K, max_repeat)
+    # Token slots an epoch fills with real tokens (a cluster's last cycle is cut where its rows are full).
+    self.tokens_per_epoch = int(np.minimum(self.cycles_K * self.tokens_K, self.capacity).sum())
     self._epoch, self._tables = -1, None
 
   @property
@@ -59,7 +68,7 @@ class ClusterBatches:
     rng = np.random.default_rng([self.seed, self.round_index, epoch])
     if not self.balance:
       return np.lexsort((rng.random(len(self.cluster_X)), self.cluster_X))
-    cycles_K = np.where(self.tokens_K > 0, -(-self.capacity // np.maximum(self.tokens_K, 1)), 0)
+    cycles_K = self.cycles_K
     example = np.repeat(np.arange(len(self.cluster_X)), cycles_K[self.cluster_X])
     cluster = self.cluster_X[example]
     # The cycle number of each copy: its rank among the copies of the same example.

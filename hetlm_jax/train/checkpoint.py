@@ -26,12 +26,19 @@ class Checkpoints:
     self._manager.wait_until_finished()
     return self._manager.latest_step()
 
-  def save(self, state: TrainState, best: dict, assignment_U: np.ndarray, meta: dict,
-           weights_UxK: np.ndarray | None = None) -> None:
-    """`weights_UxK`: soft-EM responsibilities in use, kept so a resumed round trains on the same ones."""
+  def save(self, state: TrainState, best: dict | None, assignment_U: np.ndarray, meta: dict,
+           weights_UxK: np.ndarray | None = None, replace: bool = False) -> None:
+    """`weights_UxK`: soft-EM responsibilities in use, kept so a resumed round trains on the same ones.
+    `replace`: a checkpoint already saved at this step is replaced (the parameters changed without a step);
+    otherwise it is kept. `best` None: the state's own parameters and optimizer state."""
     step = int(meta["step"])
     if step in self._manager.all_steps():
-      return
+      if not replace:
+        return
+      self._manager.wait_until_finished()
+      self._manager.delete(step)
+    if best is None:
+      best = {"params": state.params, "opt_state": state.opt_state}
     assignment = {"cluster": np.asarray(assignment_U, np.int32)}
     if weights_UxK is not None:
       assignment["weight"] = np.asarray(weights_UxK, np.float32)

@@ -19,26 +19,27 @@ from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, prompts
 from hetlm_jax.train.metrics import MetricsLog, Progress
 from hetlm_jax.train.prefetch import Prefetcher
 from hetlm_jax.train.split import model_params, partition
-from hetlm_jax.train.state import (TrainState, abstract_state, cluster_spec, create_state, make_mesh, make_optimizer,
-                                   split_state, state_shardings)
+from hetlm_jax.train.state import (TrainState, abstract_state, cluster_spec, cold_lr, create_state, make_mesh,
+                                   make_optimizer, split_state, state_shardings)
 from hetlm_jax.train.step import make_hidden_fn, make_next_logprobs_fn, make_score_fn, make_train_step
 
 
-def _warm_state(tx, k, spec, n_layers, single_params) -> TrainState:
+def _warm_state(tx, k, spec, n_layers, round_lr, single_params) -> TrainState:
   parts = partition(spec, n_layers, model_params(single_params, 0))
   stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), parts["cluster"])
-  return split_state(tx, {"shared": parts["shared"], "cluster": stacked})
+  return split_state(tx, {"shared": parts["shared"], "cluster": stacked}, round_lr)
 
 
 class Trainer:
   """Compiled step and scoring pass for K stacked models on one mesh; shapes fixed for the whole run."""
 
-  def __init__(self, cfg: Config, k: int, devices=None):
+  def __init__(self, cfg: Config, k: int, devices=None, prox: float = 0.0):
     self.cfg, self.k = cfg, k
     self.mesh = make_mesh(cfg, k, devices)
     self.tx = make_optimizer(cfg)
     self.abstract = abstract_state(cfg, self.tx, self.mesh, k)
-    self.train_step = make_train_step(cfg, self.tx, self.mesh, self.abstract)
+    self.train_step = make_train_step(cfg, self.tx, self.mesh, self.abstract, prox)
+    self.anchor = None  # with prox > 0: one model's parameters that every model is pulled toward
     n_data = self.mesh.shape["data"]
     self.eval_batch = -(-cfg.train.eval_batch_size // n_data) * n_data
     self.host_wait_s = 0.0  # time train_round waited for a batch, over every call
@@ -55,17 +56,20 @@ class Trainer:
       lambda state, source_K: state.replace(params=take(source_K)(state.params),
                                             opt_state=take(source_K)(state.opt_state)),
       out_shardings=shardings, donate_argnums=0)
-    self._warm = jax.jit(functools.partial(_warm_state, self.tx, k, cluster_spec(cfg, k), cfg.model.n_layers),
-                         out_shardings=shardings)
+    self._warm = jax.jit(functools.partial(_warm_state, self.tx, k, cluster_spec(cfg, k), cfg.model.n_layers,
+                                           cold_lr(cfg.train)), out_shardings=shardings)
     self._rows = NamedSharding(self.mesh, P("data"))
     self._replicated = NamedSharding(self.mesh, P())
 
   def init_state(self) -> TrainState:
     return create_state(self.cfg, self.tx, self.mesh, self.k)
 
-  def start_round(self, state: TrainState, steps: int) -> TrainState:
-    put = lambda value: hosts.put(np.int32(value), self.abstract.round_start.sharding)
-    return state.replace(round_start=put(state.step), round_steps=put(steps))
+  def start_round(self, state: TrainState, steps: int, round_lr=None) -> TrainState:
+    """A new round of `steps` steps from here, its rates (start, peak, end) `round_lr` (default: cold_lr)."""
+    put = lambda value: hosts.put(value, self.abstract.round_start.sharding)
+    round_lr = cold_lr(self.cfg.train) if round_lr is None else np.asarray(round_lr, np.float32)
+    return state.replace(round_start=put(np.int32(state.step)), round_steps=put(np.int32(steps)),
+                         round_lr=put(round_lr))
 
   def round_finished(self, state: TrainState) -> bool:
     return int(state.step) - int(state.round_start) >= int(state.round_steps)
@@ -73,6 +77,11 @@ class Trainer:
   def copy_models(self, state: TrainState, source_K: np.ndarray) -> TrainState:
     """Model c takes the own parameters and optimizer state of model source_K[c] (re-seeding a cluster)."""
     return self._gather(state, hosts.put(np.asarray(source_K, np.int32), self._replicated))
+
+  def anchor_from(self, single_params):
+    """One model's full parameters (model 0 of a trained family, e.g. the init LM), replicated: the anchor
+    that --prox pulls toward."""
+    return jax.jit(lambda p: model_params(p, 0), out_shardings=self._replicated)(single_params)
 
   def warm_state(self, single_params) -> TrainState:
     """Every one of the K models starts from the same single-model parameters (a K=1 family), with fresh
@@ -105,7 +114,7 @@ class Trainer:
     shown = window_start
     try:
       for done, batch in enumerate(feed, start=first + 1):
-        state, metrics = self.train_step(state, *batch)
+        state, metrics = self.train_step(state, *batch, anchor=self.anchor)
         self._window.append(metrics)
         interrupt.after_step(round_start + done)
         boundary = done % self.cfg.train.log_every == 0 or done == until

@@ -29,6 +29,7 @@ class TrainState:
   step: jax.Array  # global step over all rounds; the data order and dropout keys derive from it
   round_start: jax.Array  # global step at which the current reassignment round began
   round_steps: jax.Array  # steps in the current round; the learning-rate schedule spans them
+  round_lr: jax.Array  # [3] float32: the round's learning rate at its start, after warmup, and at its end
   params: Any  # {"shared": one copy, "cluster": leading K axis on every leaf}
   opt_state: Any  # the same split: {"shared": ..., "cluster": ...}
 
@@ -67,29 +68,51 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
 _SCHEDULE_RESOLUTION = 10_000
 
 
+def cold_lr(t) -> np.ndarray:
+  """A round trained from scratch (or restarted at full rate): warmup from 1% of --learning_rate to it, then
+  cosine decay to 5% of it."""
+  return np.array([0.01, 1.0, 0.05], np.float32) * t.learning_rate
+
+
+def decay_lr(start: float) -> np.ndarray:
+  """A round that goes on from a trained model: no warmup (the rate holds at `start` for the warmup fraction),
+  then cosine decay to 5% of `start`."""
+  return np.array([start, start, 0.05 * start], np.float32)
+
+
+def schedule_lr(warmup_frac: float, fraction, round_lr):
+  """The learning rate a `fraction` of the way through a round whose (start, peak, end) rates are `round_lr`:
+  linear warmup from start to peak over `warmup_frac`, then cosine decay from peak to end (optax's shapes,
+  scaled between the round's rates, which the state carries, so rounds differ without recompiling)."""
+  warmup = int(warmup_frac * _SCHEDULE_RESOLUTION)
+  s = jnp.clip(jnp.asarray(fraction) * _SCHEDULE_RESOLUTION, 0, _SCHEDULE_RESOLUTION).astype(jnp.int32)
+  ramp = optax.linear_schedule(0.0, 1.0, max(warmup, 1))(s)
+  decay = optax.cosine_decay_schedule(1.0, _SCHEDULE_RESOLUTION - warmup)(jnp.maximum(s - warmup, 0))
+  start, peak, end = round_lr[0], round_lr[1], round_lr[2]
+  return jnp.where(s < warmup, start + (peak - start) * ramp, end + (peak - end) * decay)
+
+
 def learning_rate(cfg: Config, state: TrainState) -> jax.Array:
-  """Warmup then cosine decay over each reassignment round (rounds differ in length, so by fraction)."""
-  t = cfg.train
-  schedule = optax.warmup_cosine_decay_schedule(
-    init_value=t.learning_rate * 0.01, peak_value=t.learning_rate,
-    warmup_steps=int(t.warmup_frac * _SCHEDULE_RESOLUTION), decay_steps=_SCHEDULE_RESOLUTION,
-    end_value=t.learning_rate * 0.05)
+  """Warmup then cosine decay over each round (rounds differ in length, so by fraction), between the
+  round's rates (`round_lr`: see cold_lr and decay_lr)."""
   fraction = (state.step - state.round_start) / jnp.maximum(state.round_steps, 1)
-  return schedule(jnp.clip(fraction * _SCHEDULE_RESOLUTION, 0, _SCHEDULE_RESOLUTION).astype(jnp.int32))
+  return schedule_lr(cfg.train.warmup_frac, fraction, state.round_lr)
 
 
-def split_state(tx: optax.GradientTransformation, params) -> TrainState:
+def split_state(tx: optax.GradientTransformation, params, round_lr) -> TrainState:
   """A fresh state (step 0, new optimizer moments) around split, stacked `params`."""
   zero = jnp.zeros((), jnp.int32)
   opt_state = {"shared": tx.init(params["shared"]), "cluster": jax.vmap(tx.init)(params["cluster"])}
-  return TrainState(step=zero, round_start=zero, round_steps=zero, params=params, opt_state=opt_state)
+  return TrainState(step=zero, round_start=zero, round_steps=zero, round_lr=jnp.asarray(round_lr, jnp.float32),
+                    params=params, opt_state=opt_state)
 
 
 def init_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array, k: int) -> TrainState:
   """K independently initialised models; the shared part is model 0's."""
   full = jax.vmap(lambda key: init_params(cfg.model, key))(jax.random.split(key, k))
   parts = partition(cluster_spec(cfg, k), cfg.model.n_layers, full)
-  return split_state(tx, {"shared": jax.tree.map(lambda x: x[0], parts["shared"]), "cluster": parts["cluster"]})
+  return split_state(tx, {"shared": jax.tree.map(lambda x: x[0], parts["shared"]), "cluster": parts["cluster"]},
+                     cold_lr(cfg.train))
 
 
 def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
@@ -97,7 +120,7 @@ def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
   stacked, replicated = NamedSharding(mesh, P("cluster")), NamedSharding(mesh, P())
   split = lambda tree: {"shared": jax.tree.map(lambda _: replicated, tree["shared"]),
                         "cluster": jax.tree.map(lambda x: stacked if x.ndim else replicated, tree["cluster"])}
-  return TrainState(step=replicated, round_start=replicated, round_steps=replicated,
+  return TrainState(step=replicated, round_start=replicated, round_steps=replicated, round_lr=replicated,
                     params=split(abstract_state.params), opt_state=split(abstract_state.opt_state))
 
 

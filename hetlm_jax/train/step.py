@@ -95,10 +95,13 @@ def unrolled(cfg: Config, mesh: Mesh) -> bool:
 
 
 def stacked_step(model, tx, spec: str, n_layers: int, unroll: bool, lr, params, opt_state, inputs_KxBxT1,
-                 segments_KxBxT1, weights_KxBxT1, keys_K):
+                 segments_KxBxT1, weights_KxBxT1, keys_K, prox: float = 0.0, anchor=None):
   """The K models' step: each model's gradient by `single_model_grads` (mapped over K, see map_models);
   each cluster's own part updates from its own gradient, the shared part from the token-weighted mean of
-  the K gradients, i.e. the gradient of the mean loss over every real token of the step."""
+  the K gradients, i.e. the gradient of the mean loss over every real token of the step.
+
+  `prox` > 0 adds the gradient of prox/2 ||theta - anchor||^2 (`anchor`: one model's parameters, split as
+  `params` are, e.g. the LM the K models were warm-started from): a pull of every model toward it."""
   def grads_of_one(cluster, *batch):
     grads, metrics = single_model_grads(model, merge(params["shared"], cluster), *batch)
     return partition(spec, n_layers, grads), metrics
@@ -108,6 +111,10 @@ def stacked_step(model, tx, spec: str, n_layers: int, unroll: bool, lr, params, 
   tokens_K = metrics["tokens"]
   share_K = tokens_K / jnp.maximum(tokens_K.sum(), 1e-6)
   shared_grads = jax.tree.map(lambda g_K: jnp.tensordot(share_K, g_K, axes=1), grads["shared"])
+  if prox:
+    pull = lambda g, p, a: g + prox * (p - a)  # the anchor broadcasts over the cluster part's K axis
+    shared_grads = jax.tree.map(pull, shared_grads, params["shared"], anchor["shared"])
+    grads = {**grads, "cluster": jax.tree.map(pull, grads["cluster"], params["cluster"], anchor["cluster"])}
   update = functools.partial(apply_update, tx, lr)
   cluster, cluster_opt = map_models(update, unroll)(grads["cluster"], opt_state["cluster"], params["cluster"],
                                                     tokens_K > 0)
@@ -115,23 +122,25 @@ def stacked_step(model, tx, spec: str, n_layers: int, unroll: bool, lr, params, 
   return {"shared": shared, "cluster": cluster}, {"shared": shared_opt, "cluster": cluster_opt}, metrics
 
 
-def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
+def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState, prox: float = 0.0):
   """jit(stacked_step) with the state donated, B sharded over 'data', K over 'cluster'.
 
   Batch: inputs and segment ids [K, B, T+1] int32 (0: padding), and optionally token weights [K, B, T+1]
-  float32 (default: 1 on every real token). Returns (state, metrics), metrics per model [K].
+  float32 (default: 1 on every real token). With `prox` > 0 the step also takes `anchor`, one model's
+  parameters (see stacked_step). Returns (state, metrics), metrics per model [K].
   """
   model = PageLM(cfg.model)
   seed = cfg.train.seed
-  k = jax.tree.leaves(abstract.params["cluster"])[0].shape[0]
-  step_fn = functools.partial(stacked_step, model, tx, cluster_spec(cfg, k), cfg.model.n_layers, unrolled(cfg, mesh))
+  spec = cluster_spec(cfg, jax.tree.leaves(abstract.params["cluster"])[0].shape[0])
+  step_fn = functools.partial(stacked_step, model, tx, spec, cfg.model.n_layers, unrolled(cfg, mesh), prox=prox)
 
-  def train_step(state: TrainState, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1):
+  def train_step(state: TrainState, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1, anchor=None):
     # Dropout keys depend only on (seed, step): a resumed run draws the same ones.
     keys_K = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step), inputs_KxBxT1.shape[0])
     lr = learning_rate(cfg, state)
+    split_anchor = None if anchor is None else partition(spec, cfg.model.n_layers, anchor)
     params, opt_state, metrics = step_fn(lr, state.params, state.opt_state, inputs_KxBxT1, segments_KxBxT1,
-                                         weights_KxBxT1, keys_K)
+                                         weights_KxBxT1, keys_K, anchor=split_anchor)
     metrics["learning_rate"] = jnp.broadcast_to(lr, keys_K.shape)
     metrics["step"] = jnp.broadcast_to(state.step + 1, keys_K.shape)  # the global step this one ends at
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -141,12 +150,17 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState):
   # Metrics [K] on every device: any process reads them whenever it likes (the progress line is timed), with
   # no collective that the other processes would have to join.
   per_model_sharding = NamedSharding(mesh, P())
-  jitted = jax.jit(train_step, in_shardings=(shardings, batch, batch, batch),
-                   out_shardings=(shardings, per_model_sharding), donate_argnums=0)
+  in_shardings = (shardings, batch, batch, batch) + ((NamedSharding(mesh, P()),) if prox else ())
+  jitted = jax.jit(train_step, in_shardings=in_shardings, out_shardings=(shardings, per_model_sharding),
+                   donate_argnums=0)
 
-  def step(state: TrainState, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1=None):
+  def step(state: TrainState, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1=None, anchor=None):
     if weights_KxBxT1 is None:
       weights_KxBxT1 = (np.asarray(segments_KxBxT1) > 0).astype(np.float32)
+    if prox:
+      if anchor is None:
+        raise ValueError("a step with prox > 0 needs the anchor parameters")
+      return jitted(state, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1, anchor)
     return jitted(state, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1)
 
   step.jitted = jitted  # the compiled function, e.g. to check that it compiles once

@@ -1,0 +1,127 @@
+"""The round policy: how a round is scheduled, when it stops, what it is compared with, and when users are
+routed. cluster/rounds.py runs the rounds and keeps their checkpoints exact; every choice is made here.
+
+Three kinds of round:
+- cold: a model trained from scratch, or restarted at the full rate: warmup then cosine decay over at most
+  --epochs passes, validated after every pass, patience counted once half of them are trained.
+- anneal: the last round of a family trained cold, from its kept pass: no warmup, the rate starts where
+  that pass had it and decays over at most --warm_epochs passes, so the LM ends annealed, not at a lucky
+  noisy pass near its peak rate. Skipped when the kept pass was already near the end of its decay.
+- warm: a family that goes on from a trained LM (HeTLM's clusters, single_ft): no warmup, the rate starts at
+  --warm_lr_scale x --learning_rate and decays within --warm_epochs passes, validated every --val_every
+  passes; no minimum before patience counts.
+
+The statistic every decision reads is the validation users' per-user mean NLL (Validation.stats), the
+quantity the claim is about; its variance over users is logged beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from hetlm_jax.config import Config
+from hetlm_jax.train.state import cold_lr, decay_lr, schedule_lr
+
+# An anneal is skipped when the kept pass's rate is within this factor of the end of a cold decay.
+_ANNEALED = 1.5
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+  kind: str  # cold | anneal | warm
+  passes: int  # at most
+  round_lr: np.ndarray  # (start, peak, end) of the round's schedule
+  val_every: float  # passes between validations
+  patience: int  # validations without a better one that stop the round (0: none)
+  min_checks: int  # validations before patience counts
+
+  def check_steps(self, steps_per_epoch: int) -> int:
+    """Steps between two validations."""
+    return max(1, int(round(self.val_every * steps_per_epoch)))
+
+  def checks(self, steps_per_epoch: int) -> int:
+    """Validations in a round that runs to its cap (the last at its last step)."""
+    return -(-self.passes * steps_per_epoch // self.check_steps(steps_per_epoch))
+
+  def stalled(self, check: int, best_check: int) -> bool:
+    return bool(self.patience) and check >= self.min_checks and check - best_check >= self.patience
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """The rules of one model family. `warm`: it starts from a trained LM; `validating`: validation users exist
+  (without them every round trains its whole cap and ends at the bottom of its decay, so nothing anneals)."""
+  cfg: Config
+  k: int
+  warm: bool
+  validating: bool
+
+  @property
+  def patience(self) -> int:
+    return self.cfg.train.patience if self.validating else 0
+
+  @property
+  def prox(self) -> float:
+    return self.cfg.cluster.prox if self.warm else 0.0
+
+  @property
+  def interpolates(self) -> bool:
+    """--interpolate: a warm family's models end interpolated toward the LM they started from (needs validation
+    users to fit the weights)."""
+    return self.cfg.cluster.interpolate and self.warm and self.validating
+
+  @property
+  def route_part(self) -> str:
+    """The part of every user's sequence the E-step scores: the routing tail (see data.routing_split) or the
+    whole history."""
+    return "target" if self.cfg.cluster.route_frac else "history"
+
+  def first_meta(self) -> dict:
+    """A family's run position before its first round."""
+    return {"round": 0, "done": False, "in_round": False, "passes": 0.0, "tokens": 0.0, "cold_done": self.warm,
+            "kept_lr": float(cold_lr(self.cfg.train)[1])}
+
+  def plan(self, meta: dict) -> RoundPlan:
+    """The next round of a family at run position `meta`."""
+    t = self.cfg.train
+    if self.warm:
+      return RoundPlan("warm", t.warm_epochs, decay_lr(self.cfg.cluster.warm_lr_scale * t.learning_rate),
+                       t.val_every, self.patience, 0)
+    if not meta["cold_done"]:
+      return RoundPlan("cold", t.epochs, cold_lr(t), 1.0, self.patience, -(-t.epochs // 2))
+    return RoundPlan("anneal", t.warm_epochs, decay_lr(meta["kept_lr"]), t.val_every, self.patience, 0)
+
+  def kept_lr(self, plan: RoundPlan, check: int, steps_per_epoch: int) -> float:
+    """The learning rate at validation `check` of a round (the rate of the parameters kept there)."""
+    total = plan.passes * steps_per_epoch
+    fraction = min(check * plan.check_steps(steps_per_epoch), total) / total
+    return float(schedule_lr(self.cfg.train.warmup_frac, fraction, plan.round_lr))
+
+  def runs_estep(self, plan: RoundPlan, meta: dict, improved: bool) -> bool:
+    """K > 1: a round ends in an E-step when it improved on its start, and the family's first round always
+    does (whatever the gate says), so a failed first round still says what reassignment would do. An anneal
+    only finishes the models of the last assignment."""
+    return self.k > 1 and plan.kind != "anneal" and (improved or meta["round"] == 1)
+
+  def end_round(self, plan: RoundPlan, meta: dict, improved: bool, rounds: int, moved: float | None) -> None:
+    """Updates the run position after round meta["round"] (already counted) and its E-step, if any (`moved`:
+    the share of users it moved): done, converged, cold_done."""
+    if plan.kind == "anneal":
+      meta.update(done=True, annealed=True)
+      return
+    # A round that found nothing better than its start: another restart of the same schedule is not worth
+    # training (after a forced first E-step, one more round tries the new assignment). Nor is one after an
+    # E-step that moved fewer than --tolerance of the users.
+    converged = (not improved and not (self.k > 1 and meta["round"] == 1)) or (
+      moved is not None and moved < self.cfg.cluster.tolerance)
+    meta["converged"] = bool(meta.get("converged") or converged)
+    finished = meta["converged"] or meta["round"] >= rounds
+    if plan.kind == "warm":
+      meta["done"] = finished
+      return
+    if finished:
+      meta["cold_done"] = True
+      anneal = self.validating and meta["kept_lr"] > _ANNEALED * cold_lr(self.cfg.train)[2]
+      meta["done"] = not anneal

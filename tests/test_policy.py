@@ -1,0 +1,199 @@
+"""The round policy (cluster/policy.py): schedules, the pull toward the init LM, routing by held-out tails,
+the cap on repeats, and an E-step that runs even when the first round fails."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pyarrow.parquet as pq
+import pytest
+
+from hetlm_jax import pipeline
+from hetlm_jax.cluster import rounds
+from hetlm_jax.cluster.policy import Policy
+from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
+from hetlm_jax.data.sequences import UserSequences, build_sequences, routing_split
+from hetlm_jax.data.tokenizer import PageTokenizer
+from hetlm_jax.train.batches import ClusterBatches, ScoringBatches
+from hetlm_jax.train.metrics import MetricsLog
+from hetlm_jax.train.split import model_params
+from hetlm_jax.train.state import _SCHEDULE_RESOLUTION, cold_lr, decay_lr, schedule_lr
+from synthetic import markov_events
+
+
+def test_a_cold_round_follows_optaxs_warmup_cosine_schedule_as_before():
+  t = TrainConfig(learning_rate=3e-3, warmup_frac=0.05)
+  reference = optax.warmup_cosine_decay_schedule(init_value=3e-5, peak_value=3e-3, warmup_steps=500,
+                                                 decay_steps=_SCHEDULE_RESOLUTION, end_value=1.5e-4)
+  for fraction in (0.0, 0.01, 0.05, 0.3, 0.77, 1.0):
+    np.testing.assert_allclose(schedule_lr(t.warmup_frac, fraction, cold_lr(t)),
+                               reference(int(fraction * _SCHEDULE_RESOLUTION)), rtol=1e-5)
+
+
+def test_a_round_from_a_trained_model_starts_at_its_rate_with_no_warmup_and_decays_to_a_twentieth():
+  rates = [float(schedule_lr(0.05, f, decay_lr(1e-4))) for f in np.linspace(0, 1, 21)]
+  np.testing.assert_allclose(rates[0], 1e-4, rtol=1e-6)
+  np.testing.assert_allclose(rates[-1], 5e-6, rtol=1e-5)
+  assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_prox_pulls_every_model_toward_the_anchor_by_prox_times_the_distance():
+  """With an identity optimizer and lr 1, the step with prox moves each parameter by prox (theta - anchor)
+  more than the step without: the gradient of prox/2 ||theta - anchor||^2, on own and shared parts alike."""
+  from hetlm_jax.model import PageLM
+  from hetlm_jax.train.split import partition
+  from hetlm_jax.train.state import init_state
+  from hetlm_jax.train.step import stacked_step
+
+  cfg = Config(model=ModelConfig(vocab_size=19, context=8, d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0,
+                                 output_bias=True), cluster=ClusterConfig(cluster_params="top:1"))
+  k, prox, tx = 2, 0.3, optax.identity()
+  state = init_state(cfg, tx, jax.random.key(0), k)
+  anchor = jax.tree.map(lambda x: x + 0.5, partition("top:1", 2, jax.device_get(
+    jax.tree.map(lambda x: x[0], {**state.params["shared"], **state.params["cluster"]}))))
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(4, 19, (k, 4, 9)).astype(np.int32)
+  segments = np.ones((k, 4, 9), np.int32)
+  step = lambda **kw: stacked_step(PageLM(cfg.model), tx, "top:1", 2, False, 1.0, state.params, state.opt_state,
+                                   inputs, segments, (segments > 0).astype(np.float32),
+                                   jax.random.split(jax.random.key(1), k), **kw)[0]
+  plain, pulled = step(), step(prox=prox, anchor=anchor)
+  for part in ("shared", "cluster"):
+    expected = jax.tree.map(lambda p, a: -prox * (p - a), state.params[part], anchor[part])
+    jax.tree.map(lambda a, b, e: np.testing.assert_allclose(a - b, e, rtol=1e-4, atol=1e-6),
+                 pulled[part], plain[part], expected)
+
+
+def _seqs_with_a_planted_last_page(planted=7):
+  """Three users whose histories end with page `planted`, which appears nowhere else."""
+  tokens, offsets, split = [], [0], []
+  for u, n in enumerate((5, 9, 14)):
+    history = [1] + [4 + (u + i) % 3 for i in range(n - 2)] + [planted]
+    target = [4, 5]
+    split.append(offsets[-1] + len(history))
+    tokens += history + target
+    offsets.append(len(tokens))
+  return UserSequences(np.array(["a", "b", "c"], object), np.array(tokens, np.int32), np.array(offsets),
+                       np.array(split), np.ones(3, np.int32))
+
+
+def test_routing_never_scores_a_token_the_m_step_trained_on():
+  seqs, planted = _seqs_with_a_planted_last_page(), 7
+  routed = routing_split(seqs, 0.2)
+  batches = ClusterBatches(routed, np.array([0, 1, 0]), 2, batch_size=2, context=8, epochs=3, seed=0, round_index=0)
+  for s in range(batches.steps):
+    tokens, segments, _ = batches.batch(s)
+    assert not (tokens[segments > 0] == planted).any()  # neither a target nor an input of any training step
+  scoring = ScoringBatches(routed, "target", 9, 4)
+  scored = []
+  for i in range(scoring.num_batches):
+    tokens, _, mask, owner = scoring.batch(i)
+    scored += list(zip(owner[:, 1:][mask], tokens[:, 1:][mask]))
+  assert sorted(u for u, t in scored if t == planted) == [0, 1, 2]  # every user is routed by their tail
+  np.testing.assert_array_equal(routed.target_lengths, np.ceil(0.2 * seqs.history_lengths))
+  assert routed.num_tokens == int(seqs.history_lengths.sum())  # held-out targets are not in it at all
+
+
+def test_a_small_cluster_repeats_its_users_at_most_max_repeat_times_a_pass():
+  table, _ = markov_events(n_users=60, n_groups=2, n_pages=8, sessions=2, session_len=5)
+  seqs, _ = build_sequences(table, PageTokenizer.fit(table["page"], []))
+  assignment = (np.arange(seqs.num_users) < 4).astype(np.int32)  # cluster 1: 4 users, cluster 0: the rest
+  for cap, expected in ((0, None), (2, 2)):
+    batches = ClusterBatches(seqs, assignment, 2, 8, 16, 1, 0, 0, max_repeat=cap)
+    tokens, segments, weights = batches._pack(0)
+    copies = len(np.unique(segments[1][segments[1] > 0]))
+    examples = int((assignment == 1).sum())
+    if expected is None:
+      assert copies > 2 * examples  # uncapped, the small cluster cycles many times to fill its rows
+    else:
+      assert copies == expected * examples
+    # Each user still counts once per pass: their tokens' weights sum to their trained tokens.
+    np.testing.assert_allclose(weights[1].sum(), batches.tokens_K[1], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def log_path(tmp_path_factory):
+  path = tmp_path_factory.mktemp("data") / "events.parquet"
+  pq.write_table(markov_events(n_users=96, n_groups=2, n_pages=10, sessions=3, session_len=6)[0], path)
+  return str(path)
+
+
+def _tiny(path, **cluster):
+  return Config(model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
+                train=TrainConfig(batch_size=16, epochs=2, warm_epochs=1, val_every=0.5, learning_rate=1e-2,
+                                  log_every=2, checkpoint_every=4),
+                data=DataConfig(path=path),
+                cluster=ClusterConfig(**{"k": 2, "rounds": 3, "tolerance": 0.0, "init_rounds": 1, **cluster}))
+
+
+def test_an_e_step_runs_even_when_the_first_round_fails(log_path, tmp_path, monkeypatch):
+  cfg = _tiny(log_path)
+  prepared = pipeline.prepare_data(cfg)
+  cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size))
+  seqs, validation, _ = pipeline.validation_slice(cfg, prepared)
+  start = rounds.Trainer(cfg, 1).init_state().params
+  monkeypatch.setattr(rounds.Validation, "stats", lambda *args: (1.0, 0.5))  # nothing ever beats the start
+  log = MetricsLog(tmp_path / "metrics.jsonl")
+  trained = rounds.train_family("hetlm", cfg, 2, seqs, tmp_path, log, lambda: np.arange(seqs.num_users) % 2, 3,
+                                validation, warm_params=lambda: start)
+  stops, estep = log.records("stop"), log.records("round")
+  assert [(r["round"], r["round_kind"], r["improved"]) for r in stops] == [(1, "warm", False), (2, "warm", False)]
+  assert [r["round"] for r in estep] == [1] and estep[0]["moved"] > 0  # the trained models moved users
+  assert estep[0]["validation_before"] == 1.0 and estep[0]["validation_after"] == 1.0
+  assert trained.rounds == 2  # the second round, on the new assignment, failed too: the rounds end
+  assert not np.array_equal(trained.assignment, np.arange(seqs.num_users) % 2)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(model_params(trained.params, 1)),
+               jax.device_get(model_params(start, 0)))  # and the models went back to where they started
+
+
+def test_a_family_from_scratch_anneals_from_its_kept_pass_unless_it_was_already_annealed():
+  cfg = Config(train=TrainConfig(learning_rate=1e-2, epochs=4, warm_epochs=2))
+  policy = Policy(cfg, 1, warm=False, validating=True)
+  meta = policy.first_meta()
+  cold = policy.plan(meta)
+  assert cold.kind == "cold" and cold.min_checks == 2
+  for kept, anneals in ((1, True), (4, False)):
+    meta = {**policy.first_meta(), "round": 1, "kept_lr": policy.kept_lr(cold, kept, 10)}
+    policy.end_round(cold, meta, improved=True, rounds=1, moved=None)
+    assert meta["cold_done"] and meta["done"] is not anneals
+    if anneals:
+      anneal = policy.plan(meta)
+      assert anneal.kind == "anneal" and anneal.passes == 2 and anneal.min_checks == 0
+      np.testing.assert_allclose(anneal.round_lr[0], meta["kept_lr"], rtol=1e-6)
+  warm = Policy(cfg, 4, warm=True, validating=True).plan(policy.first_meta())
+  np.testing.assert_allclose(warm.round_lr[:2], cfg.cluster.warm_lr_scale * 1e-2, rtol=1e-6)
+  assert warm.kind == "warm" and warm.min_checks == 0 and warm.val_every == cfg.train.val_every
+
+
+def test_interpolation_at_zero_is_the_init_lm_and_at_one_the_cluster_model():
+  from hetlm_jax.train.split import partition
+  from hetlm_jax.train.state import init_state
+
+  cfg = Config(model=ModelConfig(vocab_size=19, context=8, d_model=16, n_layers=2, n_heads=2, d_ff=32,
+                                 output_bias=True), cluster=ClusterConfig(cluster_params="top:1"))
+  params = jax.device_get(init_state(cfg, optax.identity(), jax.random.key(0), 3).params)
+  anchor = model_params(jax.device_get(init_state(cfg, optax.identity(), jax.random.key(1), 1).params), 0)
+  at = lambda alpha_K, shared: jax.device_get(rounds.interpolate_params(params, anchor, np.array(alpha_K), shared,
+                                                                        "top:1", 2))
+  same = lambda a, b: jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+  for k in range(3):
+    same(model_params(at([0.0, 0.0, 0.0], 0.0), k), anchor)
+    same(model_params(at([1.0, 1.0, 1.0], 1.0), k), model_params(params, k))
+  half = at([0.0, 1.0, 0.5], 1.0)  # each cluster its own alpha
+  same(model_params(half, 1), model_params(params, 1))
+  same(partition("top:1", 2, model_params(half, 0))["cluster"], partition("top:1", 2, anchor)["cluster"])
+
+
+def test_interpolated_hetlm_is_no_worse_than_its_init_lm_on_the_validation_users(log_path, tmp_path):
+  cfg = _tiny(log_path, init="embedding", warm_start=True, interpolate=True, baselines=True, rounds=1)
+  report = pipeline.train_and_evaluate(cfg, tmp_path)
+  mixed, = [r for r in MetricsLog(tmp_path / "metrics.jsonl").records("interpolate") if r["model"] == "hetlm"]
+  assert len(mixed["alpha"]) == 2 and set(mixed["alpha"]) <= set(rounds.INTERPOLATION_GRID)
+  assert mixed["validation_nll"] <= mixed["validation_init"] + 1e-9
+  assert report["validation"]["hetlm"]["mean"] <= report["validation"]["single"]["mean"] + 1e-6
+  np.testing.assert_allclose(report["validation"]["hetlm"]["mean"], mixed["validation_nll"], rtol=1e-5)
+  # single_ft, the K=1 control, is fine-tuned and interpolated exactly as HeTLM is; every model says how it trained
+  assert {"hetlm", "single", "single_ft", "single_matched"} <= set(report["models"])
+  assert set(report["passes"]) >= {"hetlm", "single_ft", "init_single"} and report["tokens_trained"]["hetlm"] > 0
+  assert "| single_ft |" in (tmp_path / "report.md").read_text()
