@@ -86,9 +86,10 @@ class ClusterConfig:
   soft: bool = False  # soft EM: each model trains on every user, weighted by its posterior responsibility
   init_rounds: int = 3  # rounds from scratch of every single LM (the init LM, single, single_matched), at most
   warm_lr_scale: float = 0.05  # warm-started rounds start at this fraction of --learning_rate, then decay
-  prox: float = 0.0  # warm-started models: an L2 pull of strength prox toward the LM they start from
+  prox: float = 1.0  # warm-started models: an L2 pull of strength prox toward the LM they start from
   route_frac: float = 0.0  # the last share of every training history: kept out of training, routes users
-  interpolate: bool = False  # warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init (validation)
+  tune_baselines: bool = False  # HeTLM's prox and single_matched's learning rate and dropout from small grids
+  interpolate: bool = True  # warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init (validation)
   min_cluster_frac: float = 0.1  # of a balanced share U/K; smaller clusters are re-seeded
   baselines: bool = True  # also train the single LMs (per-cluster size and parameter-matched)
   cluster_axis: int = 1  # devices along the 'cluster' mesh axis; the rest form the 'data' axis
@@ -187,6 +188,7 @@ def validate(cfg: Config) -> None:
     (c.init_rounds >= 1, f"--init_rounds={c.init_rounds} must be at least 1"),
     (0.0 < c.warm_lr_scale <= 1.0, f"--warm_lr_scale={c.warm_lr_scale} must be in (0, 1]"),
     (c.prox >= 0.0, f"--prox={c.prox} must be non-negative"),
+    (not c.tune_baselines or c.k != 0, "--tune_baselines needs a fixed --k (--k=auto already trains one HeTLM per K)"),
     (0.0 <= c.route_frac < 1.0, f"--route_frac={c.route_frac} must be in [0, 1)"),
     (0.0 <= c.min_cluster_frac < 1.0, f"--min_cluster_frac={c.min_cluster_frac} must be in [0, 1)"),
     (c.cluster_axis >= 1, f"--cluster_axis={c.cluster_axis} must be at least 1"),

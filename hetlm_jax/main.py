@@ -35,6 +35,9 @@ _HELP = {
   "route_frac": "Keep this last share of every training user's history out of training, and route users "
                 "(the E-step) by it alone, so reassignment never rewards memorising (0: route by the whole "
                 "history).",
+  "tune_baselines": "Choose HeTLM's --prox (0, 1, 3) and single_matched's learning rate (1/3 and 1 x "
+                    "--learning_rate) and dropout (+0, +0.1) on the validation users: both sides tuned, not one; "
+                    "trains 3 HeTLMs and 4 single_matched LMs instead of one each.",
   "interpolate": "Warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init, their parameters "
                  "interpolated toward the LM they started from, alpha per cluster from 0, 0.25, ..., 1 by the "
                  "validation users (alpha 0 for all is that LM, so validation cannot see them fall below it).",

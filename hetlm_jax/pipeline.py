@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from hetlm_jax import hosts
+from hetlm_jax.cluster import tuning as tuning_grids
 from hetlm_jax.cluster.assign import cluster_shares
 from hetlm_jax.cluster.rounds import Validation, train_family, train_hetlm, train_single_ft, warmed
 from hetlm_jax.config import FLAG_NAMES, Config, ModelConfig, validate
@@ -210,6 +211,9 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     if not c.k:
       raise HetlmError(f"{data_path(cfg)}: --val_frac={cfg.train.val_frac} draws no validation user among "
                        f"{seqs.num_users:,} users, and --k=auto chooses K on them: raise --val_frac")
+    if c.tune_baselines:
+      raise HetlmError(f"{data_path(cfg)}: --val_frac={cfg.train.val_frac} draws no validation user among "
+                       f"{seqs.num_users:,} users, and --tune_baselines chooses on them: raise --val_frac")
     if cfg.train.patience:
       logging.warning("--val_frac=%s draws no validation user among %s users: early stopping is off, and every "
                       "round trains --epochs=%d passes", cfg.train.val_frac, f"{seqs.num_users:,}", cfg.train.epochs)
@@ -236,8 +240,15 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   assignments_path = workdir / "assignments.parquet"
   on_round = lambda assignment: write_assignments(assignments_path, seqs, assignment, prepared.int_user_ids)
   k_curve = None
+  tuning = {}
   if c.k == 0:
     hetlm, k_curve = _choose_k(cfg, train_seqs, tokenizer.vocab_size, workdir, log, validation)
+    on_round(hetlm.assignment)
+  elif c.tune_baselines:  # HeTLM's --prox from a grid, by the validation users; the chosen one is "hetlm"
+    runs = {name: train_hetlm(candidate, c.k, train_seqs, tokenizer.vocab_size, workdir, log, validation, name=name)
+            for name, candidate in tuning_grids.prox_candidates(cfg).items()}
+    hetlm, tuning["hetlm"] = tuning_grids.choose("hetlm", runs, validation, log, workdir)
+    cfg = cfg.replace(cluster=dataclasses.replace(c, prox=hetlm.cfg.cluster.prox))  # single_ft uses the same
     on_round(hetlm.assignment)
   else:
     hetlm = train_hetlm(cfg, c.k, train_seqs, tokenizer.vocab_size, workdir, log, validation, on_round=on_round)
@@ -259,8 +270,15 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     # anneal): `single` is that LM (its checkpoints are copied when it was trained with the same config).
     for name, model_cfg in (("single", single_model), ("single_matched", matched_model)):
       source = "init_single" if name == "single" and warmed(cfg, k) else None
-      models[name] = train_family(name, cfg.replace(model=model_cfg), 1, train_seqs, workdir, log, zeros,
-                                  c.init_rounds, validation, continue_from=source)
+      candidates = {name: cfg.replace(model=model_cfg)}
+      if name == "single_matched" and c.tune_baselines:
+        candidates = tuning_grids.matched_candidates(candidates[name])
+      runs = {n: train_family(n, candidate, 1, train_seqs, workdir, log, zeros, c.init_rounds, validation,
+                              continue_from=source) for n, candidate in candidates.items()}
+      if name in runs:
+        models[name] = runs[name]
+      else:  # single_matched's learning rate and dropout, by the validation users
+        models[name], tuning[name] = tuning_grids.choose(name, runs, validation, log, workdir)
       params[name] = param_count(model_cfg)
     if warmed(cfg, k):  # the K=1 control, fine-tuned from the same LM exactly as HeTLM's clusters are
       models["single_ft"] = train_single_ft(cfg, train_seqs, workdir, log, validation, hetlm.rounds)
@@ -280,6 +298,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
                               "warm_lr_scale": c.warm_lr_scale, "prox": c.prox, "route_frac": c.route_frac,
                               "interpolate": c.interpolate,
                               "validation_users": 0 if validation is None else validation.seqs.num_users}}
+  if tuning:
+    extra["tuning"] = tuning
   if validation is not None:  # the statistic every decision read, per model: per-user mean and its variance
     extra["validation"] = {name: dict(zip(("mean", "var"), validation.stats(m.trainer, m.params, m.assignment,
                                                                               m.weights)))
@@ -315,10 +335,11 @@ class TrainedRun:
 
 
 def load_run_name(workdir: Path, model: str) -> str:
-  """The checkpoint folder of a model family: with --k=auto, "hetlm" is the chosen hetlm_kK."""
+  """The checkpoint folder of a model family: with --k=auto, "hetlm" is the chosen hetlm_kK; with
+  --tune_baselines, "hetlm" and "single_matched" are the candidates chosen (tuned.json)."""
   if model == "hetlm" and (workdir / "k_auto.json").exists():
     return f"hetlm_k{json.loads((workdir / 'k_auto.json').read_text())['k']}"
-  return model
+  return tuning_grids.tuned_name(workdir, model)
 
 
 def load_run(workdir: str | Path, model: str = "hetlm") -> TrainedRun:
@@ -387,7 +408,7 @@ def _workdir_data(workdir: Path, data: str | None) -> tuple[Config, Prepared]:
 
 # What eval.json says about the training (not the evaluation); `hetlm evaluate` carries it over.
 PROVENANCE = ("k", "rounds", "params", "hetlm_params", "train_s", "passes", "tokens_trained", "early_stopping",
-              "hetlm_is_init_lm", "k_sweep", "validation")
+              "hetlm_is_init_lm", "k_sweep", "validation", "tuning")
 
 
 def _training_provenance(workdir: Path) -> dict:

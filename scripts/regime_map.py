@@ -49,16 +49,16 @@ def summarize(workdir: Path) -> dict | None:
   models = report["models"]
   metric = "nll_no_end" if report.get("protocol") == "new_users" else "nll"
   b = report["bootstrap"]["hetlm-single_matched"][metric]
-  # Settings are compared on the validation users, never on the evaluated ones: each model's best validation NLL
-  # in its last round.
-  validation, hetlm_stops = {}, []
+  # Settings are compared on the validation users, never on the evaluated ones: each model's per-user mean
+  # validation NLL (eval.json's "validation"; runs from before it existed: the last stop record's pooled NLL).
+  last_stop, hetlm_stops = {}, []
   for line in (workdir / "metrics.jsonl").read_text().splitlines():
     record = json.loads(line)
     if record["kind"] == "stop":
-      validation[record["model"]] = record["validation_nll"]
+      last_stop[record["model"]] = record["validation_nll"]
       hetlm_stops += [record] if record["model"] == "hetlm" else []
-  # No HeTLM pass beat the LM it was warm-started from: the rounds ended, and HeTLM is that LM, K times.
-  is_init = len(hetlm_stops) == 1 and hetlm_stops[0]["best_pass"] == 0
+  validation = {m: v["mean"] for m, v in report["validation"].items()} if "validation" in report else last_stop
+  is_init = report.get("hetlm_is_init_lm", len(hetlm_stops) == 1 and hetlm_stops[0]["best_pass"] == 0)
   return {"validation": {m: validation.get(m) for m in ("hetlm", "single", "single_matched")}, "is_init_lm": is_init,
           "run": workdir.name, "metric": metric, "k": report["k"], "rounds": report["rounds"],
           "hetlm": models["hetlm"][metric]["mean"], "single": models["single"][metric]["mean"],

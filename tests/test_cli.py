@@ -10,8 +10,10 @@ import pytest
 from hetlm_jax.main import cli
 from synthetic import markov_events
 
+# The command line's own behaviour; --prox and --interpolate have their tests in test_policy.py, and leaving them
+# out here spares every run two compilations.
 TINY = ["--context=8", "--d_model=8", "--n_layers=1", "--n_heads=2", "--d_ff=16", "--epochs=1", "--batch_size=8",
-        "--k=2", "--rounds=1"]
+        "--k=2", "--rounds=1", "--prox=0", "--nointerpolate"]
 
 
 def run(capsys, *args):
@@ -265,7 +267,8 @@ def test_tensorboard_writes_one_run_per_model_with_the_training_and_validation_s
   code, err = run(capsys, "train", f"--workdir={workdir}", f"--data={good_log}", *TINY, "--tensorboard",
                   "--log_every=1")
   assert code == 0, err
-  assert {"hetlm", "single", "single_matched"} <= set(os.listdir(workdir / "tensorboard"))
+  # `single` is the init LM (trained once, as init_single); single_ft is fine-tuned from it
+  assert {"hetlm", "init_single", "single_ft", "single_matched"} <= set(os.listdir(workdir / "tensorboard"))
   tags = scalars(workdir / "tensorboard" / "hetlm")
   assert {"train/loss", "train/tokens_per_s", "train/learning_rate"} <= set(tags)
   steps = [step for step, _ in tags["train/loss"]]

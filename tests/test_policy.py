@@ -2,6 +2,7 @@
 the cap on repeats, and an E-step that runs even when the first round fails."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -55,10 +56,10 @@ def test_prox_pulls_every_model_toward_the_anchor_by_prox_times_the_distance():
   rng = np.random.default_rng(0)
   inputs = rng.integers(4, 19, (k, 4, 9)).astype(np.int32)
   segments = np.ones((k, 4, 9), np.int32)
-  step = lambda **kw: stacked_step(PageLM(cfg.model), tx, "top:1", 2, False, 1.0, state.params, state.opt_state,
-                                   inputs, segments, (segments > 0).astype(np.float32),
-                                   jax.random.split(jax.random.key(1), k), **kw)[0]
-  plain, pulled = step(), step(prox=prox, anchor=anchor)
+  step = lambda p, **kw: jax.jit(lambda anchor: stacked_step(
+    PageLM(cfg.model), tx, "top:1", 2, False, 1.0, state.params, state.opt_state, inputs, segments,
+    (segments > 0).astype(np.float32), jax.random.split(jax.random.key(1), k), prox=p, anchor=anchor)[0])(**kw)
+  plain, pulled = step(0.0, anchor=None), step(prox, anchor=anchor)
   for part in ("shared", "cluster"):
     expected = jax.tree.map(lambda p, a: -prox * (p - a), state.params[part], anchor[part])
     jax.tree.map(lambda a, b, e: np.testing.assert_allclose(a - b, e, rtol=1e-4, atol=1e-6),
@@ -197,3 +198,55 @@ def test_interpolated_hetlm_is_no_worse_than_its_init_lm_on_the_validation_users
   assert {"hetlm", "single", "single_ft", "single_matched"} <= set(report["models"])
   assert set(report["passes"]) >= {"hetlm", "single_ft", "init_single"} and report["tokens_trained"]["hetlm"] > 0
   assert "| single_ft |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow  # three runs of a warm-started HeTLM with its baselines: about 2 minutes on 2 cores
+def test_a_run_with_every_new_policy_flag_resumes_mid_round_exactly(log_path, tmp_path, monkeypatch):
+  """--prox, --route_frac, --max_repeat and --interpolate on a warm-started HeTLM: interrupted, then resumed,
+  it ends where an uninterrupted run does."""
+  from hetlm_jax.train import loop
+
+  cfg = _tiny(log_path, init="embedding", warm_start=True, prox=1.0, route_frac=0.25, interpolate=True, rounds=2)
+  cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_repeat=2, log_every=1, checkpoint_every=3))
+  pipeline.train_and_evaluate(cfg, tmp_path / "whole")
+  real_report, calls = loop.Trainer._report, {"n": 0}
+
+  def crash(self, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 20:  # in HeTLM's first warm round (the init LM trains 2 passes of 4 steps, then anneals)
+      raise KeyboardInterrupt("preempted")
+    return real_report(self, *args, **kwargs)
+
+  monkeypatch.setattr(loop.Trainer, "_report", crash)
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.train_and_evaluate(cfg, tmp_path / "resumed")
+  monkeypatch.setattr(loop.Trainer, "_report", real_report)
+  assert (tmp_path / "resumed" / "checkpoints" / "hetlm").exists()  # it stopped inside HeTLM's training
+  pipeline.train_and_evaluate(cfg, tmp_path / "resumed")
+  whole, resumed = pipeline.load_run(tmp_path / "whole"), pipeline.load_run(tmp_path / "resumed")
+  assert whole.step == resumed.step
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               jax.device_get(whole.params), jax.device_get(resumed.params))
+  np.testing.assert_array_equal(whole.assignment, resumed.assignment)
+
+
+@pytest.mark.slow  # 3 HeTLMs and 4 single_matched LMs: about 2.5 minutes on 2 cores
+def test_tuning_chooses_both_sides_on_the_validation_users_alone(log_path, tmp_path):
+  """HeTLM's prox and single_matched's learning rate and dropout come from their grids, each the lowest
+  per-user mean NLL of the validation users (tuning.choose reads nothing else)."""
+  from hetlm_jax.cluster import tuning
+
+  cfg = _tiny(log_path, init="embedding", warm_start=True, tune_baselines=True, baselines=True, rounds=1,
+              interpolate=False)
+  report = pipeline.train_and_evaluate(cfg, tmp_path)
+  tuned = json.loads((tmp_path / "tuned.json").read_text())
+  for name, grid in (("hetlm", tuning.prox_candidates(cfg)), ("single_matched", None)):
+    scores = report["tuning"][name]["validation_nll"]
+    assert tuned[name] == report["tuning"][name]["chosen"] == min(scores, key=scores.get)
+    if grid is not None:
+      assert set(scores) == set(grid)
+  assert len(report["tuning"]["single_matched"]["validation_nll"]) == 4
+  # The chosen families are what load_run and `hetlm evaluate` call hetlm and single_matched.
+  assert pipeline.load_run(tmp_path, "hetlm").step == pipeline.load_run(tmp_path, tuned["hetlm"]).step
+  again = pipeline.evaluate_workdir(tmp_path)
+  assert again["tuning"] == report["tuning"] and set(again["models"]) == set(report["models"])

@@ -101,7 +101,8 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
   mean NLL is measured, and after `--patience` validations without a better one the round stops and
   returns to its best point (a round never leaves the validation NLL worse than it found it). With K > 1
   the round then ends with the E-step. `initial_assignment()` is called only when there is no checkpoint to
-  resume; `warm_params()` (a trained single LM, or None) when there is none or when --prox needs it.
+  resume; `warm_params()` (a trained single LM, or None) when there is none, or when --prox or
+  --interpolate needs it.
 
   `continue_from`: a finished family trained by the same rules with the same config, K, data and rounds
   (the single LM that warm-starts HeTLM): with no checkpoint of its own, this family is a copy of that one.
