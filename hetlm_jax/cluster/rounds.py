@@ -223,9 +223,13 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
         moved = None
         estep = policy.runs_estep(plan, meta, improved)
         reverted = bool(policy.patience) and meta["best_check"] < check
-        if reverted and improved:  # back to the best point (the step counter goes on), which the E-step routes by
+
+        def back_to_best(state):  # the round's best point (its start, when nothing beat it); the step goes on
           state = state.replace(params=best["params"], opt_state=best["opt_state"])
-          best = _snapshot(state)
+          return state, _snapshot(state)
+
+        if reverted and improved:  # the E-step routes by the best point
+          state, best = back_to_best(state)
         if estep:
           # E-step. When the round found nothing better than its start (the first round, which always ends in
           # one), it routes by the models as trained, its last point, not by the start it then returns to.
@@ -234,8 +238,7 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
                                                              validate if policy.patience else None,
                                                              gate=improved)
         if reverted and not improved:  # back to the round's start
-          state = state.replace(params=best["params"], opt_state=best["opt_state"])
-          best = _snapshot(state)
+          state, best = back_to_best(state)
         if estep:
           # The E-step's scores stand for the parameters kept only if it scored them, on whole histories.
           scored = scored_now if improved and policy.route_part == "history" else None
@@ -298,7 +301,10 @@ def _interpolate(name: str, trainer: Trainer, params, validation: Validation, as
   alpha_K = np.full(k, common)
   if validation.users is not None and k > 1:  # each cluster's users are scored by its own model alone
     cluster_V = assignment_U[validation.users]
-    by_alpha = {a: per_user(np.full(k, a), common) for a in INTERPOLATION_GRID}
+    # With no shared part (--cluster_params=all) the shared alpha changes nothing: the scores are those above.
+    no_shared = not jax.tree.leaves(params["shared"])
+    by_alpha = {a: scores[a] if no_shared or a == common else per_user(np.full(k, a), common)
+                for a in INTERPOLATION_GRID}
     for c in range(k):
       mine = cluster_V == c
       if mine.any():
