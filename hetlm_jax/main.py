@@ -1,4 +1,4 @@
-"""Command line: `hetlm train|evaluate|generate|bench` with absl flags (presets: --flagfile=configs/NAME.flags)."""
+"""Command line: `hetlm train|evaluate|generate|predict|bench` with absl flags (presets: --flagfile=configs/NAME.flags)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from hetlm_jax.config import FLAG_NAMES, ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax.errors import HetlmError
 
-COMMANDS = ("train", "evaluate", "generate", "bench")
+COMMANDS = ("train", "evaluate", "generate", "predict", "bench")
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "cluster": ClusterConfig}
 _HELP = {
   "path": "Browsing log (Parquet/CSV events, UCI msnbc, or 'user item' lines); default: the packaged msnbc sample.",
@@ -99,17 +99,29 @@ _COMMANDS_HELP = {
   "train": "train HeTLM and the single-LM baselines on a log, evaluate them, write WORKDIR/report.md",
   "evaluate": "evaluate a trained workdir again, on its own data or on --data",
   "generate": "print a user's history, the next session their cluster's model generates, and the actual one",
+  "predict": "for every user of a log (--data), their cluster, next pages, NLL and outcome chances: one Parquet "
+             "row each (--out)",
   "bench": "measure throughput: stacked step, per-model loop, PyTorch, MFU, scoring (--out=FILE.json)",
 }
 _HOSTS = ("coordinator_address", "num_processes", "process_id")
 _RUN_FLAGS = {"train": ("workdir", *_HOSTS, "inject"), "evaluate": ("workdir", "data", *_HOSTS),
               "generate": ("workdir", "data", "user", "max_new", "temperature", "top_k", "top_p"),
+              "predict": ("workdir", "data", "out", "model", "top_k", "mixture", "chunk_users", "outcome_samples",
+                          "num_processes", "process_id"),
               "bench": ("out", "bench_steps", "bench_k", "bench_torch", "sweep")}
 _DERIVED = ("vocab_size", "output_bias", "lora_rank")  # set from the data and --cluster_params, not flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, tokenizer, config, metrics.")
-flags.DEFINE_string("out", "", "bench: write the measurements to this JSON file.")
+flags.DEFINE_string("out", "", "bench: write the measurements to this JSON file. predict: the Parquet file to write "
+                    "(with several processes, a folder of part files and a _SUCCESS manifest).")
+flags.DEFINE_string("model", "hetlm", "predict: the model family: hetlm, single, single_ft or single_matched.")
+flags.DEFINE_boolean("mixture", False, "predict: rank next pages under the mixture of the K models weighted by "
+                     "P(k | history), not the routed model alone.")
+flags.DEFINE_integer("chunk_users", 4096, "predict: users read, predicted and written at a time (memory is bounded "
+                     "by this, not by the file).")
+flags.DEFINE_integer("outcome_samples", 8, "predict: sampled continuations per user for the outcome_* chances "
+                     "(0: no outcome columns).")
 flags.DEFINE_integer("bench_steps", 20, "bench: timed steps per measurement (after two untimed ones).")
 flags.DEFINE_integer("bench_k", 8, "bench: the number of stacked models measured.")
 flags.DEFINE_boolean("bench_torch", True, "bench: also measure the same models in PyTorch (needs torch).")
@@ -125,7 +137,8 @@ flags.DEFINE_string("inject", "", "Testing: KIND@STEP plants a fault after globa
 flags.DEFINE_string("user", "", "generate: the user_id whose next session to generate.")
 flags.DEFINE_integer("max_new", 20, "generate: tokens to generate at most (stops earlier at session end).")
 flags.DEFINE_float("temperature", 0.0, "generate: 0 for greedy decoding, else the sampling temperature.")
-flags.DEFINE_integer("top_k", 0, "generate: sample among the k most likely tokens (0: all).")
+flags.DEFINE_integer("top_k", 0, "generate: sample among the k most likely tokens (0: all). predict: next pages "
+                     "listed per user (0: 10).")
 flags.DEFINE_float("top_p", 1.0, "generate: sample within the smallest set holding this probability mass.")
 
 
@@ -212,6 +225,8 @@ def _main(argv: list[str]) -> int:
     return 0
   if argv[1] == "generate":
     return _generate(data)
+  if argv[1] == "predict":
+    return _predict(data)
   from hetlm_jax.pipeline import train_and_evaluate
   try:
     report = train_and_evaluate(cfg, FLAGS.workdir)
@@ -259,6 +274,43 @@ def _generate(data: str | None) -> int:
   print(f"user {out['user']} (cluster {out['cluster']})")
   for label in ("history", "generated", "actual"):
     print(f"{label + ':':11}{' '.join(out[label])}")
+  return 0
+
+
+def _process_share() -> tuple[int, int]:
+  """(this process, processes) of a `hetlm predict` job: --process_id/--num_processes, else srun's task, else
+  (0, 1). The processes need not talk to each other: each predicts its own chunks of users."""
+  if FLAGS.num_processes > 1 or FLAGS.process_id >= 0:
+    if FLAGS.num_processes < 1 or not 0 <= FLAGS.process_id < FLAGS.num_processes:
+      raise HetlmError(f"--num_processes={FLAGS.num_processes} --process_id={FLAGS.process_id}: expected "
+                       "0 <= process_id < num_processes")
+    return FLAGS.process_id, FLAGS.num_processes
+  if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
+    return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+  return 0, 1
+
+
+def _predict(data: str | None) -> int:
+  if not data or not FLAGS.out:
+    raise HetlmError("predict needs --data=EVENTS (the users to predict for) and --out=PREDICTIONS.parquet")
+  from hetlm_jax.predict import predict_file
+  from hetlm_jax.train import interrupt
+  process, processes = _process_share()
+  try:
+    s = predict_file(FLAGS.workdir, data, FLAGS.out, FLAGS.format, FLAGS.model, FLAGS.top_k or 10, FLAGS.mixture,
+                     FLAGS.chunk_users, FLAGS.outcome_samples, FLAGS.seed, process, processes)
+  except interrupt.Stopped as stopped:
+    print(f"{stopped.signal_name}: stopped after {stopped.done:,} users; nothing was written (the predictions are "
+          f"written whole or not at all). The same command starts again:\n  {resume_command()}", flush=True)
+    return 0
+  shares = ", ".join(f"{c}: {n / max(s['users'], 1):.0%}" for c, n in enumerate(s["clusters"]))
+  print(f"predicted {s['users']:,} users ({s['events']:,} events) in {s['seconds']:.1f}s, "
+        f"{s['users_per_s']:,.0f} users/s")
+  rss = s["peak_rss_mib"]
+  print(f"clusters (K={s['k']}): {shares}; history pages the models never saw: {s['unknown_pages']:,}; peak memory "
+        f"{rss[-1] if rss else 0:,.0f} MiB ({rss[0] if rss else 0:,.0f} MiB after the first chunk)")
+  print(f"wrote {s['out']}" + (f" (part {process} of {processes}; _SUCCESS beside the parts once all are "
+                               "written)" if processes > 1 else ""))
   return 0
 
 

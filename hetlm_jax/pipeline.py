@@ -100,6 +100,27 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
   return Prepared(seqs, tokenizer, stats, time.perf_counter() - start, int_ids, test_seqs, val_seqs)
 
 
+SESSIONS_FILE = "sessions.json"
+
+
+def write_sessions(workdir: Path, seqs: UserSequences, tokenizer: PageTokenizer) -> None:
+  """sessions.json: whether the training histories end their sessions (so a prediction asks for the next
+  session's pages) or not (one session per user, as msnbc: it asks how the last session goes on), and then how
+  many pages to generate (see session_length_from_data)."""
+  length = session_length_from_data(seqs, tokenizer.num_specials)
+  tmp = workdir / (SESSIONS_FILE + ".tmp")
+  tmp.write_text(json.dumps({"session_ends": length is None, "session_length": length}) + "\n")
+  os.replace(tmp, workdir / SESSIONS_FILE)
+
+
+def read_sessions(workdir: Path) -> dict:
+  """sessions.json of a run (a run from before it existed: sessions end, no length limit)."""
+  try:
+    return json.loads((workdir / SESSIONS_FILE).read_text())
+  except (OSError, ValueError):
+    return {"session_ends": True, "session_length": None}
+
+
 def _check_resumable(saved: Config, cfg: Config, workdir: Path) -> None:
   a, b = saved.to_dict(), cfg.to_dict()
   diffs = [f"--{FLAG_NAMES.get(key, key)}: {a[section][key]} there, {b[section].get(key)} now" for section in a
@@ -221,6 +242,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   if hosts.is_primary():  # in a multi-process job, process 0 writes the run's files; orbax saves collectively
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(workdir / "tokenizer.json")
+    write_sessions(workdir, seqs, tokenizer)
     cfg.save(workdir / "config.json")
   hosts.barrier("workdir ready")
   log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard" if cfg.train.tensorboard else None)
@@ -342,8 +364,9 @@ def load_run_name(workdir: Path, model: str) -> str:
   return tuning_grids.tuned_name(workdir, model)
 
 
-def load_run(workdir: str | Path, model: str = "hetlm") -> TrainedRun:
-  """Loads a trained model family from its workdir alone (config.json, tokenizer.json, latest checkpoint)."""
+def load_run(workdir: str | Path, model: str = "hetlm", step: int | None = None, devices=None) -> TrainedRun:
+  """Loads a trained model family from its workdir alone (config.json, tokenizer.json, the latest checkpoint or
+  `step`), onto `devices` (default: every device; the mesh's batch and cluster axes are fitted to them)."""
   workdir = Path(workdir)
   for name in ("config.json", "tokenizer.json"):
     if not (workdir / name).exists():
@@ -351,15 +374,30 @@ def load_run(workdir: str | Path, model: str = "hetlm") -> TrainedRun:
   cfg = Config.load(workdir / "config.json")
   tokenizer = PageTokenizer.load(workdir / "tokenizer.json")
   model = load_run_name(workdir, model)
-  ckpts = Checkpoints(workdir / "checkpoints" / model, cfg.train.keep_checkpoints)
-  if ckpts.latest_step() is None:
+  if not (workdir / "checkpoints" / model).is_dir():
     raise HetlmError(f"{workdir}: no checkpoint of {model} yet")
-  meta = ckpts.meta()  # each model family records its own K and model config
-  cfg = cfg.replace(model=ModelConfig(**meta["model"]))
-  trainer = Trainer(cfg, int(meta["k"]))
-  state, _, assignment, meta, weights = ckpts.restore(trainer.abstract, int(meta["num_users"]))
-  ckpts.close()
+  ckpts = Checkpoints(workdir / "checkpoints" / model, cfg.train.keep_checkpoints)
+  try:
+    steps = ckpts.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise HetlmError(f"{workdir}: no checkpoint of {model} " + ("yet" if step is None else f"at step {step}"))
+    meta = ckpts.meta(step)  # each model family records its own K and model config
+    cfg = cfg.replace(model=ModelConfig(**meta["model"]))
+    if devices is not None:
+      cfg = fitted_to(cfg, len(devices))
+    trainer = Trainer(cfg, int(meta["k"]), devices)
+    state, _, assignment, meta, weights = ckpts.restore(trainer.abstract, int(meta["num_users"]), step)
+  finally:
+    ckpts.close()
   return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]), weights)
+
+
+def fitted_to(cfg: Config, n_devices: int) -> Config:
+  """The run's config on `n_devices` devices that need not be the training's: every device on the batch
+  axis, the batch rounded up to fill them (only loading and scoring use it)."""
+  batch = -(-cfg.train.batch_size // n_devices) * n_devices
+  return cfg.replace(train=dataclasses.replace(cfg.train, batch_size=batch),
+                     cluster=dataclasses.replace(cfg.cluster, cluster_axis=1))
 
 
 def _families_for(workdir: Path, seqs: UserSequences) -> dict[str, LMFamily]:
@@ -382,14 +420,25 @@ def _families_for(workdir: Path, seqs: UserSequences) -> dict[str, LMFamily]:
   return families
 
 
+class SavedAssignment:
+  """assignments.parquet of a workdir: the cluster each training user ended in (none when the file is absent)."""
+
+  def __init__(self, workdir: Path):
+    path = workdir / "assignments.parquet"
+    saved = pq.read_table(path) if path.exists() else pa.table({"user_id": pa.array([], pa.string()),
+                                                                "cluster": pa.array([], pa.int32())})
+    self._ids, self._cluster = pc.cast(saved["user_id"], pa.string()), saved["cluster"].to_numpy()
+
+  def lookup(self, user_ids: np.ndarray) -> np.ndarray:
+    """[U] each user's saved cluster, -1 for a user the models never trained on."""
+    found_U = pc.fill_null(pc.index_in(pa.array(np.asarray(user_ids).astype(str)), value_set=self._ids),
+                           -1).to_numpy()
+    return np.where(found_U >= 0, self._cluster[np.maximum(found_U, 0)] if len(self._cluster) else -1,
+                    -1).astype(np.int32)
+
+
 def _saved_or_routed(workdir: Path, family: LMFamily, seqs: UserSequences) -> np.ndarray:
-  assignment_U = np.full(seqs.num_users, -1, np.int32)
-  if (workdir / "assignments.parquet").exists():
-    saved = pq.read_table(workdir / "assignments.parquet")
-    saved_ids = pc.cast(saved["user_id"], pa.string())
-    found_U = pc.fill_null(pc.index_in(pa.array(seqs.user_ids.astype(str)), value_set=saved_ids), -1).to_numpy()
-    known_U = found_U >= 0
-    assignment_U[known_U] = saved["cluster"].to_numpy()[found_U[known_U]]
+  assignment_U = SavedAssignment(workdir).lookup(seqs.user_ids)
   unknown = np.flatnonzero(assignment_U < 0)
   if len(unknown):  # users the models never saw: the lowest perplexity of their history
     assignment_U[unknown] = route_by_history(family, seqs.subset(unknown))

@@ -194,7 +194,8 @@ def test_train_with_a_shared_trunk_reports_its_parts_and_its_models_load_and_gen
 BENCH_KEYS = ("device", "devices", "k", "batch", "seq_len", "params_per_model", "jax_version", "date",
               "vmapped_tokens_per_s", "loop_tokens_per_s", "torch_tokens_per_s", "torch_loop_tokens_per_s",
               "torch_func_tokens_per_s", "model_flops_per_token", "mfu", "score_users_per_s", "score_tokens_per_s",
-              "prep_events_per_s", "padding_fraction", "host_wait_fraction")
+              "prep_events_per_s", "padding_fraction", "host_wait_fraction", "predict_users_per_s",
+              "predict_tokens_per_s", "eval_path_users_per_s")
 
 
 def test_bench_writes_every_measurement(tmp_path, good_log, capsys):
@@ -245,7 +246,7 @@ def test_the_default_preset_holds_the_built_in_defaults():
 def test_help_lists_the_commands_and_each_commands_flags_grouped_with_sentences_and_defaults(capsys):
   code, _ = run(capsys, "--help")
   assert code == 0 and all(any(line.strip().startswith(name) for line in run.out)
-                           for name in ("train", "evaluate", "generate", "bench"))
+                           for name in ("train", "evaluate", "generate", "predict", "bench"))
   code, _ = run(capsys, "train", "--help")
   assert code == 0
   text = "\n".join(run.out)
@@ -259,6 +260,8 @@ def test_help_lists_the_commands_and_each_commands_flags_grouped_with_sentences_
   assert "  --k=4" in run.out and "  --dtype=auto" in run.out and "  --tie_embeddings=true" in run.out
   code, _ = run(capsys, "generate", "-h")
   assert code == 0 and "  --user=" in run.out and "model:" not in run.out
+  code, _ = run(capsys, "predict", "-h")
+  assert code == 0 and "  --chunk_users=4096" in run.out and "  --out=" in run.out and "model:" not in run.out
 
 
 def test_tensorboard_writes_one_run_per_model_with_the_training_and_validation_scalars(tmp_path, good_log, capsys):

@@ -23,7 +23,8 @@ from hetlm_jax.bench import flops, torch_reference
 from hetlm_jax.cluster.assign import kmeans_on_features, random_balanced
 from hetlm_jax.config import Config, validate
 from hetlm_jax.model import param_count
-from hetlm_jax.pipeline import prepare_data
+from hetlm_jax.data.readers import read_events
+from hetlm_jax.pipeline import data_path, prepare_data
 from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.step import packed_loss_mask
@@ -115,6 +116,47 @@ def _scoring(cfg: Config, seqs, k: int) -> dict:
           "score_user_model_pairs_per_s": k * seqs.num_users / seconds}
 
 
+def _predict(cfg: Config, prepared, k: int) -> dict:
+  """`next_pages` for every user of the data (their whole log as history; routing, posterior and the top 10 pages
+  of the routed model) against the evaluation's path for the same users (routing by history, then ranking the
+  held-out page), both after a compiling warm-up; initialised parameters (speed does not depend on them)."""
+  from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, route_by_history
+  from hetlm_jax.pipeline import TrainedRun
+  from hetlm_jax.predict import Predictor
+  trainer = Trainer(cfg, k)
+  params = trainer.init_state().params
+  seqs, tokenizer = prepared.seqs, prepared.tokenizer
+  assignment = random_balanced(seqs.num_users, k, 0)
+  predictor = Predictor(Path(os.devnull), TrainedRun(cfg, tokenizer, params, assignment, 0), jax.devices())
+  predictor.label = None
+  table = read_events(data_path(cfg), cfg.data.format, max_users=cfg.data.max_users or None)
+
+  def predict(events):
+    view, _ = predictor._view(events)
+    cluster_U, log_post_KxU, _, tokens_U, _ = predictor._route(view, view.user_ids)
+    predictor._top(view, cluster_U, log_post_KxU, 10, mixture=False)
+    return int(tokens_U.sum())
+
+  family = LMFamily("bench", trainer, params, assignment)
+
+  def evaluate(users):
+    view = seqs.subset(users)
+    family.assignment = route_by_history(family, view)
+    _ranking(lambda u: trainer.next_logprobs(params, view, u, family.assignment[u]), view, tokenizer,
+             EvalOptions(), trainer.eval_batch, "bench", groups_U=family.assignment)
+
+  predict(table.slice(0, 2000))  # compiles
+  evaluate(np.arange(min(seqs.num_users, 256)))
+  start = time.perf_counter()
+  tokens = predict(table)
+  predict_s = time.perf_counter() - start
+  start = time.perf_counter()
+  evaluate(np.arange(seqs.num_users))
+  eval_s = time.perf_counter() - start
+  return {"predict_users_per_s": seqs.num_users / predict_s, "predict_tokens_per_s": tokens / predict_s,
+          "eval_path_users_per_s": seqs.num_users / eval_s}
+
+
 def _real_round(cfg: Config, seqs, vocab_size: int, k: int, steps: int) -> dict:
   """A round as training runs it, on a k-means assignment (clusters of unequal size): the padding share of
   its batches, with and without --balance, and the share of step time spent waiting for the next batch."""
@@ -158,6 +200,8 @@ def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: 
   result.update(_throughput(cfg, seqs, k, steps, with_torch, peak))
   logging.info("bench: scoring pass, K=%d", k)
   result.update(_scoring(cfg, seqs, k))
+  logging.info("bench: next pages for every user (the Predictor), and the evaluation's path, K=%d", k)
+  result.update(_predict(cfg, prepared, k))
   logging.info("bench: a real round's input pipeline, K=%d", k)
   result.update(_real_round(cfg, seqs, vocab, k, steps))
   result["sweep"] = []
@@ -185,6 +229,9 @@ def _log(result: dict) -> None:
                  row["k"], row["d_model"], fmt(row["vmapped_tokens_per_s"]), fmt(row["loop_tokens_per_s"]),
                  fmt(row["torch_tokens_per_s"]), fmt(row["torch_loop_tokens_per_s"]),
                  fmt(row["torch_func_tokens_per_s"]), 100 * row["mfu"])
+  logging.info("next pages %s users/s (%s history tokens/s); the evaluation's path %s users/s",
+               fmt(result["predict_users_per_s"]), fmt(result["predict_tokens_per_s"]),
+               fmt(result["eval_path_users_per_s"]))
   logging.info("scoring %s users/s, %s tokens/s; padding %.1f%% (unbalanced %.1f%%); host wait %.1f%% of step time",
                fmt(result["score_users_per_s"]), fmt(result["score_tokens_per_s"]), 100 * result["padding_fraction"],
                100 * result["padding_fraction_unbalanced"], 100 * result["host_wait_fraction"])

@@ -41,15 +41,7 @@ def read_events(path: str | os.PathLike, fmt: str = "auto", max_users: int | Non
 
   `max_users` keeps only the first N users in order of first appearance in the file.
   """
-  path = os.fspath(path)
-  if fmt not in FORMATS:
-    raise input_error(path, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-  if not os.path.exists(path):
-    raise input_error(path, "no such file")
-  if os.path.isdir(path):
-    raise input_error(path, "is a directory, expected a file")
-  if os.path.getsize(path) == 0:
-    raise input_error(path, "empty file (0 bytes)")
+  path = _checked(path, fmt)
   try:
     fmt, table = _read(path, fmt)
     int_ids = fmt == "msnbc" or ("user_id" in table.column_names and pa.types.is_integer(table["user_id"].type))
@@ -63,6 +55,20 @@ def read_events(path: str | os.PathLike, fmt: str = "auto", max_users: int | Non
   meta = {b"hetlm_source": path.encode(), b"hetlm_format": fmt.encode(),
           b"hetlm_user_id": b"int64" if int_ids else b"string"}
   return table.replace_schema_metadata(meta)
+
+
+def _checked(path: str | os.PathLike, fmt: str) -> str:
+  """`path` as a string, once it names a non-empty file and `fmt` is a known format."""
+  path = os.fspath(path)
+  if fmt not in FORMATS:
+    raise input_error(path, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+  if not os.path.exists(path):
+    raise input_error(path, "no such file")
+  if os.path.isdir(path):
+    raise input_error(path, "is a directory, expected a file")
+  if os.path.getsize(path) == 0:
+    raise input_error(path, "empty file (0 bytes)")
+  return path
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -429,3 +435,80 @@ def _has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
 def _one_line(e: BaseException) -> str:
   text = " ".join(str(e).split())
   return (text[:300] + "...") if len(text) > 300 else (text or type(e).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+
+
+class EventStream:
+  """The normalised event table of `path` in pieces of about `batch_rows` rows, never the whole file at once
+  (Parquet by row groups, CSV by blocks); the text formats (msnbc, user_items) are parsed whole first, then
+  cut. `total_rows`: the file's rows when known without reading it (Parquet metadata, text formats), else None;
+  `int_ids`: the input's user ids are integers (read_events' hetlm_user_id)."""
+
+  def __init__(self, path: str | os.PathLike, fmt: str = "auto", batch_rows: int = 65_536):
+    self.path, self.batch_rows = _checked(path, fmt), max(int(batch_rows), 1)
+    path = self.path
+    self.format = detect_format(path) if fmt == "auto" else fmt
+    self._whole, self._parquet = None, False
+    try:
+      if self.format != "events":
+        self._whole = read_events(path, self.format)
+        self.int_ids = (self._whole.schema.metadata or {}).get(b"hetlm_user_id") == b"int64"
+        self.total_rows = self._whole.num_rows
+        return
+      with open(path, "rb") as f:
+        self._parquet = f.read(4) == b"PAR1"
+      if self._parquet:
+        file = pq.ParquetFile(path)
+        schema = file.schema_arrow
+        self._columns = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in schema.names]
+        if not all(c in schema.names for c in REQUIRED_COLUMNS):
+          normalise_events(schema.empty_table(), path)  # names what is missing
+        self.int_ids = pa.types.is_integer(schema.field("user_id").type)
+        self.total_rows = file.metadata.num_rows
+      else:
+        self.int_ids, self.total_rows = False, None
+        with pa.input_stream(path, compression="detect") as f:
+          head = f.read(512).removeprefix(_BOM).lstrip().lower()
+        if head.startswith((b"<!doctype html", b"<html")):
+          raise input_error(path, "is an HTML page, not CSV (a web page saved in place of the download?)")
+    except HetlmError:
+      raise
+    except _READ_ERRORS as e:
+      raise input_error(path, f"cannot read: {_one_line(e)}") from None
+
+  def _raw(self):
+    if self._whole is not None:
+      for start in range(0, self._whole.num_rows, self.batch_rows):
+        yield self._whole.slice(start, self.batch_rows)
+    elif self._parquet:
+      for batch in pq.ParquetFile(self.path).iter_batches(self.batch_rows, columns=self._columns):
+        yield pa.Table.from_batches([batch])
+    else:
+      text_cols = {c: pa.string() for c in ("user_id", "page", "event_type", "session_id")}
+      convert = pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True, null_values=[""])
+      # Blocks of about batch_rows rows of ~64 bytes; a quoted value may hold a newline (RFC 4180).
+      read = pacsv.ReadOptions(block_size=max(self.batch_rows * 64, 1 << 16))
+      with pacsv.open_csv(pa.input_stream(self.path, compression="detect"), read_options=read,
+                          parse_options=pacsv.ParseOptions(newlines_in_values=True), convert_options=convert) as r:
+        for batch in r:
+          yield pa.Table.from_batches([batch])
+
+  def __iter__(self):
+    """Normalised tables of at least one row each; one error line (HetlmError) on a malformed piece."""
+    try:
+      for table in self._raw():
+        if table.num_rows:
+          yield table if self._whole is not None else normalise_events(table, self.path)
+    except HetlmError:
+      raise
+    except _READ_ERRORS as e:
+      raise input_error(self.path, f"cannot read: {_one_line(e)}") from None
+
+  def count_rows(self) -> int:
+    """The file's rows (a CSV is read through once to count them)."""
+    if self.total_rows is None:
+      self.total_rows = sum(t.num_rows for t in self._raw())
+    return self.total_rows

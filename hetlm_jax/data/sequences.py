@@ -119,6 +119,23 @@ def routing_split(seqs: UserSequences, frac: float) -> UserSequences:
                              split=offsets[1:] - tail_U)
 
 
+def prediction_view(seqs: UserSequences, new_session: bool) -> UserSequences:
+  """Whole sequences (holdout="none") made ready to predict what follows each: a user's history is all of
+  their events, and their target one placeholder token. `new_session`: every session ends, and the placeholder
+  is the BOS of the next (the models predict its first page; a run trained on data with session ends). Else the
+  last session's end marker is dropped and the placeholder is PAD: the models continue that session, as a run
+  trained on single-session users (msnbc) learnt to."""
+  drop_N = np.zeros(seqs.num_tokens, bool)
+  if not new_session:
+    ends_U = seqs.offsets[1:] - 1
+    drop_N[ends_U[seqs.tokens[ends_U] == EOS]] = True
+  kept_U = seqs.lengths - np.add.reduceat(drop_N, seqs.offsets[:-1]) if seqs.num_users else seqs.lengths
+  tokens = np.insert(seqs.tokens[~drop_N], np.cumsum(kept_U), BOS if new_session else PAD).astype(np.int32)
+  offsets = np.zeros(seqs.num_users + 1, np.int64)
+  np.cumsum(kept_U + 1, out=offsets[1:])
+  return dataclasses.replace(seqs, tokens=tokens, offsets=offsets, split=offsets[1:] - 1)
+
+
 def split_users(seqs: UserSequences, n_train: int, n_test: int, seed: int) -> tuple[UserSequences, UserSequences]:
   """The split by user: users in the order of numpy.random.default_rng(seed).permutation(U); the next
   n_test after the first n_train are the test users (n_train 0: all the others). Training users keep

@@ -63,10 +63,21 @@ def first_page_index(seqs: UserSequences) -> np.ndarray:
   return seqs.split + opens_session_U
 
 
+def route(history_KxU: np.ndarray, tokens_U: np.ndarray) -> np.ndarray:
+  """[U] the model with the lowest per-token NLL of each user's history: the E-step's rule (assign.reassign)
+  before its repair of small clusters, and how every user the models never saw is routed."""
+  return np.argmin(history_KxU / np.maximum(tokens_U, 1), axis=0).astype(np.int32)
+
+
+def posterior(log_prior_K: np.ndarray, history_KxU: np.ndarray) -> np.ndarray:
+  """[K, U] log P(k | history) ∝ log π_k − NLL_k(history): the mixture's weights given what a user did."""
+  log_post_KxU = log_prior_K[:, None] - history_KxU
+  return log_post_KxU - logsumexp(log_post_KxU, axis=0, keepdims=True)
+
+
 def route_by_history(family: LMFamily, seqs: UserSequences) -> np.ndarray:
   """Cluster of every user by the lowest per-token NLL of their history (never the target)."""
-  nll_KxU, tokens_U = family.trainer.score(family.params, seqs, "history", label=f"{family.name} routing")
-  return np.argmin(nll_KxU / np.maximum(tokens_U, 1), axis=0).astype(np.int32)
+  return route(*family.trainer.score(family.params, seqs, "history", label=f"{family.name} routing"))
 
 
 def per_user_nll(family, seqs: UserSequences) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,9 +98,7 @@ def mixture_nll(family, seqs: UserSequences, nll_KxU: np.ndarray, tokens_U: np.n
   history_KxU = getattr(family, "history_nll", None)
   if history_KxU is None or history_KxU.shape != nll_KxU.shape:
     history_KxU, _ = family.trainer.score(family.params, seqs, "history", label=f"{family.name} history posterior")
-  log_post_KxU = family.log_prior()[:, None] - history_KxU
-  log_post_KxU -= logsumexp(log_post_KxU, axis=0, keepdims=True)
-  return -logsumexp(log_post_KxU - nll_KxU, axis=0) / np.maximum(tokens_U, 1)
+  return -logsumexp(posterior(family.log_prior(), history_KxU) - nll_KxU, axis=0) / np.maximum(tokens_U, 1)
 
 
 def _page_tokens(tokens: np.ndarray, tokenizer: PageTokenizer) -> np.ndarray:
@@ -123,18 +132,33 @@ def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer,
     out[name] = np.full(u, np.nan)
     out[name][gen_users] = fn(generated, actual)
   if tokenizer.outcome_types:
-    samples = [generate(cfg, family.params, seqs, family.assignment, gen_users,
-                        Sampling(max_new=opts.max_new, temperature=1.0), seed=opts.seed + 1 + i)
-               for i in range(opts.outcome_samples)]
+    probs = outcome_probabilities(cfg, family.params, seqs, family.assignment, gen_users, tokenizer, opts)
     out["outcomes"] = {}
-    for outcome in tokenizer.outcome_types:
+    for outcome, prob in probs.items():
       token = tokenizer.outcome_id(outcome)
       label = np.array([token in seqs.target(int(v)) for v in gen_users])
-      prob = np.mean([[token in g for g in sample] for sample in samples], axis=0)
       predicted = np.array([token in g for g in greedy])
       out["outcomes"][outcome] = {"auc": M.outcome_auc(prob, label), "f1": M.outcome_f1(predicted, label),
                                   "positives": int(label.sum()), "users": int(len(label))}
   return out, (nll_KxU, tokens_U)
+
+
+def outcome_probabilities(cfg, params, seqs: UserSequences, assignment_U: np.ndarray, users: np.ndarray,
+                          tokenizer: PageTokenizer, opts: EvalOptions) -> dict[str, np.ndarray]:
+  """{outcome type: [len(users)] P(the outcome's token in the user's next --max_new tokens)}, estimated from
+  opts.outcome_samples continuations sampled at temperature 1 from each user's model (`assignment_U`)."""
+  samples = [generate(cfg, params, seqs, assignment_U, users, Sampling(max_new=opts.max_new, temperature=1.0),
+                      seed=opts.seed + 1 + i) for i in range(opts.outcome_samples)]
+  return {outcome: np.mean([[tokenizer.outcome_id(outcome) in g for g in sample] for sample in samples], axis=0)
+          for outcome in tokenizer.outcome_types}
+
+
+def group_batches(groups_U: np.ndarray, lengths_U: np.ndarray, batch: int) -> list[np.ndarray]:
+  """Users in batches of at most `batch`, each of one group (e.g. cluster), by history length within a group:
+  a batch's prompts are as wide as its longest (Trainer.next_logprobs), so similar lengths pad little."""
+  order = np.lexsort((lengths_U, groups_U))
+  bounds = np.flatnonzero(np.diff(groups_U[order])) + 1
+  return [b for g in np.split(order, bounds) if len(g) for b in np.array_split(g, -(-len(g) // batch))]
 
 
 def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int,
@@ -149,10 +173,7 @@ def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: E
   true_U = seqs.tokens[first_page_index(seqs)]
   neg_UxN, ok_U = M.sample_negatives(seqs, candidate_V, opts.negatives, opts.seed, exclude_U=true_U)
   groups_U = np.zeros(seqs.num_users, np.int64) if groups_U is None else np.asarray(groups_U)
-  # Within a group, by history length: a batch's prompts are as wide as its longest (Trainer.next_logprobs).
-  order = np.lexsort((seqs.split - seqs.offsets[:-1], groups_U))
-  bounds = np.flatnonzero(np.diff(groups_U[order])) + 1
-  batches = [b for g in np.split(order, bounds) if len(g) for b in np.array_split(g, -(-len(g) // batch))]
+  batches = group_batches(groups_U, seqs.history_lengths, batch)
   full_keys, sampled_keys = ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr"), ("hr@10", "ndcg@10")
   out = {key: np.full(seqs.num_users, np.nan) for key in (*full_keys, *(f"{k}_sampled" for k in sampled_keys))}
   progress = Progress(len(batches), f"{label} ranking", every=10)

@@ -24,7 +24,7 @@ from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
-from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, write_outputs
+from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, posterior, write_outputs
 
 PUBLISHED_MIXTURE_K = 40  # Cadez et al.'s mixture of Markov chains on msnbc (DESIGN.md)
 # Pooled key, per-user metric and pages_only of the two scorings of every test sequence.
@@ -60,8 +60,7 @@ def _lm_scores(family: LMFamily, test: UserSequences, view: UserSequences, token
     if not pages_only:
       map_U = np.argmax(joint_KxU, axis=0)
   prefix_KxU, _ = t.score(family.params, view, "history", label=f"{family.name} prefixes")
-  log_post_KxU = log_pi_K[:, None] - prefix_KxU
-  log_post_KxU -= logsumexp(log_post_KxU, axis=0, keepdims=True)
+  log_post_KxU = posterior(log_pi_K, prefix_KxU)
 
   def logprobs(users):
     return logsumexp(log_post_KxU[:, users, None] + t.next_logprobs(family.params, view, users), axis=0)

@@ -26,6 +26,10 @@ class Checkpoints:
     self._manager.wait_until_finished()
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    self._manager.wait_until_finished()
+    return list(self._manager.all_steps())
+
   def save(self, state: TrainState, best: dict | None, assignment_U: np.ndarray, meta: dict,
            weights_UxK: np.ndarray | None = None, replace: bool = False) -> None:
     """`weights_UxK`: soft-EM responsibilities in use, kept so a resumed round trains on the same ones.

@@ -27,6 +27,15 @@ class Preempted(Exception):
     self.model, self.step, self.signal_name = model, step, signal_name
 
 
+class Stopped(Exception):
+  """A job that keeps nothing partial (hetlm predict) stopped on a signal after `done` users, having written
+  nothing."""
+
+  def __init__(self, signal_name: str, done: int):
+    super().__init__(f"{signal_name}: stopped after {done} users")
+    self.signal_name, self.done = signal_name, done
+
+
 class NonFiniteLoss(HetlmError):
   pass
 

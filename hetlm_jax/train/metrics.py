@@ -92,6 +92,8 @@ class Progress:
     self._start, self._initial = time.perf_counter(), initial
 
   def update(self, done: int, info: str = "") -> None:
+    if self.label is None:  # quiet: a pass inside a job that shows its own progress
+      return
     elapsed = time.perf_counter() - self._start
     eta = elapsed / max(done - self._initial, 1) * (self.total - done)
     line = f"{self.label} {done}/{self.total} [{_duration(elapsed)}<{_duration(eta)}] {info}".rstrip()

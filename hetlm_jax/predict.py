@@ -1,0 +1,441 @@
+"""Using a trained model: the Predictor API (a notebook's handful of histories) and `hetlm predict` (a file of
+users' recent events, streamed in chunks, one Parquet row per user).
+
+A history is a list of page names (one session), a list of sessions (lists of page names), or a list of page
+names with `session_ids` marking their sessions. It goes through the training's tokenizer and sequence layout
+(pages the models never saw become <unk>), then what follows it is asked for: the next session when the run's
+training data end their sessions, else (one session per user, as msnbc) how the last session goes on
+(sessions.json; `new_session=` overrides it).
+
+Routing is the training's: a user of the saved assignment keeps their cluster (pass `user_ids`), any other goes
+to the model with the lowest per-token NLL of their history (the E-step's rule); the posterior P(k | history) ∝
+π_k p_k(history) is the one the mixture evaluation uses. Next pages are ranked as the evaluation ranks them (the
+same batches, the same candidates: pages, not specials, outcome tokens or <unk>); outcome chances are estimated
+as the evaluation estimates them (sampled continuations). Every call runs on fixed batch shapes and a few
+prompt widths, so repeated calls do not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from absl import logging
+from scipy.special import logsumexp
+
+from hetlm_jax.cluster.assign import cluster_shares, log_shares
+from hetlm_jax.data.readers import EventStream
+from hetlm_jax.data.sequences import UserSequences, build_sequences, prediction_view
+from hetlm_jax.data.tokenizer import UNK
+from hetlm_jax.errors import HetlmError
+from hetlm_jax.eval.evaluate import EvalOptions, group_batches, outcome_probabilities, posterior, route
+from hetlm_jax.eval.generate import Sampling, generate
+from hetlm_jax.pipeline import SavedAssignment, load_run, read_sessions
+from hetlm_jax.train import interrupt
+from hetlm_jax.train.loop import Trainer
+from hetlm_jax.train.metrics import Progress
+from hetlm_jax.train.split import num_models
+
+__all__ = ["NextPages", "Predictor", "Routing", "Scores", "predict_file"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+  """`assign`'s answer for N histories and K models."""
+  cluster: np.ndarray  # [N] int32: the saved cluster of a known user, else the lowest per-token history NLL
+  posterior: np.ndarray  # [N, K] P(k | history), rows summing to 1
+  unknown_pages: np.ndarray  # [N] history pages the models never saw (scored as <unk>)
+  saved: np.ndarray  # [N] bool: the cluster is the saved assignment's (a training user)
+
+
+@dataclasses.dataclass(frozen=True)
+class NextPages:
+  """`next_pages`' answer: the k most likely next pages of each history, most likely first."""
+  pages: list[list[str]]  # [N][k] page names
+  probs: np.ndarray  # [N, k] their probabilities under the routed model (or the posterior-weighted mixture)
+  ids: np.ndarray  # [N, k] their token ids
+  cluster: np.ndarray  # [N] the routed model
+  unknown_pages: np.ndarray  # [N]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+  """`score`'s answer: how well each model predicts each history (nats per token), an anomaly score."""
+  nll_per_token: np.ndarray  # [N, K] under every model
+  tokens: np.ndarray  # [N] scored tokens of each history
+  cluster: np.ndarray  # [N] the routed model
+  nll: np.ndarray  # [N] under the routed model
+  nll_mixture: np.ndarray  # [N] −log Σ_k π_k p_k(history) per token
+
+  @property
+  def perplexity(self) -> np.ndarray:
+    """[N, K] exp(nll_per_token)."""
+    return np.exp(self.nll_per_token)
+
+
+def _resolve(path: Path) -> tuple[Path, str | None, int | None]:
+  """(workdir, model family, step) of a workdir, a family's checkpoint folder or one of its steps."""
+  if (path / "config.json").exists() or not path.exists():
+    return path, None, None
+  step = int(path.name) if path.name.isdigit() else None
+  family = path.parent if step is not None else path
+  if family.parent.name == "checkpoints" and (family.parent.parent / "config.json").exists():
+    return family.parent.parent, family.name, step
+  return path, None, None
+
+
+class Predictor:
+  """A trained model family, ready for new events. Build it with `Predictor.load`."""
+
+  def __init__(self, workdir: Path, run, devices=None):
+    self.workdir, self.tokenizer, self.config = workdir, run.tokenizer, run.config
+    self.k = num_models(run.params)
+    self.params, self.step = run.params, run.step
+    self.trainer = Trainer(run.config, self.k, devices)
+    self.log_prior = log_shares(cluster_shares(run.assignment, run.weights, self.k))
+    self.saved = SavedAssignment(workdir) if self.k > 1 else None
+    sessions = read_sessions(workdir)
+    self.new_session, self.session_length = bool(sessions["session_ends"]), sessions["session_length"]
+    self.label = "routing"  # the scoring pass's progress line (None: quiet)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike, model: str = "hetlm", devices=None) -> Predictor:
+    """From a finished run's workdir (`model`: hetlm, single, single_ft or single_matched), or from a checkpoint
+    folder WORKDIR/checkpoints/MODEL[/STEP]; onto `devices` (default: every local device; CPU works)."""
+    workdir, family, step = _resolve(Path(path))
+    if not workdir.is_dir():
+      raise HetlmError(f"{path}: no such workdir")
+    if family is None and not (workdir / "eval.json").exists() and (workdir / "config.json").exists():
+      raise HetlmError(f"{workdir}: not a finished run (no eval.json); the `hetlm train` command that made it "
+                       "resumes it")
+    devices = list(jax.local_devices() if devices is None else devices)
+    return cls(workdir, load_run(workdir, family or model, step, devices), devices)
+
+  # -- histories → sequences --------------------------------------------------------------------------------
+
+  def sequences(self, histories: Sequence, session_ids: Sequence | None = None,
+                new_session: bool | None = None) -> tuple[UserSequences, np.ndarray]:
+    """The histories as the models read them, each followed by what is asked for, and [N] unknown pages."""
+    return self._view(_events_of(histories, session_ids), new_session)
+
+  def _view(self, table: pa.Table, new_session: bool | None = None) -> tuple[UserSequences, np.ndarray]:
+    gap = self.config.data.session_gap_minutes * 60
+    seqs, _ = build_sequences(table, self.tokenizer, session_gap_s=gap, holdout="none")
+    seqs = prediction_view(seqs, self.new_session if new_session is None else new_session)
+    unknown_U = np.add.reduceat((seqs.tokens == UNK).astype(np.int64), seqs.offsets[:-1])
+    return seqs, unknown_U
+
+  # -- what the models say about them ----------------------------------------------------------------------
+
+  def _route(self, seqs: UserSequences, user_ids=None):
+    """(cluster [U], log posterior [K, U], history NLL sums [K, U], scored tokens [U], saved [U])."""
+    history_KxU, tokens_U = self.trainer.score(self.params, seqs, "history", label=self.label)
+    cluster_U = route(history_KxU, tokens_U)
+    saved_U = np.zeros(seqs.num_users, bool)
+    if self.saved is not None and user_ids is not None:
+      known_U = self.saved.lookup(np.asarray(user_ids))
+      saved_U = known_U >= 0
+      cluster_U = np.where(saved_U, known_U, cluster_U).astype(np.int32)
+    return cluster_U, posterior(self.log_prior, history_KxU), history_KxU, tokens_U, saved_U
+
+  def _top(self, seqs: UserSequences, cluster_U, log_post_KxU, k: int, mixture: bool):
+    """[U, k] ids and probabilities of the most likely next pages, batched as the evaluation ranks."""
+    first_page = self.tokenizer.num_specials
+    k = max(1, min(k, self.tokenizer.vocab_size - first_page))
+    ids_UxN = np.zeros((seqs.num_users, k), np.int64)
+    probs_UxN = np.zeros((seqs.num_users, k), np.float32)
+    groups_U = np.zeros(seqs.num_users, np.int64) if mixture else cluster_U
+    for users in group_batches(groups_U, seqs.history_lengths, self.trainer.eval_batch):
+      if mixture:
+        logp_BxV = logsumexp(log_post_KxU[:, users, None] + self.trainer.next_logprobs(self.params, seqs, users),
+                             axis=0)
+      else:
+        logp_BxV = self.trainer.next_logprobs(self.params, seqs, users, cluster_U[users])
+      logp_BxV = np.where(np.arange(logp_BxV.shape[1]) >= first_page, logp_BxV, -np.inf)
+      top_BxN = np.argpartition(-logp_BxV, k - 1, axis=1)[:, :k]
+      value_BxN = np.take_along_axis(logp_BxV, top_BxN, axis=1)
+      order_BxN = np.argsort(-value_BxN, axis=1, kind="stable")
+      ids_UxN[users] = np.take_along_axis(top_BxN, order_BxN, axis=1)
+      probs_UxN[users] = np.exp(np.take_along_axis(value_BxN, order_BxN, axis=1))
+    return ids_UxN, probs_UxN
+
+  def _sampling(self, sampling: Sampling | None) -> Sampling:
+    """The evaluation's decoding: greedy, at most 20 tokens, or a session's median length when the model never
+    saw a session end."""
+    s = sampling or Sampling()
+    return s if self.session_length is None else dataclasses.replace(s, max_new=min(s.max_new,
+                                                                                     self.session_length))
+
+  # -- the API ---------------------------------------------------------------------------------------------
+
+  def assign(self, histories: Sequence, session_ids: Sequence | None = None, user_ids: Sequence | None = None,
+             new_session: bool | None = None) -> Routing:
+    """Each history's cluster (`user_ids` in the saved assignment keep theirs) and P(k | history)."""
+    seqs, unknown_U = self.sequences(histories, session_ids, new_session)
+    cluster_U, log_post_KxU, _, _, saved_U = self._route(seqs, user_ids)
+    return Routing(cluster_U, np.exp(log_post_KxU).T, unknown_U, saved_U)
+
+  def next_pages(self, histories: Sequence, k: int = 10, mixture: bool = False, session_ids: Sequence | None = None,
+                 user_ids: Sequence | None = None, new_session: bool | None = None) -> NextPages:
+    """The k most likely next pages of each history under its routed model, or under the mixture of all K
+    weighted by P(k | history) (`mixture`)."""
+    seqs, unknown_U = self.sequences(histories, session_ids, new_session)
+    cluster_U, log_post_KxU, *_ = self._route(seqs, user_ids)
+    ids_UxN, probs_UxN = self._top(seqs, cluster_U, log_post_KxU, k, mixture)
+    pages = [self.tokenizer.decode(row) for row in ids_UxN]
+    return NextPages(pages, probs_UxN, ids_UxN, cluster_U, unknown_U)
+
+  def score(self, histories: Sequence, session_ids: Sequence | None = None, user_ids: Sequence | None = None) -> Scores:
+    """Each history's NLL per token under every model, its routed model and the mixture."""
+    seqs, _ = self.sequences(histories, session_ids)
+    cluster_U, _, history_KxU, tokens_U, _ = self._route(seqs, user_ids)
+    per_token_KxU = history_KxU / np.maximum(tokens_U, 1)
+    mixture_U = -logsumexp(self.log_prior[:, None] - history_KxU, axis=0) / np.maximum(tokens_U, 1)
+    return Scores(per_token_KxU.T, tokens_U, cluster_U, per_token_KxU[cluster_U, np.arange(len(cluster_U))],
+                  mixture_U)
+
+  def outcome_probability(self, histories: Sequence, samples: int = 8, session_ids: Sequence | None = None,
+                          user_ids: Sequence | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """{outcome type: [N] P(the outcome in what follows)}, from `samples` continuations per history sampled from
+    its routed model, as the evaluation estimates it. Only for a run trained with outcome events."""
+    if not self.tokenizer.outcome_types:
+      raise HetlmError(f"{self.workdir}: the run was trained without outcome events (no event_type other than "
+                       "views), so it predicts no outcome")
+    seqs, _ = self.sequences(histories, session_ids)
+    cluster_U, *_ = self._route(seqs, user_ids)
+    return self._outcomes(seqs, cluster_U, samples, seed)
+
+  def _outcomes(self, seqs: UserSequences, cluster_U: np.ndarray, samples: int, seed: int) -> dict[str, np.ndarray]:
+    opts = EvalOptions(outcome_samples=samples, seed=seed)
+    return outcome_probabilities(self.config.model, self.params, seqs, cluster_U, np.arange(seqs.num_users),
+                                 self.tokenizer, opts)
+
+  def generate(self, histories: Sequence, sampling: Sampling | None = None, session_ids: Sequence | None = None,
+               user_ids: Sequence | None = None, seed: int = 0) -> list[list[str]]:
+    """What follows each history, generated by its routed model (batched, KV-cached; `hetlm generate`'s
+    decoding), as token names (pages, and outcome tokens such as <cart>)."""
+    seqs, _ = self.sequences(histories, session_ids)
+    cluster_U, *_ = self._route(seqs, user_ids)
+    out = generate(self.config.model, self.params, seqs, cluster_U, np.arange(seqs.num_users),
+                   self._sampling(sampling), seed=seed)
+    return [self.tokenizer.decode(tokens) for tokens in out]
+
+
+def _events_of(histories: Sequence, session_ids: Sequence | None) -> pa.Table:
+  """The histories as an event table (user i, timestamps in order, one session_id per session); one clear
+  HetlmError for an empty history or a page that is not a name."""
+  if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence) or not len(histories):
+    raise HetlmError("histories: expected a non-empty list of histories (each a list of page names)")
+  if session_ids is not None and len(session_ids) != len(histories):
+    raise HetlmError(f"session_ids: {len(session_ids)} lists for {len(histories)} histories")
+  users, pages, sessions = [], [], []
+  for i, history in enumerate(histories):
+    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence) or not len(history):
+      raise HetlmError(f"history {i}: expected a non-empty list of page names (or of sessions), got {history!r:.60}")
+    nested = all(isinstance(s, Sequence) and not isinstance(s, (str, bytes)) for s in history)
+    flat = [page for s in history for page in s] if nested else list(history)
+    if nested:
+      ids = [j for j, s in enumerate(history) for _ in s]
+    elif session_ids is not None:
+      ids = list(session_ids[i])
+      if len(ids) != len(flat):
+        raise HetlmError(f"history {i}: {len(flat)} pages but {len(ids)} session ids")
+    else:
+      ids = [0] * len(flat)
+    if not flat:
+      raise HetlmError(f"history {i}: every session is empty")
+    for j, page in enumerate(flat):
+      if isinstance(page, bool) or not isinstance(page, (str, int, np.integer)):
+        raise HetlmError(f"history {i}, page {j}: expected a page name (str), got {type(page).__name__} {page!r:.40}")
+    users += [i] * len(flat)
+    pages += [str(page) for page in flat]
+    sessions += ids
+  try:
+    codes = pa.array(sessions).dictionary_encode().indices.cast(pa.int64())
+  except pa.ArrowException as e:
+    raise HetlmError(f"session_ids: {e}") from None
+  return pa.table({"user_id": pa.array(users, pa.int64()), "timestamp": pa.array(np.arange(len(users)), pa.int64()),
+                   "page": pa.array(pages, pa.string()), "session_id": codes})
+
+
+# -- hetlm predict ---------------------------------------------------------------------------------------------
+
+
+def user_chunks(stream: EventStream, chunk_users: int):
+  """Tables of `chunk_users` whole users each (the last may have fewer), in file order. A user's events must be
+  together (a log sorted or grouped by user is): a user seen again after their chunk was cut is an error."""
+  pending, done = None, set()
+
+  def check(chunk: pa.Table) -> pa.Table:
+    ids = pc.unique(chunk["user_id"]).to_pylist()
+    hashes = {hash(x) for x in ids}
+    if not done.isdisjoint(hashes):
+      again = next(x for x in ids if hash(x) in done)
+      raise HetlmError(f"{stream.path}: the events of user {again!r} are not together (seen again after other "
+                       "users): hetlm predict streams users in file order, so group the log by user_id (e.g. sort "
+                       "it by user_id, timestamp)")
+    done.update(hashes)
+    return chunk
+
+  for table in stream:
+    pending = table if pending is None else pa.concat_tables([pending, table])
+    ids = pending["user_id"]
+    n = pending.num_rows
+    starts = np.flatnonzero(pc.not_equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)) + 1
+    # Every chunk_users-th user's first row cuts; the last user may go on in the next piece, so never after it.
+    cuts = starts[chunk_users - 1::chunk_users]
+    begin = 0
+    for cut in cuts:
+      yield check(pending.slice(begin, cut - begin))
+      begin = int(cut)
+    pending = pending.slice(begin)
+  if pending is not None and pending.num_rows:
+    yield check(pending)
+
+
+def _schema(int_ids: bool, outcomes: list[str]) -> pa.Schema:
+  fields = [("user_id", pa.int64() if int_ids else pa.string()), ("cluster", pa.int32()),
+            ("posterior", pa.list_(pa.float32())), ("next_pages", pa.list_(pa.string())),
+            ("next_page_probs", pa.list_(pa.float32())), ("nll_per_token", pa.float32()),
+            ("unknown_pages", pa.int32())]
+  return pa.schema(fields + [(f"outcome_{o}", pa.float32()) for o in outcomes])
+
+
+def _rows(predictor: Predictor, table: pa.Table, int_ids: bool, top_k: int, mixture: bool,
+          outcome_samples: int, seed: int) -> pa.Table:
+  seqs, unknown_U = predictor._view(table)
+  ids = seqs.user_ids
+  cluster_U, log_post_KxU, history_KxU, tokens_U, _ = predictor._route(seqs, ids)
+  ids_UxN, probs_UxN = predictor._top(seqs, cluster_U, log_post_KxU, top_k, mixture)
+  u, n = ids_UxN.shape
+  names = pa.array(predictor.tokenizer.decode(ids_UxN.ravel()), pa.string())
+  offsets = pa.array(np.arange(u + 1, dtype=np.int32) * n)
+  k = predictor.k
+  columns = {
+    "user_id": pa.array(ids.astype(np.int64) if int_ids else ids.astype(str)),
+    "cluster": pa.array(cluster_U, pa.int32()),
+    "posterior": pa.ListArray.from_arrays(pa.array(np.arange(u + 1, dtype=np.int32) * k),
+                                          pa.array(np.exp(log_post_KxU).T.ravel().astype(np.float32))),
+    "next_pages": pa.ListArray.from_arrays(offsets, names),
+    "next_page_probs": pa.ListArray.from_arrays(offsets, pa.array(probs_UxN.ravel())),
+    "nll_per_token": pa.array((history_KxU[cluster_U, np.arange(u)] / np.maximum(tokens_U, 1)).astype(np.float32)),
+    "unknown_pages": pa.array(unknown_U.astype(np.int32))}
+  if predictor.tokenizer.outcome_types and outcome_samples:
+    for outcome, prob in predictor._outcomes(seqs, cluster_U, outcome_samples, seed).items():
+      columns[f"outcome_{outcome}"] = pa.array(prob.astype(np.float32))
+  return pa.table(columns, schema=_schema(int_ids, predictor.tokenizer.outcome_types if outcome_samples else []))
+
+
+def _peak_rss_mib() -> float:
+  """This process's peak resident memory: Linux's VmHWM (its own, unlike ru_maxrss, which a child started by
+  fork and exec inherits from its parent), else ru_maxrss."""
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**10
+  except (OSError, StopIteration, ValueError):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def part_path(out: Path, process: int, processes: int) -> Path:
+  """Where a process writes: --out itself in a one-process job, else OUT/part-0000P.parquet (a folder, with a
+  _SUCCESS manifest written last by process 0)."""
+  return out if processes == 1 else out / f"part-{process:05d}.parquet"
+
+
+def predict_file(workdir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, fmt: str = "auto",
+                 model: str = "hetlm", top_k: int = 10, mixture: bool = False, chunk_users: int = 4096,
+                 outcome_samples: int = 8, seed: int = 0, process: int = 0, processes: int = 1,
+                 devices=None) -> dict:
+  """`hetlm predict`: one Parquet row per user of `data`, streamed in chunks of `chunk_users` users (process p of
+  P takes chunks p, p + P, ...). Rows go to a temporary file renamed at the end: an error or a stop signal
+  leaves no output (interrupt.Stopped). Returns a summary (users, seconds, users/s, peak RSS per chunk)."""
+  out = Path(out)
+  if chunk_users < 1 or top_k < 1 or outcome_samples < 0:
+    raise HetlmError("--chunk_users and --top_k must be at least 1, --outcome_samples at least 0")
+  # Read 16 events per user of a chunk at a time (Parquet: within a row group), so memory follows --chunk_users.
+  stream = EventStream(data, fmt, 16 * chunk_users)  # checks the file before the model loads
+  predictor = Predictor.load(workdir, model, devices)
+  predictor.label = None
+  if predictor.tokenizer.outcome_types and outcome_samples == 0:
+    logging.info("--outcome_samples=0: no outcome_* columns")
+  target = part_path(out, process, processes)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.with_name(f".{target.name}.tmp")
+  schema = _schema(stream.int_ids, predictor.tokenizer.outcome_types if outcome_samples else [])
+  total = stream.count_rows()
+  progress = Progress(total, "predict (events)", every=1)
+  start, rows_done, users, chunks, rss = time.perf_counter(), 0, 0, 0, []
+  unknown = pages = 0
+  clusters = np.zeros(predictor.k, np.int64)
+  writer = pq.ParquetWriter(tmp, schema)
+  try:
+    with interrupt.StopRequest() as stop:
+      for i, chunk in enumerate(user_chunks(stream, chunk_users)):
+        rows_done += chunk.num_rows
+        if i % processes == process:
+          if not chunks and (predictor.tokenizer.encode_pages(chunk["page"]) == UNK).all():
+            raise HetlmError(f"{data}: none of the first {chunk.num_rows:,} events' pages is one the run was "
+                             f"trained on ({predictor.tokenizer.vocab_size - predictor.tokenizer.num_specials:,} "
+                             "pages); is it the same kind of log, and 'page' the right column?")
+          rows = _rows(predictor, chunk, stream.int_ids, top_k, mixture, outcome_samples, seed + i)
+          writer.write_table(rows)
+          users += rows.num_rows
+          clusters += np.bincount(rows["cluster"].to_numpy(), minlength=predictor.k)
+          unknown += int(pc.sum(rows["unknown_pages"]).as_py() or 0)
+          pages += chunk.num_rows
+          chunks += 1
+          rss.append(round(_peak_rss_mib(), 1))
+        elapsed = time.perf_counter() - start
+        progress.update(rows_done, f"{users:,} users, {users / max(elapsed, 1e-9):,.0f} users/s")
+        interrupt.after_step(i + 1)
+        if stop.received:
+          raise interrupt.Stopped(stop.received, users)
+    writer.close()
+    writer = None
+    os.replace(tmp, target)
+  finally:
+    if writer is not None:
+      writer.close()
+    tmp.unlink(missing_ok=True)
+    progress.close()
+  seconds = time.perf_counter() - start
+  summary = {"users": users, "events": pages, "chunks": chunks, "seconds": seconds,
+             "users_per_s": users / max(seconds, 1e-9), "clusters": clusters.tolist(),
+             "unknown_pages": unknown, "peak_rss_mib": rss, "out": str(target), "k": predictor.k}
+  if processes > 1:
+    _manifest(out, process, processes, summary, seconds)
+  return summary
+
+
+def _manifest(out: Path, process: int, processes: int, summary: dict, seconds: float) -> None:
+  """Each process records its part; process 0 waits for every part, then writes _SUCCESS last."""
+  (out / f".part-{process:05d}.json.tmp").write_text(json.dumps(summary))
+  os.replace(out / f".part-{process:05d}.json.tmp", out / f".part-{process:05d}.json")
+  if process:
+    return
+  deadline = time.monotonic() + max(600.0, 2 * seconds)
+  parts = [out / f".part-{p:05d}.json" for p in range(processes)]
+  while not all(p.exists() for p in parts):
+    if time.monotonic() > deadline:
+      missing = [str(p.name)[1:-5] for p in parts if not p.exists()]
+      raise HetlmError(f"{out}: parts {', '.join(missing)} did not finish; no _SUCCESS written")
+    time.sleep(0.5)
+  records = [json.loads(p.read_text()) for p in parts]
+  manifest = {"parts": [Path(r["out"]).name for r in records], "users": sum(r["users"] for r in records),
+              "processes": processes}
+  (out / "_SUCCESS.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
+  os.replace(out / "_SUCCESS.tmp", out / "_SUCCESS")
+  for p in parts:
+    p.unlink()

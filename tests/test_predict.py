@@ -1,0 +1,239 @@
+"""Using a trained model: the Predictor API and `hetlm predict` against the evaluation, the E-step, devices,
+processes, interruptions, bad input and memory."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from hetlm_jax import pipeline
+from hetlm_jax.cluster.assign import reassign
+from hetlm_jax.data.sequences import build_sequences, prediction_view
+from hetlm_jax.data.tokenizer import BOS, EOS, PageTokenizer
+from hetlm_jax.errors import HetlmError
+from hetlm_jax.eval.evaluate import first_page_index
+from hetlm_jax.main import cli
+from hetlm_jax.predict import Predictor, predict_file
+from synthetic import markov_events
+from tiny_run import REPO
+
+
+def _sessions(tokenizer: PageTokenizer, tokens: np.ndarray) -> list[list[str]]:
+  """A history's tokens back as page names per session (what a user would type)."""
+  sessions = []
+  for t in tokens:
+    if t == BOS:
+      sessions.append([])
+    elif t != EOS:
+      sessions[-1].append(tokenizer.decode([t])[0])
+  return sessions
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_reference):
+  """The tiny run, its training users (their history part) and the users the evaluation reports on."""
+  log, workdir = tiny_reference
+  cfg, prepared = pipeline._workdir_data(workdir, None)
+  seqs, _, evaluated_U = pipeline.validation_slice(cfg, prepared)
+  histories = [_sessions(prepared.tokenizer, seqs.history(u)) for u in range(seqs.num_users)]
+  return log, workdir, seqs, evaluated_U, histories, Predictor.load(workdir)
+
+
+def test_next_pages_rank_as_the_evaluation_and_training_users_keep_their_saved_cluster(trained):
+  _, workdir, seqs, evaluated_U, histories, predictor = trained
+  top = predictor.next_pages(histories, k=10, user_ids=seqs.user_ids)
+  true_U = seqs.tokens[first_page_index(seqs)]
+  hit_U = np.where(true_U >= predictor.tokenizer.num_specials, (top.ids == true_U[:, None]).any(axis=1), np.nan)
+  report = json.loads((workdir / "eval.json").read_text())
+  assert np.nanmean(hit_U[evaluated_U]) == pytest.approx(report["models"]["hetlm"]["hr@10"]["mean"], abs=1e-12)
+  assert (np.diff(top.probs, axis=1) <= 0).all() and (top.ids >= predictor.tokenizer.num_specials).all()
+  routing = predictor.assign(histories, user_ids=seqs.user_ids)
+  saved = pq.read_table(workdir / "assignments.parquet")
+  assert saved["user_id"].to_pylist() == list(seqs.user_ids)
+  np.testing.assert_array_equal(routing.cluster, saved["cluster"].to_numpy())
+  assert routing.saved.all() and (routing.unknown_pages == 0).all()
+  np.testing.assert_allclose(routing.posterior.sum(axis=1), 1, rtol=1e-6)
+  assert routing.posterior.shape == (seqs.num_users, predictor.k)
+  # The mixture's top pages: a distribution too, and not the routed model's for every user.
+  mixed = predictor.next_pages(histories, k=10, mixture=True, user_ids=seqs.user_ids)
+  assert (mixed.probs > 0).all() and (mixed.probs.sum(axis=1) <= 1 + 1e-5).all()
+
+
+def test_new_users_are_routed_by_the_e_steps_rule_on_the_training_layout(trained):
+  _, _, seqs, _, histories, predictor = trained
+  nll_KxU, tokens_U = predictor.trainer.score(predictor.params, seqs, "history")
+  e_step = reassign(nll_KxU / np.maximum(tokens_U, 1), np.zeros(seqs.num_users, np.int32), min_size=0)
+  routing = predictor.assign(histories)  # no user ids: every user is new
+  np.testing.assert_array_equal(routing.cluster, e_step.assignment)
+  assert not routing.saved.any()
+  scores = predictor.score(histories)  # the histories re-encoded are the training's, token for token
+  np.testing.assert_array_equal(scores.tokens, tokens_U)
+  np.testing.assert_allclose(scores.nll_per_token, (nll_KxU / tokens_U).T, rtol=1e-5)
+  assert (scores.nll <= scores.nll_per_token.max(axis=1)).all() and np.isfinite(scores.nll_mixture).all()
+
+
+def test_one_session_users_are_continued_as_the_training_layout_has_them():
+  """msnbc-like data (one session per user, no end markers): the typed first half is the evaluation's history."""
+  table = pa.table({"user_id": ["a"] * 5 + ["b"] * 4, "timestamp": list(range(5)) + list(range(4)),
+                    "page": ["x", "y", "z", "x", "y", "z", "z", "q", "x"]})
+  tokenizer = PageTokenizer.fit(table["page"])
+  half, _ = build_sequences(table, tokenizer, holdout="half")
+  typed = pa.table({"user_id": ["a"] * 3 + ["b"] * 2, "timestamp": [0, 1, 2, 0, 1], "page": ["x", "y", "z", "z", "z"]})
+  whole, _ = build_sequences(typed, tokenizer, holdout="none")
+  view = prediction_view(whole, new_session=False)
+  for u in range(2):
+    np.testing.assert_array_equal(view.history(u), half.history(u))
+  assert (view.tokens[view.split] != BOS).all()
+  opened = prediction_view(whole, new_session=True)  # a run whose sessions end: a new session is asked for
+  assert (opened.tokens[opened.split] == BOS).all() and (opened.tokens[opened.split - 1] == EOS).all()
+
+
+def _read(path: Path) -> pa.Table:
+  return pq.read_table(path).sort_by("user_id")
+
+
+def test_predict_writes_a_row_per_user_the_same_in_chunks_and_on_one_device(trained, tmp_path, capsys):
+  log, workdir, *_ = trained
+  users = pq.read_table(log)["user_id"].unique()
+  out = tmp_path / "p.parquet"
+  assert cli(["hetlm", "predict", f"--workdir={workdir}", f"--data={log}", f"--out={out}", "--chunk_users=17",
+              "--top_k=5"]) == 0
+  printed = capsys.readouterr().out.strip().splitlines()
+  assert len(printed) == 3 and printed[0].startswith(f"predicted {len(users)} users"), printed
+  four = _read(out)
+  assert four.num_rows == len(users) and sorted(four["user_id"].to_pylist()) == sorted(users.to_pylist())
+  assert four.column_names == ["user_id", "cluster", "posterior", "next_pages", "next_page_probs", "nll_per_token",
+                               "unknown_pages"]
+  assert all(len(p) == 5 for p in four["next_pages"].to_pylist())
+  one = predict_file(workdir, log, tmp_path / "one.parquet", top_k=5, chunk_users=1000, devices=jax.devices()[:1])
+  assert one["chunks"] == 1 and one["users"] == len(users)
+  whole = _read(tmp_path / "one.parquet")
+  for name in ("user_id", "cluster", "next_pages", "unknown_pages"):
+    assert whole[name].equals(four[name]), name
+  for name in ("posterior", "next_page_probs", "nll_per_token"):
+    np.testing.assert_allclose(np.array(whole[name].to_pylist()), np.array(four[name].to_pylist()), rtol=1e-5)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["one.parquet", "p.parquet"]  # no temporary left
+  pacsv.write_csv(pq.read_table(log), tmp_path / "log.csv")  # CSV streams by blocks: the same rows
+  predict_file(workdir, tmp_path / "log.csv", tmp_path / "csv.parquet", top_k=5, chunk_users=30)
+  from_csv = _read(tmp_path / "csv.parquet")
+  for name in ("user_id", "cluster", "next_pages"):
+    assert from_csv[name].equals(four[name]), name
+
+
+def test_sigterm_in_predict_writes_nothing_and_exits_0(trained, tmp_path, capsys):
+  log, workdir, *_ = trained
+  out = tmp_path / "p.parquet"
+  assert cli(["hetlm", "predict", f"--workdir={workdir}", f"--data={log}", f"--out={out}", "--chunk_users=20",
+              "--inject=sigterm@2"]) == 0
+  printed = capsys.readouterr().out
+  assert "SIGTERM: stopped after 40 users; nothing was written" in printed, printed
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_to_predict_is_one_line_and_exit_2(trained, tmp_path, capsys):
+  log, workdir, *_ = trained
+  events = pq.read_table(log)
+  pq.write_table(events.set_column(2, "page", pa.array(["/other"] * events.num_rows)), tmp_path / "foreign.parquet")
+  (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+  pq.write_table(pa.concat_tables([events.slice(0, 100), events.slice(100), events.slice(0, 3)]),
+                 tmp_path / "ungrouped.parquet", row_group_size=50)
+  (tmp_path / "unfinished").mkdir()
+  for name in ("config.json", "tokenizer.json"):
+    shutil.copy(workdir / name, tmp_path / "unfinished" / name)
+  cases = {
+    f"--workdir={tmp_path / 'nowhere'} --data={log}": "no such workdir",
+    f"--workdir={workdir} --data={tmp_path / 'foreign.parquet'}": "none of the first",
+    f"--workdir={workdir} --data={tmp_path / 'broken.parquet'}": "broken.parquet",
+    f"--workdir={workdir} --data={tmp_path / 'ungrouped.parquet'} --chunk_users=10": "are not together",
+    f"--workdir={workdir} --data={log} --chunk_users=0": "--chunk_users",
+    f"--workdir={tmp_path} --data={log}": "no config.json",
+    f"--workdir={tmp_path / 'unfinished'} --data={log}": "not a finished run",
+  }
+  for flags, words in cases.items():
+    out = tmp_path / "p.parquet"
+    assert cli(["hetlm", "predict", *flags.split(), f"--out={out}"]) == 2, flags
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], (flags, err)
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+  assert cli(["hetlm", "predict", f"--workdir={workdir}", f"--data={log}"]) == 2
+  assert "needs --data=EVENTS" in capsys.readouterr().err
+  with pytest.raises(HetlmError, match="history 1, page 0: expected a page name"):
+    trained[-1].next_pages([["/p/1"], [None]])
+  with pytest.raises(HetlmError, match="history 0: expected a non-empty list"):
+    trained[-1].assign([[]])
+
+
+def _hetlm(*args: str, processes: int = 1, timeout: int = 300):
+  command = [sys.executable, "-m", "hetlm_jax.main", *args]
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+         "PATH": "/usr/bin:/bin"}
+  if processes > 1:
+    command = [str(REPO / "launch" / "local.sh"), str(processes), "1", *command]
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_write_parts_that_together_are_the_one_process_file(trained, tmp_path):
+  log, workdir, *_ = trained
+  common = [f"--workdir={workdir}", f"--data={log}", "--chunk_users=25"]
+  assert cli(["hetlm", "predict", *common, f"--out={tmp_path / 'one.parquet'}"]) == 0
+  done = _hetlm("predict", *common, f"--out={tmp_path / 'parts'}", processes=2)
+  assert done.returncode == 0, done.stderr[-3000:]
+  manifest = json.loads((tmp_path / "parts" / "_SUCCESS").read_text())
+  assert manifest["parts"] == ["part-00000.parquet", "part-00001.parquet"]
+  assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["_SUCCESS", *manifest["parts"]]
+  parts = pa.concat_tables([pq.read_table(tmp_path / "parts" / p) for p in manifest["parts"]]).sort_by("user_id")
+  one = _read(tmp_path / "one.parquet")
+  assert manifest["users"] == one.num_rows == parts.num_rows
+  for name in ("user_id", "cluster", "next_pages"):
+    assert parts[name].equals(one[name]), name
+  np.testing.assert_allclose(parts["nll_per_token"].to_numpy(), one["nll_per_token"].to_numpy(), rtol=1e-5)
+
+
+def _peak_mib(done) -> float:
+  return float(re.search(r"peak memory ([\d,.]+) MiB", done.stdout).group(1).replace(",", ""))
+
+
+def test_memory_stays_bounded_on_a_file_of_many_chunks(trained, tmp_path):
+  """Peak RSS of predicting 24 chunks is that of predicting 6 (the first few chunks compile and warm the allocator
+  up): the file (here ~110 MiB in memory, mostly user ids) is never held whole."""
+  _, workdir, *_ = trained
+  table, _ = markov_events(n_users=2400, n_groups=2, sessions=2, session_len=12)
+  ids = pa.array(np.char.add("x" * 2000, table["user_id"].to_numpy().astype(str)))
+  table = table.set_column(0, "user_id", ids)
+  pq.write_table(table, tmp_path / "big.parquet", row_group_size=2400)
+  pq.write_table(table.slice(0, 600 * 24), tmp_path / "small.parquet", row_group_size=2400)
+  peaks = {}
+  for name in ("small", "big"):
+    done = _hetlm("predict", f"--workdir={workdir}", f"--data={tmp_path / name}.parquet",
+                  f"--out={tmp_path / name}.out.parquet", "--chunk_users=100")
+    assert done.returncode == 0, done.stderr[-3000:]
+    peaks[name] = _peak_mib(done)
+  in_memory_mib = table.nbytes / 2**20
+  assert in_memory_mib > 100
+  assert peaks["big"] - peaks["small"] < in_memory_mib / 4, (peaks, in_memory_mib)
+
+
+def test_the_readme_example_runs_as_written(tmp_path):
+  """The README's "Using a trained model" snippet, on a tiny run of the packaged sample in place of runs/default."""
+  readme = (REPO / "README.md").read_text()
+  section = readme.split("## Using a trained model", 1)[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  workdir = tmp_path / "run"
+  flags = ["--max_users=400", "--context=16", "--d_model=16", "--n_layers=1", "--n_heads=2", "--d_ff=32",
+           "--epochs=2", "--batch_size=8", "--k=2", "--rounds=1", "--init=random", "--nobaselines",
+           "--eval_batch_size=64"]
+  assert cli(["hetlm", "train", f"--workdir={workdir}", *flags]) == 0
+  assert json.loads((workdir / "sessions.json").read_text())["session_ends"] is False  # msnbc: one session each
+  namespace = {}
+  exec(compile(code.replace('"runs/default"', repr(str(workdir))), "README.md", "exec"), namespace)
+  top = namespace["top"]
+  assert len(top.pages) == 2 and all(len(p) == 5 for p in top.pages) and top.probs.shape == (2, 5)
