@@ -237,3 +237,34 @@ def test_the_readme_example_runs_as_written(tmp_path):
   exec(compile(code.replace('"runs/default"', repr(str(workdir))), "README.md", "exec"), namespace)
   top = namespace["top"]
   assert len(top.pages) == 2 and all(len(p) == 5 for p in top.pages) and top.probs.shape == (2, 5)
+
+
+def test_outcome_chances_are_the_evaluations_and_a_checkpoint_path_loads_the_same_model(tmp_path):
+  """A run with cart events: outcome_probability on the users the evaluation sampled gives eval.json's AUC."""
+  from hetlm_jax.eval import metrics as M
+  table, _ = markov_events(n_users=90, n_groups=2, sessions=3, session_len=6, seed=3)
+  kinds = np.where(np.random.default_rng(0).random(table.num_rows) < 0.2, "cart", "view")
+  pq.write_table(table.append_column("event_type", pa.array(kinds)), tmp_path / "log.parquet")
+  workdir = tmp_path / "run"
+  assert cli(["hetlm", "train", f"--data={tmp_path / 'log.parquet'}", f"--workdir={workdir}", "--context=16",
+              "--d_model=16", "--n_layers=1", "--n_heads=2", "--d_ff=32", "--epochs=2", "--batch_size=8", "--k=2",
+              "--rounds=1", "--init=random", "--nobaselines", "--eval_batch_size=32"]) == 0
+  report = json.loads((workdir / "eval.json").read_text())
+  cfg, prepared = pipeline._workdir_data(workdir, None)
+  seqs, _, evaluated_U = pipeline.validation_slice(cfg, prepared)
+  candidates = np.flatnonzero(evaluated_U)  # the evaluation's generated users (EvalOptions: seed 0, 500 users)
+  users = np.sort(np.random.default_rng(0).choice(candidates, min(500, len(candidates)), replace=False))
+  tokenizer = prepared.tokenizer
+  histories = [_sessions(tokenizer, seqs.history(u)) for u in users]
+  assert any("<cart>" in page for h in histories for s in h for page in s)
+  step = pipeline.load_run(workdir).step
+  predictor = Predictor.load(workdir / "checkpoints" / "hetlm" / str(step))
+  assert predictor.step == step and predictor.workdir == workdir
+  chances = predictor.outcome_probability(histories, user_ids=seqs.user_ids[users])
+  label = np.array([tokenizer.outcome_id("cart") in seqs.target(int(u)) for u in users])
+  assert set(chances) == {"cart"} and ((chances["cart"] >= 0) & (chances["cart"] <= 1)).all()
+  assert M.outcome_auc(chances["cart"], label) == pytest.approx(report["outcomes"]["hetlm"]["cart"]["auc"], abs=1e-12)
+  generated = predictor.generate(histories[:3], user_ids=seqs.user_ids[users[:3]])
+  assert len(generated) == 3 and all(isinstance(t, str) for g in generated for t in g)
+  unknown = predictor.next_pages([["/p/1", "nowhere", "/p/2"]], k=3)
+  assert unknown.unknown_pages.tolist() == [1] and len(unknown.pages[0]) == 3
