@@ -106,7 +106,7 @@ _COMMANDS_HELP = {
 _HOSTS = ("coordinator_address", "num_processes", "process_id")
 _RUN_FLAGS = {"train": ("workdir", *_HOSTS, "inject"), "evaluate": ("workdir", "data", *_HOSTS),
               "generate": ("workdir", "data", "user", "max_new", "temperature", "top_k", "top_p"),
-              "predict": ("workdir", "data", "out", "model", "top_k", "mixture", "chunk_users", "outcome_samples",
+              "predict": ("workdir", "data", "format", "out", "model", "top_k", "mixture", "chunk_users", "outcome_samples",
                           "num_processes", "process_id"),
               "bench": ("out", "bench_steps", "bench_k", "bench_torch", "sweep")}
 _DERIVED = ("vocab_size", "output_bias", "lora_rank")  # set from the data and --cluster_params, not flags
