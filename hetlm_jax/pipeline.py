@@ -6,6 +6,7 @@ single-LM baselines with the same schedule → evaluate every model on each user
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +34,7 @@ from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import LMFamily, evaluate, route_by_history
 from hetlm_jax.eval.generate import Sampling, generate, session_length_from_data
 from hetlm_jax.eval.new_users import evaluate_new_users
+from hetlm_jax.lock import hold
 from hetlm_jax.model import matched_config, param_count
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
@@ -206,7 +208,13 @@ def check_workdir(workdir: Path) -> None:
 
 
 def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
-  """Trains (or resumes) the run in `workdir`, writes eval.json and returns it; validates everything first."""
+  """Trains (or resumes) the run in `workdir`, writes eval.json and returns it; validates everything first, then
+  holds the workdir (lock.py) until it returns."""
+  with contextlib.ExitStack() as held:
+    return _train_and_evaluate(cfg, workdir, held)
+
+
+def _train_and_evaluate(cfg: Config, workdir: str | Path, held: contextlib.ExitStack) -> dict:
   validate(cfg)
   workdir = Path(workdir)
   check_workdir(workdir)
@@ -239,6 +247,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
       logging.warning("--val_frac=%s draws no validation user among %s users: early stopping is off, and every "
                       "round trains --epochs=%d passes", cfg.train.val_frac, f"{seqs.num_users:,}", cfg.train.epochs)
 
+  hold(held, workdir, "train")  # before anything is written; a second run on this workdir is refused here
   if hosts.is_primary():  # in a multi-process job, process 0 writes the run's files; orbax saves collectively
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(workdir / "tokenizer.json")
@@ -473,6 +482,12 @@ def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
   out, as `train` does), or on every user of `data`."""
   workdir = Path(workdir)
   cfg, prepared = _workdir_data(workdir, data)
+  with contextlib.ExitStack() as held:
+    hold(held, workdir, "evaluate")  # it rewrites eval.json and report.md
+    return _evaluate_workdir(workdir, data, cfg, prepared)
+
+
+def _evaluate_workdir(workdir: Path, data: str | None, cfg: Config, prepared: Prepared) -> dict:
   seqs, _, evaluated_U = validation_slice(cfg, prepared) if data is None else (prepared.seqs, None, None)
   families = _families_for(workdir, seqs)
   log = MetricsLog(workdir / "metrics.jsonl")

@@ -41,6 +41,7 @@ from hetlm_jax.data.tokenizer import UNK
 from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import EvalOptions, group_batches, outcome_probabilities, posterior, route
 from hetlm_jax.eval.generate import Sampling, generate
+from hetlm_jax.lock import WorkdirLock
 from hetlm_jax.pipeline import SavedAssignment, load_run, read_sessions
 from hetlm_jax.train import interrupt
 from hetlm_jax.train.loop import Trainer
@@ -379,6 +380,9 @@ def predict_file(workdir: str | os.PathLike, data: str | os.PathLike, out: str |
   start, rows_done, users, chunks, rss = time.perf_counter(), 0, 0, 0, []
   unknown = pages = 0
   clusters = np.zeros(predictor.k, np.int64)
+  # Writing into a run's workdir (e.g. OUT=WORKDIR/predictions.parquet): hold it, as train and evaluate do.
+  inside = process == 0 and target.resolve().is_relative_to(predictor.workdir.resolve())
+  lock = WorkdirLock(predictor.workdir, "predict").__enter__() if inside else None
   writer = pq.ParquetWriter(tmp, schema)
   try:
     with interrupt.StopRequest() as stop:
@@ -410,6 +414,8 @@ def predict_file(workdir: str | os.PathLike, data: str | os.PathLike, out: str |
       writer.close()
     tmp.unlink(missing_ok=True)
     progress.close()
+    if lock is not None:
+      lock.__exit__(None, None, None)
   seconds = time.perf_counter() - start
   summary = {"users": users, "events": pages, "chunks": chunks, "seconds": seconds,
              "users_per_s": users / max(seconds, 1e-9), "clusters": clusters.tolist(),
