@@ -363,6 +363,7 @@ class TrainedRun:
   assignment: np.ndarray  # cluster of each user, in the order of the training data's users
   step: int
   weights: np.ndarray | None = None  # [U, K] soft-EM responsibilities (--soft), else None
+  trainer: Trainer | None = None  # the compiled scoring and decoding of these K models, on the devices loaded onto
 
 
 def load_run_name(workdir: Path, model: str) -> str:
@@ -398,7 +399,7 @@ def load_run(workdir: str | Path, model: str = "hetlm", step: int | None = None,
     state, _, assignment, meta, weights = ckpts.restore(trainer.abstract, int(meta["num_users"]), step)
   finally:
     ckpts.close()
-  return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]), weights)
+  return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]), weights, trainer)
 
 
 def fitted_to(cfg: Config, n_devices: int) -> Config:
@@ -419,7 +420,7 @@ def _families_for(workdir: Path, seqs: UserSequences) -> dict[str, LMFamily]:
     except HetlmError:
       continue
     k = num_models(run.params)
-    family = LMFamily(name, Trainer(run.config, k), run.params, np.zeros(seqs.num_users, np.int32),
+    family = LMFamily(name, run.trainer, run.params, np.zeros(seqs.num_users, np.int32),
                       cluster_shares(run.assignment, run.weights, k))
     if k > 1:
       family.assignment = _saved_or_routed(workdir, family, seqs)

@@ -103,7 +103,7 @@ class Predictor:
     self.workdir, self.tokenizer, self.config = workdir, run.tokenizer, run.config
     self.k = num_models(run.params)
     self.params, self.step = run.params, run.step
-    self.trainer = Trainer(run.config, self.k, devices)
+    self.trainer = run.trainer if run.trainer is not None else Trainer(run.config, self.k, devices)
     self.log_prior = log_shares(cluster_shares(run.assignment, run.weights, self.k))
     self.saved = SavedAssignment(workdir) if self.k > 1 else None
     sessions = read_sessions(workdir)

@@ -136,27 +136,43 @@ def _read_events_file(path: str) -> pa.Table:
   return _read_parquet(path) if magic == b"PAR1" else _read_csv(path)
 
 
+def _parquet_columns(schema: pa.Schema) -> list[str] | None:
+  """The event columns a Parquet file has, or None when a required one is missing."""
+  if not all(c in schema.names for c in REQUIRED_COLUMNS):
+    return None
+  return [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in schema.names]
+
+
 def _read_parquet(path: str) -> pa.Table:
   try:
     schema = pq.read_schema(path)
-    if not all(c in schema.names for c in REQUIRED_COLUMNS):
+    columns = _parquet_columns(schema)
+    if columns is None:
       return schema.empty_table()  # normalise_events names what is missing
-    return pq.read_table(path, columns=[c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS
-                                        if c in schema.names])
+    return pq.read_table(path, columns=columns)
   except _READ_ERRORS as e:
     raise input_error(path, f"not a readable Parquet file ({_one_line(e)})") from None
 
 
-def _read_csv(path: str) -> pa.Table:
-  # Ids and pages stay strings ("007" is not 7); only "" means null so a page named "NA" survives.
-  text_cols = {c: pa.string() for c in ("user_id", "page", "event_type", "session_id")}
-  opts = pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True, null_values=[""])
-  with open(path, "rb") as f:
-    head = f.read(512).removeprefix(_BOM).lstrip().lower()
-  if head.startswith((b"<!doctype html", b"<html")):
+# Ids and pages stay strings ("007" is not 7); only "" means null so a page named "NA" survives; a quoted value
+# may hold a newline (RFC 4180), e.g. a page title.
+_CSV_CONVERT = pacsv.ConvertOptions(
+  column_types={c: pa.string() for c in ("user_id", "page", "event_type", "session_id")}, strings_can_be_null=True,
+  null_values=[""])
+_CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
+
+
+def _refuse_html(path: str, head: bytes) -> None:
+  """An HTML page saved in place of a CSV download is named as such, not parsed."""
+  if head.removeprefix(_BOM).lstrip().lower().startswith((b"<!doctype html", b"<html")):
     raise input_error(path, "is an HTML page, not CSV (a web page saved in place of the download?)")
-  try:  # a quoted value may hold a newline (RFC 4180), e.g. a page title
-    return pacsv.read_csv(path, convert_options=opts, parse_options=pacsv.ParseOptions(newlines_in_values=True))
+
+
+def _read_csv(path: str) -> pa.Table:
+  with open(path, "rb") as f:
+    _refuse_html(path, f.read(512))
+  try:
+    return pacsv.read_csv(path, convert_options=_CSV_CONVERT, parse_options=_CSV_PARSE)
   except _READ_ERRORS as e:
     raise input_error(path, f"not a readable CSV file ({_one_line(e)})") from None
 
@@ -463,17 +479,15 @@ class EventStream:
       if self._parquet:
         file = pq.ParquetFile(path)
         schema = file.schema_arrow
-        self._columns = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in schema.names]
-        if not all(c in schema.names for c in REQUIRED_COLUMNS):
+        self._columns = _parquet_columns(schema)
+        if self._columns is None:
           normalise_events(schema.empty_table(), path)  # names what is missing
         self.int_ids = pa.types.is_integer(schema.field("user_id").type)
         self.total_rows = file.metadata.num_rows
       else:
         self.int_ids, self.total_rows = False, None
         with pa.input_stream(path, compression="detect") as f:
-          head = f.read(512).removeprefix(_BOM).lstrip().lower()
-        if head.startswith((b"<!doctype html", b"<html")):
-          raise input_error(path, "is an HTML page, not CSV (a web page saved in place of the download?)")
+          _refuse_html(path, f.read(512))
     except HetlmError:
       raise
     except _READ_ERRORS as e:
@@ -487,12 +501,9 @@ class EventStream:
       for batch in pq.ParquetFile(self.path).iter_batches(self.batch_rows, columns=self._columns):
         yield pa.Table.from_batches([batch])
     else:
-      text_cols = {c: pa.string() for c in ("user_id", "page", "event_type", "session_id")}
-      convert = pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True, null_values=[""])
-      # Blocks of about batch_rows rows of ~64 bytes; a quoted value may hold a newline (RFC 4180).
-      read = pacsv.ReadOptions(block_size=max(self.batch_rows * 64, 1 << 16))
+      read = pacsv.ReadOptions(block_size=max(self.batch_rows * 64, 1 << 16))  # about batch_rows rows of ~64 bytes
       with pacsv.open_csv(pa.input_stream(self.path, compression="detect"), read_options=read,
-                          parse_options=pacsv.ParseOptions(newlines_in_values=True), convert_options=convert) as r:
+                          parse_options=_CSV_PARSE, convert_options=_CSV_CONVERT) as r:
         for batch in r:
           yield pa.Table.from_batches([batch])
 
