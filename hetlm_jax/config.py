@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from hetlm_jax.errors import HetlmError
+from hetlm_jax.files import replace_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,7 @@ class Config:
     return cls(**{name: kinds[name](**d.get(name, {})) for name in kinds})
 
   def save(self, path: Path) -> None:
-    Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    replace_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
   @classmethod
   def load(cls, path: Path) -> Config:

@@ -133,7 +133,8 @@ flags.DEFINE_integer("num_processes", 0, "Multi-process: the number of processes
                      "--coordinator_address.")
 flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index, 0 to --num_processes - 1.")
 flags.DEFINE_string("inject", "", "Testing: KIND@STEP plants a fault after global step STEP: sigterm, sigint or "
-                    "sigkill sent to this process, or nan (that step's loss).")
+                    "sigkill sent to this process, or nan (that step's loss); KIND@PHASE sends the signal as a phase "
+                    "begins: prepare, kmeans, estep, evaluate or report.")
 flags.DEFINE_string("user", "", "generate: the user_id whose next session to generate.")
 flags.DEFINE_integer("max_new", 20, "generate: tokens to generate at most (stops earlier at session end).")
 flags.DEFINE_float("temperature", 0.0, "generate: 0 for greedy decoding, else the sampling temperature.")
@@ -202,39 +203,62 @@ def _main(argv: list[str]) -> int:
   if len(argv) > 2:
     raise HetlmError(f"unexpected arguments: {' '.join(argv[2:])}")
   cfg = config_from_flags()
-  if argv[1] == "bench":
+  from hetlm_jax.train import interrupt
+  interrupt.inject(FLAGS.inject)
+  # One stop handler for the whole command, before anything is read: a signal stops it at the next safe point.
+  with interrupt.stop_handler() as stop:
+    try:
+      status = _command(argv[1], cfg, stop)
+    except interrupt.Preempted as stopped:
+      _say_stopped(f"{stopped.signal_name}: stopped at step {stopped.step} of {stopped.model}, with a checkpoint "
+                   "there. The same command resumes the run")
+      return 0
+    except interrupt.Stopped as stopped:
+      again = "resumes the run" if argv[1] == "train" else "starts again"
+      _say_stopped(f"{stopped.signal_name}: stopped {stopped.where}; {stopped.kept}. The same command {again}")
+      return 0
+    if stop.received and _primary():
+      print(f"{stop.received} arrived as the command was finishing; it finished first.", flush=True)
+    return status
+
+
+def _primary() -> bool:
+  from hetlm_jax import hosts
+  return hosts.is_primary()
+
+
+def _say_stopped(message: str) -> None:
+  if _primary():
+    print(f"{message}:\n  {resume_command()}", flush=True)
+
+
+def _command(command: str, cfg: Config, stop) -> int:
+  if command == "bench":
     if FLAGS.bench_steps < 1:
       raise HetlmError(f"--bench_steps={FLAGS.bench_steps} must be at least 1")
     if FLAGS.bench_k < 1:
       raise HetlmError(f"--bench_k={FLAGS.bench_k} must be at least 1")
     sweep = _sweep_from_flag(FLAGS.sweep)
-    from hetlm_jax.bench import run_bench  # JAX starts only once flags are known good
+    from hetlm_jax.bench import run_bench
     run_bench(cfg, FLAGS.out or None, FLAGS.bench_steps, FLAGS.bench_k, sweep, FLAGS.bench_torch)
     return 0
   data = FLAGS.data if FLAGS["data"].present else None
-  from hetlm_jax import hosts  # JAX starts here: the processes of a multi-host job join first
-  from hetlm_jax.train import interrupt
-  interrupt.inject(FLAGS.inject)
-  if argv[1] in ("train", "evaluate"):
+  from hetlm_jax import hosts  # the processes of a multi-host job join first
+  if command in ("train", "evaluate"):
     hosts.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if argv[1] == "evaluate":
+    stop.take_back()
+  if command == "evaluate":
     from hetlm_jax.pipeline import evaluate_workdir
     report = evaluate_workdir(FLAGS.workdir, data)
     if hosts.is_primary():
       _summary(report, FLAGS.workdir)
     return 0
-  if argv[1] == "generate":
+  if command == "generate":
     return _generate(data)
-  if argv[1] == "predict":
+  if command == "predict":
     return _predict(data)
   from hetlm_jax.pipeline import train_and_evaluate
-  try:
-    report = train_and_evaluate(cfg, FLAGS.workdir)
-  except interrupt.Preempted as stopped:
-    if hosts.is_primary():
-      print(f"{stopped.signal_name}: stopped at step {stopped.step} of {stopped.model}, with a checkpoint there. "
-            f"The same command resumes the run:\n  {resume_command()}", flush=True)
-    return 0
+  report = train_and_evaluate(cfg, FLAGS.workdir)
   if hosts.is_primary():
     _summary(report, FLAGS.workdir)
   return 0
@@ -294,15 +318,9 @@ def _predict(data: str | None) -> int:
   if not data or not FLAGS.out:
     raise HetlmError("predict needs --data=EVENTS (the users to predict for) and --out=PREDICTIONS.parquet")
   from hetlm_jax.predict import predict_file
-  from hetlm_jax.train import interrupt
   process, processes = _process_share()
-  try:
-    s = predict_file(FLAGS.workdir, data, FLAGS.out, FLAGS.format, FLAGS.model, FLAGS.top_k or 10, FLAGS.mixture,
-                     FLAGS.chunk_users, FLAGS.outcome_samples, FLAGS.seed, process, processes)
-  except interrupt.Stopped as stopped:
-    print(f"{stopped.signal_name}: stopped after {stopped.done:,} users; nothing was written (the predictions are "
-          f"written whole or not at all). The same command starts again:\n  {resume_command()}", flush=True)
-    return 0
+  s = predict_file(FLAGS.workdir, data, FLAGS.out, FLAGS.format, FLAGS.model, FLAGS.top_k or 10, FLAGS.mixture,
+                   FLAGS.chunk_users, FLAGS.outcome_samples, FLAGS.seed, process, processes)
   shares = ", ".join(f"{c}: {n / max(s['users'], 1):.0%}" for c, n in enumerate(s["clusters"]))
   print(f"predicted {s['users']:,} users ({s['events']:,} events) in {s['seconds']:.1f}s, "
         f"{s['users_per_s']:,.0f} users/s")
@@ -336,7 +354,7 @@ def main(argv: list[str]) -> int:
     if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
       raise
     return _fail(f"{e.filename or '--workdir'}: {e.strerror}")
-  except KeyboardInterrupt:  # Ctrl-C outside training (which stops cleanly on it): nothing half-written
+  except KeyboardInterrupt:  # a second Ctrl-C (the first stops at the next safe point): nothing half-written
     print(f"hetlm: interrupted; what was saved is kept, and the same command resumes:\n  {resume_command()}",
           file=sys.stderr)
     return 130

@@ -34,11 +34,13 @@ from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import LMFamily, evaluate, route_by_history
 from hetlm_jax.eval.generate import Sampling, generate, session_length_from_data
 from hetlm_jax.eval.new_users import evaluate_new_users
+from hetlm_jax.files import replace_text, temporary
 from hetlm_jax.lock import hold
 from hetlm_jax.model import matched_config, param_count
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import MetricsLog, tensorboard_available
+from hetlm_jax.train import interrupt
 from hetlm_jax.train.split import num_models, part_sizes
 from hetlm_jax.train.state import make_mesh
 
@@ -71,6 +73,7 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
   path = data_path(cfg)
   start = time.perf_counter()
   table = read_events(path, d.format, max_users=d.max_users or None)
+  interrupt.at_phase("prepare")
   given = tokenizer is not None
   if not given:  # every page for now; which events train is known only once the sequences are built
     outcomes = outcome_types(table)
@@ -99,6 +102,7 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
     tokenizer, map_V = tokenizer.restrict(counts_V, d.min_count, d.max_vocab or None)
     seqs = seqs.map_tokens(map_V)
     test_seqs, val_seqs = (None if x is None else x.map_tokens(map_V) for x in (test_seqs, val_seqs))
+  interrupt.safe_point("while preparing the data", "nothing was written")
   return Prepared(seqs, tokenizer, stats, time.perf_counter() - start, int_ids, test_seqs, val_seqs)
 
 
@@ -110,9 +114,7 @@ def write_sessions(workdir: Path, seqs: UserSequences, tokenizer: PageTokenizer)
   session's pages) or not (one session per user, as msnbc: it asks how the last session goes on), and then how
   many pages to generate (see session_length_from_data)."""
   length = session_length_from_data(seqs, tokenizer.num_specials)
-  tmp = workdir / (SESSIONS_FILE + ".tmp")
-  tmp.write_text(json.dumps({"session_ends": length is None, "session_length": length}) + "\n")
-  os.replace(tmp, workdir / SESSIONS_FILE)
+  replace_text(workdir / SESSIONS_FILE, json.dumps({"session_ends": length is None, "session_length": length}) + "\n")
 
 
 def read_sessions(workdir: Path) -> dict:
@@ -137,7 +139,7 @@ def write_assignments(path: Path, seqs: UserSequences, assignment: np.ndarray, i
   if not hosts.is_primary():
     return
   ids = pa.array(seqs.user_ids.astype(np.int64) if int_ids else seqs.user_ids.astype(str))
-  tmp = path.with_suffix(".parquet.tmp")
+  tmp = temporary(path)
   pq.write_table(pa.table({"user_id": ids, "cluster": pa.array(assignment, pa.int32())}), tmp)
   os.replace(tmp, path)
 
@@ -155,7 +157,7 @@ def _choose_k(cfg: Config, seqs: UserSequences, vocab_size: int, workdir: Path, 
   best = min(curve, key=curve.get)
   # The chosen K's checkpoints stay under hetlm_kK; this file tells load_run that they are "hetlm".
   if hosts.is_primary():
-    (workdir / "k_auto.json").write_text(json.dumps({"k": best, "selection_nll": curve}) + "\n")
+    replace_text(workdir / "k_auto.json", json.dumps({"k": best, "selection_nll": curve}) + "\n")
   return runs[best], curve
 
 
@@ -210,7 +212,7 @@ def check_workdir(workdir: Path) -> None:
 def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   """Trains (or resumes) the run in `workdir`, writes eval.json and returns it; validates everything first, then
   holds the workdir (lock.py) until it returns."""
-  with contextlib.ExitStack() as held:
+  with interrupt.stop_handler(), contextlib.ExitStack() as held:
     return _train_and_evaluate(cfg, workdir, held)
 
 
@@ -482,8 +484,8 @@ def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
   """`hetlm evaluate`: re-evaluates every trained model in `workdir` on its data (the validation users left
   out, as `train` does), or on every user of `data`."""
   workdir = Path(workdir)
-  cfg, prepared = _workdir_data(workdir, data)
-  with contextlib.ExitStack() as held:
+  with interrupt.stop_handler(), contextlib.ExitStack() as held:
+    cfg, prepared = _workdir_data(workdir, data)
     hold(held, workdir, "evaluate")  # it rewrites eval.json and report.md
     return _evaluate_workdir(workdir, data, cfg, prepared)
 
@@ -512,6 +514,7 @@ def generate_for_user(workdir: str | Path, user: str, data: str | None = None,
     raise HetlmError(f"{data_path(cfg)}: no user {user!r} with enough events to hold out a next session")
   one = seqs.subset(matches[:1])
   family = _families_for(workdir, one)["hetlm"]
+  interrupt.safe_point("before generating", "generate writes nothing")
   length = session_length_from_data(seqs, tokenizer.num_specials)  # when the model never saw a session end
   if length is not None:
     sampling = dataclasses.replace(sampling, max_new=min(sampling.max_new, length))

@@ -385,7 +385,7 @@ def predict_file(workdir: str | os.PathLike, data: str | os.PathLike, out: str |
   lock = WorkdirLock(predictor.workdir, "predict").__enter__() if inside else None
   writer = pq.ParquetWriter(tmp, schema)
   try:
-    with interrupt.StopRequest() as stop:
+    with interrupt.stop_handler():
       for i, chunk in enumerate(user_chunks(stream, chunk_users)):
         rows_done += chunk.num_rows
         if i % processes == process:
@@ -404,8 +404,8 @@ def predict_file(workdir: str | os.PathLike, data: str | os.PathLike, out: str |
         elapsed = time.perf_counter() - start
         progress.update(rows_done, f"{users:,} users, {users / max(elapsed, 1e-9):,.0f} users/s")
         interrupt.after_step(i + 1)
-        if stop.received:
-          raise interrupt.Stopped(stop.received, users)
+        interrupt.safe_point(f"after {users:,} users", "nothing was written (the predictions are written whole or "
+                             "not at all)")
     writer.close()
     writer = None
     os.replace(tmp, target)

@@ -28,6 +28,15 @@ def test_two_processes_train_and_evaluate_as_one_process_with_four_devices_and_o
   again = hetlm_process(["evaluate", f"--workdir={tmp_path / 'two'}"], processes=2, devices=2)
   assert again.returncode == 0 and again.stdout.count("report: ") == 1, again.stderr[-3000:]
   assert (tmp_path / "two" / "eval.json").stat().st_mtime_ns > written
+  # SIGTERM to process 1 alone during that evaluation: both stop at the same safe point, exit 0, write nothing.
+  written = {name: (tmp_path / "two" / name).read_bytes() for name in ("eval.json", "report.md")}
+  evaluate = ["evaluate", f"--workdir={tmp_path / 'two'}"]
+  stopped = _two_processes(evaluate, [*evaluate, "--inject=sigterm@evaluate"])
+  assert [run.returncode for run in stopped] == [0, 0], stopped[0].stderr[-3000:] + stopped[1].stderr[-3000:]
+  assert "SIGTERM (another process): stopped evaluating, after hetlm; eval.json and report.md are as they were" in \
+    stopped[0].stdout, stopped[0].stdout
+  assert "stopped" not in stopped[1].stdout  # process 0 speaks for the job
+  assert {name: (tmp_path / "two" / name).read_bytes() for name in written} == written
   assert_same_result(reference, tmp_path / "two")
 
 
@@ -74,17 +83,22 @@ def test_processes_that_read_different_data_refuse_to_train_in_one_line(tiny_ref
   log, _ = tiny_reference
   other = tmp_path / "other.parquet"
   pq.write_table(markov_events(n_users=120, n_groups=2, sessions=3, session_len=6, seed=1)[0], other)
+  for run in _two_processes(train_args(log, tmp_path / "run"), train_args(other, tmp_path / "run")):
+    errors = [line for line in run.stderr.splitlines() if line.startswith("hetlm: error: ")]
+    assert run.returncode == 2 and len(errors) == 1, run.stderr[-3000:]
+    assert "differs between process 0 and process(es) 1" in errors[0]
+  assert not (tmp_path / "run").exists()
+
+
+def _two_processes(*args_of_process) -> list[subprocess.CompletedProcess]:
+  """Two processes of one job (two CPU devices each), each with its own command line."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-  runs = [subprocess.Popen([sys.executable, "-m", "hetlm_jax.main", *train_args(data, tmp_path / "run"),
-                            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+  runs = [subprocess.Popen([sys.executable, "-m", "hetlm_jax.main", *args, f"--coordinator_address=localhost:{port}",
+                            "--num_processes=2", f"--process_id={i}"],
                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-          for i, data in enumerate((log, other))]
-  for run in runs:
-    _, err = run.communicate(timeout=300)
-    errors = [line for line in err.splitlines() if line.startswith("hetlm: error: ")]
-    assert run.returncode == 2 and len(errors) == 1, err[-3000:]
-    assert "differs between process 0 and process(es) 1" in errors[0]
-  assert not (tmp_path / "run").exists()
+          for i, args in enumerate(args_of_process)]
+  outputs = [run.communicate(timeout=300) for run in runs]
+  return [subprocess.CompletedProcess(run.args, run.returncode, *out) for run, out in zip(runs, outputs)]

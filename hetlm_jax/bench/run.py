@@ -24,9 +24,11 @@ from absl import logging
 from hetlm_jax.bench import flops, torch_reference
 from hetlm_jax.cluster.assign import kmeans_on_features, random_balanced
 from hetlm_jax.config import Config, validate
+from hetlm_jax.files import replace_text
 from hetlm_jax.model import param_count
 from hetlm_jax.data.readers import read_events
 from hetlm_jax.pipeline import data_path, prepare_data
+from hetlm_jax.train import interrupt
 from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.step import packed_loss_mask
@@ -201,16 +203,21 @@ def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: 
     "peak_flops": peak, "peak_source": peak_source,
     "prep_events_per_s": prepared.stats["events"] / max(prepared.seconds, 1e-9),
   }
+  unwritten = f"{out} was not written" if out else "nothing was written"
   result.update(_throughput(cfg, seqs, k, steps, with_torch, peak))
+  interrupt.safe_point("after the throughput measurements", unwritten)
   logging.info("bench: scoring pass, K=%d", k)
   result.update(_scoring(cfg, seqs, k))
   logging.info("bench: next pages for every user (the Predictor), and the evaluation's path, K=%d", k)
   result.update(_predict(cfg, prepared, k))
+  interrupt.safe_point("after the scoring and prediction measurements", unwritten)
   logging.info("bench: a real round's input pipeline, K=%d", k)
   result.update(_real_round(cfg, seqs, vocab, k, steps))
   result["sweep"] = []
   _write(out, result)  # and again after each sweep row: a sweep cut short keeps what it measured
-  for d_model, sweep_k in sweep:
+  for i, (d_model, sweep_k) in enumerate(sweep):
+    interrupt.safe_point(f"after {i} of {len(sweep)} sweep rows",
+                         f"{out} holds what was measured before" if out else "nothing was written")
     model = dataclasses.replace(cfg.model, d_model=d_model, d_ff=4 * d_model, n_heads=max(4, d_model // 64))
     result["sweep"].append(_throughput(cfg.replace(model=model), seqs, sweep_k, steps, with_torch, peak))
     _write(out, result)
@@ -221,9 +228,7 @@ def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: 
 def _write(out: str | None, result: dict) -> None:
   if out:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    replace_text(out, json.dumps(result, indent=2) + "\n")
 
 
 def _log(result: dict) -> None:

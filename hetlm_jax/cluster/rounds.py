@@ -108,6 +108,7 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
   (the single LM that warm-starts HeTLM): with no checkpoint of its own, this family is a copy of that one.
   """
   c, t = cfg.cluster, cfg.train
+  interrupt.safe_point(f"before training {name}", "every model trained before it is checkpointed")
   warm = warm_params if continue_from is None else (lambda: None)
   ckpts = Checkpoints(workdir / "checkpoints" / name, t.keep_checkpoints)
   resuming = ckpts.latest_step() is not None
@@ -134,7 +135,13 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
                  meta["round"])
   else:
     state = trainer.init_state() if start_params is None else trainer.warm_state(start_params)
-    best, assignment, weights = None, initial_assignment(), None
+    try:  # the initial assignment may train the init LM first (--init=embedding), which may stop
+      best, assignment, weights = None, initial_assignment(), None
+      interrupt.safe_point(f"after {name}'s initial assignment, before its first step", "nothing of it was saved "
+                           "(it is made again, the same), and any model trained before it keeps its checkpoints")
+    except BaseException:
+      ckpts.close()
+      raise
     meta = {**policy.first_meta(), "warm": policy.warm}
 
   def save(state, replace=False):
@@ -144,7 +151,6 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
                                          "model": dataclasses.asdict(cfg.model),
                                          "train": dataclasses.asdict(cfg.train)}, weights, replace=replace)
 
-  stop = interrupt.StopRequest()
   scored = None  # the last E-step's [K, U] history NLL, while state.params are still the parameters it scored
 
   def periodic_save(state, step):
@@ -171,7 +177,7 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
   if source is not None:
     save(state)  # its own checkpoint, so the family loads by its own name
   try:
-    with stop:
+    with interrupt.stop_handler() as stop:  # the command's, when it has one
       while not meta["done"]:
         round_index = meta["round"]
         plan = policy.plan(meta)
@@ -344,6 +350,7 @@ def _reassign(name: str, trainer: Trainer, state, seqs: UserSequences, assignmen
   given, measures the validation before and after, logged with the round; with `gate`, a reassignment that
   makes it worse is not taken (nobody moves), as a round that makes it worse is not."""
   k, old_weights = trainer.k, weights
+  interrupt.at_phase("estep")
   before = validate(state) if validate is not None else None
   nll_KxU, tokens_U = trainer.score(state.params, seqs, part, label=f"{name} scoring")
   nll_per_token_KxU = nll_KxU / np.maximum(tokens_U, 1)
@@ -412,9 +419,14 @@ def initial_assignment(cfg: Config, k: int, seqs: UserSequences, vocab_size: int
   if c.init == "random":
     return (lambda: random_balanced(seqs.num_users, k, seed)), no_warm
   if c.init == "features":
-    return (lambda: kmeans_on_features(seqs, vocab_size, k, seed)), no_warm
+    return (lambda: interrupt.at_phase("kmeans") or kmeans_on_features(seqs, vocab_size, k, seed)), no_warm
   single = functools.lru_cache(maxsize=1)(lambda: init_lm(cfg, seqs, workdir, log, validation))
-  initial = lambda: kmeans(single().trainer.embed(single().params, seqs)[0], k, seed)
+
+  def initial():
+    lm = single()
+    interrupt.at_phase("kmeans")
+    return kmeans(lm.trainer.embed(lm.params, seqs)[0], k, seed)
+
   return initial, ((lambda: single().params) if c.warm_start else no_warm)
 
 

@@ -15,6 +15,7 @@ from absl import logging
 from hetlm_jax import hosts
 from hetlm_jax.cluster.rounds import Trained, Validation
 from hetlm_jax.config import Config
+from hetlm_jax.files import replace_text
 from hetlm_jax.train.metrics import MetricsLog
 
 PROX_GRID = (0.0, 1.0, 3.0)
@@ -50,7 +51,7 @@ def choose(name: str, runs: dict[str, Trained], validation: Validation, log: Met
     path = workdir / "tuned.json"
     tuned = json.loads(path.read_text()) if path.exists() else {}
     tuned[name] = best
-    path.write_text(json.dumps(tuned, indent=1) + "\n")
+    replace_text(path, json.dumps(tuned, indent=1) + "\n")
   return runs[best], {"chosen": best, "validation_nll": scores}
 
 

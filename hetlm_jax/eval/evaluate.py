@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from hetlm_jax.data.tokenizer import BOS, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
 from hetlm_jax.eval.generate import Sampling, generate, session_length_from_data
+from hetlm_jax.files import replace_text
+from hetlm_jax.train import interrupt
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import Progress
 
@@ -214,9 +215,11 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
   candidates = np.flatnonzero(evaluated_U)
   gen_users = np.sort(rng.choice(candidates, min(opts.generate_users, len(candidates)), replace=False))
   per_user, outcomes, hetlm_scores = {}, {}, None
+  interrupt.at_phase("evaluate")
   for name, family in families.items():
     logging.info("evaluating %s", name)
     per_user[name], scores = _lm_metrics(family, seqs, tokenizer, opts, gen_users)
+    evaluated(name)
     if "outcomes" in per_user[name]:
       outcomes[name] = per_user[name].pop("outcomes")
     if name == "hetlm":
@@ -230,6 +233,7 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
   for name, model in baselines.items():
     logging.info("evaluating %s", name)
     per_user[name] = _baseline_metrics(model, seqs, tokenizer, opts, batch, name)
+    evaluated(name)
 
   for metrics in per_user.values():
     metrics["perplexity"] = np.exp(metrics["nll"])
@@ -256,8 +260,19 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
   return report
 
 
+UNCHANGED = "eval.json and report.md are as they were, and every model is checkpointed (the evaluation runs again)"
+
+
+def evaluated(name: str) -> None:
+  """A safe point of the evaluation, once model `name` is scored (every process is there)."""
+  interrupt.safe_point(f"evaluating, after {name}", UNCHANGED)
+
+
 def write_outputs(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds: list[dict] | None) -> None:
-  """eval.json, report.md and its pictures; in a multi-process job, by process 0 alone."""
+  """eval.json, report.md and its pictures, each written whole (files.py); in a multi-process job, by process 0
+  alone. A stop asked for before this point writes none of them; once writing, they are all written."""
+  interrupt.at_phase("report")
+  interrupt.safe_point("before writing the report", UNCHANGED)
   if not hosts.is_primary():
     return
   _write_json(workdir / "eval.json", report)
@@ -277,6 +292,4 @@ def _finite(x):
 
 
 def _write_json(path: Path, content: dict) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(_finite(content), indent=2, allow_nan=False, default=float) + "\n")
-  os.replace(tmp, path)
+  replace_text(path, json.dumps(_finite(content), indent=2, allow_nan=False, default=float) + "\n")

@@ -24,7 +24,8 @@ from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
-from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, posterior, write_outputs
+from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, evaluated, posterior, write_outputs
+from hetlm_jax.train import interrupt
 
 PUBLISHED_MIXTURE_K = 40  # Cadez et al.'s mixture of Markov chains on msnbc (DESIGN.md)
 # Pooled key, per-user metric and pages_only of the two scorings of every test sequence.
@@ -91,6 +92,7 @@ def evaluate_new_users(families: dict[str, LMFamily], train: UserSequences, test
   u = test.num_users
   ranked_users, view = last_page_view(test)
   per_user, pooled, map_U = {}, {}, None
+  interrupt.at_phase("evaluate")
 
   def widen(metrics: dict) -> dict:  # ranking metrics exist for the users of the view only
     for key, values in metrics.items():
@@ -106,6 +108,7 @@ def evaluate_new_users(families: dict[str, LMFamily], train: UserSequences, test
     per_user[name] = widen(metrics)
     if name == "hetlm":
       map_U = clusters_U
+    evaluated(name)
   k = families["hetlm"].trainer.k if "hetlm" in families else 1
   batch = next(iter(families.values())).trainer.eval_batch if families else 512
   baselines = {"popularity": Popularity(), "markov": Markov(), "markov_mixture": MarkovMixture(max(k, 2)),
@@ -114,6 +117,7 @@ def evaluate_new_users(families: dict[str, LMFamily], train: UserSequences, test
     logging.info("evaluating %s", name)
     metrics, pooled[name] = _baseline_scores(model, train, test, view, tokenizer, opts, batch, name)
     per_user[name] = widen(metrics)
+    evaluated(name)
 
   for metrics in per_user.values():
     metrics["perplexity"] = np.exp(metrics["nll"])

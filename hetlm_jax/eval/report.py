@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hetlm_jax.files import replace_text, temporary
+
 _ORDER = ("hetlm", "hetlm_mixture", "single", "single_ft", "single_matched", "markov_mixture", "markov_mixture_k40", "markov",
           "popularity")
 _METRICS = ("nll", "nll_no_end", "hr@10", "ndcg@10", "mrr", "hr@10_sampled", "ndcg@10_sampled", "edit_similarity",
@@ -164,6 +166,13 @@ def _training(report: dict) -> list[str]:
   return lines + [""]
 
 
+def _save(fig, path: Path) -> None:
+  """A figure, written whole or not at all (hetlm_jax/files.py)."""
+  tmp = temporary(path)
+  fig.savefig(tmp, dpi=120, format="png")
+  tmp.replace(path)
+
+
 def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sweep: dict | None) -> list[str]:
   try:
     import matplotlib
@@ -191,7 +200,7 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
   a2.set_ylabel("nats/token")
   a2.set_title("Spread over users (whiskers 1.5 IQR)")
   fig.tight_layout()
-  fig.savefig(workdir / "nll_per_user.png", dpi=120)
+  _save(fig, workdir / "nll_per_user.png")
   plt.close(fig)
   names.append("nll_per_user.png")
   hetlm_rounds = rounds  # the reassignment rounds of the evaluated HeTLM
@@ -215,7 +224,7 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
     a2.set_ylabel("users moved (%)")
     a2.set_title("Reassignment churn")
     fig.tight_layout()
-    fig.savefig(workdir / "rounds.png", dpi=120)
+    _save(fig, workdir / "rounds.png")
     plt.close(fig)
     names.append("rounds.png")
   if k_sweep:
@@ -226,7 +235,7 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
     ax.set_ylabel("selection NLL (nats/token)")
     ax.set_title("Held-out NLL vs K")
     fig.tight_layout()
-    fig.savefig(workdir / "nll_vs_k.png", dpi=120)
+    _save(fig, workdir / "nll_vs_k.png")
     plt.close(fig)
     names.append("nll_vs_k.png")
   return names
@@ -298,6 +307,4 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
   else:
     lines += ["", "(Figures need matplotlib: `pip install 'hetlm_jax[plots]'`.)"]
-  tmp = workdir / "report.md.tmp"
-  tmp.write_text("\n".join(lines) + "\n")
-  tmp.replace(workdir / "report.md")
+  replace_text(workdir / "report.md", "\n".join(lines) + "\n")
