@@ -21,14 +21,54 @@ from jax.experimental import multihost_utils
 from hetlm_jax.errors import HetlmError
 
 
+def _tpu_chips() -> int:
+  """TPU chips on this machine, found as JAX finds them (their PCI ids), before any backend starts."""
+  try:
+    from jax._src import hardware_utils  # JAX's own detection; private, so a failure means none
+    return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
+  except Exception:  # noqa: BLE001 - an older or newer JAX without it
+    return 0
+
+
 def cluster_environment() -> str | None:
   """The multi-process launcher this process runs under, if any: 'slurm' (srun with more than one task) or
-  'tpu' (a Cloud TPU VM slice of more than one host); jax.distributed finds the rest from its variables."""
+  'tpu' (a Cloud TPU VM: jax.distributed.initialize() then reads the slice's workers from the TPU metadata, as
+  JAX does; a one-host VM is a job of one process)."""
   if "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
     return "slurm"
-  if len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+  if _tpu_chips() > 0:
     return "tpu"
   return None
+
+
+def _tasks_on_this_node(env) -> int:
+  """srun's tasks on this node, from SLURM_TASKS_PER_NODE ("8(x2),4": 8 on each of the first two nodes, then
+  4) and this node's index SLURM_NODEID."""
+  counts = []
+  for part in filter(None, env.get("SLURM_TASKS_PER_NODE", "1").split(",")):
+    count, _, times = part.partition("(x")
+    counts += [int(count)] * int(times.rstrip(")") or 1)
+  node = int(env.get("SLURM_NODEID", 0) or 0)
+  return counts[min(node, len(counts) - 1)] if counts else 1
+
+
+def slurm_local_devices(env=None) -> list[int] | None:
+  """The GPUs (ordinals among those this task sees) that this process of a SLURM job claims.
+
+  One task per node (launch/slurm.sbatch): all of the node's GPUs, from CUDA_VISIBLE_DEVICES or SLURM_GPUS_ON_NODE
+  (JAX alone would give it GPU SLURM_LOCALID, i.e. one of eight). Several tasks per node (one per GPU): a task
+  that sees one GPU (--gpus-per-task=1) takes it; a task that sees them all takes GPU SLURM_LOCALID. None: JAX's
+  own choice (JAX_LOCAL_DEVICE_IDS when set, or no GPU information)."""
+  env = os.environ if env is None else env
+  if env.get("JAX_LOCAL_DEVICE_IDS"):
+    return None
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  if _tasks_on_this_node(env) == 1:
+    count = len(visible) or int(env.get("SLURM_GPUS_ON_NODE", 0) or 0)
+    return list(range(count)) or None
+  if len(visible) == 1:
+    return [0]
+  return [int(env["SLURM_LOCALID"])] if "SLURM_LOCALID" in env else None
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
@@ -46,7 +86,9 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   try:
     if explicit:
       jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    else:
+    elif detected == "slurm":  # the rest (coordinator, process count and index) from SLURM's variables, by JAX
+      jax.distributed.initialize(local_device_ids=slurm_local_devices())
+    else:  # a TPU VM: JAX reads the slice from the metadata server
       jax.distributed.initialize()
   except (RuntimeError, ValueError) as e:  # the coordinator cannot be reached, or the launcher's variables are off
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

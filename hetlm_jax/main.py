@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -47,7 +48,8 @@ _HELP = {
   "max_repeat": "With --balance: a smaller cluster's users appear at most this many times per pass (0: no cap).",
   "min_cluster_frac": "A cluster smaller than this fraction of U/K is re-seeded by splitting the largest.",
   "baselines": "Also train the single-LM baselines (per-cluster size and parameter-matched).",
-  "context": "Tokens the model sees; longer histories are cut from the left.",
+  "context": "Tokens the model attends over at once; a longer history is trained on and scored in windows of "
+             "this many tokens that cover all of it, and next pages and generation condition on its last ones.",
   "holdout": "How single-session users are split: half (prefix/suffix), last (last page), auto.",
   "session_gap_minutes": "Inactivity that starts a new session when the log has no session_id.",
   "epochs": "Passes over every user per round, at most: the learning-rate schedule's cycle, cut short by "
@@ -61,7 +63,8 @@ _HELP = {
   "prefetch": "Batches built on the host and put on the devices ahead of the step, in a background thread "
               "(0: built in the step loop).",
   "tensorboard": "Also write TensorBoard event files beside metrics.jsonl, one run per model in WORKDIR/tensorboard "
-                 "(needs tensorboardX: pip install 'hetlm_jax[tensorboard]').",
+                 "(needs tensorboardX: pip install tensorboardX, or pip install -e '.[tensorboard]' in the "
+                 "repository).",
   "stack": "How the K models share one jitted step: vmap (batched matmuls), unroll (K graphs in one program, "
            "faster on CPU) or auto (unroll on CPU without a cluster-sharded mesh, vmap elsewhere).",
   "balance": "Smaller clusters cycle their own users, each token weighted by 1/appearances, instead of "
@@ -104,12 +107,16 @@ _COMMANDS_HELP = {
   "bench": "measure throughput: stacked step, per-model loop, PyTorch, MFU, scoring (--out=FILE.json)",
 }
 _HOSTS = ("coordinator_address", "num_processes", "process_id")
-_RUN_FLAGS = {"train": ("workdir", *_HOSTS, "inject"), "evaluate": ("workdir", "data", *_HOSTS),
+# The run flags each command's help lists; --inject (faults planted by the tests) is left out of every one.
+_RUN_FLAGS = {"train": ("workdir", *_HOSTS), "evaluate": ("workdir", "data", *_HOSTS),
               "generate": ("workdir", "data", "user", "max_new", "temperature", "top_k", "top_p"),
               "predict": ("workdir", "data", "format", "out", "model", "top_k", "mixture", "chunk_users", "outcome_samples",
                           "num_processes", "process_id"),
               "bench": ("out", "bench_steps", "bench_k", "bench_torch", "sweep")}
 _DERIVED = ("vocab_size", "output_bias", "lora_rank")  # set from the data and --cluster_params, not flags
+# --data's empty default, said in words in each command's help.
+_DATA_DEFAULT = {"train": "(the packaged msnbc sample)", "bench": "(the packaged msnbc sample)",
+                 "evaluate": "(the run's own data)", "generate": "(the run's own data)", "predict": "(required)"}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, tokenizer, config, metrics.")
@@ -227,9 +234,16 @@ def _primary() -> bool:
   return hosts.is_primary()
 
 
+STOP_MARKER = "HETLM_STOP_MARKER"  # a file to write when a signal stopped the command before it finished
+
+
 def _say_stopped(message: str) -> None:
+  """The stop message, and the marker a batch script reads to requeue the job (launch/slurm.sbatch)."""
   if _primary():
     print(f"{message}:\n  {resume_command()}", flush=True)
+    if os.environ.get(STOP_MARKER):
+      from hetlm_jax.files import replace_text
+      replace_text(os.environ[STOP_MARKER], message + "\n")
 
 
 def _command(command: str, cfg: Config, stop) -> int:
@@ -277,7 +291,7 @@ def _summary(report: dict, workdir: str) -> None:
   """The last three lines of train and evaluate: the models' held-out NLL, which is lowest, where to read on."""
   from pathlib import Path
   nll = {name: metrics["nll"]["mean"] for name, metrics in report.get("models", {}).items() if "nll" in metrics}
-  lms = [name for name in ("hetlm", "single", "single_matched") if name in nll]
+  lms = [name for name in ("hetlm", "single", "single_ft", "single_matched") if name in nll]
   print("held-out NLL (nats/token, mean over users): " + ", ".join(f"{name} {nll[name]:.4f}" for name in lms))
   if lms:
     best = min(lms, key=nll.get)
@@ -333,6 +347,11 @@ def _predict(data: str | None) -> int:
 
 
 def _fail(message) -> int:
+  message = str(message)
+  flagfile = "ERROR:: Unable to open flagfile: "  # absl's wording, then the OSError's
+  if message.startswith(flagfile):
+    message = "--flagfile: cannot open " + re.sub(r"^\[Errno \d+\] (.*): '(.*)'$", r"\2 (\1)",
+                                                   message.removeprefix(flagfile))
   print(f"hetlm: error: {message}", file=sys.stderr)
   return 2
 
@@ -374,6 +393,7 @@ def help_text(command: str | None) -> str:
   def flag(name: str) -> str:
     default = FLAGS[name].default
     shown = str(default).lower() if isinstance(default, bool) else default
+    shown = _DATA_DEFAULT[command] if name == "data" else shown
     return f"  --{name}={shown}\n      {FLAGS[name].help}"
 
   lines = [f"usage: hetlm {command} [--flag=value ...]", "", _COMMANDS_HELP[command] + "."]
@@ -416,6 +436,8 @@ class _QuietLibraries:
   """Keeps orbax's per-save INFO chatter out of the run log; its warnings still show."""
 
   def filter(self, record) -> bool:
+    if record.levelno < 30 and record.getMessage().startswith("Unable to initialize backend"):
+      return False  # JAX trying every platform (tpu, cuda, ...) on a machine without it: not news to a user
     return record.levelno >= 30 or "orbax" not in record.pathname
 
 

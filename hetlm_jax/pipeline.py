@@ -29,7 +29,7 @@ from hetlm_jax.data import SAMPLE_PATH
 from hetlm_jax.data.readers import read_events
 from hetlm_jax.data.sequences import (UserSequences, build_sequences, held_out_users, outcome_types, routing_split,
                                       spare_users, split_users)
-from hetlm_jax.data.tokenizer import PageTokenizer
+from hetlm_jax.data.tokenizer import BOS, EOS, PageTokenizer
 from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import LMFamily, evaluate, route_by_history
 from hetlm_jax.eval.generate import Sampling, generate, session_length_from_data
@@ -412,11 +412,12 @@ def fitted_to(cfg: Config, n_devices: int) -> Config:
                      cluster=dataclasses.replace(cfg.cluster, cluster_axis=1))
 
 
-def _families_for(workdir: Path, seqs: UserSequences) -> dict[str, LMFamily]:
-  """Every trained model family in `workdir`, with each user of `seqs` routed to one of its models:
+def _families_for(workdir: Path, seqs: UserSequences,
+                  names=("hetlm", "single", "single_ft", "single_matched")) -> dict[str, LMFamily]:
+  """Every trained model family of `names` in `workdir`, with each user of `seqs` routed to one of its models:
   by the saved assignment when the user was trained on, else by the perplexity of their history."""
   families = {}
-  for name in ("hetlm", "single", "single_ft", "single_matched"):
+  for name in names:
     try:
       run = load_run(workdir, name)
     except HetlmError:
@@ -513,12 +514,14 @@ def generate_for_user(workdir: str | Path, user: str, data: str | None = None,
   if len(matches) == 0:
     raise HetlmError(f"{data_path(cfg)}: no user {user!r} with enough events to hold out a next session")
   one = seqs.subset(matches[:1])
-  family = _families_for(workdir, one)["hetlm"]
+  family = _families_for(workdir, one, names=("hetlm",))["hetlm"]
   interrupt.safe_point("before generating", "generate writes nothing")
   length = session_length_from_data(seqs, tokenizer.num_specials)  # when the model never saw a session end
   if length is not None:
     sampling = dataclasses.replace(sampling, max_new=min(sampling.max_new, length))
   generated = generate(family.trainer.cfg.model, family.params, one, family.assignment, np.array([0]), sampling,
                        seed=cfg.train.seed)[0]
+  actual = one.target(0)
+  actual = actual[(actual != BOS) & (actual != EOS)]  # the next session's pages: `generated` has no <s> or </s>
   return {"user": str(user), "cluster": int(family.assignment[0]), "history": tokenizer.decode(one.history(0)),
-          "generated": tokenizer.decode(generated), "actual": tokenizer.decode(one.target(0))}
+          "generated": tokenizer.decode(generated), "actual": tokenizer.decode(actual)}

@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # HeTLM on a Cloud TPU VM slice: the same command on every worker (one process per host); jax.distributed finds
-# the other workers from the TPU metadata.
+# the other workers from the TPU metadata, as JAX does by itself (hosts.py; --coordinator_address,
+# --num_processes and --process_id override it).
 #
 #   TPU=my-v5e-16 ZONE=us-west4-a SETUP=1 launch/tpu_vm.sh --data=/mnt/data/clicks.parquet \
 #       --workdir=/mnt/runs/clicks [more hetlm flags]
 #
-# Change: TPU and ZONE (and PROJECT, default: gcloud's), PACKAGE (what pip installs on the workers: a wheel, a git
-# URL or a path on them) and SETUP=1 on the first run to install it. --data must be readable and --workdir
-# shared by every worker (e.g. a bucket mounted with gcsfuse, or Filestore); --batch_size a multiple of the
-# number of TPU chips. When a spot or preemptible TPU is reclaimed, the workers get SIGTERM: they save a
-# checkpoint at the same step and exit 0. Recreate the TPU (or wait for it) and run this same command again:
-# it resumes from that checkpoint.
+# Run it from this repository. Change: TPU and ZONE (and PROJECT, default: gcloud's); SETUP=1 on the first run
+# copies this repository to ~/hetlm_jax on every worker and installs it there (pip install -e, with jax[tpu]).
+# The program runs as `python3 -m hetlm_jax`, which needs no PATH entry in the non-interactive ssh session.
+# --data must be readable and --workdir shared by every worker (e.g. a bucket mounted with gcsfuse, or Filestore);
+# --batch_size a multiple of the number of TPU chips. When a spot or preemptible TPU is reclaimed, the workers get
+# SIGTERM: they stop at the same safe point (a checkpoint, during training) and exit 0. Recreate the TPU (or wait
+# for it) and run this same command again: it resumes.
 set -euo pipefail
 TPU=${TPU:?set TPU to the TPU VM name}
 ZONE=${ZONE:?set ZONE to its zone}
 PROJECT=${PROJECT:-$(gcloud config get-value project 2>/dev/null)}
-PACKAGE=${PACKAGE:-hetlm_jax}
-ssh_all() {
-  gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --project="$PROJECT" --worker=all --command="$1"
-}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+tpu=(--zone="$ZONE" --project="$PROJECT" --worker=all)
 if [[ "${SETUP:-0}" == 1 ]]; then
-  ssh_all "pip install -q 'jax[tpu]' $(printf '%q' "$PACKAGE")"
+  tar -C "$REPO" --exclude=.git --exclude=.venv --exclude=runs -czf /tmp/hetlm_jax.tar.gz .
+  gcloud compute tpus tpu-vm scp /tmp/hetlm_jax.tar.gz "$TPU":/tmp/hetlm_jax.tar.gz "${tpu[@]}"
+  gcloud compute tpus tpu-vm ssh "$TPU" "${tpu[@]}" --command="mkdir -p ~/hetlm_jax && tar -xzf \
+/tmp/hetlm_jax.tar.gz -C ~/hetlm_jax && python3 -m pip install -q -e ~/hetlm_jax 'jax[tpu]'"
 fi
-ssh_all "hetlm train $(printf '%q ' "$@")"
+gcloud compute tpus tpu-vm ssh "$TPU" "${tpu[@]}" --command="cd ~/hetlm_jax && python3 -m hetlm_jax train $(printf '%q ' "$@")"

@@ -132,17 +132,6 @@ def test_train_command_writes_a_complete_workdir_that_keeps_its_provenance(tmp_p
   assert {key: json.loads((workdir / "eval.json").read_text()).get(key) for key in provenance} == provenance
 
 
-def test_the_readmes_plain_orbax_snippet_restores_a_checkpoint(tmp_path, good_log, capsys):
-  workdir = tmp_path / "run"
-  assert run(capsys, "train", f"--workdir={workdir}", f"--data={good_log}", *TINY, "--nobaselines")[0] == 0
-  readme = open("README.md").read()
-  snippet = readme.split("<!-- plain-orbax-snippet")[1].split("```python")[1].split("```")[0]
-  namespace = {}
-  exec("\n".join(line[2:] for line in snippet.splitlines()).replace("runs/default", str(workdir)), namespace)
-  cluster = namespace["params"]["cluster"]
-  assert cluster["embed"]["embedding"].shape[0] == 2  # K=2 stacked models
-
-
 @pytest.mark.parametrize("make,needle", [
   (lambda p: p.write_text("not a directory"), "is a file"),
   (lambda p: (p.parent / "file").write_text("x"), "which is a file"),
@@ -258,6 +247,11 @@ def test_help_lists_the_commands_and_each_commands_flags_grouped_with_sentences_
     sentence = run.out[i + 1].strip()
     assert "=" in run.out[i] and sentence[0].isupper() and sentence.endswith((".", ")")), run.out[i:i + 2]
   assert "  --k=4" in run.out and "  --dtype=auto" in run.out and "  --tie_embeddings=true" in run.out
+  assert "  --data=(the packaged msnbc sample)" in run.out and "--inject" not in text  # a test-only flag, hidden
+  for command, shown in (("evaluate", "  --data=(the run's own data)"), ("bench", "  --bench_k=8"),
+                         ("predict", "  --data=(required)")):
+    code, _ = run(capsys, command, "--help")
+    assert code == 0 and shown in run.out, (command, run.out)
   code, _ = run(capsys, "generate", "-h")
   assert code == 0 and "  --user=" in run.out and "model:" not in run.out
   code, _ = run(capsys, "predict", "-h")
@@ -276,3 +270,20 @@ def test_tensorboard_writes_one_run_per_model_with_the_training_and_validation_s
   assert {"train/loss", "train/tokens_per_s", "train/learning_rate"} <= set(tags)
   steps = [step for step, _ in tags["train/loss"]]
   assert steps == sorted(steps) and len(steps) >= 2
+
+
+def test_a_missing_flagfile_is_one_plain_line(capsys):
+  code, err = run(capsys, "train", "--flagfile=configs/no_such.flags")
+  assert code == 2 and err == ["hetlm: error: --flagfile: cannot open configs/no_such.flags (No such file or directory)"]
+
+
+def test_the_log_keeps_out_jaxs_search_for_absent_backends_and_orbaxs_chatter_but_not_warnings():
+  import logging
+
+  from hetlm_jax.main import _QuietLibraries
+  record = lambda level, path, text: logging.LogRecord("x", level, path, 1, text, (), None)
+  keep = _QuietLibraries().filter
+  assert not keep(record(logging.INFO, "jax/_src/xla_bridge.py", "Unable to initialize backend 'tpu': INTERNAL: ..."))
+  assert not keep(record(logging.INFO, "orbax/checkpoint/manager.py", "Saving checkpoint"))
+  assert keep(record(logging.INFO, "hetlm_jax/pipeline.py", "data: 120 users"))
+  assert keep(record(logging.WARNING, "orbax/checkpoint/manager.py", "disk almost full"))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
+from hetlm_jax import pipeline
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.eval.evaluate import LMFamily, first_page_index, route_by_history
@@ -87,14 +88,18 @@ def test_report_and_figures_are_written(otto_run):
   assert (workdir / "nll_per_user.png").stat().st_size > 0 and (workdir / "rounds.png").stat().st_size > 0
 
 
-def test_evaluate_and_generate_commands_use_the_saved_run(otto_run, capsys):
+def test_evaluate_and_generate_commands_use_the_saved_run(otto_run, capsys, monkeypatch):
   workdir, report = otto_run
   assert cli(["hetlm", "evaluate", f"--workdir={workdir}"]) == 0
   again = json.loads((workdir / "eval.json").read_text())
   assert again["models"]["hetlm"]["nll"]["mean"] == pytest.approx(report["models"]["hetlm"]["nll"]["mean"])
   capsys.readouterr()
+  loaded = []  # generate loads the one model family it uses
+  monkeypatch.setattr(pipeline, "load_run", lambda w, name, *a, **kw: loaded.append(name) or load_run(w, name, *a, **kw))
   out = generate_for_user(workdir, "0")
+  assert loaded == ["hetlm"]
   assert out["history"][0] == "<s>" and out["cluster"] in (0, 1) and isinstance(out["generated"], list)
+  assert not {"<s>", "</s>", "<pad>"} & {*out["generated"], *out["actual"]} and out["actual"]  # pages alike
   assert cli(["hetlm", "generate", f"--workdir={workdir}", "--user=0"]) == 0
   printed = capsys.readouterr().out
   assert "history:" in printed and "generated:" in printed and "actual:" in printed

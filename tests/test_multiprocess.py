@@ -65,18 +65,60 @@ def test_incomplete_multi_process_flags_are_refused_in_one_line(tmp_path, capsys
 
 
 def test_slurm_and_tpu_vm_launches_are_detected_and_a_plain_process_is_not(monkeypatch):
-  from hetlm_jax.hosts import cluster_environment
-  for name in ("SLURM_STEP_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+  from hetlm_jax import hosts
+  for name in ("SLURM_STEP_ID", "SLURM_NTASKS"):
     monkeypatch.delenv(name, raising=False)
-  assert cluster_environment() is None
+  monkeypatch.setattr(hosts, "_tpu_chips", lambda: 0)
+  assert hosts.cluster_environment() is None
   monkeypatch.setenv("SLURM_STEP_ID", "0")
   monkeypatch.setenv("SLURM_NTASKS", "1")
-  assert cluster_environment() is None  # srun with one task: a single process
+  assert hosts.cluster_environment() is None  # srun with one task: a single process
   monkeypatch.setenv("SLURM_NTASKS", "4")
-  assert cluster_environment() == "slurm"
+  assert hosts.cluster_environment() == "slurm"
   monkeypatch.delenv("SLURM_STEP_ID")
-  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
-  assert cluster_environment() == "tpu"
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")  # not what decides: JAX's own detection does
+  assert hosts.cluster_environment() is None
+  monkeypatch.setattr(hosts, "_tpu_chips", lambda: 4)  # a TPU VM's chips, as JAX finds them
+  assert hosts.cluster_environment() == "tpu"
+
+
+def _slurm_task(node: int, local: int, tasks_per_node: int, visible: str) -> dict:
+  """srun's variables for one task of a job on 2 nodes of 8 GPUs (gpu001, gpu002)."""
+  return {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "gpu[001-002]",
+          "SLURM_STEP_NUM_NODES": "2", "SLURM_NTASKS": str(2 * tasks_per_node), "SLURM_NODEID": str(node),
+          "SLURM_PROCID": str(node * tasks_per_node + local), "SLURM_LOCALID": str(local),
+          "SLURM_TASKS_PER_NODE": f"{tasks_per_node}(x2)", "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": visible}
+
+
+def test_on_2_slurm_nodes_of_8_gpus_each_process_claims_the_gpus_of_its_node_and_jax_finds_the_rest(monkeypatch):
+  """launch/slurm.sbatch starts one task per node: hosts.initialize hands jax.distributed.initialize all 8 GPUs
+  (JAX alone would give each task GPU SLURM_LOCALID, one of eight), and JAX's own SLURM detection gives the
+  coordinator (the first node), the process count and each index. No GPU needed: the call is captured."""
+  from jax._src import clusters  # what jax.distributed.initialize does with the arguments it is given
+
+  from hetlm_jax import hosts
+
+  def claims(env: dict) -> tuple:
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_L"))})
+    os.environ.update(env)
+    called = {}
+    monkeypatch.setattr(hosts.jax.distributed, "initialize", lambda *a, **kw: called.update(args=a, kwargs=kw))
+    monkeypatch.setattr(hosts.jax, "process_index", lambda: 0)
+    hosts.initialize()
+    assert called["args"] == ()
+    return clusters.ClusterEnv.auto_detect_unset_distributed_params(
+      None, None, None, called["kwargs"].get("local_device_ids"), None, None)
+
+  port = str(4242 % 2**12 + 65535 - 2**12 + 1)
+  all_eight = "0,1,2,3,4,5,6,7"
+  for node in (0, 1):  # the sbatch script: one process per node, owning its 8 GPUs
+    assert claims(_slurm_task(node, 0, 1, all_eight)) == (f"gpu001:{port}", 2, node, list(range(8)))
+  # Without CUDA_VISIBLE_DEVICES the count comes from SLURM_GPUS_ON_NODE.
+  assert claims({**_slurm_task(1, 0, 1, ""), "CUDA_VISIBLE_DEVICES": ""})[3] == list(range(8))
+  # One process per GPU: a task bound to its GPU (--gpus-per-task=1) sees it as device 0; one that sees all eight
+  # takes its local index.
+  assert claims(_slurm_task(1, 5, 8, "5")) == (f"gpu001:{port}", 16, 13, [0])
+  assert claims(_slurm_task(1, 5, 8, all_eight)) == (f"gpu001:{port}", 16, 13, [5])
 
 
 def test_processes_that_read_different_data_refuse_to_train_in_one_line(tiny_reference, tmp_path):
@@ -102,3 +144,25 @@ def _two_processes(*args_of_process) -> list[subprocess.CompletedProcess]:
           for i, args in enumerate(args_of_process)]
   outputs = [run.communicate(timeout=300) for run in runs]
   return [subprocess.CompletedProcess(run.args, run.returncode, *out) for run, out in zip(runs, outputs)]
+
+
+def test_the_slurm_script_requeues_a_job_that_hetlm_stopped_and_not_one_that_finished_or_failed(tmp_path):
+  """launch/slurm.sbatch with stand-ins for srun (the program as it ends: stopped, finished or failed) and
+  scontrol (which records its arguments)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text('#!/usr/bin/env bash\n'  # hetlm writes the marker when a signal stopped it
+                                'case "$OUTCOME" in stopped) echo "SIGTERM: stopped at step 8" > "$HETLM_STOP_MARKER";;'
+                                ' failed) exit 2;; esac\n')
+  (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho "$@" >> "$CALLS"\n')
+  for tool in bin_dir.iterdir():
+    tool.chmod(0o755)
+  for outcome, status, calls in (("stopped", 0, "requeue 4242\n"), ("finished", 0, ""), ("failed", 2, "")):
+    record = tmp_path / f"{outcome}.calls"
+    record.touch()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_SUBMIT_DIR": str(tmp_path), "OUTCOME": outcome, "CALLS": str(record)}
+    done = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "--workdir=runs/x"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == status and record.read_text() == calls, (outcome, done.stdout, done.stderr)
+    assert not (tmp_path / "hetlm-4242.stopped").exists()

@@ -222,23 +222,6 @@ def test_memory_stays_bounded_on_a_file_of_many_chunks(trained, tmp_path):
   assert peaks["big"] - peaks["small"] < in_memory_mib / 4, (peaks, in_memory_mib)
 
 
-def test_the_readme_example_runs_as_written(tmp_path):
-  """The README's "Using a trained model" snippet, on a tiny run of the packaged sample in place of runs/default."""
-  readme = (REPO / "README.md").read_text()
-  section = readme.split("## Using a trained model", 1)[1]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-  workdir = tmp_path / "run"
-  flags = ["--max_users=400", "--context=16", "--d_model=16", "--n_layers=1", "--n_heads=2", "--d_ff=32",
-           "--epochs=2", "--batch_size=8", "--k=2", "--rounds=1", "--init=random", "--nobaselines",
-           "--eval_batch_size=64"]
-  assert cli(["hetlm", "train", f"--workdir={workdir}", *flags]) == 0
-  assert json.loads((workdir / "sessions.json").read_text())["session_ends"] is False  # msnbc: one session each
-  namespace = {}
-  exec(compile(code.replace('"runs/default"', repr(str(workdir))), "README.md", "exec"), namespace)
-  top = namespace["top"]
-  assert len(top.pages) == 2 and all(len(p) == 5 for p in top.pages) and top.probs.shape == (2, 5)
-
-
 def test_outcome_chances_are_the_evaluations_and_a_checkpoint_path_loads_the_same_model(tmp_path):
   """A run with cart events: outcome_probability on the users the evaluation sampled gives eval.json's AUC."""
   from hetlm_jax.eval import metrics as M

@@ -81,7 +81,7 @@ def _files(workdir):
 
 
 def test_a_signal_in_each_phase_outside_training_stops_there_with_exit_0_no_partial_file_and_the_run_ends_as_a_lone_one(
-    tiny_reference, tmp_path, capsys):
+    tiny_reference, tmp_path, capsys, monkeypatch):
   """One run (k-means initialisation, so every phase exists) stopped in turn while preparing the data, after the
   initial k-means, in the first E-step, during the evaluation and before the report; then `hetlm evaluate` stopped
   in its evaluation and before its report. Each stop exits 0 with one message and writes nothing partial; the last
@@ -101,8 +101,12 @@ def test_a_signal_in_each_phase_outside_training_stops_there_with_exit_0_no_part
     assert not [p for p in run.rglob("*.tmp")], "a temporary file was left"
     return lines[-2]
 
-  stop("prepare", "while preparing the data; nothing was written")
-  assert not run.exists()
+  marker = tmp_path / "job.stopped"  # what launch/slurm.sbatch reads to requeue the job
+  monkeypatch.setenv("HETLM_STOP_MARKER", str(marker))
+  said = stop("prepare", "while preparing the data; nothing was written")
+  assert not run.exists() and marker.read_text() == said.removesuffix(":") + "\n"
+  marker.unlink()
+  monkeypatch.delenv("HETLM_STOP_MARKER")
   stop("kmeans", "after hetlm's initial assignment, before its first step; nothing of it was saved")
   assert latest_step(run) is None and not (run / "assignments.parquet").exists()
   said = stop("estep", "of hetlm, with a checkpoint there")
@@ -112,7 +116,10 @@ def test_a_signal_in_each_phase_outside_training_stops_there_with_exit_0_no_part
   for phase, where in (("evaluate", "evaluating, after hetlm"), ("report", "before writing the report")):
     stop(phase, f"{where}; eval.json and report.md are as they were")
     assert not (run / "eval.json").exists() and not (run / "report.md").exists()
+  monkeypatch.setenv("HETLM_STOP_MARKER", str(marker))
   assert cli(["hetlm", *args]) == 0
+  assert not marker.exists()  # a run that finishes leaves none: nothing to requeue
+  monkeypatch.delenv("HETLM_STOP_MARKER")
   assert_same_result(reference, run)
   assert _files(run) == _files(reference)
 

@@ -22,7 +22,7 @@ from hetlm_jax.config import Config
 def available() -> str | None:
   """None if torch imports, else why not."""
   if importlib.util.find_spec("torch") is None:
-    return "PyTorch is not installed; pip install 'hetlm_jax[bench]'"
+    return "PyTorch is not installed: pip install torch (or pip install -e '.[bench]' in the repository)"
   return None
 
 

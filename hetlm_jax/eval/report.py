@@ -59,6 +59,38 @@ def _headline(report: dict) -> list[str]:
 
 
 _SAME = 1e-5  # nats: identical models (HeTLM that kept its init LM) differ by float rounding, not more
+_LMS = ("hetlm", *_SINGLES)  # the LMs ranked for "the best LM", as stdout's summary (main.py) ranks them
+
+
+def _best_lm(report: dict) -> str | None:
+  """The LM with the lowest per-user mean held-out NLL: the report's (and stdout's) "best LM"; None if none."""
+  models = report["models"]
+  nll = {m: models[m]["nll"].get("mean") for m in _LMS if "nll" in models.get(m, {})}
+  nll = {m: x for m, x in nll.items() if x is not None and not np.isnan(x)}
+  return min(nll, key=nll.get) if nll else None
+
+
+def _verdict(report: dict) -> list[str]:
+  """The line under the title: the best LM, and whether HeTLM beat each single LM in per-user mean NLL (paired
+  bootstrap: beat when the whole 95% interval of HeTLM − other is below 0, lost to when above, else tied)."""
+  best = _best_lm(report)
+  if best is None:
+    return []
+  note = " (HeTLM kept its warm-start LM: no HeTLM pass beat it)" if report.get("hetlm_is_init_lm") else ""
+  line = f"**Verdict:** lowest held-out NLL: {best} ({report['models'][best]['nll']['mean']:.4f} nats/token){note}"
+  said = []
+  for other in _SINGLES if "hetlm" in report["models"] else ():
+    b = (report.get("bootstrap") or {}).get(f"hetlm-{other}", {}).get("nll") or {}
+    lo, hi = b.get("mean_ci") or (None, None)
+    if other not in report["models"] or lo is None or hi is None or np.isnan(lo) or np.isnan(hi):
+      continue
+    if hi < -_SAME:
+      said.append(f"beat {other}")
+    elif lo > _SAME:
+      said.append(f"lost to {other}")
+    else:  # an interval off 0 by float rounding alone (identical models) is a tie, as in _verdicts
+      said.append(f"tied with {other} (95% CI {'includes 0' if lo <= 0 <= hi else f'within {_SAME:g} of 0'})")
+  return [line + ("; HeTLM " + ", ".join(said) if said else "") + "."]
 
 
 def _verdicts(report: dict) -> list[str]:
@@ -97,8 +129,11 @@ def _verdicts(report: dict) -> list[str]:
         continue
       best = (min if lower else max)(lms, key=lambda m: models[m][metric]["mean"])
       lm, mk = models[best][metric]["mean"], models["markov"][metric]["mean"]
+      # "The best LM" is the verdict's (lowest per-user mean NLL); any other winner is named by its metric.
+      who = ("The best LM" if metric == "nll" and best == _best_lm(report) else
+             f"The LM with the {'lowest' if lower else 'highest'} `{metric}`")
       if (lm < mk) if lower else (lm > mk):
-        lines.append(f"- The best LM (`{best}`) beats the first-order Markov chain in `{metric}` ({_fmt(lm)} "
+        lines.append(f"- {who} (`{best}`) beats the first-order Markov chain in `{metric}` ({_fmt(lm)} "
                      f"against {_fmt(mk)}).")
       else:
         lines.append(f"- The first-order Markov chain beats every LM in `{metric}` ({_fmt(mk)} against "
@@ -254,7 +289,7 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
              "user's cluster is chosen from the history alone. NLL is in nats per target token (lower is better); "
              "next-page metrics rank the target's first page among all pages, and `_sampled` among 100 random "
              "pages the user never visited (SASRec's protocol).")
-  lines = ["# HeTLM evaluation", "", intro, ""] + _headline(report) + _verdicts(report)
+  lines = ["# HeTLM evaluation", "", *_verdict(report), "", intro, ""] + _headline(report) + _verdicts(report)
   if report.get("bits_per_token"):
     lines += ["Pooled over all test tokens, in bits per token (lower is better):", "",
               "| model | no end marker | with end marker |", "|---|---|---|"]
@@ -306,5 +341,6 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
   if figures:
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
   else:
-    lines += ["", "(Figures need matplotlib: `pip install 'hetlm_jax[plots]'`.)"]
+    lines += ["", "(Figures need matplotlib: `pip install matplotlib`, or `pip install -e '.[plots]'` in the "
+              "repository.)"]
   replace_text(workdir / "report.md", "\n".join(lines) + "\n")

@@ -72,7 +72,7 @@ def tensorboard_available() -> str | None:
   """None if tensorboardX imports, else why not."""
   import importlib.util
   if importlib.util.find_spec("tensorboardX") is None:
-    return "--tensorboard needs tensorboardX: pip install 'hetlm_jax[tensorboard]'"
+    return "--tensorboard needs tensorboardX: pip install tensorboardX (or pip install -e '.[tensorboard]' in the repository)"
   return None
 
 
