@@ -66,7 +66,8 @@ _HELP = {
                  "(needs tensorboardX: pip install tensorboardX, or pip install -e '.[tensorboard]' in the "
                  "repository).",
   "stack": "How the K models share one jitted step: vmap (batched matmuls), unroll (K graphs in one program, "
-           "faster on CPU) or auto (unroll on CPU without a cluster-sharded mesh, vmap elsewhere).",
+           "faster on CPU, longer to compile as K grows) or auto (unroll on CPU for K up to 8 without a "
+           "cluster-sharded mesh, vmap elsewhere).",
   "balance": "Smaller clusters cycle their own users, each token weighted by 1/appearances, instead of "
              "training on padding while the largest cluster finishes its epoch.",
   "dtype": "Compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU), float32 or bfloat16; parameters stay float32.",
@@ -108,10 +109,11 @@ _COMMANDS_HELP = {
 }
 _HOSTS = ("coordinator_address", "num_processes", "process_id")
 # The run flags each command's help lists; --inject (faults planted by the tests) is left out of every one.
-_RUN_FLAGS = {"train": ("workdir", *_HOSTS), "evaluate": ("workdir", "data", *_HOSTS),
-              "generate": ("workdir", "data", "user", "max_new", "temperature", "top_k", "top_p"),
+_RUN_FLAGS = {"train": ("workdir", *_HOSTS, "compilation_cache"),
+              "evaluate": ("workdir", "data", *_HOSTS, "compilation_cache"),
+              "generate": ("workdir", "data", "user", "max_new", "temperature", "top_k", "top_p", "compilation_cache"),
               "predict": ("workdir", "data", "format", "out", "model", "top_k", "mixture", "chunk_users", "outcome_samples",
-                          "num_processes", "process_id"),
+                          "num_processes", "process_id", "compilation_cache"),
               "bench": ("out", "bench_steps", "bench_k", "bench_torch", "sweep")}
 _DERIVED = ("vocab_size", "output_bias", "lora_rank")  # set from the data and --cluster_params, not flags
 # --data's empty default, said in words in each command's help.
@@ -132,8 +134,9 @@ flags.DEFINE_integer("outcome_samples", 8, "predict: sampled continuations per u
 flags.DEFINE_integer("bench_steps", 20, "bench: timed steps per measurement (after two untimed ones).")
 flags.DEFINE_integer("bench_k", 8, "bench: the number of stacked models measured.")
 flags.DEFINE_boolean("bench_torch", True, "bench: also measure the same models in PyTorch (needs torch).")
-flags.DEFINE_string("sweep", "", "bench: also measure these d_model x K sizes, one row each (e.g. 64x8,256x4); "
-                    "full: d_model 64, 256, 512, 1024 times K 1, 4, 8, 16.")
+flags.DEFINE_string("sweep", "", "bench: also measure these d_model x K (x vocabulary) sizes, one row each (e.g. "
+                    "64x8,256x4x2000); full: d_model 64, 256, 512, 1024 times K 1, 4, 8, 16; compile: K 1, 8, 16 "
+                    "times vocabulary 64, 2000, 20000 at d_model 64.")
 flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0's coordinator (jax.distributed); "
                     "not needed under SLURM (srun) or on a Cloud TPU VM slice, where it is found.")
 flags.DEFINE_integer("num_processes", 0, "Multi-process: the number of processes (one per host) with "
@@ -142,6 +145,9 @@ flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index, 0 t
 flags.DEFINE_string("inject", "", "Testing: KIND@STEP plants a fault after global step STEP: sigterm, sigint or "
                     "sigkill sent to this process, or nan (that step's loss); KIND@PHASE sends the signal as a phase "
                     "begins: prepare, kmeans, estep, evaluate or report.")
+flags.DEFINE_string("compilation_cache", "", "Where compiled programs are kept between runs (JAX's persistent "
+                    "cache), so a second run or a resume does not compile them again: a directory, or none; default "
+                    "$HETLM_COMPILATION_CACHE, else ~/.cache/hetlm_jax/jax. bench always compiles afresh.")
 flags.DEFINE_string("user", "", "generate: the user_id whose next session to generate.")
 flags.DEFINE_integer("max_new", 20, "generate: tokens to generate at most (stops earlier at session end).")
 flags.DEFINE_float("temperature", 0.0, "generate: 0 for greedy decoding, else the sampling temperature.")
@@ -180,19 +186,25 @@ def _k_from_flag(text: str) -> int:
   return k
 
 
-def _sweep_from_flag(text: str) -> list[tuple[int, int]]:
+def _sweep_from_flag(text: str) -> list[tuple[int, ...]]:
   if text.strip() == "full":
     return [(d, k) for d in (64, 256, 512, 1024) for k in (1, 4, 8, 16)]
-  pairs = []
+  if text.strip() == "compile":
+    return [(64, k, v) for k in (1, 8, 16) for v in (64, 2000, 20000)]
+  sizes = []
   for item in filter(None, (part.strip() for part in text.split(","))):
     try:
-      d_model, k = (int(x) for x in item.lower().split("x"))
+      size = tuple(int(x) for x in item.lower().split("x"))
     except ValueError:
-      raise HetlmError(f"--sweep={text}: expected d_model x K pairs such as 64x8,256x4, or full") from None
-    if d_model < 8 or d_model % 8 or k < 1:
-      raise HetlmError(f"--sweep={text}: {item} needs d_model a multiple of 8 and K at least 1")
-    pairs.append((d_model, k))
-  return pairs
+      size = ()
+    if len(size) not in (2, 3):
+      raise HetlmError(f"--sweep={text}: expected d_model x K (x vocabulary) sizes such as 64x8,256x4x2000, full "
+                       "or compile")
+    if size[0] < 8 or size[0] % 8 or size[1] < 1 or len(size) == 3 and size[2] < 16:
+      raise HetlmError(f"--sweep={text}: {item} needs d_model a multiple of 8, K at least 1 and a vocabulary of at "
+                       "least 16")
+    sizes.append(size)
+  return sizes
 
 
 def config_from_flags() -> Config:
@@ -213,6 +225,9 @@ def _main(argv: list[str]) -> int:
   from hetlm_jax.train import interrupt
   interrupt.inject(FLAGS.inject)
   # One stop handler for the whole command, before anything is read: a signal stops it at the next safe point.
+  from hetlm_jax import compilation
+  compilation.setup("none" if argv[1] == "bench" else FLAGS.compilation_cache)  # bench measures compile time
+  compilation.reset_counts()
   with interrupt.stop_handler() as stop:
     try:
       status = _command(argv[1], cfg, stop)
@@ -226,6 +241,8 @@ def _main(argv: list[str]) -> int:
       return 0
     if stop.received and _primary():
       print(f"{stop.received} arrived as the command was finishing; it finished first.", flush=True)
+    if compilation.summary():
+      logging.info("%s", compilation.summary())
     return status
 
 

@@ -189,7 +189,7 @@ BENCH_KEYS = ("device", "devices", "k", "batch", "seq_len", "params_per_model", 
 
 def test_bench_writes_every_measurement(tmp_path, good_log, capsys):
   out = tmp_path / "bench.json"
-  code, err = run(capsys, "bench", f"--data={good_log}", *TINY, "--bench_steps=2", "--bench_k=2", "--sweep=8x1",
+  code, err = run(capsys, "bench", f"--data={good_log}", *TINY, "--bench_steps=2", "--bench_k=2", "--sweep=8x1x16",
                   f"--out={out}")
   assert code == 0, err
   result = json.loads(out.read_text())
@@ -202,7 +202,13 @@ def test_bench_writes_every_measurement(tmp_path, good_log, capsys):
   assert all(x is None for x in torch_figures) or all(x > 0 for x in torch_figures)
   assert result["padding_fraction"] < 1 and result["host_wait_fraction"] < 1
   [row] = result["sweep"]
-  assert (row["k"], row["d_model"]) == (1, 8) and row["vmapped_tokens_per_s"] > 0 and row["mfu"] > 0
+  assert (row["k"], row["d_model"], row["vocab_size"]) == (1, 8, 16) and row["vmapped_tokens_per_s"] > 0
+  assert row["mfu"] > 0
+  for measured in (result, row):  # compile seconds of both ways of stacking, the loop's step and scoring
+    assert set(measured["compile_s"]) == {"unroll", "vmap", "loop"} and all(
+      s > 0 for s in measured["compile_s"].values()), measured["compile_s"]
+    assert measured["stack"] == "unroll" and measured["vmapped_step_s"] == measured["stacked_step_s"]["unroll"]
+  assert result["score_compile_s"] > 0
 
 
 def test_bench_without_torch_leaves_its_figures_null(tmp_path, good_log, capsys, monkeypatch):

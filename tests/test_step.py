@@ -187,3 +187,17 @@ def test_split_step_sharded_over_four_devices_equals_the_one_device_step():
   # The shared gradient is reduced across devices in another order; Adam turns a near-zero gradient's
   # rounding into up to a few % of one step (lr 1e-2), hence atol 1e-4.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), one.params, four.params)
+
+
+def test_stack_auto_unrolls_few_models_on_a_cpu_and_maps_over_many_or_sharded_ones():
+  """The rule of --stack=auto (docs/BENCHMARKS.md, "Compile time"); an explicit --stack is obeyed."""
+  from hetlm_jax.train.step import UNROLL_MAX_K, unrolled
+  with_stack = lambda stack, axis=1: dataclasses.replace(
+    CFG, train=dataclasses.replace(CFG.train, stack=stack), cluster=dataclasses.replace(CFG.cluster, cluster_axis=axis))
+  assert jax.default_backend() == "cpu"
+  for k in (1, 2, UNROLL_MAX_K):
+    assert unrolled(with_stack("auto"), make_mesh(with_stack("auto"), k), k)
+  assert not unrolled(with_stack("auto"), make_mesh(with_stack("auto"), 16), UNROLL_MAX_K + 1)
+  assert not unrolled(with_stack("auto", 2), make_mesh(with_stack("auto", 2), 2), 2)  # K sharded over devices
+  assert unrolled(with_stack("unroll"), make_mesh(with_stack("unroll"), 16), 16)
+  assert not unrolled(with_stack("vmap"), make_mesh(with_stack("vmap"), 2), 2)

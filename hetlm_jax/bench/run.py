@@ -24,6 +24,7 @@ from absl import logging
 from hetlm_jax.bench import flops, torch_reference
 from hetlm_jax.cluster.assign import kmeans_on_features, random_balanced
 from hetlm_jax.config import Config, validate
+from hetlm_jax.data.tokenizer import UNK
 from hetlm_jax.files import replace_text
 from hetlm_jax.model import param_count
 from hetlm_jax.data.readers import read_events
@@ -31,7 +32,8 @@ from hetlm_jax.pipeline import data_path, prepare_data
 from hetlm_jax.train import interrupt
 from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.loop import Trainer
-from hetlm_jax.train.step import packed_loss_mask
+from hetlm_jax.train.state import make_mesh
+from hetlm_jax.train.step import packed_loss_mask, unrolled
 
 WARMUP = 2  # untimed steps first (the first compiles)
 
@@ -41,26 +43,30 @@ def _real_tokens(batch) -> int:
   return int(np.asarray(jax.vmap(packed_loss_mask)(batch[1])).sum())
 
 
-def _median_step_s(step_fn, state, batches: list) -> float:
-  """Median seconds of the steps after WARMUP, each timed to its end on the device."""
+def _median_step_s(step_fn, state, batches: list) -> tuple[float, float]:
+  """Median seconds of the steps after WARMUP, each timed to its end on the device; and the compile seconds: the
+  first step's time less that median (the persistent compilation cache is off in bench)."""
   times = []
-  for i, batch in enumerate(batches):
+  for batch in batches:
     start = time.perf_counter()
     state, metrics = step_fn(state, *batch)
     jax.block_until_ready(metrics)
-    if i >= WARMUP:
-      times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    times.append(time.perf_counter() - start)
+  median = float(np.median(times[WARMUP:]))
+  return median, max(times[0] - median, 0.0)
 
 
-def _stacked_step_s(cfg: Config, k: int, batches: list) -> float:
+def _stacked_step_s(cfg: Config, k: int, batches: list, stack: str | None = None) -> tuple[float, float]:
+  """(step seconds, compile seconds) of the K stacked models, --stack as configured or `stack`."""
+  if stack is not None:
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, stack=stack))
   trainer = Trainer(cfg, k)
   state = trainer.start_round(trainer.init_state(), 10**6)
   on_device = [jax.device_put(b, trainer.train_step.batch_sharding) for b in batches]
   return _median_step_s(trainer.train_step, state, on_device)
 
 
-def _loop_step_s(cfg: Config, k: int, batches: list) -> float:
+def _loop_step_s(cfg: Config, k: int, batches: list) -> tuple[float, float]:
   """The same K models as K separate states, stepped by a Python loop of one jitted single-model step."""
   trainer = Trainer(cfg, 1)
   states = [trainer.start_round(trainer.init_state(), 10**6) for _ in range(k)]
@@ -83,10 +89,15 @@ def _throughput(cfg: Config, seqs, k: int, steps: int, with_torch: bool, peak: f
   row = {"k": k, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "batch": cfg.train.batch_size,
          "seq_len": cfg.model.context, "params_per_model": param_count(cfg.model),
          "real_tokens_per_step": tokens, "compute_dtype": cfg.model.compute_dtype}
-  logging.info("bench: stacked step, K=%d, d_model=%d", k, cfg.model.d_model)
-  row["vmapped_step_s"] = _stacked_step_s(cfg, k, batches)
+  row["vocab_size"] = cfg.model.vocab_size
+  logging.info("bench: stacked step, K=%d, d_model=%d, vocabulary %d", k, cfg.model.d_model, cfg.model.vocab_size)
+  row["stacked_step_s"], row["compile_s"] = {}, {}
+  for stack in ("unroll", "vmap"):  # both ways of stacking: step time, and what each costs to compile
+    row["stacked_step_s"][stack], row["compile_s"][stack] = _stacked_step_s(cfg, k, batches, stack)
+  row["stack"] = "unroll" if unrolled(cfg, make_mesh(cfg, k), k) else "vmap"  # what --stack (auto: its rule) chose
+  row["vmapped_step_s"] = row["stacked_step_s"][row["stack"]]
   logging.info("bench: loop of %d single-model steps", k)
-  row["loop_step_s"] = _loop_step_s(cfg, k, batches)
+  row["loop_step_s"], row["compile_s"]["loop"] = _loop_step_s(cfg, k, batches)
   row["vmapped_tokens_per_s"] = tokens / row["vmapped_step_s"]
   row["loop_tokens_per_s"] = tokens / row["loop_step_s"]
   row["vmapped_over_loop"] = row["vmapped_tokens_per_s"] / row["loop_tokens_per_s"]
@@ -112,12 +123,14 @@ def _throughput(cfg: Config, seqs, k: int, steps: int, with_torch: bool, peak: f
 def _scoring(cfg: Config, seqs, k: int) -> dict:
   trainer = Trainer(cfg, k)
   params = trainer.init_state().params
-  trainer.score(params, seqs.subset(np.arange(min(seqs.num_users, 64))), "history")  # compile
+  start = time.perf_counter()
+  trainer.score(params, seqs.subset(np.arange(min(seqs.num_users, 64))), "history")  # compiles: one batch
+  compile_s = time.perf_counter() - start
   start = time.perf_counter()
   _, tokens_U = trainer.score(params, seqs, "history")
   seconds = time.perf_counter() - start
   return {"score_users_per_s": seqs.num_users / seconds, "score_tokens_per_s": float(tokens_U.sum()) / seconds,
-          "score_user_model_pairs_per_s": k * seqs.num_users / seconds}
+          "score_user_model_pairs_per_s": k * seqs.num_users / seconds, "score_compile_s": compile_s}
 
 
 def _predict(cfg: Config, prepared, k: int) -> dict:
@@ -186,10 +199,11 @@ def _real_round(cfg: Config, seqs, vocab_size: int, k: int, steps: int) -> dict:
           "round_tokens_per_s": tokens / wall}
 
 
-def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: list[tuple[int, int]] = (),
+def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: list[tuple[int, ...]] = (),
               with_torch: bool = True) -> dict:
   """Measures on the configured data (default: the packaged sample); writes JSON to `out` if given.
-  `sweep`: (d_model, K) pairs, one row each in `sweep` (d_ff = 4 d_model, head width 64 from d_model 256)."""
+  `sweep`: (d_model, K) or (d_model, K, vocabulary) sizes, one row each in `sweep` (d_ff = 4 d_model, head width
+  64 from d_model 256; the data's vocabulary unless given: pages beyond a smaller one become <unk>)."""
   validate(cfg)
   prepared = prepare_data(cfg)
   seqs, vocab = prepared.seqs, prepared.tokenizer.vocab_size
@@ -215,11 +229,15 @@ def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: 
   result.update(_real_round(cfg, seqs, vocab, k, steps))
   result["sweep"] = []
   _write(out, result)  # and again after each sweep row: a sweep cut short keeps what it measured
-  for i, (d_model, sweep_k) in enumerate(sweep):
+  for i, (d_model, sweep_k, *size) in enumerate(sweep):
     interrupt.safe_point(f"after {i} of {len(sweep)} sweep rows",
                          f"{out} holds what was measured before" if out else "nothing was written")
-    model = dataclasses.replace(cfg.model, d_model=d_model, d_ff=4 * d_model, n_heads=max(4, d_model // 64))
-    result["sweep"].append(_throughput(cfg.replace(model=model), seqs, sweep_k, steps, with_torch, peak))
+    v = size[0] if size else vocab
+    model = dataclasses.replace(cfg.model, d_model=d_model, d_ff=4 * d_model, n_heads=max(4, d_model // 64),
+                                vocab_size=v)
+    ids = np.arange(vocab)
+    row_seqs = seqs if v >= vocab else seqs.map_tokens(np.where(ids < v, ids, UNK))
+    result["sweep"].append(_throughput(cfg.replace(model=model), row_seqs, sweep_k, steps, with_torch, peak))
     _write(out, result)
   _log(result)
   return result
@@ -238,6 +256,9 @@ def _log(result: dict) -> None:
                  row["k"], row["d_model"], fmt(row["vmapped_tokens_per_s"]), fmt(row["loop_tokens_per_s"]),
                  fmt(row["torch_tokens_per_s"]), fmt(row["torch_loop_tokens_per_s"]),
                  fmt(row["torch_func_tokens_per_s"]), 100 * row["mfu"])
+    c, s = row["compile_s"], row["stacked_step_s"]
+    logging.info("K=%d vocabulary %d: compile unrolled %.1fs (step %.3fs), vmapped %.1fs (step %.3fs), loop's step "
+                 "%.1fs", row["k"], row["vocab_size"], c["unroll"], s["unroll"], c["vmap"], s["vmap"], c["loop"])
   logging.info("next pages %s users/s (%s history tokens/s); the evaluation's path %s users/s",
                fmt(result["predict_users_per_s"]), fmt(result["predict_tokens_per_s"]),
                fmt(result["eval_path_users_per_s"]))

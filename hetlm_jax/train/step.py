@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hetlm_jax.config import Config, ModelConfig
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 from hetlm_jax.model import PageLM, project
-from hetlm_jax.train.split import map_models, merge, model_params, partition, per_model
+from hetlm_jax.train.split import map_models, merge, model_params, num_models, partition, per_model
 from hetlm_jax.train.state import TrainState, cluster_spec, learning_rate, state_shardings
 
 
@@ -87,11 +87,17 @@ def apply_update(tx, lr, grads, opt_state, params, active):
   return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
 
 
-def unrolled(cfg: Config, mesh: Mesh) -> bool:
-  """--stack resolved: auto unrolls the K models on a CPU unless K is sharded over devices."""
+# --stack=auto unrolls at most this many models (on a CPU): beyond it the unrolled program compiles for longer than
+# its faster steps save in a typical run (docs/BENCHMARKS.md, "Compile time").
+UNROLL_MAX_K = 8
+
+
+def unrolled(cfg: Config, mesh: Mesh, k: int) -> bool:
+  """--stack resolved for K models: auto unrolls them on a CPU, unless K is sharded over devices or K is above
+  UNROLL_MAX_K; it maps over them (vmap) elsewhere."""
   if cfg.train.stack != "auto":
     return cfg.train.stack == "unroll"
-  return jax.default_backend() == "cpu" and mesh.shape["cluster"] == 1
+  return jax.default_backend() == "cpu" and mesh.shape["cluster"] == 1 and k <= UNROLL_MAX_K
 
 
 def stacked_step(model, tx, spec: str, n_layers: int, unroll: bool, lr, params, opt_state, inputs_KxBxT1,
@@ -131,8 +137,9 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState, prox: flo
   """
   model = PageLM(cfg.model)
   seed = cfg.train.seed
-  spec = cluster_spec(cfg, jax.tree.leaves(abstract.params["cluster"])[0].shape[0])
-  step_fn = functools.partial(stacked_step, model, tx, spec, cfg.model.n_layers, unrolled(cfg, mesh), prox=prox)
+  k = num_models(abstract.params)
+  spec = cluster_spec(cfg, k)
+  step_fn = functools.partial(stacked_step, model, tx, spec, cfg.model.n_layers, unrolled(cfg, mesh, k), prox=prox)
 
   def train_step(state: TrainState, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1, anchor=None):
     # Dropout keys depend only on (seed, step): a resumed run draws the same ones.
@@ -173,12 +180,13 @@ def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, slots: int, pag
   batch-local user of each predicted token [R, T] (0 <= user < `slots`) → the masked NLL summed per local
   user on the device, [K, slots]; only that comes back to the host. `pages_only`: see token_nll."""
   model = PageLM(cfg.model)
+  unroll = unrolled(cfg, mesh, num_models(abstract.params))
 
   def score(params, inputs_RxT1, segments_RxT1, mask_RxT, user_RxT):
     def one_model(p):
       nll_RxT = token_nll(model, p, inputs_RxT1, segments_RxT1, pages_only=pages_only)
       return jax.ops.segment_sum(jnp.where(mask_RxT, nll_RxT, 0.0).ravel(), user_RxT.ravel(), num_segments=slots)
-    return per_model(one_model, unrolled(cfg, mesh))(params)
+    return per_model(one_model, unroll)(params)
 
   params_sharding = state_shardings(mesh, abstract).params
   rows = NamedSharding(mesh, P("data"))
