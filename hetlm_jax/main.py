@@ -66,8 +66,8 @@ _HELP = {
                  "(needs tensorboardX: pip install tensorboardX, or pip install -e '.[tensorboard]' in the "
                  "repository).",
   "stack": "How the K models share one jitted step: vmap (batched matmuls), unroll (K graphs in one program, "
-           "faster on CPU, longer to compile as K grows) or auto (unroll on CPU for K up to 8 without a "
-           "cluster-sharded mesh, vmap elsewhere).",
+           "faster steps on CPU, but longer to compile as K grows) or auto (unroll a single model on CPU, "
+           "vmap for K > 1 and elsewhere).",
   "balance": "Smaller clusters cycle their own users, each token weighted by 1/appearances, instead of "
              "training on padding while the largest cluster finishes its epoch.",
   "dtype": "Compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU), float32 or bfloat16; parameters stay float32.",

@@ -43,4 +43,4 @@ def test_a_second_identical_run_loads_its_large_programs_from_the_cache(tmp_path
           for run in (first, second)}
   assert said[first] and said[second], second.stderr[-2000:]
   assert int(said[first].group(3)) == 0 and int(said[second].group(3)) >= len(cached)
-  assert "compiled jit(train_step) in" in first.stderr  # where a slow start went, once per function
+  assert "compiled jit(train_step) in" in first.stderr  # where a slow start went

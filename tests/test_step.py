@@ -195,9 +195,10 @@ def test_stack_auto_unrolls_few_models_on_a_cpu_and_maps_over_many_or_sharded_on
   with_stack = lambda stack, axis=1: dataclasses.replace(
     CFG, train=dataclasses.replace(CFG.train, stack=stack), cluster=dataclasses.replace(CFG.cluster, cluster_axis=axis))
   assert jax.default_backend() == "cpu"
-  for k in (1, 2, UNROLL_MAX_K):
-    assert unrolled(with_stack("auto"), make_mesh(with_stack("auto"), k), k)
-  assert not unrolled(with_stack("auto"), make_mesh(with_stack("auto"), 16), UNROLL_MAX_K + 1)
-  assert not unrolled(with_stack("auto", 2), make_mesh(with_stack("auto", 2), 2), 2)  # K sharded over devices
+  assert UNROLL_MAX_K == 1  # measured: unrolling K >= 2 does not win its compile time back in a typical run
+  assert unrolled(with_stack("auto"), make_mesh(with_stack("auto"), 1), 1)
+  for k in (2, 4, 8):
+    assert not unrolled(with_stack("auto"), make_mesh(with_stack("auto"), k), k)
+  assert not unrolled(with_stack("auto", 2), make_mesh(with_stack("auto", 2), 2), 1)  # K sharded over devices
   assert unrolled(with_stack("unroll"), make_mesh(with_stack("unroll"), 16), 16)
   assert not unrolled(with_stack("vmap"), make_mesh(with_stack("vmap"), 2), 2)

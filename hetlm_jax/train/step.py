@@ -87,9 +87,10 @@ def apply_update(tx, lr, grads, opt_state, params, active):
   return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
 
 
-# --stack=auto unrolls at most this many models (on a CPU): beyond it the unrolled program compiles for longer than
-# its faster steps save in a typical run (docs/BENCHMARKS.md, "Compile time").
-UNROLL_MAX_K = 8
+# --stack=auto unrolls at most this many models (on a CPU). Unrolled, K >= 2 models step 3-13% faster there, but
+# their program compiles 2.6 s (K=2) to 20 s (K=8) longer than the vmapped one, which takes 100-220 steps to win
+# back; the main job's HeTLM trains 14 (docs/BENCHMARKS.md, "Compile time").
+UNROLL_MAX_K = 1
 
 
 def unrolled(cfg: Config, mesh: Mesh, k: int) -> bool:
