@@ -34,13 +34,16 @@ def test_a_second_identical_run_loads_its_large_programs_from_the_cache(tmp_path
   cache_flag = f"--compilation_cache={tmp_path / 'cache'}"
   first = hetlm_process([*train_args(log, tmp_path / "one"), cache_flag])
   assert first.returncode == 0, first.stderr[-3000:]
-  cached = sorted(os.listdir(tmp_path / "cache"))
+  cached = set(os.listdir(tmp_path / "cache"))
   assert cached, "nothing was cached"
   second = hetlm_process([*train_args(log, tmp_path / "two"), cache_flag])
   assert second.returncode == 0, second.stderr[-3000:]
-  assert sorted(os.listdir(tmp_path / "cache")) == cached  # nothing new to compile
+  assert cached <= set(os.listdir(tmp_path / "cache"))
   said = {run: re.search(r"compiling: ([\d.]+)s for (\d+) programs \((\d+) loaded from the cache", run.stderr)
           for run in (first, second)}
   assert said[first] and said[second], second.stderr[-2000:]
-  assert int(said[first].group(3)) == 0 and int(said[second].group(3)) >= len(cached)
+  # Every program the first run kept is loaded, not compiled, by the second (the first may load one it built
+  # twice; a program near the 0.1 s threshold may be kept by one run and not the other, so no exact counts).
+  hits = {run: int(said[run].group(3)) for run in (first, second)}
+  assert hits[second] >= len(cached) and hits[second] > hits[first], hits
   assert "compiled jit(train_step) in" in first.stderr  # where a slow start went
