@@ -74,6 +74,7 @@ class DataConfig:
   test_users: int = 0  # > 0: split by user (whole sequences of new users are the test), not in time
   train_users: int = 0  # with test_users: how many users train (0: all the others)
   split_seed: int = 0  # the split by user takes numpy.random.default_rng(split_seed).permutation(U)
+  test_offset: int = -1  # where the test users start in that permutation (-1: right after the training users)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +179,8 @@ def validate(cfg: Config) -> None:
     (d.max_users >= 0, f"--max_users={d.max_users} must be non-negative"),
     (d.test_users >= 0 and d.train_users >= 0, "--test_users and --train_users must be non-negative"),
     (d.test_users > 0 or d.train_users == 0, "--train_users needs --test_users (the split by user)"),
+    (d.test_offset >= -1, f"--test_offset={d.test_offset} must be -1 (after the training users) or a position"),
+    (d.test_users > 0 or d.test_offset == -1, "--test_offset needs --test_users (the split by user)"),
     (d.test_users == 0 or c.k != 0, "--k=auto needs the split in time (no --test_users): it chooses K "
                                     "on held-out targets of the training users"),
     (c.k >= 1 or c.k == 0, f"--k={c.k} must be at least 1 (or auto)"),

@@ -80,6 +80,9 @@ _HELP = {
                 "test (0: each user's last session is held out).",
   "train_users": "With --test_users: the number of users to train on (0: all the others).",
   "split_seed": "The split by user permutes users with numpy.random.default_rng(split_seed).",
+  "test_offset": "With --test_users: the test users start at this position of that permutation, and the training "
+                 "users are the first --train_users of the others, so runs of different sizes share one test "
+                 "set (-1: right after the training users).",
   "d_model": "Width of each cluster model's residual stream.",
   "n_layers": "Transformer blocks per model.",
   "n_heads": "Attention heads per block (d_model must divide into them, with an even head width).",

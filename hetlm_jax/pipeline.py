@@ -86,13 +86,15 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
   int_ids = (table.schema.metadata or {}).get(b"hetlm_user_id") == b"int64"
   test_seqs = val_seqs = None
   if d.test_users:
-    if d.train_users + d.test_users > seqs.num_users or seqs.num_users - d.test_users < 1:
+    if (d.train_users + d.test_users > seqs.num_users or seqs.num_users - d.test_users < 1
+        or d.test_offset + d.test_users > seqs.num_users):
+      offset = f", --test_offset={d.test_offset}" if d.test_offset >= 0 else ""
       raise HetlmError(f"{path}: {seqs.num_users:,} users, too few for --train_users={d.train_users} and "
-                       f"--test_users={d.test_users}")
+                       f"--test_users={d.test_users}{offset}")
     spare = spare_users(seqs.num_users, d.train_users, d.test_users, round(cfg.train.val_frac * d.train_users),
-                        d.split_seed)
+                        d.split_seed, d.test_offset)
     val_seqs = None if spare is None or not len(spare) else held_out_users(seqs, spare)
-    seqs, test_seqs = split_users(seqs, d.train_users, d.test_users, d.split_seed)
+    seqs, test_seqs = split_users(seqs, d.train_users, d.test_users, d.split_seed, d.test_offset)
     stats.update(users=seqs.num_users, test_users=test_seqs.num_users, test_tokens=test_seqs.num_tokens)
   if not given:
     # A training user's history is all that trains (split_users makes a training user's whole sequence
@@ -264,8 +266,10 @@ def _train_and_evaluate(cfg: Config, workdir: str | Path, held: contextlib.ExitS
   logging.info("data: %s users (%s dropped as too short), %s events, vocab %d, prepared in %.1fs (%.0f events/s)",
                f"{seqs.num_users:,}", f"{prepared.stats.get('users_dropped_too_short', 0):,}", f"{events:,}",
                tokenizer.vocab_size, prepared.seconds, events / max(prepared.seconds, 1e-9))
+  trained = sliced[0]  # the users whose histories train (validation users taken out where they come from them)
   log.write({"kind": "start", "users": seqs.num_users, "vocab_size": tokenizer.vocab_size, "params": n_params,
-             "k": c.k or "auto", "data": prepared.stats, "prepare_s": prepared.seconds})
+             "k": c.k or "auto", "data": prepared.stats, "prepare_s": prepared.seconds,
+             "train_users": trained.num_users, "train_tokens": int((trained.split - trained.offsets[:-1]).sum())})
 
   seqs, validation, evaluated_U = sliced
   # Every model trains on the same tokens; with --route_frac, each history's tail is kept out to route users.

@@ -21,6 +21,9 @@ from pathlib import Path
 
 from hetlm_jax.config import ClusterConfig
 
+sys.path.insert(0, str(Path(__file__).parent))
+from regime_map import summarize, table  # noqa: E402  (a script beside this one)
+
 # ClusterConfig fields that only HeTLM's clusters and single_ft read (the single LMs train without them).
 VARIABLE = ("prox", "interpolate", "warm_lr_scale", "rounds", "tolerance", "soft")
 SINGLE_LMS = ("init_single", "single", "single_matched")
@@ -41,18 +44,6 @@ def seed_workdir(base: Path, workdir: Path, changes: dict[str, str]) -> None:
   kept = [line for line in (base / "metrics.jsonl").read_text().splitlines()
           if json.loads(line).get("model", "init_single") in SINGLE_LMS and json.loads(line)["kind"] != "eval"]
   (workdir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
-
-
-def row(workdir: Path) -> dict | None:
-  path = workdir / "eval.json"
-  if not path.exists():
-    return None
-  report = json.loads(path.read_text())
-  boot = report["bootstrap"]
-  return {"run": workdir.name, "validation": report.get("validation", {}).get("hetlm"),
-          "hetlm": report["models"]["hetlm"]["nll"]["mean"],
-          **{f"vs_{o}": {k: boot[f"hetlm-{o}"]["nll"][k] for k in ("mean_diff", "mean_ci", "var_diff", "var_ci")}
-             for o in ("single", "single_ft", "single_matched") if f"hetlm-{o}" in boot}}
 
 
 def main() -> int:
@@ -76,11 +67,11 @@ def main() -> int:
                    *extra]
         print(" ".join(command), flush=True)
         subprocess.run(command, check=True)
-  rows = [r for r in (row(d) for d in sorted(args.out.iterdir()) if d.is_dir()) if r]
-  print(json.dumps(rows, indent=1))
+  rows = [r for r in (summarize(d) for d in sorted(args.out.iterdir()) if d.is_dir()) if r]
+  print(table(rows))
   if args.pick and rows:
-    best = min((r for r in rows if r["validation"]), key=lambda r: r["validation"]["mean"])
-    print(f"chosen by the validation users' per-user mean NLL: {best['run']} ({best['validation']['mean']:.4f})")
+    best = min((r for r in rows if r["validation"]["hetlm"] is not None), key=lambda r: r["validation"]["hetlm"])
+    print(f"chosen by the validation users' per-user mean NLL: {best['run']} ({best['validation']['hetlm']:.4f})")
   return 0
 
 

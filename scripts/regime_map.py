@@ -1,6 +1,7 @@
-"""The regime map: where does clustering pay? Runs `hetlm train` once per setting and tabulates HeTLM minus
-`single_matched` (per-user mean NLL and its variance over users, with the paired-bootstrap 95% intervals that
-eval.json holds), then plots the map.
+"""The regime map: where does clustering pay? Runs `hetlm train` once per setting and tabulates HeTLM minus each
+single LM (`single`, the K=1 control `single_ft`, `single_matched`: per-user mean NLL and its variance over users,
+with the paired-bootstrap 95% intervals that eval.json holds), then plots the map. scripts/data_scaling.py and
+scripts/hetlm_variants.py read their runs with the same summarize().
 
   python scripts/regime_map.py --out=runs/regime --grid=context                # 8|64 x all|top:1|head|adapters:8
   python scripts/regime_map.py --out=runs/regime --grid=k --settings=64/all,8/head   # K 2|4|8 and soft EM
@@ -40,15 +41,19 @@ def grid(kind: str, settings: list[str]) -> dict[str, list[str]]:
   return runs
 
 
+BASELINES = ("single", "single_ft", "single_matched")  # HeTLM − each, where eval.json has the pair
+
+
 def summarize(workdir: Path) -> dict | None:
-  """The map's row for one finished run, from its eval.json."""
+  """One finished run's row, from its eval.json: every model's mean, HeTLM − each single LM (per-user mean and
+  variance with the paired-bootstrap 95% intervals eval.json holds), validation figures, passes and tokens."""
   path = workdir / "eval.json"
   if not path.exists():
     return None
   report = json.loads(path.read_text())
   models = report["models"]
   metric = "nll_no_end" if report.get("protocol") == "new_users" else "nll"
-  b = report["bootstrap"]["hetlm-single_matched"][metric]
+  boot = report["bootstrap"]
   # Settings are compared on the validation users, never on the evaluated ones: each model's per-user mean
   # validation NLL (eval.json's "validation"; runs from before it existed: the last stop record's pooled NLL).
   last_stop, hetlm_stops = {}, []
@@ -59,13 +64,49 @@ def summarize(workdir: Path) -> dict | None:
       hetlm_stops += [record] if record["model"] == "hetlm" else []
   validation = {m: v["mean"] for m, v in report["validation"].items()} if "validation" in report else last_stop
   is_init = report.get("hetlm_is_init_lm", len(hetlm_stops) == 1 and hetlm_stops[0]["best_pass"] == 0)
-  return {"validation": {m: validation.get(m) for m in ("hetlm", "single", "single_matched")}, "is_init_lm": is_init,
-          "run": workdir.name, "metric": metric, "k": report["k"], "rounds": report["rounds"],
-          "hetlm": models["hetlm"][metric]["mean"], "single": models["single"][metric]["mean"],
-          "single_matched": models["single_matched"][metric]["mean"],
-          "markov": models.get("markov", {}).get(metric, {}).get("mean"),
-          "mean_diff": b["mean_diff"], "mean_ci": b["mean_ci"], "var_diff": b["var_diff"], "var_ci": b["var_ci"],
-          "params": report["params"], "passes": report.get("passes"), "train_s": report.get("train_s")}
+  vs = {o: {k: boot[f"hetlm-{o}"][metric][k] for k in ("mean_diff", "mean_ci", "var_diff", "var_ci")}
+        for o in BASELINES if f"hetlm-{o}" in boot}
+  return {"run": workdir.name, "metric": metric, "k": report["k"], "rounds": report["rounds"],
+          "validation": {m: validation.get(m) for m in ("hetlm", *BASELINES)}, "is_init_lm": is_init,
+          **{m: models[m][metric]["mean"] for m in ("hetlm", *BASELINES) if m in models},
+          "markov": models.get("markov", {}).get(metric, {}).get("mean"), "vs": vs,
+          **vs.get("single_matched", {}),  # the map's own comparison, at the top level as before
+          "params": report["params"], "passes": report.get("passes"), "tokens_trained": report.get("tokens_trained"),
+          "train_s": report.get("train_s"), "n_users": report.get("n_users")}
+
+
+def delta(d: dict, which: str) -> str:
+  """'+0.0012 [-0.0003, +0.0027]' for d[which_diff] and its interval (which: mean or var)."""
+  lo, hi = d[f"{which}_ci"]
+  return f"{d[f'{which}_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def color(ci: list[float]) -> str:
+  """Green where the interval favours HeTLM (below 0), red where it favours the other model, grey if it holds 0."""
+  return "tab:green" if ci[1] < 0 else "tab:red" if ci[0] > 0 else "tab:gray"
+
+
+def markdown(header: list[str], lines: list[list[str]]) -> str:
+  return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                   + ["| " + " | ".join(line) + " |" for line in lines])
+
+
+def table(rows: list[dict]) -> str:
+  """The map's Markdown table: validation means (the only column settings are chosen by), held-out means and
+  HeTLM − each single LM."""
+  others = [o for o in BASELINES if any(o in r["vs"] for r in rows)]
+  header = ["run", "K", "rounds", "HeTLM passes", "validation: HeTLM / " + " / ".join(others), "HeTLM",
+            *others, *(f"− {o}: Δ {w}" for o in others for w in ("mean", "var"))]
+  lines = []
+  for r in rows:
+    v = r["validation"]
+    val = " / ".join("–" if v.get(m) is None else f"{v[m]:.4f}" for m in ("hetlm", *others))
+    passes = (r.get("passes") or {}).get("hetlm")
+    lines.append([r["run"], str(r["k"]), str(r["rounds"]),
+                  ("–" if passes is None else f"{passes:g}") + (" (= init LM)" if r["is_init_lm"] else ""), val,
+                  f"{r['hetlm']:.4f}", *(f"{r[o]:.4f}" if o in r else "–" for o in others),
+                  *(delta(r["vs"][o], w) if o in r["vs"] else "–" for o in others for w in ("mean", "var"))])
+  return markdown(header, lines)
 
 
 def label(run: str) -> str:
@@ -75,27 +116,28 @@ def label(run: str) -> str:
   return f"context {context[3:]}, {params}, K={k[1:]}, {em}"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, against: tuple[str, ...] = ("single_ft", "single_matched")) -> None:
+  """One row of panels per single LM in `against` (mean, variance): HeTLM − it per run, with its interval."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.8), sharey=True)
-  y = range(len(rows))
-  for ax, which, title in ((axes[0], "mean", "Δ mean per-user NLL"), (axes[1], "var", "Δ variance over users")):
-    diff = [r[f"{which}_diff"] for r in rows]
-    lo = [r[f"{which}_diff"] - r[f"{which}_ci"][0] for r in rows]
-    hi = [r[f"{which}_ci"][1] - r[f"{which}_diff"] for r in rows]
-    colors = ["tab:green" if r[f"{which}_ci"][1] < 0 else "tab:red" if r[f"{which}_ci"][0] > 0 else "tab:gray"
-              for r in rows]
-    for i in y:
-      ax.errorbar(diff[i], i, xerr=[[lo[i]], [hi[i]]], fmt="o", color=colors[i], capsize=3)
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_title(f"HeTLM − single_matched: {title}\n(left of 0: HeTLM better; green/red: 95% CI excludes 0)",
-                 fontsize=9)
-    ax.set_xlabel("nats per target token" if which == "mean" else "(nats per target token)²")
-  axes[0].set_yticks(list(y), [label(r["run"]) + (" (= init LM)" if r["is_init_lm"] else "") for r in rows],
-                     fontsize=8)
-  axes[0].invert_yaxis()
+  against = [o for o in against if any(o in r["vs"] for r in rows)]
+  fig, axes = plt.subplots(len(against), 2, figsize=(12, len(against) * (0.4 * len(rows) + 1.6)), sharey=True,
+                           squeeze=False)
+  for axes_row, other in zip(axes, against):
+    for ax, which, title in ((axes_row[0], "mean", "Δ mean per-user NLL"), (axes_row[1], "var", "Δ variance over users")):
+      for i, r in enumerate(rows):
+        if other in r["vs"]:
+          d = r["vs"][other]
+          lo, hi = d[f"{which}_ci"]
+          ax.errorbar(d[f"{which}_diff"], i, xerr=[[d[f"{which}_diff"] - lo], [hi - d[f"{which}_diff"]]], fmt="o",
+                      color=color(d[f"{which}_ci"]), capsize=3)
+      ax.axvline(0, color="black", linewidth=0.8)
+      ax.set_title(f"HeTLM − {other}: {title}\n(left of 0: HeTLM better; green/red: 95% CI excludes 0)", fontsize=9)
+      ax.set_xlabel("nats per target token" if which == "mean" else "(nats per target token)²")
+    axes_row[0].set_yticks(range(len(rows)), [label(r["run"]) + (" (= init LM)" if r["is_init_lm"] else "")
+                                              for r in rows], fontsize=8)
+  axes[0][0].invert_yaxis()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -122,14 +164,7 @@ def main() -> int:
     print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
   rows = [r for r in (summarize(d) for d in sorted(out.iterdir()) if d.is_dir()) if r]
   (out / "regime_map.json").write_text(json.dumps(rows, indent=1) + "\n")
-  print("| run | K | rounds | validation Δ | HeTLM | single | single_matched | Δ mean [95% CI] | Δ var [95% CI] |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    v = r["validation"]
-    val = f"{v['hetlm'] - v['single_matched']:+.4f}" if None not in (v["hetlm"], v["single_matched"]) else "–"
-    print(f"| {r['run']} | {r['k']} | {r['rounds']} | {val} | {r['hetlm']:.4f} | {r['single']:.4f} | "
-          f"{r['single_matched']:.4f} | {r['mean_diff']:+.4f} [{r['mean_ci'][0]:+.4f}, {r['mean_ci'][1]:+.4f}] | "
-          f"{r['var_diff']:+.4f} [{r['var_ci'][0]:+.4f}, {r['var_ci'][1]:+.4f}] |")
+  print(table(rows))
   if args.plot and rows:
     plot(rows, Path(args.plot))
   return 0

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
-from hetlm_jax.data.sequences import UserSequences, all_windows, build_sequences, split_users
+from hetlm_jax.data.sequences import (UserSequences, all_windows, build_sequences, spare_users, split_order,
+                                     split_users)
 from hetlm_jax.data.tokenizer import BOS, EOS, PageTokenizer
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
 from hetlm_jax.eval.new_users import last_page_view
@@ -134,6 +135,24 @@ def test_split_users_follows_the_seeded_permutation_and_keeps_whole_sequences():
   assert list(rest.user_ids) == [str(u) for u in perm[2:]]
 
 
+def test_a_test_offset_keeps_one_test_set_across_training_sizes():
+  perm = np.random.default_rng(3).permutation(20)
+  for n_train in (0, 2, 5, 9):  # -1 is today's split: the test users follow the training users
+    rest, test = split_order(20, n_train, 4, 3)
+    np.testing.assert_array_equal(test, perm[n_train:n_train + 4])
+    np.testing.assert_array_equal(rest[:n_train] if n_train else rest, perm[:n_train] if n_train else perm[4:])
+  others = np.r_[perm[:6], perm[10:]]
+  for n_train in (0, 2, 5, 9):  # the test users at position 6, whatever trains
+    rest, test = split_order(20, n_train, 4, 3, test_offset=6)
+    np.testing.assert_array_equal(test, perm[6:10])
+    np.testing.assert_array_equal(rest, others)
+    spare = spare_users(20, n_train, 4, 2, 3, test_offset=6)
+    if n_train:  # validation users come next among the others, never from the test set
+      np.testing.assert_array_equal(spare, others[n_train:n_train + 2])
+    else:
+      assert spare is None
+
+
 def test_a_whole_sequence_prompts_a_new_session():
   seqs = _seqs([5], [5])  # split by user: no target, the whole sequence is history
   seqs.tokens[4] = EOS
@@ -192,6 +211,8 @@ def test_new_users_eval_scores_the_mixture_likelihood_and_pools_bits(new_users_r
   (["--train_users=10"], "--train_users needs --test_users"),
   (["--test_users=5", "--k=auto"], "--k=auto"),
   (["--test_users=100000"], "too few"),
+  (["--test_offset=3"], "--test_offset needs --test_users"),
+  (["--test_users=50", "--test_offset=999999"], "too few for --train_users=0 and --test_users=50, --test_offset=999999"),
 ])
 def test_split_by_user_flags_are_checked_before_anything_is_written(tmp_path, capsys, flags, needle):
   workdir = tmp_path / "run"

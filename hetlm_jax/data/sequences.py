@@ -136,14 +136,24 @@ def prediction_view(seqs: UserSequences, new_session: bool) -> UserSequences:
   return dataclasses.replace(seqs, tokens=tokens, offsets=offsets, split=offsets[1:] - 1)
 
 
-def split_users(seqs: UserSequences, n_train: int, n_test: int, seed: int) -> tuple[UserSequences, UserSequences]:
-  """The split by user: users in the order of numpy.random.default_rng(seed).permutation(U); the next
-  n_test after the first n_train are the test users (n_train 0: all the others). Training users keep
-  their whole sequence as history; a test user's target is everything after the opening BOS."""
-  perm = np.random.default_rng(seed).permutation(seqs.num_users)
-  train_idx = perm[:n_train] if n_train else perm[n_test:]
-  train = seqs.subset(train_idx)
-  return dataclasses.replace(train, split=train.offsets[1:].copy()), held_out_users(seqs, perm[n_train:n_train + n_test])
+def split_order(num_users: int, n_train: int, n_test: int, seed: int,
+                test_offset: int = -1) -> tuple[np.ndarray, np.ndarray]:
+  """(the other users, the test users) of the split by user, in the order of
+  numpy.random.default_rng(seed).permutation(U): the test users are the n_test from position test_offset (-1: right
+  after the first n_train), so runs with different n_train can share one test set."""
+  perm = np.random.default_rng(seed).permutation(num_users)
+  at = n_train if test_offset < 0 else test_offset
+  return np.concatenate([perm[:at], perm[at + n_test:]]), perm[at:at + n_test]
+
+
+def split_users(seqs: UserSequences, n_train: int, n_test: int, seed: int,
+                test_offset: int = -1) -> tuple[UserSequences, UserSequences]:
+  """The split by user (split_order): the first n_train of the other users train (0: all of them), the test users
+  are held out. Training users keep their whole sequence as history; a test user's target is everything after
+  the opening BOS."""
+  rest, test = split_order(seqs.num_users, n_train, n_test, seed, test_offset)
+  train = seqs.subset(rest[:n_train] if n_train else rest)
+  return dataclasses.replace(train, split=train.offsets[1:].copy()), held_out_users(seqs, test)
 
 
 def held_out_users(seqs: UserSequences, idx: np.ndarray) -> UserSequences:
@@ -152,11 +162,13 @@ def held_out_users(seqs: UserSequences, idx: np.ndarray) -> UserSequences:
   return dataclasses.replace(held, split=held.offsets[:-1] + 1)
 
 
-def spare_users(num_users: int, n_train: int, n_test: int, n: int, seed: int) -> np.ndarray | None:
-  """The n users after the test users in split_users' order, when --train_users leaves that many unused."""
-  if not n_train or num_users - n_train - n_test < n:
+def spare_users(num_users: int, n_train: int, n_test: int, n: int, seed: int,
+                test_offset: int = -1) -> np.ndarray | None:
+  """The n users after the training users in split_order's other users, when --train_users leaves that many."""
+  rest, _ = split_order(num_users, n_train, n_test, seed, test_offset)
+  if not n_train or len(rest) - n_train < n:
     return None
-  return np.random.default_rng(seed).permutation(num_users)[n_train + n_test:n_train + n_test + n]
+  return rest[n_train:n_train + n]
 
 
 def outcome_types(table: pa.Table) -> list[str]:
