@@ -244,8 +244,8 @@ def _main(argv: list[str]) -> int:
       return 0
     if stop.received and _primary():
       print(f"{stop.received} arrived as the command was finishing; it finished first.", flush=True)
-    if compilation.summary():
-      logging.info("%s", compilation.summary())
+    if line := compilation.summary():
+      logging.info("%s", line)
     return status
 
 

@@ -34,13 +34,13 @@ from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import LMFamily, evaluate, route_by_history
 from hetlm_jax.eval.generate import Sampling, generate, session_length_from_data
 from hetlm_jax.eval.new_users import evaluate_new_users
-from hetlm_jax.files import replace_text, temporary
+from hetlm_jax.files import replace_text, written
 from hetlm_jax.lock import hold
 from hetlm_jax.model import matched_config, param_count
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
-from hetlm_jax.train.metrics import MetricsLog, tensorboard_available
 from hetlm_jax.train import interrupt
+from hetlm_jax.train.metrics import MetricsLog, tensorboard_available
 from hetlm_jax.train.split import num_models, part_sizes
 from hetlm_jax.train.state import make_mesh
 
@@ -141,9 +141,8 @@ def write_assignments(path: Path, seqs: UserSequences, assignment: np.ndarray, i
   if not hosts.is_primary():
     return
   ids = pa.array(seqs.user_ids.astype(np.int64) if int_ids else seqs.user_ids.astype(str))
-  tmp = temporary(path)
-  pq.write_table(pa.table({"user_id": ids, "cluster": pa.array(assignment, pa.int32())}), tmp)
-  os.replace(tmp, path)
+  with written(path) as tmp:
+    pq.write_table(pa.table({"user_id": ids, "cluster": pa.array(assignment, pa.int32())}), tmp)
 
 
 def _choose_k(cfg: Config, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog,

@@ -17,6 +17,7 @@ prompt widths, so repeated calls do not recompile.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -41,6 +42,7 @@ from hetlm_jax.data.tokenizer import UNK
 from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import EvalOptions, group_batches, outcome_probabilities, posterior, route
 from hetlm_jax.eval.generate import Sampling, generate
+from hetlm_jax.files import replace_text, written
 from hetlm_jax.lock import WorkdirLock
 from hetlm_jax.pipeline import SavedAssignment, load_run, read_sessions
 from hetlm_jax.train import interrupt
@@ -367,25 +369,24 @@ def predict_file(workdir: str | os.PathLike, data: str | os.PathLike, out: str |
     raise HetlmError("--chunk_users and --top_k must be at least 1, --outcome_samples at least 0")
   # Read 16 events per user of a chunk at a time (Parquet: within a row group), so memory follows --chunk_users.
   stream = EventStream(data, fmt, 16 * chunk_users)  # checks the file before the model loads
-  predictor = Predictor.load(workdir, model, devices)
-  predictor.label = None
-  if predictor.tokenizer.outcome_types and outcome_samples == 0:
-    logging.info("--outcome_samples=0: no outcome_* columns")
-  target = part_path(out, process, processes)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = target.with_name(f".{target.name}.tmp")
-  schema = _schema(stream.int_ids, predictor.tokenizer.outcome_types if outcome_samples else [])
-  total = stream.count_rows()
-  progress = Progress(total, "predict (events)", every=1)
-  start, rows_done, users, chunks, rss = time.perf_counter(), 0, 0, 0, []
-  unknown = pages = 0
-  clusters = np.zeros(predictor.k, np.int64)
-  # Writing into a run's workdir (e.g. OUT=WORKDIR/predictions.parquet): hold it, as train and evaluate do.
-  inside = process == 0 and target.resolve().is_relative_to(predictor.workdir.resolve())
-  lock = WorkdirLock(predictor.workdir, "predict").__enter__() if inside else None
-  writer = pq.ParquetWriter(tmp, schema)
-  try:
-    with interrupt.stop_handler():
+  with interrupt.stop_handler(), contextlib.ExitStack() as held:  # a stop while loading is a stop too
+    predictor = Predictor.load(workdir, model, devices)
+    predictor.label = None
+    if predictor.tokenizer.outcome_types and outcome_samples == 0:
+      logging.info("--outcome_samples=0: no outcome_* columns")
+    target = part_path(out, process, processes)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    schema = _schema(stream.int_ids, predictor.tokenizer.outcome_types if outcome_samples else [])
+    total = stream.count_rows()
+    progress = held.enter_context(contextlib.closing(Progress(total, "predict (events)", every=1)))
+    start, rows_done, users, chunks, rss = time.perf_counter(), 0, 0, 0, []
+    unknown = pages = 0
+    clusters = np.zeros(predictor.k, np.int64)
+    # Writing into a run's workdir (e.g. OUT=WORKDIR/predictions.parquet): hold it, as train and evaluate do.
+    if process == 0 and target.resolve().is_relative_to(predictor.workdir.resolve()):
+      held.enter_context(WorkdirLock(predictor.workdir, "predict"))
+    tmp = held.enter_context(written(target, hidden=True))  # renamed over target only if every chunk is written
+    with contextlib.closing(pq.ParquetWriter(tmp, schema)) as writer:
       for i, chunk in enumerate(user_chunks(stream, chunk_users)):
         rows_done += chunk.num_rows
         if i % processes == process:
@@ -406,16 +407,6 @@ def predict_file(workdir: str | os.PathLike, data: str | os.PathLike, out: str |
         interrupt.after_step(i + 1)
         interrupt.safe_point(f"after {users:,} users", "nothing was written (the predictions are written whole or "
                              "not at all)")
-    writer.close()
-    writer = None
-    os.replace(tmp, target)
-  finally:
-    if writer is not None:
-      writer.close()
-    tmp.unlink(missing_ok=True)
-    progress.close()
-    if lock is not None:
-      lock.__exit__(None, None, None)
   seconds = time.perf_counter() - start
   summary = {"users": users, "events": pages, "chunks": chunks, "seconds": seconds,
              "users_per_s": users / max(seconds, 1e-9), "clusters": clusters.tolist(),
@@ -427,8 +418,7 @@ def predict_file(workdir: str | os.PathLike, data: str | os.PathLike, out: str |
 
 def _manifest(out: Path, process: int, processes: int, summary: dict, seconds: float) -> None:
   """Each process records its part; process 0 waits for every part, then writes _SUCCESS last."""
-  (out / f".part-{process:05d}.json.tmp").write_text(json.dumps(summary))
-  os.replace(out / f".part-{process:05d}.json.tmp", out / f".part-{process:05d}.json")
+  replace_text(out / f".part-{process:05d}.json", json.dumps(summary))
   if process:
     return
   deadline = time.monotonic() + max(600.0, 2 * seconds)
@@ -441,7 +431,6 @@ def _manifest(out: Path, process: int, processes: int, summary: dict, seconds: f
   records = [json.loads(p.read_text()) for p in parts]
   manifest = {"parts": [Path(r["out"]).name for r in records], "users": sum(r["users"] for r in records),
               "processes": processes}
-  (out / "_SUCCESS.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
-  os.replace(out / "_SUCCESS.tmp", out / "_SUCCESS")
+  replace_text(out / "_SUCCESS", json.dumps(manifest, indent=1) + "\n")
   for p in parts:
     p.unlink()

@@ -139,6 +139,28 @@ def test_sigterm_in_predict_writes_nothing_and_exits_0(trained, tmp_path, capsys
   assert list(tmp_path.iterdir()) == []
 
 
+def test_a_sigterm_while_a_python_caller_loads_the_model_stops_predict_file_cleanly(trained, tmp_path, monkeypatch):
+  """predict_file's own stop handler covers the model's load: the signal stops it at the first safe point (without
+  the handler, SIGTERM's default action would end this test process)."""
+  import os
+  import signal
+
+  from hetlm_jax.train import interrupt
+  log, workdir, *_ = trained
+  load = Predictor.load.__func__
+
+  def load_and_signal(cls, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return load(cls, *args, **kwargs)
+
+  monkeypatch.setattr(Predictor, "load", classmethod(load_and_signal))
+  with pytest.raises(interrupt.Stopped) as stopped:
+    predict_file(workdir, log, tmp_path / "p.parquet", chunk_users=20)
+  assert stopped.value.signal_name == "SIGTERM" and "after 20 users" in stopped.value.where
+  assert list(tmp_path.iterdir()) == []
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handed back
+
+
 def test_bad_input_to_predict_is_one_line_and_exit_2(trained, tmp_path, capsys):
   log, workdir, *_ = trained
   events = pq.read_table(log)

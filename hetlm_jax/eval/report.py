@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetlm_jax.files import replace_text, temporary
+from hetlm_jax.files import replace_text, written
 
 _ORDER = ("hetlm", "hetlm_mixture", "single", "single_ft", "single_matched", "markov_mixture", "markov_mixture_k40", "markov",
           "popularity")
@@ -203,9 +203,8 @@ def _training(report: dict) -> list[str]:
 
 def _save(fig, path: Path) -> None:
   """A figure, written whole or not at all (hetlm_jax/files.py)."""
-  tmp = temporary(path)
-  fig.savefig(tmp, dpi=120, format="png")
-  tmp.replace(path)
+  with written(path) as tmp:
+    fig.savefig(tmp, dpi=120, format="png")
 
 
 def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sweep: dict | None) -> list[str]:
