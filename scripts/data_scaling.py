@@ -86,14 +86,14 @@ def cells(args) -> list[Cell]:
           for params in args.params.split(",") for d in ints(args.d_model)]
 
 
-def compute(workdir: Path, report: dict) -> dict:
+def compute(workdir: Path, row: dict) -> dict:
   """{model: {"tokens": tokens trained, "flops": model FLOPs}}, counting the init LM in HeTLM's and single_ft's."""
   cfg = Config.load(workdir / "config.json")
   single = dataclasses.replace(cfg.model, lora_rank=0)
   per_token = {"hetlm": model_flops_per_token(cfg.model), "single": model_flops_per_token(single),
                "single_ft": model_flops_per_token(single),
-               "single_matched": model_flops_per_token(matched_config(single, report["params"]["hetlm"]))}
-  tokens = report.get("tokens_trained") or {}
+               "single_matched": model_flops_per_token(matched_config(single, row["params"]["hetlm"]))}
+  tokens = row.get("tokens_trained") or {}
   init = tokens.get("init_single", 0)
   out = {}
   for model in MODELS:
@@ -110,13 +110,12 @@ def row(cell: Cell, workdir: Path) -> dict | None:
   base = summarize(workdir)
   if base is None:
     return None
-  report = json.loads((workdir / "eval.json").read_text())
   start = next(json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
                if json.loads(line)["kind"] == "start")
-  bits = report.get("bits_per_token", {})
+  bits = base["bits_per_token"] or {}
   return {**base, "cell": dataclasses.asdict(cell), "setting": cell.setting, "train_users": start["train_users"],
-          "train_tokens": start["train_tokens"], "test_users": report["n_users"],
-          "bits_per_page_token": {m: bits[m]["no_end"] for m in bits}, "compute": compute(workdir, report)}
+          "train_tokens": start["train_tokens"], "test_users": base["n_users"],
+          "bits_per_page_token": {m: bits[m]["no_end"] for m in bits}, "compute": compute(workdir, base)}
 
 
 def table(rows: list[dict]) -> str:

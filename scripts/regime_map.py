@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from hetlm_jax.files import replace_text
+
 _PARAMS = ("all", "top:1", "head", "adapters:8")
 
 
@@ -70,9 +72,9 @@ def summarize(workdir: Path) -> dict | None:
           "validation": {m: validation.get(m) for m in ("hetlm", *BASELINES)}, "is_init_lm": is_init,
           **{m: models[m][metric]["mean"] for m in ("hetlm", *BASELINES) if m in models},
           "markov": models.get("markov", {}).get(metric, {}).get("mean"), "vs": vs,
-          **vs.get("single_matched", {}),  # the map's own comparison, at the top level as before
           "params": report["params"], "passes": report.get("passes"), "tokens_trained": report.get("tokens_trained"),
-          "train_s": report.get("train_s"), "n_users": report.get("n_users")}
+          "train_s": report.get("train_s"), "n_users": report.get("n_users"),
+          "bits_per_token": report.get("bits_per_token")}
 
 
 def delta(d: dict, which: str) -> str:
@@ -163,7 +165,7 @@ def main() -> int:
       subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
   rows = [r for r in (summarize(d) for d in sorted(out.iterdir()) if d.is_dir()) if r]
-  (out / "regime_map.json").write_text(json.dumps(rows, indent=1) + "\n")
+  replace_text(out / "regime_map.json", json.dumps(rows, indent=1) + "\n")
   print(table(rows))
   if args.plot and rows:
     plot(rows, Path(args.plot))
