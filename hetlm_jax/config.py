@@ -92,6 +92,7 @@ class ClusterConfig:
   route_frac: float = 0.0  # the last share of every training history: kept out of training, routes users
   tune_baselines: bool = False  # HeTLM's prox and single_matched's learning rate and dropout from small grids
   interpolate: bool = True  # warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init (validation)
+  mix_init: bool = False  # warm-started models predict lam_k p_k + (1 - lam_k) p_init (validation)
   min_cluster_frac: float = 0.1  # of a balanced share U/K; smaller clusters are re-seeded
   baselines: bool = True  # also train the single LMs (per-cluster size and parameter-matched)
   cluster_axis: int = 1  # devices along the 'cluster' mesh axis; the rest form the 'data' axis

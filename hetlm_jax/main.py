@@ -42,6 +42,9 @@ _HELP = {
   "interpolate": "Warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init, their parameters "
                  "interpolated toward the LM they started from, alpha per cluster from 0, 0.25, ..., 1 by the "
                  "validation users (alpha 0 for all is that LM, so validation cannot see them fall below it).",
+  "mix_init": "Warm-started models predict lam_k p_k + (1 - lam_k) p_init, a mixture in prediction space with the "
+              "LM they started from, lam per cluster from 0, 0.25, ..., 1 by the validation users; that LM's "
+              "parameters count in HeTLM's total, and scoring and decoding run it beside the K models.",
   "warm_epochs": "Passes at most of a round that goes on from a trained model: a warm-started round, and the "
                  "anneal that ends every single LM.",
   "val_every": "Passes between validations in such a round (a round from scratch validates every pass).",

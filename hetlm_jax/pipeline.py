@@ -188,6 +188,8 @@ def _kept_its_init_lm(log: MetricsLog, name: str, warm: bool) -> bool:
   stops = [r for r in log.records("stop") if r["model"] == name]
   mixed = [r for r in log.records("interpolate") if r["model"] == name]
   back = bool(mixed) and not any(mixed[-1]["alpha"]) and not mixed[-1]["alpha_shared"]  # interpolated all the way back
+  mixed = [r for r in log.records("mix") if r["model"] == name]
+  back = back or bool(mixed) and not any(mixed[-1]["lam"])  # or its predictions are the init LM's alone
   return warm and bool(stops) and (back or not any(r.get("improved", r.get("best_pass")) for r in stops))
 
 
@@ -292,14 +294,17 @@ def _train_and_evaluate(cfg: Config, workdir: str | Path, held: contextlib.ExitS
   models = {"hetlm": hetlm}
   init_stops = [r for r in log.records("stop") if r["model"] == "init_single"]  # one per round
   total = n_shared + k * n_own if k > 1 else n_params
+  anchored = n_params if hetlm.trainer.mix is not None else 0  # --mix_init: the init LM predicts beside them
+  total += anchored
   params = {"hetlm": total}
   parts = {"cluster_params": c.cluster_params, "shared": n_shared if k > 1 else 0,
-           "per_cluster": n_own if k > 1 else n_params}
+           "per_cluster": n_own if k > 1 else n_params, "init_lm": anchored}
   if c.baselines and k > 1:
     single_model = dataclasses.replace(cfg.model, lora_rank=0)  # adapters are a cluster's own: a single LM has none
     matched_model = matched_config(single_model, total)
-    logging.info("parameters: HeTLM %s (shared %s + K=%d × %s own) · single %s · single_matched %s (d_model %d, "
-                 "%d layers)", f"{total:,}", f"{n_shared:,}", k, f"{n_own:,}", f"{param_count(single_model):,}",
+    logging.info("parameters: HeTLM %s (shared %s + K=%d × %s own%s) · single %s · single_matched %s (d_model %d, "
+                 "%d layers)", f"{total:,}", f"{n_shared:,}", k, f"{n_own:,}",
+                 f" + the init LM's {anchored:,}" if anchored else "", f"{param_count(single_model):,}",
                  f"{param_count(matched_model):,}", matched_model.d_model, matched_model.n_layers)
     zeros = lambda: np.zeros(seqs.num_users, np.int32)
     # Same code path with K=1 and the same rules as the LM HeTLM starts from (rounds from scratch, then an
@@ -318,7 +323,7 @@ def _train_and_evaluate(cfg: Config, workdir: str | Path, held: contextlib.ExitS
       params[name] = param_count(model_cfg)
     if warmed(cfg, k):  # the K=1 control, fine-tuned from the same LM exactly as HeTLM's clusters are
       models["single_ft"] = train_single_ft(cfg, train_seqs, workdir, log, validation, hetlm.rounds)
-      params["single_ft"] = param_count(cfg.model)
+      params["single_ft"] = param_count(cfg.model) * (2 if models["single_ft"].trainer.mix is not None else 1)
 
   passes = {name: round(m.passes, 2) for name, m in models.items()}
   tokens = {name: int(m.tokens) for name, m in models.items()}
@@ -332,7 +337,7 @@ def _train_and_evaluate(cfg: Config, workdir: str | Path, held: contextlib.ExitS
                               "max_passes_per_round": cfg.train.epochs,
                               "warm_passes_per_round": cfg.train.warm_epochs, "val_every": cfg.train.val_every,
                               "warm_lr_scale": c.warm_lr_scale, "prox": c.prox, "route_frac": c.route_frac,
-                              "interpolate": c.interpolate,
+                              "interpolate": c.interpolate, "mix_init": c.mix_init,
                               "validation_users": 0 if validation is None else validation.seqs.num_users}}
   if tuning:
     extra["tuning"] = tuning
@@ -402,6 +407,8 @@ def load_run(workdir: str | Path, model: str = "hetlm", step: int | None = None,
       cfg = fitted_to(cfg, len(devices))
     trainer = Trainer(cfg, int(meta["k"]), devices)
     state, _, assignment, meta, weights = ckpts.restore(trainer.abstract, int(meta["num_users"]), step)
+    if "mix" in meta:  # --mix_init: the LM it mixes with was saved beside it
+      trainer.set_mix(ckpts.restore_anchor(trainer.anchor_shape(), step), meta["mix"])
   finally:
     ckpts.close()
   return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]), weights, trainer)
@@ -523,7 +530,7 @@ def generate_for_user(workdir: str | Path, user: str, data: str | None = None,
   if length is not None:
     sampling = dataclasses.replace(sampling, max_new=min(sampling.max_new, length))
   generated = generate(family.trainer.cfg.model, family.params, one, family.assignment, np.array([0]), sampling,
-                       seed=cfg.train.seed)[0]
+                       seed=cfg.train.seed, mix=family.trainer.mix)[0]
   actual = one.target(0)
   actual = actual[(actual != BOS) & (actual != EOS)]  # the next session's pages: `generated` has no <s> or </s>
   return {"user": str(user), "cluster": int(family.assignment[0]), "history": tokenizer.decode(one.history(0)),

@@ -222,7 +222,7 @@ class Predictor:
   def _outcomes(self, seqs: UserSequences, cluster_U: np.ndarray, samples: int, seed: int) -> dict[str, np.ndarray]:
     opts = EvalOptions(outcome_samples=samples, seed=seed)
     return outcome_probabilities(self.config.model, self.params, seqs, cluster_U, np.arange(seqs.num_users),
-                                 self.tokenizer, opts)
+                                 self.tokenizer, opts, self.trainer.mix)
 
   def generate(self, histories: Sequence, sampling: Sampling | None = None, session_ids: Sequence | None = None,
                user_ids: Sequence | None = None, seed: int = 0) -> list[list[str]]:
@@ -231,7 +231,7 @@ class Predictor:
     seqs, _ = self.sequences(histories, session_ids)
     cluster_U, *_ = self._route(seqs, user_ids)
     out = generate(self.config.model, self.params, seqs, cluster_U, np.arange(seqs.num_users),
-                   self._sampling(sampling), seed=seed)
+                   self._sampling(sampling), seed=seed, mix=self.trainer.mix)
     return [self.tokenizer.decode(tokens) for tokens in out]
 
 

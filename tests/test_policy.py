@@ -200,13 +200,120 @@ def test_interpolated_hetlm_is_no_worse_than_its_init_lm_on_the_validation_users
   assert "| single_ft |" in (tmp_path / "report.md").read_text()
 
 
+def _mix_family(lam_K):
+  """A K=2 family of random models, its Trainer mixing them with a third random model by `lam_K` (None: not)."""
+  from hetlm_jax.train.loop import Trainer
+
+  cfg = Config(model=ModelConfig(vocab_size=19, context=8, d_model=16, n_layers=1, n_heads=2, d_ff=32),
+               train=TrainConfig(eval_batch_size=16))
+  trainer = Trainer(cfg, 2)
+  params = trainer.init_state().params
+  anchor = trainer.anchor_from(Trainer(cfg.replace(train=dataclasses.replace(cfg.train, seed=1)), 1).init_state().params)
+  if lam_K is not None:
+    trainer.set_mix(anchor, lam_K)
+  return cfg, trainer, params, anchor
+
+
+def _mix_data():
+  table, _ = markov_events(n_users=12, n_groups=2, n_pages=15, sessions=2, session_len=4)
+  return build_sequences(table, PageTokenizer.fit(table["page"], []))[0]
+
+
+def test_mixing_with_the_init_lm_in_prediction_space_scores_and_ranks_the_mixture():
+  """--mix_init: lam 1 is the cluster model, lam 0 the init LM (anchor), each exactly; next-page distributions
+  are lam p_k + (1 - lam) p_init; a token's mixed NLL lies between the two and below their lam-weighted mean."""
+  seqs = _mix_data()
+  users = np.arange(seqs.num_users)
+  _, trainer, params, anchor = _mix_family(None)
+  own_KxU, tokens_U = trainer.score(params, seqs, "target")
+  own_KxUxV = trainer.next_logprobs(params, seqs, users)
+  anchor_family = {"shared": {}, "cluster": jax.tree.map(lambda x: np.stack([x, x]), jax.device_get(anchor))}
+  init_KxU, _ = trainer.score(anchor_family, seqs, "target")
+  init_UxV = trainer.next_logprobs(anchor_family, seqs, users)[0]
+  assert not np.allclose(own_KxU, init_KxU)
+  for lam in ([1.0, 1.0], [0.0, 0.0], [0.3, 0.8]):
+    trainer.set_mix(anchor, lam)
+    mixed_KxU, mixed_tokens_U = trainer.score(params, seqs, "target")
+    np.testing.assert_array_equal(mixed_tokens_U, tokens_U)
+    lam_K1 = np.array(lam)[:, None]
+    if lam[0] in (0.0, 1.0):
+      np.testing.assert_allclose(mixed_KxU, own_KxU if lam[0] else init_KxU, rtol=1e-6)
+    else:  # -log(lam p + (1 - lam) q) is below lam (-log p) + (1 - lam) (-log q) (Jensen), -log(lam p) and
+      # -log((1 - lam) q), token by token, so summed over a user's tokens too
+      assert (mixed_KxU < lam_K1 * own_KxU + (1 - lam_K1) * init_KxU[0]).all()
+      assert (mixed_KxU < own_KxU - tokens_U * np.log(lam_K1)).all()
+      assert (mixed_KxU < init_KxU[0] - tokens_U * np.log1p(-lam_K1)).all()
+    with np.errstate(divide="ignore"):
+      expected_KxUxV = np.logaddexp(np.log(lam_K1[..., None]) + own_KxUxV, np.log1p(-lam_K1[..., None]) + init_UxV)
+    np.testing.assert_allclose(trainer.next_logprobs(params, seqs, users), expected_KxUxV, rtol=1e-5, atol=1e-6)
+    ones = np.ones(seqs.num_users, np.int32)  # one cluster's batch runs that model alone, mixed the same
+    np.testing.assert_allclose(trainer.next_logprobs(params, seqs, users, ones), expected_KxUxV[1], rtol=1e-5,
+                               atol=1e-6)
+  trainer.set_mix(None, None)
+  np.testing.assert_allclose(trainer.score(params, seqs, "target")[0], own_KxU, rtol=1e-6)
+
+
+def test_a_mixed_tokens_nll_is_that_of_the_mixed_probability():
+  from hetlm_jax.train.step import mix_nll
+
+  nll, anchor_nll = np.array([0.1, 2.0, 5.0]), np.array([3.0, 0.5, 5.0])
+  for lam in (0.0, 0.25, 1.0):
+    with np.errstate(divide="ignore"):
+      expected = -np.log(lam * np.exp(-nll) + (1 - lam) * np.exp(-anchor_nll))
+    np.testing.assert_allclose(mix_nll(nll, anchor_nll, lam), expected, rtol=1e-6)
+
+
+def test_generation_from_a_mixture_at_lam_one_is_the_cluster_models_and_at_zero_the_init_lms():
+  from hetlm_jax.eval.generate import Sampling, generate
+
+  seqs = _mix_data()
+  cfg, trainer, params, anchor = _mix_family(None)
+  assignment_U = np.arange(seqs.num_users, dtype=np.int32) % 2
+  users, s = np.arange(seqs.num_users), Sampling(max_new=5)
+  run = lambda p, mix=None: generate(cfg.model, p, seqs, assignment_U, users, s, batch=8, mix=mix)
+  anchor_family = {"shared": {}, "cluster": jax.tree.map(lambda x: np.stack([x, x]), jax.device_get(anchor))}
+  own, init = run(params), run(anchor_family)
+  assert any(not np.array_equal(a, b) for a, b in zip(own, init))
+  for lam, expected in ((1.0, own), (0.0, init)):
+    trainer.set_mix(anchor, [lam, lam])
+    for got, want in zip(run(params, trainer.mix), expected):
+      np.testing.assert_array_equal(got, want)
+
+
+def test_a_hetlm_mixed_with_its_init_lm_is_fitted_on_validation_saved_with_it_and_counted(log_path, tmp_path):
+  """--mix_init end to end: lam from the grid by the validation users (no worse than the init LM there), the init
+  LM's parameters in HeTLM's total, and the saved family (with its anchor) scores as the trained one did."""
+  from hetlm_jax.predict import Predictor
+
+  cfg = _tiny(log_path, init="embedding", warm_start=True, mix_init=True, interpolate=False, baselines=True, rounds=1)
+  report = pipeline.train_and_evaluate(cfg, tmp_path)
+  records = MetricsLog(tmp_path / "metrics.jsonl").records("mix")
+  mixed, = [r for r in records if r["model"] == "hetlm"]
+  assert {r["model"] for r in records} == {"hetlm", "single_ft"}  # the K=1 control mixes exactly as HeTLM does
+  assert len(mixed["lam"]) == 2 and set(mixed["lam"]) <= set(rounds.INTERPOLATION_GRID)
+  assert mixed["validation_nll"] <= mixed["validation_init"] + 1e-9
+  np.testing.assert_allclose(report["validation"]["hetlm"]["mean"], mixed["validation_nll"], rtol=1e-5)
+  one = report["params"]["single"]  # the init LM's size
+  assert report["params"]["hetlm"] == 3 * one and report["hetlm_params"]["init_lm"] == one
+  assert report["params"]["single_ft"] == 2 * one
+  loaded = pipeline.load_run(tmp_path)
+  np.testing.assert_allclose(jax.device_get(loaded.trainer.mix[1]), mixed["lam"])
+  again = pipeline.evaluate_workdir(tmp_path)
+  np.testing.assert_allclose(again["models"]["hetlm"]["nll"]["mean"], report["models"]["hetlm"]["nll"]["mean"],
+                             rtol=1e-6)
+  predictor = Predictor.load(tmp_path)
+  assert predictor.trainer.mix is not None
+  assert len(predictor.next_pages([["/p/1", "/p/2", "/p/3"]], k=3).pages[0]) == 3
+
+
 @pytest.mark.slow  # three runs of a warm-started HeTLM with its baselines: about 2 minutes on 2 cores
 def test_a_run_with_every_new_policy_flag_resumes_mid_round_exactly(log_path, tmp_path, monkeypatch):
-  """--prox, --route_frac, --max_repeat and --interpolate on a warm-started HeTLM: interrupted, then resumed,
-  it ends where an uninterrupted run does."""
+  """--prox, --route_frac, --max_repeat, --interpolate and --mix_init on a warm-started HeTLM: interrupted, then
+  resumed, it ends where an uninterrupted run does."""
   from hetlm_jax.train import loop
 
-  cfg = _tiny(log_path, init="embedding", warm_start=True, prox=1.0, route_frac=0.25, interpolate=True, rounds=2)
+  cfg = _tiny(log_path, init="embedding", warm_start=True, prox=1.0, route_frac=0.25, interpolate=True,
+              mix_init=True, rounds=2)
   cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_repeat=2, log_every=1, checkpoint_every=3))
   pipeline.train_and_evaluate(cfg, tmp_path / "whole")
   real_report, calls = loop.Trainer._report, {"n": 0}
@@ -228,6 +335,7 @@ def test_a_run_with_every_new_policy_flag_resumes_mid_round_exactly(log_path, tm
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                jax.device_get(whole.params), jax.device_get(resumed.params))
   np.testing.assert_array_equal(whole.assignment, resumed.assignment)
+  np.testing.assert_array_equal(jax.device_get(whole.trainer.mix[1]), jax.device_get(resumed.trainer.mix[1]))
 
 
 @pytest.mark.slow  # 3 HeTLMs and 4 single_matched LMs: about 2.5 minutes on 2 cores

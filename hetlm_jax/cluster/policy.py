@@ -73,6 +73,12 @@ class Policy:
     return self.cfg.cluster.interpolate and self.warm and self.validating
 
   @property
+  def mixes(self) -> bool:
+    """--mix_init: a warm family's models end mixed in prediction space with the LM they started from (needs
+    validation users to fit the weights)."""
+    return self.cfg.cluster.mix_init and self.warm and self.validating
+
+  @property
   def route_part(self) -> str:
     """The part of every user's sequence the E-step scores: the routing tail (see data.routing_split) or the
     whole history."""

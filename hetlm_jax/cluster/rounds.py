@@ -101,8 +101,8 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
   mean NLL is measured, and after `--patience` validations without a better one the round stops and
   returns to its best point (a round never leaves the validation NLL worse than it found it). With K > 1
   the round then ends with the E-step. `initial_assignment()` is called only when there is no checkpoint to
-  resume; `warm_params()` (a trained single LM, or None) when there is none, or when --prox or
-  --interpolate needs it.
+  resume; `warm_params()` (a trained single LM, or None) when there is none, or when --prox,
+  --interpolate or --mix_init needs it.
 
   `continue_from`: a finished family trained by the same rules with the same config, K, data and rounds
   (the single LM that warm-starts HeTLM): with no checkpoint of its own, this family is a copy of that one.
@@ -113,12 +113,12 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
   ckpts = Checkpoints(workdir / "checkpoints" / name, t.keep_checkpoints)
   resuming = ckpts.latest_step() is not None
   source = None if resuming else _continuable(workdir, continue_from, cfg, k, rounds)
-  start_params = warm() if not (resuming or source) or c.prox or c.interpolate else None
+  start_params = warm() if not (resuming or source) or c.prox or c.interpolate or c.mix_init else None
   policy = Policy(cfg, k, warm=start_params is not None, validating=validation is not None)
   if resuming:  # a family that started warm says so in its checkpoint, whatever warm_params gives now
     policy = dataclasses.replace(policy, warm=bool(ckpts.meta().get("warm")))
   trainer = Trainer(cfg, k, prox=policy.prox)
-  if policy.prox or policy.interpolates:
+  if policy.prox or policy.interpolates or policy.mixes:
     trainer.anchor = trainer.anchor_from(start_params)
   if resuming:
     state, best, assignment, meta, weights = ckpts.restore(trainer.abstract, seqs.num_users)
@@ -143,13 +143,16 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
       ckpts.close()
       raise
     meta = {**policy.first_meta(), "warm": policy.warm}
+  if "mix" in meta:  # a resumed family that ended mixed (--mix_init) scores as it did
+    trainer.set_mix(trainer.anchor, meta["mix"])
 
   def save(state, replace=False):
     meta["train_s"] = trained_before + time.perf_counter() - start
     ckpts.save(state, best, assignment, {**meta, "step": int(state.step), "num_users": seqs.num_users, "k": k,
                                          "rounds_cap": rounds, "cluster_params": cluster_spec(cfg, k),
                                          "model": dataclasses.asdict(cfg.model),
-                                         "train": dataclasses.asdict(cfg.train)}, weights, replace=replace)
+                                         "train": dataclasses.asdict(cfg.train)}, weights, replace=replace,
+               anchor=trainer.anchor if "mix" in meta else None)
 
   scored = None  # the last E-step's [K, U] history NLL, while state.params are still the parameters it scored
 
@@ -266,6 +269,10 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
         params, meta["alpha"] = _interpolate(name, trainer, state.params, validation, assignment, weights, log)
         state, best, scored = state.replace(params=params), None, None
         save(state, replace=True)  # the same step: the interpolated parameters are the family's
+      if policy.mixes and "mix" not in meta:
+        meta["mix"] = _fit_mix(name, trainer, state.params, validation, assignment, weights, log)
+        scored = None
+        save(state, replace=True)  # the same step, now with the anchor and the weights
   except interrupt.NonFiniteLoss as e:
     raise HetlmError(f"{name}: {e}; training stopped, and its last good checkpoint (step {ckpts.latest_step()}) "
                      f"is kept in {workdir / 'checkpoints' / name}") from None
@@ -291,39 +298,68 @@ def interpolate_params(params, anchor: dict, alpha_K: np.ndarray, alpha_shared: 
           "cluster": jax.tree.map(mix_K, params["cluster"], split["cluster"])}
 
 
+def _fit_weights(k: int, validation: Validation, assignment_U: np.ndarray, per_user, rescore_own: bool):
+  """Weights in [0, 1] toward a family's trained models (1) or the LM they started from (0), from
+  INTERPOLATION_GRID by the validation users' per-user mean NLL, `per_user(w_K, w_shared)` scoring them: first
+  one weight for every model (and the shared part), then, split in time, each cluster's own on its own
+  validation users (`rescore_own`: those scorings run again at the common shared weight). 0 for all is the
+  LM started from, so the result is at least as good as it on validation. Returns (w_K, w_shared, scores
+  {w: per-user NLL with every weight w}, per-user NLL with the weights returned)."""
+  scores = {a: per_user(np.full(k, a), a) for a in INTERPOLATION_GRID}
+  common = min(INTERPOLATION_GRID, key=lambda a: np.nanmean(scores[a]))
+  w_K = np.full(k, common)
+  if validation.users is not None and k > 1:  # each cluster's users are scored by its own model alone
+    cluster_V = assignment_U[validation.users]
+    by_w = {a: per_user(np.full(k, a), common) if rescore_own and a != common else scores[a]
+            for a in INTERPOLATION_GRID}
+    for c in range(k):
+      mine = cluster_V == c
+      if mine.any():
+        w_K[c] = min(INTERPOLATION_GRID, key=lambda a: np.nanmean(by_w[a][mine]))
+  return w_K, common, scores, per_user(w_K, common)
+
+
+def _weights_record(kind: str, name: str, scores: dict, final: np.ndarray, **weights) -> dict:
+  return {"kind": kind, "model": name, **weights, "validation_nll": float(np.nanmean(final)),
+          "validation_var": float(np.nanvar(final)), "validation_trained": float(np.nanmean(scores[1.0])),
+          "validation_init": float(np.nanmean(scores[0.0]))}
+
+
 def _interpolate(name: str, trainer: Trainer, params, validation: Validation, assignment_U, weights_UxK,
                  log: MetricsLog):
-  """--interpolate: every cluster model becomes alpha_k theta_k + (1 - alpha_k) theta_init, alpha from
-  INTERPOLATION_GRID by the validation users' per-user mean NLL: first one alpha for every model (and the
-  shared part), then, split in time, each cluster's own alpha on its own validation users. alpha = 0 for all
-  is the init LM, so the result is at least as good as it on validation."""
+  """--interpolate: every cluster model becomes alpha_k theta_k + (1 - alpha_k) theta_init, alpha by
+  _fit_weights (the shared part takes the common alpha)."""
   k, spec, n_layers = trainer.k, cluster_spec(trainer.cfg, trainer.k), trainer.cfg.model.n_layers
   mixed = jax.jit(functools.partial(interpolate_params, spec=spec, n_layers=n_layers),
                   out_shardings=jax.tree.map(lambda x: x.sharding, trainer.abstract.params))
   per_user = lambda alpha_K, alpha_shared: validation.per_user(
     trainer, mixed(params, trainer.anchor, np.asarray(alpha_K, np.float32), alpha_shared), assignment_U, weights_UxK)
-  scores = {a: per_user(np.full(k, a), a) for a in INTERPOLATION_GRID}
-  common = min(INTERPOLATION_GRID, key=lambda a: np.nanmean(scores[a]))
-  alpha_K = np.full(k, common)
-  if validation.users is not None and k > 1:  # each cluster's users are scored by its own model alone
-    cluster_V = assignment_U[validation.users]
-    # With no shared part (--cluster_params=all) the shared alpha changes nothing: the scores are those above.
-    no_shared = not jax.tree.leaves(params["shared"])
-    by_alpha = {a: scores[a] if no_shared or a == common else per_user(np.full(k, a), common)
-                for a in INTERPOLATION_GRID}
-    for c in range(k):
-      mine = cluster_V == c
-      if mine.any():
-        alpha_K[c] = min(INTERPOLATION_GRID, key=lambda a: np.nanmean(by_alpha[a][mine]))
-  final = per_user(alpha_K, common)
-  record = {"kind": "interpolate", "model": name, "alpha": alpha_K.tolist(), "alpha_shared": common,
-            "validation_nll": float(np.nanmean(final)), "validation_var": float(np.nanvar(final)),
-            "validation_trained": float(np.nanmean(scores[1.0])), "validation_init": float(np.nanmean(scores[0.0]))}
+  # With no shared part (--cluster_params=all) the shared alpha changes nothing: no scoring runs again.
+  alpha_K, common, scores, final = _fit_weights(k, validation, assignment_U, per_user,
+                                                rescore_own=bool(jax.tree.leaves(params["shared"])))
+  record = _weights_record("interpolate", name, scores, final, alpha=alpha_K.tolist(), alpha_shared=common)
   log.write(record)
   logging.info("%s: interpolated toward its init LM, alpha %s (shared %.2f): validation per-user NLL %.4f "
                "(trained %.4f, init LM %.4f)", name, alpha_K.tolist(), common, record["validation_nll"],
                record["validation_trained"], record["validation_init"])
   return mixed(params, trainer.anchor, alpha_K.astype(np.float32), common), record["alpha"]
+
+
+def _fit_mix(name: str, trainer: Trainer, params, validation: Validation, assignment_U, weights_UxK,
+             log: MetricsLog) -> list[float]:
+  """--mix_init: model k predicts lam_k p_k + (1 - lam_k) p_init (p_init: `trainer.anchor`), lam by
+  _fit_weights; the trainer keeps the mixture (Trainer.set_mix). Returns lam."""
+  def per_user(lam_K, _):
+    trainer.set_mix(trainer.anchor, lam_K)
+    return validation.per_user(trainer, params, assignment_U, weights_UxK)
+
+  lam_K, _, scores, final = _fit_weights(trainer.k, validation, assignment_U, per_user, rescore_own=False)
+  record = _weights_record("mix", name, scores, final, lam=lam_K.tolist())
+  log.write(record)
+  logging.info("%s: mixed with its init LM in prediction space, lam %s: validation per-user NLL %.4f (trained "
+               "%.4f, init LM %.4f)", name, lam_K.tolist(), record["validation_nll"], record["validation_trained"],
+               record["validation_init"])
+  return record["lam"]
 
 
 def _continuable(workdir: Path, source: str | None, cfg: Config, k: int, rounds: int) -> Checkpoints | None:

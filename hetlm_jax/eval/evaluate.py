@@ -125,7 +125,7 @@ def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer,
                       seqs, tokenizer, opts, family.trainer.eval_batch, family.name, groups_U=family.assignment))
   cfg = family.trainer.cfg.model
   greedy = generate(cfg, family.params, seqs, family.assignment, gen_users, generation_sampling(seqs, tokenizer, opts),
-                    seed=opts.seed)
+                    seed=opts.seed, mix=family.trainer.mix)
   generated = [_page_tokens(g, tokenizer) for g in greedy]
   actual = [_page_tokens(seqs.target(int(v)), tokenizer) for v in gen_users]
   for name, fn in (("edit_similarity", M.edit_similarity), ("jaccard", M.jaccard), ("rouge_l_f1", M.rouge_l_f1),
@@ -133,7 +133,8 @@ def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer,
     out[name] = np.full(u, np.nan)
     out[name][gen_users] = fn(generated, actual)
   if tokenizer.outcome_types:
-    probs = outcome_probabilities(cfg, family.params, seqs, family.assignment, gen_users, tokenizer, opts)
+    probs = outcome_probabilities(cfg, family.params, seqs, family.assignment, gen_users, tokenizer, opts,
+                                  family.trainer.mix)
     out["outcomes"] = {}
     for outcome, prob in probs.items():
       token = tokenizer.outcome_id(outcome)
@@ -145,11 +146,12 @@ def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer,
 
 
 def outcome_probabilities(cfg, params, seqs: UserSequences, assignment_U: np.ndarray, users: np.ndarray,
-                          tokenizer: PageTokenizer, opts: EvalOptions) -> dict[str, np.ndarray]:
+                          tokenizer: PageTokenizer, opts: EvalOptions, mix=None) -> dict[str, np.ndarray]:
   """{outcome type: [len(users)] P(the outcome's token in the user's next --max_new tokens)}, estimated from
-  opts.outcome_samples continuations sampled at temperature 1 from each user's model (`assignment_U`)."""
+  opts.outcome_samples continuations sampled at temperature 1 from each user's model (`assignment_U`; `mix`:
+  see generate)."""
   samples = [generate(cfg, params, seqs, assignment_U, users, Sampling(max_new=opts.max_new, temperature=1.0),
-                      seed=opts.seed + 1 + i) for i in range(opts.outcome_samples)]
+                      seed=opts.seed + 1 + i, mix=mix) for i in range(opts.outcome_samples)]
   return {outcome: np.mean([[tokenizer.outcome_id(outcome) in g for g in sample] for sample in samples], axis=0)
           for outcome in tokenizer.outcome_types}
 

@@ -20,6 +20,7 @@ from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 from hetlm_jax.model import PageLM
 from hetlm_jax.train.batches import prompts
 from hetlm_jax.train.split import merge, num_models
+from hetlm_jax.train.step import mix_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,22 +49,30 @@ def _pick(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
   return jax.random.categorical(key, logits_BxV, axis=-1)
 
 
-def decode_one(cfg: ModelConfig, s: Sampling, params, prompt_BxP, pad_B, key):
-  """Continues each left-padded prompt by up to s.max_new tokens; after EOS a row emits PAD."""
+def decode_one(cfg: ModelConfig, s: Sampling, params, prompt_BxP, pad_B, key, anchor=None, lam=None):
+  """Continues each left-padded prompt by up to s.max_new tokens; after EOS a row emits PAD. With `anchor`
+  (--mix_init) each token is drawn from lam p + (1 - lam) p_anchor, the anchor decoding beside with its own
+  cache."""
   model = PageLM(cfg)
   b, p = prompt_BxP.shape
   size = p + s.max_new
   slots_S = jnp.arange(size)
   key_valid_BxS = slots_S[None, :] >= pad_B[:, None]
   shape = (cfg.n_layers, b, size, cfg.n_heads, cfg.head_dim)
-  kv = {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)}
+  empty = {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)}
+  kv = (empty, empty if anchor is not None else None)
 
   def run(tokens_BxT, index, kv):
     query_T = index + jnp.arange(tokens_BxT.shape[1])
     mask_Bx1xTxS = (slots_S[None, None, None, :] <= query_T[None, None, :, None]) & key_valid_BxS[:, None, None, :]
     positions_BxT = jnp.maximum(query_T[None, :] - pad_B[:, None], 0)
-    cache = {**kv, "index": index, "positions": positions_BxT, "mask": mask_Bx1xTxS}
-    return model.apply({"params": params}, tokens_BxT, cache=cache)
+    at = {"index": index, "positions": positions_BxT, "mask": mask_Bx1xTxS}
+    logits_BxTxV, own = model.apply({"params": params}, tokens_BxT, cache={**kv[0], **at})
+    if anchor is None:
+      return logits_BxTxV, (own, None)
+    anchor_BxTxV, theirs = model.apply({"params": anchor}, tokens_BxT, cache={**kv[1], **at})
+    # log-probabilities of the mixture, which _pick samples from as it would from logits
+    return mix_logprobs(jax.nn.log_softmax(logits_BxTxV), jax.nn.log_softmax(anchor_BxTxV), lam), (own, theirs)
 
   logits_BxPxV, kv = run(prompt_BxP, 0, kv)
 
@@ -81,11 +90,16 @@ def decode_one(cfg: ModelConfig, s: Sampling, params, prompt_BxP, pad_B, key):
 
 
 @functools.lru_cache(maxsize=8)
-def make_decoder(cfg: ModelConfig, s: Sampling):
-  """jit(vmap(decode_one)) over K split, stacked models: prompts [K, B, P], pads [K, B], keys [K] → [K, B, N]."""
-  def one(shared, cluster, *args):
-    return decode_one(cfg, s, merge(shared, cluster), *args)
-  return jax.jit(lambda params, *args: jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(params["shared"], params["cluster"], *args))
+def make_decoder(cfg: ModelConfig, s: Sampling, mixed: bool = False):
+  """jit(vmap(decode_one)) over K split, stacked models: prompts [K, B, P], pads [K, B], keys [K] → [K, B, N].
+  `mixed` (--mix_init): it also takes the anchor (one model) and lam [K]."""
+  if not mixed:
+    one = lambda shared, cluster, *args: decode_one(cfg, s, merge(shared, cluster), *args)
+    return jax.jit(lambda params, *args: jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(params["shared"],
+                                                                                  params["cluster"], *args))
+  one = lambda shared, cluster, anchor, lam, *args: decode_one(cfg, s, merge(shared, cluster), *args, anchor, lam)
+  return jax.jit(lambda params, anchor, lam_K, *args: jax.vmap(one, in_axes=(None, 0, None, 0, 0, 0, 0))(
+    params["shared"], params["cluster"], anchor, lam_K, *args))
 
 
 def session_length_from_data(seqs: UserSequences, num_specials: int) -> int | None:
@@ -104,11 +118,12 @@ def session_length_from_data(seqs: UserSequences, num_specials: int) -> int | No
 
 
 def generate(cfg: ModelConfig, params, seqs: UserSequences, assignment_U: np.ndarray, users: np.ndarray,
-             s: Sampling, seed: int = 0, batch: int = 256) -> list[np.ndarray]:
-  """Next session of each listed user from their own cluster's model; the tokens before EOS/PAD."""
+             s: Sampling, seed: int = 0, batch: int = 256, mix=None) -> list[np.ndarray]:
+  """Next session of each listed user from their own cluster's model; the tokens before EOS/PAD. `mix`: a
+  Trainer's (anchor, lam_K) under --mix_init, whose mixtures then generate."""
   k = num_models(params)
   length = max(cfg.context - s.max_new, 2)
-  decoder = make_decoder(cfg, s)
+  decoder = functools.partial(make_decoder(cfg, s, mix is not None), params, *(mix or ()))
   users = np.asarray(users)
   clusters = assignment_U[users]
   out: list[np.ndarray] = [np.zeros(0, np.int32)] * len(users)
@@ -124,7 +139,7 @@ def generate(cfg: ModelConfig, params, seqs: UserSequences, assignment_U: np.nda
     user_KxB = np.where(cols >= 0, users[np.maximum(cols, 0)], -1)
     p, pad = prompts(seqs, user_KxB.reshape(-1), length)
     keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), lo), k)
-    tokens_KxBxN = np.asarray(hosts.fetch(decoder(params, p.reshape(k, batch, -1), pad.reshape(k, batch), keys)))
+    tokens_KxBxN = np.asarray(hosts.fetch(decoder(p.reshape(k, batch, -1), pad.reshape(k, batch), keys)))
     for c, b in zip(*np.nonzero(cols >= 0)):  # collect per user: a loop over output rows, not over models
       row = tokens_KxBxN[c, b]
       stop = np.flatnonzero((row == EOS) | (row == PAD))

@@ -13,14 +13,15 @@ from hetlm_jax.train.state import TrainState
 
 class Checkpoints:
   """WORKDIR/checkpoints/MODEL/STEP/: items `state` (sharded pytree), `best` (the round's best params and optimizer state so
-  far, by validation NLL), `assignment` (user → cluster) and `meta` (JSON). Saves are asynchronous: `save`
+  far, by validation NLL), `assignment` (user → cluster), `meta` (JSON) and, under --mix_init, `anchor` (the one
+model every cluster's predictions are mixed with; meta["mix"] holds the weights). Saves are asynchronous: `save`
   returns once the arrays are copied off the devices (so the next step may reuse their buffers) and orbax
   writes them in the background; reads and `close` wait for pending writes first."""
 
   def __init__(self, directory: Path, keep: int):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                          item_names=("state", "best", "assignment", "meta"))
+                                          item_names=("state", "best", "assignment", "meta", "anchor"))
 
   def latest_step(self) -> int | None:
     self._manager.wait_until_finished()
@@ -31,8 +32,9 @@ class Checkpoints:
     return list(self._manager.all_steps())
 
   def save(self, state: TrainState, best: dict | None, assignment_U: np.ndarray, meta: dict,
-           weights_UxK: np.ndarray | None = None, replace: bool = False) -> None:
+           weights_UxK: np.ndarray | None = None, replace: bool = False, anchor=None) -> None:
     """`weights_UxK`: soft-EM responsibilities in use, kept so a resumed round trains on the same ones.
+    `anchor`: one model's parameters, saved beside the state (--mix_init).
     `replace`: a checkpoint already saved at this step is replaced (the parameters changed without a step);
     otherwise it is kept. `best` None: the state's own parameters and optimizer state."""
     step = int(meta["step"])
@@ -46,9 +48,11 @@ class Checkpoints:
     assignment = {"cluster": np.asarray(assignment_U, np.int32)}
     if weights_UxK is not None:
       assignment["weight"] = np.asarray(weights_UxK, np.float32)
-    self._manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best), assignment=ocp.args.StandardSave(assignment),
-      meta=ocp.args.JsonSave({**meta, "soft": weights_UxK is not None})))
+    items = dict(state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
+                 assignment=ocp.args.StandardSave(assignment), meta=ocp.args.JsonSave({**meta, "soft": weights_UxK is not None}))
+    if anchor is not None:
+      items["anchor"] = ocp.args.StandardSave(anchor)
+    self._manager.save(step, args=ocp.args.Composite(**items))
 
   def restore(self, abstract: TrainState, num_users: int, step: int | None = None):
     """Restores onto the shardings carried by `abstract`; returns (state, best, assignment, meta, weights or None)."""
@@ -67,6 +71,12 @@ class Checkpoints:
     weights = np.asarray(assignment["weight"]) if "weight" in assignment else None
     return (restored["state"], dict(restored["best"]), np.asarray(assignment["cluster"]), dict(restored["meta"]),
             weights)
+
+  def restore_anchor(self, abstract_anchor, step: int | None = None):
+    """The `anchor` item of a checkpoint saved with one, onto the shardings of `abstract_anchor`."""
+    self._manager.wait_until_finished()
+    step = self._manager.latest_step() if step is None else step
+    return self._manager.restore(step, args=ocp.args.Composite(anchor=ocp.args.StandardRestore(abstract_anchor)))["anchor"]
 
   def meta(self, step: int | None = None) -> dict:
     self._manager.wait_until_finished()

@@ -40,6 +40,7 @@ class Trainer:
     self.abstract = abstract_state(cfg, self.tx, self.mesh, k)
     self.train_step = make_train_step(cfg, self.tx, self.mesh, self.abstract, prox)
     self.anchor = None  # with prox > 0: one model's parameters that every model is pulled toward
+    self.mix = None  # --mix_init: (anchor, lam_K) on the devices; scoring and decoding then use the mixtures
     n_data = self.mesh.shape["data"]
     self.eval_batch = -(-cfg.train.eval_batch_size // n_data) * n_data
     self.host_wait_s = 0.0  # time train_round waited for a batch, over every call
@@ -60,6 +61,8 @@ class Trainer:
                                            cold_lr(cfg.train)), out_shardings=shardings)
     self._rows = NamedSharding(self.mesh, P("data"))
     self._replicated = NamedSharding(self.mesh, P())
+    self._unmixed = (self.score_batch, self.score_pages_batch, self.next_logprobs_batch, self.next_logprobs_model)
+    self._mixed = None  # their --mix_init forms, compiled when first needed
 
   def init_state(self) -> TrainState:
     return create_state(self.cfg, self.tx, self.mesh, self.k)
@@ -82,6 +85,30 @@ class Trainer:
     """One model's full parameters (model 0 of a trained family, e.g. the init LM), replicated: the anchor
     that --prox pulls toward."""
     return jax.jit(lambda p: model_params(p, 0), out_shardings=self._replicated)(single_params)
+
+  def anchor_shape(self):
+    """The abstract arrays of one model's full parameters, replicated (what `anchor_from` gives): a
+    checkpoint's anchor restores onto them."""
+    one = jax.eval_shape(lambda p: model_params(p, 0), self.abstract.params)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated), one)
+
+  def set_mix(self, anchor, lam_K) -> None:
+    """--mix_init: from now on model k predicts lam_k p_k + (1 - lam_k) p_anchor wherever this trainer scores
+    (score, next_logprobs; `generate` takes `mix`); `lam_K` None goes back to the K models alone."""
+    if lam_K is None:
+      self.mix = None
+      self.score_batch, self.score_pages_batch, self.next_logprobs_batch, self.next_logprobs_model = self._unmixed
+      return
+    lam = hosts.put(np.asarray(lam_K, np.float32), self._replicated)
+    self.mix = (anchor, lam)
+    if self._mixed is None:
+      slots = ScoringBatches.max_windows(self.cfg.model.context + 1, self.eval_batch)
+      self._mixed = (make_score_fn(self.cfg, self.mesh, self.abstract, slots, mixed=True),
+                     make_score_fn(self.cfg, self.mesh, self.abstract, slots, pages_only=True, mixed=True),
+                     *make_next_logprobs_fn(self.cfg, self.mesh, self.abstract, mixed=True))
+    bind = lambda fn: lambda params, *args: fn(params, anchor, lam, *args)
+    self.score_batch, self.score_pages_batch, self.next_logprobs_batch, self.next_logprobs_model = map(
+      bind, self._mixed)
 
   def warm_state(self, single_params) -> TrainState:
     """Every one of the K models starts from the same single-model parameters (a K=1 family), with fresh

@@ -176,23 +176,51 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState, prox: flo
   return step
 
 
-def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, slots: int, pages_only: bool = False):
+def mix_nll(nll_XxT: jax.Array, anchor_nll_XxT: jax.Array, lam) -> jax.Array:
+  """NLL of each token under lam p + (1 - lam) p_anchor, from the NLL under each (--mix_init): lam 1 gives
+  `nll` exactly and lam 0 `anchor_nll` (log 0 = -inf drops a term)."""
+  return -jnp.logaddexp(jnp.log(lam) - nll_XxT, jnp.log1p(-lam) - anchor_nll_XxT)
+
+
+def mix_logprobs(logp_XxV: jax.Array, anchor_logp_XxV: jax.Array, lam) -> jax.Array:
+  """log(lam p + (1 - lam) p_anchor) of log-distributions (--mix_init)."""
+  return jnp.logaddexp(jnp.log(lam) + logp_XxV, jnp.log1p(-lam) + anchor_logp_XxV)
+
+
+def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, slots: int, pages_only: bool = False,
+                  mixed: bool = False):
   """Every one of the K models scores the same packed rows: tokens and segments [R, T+1], mask [R, T] and the
   batch-local user of each predicted token [R, T] (0 <= user < `slots`) → the masked NLL summed per local
-  user on the device, [K, slots]; only that comes back to the host. `pages_only`: see token_nll."""
+  user on the device, [K, slots]; only that comes back to the host. `pages_only`: see token_nll.
+
+  `mixed` (--mix_init): the function takes two more arguments after the params, `anchor` (one model's
+  parameters) and `lam_K`, and model k's token probabilities are lam_k p_k + (1 - lam_k) p_anchor (with
+  `pages_only`, of the two models' page distributions)."""
   model = PageLM(cfg.model)
   unroll = unrolled(cfg, mesh, num_models(abstract.params))
 
+  def sums(nll_RxT, mask_RxT, user_RxT):
+    return jax.ops.segment_sum(jnp.where(mask_RxT, nll_RxT, 0.0).ravel(), user_RxT.ravel(), num_segments=slots)
+
   def score(params, inputs_RxT1, segments_RxT1, mask_RxT, user_RxT):
     def one_model(p):
-      nll_RxT = token_nll(model, p, inputs_RxT1, segments_RxT1, pages_only=pages_only)
-      return jax.ops.segment_sum(jnp.where(mask_RxT, nll_RxT, 0.0).ravel(), user_RxT.ravel(), num_segments=slots)
+      return sums(token_nll(model, p, inputs_RxT1, segments_RxT1, pages_only=pages_only), mask_RxT, user_RxT)
     return per_model(one_model, unroll)(params)
 
+  def score_mixed(params, anchor, lam_K, inputs_RxT1, segments_RxT1, mask_RxT, user_RxT):
+    nll_of = lambda p: token_nll(model, p, inputs_RxT1, segments_RxT1, pages_only=pages_only)
+    anchor_nll_RxT = nll_of(anchor)
+    nll_KxRxT = per_model(nll_of, unroll)(params)
+    mixed_KxRxT = mix_nll(nll_KxRxT, anchor_nll_RxT[None], lam_K[:, None, None])
+    return jax.vmap(sums, in_axes=(0, None, None))(mixed_KxRxT, mask_RxT, user_RxT)
+
   params_sharding = state_shardings(mesh, abstract).params
-  rows = NamedSharding(mesh, P("data"))
-  return jax.jit(score, in_shardings=(params_sharding, rows, rows, rows, rows),
-                 out_shardings=NamedSharding(mesh, P("cluster")))
+  rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  out = NamedSharding(mesh, P("cluster"))
+  if mixed:
+    return jax.jit(score_mixed, in_shardings=(params_sharding, replicated, replicated, rows, rows, rows, rows),
+                   out_shardings=out)
+  return jax.jit(score, in_shardings=(params_sharding, rows, rows, rows, rows), out_shardings=out)
 
 
 def make_hidden_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
@@ -208,9 +236,10 @@ def make_hidden_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
                  out_shardings=NamedSharding(mesh, P("cluster", "data")))
 
 
-def make_next_logprobs_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
+def make_next_logprobs_fn(cfg: Config, mesh: Mesh, abstract: TrainState, mixed: bool = False):
   """log p(next token) after each right-padded row's last real token: under every model [K, B, V], and
-  under one model k, for a batch of one cluster's users [B, V] (K times cheaper)."""
+  under one model k, for a batch of one cluster's users [B, V] (K times cheaper). `mixed` (--mix_init): both
+  take `anchor` and `lam_K` after the params, and model k's distribution is lam_k p_k + (1 - lam_k) p_anchor."""
   model = PageLM(cfg.model)
 
   def one_model(p, inputs_BxT, last_B):
@@ -223,6 +252,19 @@ def make_next_logprobs_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
   def model_k(params, k, inputs_BxT, last_B):
     return one_model(model_params(params, k), inputs_BxT, last_B)
 
+  def every_mixed(params, anchor, lam_K, inputs_BxT, last_B):
+    return mix_logprobs(every_model(params, inputs_BxT, last_B), one_model(anchor, inputs_BxT, last_B)[None],
+                        lam_K[:, None, None])
+
+  def mixed_k(params, anchor, lam_K, k, inputs_BxT, last_B):
+    return mix_logprobs(model_k(params, k, inputs_BxT, last_B), one_model(anchor, inputs_BxT, last_B), lam_K[k])
+
   params, rows = state_shardings(mesh, abstract).params, NamedSharding(mesh, P("data"))
-  return (jax.jit(every_model, in_shardings=(params, rows, rows), out_shardings=NamedSharding(mesh, P("cluster", "data"))),
-          jax.jit(model_k, in_shardings=(params, NamedSharding(mesh, P()), rows, rows), out_shardings=rows))
+  replicated = NamedSharding(mesh, P())
+  every_out = NamedSharding(mesh, P("cluster", "data"))
+  if mixed:
+    return (jax.jit(every_mixed, in_shardings=(params, replicated, replicated, rows, rows), out_shardings=every_out),
+            jax.jit(mixed_k, in_shardings=(params, replicated, replicated, replicated, rows, rows),
+                    out_shardings=rows))
+  return (jax.jit(every_model, in_shardings=(params, rows, rows), out_shardings=every_out),
+          jax.jit(model_k, in_shardings=(params, replicated, rows, rows), out_shardings=rows))
