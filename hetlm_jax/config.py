@@ -85,10 +85,10 @@ class ClusterConfig:
   tolerance: float = 0.005
   init: str = "embedding"  # random | features | embedding (measured best: docs/RESULTS.md)
   warm_start: bool = True  # with init=embedding: all K models start from that single LM
-  soft: bool = False  # soft EM: each model trains on every user, weighted by its posterior responsibility
+  soft: bool = True  # soft EM: each model trains on every user, weighted by its posterior responsibility
   init_rounds: int = 3  # rounds from scratch of every single LM (the init LM, single, single_matched), at most
   warm_lr_scale: float = 0.05  # warm-started rounds start at this fraction of --learning_rate, then decay
-  prox: float = 1.0  # warm-started models: an L2 pull of strength prox toward the LM they start from
+  prox: float = 0.0  # warm-started models: an L2 pull of strength prox toward the LM they start from
   route_frac: float = 0.0  # the last share of every training history: kept out of training, routes users
   tune_baselines: bool = False  # HeTLM's prox and single_matched's learning rate and dropout from small grids
   interpolate: bool = True  # warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init (validation)
