@@ -263,6 +263,19 @@ def test_a_mixed_tokens_nll_is_that_of_the_mixed_probability():
     np.testing.assert_allclose(mix_nll(nll, anchor_nll, lam), expected, rtol=1e-6)
 
 
+def test_fitted_weights_are_the_validation_minimum_and_a_tie_goes_to_the_init_lm():
+  """_fit_weights (--interpolate, --mix_init): the common weight minimises the validation mean, each cluster's
+  its own users' mean; weights whose scores differ only by float noise resolve to the smaller one."""
+  users = np.arange(6)
+  validation = rounds.Validation(seqs=None, users=users)
+  assignment_U = np.array([0, 0, 0, 1, 1, 1])
+  # cluster 0's users are best at w = 0.75, cluster 1's are the same at every w but for noise
+  per_user = lambda w_K, _: np.where(assignment_U == 0, (w_K[0] - 0.75) ** 2, 1.0 + 1e-10 * w_K[1])
+  w_K, common, scores, final = rounds._fit_weights(2, validation, assignment_U, per_user, rescore_own=False)
+  assert common == 0.75 and list(w_K) == [0.75, 0.0]
+  np.testing.assert_allclose(final, per_user(w_K, common))
+
+
 def test_generation_from_a_mixture_at_lam_one_is_the_cluster_models_and_at_zero_the_init_lms():
   from hetlm_jax.eval.generate import Sampling, generate
 

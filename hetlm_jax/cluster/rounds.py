@@ -305,8 +305,12 @@ def _fit_weights(k: int, validation: Validation, assignment_U: np.ndarray, per_u
   validation users (`rescore_own`: those scorings run again at the common shared weight). 0 for all is the
   LM started from, so the result is at least as good as it on validation. Returns (w_K, w_shared, scores
   {w: per-user NLL with every weight w}, per-user NLL with the weights returned)."""
+  def lowest(by_w, users=slice(None)):  # ties (within float noise) go to the smaller weight, toward the init LM
+    means = {a: np.nanmean(by_w[a][users]) for a in INTERPOLATION_GRID}
+    return min(a for a in INTERPOLATION_GRID if means[a] <= min(means.values()) + 1e-7)
+
   scores = {a: per_user(np.full(k, a), a) for a in INTERPOLATION_GRID}
-  common = min(INTERPOLATION_GRID, key=lambda a: np.nanmean(scores[a]))
+  common = lowest(scores)
   w_K = np.full(k, common)
   if validation.users is not None and k > 1:  # each cluster's users are scored by its own model alone
     cluster_V = assignment_U[validation.users]
@@ -315,7 +319,7 @@ def _fit_weights(k: int, validation: Validation, assignment_U: np.ndarray, per_u
     for c in range(k):
       mine = cluster_V == c
       if mine.any():
-        w_K[c] = min(INTERPOLATION_GRID, key=lambda a: np.nanmean(by_w[a][mine]))
+        w_K[c] = lowest(by_w, mine)
   return w_K, common, scores, per_user(w_K, common)
 
 
