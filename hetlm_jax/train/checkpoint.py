@@ -14,7 +14,7 @@ from hetlm_jax.train.state import TrainState
 class Checkpoints:
   """WORKDIR/checkpoints/MODEL/STEP/: items `state` (sharded pytree), `best` (the round's best params and optimizer state so
   far, by validation NLL), `assignment` (user → cluster), `meta` (JSON) and, under --mix_init, `anchor` (the one
-model every cluster's predictions are mixed with; meta["mix"] holds the weights). Saves are asynchronous: `save`
+  model every cluster's predictions are mixed with; meta["mix"] holds the weights). Saves are asynchronous: `save`
   returns once the arrays are copied off the devices (so the next step may reuse their buffers) and orbax
   writes them in the background; reads and `close` wait for pending writes first."""
 
@@ -49,7 +49,8 @@ model every cluster's predictions are mixed with; meta["mix"] holds the weights)
     if weights_UxK is not None:
       assignment["weight"] = np.asarray(weights_UxK, np.float32)
     items = dict(state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
-                 assignment=ocp.args.StandardSave(assignment), meta=ocp.args.JsonSave({**meta, "soft": weights_UxK is not None}))
+                 assignment=ocp.args.StandardSave(assignment),
+                 meta=ocp.args.JsonSave({**meta, "soft": weights_UxK is not None}))
     if anchor is not None:
       items["anchor"] = ocp.args.StandardSave(anchor)
     self._manager.save(step, args=ocp.args.Composite(**items))
@@ -76,7 +77,8 @@ model every cluster's predictions are mixed with; meta["mix"] holds the weights)
     """The `anchor` item of a checkpoint saved with one, onto the shardings of `abstract_anchor`."""
     self._manager.wait_until_finished()
     step = self._manager.latest_step() if step is None else step
-    return self._manager.restore(step, args=ocp.args.Composite(anchor=ocp.args.StandardRestore(abstract_anchor)))["anchor"]
+    restored = self._manager.restore(step, args=ocp.args.Composite(anchor=ocp.args.StandardRestore(abstract_anchor)))
+    return restored["anchor"]
 
   def meta(self, step: int | None = None) -> dict:
     self._manager.wait_until_finished()
