@@ -186,10 +186,10 @@ def _kept_its_init_lm(log: MetricsLog, name: str, warm: bool) -> bool:
   """Whether no round of HeTLM found a point better than where it started, so its K models are copies of the
   single LM it was warm-started from."""
   stops = [r for r in log.records("stop") if r["model"] == name]
-  mixed = [r for r in log.records("interpolate") if r["model"] == name]
-  back = bool(mixed) and not any(mixed[-1]["alpha"]) and not mixed[-1]["alpha_shared"]  # interpolated all the way back
+  interpolated = [r for r in log.records("interpolate") if r["model"] == name]
   mixed = [r for r in log.records("mix") if r["model"] == name]
-  back = back or bool(mixed) and not any(mixed[-1]["lam"])  # or its predictions are the init LM's alone
+  back = (bool(interpolated) and not any(interpolated[-1]["alpha"]) and not interpolated[-1]["alpha_shared"]
+          or bool(mixed) and not any(mixed[-1]["lam"]))  # interpolated, or mixed, all the way back to it
   return warm and bool(stops) and (back or not any(r.get("improved", r.get("best_pass")) for r in stops))
 
 
