@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from hetlm_jax.data.sequences import build_sequences
-from hetlm_jax.data.tokenizer import EOS, PageTokenizer
-from hetlm_jax.eval.metrics import (edit_similarity, jaccard, length_error, outcome_auc, outcome_f1,
-                                    paired_bootstrap, ranking_metrics, rouge_l_f1, sample_negatives,
-                                    sampled_ranking_metrics, summarize)
+from hetlm_jax.data.tokenizer import EOS, UNK, PageTokenizer
+from hetlm_jax.eval.metrics import (edit_similarity, jaccard, length_error, negatives_ranking_metrics,
+                                    outcome_auc, outcome_f1, paired_bootstrap, ranking_metrics, rouge_l_f1,
+                                    sample_negatives, sampled_ranking_metrics, summarize)
 from synthetic import markov_events
 
 CANDIDATE_V = np.arange(20) >= 4  # pages are ids 4..19
@@ -37,6 +37,27 @@ def test_ranking_ties_are_pessimistic():
   np.testing.assert_array_equal(out["rank"], [2, 16])
   np.testing.assert_allclose(out["ndcg@10"], [1 / np.log2(3), 0.0])
   np.testing.assert_allclose(out["mrr"], [0.5, 1 / 16])
+
+
+def test_an_unknown_target_page_is_a_miss_not_left_out():
+  """UNK is a real page no model knows: with `unknown` it ranks last (SASRec counts such a user), without it the
+  user is left out, as EOS always is."""
+  logp_UxV = np.tile(-np.arange(20, dtype=np.float64), (3, 1))
+  logp_UxV[:, UNK] = 5.0  # scoring UNK high must not turn it into a hit
+  true_U = np.array([4, UNK, EOS])
+  out = ranking_metrics(logp_UxV, true_U, CANDIDATE_V, unknown=UNK)
+  assert out["valid"].tolist() == [True, True, False]
+  np.testing.assert_array_equal(out["rank"], [1, 17, np.nan])  # behind all 16 pages
+  np.testing.assert_array_equal(out["hr@10"], [1, 0, np.nan])
+  np.testing.assert_array_equal(out["ndcg@10"], [1, 0, np.nan])
+  assert summarize(out["hr@10"])["mean"] == 0.5
+  assert ranking_metrics(logp_UxV, true_U, CANDIDATE_V)["valid"].tolist() == [True, False, False]
+  neg_UxN = np.tile(np.arange(5, 10), (3, 1))
+  ok_U = np.array([True, True, True])
+  out = negatives_ranking_metrics(logp_UxV, true_U, neg_UxN, ok_U, CANDIDATE_V, unknown=UNK)
+  np.testing.assert_array_equal(out["rank"], [1, 6, np.nan])  # behind all 5 negatives
+  out = negatives_ranking_metrics(logp_UxV, true_U, neg_UxN, np.array([True, False, True]), CANDIDATE_V, unknown=UNK)
+  assert out["valid"].tolist() == [True, False, False]  # too few negatives still leaves a user out
 
 
 @pytest.fixture(scope="module")

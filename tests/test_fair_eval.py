@@ -12,7 +12,8 @@ from hetlm_jax.config import Config, DataConfig
 from hetlm_jax.data.sequences import build_sequences
 from hetlm_jax.data.tokenizer import UNK, PageTokenizer
 from hetlm_jax.eval import metrics as M
-from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, first_page_index, mixture_nll
+from hetlm_jax.eval.evaluate import (EvalOptions, LMFamily, _ranking, first_page_index, mixture_nll,
+                                     unknown_targets)
 from hetlm_jax.eval.report import write_report
 from hetlm_jax.pipeline import prepare_data
 from synthetic import markov_events
@@ -76,6 +77,20 @@ def test_pages_seen_only_in_held_out_targets_are_not_in_the_vocabulary(tmp_path)
   assert set(tok.tokens[tok.num_specials:]) == {"home", "news", "sport"}
   assert _pages(seqs, tok, "target").count("<unk>") == 3  # target_only, sport2, tail_only
   assert "<unk>" not in _pages(seqs, tok, "history") and prepared.stats["pages_never_in_training"] == 3
+  # b's ranked page (sport2) is unknown: a miss for the next-page metrics, not a user left out.
+  b = list(seqs.user_ids).index("b")
+  assert unknown_targets(seqs) == 1 and unknown_targets(seqs, np.arange(seqs.num_users) != b) == 0
+  true_U = seqs.tokens[first_page_index(seqs)]
+  logp_UxV = np.zeros((seqs.num_users, tok.vocab_size))
+  logp_UxV[np.arange(seqs.num_users), true_U] = 1.0  # every true token scores best, UNK included
+  ranked = _ranking(lambda users: logp_UxV[users], seqs, tok, EvalOptions(negatives=1), 8, "x")
+  last = np.arange(seqs.num_users) == b
+  np.testing.assert_array_equal(1 / ranked["mrr"], np.where(last, 4, 1))  # behind all 3 pages
+  np.testing.assert_array_equal(ranked["hr@1"], ~last)
+  # One negative: a ranks first, b behind it; c has seen every page, so has no negative and is left out.
+  c = list(seqs.user_ids).index("c")
+  np.testing.assert_allclose(ranked["ndcg@10_sampled"],
+                             [np.nan if u == c else 1 / np.log2(3) if u == b else 1.0 for u in range(seqs.num_users)])
   rare = prepare_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, min_count=2)))
   assert set(rare.tokenizer.tokens[rare.tokenizer.num_specials:]) == {"home", "sport"}
   assert rare.tokenizer.encode_pages(["news"]).tolist() == [UNK]

@@ -82,3 +82,10 @@ def test_without_hetlm_or_bootstrap_the_verdict_names_only_the_best_lm(tmp_path)
                                            "markov": 1.6})
   del report["bootstrap"]
   assert _write(tmp_path, report)[1] == "**Verdict:** lowest held-out NLL: hetlm (1.1000 nats/token)."
+
+
+def test_the_intro_says_how_many_ranked_pages_no_model_knows(tmp_path):
+  said = "7 of these users' ranked page never appeared in training"
+  assert any(said in line for line in _write(tmp_path, _report({"single": _TIED}, unknown_targets=7)))
+  assert not any("never appeared in training" in line
+                 for line in _write(tmp_path, _report({"single": _TIED}, unknown_targets=0)))

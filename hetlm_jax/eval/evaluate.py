@@ -18,7 +18,7 @@ from scipy.special import logsumexp
 from hetlm_jax import hosts
 from hetlm_jax.cluster.assign import cluster_shares, log_shares
 from hetlm_jax.data.sequences import UserSequences
-from hetlm_jax.data.tokenizer import BOS, PageTokenizer
+from hetlm_jax.data.tokenizer import BOS, UNK, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
 from hetlm_jax.eval.generate import Sampling, generate, session_length_from_data
@@ -164,9 +164,18 @@ def group_batches(groups_U: np.ndarray, lengths_U: np.ndarray, batch: int) -> li
   return [b for g in np.split(order, bounds) if len(g) for b in np.array_split(g, -(-len(g) // batch))]
 
 
+def unknown_targets(seqs: UserSequences, users_U: np.ndarray | None = None) -> int:
+  """How many of the users (a mask or indices; all when None) have a ranked target page that no model knows."""
+  unknown_U = seqs.tokens[first_page_index(seqs)] == UNK
+  return int(unknown_U.sum() if users_U is None else unknown_U[users_U].sum())
+
+
 def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int,
              label: str, groups_U: np.ndarray | None = None) -> dict:
   """Next-page HR@1/5/10, NDCG@10, MRR: full ranking over pages, and against sampled negatives.
+
+  A target page that never appeared in training (UNK) counts as a miss for every model, as in SASRec's
+  protocol, where such an item keeps its untrained embedding; `unknown_targets` counts those users.
 
   `logprobs_fn(users)` gets batches of users of one group (e.g. cluster) each, when groups are given.
   The negatives depend on (opts.seed, seqs) only, never on the batching, so every model and baseline
@@ -182,8 +191,9 @@ def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: E
   progress = Progress(len(batches), f"{label} ranking", every=10)
   for i, users in enumerate(batches):
     logp_BxV = logprobs_fn(users)
-    full = M.ranking_metrics(logp_BxV, true_U[users], candidate_V)
-    sampled = M.negatives_ranking_metrics(logp_BxV, true_U[users], neg_UxN[users], ok_U[users], candidate_V)
+    full = M.ranking_metrics(logp_BxV, true_U[users], candidate_V, unknown=UNK)
+    sampled = M.negatives_ranking_metrics(logp_BxV, true_U[users], neg_UxN[users], ok_U[users], candidate_V,
+                                          unknown=UNK)
     for k in full_keys:
       out[k][users] = full[k]
     for k in sampled_keys:
@@ -242,7 +252,8 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
   report = {"models": {name: {metric: M.summarize(values[evaluated_U]) for metric, values in metrics.items()}
                        for name, metrics in per_user.items()},
             "n_users": int(evaluated_U.sum()), "generated_users": int(len(gen_users)),
-            "n_pages": tokenizer.vocab_size - tokenizer.num_specials, "negatives": opts.negatives, **(extra or {})}
+            "n_pages": tokenizer.vocab_size - tokenizer.num_specials, "negatives": opts.negatives,
+            "unknown_targets": unknown_targets(seqs, evaluated_U), **(extra or {})}
   if outcomes:
     report["outcomes"] = outcomes
   if "hetlm" in per_user:

@@ -35,12 +35,22 @@ def _from_ranks(rank_U: np.ndarray, valid_U: np.ndarray, ks: Sequence[int]) -> d
   return out
 
 
+def _last_where_unknown(ahead_U: np.ndarray, valid_U: np.ndarray, true_U: np.ndarray, unknown: int | None,
+                        behind: int) -> tuple[np.ndarray, np.ndarray]:
+  """A true token that is `unknown` (a page the models never saw) ranks behind all `behind` others: a miss."""
+  if unknown is None:
+    return ahead_U, valid_U
+  unknown_U = true_U == unknown
+  return np.where(unknown_U, behind, ahead_U), valid_U | unknown_U
+
+
 def ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, candidate_V: np.ndarray,
-                    ks: Sequence[int] = (1, 5, 10)) -> dict[str, np.ndarray]:
+                    ks: Sequence[int] = (1, 5, 10), unknown: int | None = None) -> dict[str, np.ndarray]:
   """Rank of each user's true token among all candidate tokens (e.g. pages), ties pessimistic.
 
   Returns per-user "hr@k", "ndcg@k" (for every k in ks), "mrr", "rank" and the boolean "valid":
-  users whose true token is not a candidate (e.g. EOS) are excluded and get NaN.
+  users whose true token is not a candidate (e.g. EOS) are excluded and get NaN, except that a true
+  token equal to `unknown` (UNK: a real page no model can name) counts as a miss, ranked last.
   """
   logp_UxV = np.asarray(logp_UxV)
   true_U = np.asarray(true_U, np.int64)
@@ -49,6 +59,7 @@ def ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, candidate_V: np.nd
   score_U = logp_UxV[np.arange(len(true_U)), true_U]
   # The true token itself is among the counted ones when it is a candidate.
   ahead_U = ((logp_UxV >= score_U[:, None]) & candidate_V).sum(axis=1) - valid_U
+  ahead_U, valid_U = _last_where_unknown(ahead_U, valid_U, true_U, unknown, int(candidate_V.sum()))
   return _from_ranks(ahead_U + 1, valid_U, ks)
 
 
@@ -127,29 +138,32 @@ def _exact_negatives(users_R: np.ndarray, seen_S: np.ndarray, cand_C: np.ndarray
 
 def sampled_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, seqs: UserSequences,
                             candidate_V: np.ndarray, n_negatives: int = 100, seed: int = 0,
-                            ks: Sequence[int] = (1, 5, 10)) -> dict[str, np.ndarray]:
+                            ks: Sequence[int] = (1, 5, 10), unknown: int | None = None) -> dict[str, np.ndarray]:
   """SASRec's protocol: rank the true token against n negatives from `sample_negatives`, ties pessimistic.
 
   Same keys as `ranking_metrics`; a user is also invalid when fewer than n negatives exist.
   """
   neg_UxN, ok_U = sample_negatives(seqs, candidate_V, n_negatives, seed, exclude_U=np.asarray(true_U, np.int64))
-  return negatives_ranking_metrics(logp_UxV, true_U, neg_UxN, ok_U, candidate_V, ks)
+  return negatives_ranking_metrics(logp_UxV, true_U, neg_UxN, ok_U, candidate_V, ks, unknown)
 
 
 def negatives_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, neg_UxN: np.ndarray, ok_U: np.ndarray,
-                              candidate_V: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, np.ndarray]:
+                              candidate_V: np.ndarray, ks: Sequence[int] = (1, 5, 10),
+                              unknown: int | None = None) -> dict[str, np.ndarray]:
   """Rank of the true token against given negatives (rows of `sample_negatives`), ties pessimistic.
 
-  Drawn once for all users, the same negatives serve every model, so their metrics are paired.
+  Drawn once for all users, the same negatives serve every model, so their metrics are paired. A true
+  token equal to `unknown` ranks behind every negative (a miss), as in `ranking_metrics`.
   """
   logp_UxV = np.asarray(logp_UxV)
   true_U = np.asarray(true_U, np.int64)
   candidate_V = np.asarray(candidate_V, bool)
-  valid_U = candidate_V[true_U] & ok_U
+  valid_U = candidate_V[true_U]
   score_U = logp_UxV[np.arange(len(true_U)), true_U]
   neg_score_UxN = np.take_along_axis(logp_UxV, np.maximum(neg_UxN, 0), axis=1)
   ahead_U = (neg_score_UxN >= score_U[:, None]).sum(axis=1)
-  return _from_ranks(ahead_U + 1, valid_U, ks)
+  ahead_U, valid_U = _last_where_unknown(ahead_U, valid_U, true_U, unknown, neg_UxN.shape[1])
+  return _from_ranks(ahead_U + 1, valid_U & ok_U, ks)
 
 
 # --------------------------------------------------------------------------------------------

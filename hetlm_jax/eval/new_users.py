@@ -24,7 +24,8 @@ from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
-from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, evaluated, posterior, write_outputs
+from hetlm_jax.eval.evaluate import (EvalOptions, LMFamily, _ranking, evaluated, posterior, unknown_targets,
+                                     write_outputs)
 from hetlm_jax.train import interrupt
 
 PUBLISHED_MIXTURE_K = 40  # Cadez et al.'s mixture of Markov chains on msnbc (DESIGN.md)
@@ -127,6 +128,7 @@ def evaluate_new_users(families: dict[str, LMFamily], train: UserSequences, test
             "models": {name: {metric: M.summarize(values) for metric, values in metrics.items()}
                        for name, metrics in per_user.items()},
             "bits_per_token": bits, "n_users": u, "ranked_users": int(len(ranked_users)),
+            "unknown_targets": unknown_targets(view),
             "train_users": train.num_users, "test_tokens": {key: t for key, (_, t) in next(iter(pooled.values())).items()},
             **(extra or {})}
   if "hetlm" in per_user:

@@ -29,6 +29,14 @@ def _interval(boot: dict, which: str) -> str:
   return f"{_fmt(boot.get(f'{which}_diff'))} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
+def _unknown_note(report: dict) -> str:
+  n = report.get("unknown_targets", 0)
+  if not n:
+    return ""
+  return (f" {n:,} of these users' ranked page never appeared in training: no model can name it, so it counts "
+          "as a miss for every model.")
+
+
 def _headline(report: dict) -> list[str]:
   """HeTLM against each single LM, per headline metric: mean and variance over users, and the paired-bootstrap
   95% intervals of HeTLM − other for both."""
@@ -282,12 +290,13 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
              "is scored. HeTLM and the Markov mixture score it with their mixture likelihood (π = cluster shares), "
              "as a new user has no history to route by. `nll`: nats per token with the end marker; `nll_no_end`: "
              "nats per page token, each page given that the sequence goes on. Next-page metrics rank each user's "
-             f"last page given the pages before it ({report['ranked_users']:,} users with at least two pages).")
+             f"last page given the pages before it ({report['ranked_users']:,} users with at least two pages)."
+             + _unknown_note(report))
   else:
     intro = (f"{report['n_users']:,} users; each user's held-out target is scored given their history, and each "
              "user's cluster is chosen from the history alone. NLL is in nats per target token (lower is better); "
              "next-page metrics rank the target's first page among all pages, and `_sampled` among 100 random "
-             "pages the user never visited (SASRec's protocol).")
+             "pages the user never visited (SASRec's protocol)." + _unknown_note(report))
   lines = ["# HeTLM evaluation", "", *_verdict(report), "", intro, ""] + _headline(report) + _verdicts(report)
   if report.get("bits_per_token"):
     lines += ["Pooled over all test tokens, in bits per token (lower is better):", "",
