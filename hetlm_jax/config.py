@@ -1,4 +1,9 @@
-"""One typed config for a run: model, training schedule, data and clustering, saved as config.json."""
+"""One typed config for a run: model, training schedule, data and clustering, saved as config.json.
+
+This file is the one description of every setting: each field's default, its help (the --flag's, generated
+from it by main.py), whether a resumed run may change it, and which model settings the run derives instead
+(from the data and --cluster_params: never flags, never in config.json).
+"""
 
 from __future__ import annotations
 
@@ -10,23 +15,41 @@ from hetlm_jax.errors import HetlmError
 from hetlm_jax.files import replace_text
 
 
+def _option(default, help: str, *, flag: str | None = None, resumable: bool = False, auto: int | None = None):
+  """A setting the user chooses: its default and the help of its --flag (named as the field, or `flag`);
+  `resumable`: a resumed run may change it; `auto`: the flag also takes "auto", which stands for this value."""
+  return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "resumable": resumable,
+                                                      "auto": auto})
+
+
+def _derived(default, how: str):
+  """A model setting the run derives (`how`) when it builds a model: not a flag, and not saved in config.json."""
+  return dataclasses.field(default=default, metadata={"derived": how})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  vocab_size: int = 0  # filled in from the tokenizer
-  context: int = 64  # tokens the model sees; longer histories are cut from the left
-  d_model: int = 64
-  n_layers: int = 2
-  n_heads: int = 4
-  d_ff: int = 256
-  dropout: float = 0.1
-  positions: str = "rope"  # "rope" | "learned"
-  tie_embeddings: bool = True
-  dtype: str = "auto"  # compute dtype (params stay float32); auto: bfloat16 on GPU and TPU, float32 on CPU
-  output_bias: bool = False  # a bias on the output logits (a cluster's own, with --cluster_params other than all)
-  lora_rank: int = 0  # > 0: LoRA adapters of this rank on every projection (--cluster_params=adapters:R)
+  """The model of one family. Built by a run, its derived fields are filled in (Config.built)."""
+
+  vocab_size: int = _derived(0, "the tokenizer's vocabulary")
+  context: int = _option(64,
+    "Tokens the model attends over at once; a longer history is trained on and scored in windows of this many "
+    "tokens that cover all of it, and next pages and generation condition on its last ones.")
+  d_model: int = _option(64, "Width of each cluster model's residual stream.")
+  n_layers: int = _option(2, "Transformer blocks per model.")
+  n_heads: int = _option(4, "Attention heads per block (d_model must divide into them, with an even head width).")
+  d_ff: int = _option(256, "Width of each block's feed-forward layer.")
+  dropout: float = _option(0.1, "Dropout rate on embeddings, attention and feed-forward outputs while training.")
+  positions: str = _option("rope", "Position encoding: rope (rotary, restarting in every packed segment) or learned.")
+  tie_embeddings: bool = _option(True, "Share the page embedding with the output layer.")
+  dtype: str = _option("auto",
+    "Compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU), float32 or bfloat16; parameters stay float32.")
+  output_bias: bool = _derived(False, "--cluster_params other than all: a bias on the output logits, a cluster's own")
+  lora_rank: int = _derived(0, "--cluster_params=adapters:R: LoRA adapters of rank R on every projection")
 
   @property
   def head_dim(self) -> int:
+    """Width of one attention head."""
     return self.d_model // self.n_heads
 
   @property
@@ -40,104 +63,212 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  batch_size: int = 64  # windows per cluster per step, across all devices
-  epochs: int = 8  # passes over every user per round, at most (the cap of early stopping)
-  patience: int = 2  # stop a round after this many validations without a better one (0: run every pass)
-  warm_epochs: int = 2  # passes at most of a round that goes on from a trained model (warm start, anneal)
-  val_every: float = 0.25  # passes between validations in such a round (a round from scratch: every pass)
-  val_frac: float = 0.1  # training users whose held-out targets decide early stopping (and --k=auto)
-  learning_rate: float = 3e-3
-  warmup_frac: float = 0.05
-  weight_decay: float = 0.01
-  grad_clip: float = 1.0
-  seed: int = 0
-  log_every: int = 50  # steps between metrics records (progress is also shown at least every 10 s)
-  prefetch: int = 2  # batches built and put on the devices ahead of the step, in a background thread (0: none)
-  balance: bool = True  # smaller clusters cycle their own users instead of padding (see train/batches.py)
-  max_repeat: int = 0  # with balance: a cluster's users appear at most this many times a pass (0: no cap)
-  tensorboard: bool = False  # also write TensorBoard event files, WORKDIR/tensorboard/MODEL (needs tensorboardX)
-  stack: str = "auto"  # how the K models share a step: vmap | unroll | auto (unroll on CPU, vmap elsewhere)
-  checkpoint_every: int = 500  # steps; a checkpoint is also saved at the end of every round
-  keep_checkpoints: int = 3
-  eval_batch_size: int = 512
+  """The training schedule, early stopping, input pipeline and checkpoints."""
+
+  batch_size: int = _option(64, "Windows per cluster per step, over all devices.")
+  epochs: int = _option(8,
+    "Passes over every user per round, at most: the learning-rate schedule's cycle, cut short by early stopping.")
+  patience: int = _option(2,
+    "Stop a round after this many validations without a better per-user mean validation NLL; a round from scratch "
+    "counts them once half of --epochs is trained (0: train every pass).")
+  warm_epochs: int = _option(2,
+    "Passes at most of a round that goes on from a trained model: a warm-started round, and the anneal that ends "
+    "every single LM.")
+  val_every: float = _option(0.25,
+    "Passes between validations in such a round (a round from scratch validates every pass).")
+  val_frac: float = _option(0.1,
+    "Share of the training users whose held-out targets decide early stopping and --k=auto; they are left out of "
+    "the reported evaluation.")
+  learning_rate: float = _option(0.003, "Peak AdamW learning rate of each round's warmup-then-cosine schedule.")
+  warmup_frac: float = _option(0.05, "Share of each round's cap of steps spent warming the learning rate up.")
+  weight_decay: float = _option(0.01, "AdamW weight decay (not on norms, biases or learned positions).")
+  grad_clip: float = _option(1.0, "Clip each model's gradient to this global norm.")
+  seed: int = _option(0, "Seed of initialisation, shuffling, dropout and k-means: the same seed gives the same run.")
+  log_every: int = _option(50,
+    "Steps between training records in metrics.jsonl (the progress line shows at least every 10 s).", resumable=True)
+  prefetch: int = _option(2,
+    "Batches built on the host and put on the devices ahead of the step, in a background thread (0: built in the "
+    "step loop).", resumable=True)
+  balance: bool = _option(True,
+    "Smaller clusters cycle their own users, each token weighted by 1/appearances, instead of training on padding "
+    "while the largest cluster finishes its epoch.")
+  max_repeat: int = _option(0,
+    "With --balance: a smaller cluster's users appear at most this many times per pass (0: no cap).")
+  tensorboard: bool = _option(False,
+    "Also write TensorBoard event files beside metrics.jsonl, one run per model in WORKDIR/tensorboard (needs "
+    "tensorboardX: pip install tensorboardX, or pip install -e '.[tensorboard]' in the repository).", resumable=True)
+  stack: str = _option("auto",
+    "How the K models share one jitted step: vmap (batched matmuls), unroll (K graphs in one program, faster steps "
+    "on CPU, but longer to compile as K grows) or auto (unroll a single model on CPU, vmap for K > 1 and "
+    "elsewhere).", resumable=True)
+  checkpoint_every: int = _option(500,
+    "Steps between periodic checkpoints (one is also saved at the end of every round).", resumable=True)
+  keep_checkpoints: int = _option(3, "Checkpoints kept per model; older ones are deleted.", resumable=True)
+  eval_batch_size: int = _option(512,
+    "Rows per batch when scoring users (evaluation, validation, reassignment).", resumable=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  path: str = ""  # empty: the msnbc sample shipped inside the package
-  format: str = "auto"  # auto | events | msnbc | user_items
-  session_gap_minutes: float = 30.0
-  holdout: str = "auto"  # single-session users: auto | half | last
-  min_count: int = 1
-  max_vocab: int = 0  # 0: no cap
-  max_users: int = 0  # 0: all users
-  test_users: int = 0  # > 0: split by user (whole sequences of new users are the test), not in time
-  train_users: int = 0  # with test_users: how many users train (0: all the others)
-  split_seed: int = 0  # the split by user takes numpy.random.default_rng(split_seed).permutation(U)
-  test_offset: int = -1  # where the test users start in that permutation (-1: right after the training users)
+  """Where the log is, how it is read, and how users and sessions are split."""
+
+  path: str = _option("",
+    "Browsing log (Parquet/CSV events, UCI msnbc, or 'user item' lines); default: the packaged msnbc sample.", flag="data")
+  format: str = _option("auto", "Input format: auto, events, msnbc or user_items.")
+  session_gap_minutes: float = _option(30.0, "Inactivity that starts a new session when the log has no session_id.")
+  holdout: str = _option("auto", "How single-session users are split: half (prefix/suffix), last (last page), auto.")
+  min_count: int = _option(1, "Pages seen fewer times than this in training histories share one unknown-page token.")
+  max_vocab: int = _option(0, "Keep only the most frequent pages, up to this many (0: no cap).")
+  max_users: int = _option(0, "Keep only the first N users of the log (0: all).")
+  test_users: int = _option(0,
+    "Split by user instead of in time: N users, never trained on, whose whole sequences are the test (0: each "
+    "user's last session is held out).")
+  train_users: int = _option(0, "With --test_users: the number of users to train on (0: all the others).")
+  split_seed: int = _option(0, "The split by user permutes users with numpy.random.default_rng(split_seed).")
+  test_offset: int = _option(-1,
+    "With --test_users: the test users start at this position of that permutation, and the training users are the "
+    "first --train_users of the others, so runs of different sizes share one test set (-1: right after the training"
+    " users).")
 
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
-  k: int = 4  # 0: choose among k_candidates by held-out NLL
-  k_candidates: str = "2,4,8"
-  rounds: int = 3  # at most; training stops earlier once fewer than `tolerance` of users move
-  tolerance: float = 0.005
-  init: str = "embedding"  # random | features | embedding (measured best: docs/RESULTS.md)
-  warm_start: bool = True  # with init=embedding: all K models start from that single LM
-  soft: bool = True  # soft EM: each model trains on every user, weighted by its posterior responsibility
-  init_rounds: int = 3  # rounds from scratch of every single LM (the init LM, single, single_matched), at most
-  warm_lr_scale: float = 0.05  # warm-started rounds start at this fraction of --learning_rate, then decay
-  prox: float = 0.0  # warm-started models: an L2 pull of strength prox toward the LM they start from
-  route_frac: float = 0.0  # the last share of every training history: kept out of training, routes users
-  tune_baselines: bool = False  # HeTLM's prox and single_matched's learning rate and dropout from small grids
-  interpolate: bool = True  # warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init (validation)
-  mix_init: bool = False  # warm-started models predict lam_k p_k + (1 - lam_k) p_init (validation)
-  min_cluster_frac: float = 0.1  # of a balanced share U/K; smaller clusters are re-seeded
-  baselines: bool = True  # also train the single LMs (per-cluster size and parameter-matched)
-  cluster_axis: int = 1  # devices along the 'cluster' mesh axis; the rest form the 'data' axis
-  cluster_params: str = "all"  # which parameters each cluster owns: all | head | top:N | adapters:R
+  """HeTLM's clusters: K, the rounds, the initial assignment, warm starts and the baselines."""
+
+  k: int = _option(4, "Number of cluster models K, or auto (the best of --k_candidates by held-out NLL).", auto=0)
+  k_candidates: str = _option("2,4,8", "The K values --k=auto tries, separated by commas.")
+  rounds: int = _option(3, "Reassignment rounds at most (each trains until the validation NLL stops improving).")
+  tolerance: float = _option(0.005, "Stop once fewer than this fraction of users change cluster in a round.")
+  init: str = _option("embedding",
+    "Initial assignment: random (balanced), features (k-means on TF-IDF page/transition counts), embedding (k-means"
+    " on a single LM's mean hidden states).")
+  warm_start: bool = _option(True, "With --init=embedding, start every cluster model from that single LM.")
+  soft: bool = _option(True,
+    "Soft EM: after the first round every cluster model trains on every user, each weighted by the posterior of "
+    "that cluster given the user's history (assignments.parquet keeps the most likely).")
+  init_rounds: int = _option(3,
+    "Rounds from scratch of every single LM, at most: the one --init=embedding clusters (and --warm_start copies), "
+    "single and single_matched; each then anneals (see --warm_epochs).")
+  warm_lr_scale: float = _option(0.05,
+    "Warm-started rounds (HeTLM's clusters, single_ft) start at this fraction of --learning_rate, with no warmup, "
+    "and decay to 1/20 of it.")
+  prox: float = _option(0.0,
+    "Warm-started models: the gradient of prox/2 ||theta - theta_init||^2, a pull toward the LM they start from (0:"
+    " none).")
+  route_frac: float = _option(0.0,
+    "Keep this last share of every training user's history out of training, and route users (the E-step) by it "
+    "alone, so reassignment never rewards memorising (0: route by the whole history).")
+  tune_baselines: bool = _option(False,
+    "Choose HeTLM's --prox (0, 1, 3) and single_matched's learning rate (1/3 and 1 x --learning_rate) and dropout "
+    "(+0, +0.1) on the validation users: both sides tuned, not one; trains 3 HeTLMs and 4 single_matched LMs "
+    "instead of one each.")
+  interpolate: bool = _option(True,
+    "Warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init, their parameters interpolated toward "
+    "the LM they started from, alpha per cluster from 0, 0.25, ..., 1 by the validation users (alpha 0 for all is "
+    "that LM, so validation cannot see them fall below it).")
+  mix_init: bool = _option(False,
+    "Warm-started models predict lam_k p_k + (1 - lam_k) p_init, a mixture in prediction space with the LM they "
+    "started from, lam per cluster from 0, 0.25, ..., 1 by the validation users; that LM's parameters count in "
+    "HeTLM's total, and scoring and decoding run it beside the K models.")
+  min_cluster_frac: float = _option(0.1,
+    "A cluster smaller than this fraction of U/K is re-seeded by splitting the largest.")
+  baselines: bool = _option(True, "Also train the single-LM baselines (per-cluster size and parameter-matched).")
+  cluster_axis: int = _option(1, "Devices on the 'cluster' mesh axis (the rest shard the batch).")
+  cluster_params: str = _option("all",
+    "Which parameters each cluster owns; the rest is one shared trunk trained on every user: all (K whole models), "
+    "head (final norm and output bias), top:N (also the last N blocks), adapters:R (also LoRA of rank R on every "
+    "projection).")
 
   def lora_rank(self) -> int:
+    """R of --cluster_params=adapters:R, else 0."""
     return int(self.cluster_params.split(":")[1]) if self.cluster_params.startswith("adapters:") else 0
 
   def candidates(self) -> list[int]:
+    """The K values of --k_candidates."""
     return [int(x) for x in self.k_candidates.split(",") if x.strip()]
 
 
-FLAG_NAMES = {"path": "data"}  # config field → command-line flag, where they differ
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "cluster": ClusterConfig}
+
+
+def options(section: str) -> list[dataclasses.Field]:
+  """The fields of a section the user chooses (each a --flag), in order."""
+  return [f for f in dataclasses.fields(SECTIONS[section]) if "derived" not in f.metadata]
+
+
+def flag_name(field: dataclasses.Field) -> str:
+  """The --flag of a chosen setting."""
+  return field.metadata["flag"] or field.name
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+  """Every setting of a run, in four sections."""
+
   model: ModelConfig = ModelConfig()
   train: TrainConfig = TrainConfig()
   data: DataConfig = DataConfig()
   cluster: ClusterConfig = ClusterConfig()
 
   def replace(self, **sections) -> Config:
+    """A copy with whole sections replaced."""
     return dataclasses.replace(self, **sections)
 
   def to_dict(self) -> dict:
+    """Every field of every section (derived ones included)."""
     return dataclasses.asdict(self)
+
+  def chosen(self) -> dict:
+    """What the user chose: every section without its derived fields (config.json)."""
+    return {name: {f.name: getattr(getattr(self, name), f.name) for f in options(name)} for name in SECTIONS}
+
+  def built(self, vocab_size: int) -> Config:
+    """The config a run builds its models from: the model section completed with the tokenizer's `vocab_size`,
+    and an output bias and LoRA rank as --cluster_params asks."""
+    c = self.cluster
+    return self.replace(model=dataclasses.replace(self.model, vocab_size=vocab_size,
+                                                  output_bias=c.cluster_params != "all", lora_rank=c.lora_rank()))
 
   @classmethod
   def from_dict(cls, d: dict) -> Config:
-    kinds = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "cluster": ClusterConfig}
-    unknown = set(d) - set(kinds)
+    """The config of a dict of sections (missing fields take their defaults)."""
+    unknown = set(d) - set(SECTIONS)
     if unknown:
       raise HetlmError(f"config: unknown sections {sorted(unknown)}")
-    return cls(**{name: kinds[name](**d.get(name, {})) for name in kinds})
+    return cls(**{name: kind(**d.get(name, {})) for name, kind in SECTIONS.items()})
 
   def save(self, path: Path) -> None:
-    replace_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+    """Writes what the user chose to `path` (config.json), atomically."""
+    replace_text(path, json.dumps(self.chosen(), indent=2) + "\n")
 
   @classmethod
   def load(cls, path: Path) -> Config:
+    """The config saved at `path` (a config.json from before derived fields were left out loads too)."""
     try:
       return cls.from_dict(json.loads(Path(path).read_text()))
     except (OSError, ValueError, TypeError) as e:
       raise HetlmError(f"{path}: not a readable hetlm config ({e})") from None
+
+
+def resume_differences(saved: Config, now: Config) -> list[str]:
+  """The chosen settings in which `now` differs from a run `saved` that it would resume, as "--flag: A there, B
+  now"; settings a resumed run may change (resumable) are left out."""
+  return [f"--{flag_name(f)}: {getattr(getattr(saved, name), f.name)} there, {getattr(getattr(now, name), f.name)} now"
+          for name in SECTIONS for f in options(name) if not f.metadata["resumable"]
+          and getattr(getattr(saved, name), f.name) != getattr(getattr(now, name), f.name)]
+
+
+def parse_auto(field: dataclasses.Field, text: str):
+  """The value of a flag that also takes "auto" (`field.metadata["auto"]`): "auto" or an integer of at least 1."""
+  if text.strip().lower() == "auto":
+    return field.metadata["auto"]
+  try:
+    value = int(text)
+  except ValueError:
+    raise HetlmError(f"--{flag_name(field)}={text}: expected an integer or auto") from None
+  if value < 1:
+    raise HetlmError(f"--{flag_name(field)}={text} must be at least 1 (or auto)")
+  return value
 
 
 def validate(cfg: Config) -> None:

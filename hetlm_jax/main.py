@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import re
@@ -10,100 +9,10 @@ import sys
 
 from absl import app, flags, logging
 
-from hetlm_jax.config import FLAG_NAMES, ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
+from hetlm_jax.config import SECTIONS, Config, flag_name, options, parse_auto
 from hetlm_jax.errors import HetlmError
 
 COMMANDS = ("train", "evaluate", "generate", "predict", "bench")
-_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "cluster": ClusterConfig}
-_HELP = {
-  "path": "Browsing log (Parquet/CSV events, UCI msnbc, or 'user item' lines); default: the packaged msnbc sample.",
-  "format": "Input format: auto, events, msnbc or user_items.",
-  "k": "Number of cluster models K, or auto (the best of --k_candidates by held-out NLL).",
-  "k_candidates": "The K values --k=auto tries, separated by commas.",
-  "rounds": "Reassignment rounds at most (each trains until the validation NLL stops improving).",
-  "tolerance": "Stop once fewer than this fraction of users change cluster in a round.",
-  "init": "Initial assignment: random (balanced), features (k-means on TF-IDF page/transition counts), "
-          "embedding (k-means on a single LM's mean hidden states).",
-  "warm_start": "With --init=embedding, start every cluster model from that single LM.",
-  "soft": "Soft EM: after the first round every cluster model trains on every user, each weighted by the "
-          "posterior of that cluster given the user's history (assignments.parquet keeps the most likely).",
-  "init_rounds": "Rounds from scratch of every single LM, at most: the one --init=embedding clusters (and "
-                 "--warm_start copies), single and single_matched; each then anneals (see --warm_epochs).",
-  "warm_lr_scale": "Warm-started rounds (HeTLM's clusters, single_ft) start at this fraction of --learning_rate, "
-                   "with no warmup, and decay to 1/20 of it.",
-  "prox": "Warm-started models: the gradient of prox/2 ||theta - theta_init||^2, a pull toward the LM they "
-          "start from (0: none).",
-  "route_frac": "Keep this last share of every training user's history out of training, and route users "
-                "(the E-step) by it alone, so reassignment never rewards memorising (0: route by the whole "
-                "history).",
-  "tune_baselines": "Choose HeTLM's --prox (0, 1, 3) and single_matched's learning rate (1/3 and 1 x "
-                    "--learning_rate) and dropout (+0, +0.1) on the validation users: both sides tuned, not one; "
-                    "trains 3 HeTLMs and 4 single_matched LMs instead of one each.",
-  "interpolate": "Warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init, their parameters "
-                 "interpolated toward the LM they started from, alpha per cluster from 0, 0.25, ..., 1 by the "
-                 "validation users (alpha 0 for all is that LM, so validation cannot see them fall below it).",
-  "mix_init": "Warm-started models predict lam_k p_k + (1 - lam_k) p_init, a mixture in prediction space with the "
-              "LM they started from, lam per cluster from 0, 0.25, ..., 1 by the validation users; that LM's "
-              "parameters count in HeTLM's total, and scoring and decoding run it beside the K models.",
-  "warm_epochs": "Passes at most of a round that goes on from a trained model: a warm-started round, and the "
-                 "anneal that ends every single LM.",
-  "val_every": "Passes between validations in such a round (a round from scratch validates every pass).",
-  "max_repeat": "With --balance: a smaller cluster's users appear at most this many times per pass (0: no cap).",
-  "min_cluster_frac": "A cluster smaller than this fraction of U/K is re-seeded by splitting the largest.",
-  "baselines": "Also train the single-LM baselines (per-cluster size and parameter-matched).",
-  "context": "Tokens the model attends over at once; a longer history is trained on and scored in windows of "
-             "this many tokens that cover all of it, and next pages and generation condition on its last ones.",
-  "holdout": "How single-session users are split: half (prefix/suffix), last (last page), auto.",
-  "session_gap_minutes": "Inactivity that starts a new session when the log has no session_id.",
-  "epochs": "Passes over every user per round, at most: the learning-rate schedule's cycle, cut short by "
-            "early stopping.",
-  "patience": "Stop a round after this many validations without a better per-user mean validation NLL; a "
-              "round from scratch counts them once half of --epochs is trained (0: train every pass).",
-  "val_frac": "Share of the training users whose held-out targets decide early stopping and --k=auto; they are "
-              "left out of the reported evaluation.",
-  "batch_size": "Windows per cluster per step, over all devices.",
-  "log_every": "Steps between training records in metrics.jsonl (the progress line shows at least every 10 s).",
-  "prefetch": "Batches built on the host and put on the devices ahead of the step, in a background thread "
-              "(0: built in the step loop).",
-  "tensorboard": "Also write TensorBoard event files beside metrics.jsonl, one run per model in WORKDIR/tensorboard "
-                 "(needs tensorboardX: pip install tensorboardX, or pip install -e '.[tensorboard]' in the "
-                 "repository).",
-  "stack": "How the K models share one jitted step: vmap (batched matmuls), unroll (K graphs in one program, "
-           "faster steps on CPU, but longer to compile as K grows) or auto (unroll a single model on CPU, "
-           "vmap for K > 1 and elsewhere).",
-  "balance": "Smaller clusters cycle their own users, each token weighted by 1/appearances, instead of "
-             "training on padding while the largest cluster finishes its epoch.",
-  "dtype": "Compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU), float32 or bfloat16; parameters stay float32.",
-  "cluster_axis": "Devices on the 'cluster' mesh axis (the rest shard the batch).",
-  "cluster_params": "Which parameters each cluster owns; the rest is one shared trunk trained on every user: all "
-                    "(K whole models), head (final norm and output bias), top:N (also the last N blocks), "
-                    "adapters:R (also LoRA of rank R on every projection).",
-  "max_users": "Keep only the first N users of the log (0: all).",
-  "test_users": "Split by user instead of in time: N users, never trained on, whose whole sequences are the "
-                "test (0: each user's last session is held out).",
-  "train_users": "With --test_users: the number of users to train on (0: all the others).",
-  "split_seed": "The split by user permutes users with numpy.random.default_rng(split_seed).",
-  "test_offset": "With --test_users: the test users start at this position of that permutation, and the training "
-                 "users are the first --train_users of the others, so runs of different sizes share one test "
-                 "set (-1: right after the training users).",
-  "d_model": "Width of each cluster model's residual stream.",
-  "n_layers": "Transformer blocks per model.",
-  "n_heads": "Attention heads per block (d_model must divide into them, with an even head width).",
-  "d_ff": "Width of each block's feed-forward layer.",
-  "dropout": "Dropout rate on embeddings, attention and feed-forward outputs while training.",
-  "positions": "Position encoding: rope (rotary, restarting in every packed segment) or learned.",
-  "tie_embeddings": "Share the page embedding with the output layer.",
-  "learning_rate": "Peak AdamW learning rate of each round's warmup-then-cosine schedule.",
-  "warmup_frac": "Share of each round's cap of steps spent warming the learning rate up.",
-  "weight_decay": "AdamW weight decay (not on norms, biases or learned positions).",
-  "grad_clip": "Clip each model's gradient to this global norm.",
-  "seed": "Seed of initialisation, shuffling, dropout and k-means: the same seed gives the same run.",
-  "checkpoint_every": "Steps between periodic checkpoints (one is also saved at the end of every round).",
-  "keep_checkpoints": "Checkpoints kept per model; older ones are deleted.",
-  "eval_batch_size": "Rows per batch when scoring users (evaluation, validation, reassignment).",
-  "min_count": "Pages seen fewer times than this in training histories share one unknown-page token.",
-  "max_vocab": "Keep only the most frequent pages, up to this many (0: no cap).",
-}
 _GROUPS = {"data": "data", "model": "model", "train": "training", "cluster": "clustering"}
 _COMMANDS_HELP = {
   "train": "train HeTLM and the single-LM baselines on a log, evaluate them, write WORKDIR/report.md",
@@ -121,7 +30,6 @@ _RUN_FLAGS = {"train": ("workdir", *_HOSTS, "compilation_cache"),
               "predict": ("workdir", "data", "format", "out", "model", "top_k", "mixture", "chunk_users", "outcome_samples",
                           "num_processes", "process_id", "compilation_cache"),
               "bench": ("out", "bench_steps", "bench_k", "bench_torch", "sweep")}
-_DERIVED = ("vocab_size", "output_bias", "lora_rank")  # set from the data and --cluster_params, not flags
 # --data's empty default, said in words in each command's help.
 _DATA_DEFAULT = {"train": "(the packaged msnbc sample)", "bench": "(the packaged msnbc sample)",
                  "evaluate": "(the run's own data)", "generate": "(the run's own data)", "predict": "(required)"}
@@ -163,13 +71,11 @@ flags.DEFINE_float("top_p", 1.0, "generate: sample within the smallest set holdi
 
 
 def _define_config_flags() -> None:
-  for section, cls in _SECTIONS.items():
-    for field in dataclasses.fields(cls):
-      if field.name in _DERIVED:
-        continue
-      name, default = FLAG_NAMES.get(field.name, field.name), field.default
-      help_text = _HELP.get(field.name, f"{section}.{field.name}")
-      if name == "k":  # an integer, or "auto"
+  """One flag per chosen setting of config.py, with its default and help."""
+  for section in SECTIONS:
+    for field in options(section):
+      name, default, help_text = flag_name(field), field.default, field.metadata["help"]
+      if field.metadata["auto"] is not None:  # an integer, or "auto"
         flags.DEFINE_string(name, str(default), help_text)
         continue
       define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
@@ -178,18 +84,6 @@ def _define_config_flags() -> None:
 
 
 _define_config_flags()
-
-
-def _k_from_flag(text: str) -> int:
-  if text.strip().lower() == "auto":
-    return 0
-  try:
-    k = int(text)
-  except ValueError:
-    raise HetlmError(f"--k={text}: expected an integer or auto") from None
-  if k < 1:
-    raise HetlmError(f"--k={text} must be at least 1 (or auto)")
-  return k
 
 
 def _sweep_from_flag(text: str) -> list[tuple[int, ...]]:
@@ -214,12 +108,12 @@ def _sweep_from_flag(text: str) -> list[tuple[int, ...]]:
 
 
 def config_from_flags() -> Config:
-  sections = {}
-  for section, cls in _SECTIONS.items():
-    sections[section] = cls(**{f.name: FLAGS[FLAG_NAMES.get(f.name, f.name)].value
-                               for f in dataclasses.fields(cls) if f.name not in _DERIVED})
-  sections["cluster"] = dataclasses.replace(sections["cluster"], k=_k_from_flag(FLAGS.k))
-  return Config(**sections)
+  """The Config of the parsed flags."""
+  def value(field):
+    flag = FLAGS[flag_name(field)].value
+    return flag if field.metadata["auto"] is None else parse_auto(field, flag)
+
+  return Config(**{section: kind(**{f.name: value(f) for f in options(section)}) for section, kind in SECTIONS.items()})
 
 
 def _main(argv: list[str]) -> int:
@@ -228,7 +122,7 @@ def _main(argv: list[str]) -> int:
   if len(argv) > 2:
     raise HetlmError(f"unexpected arguments: {' '.join(argv[2:])}")
   cfg = config_from_flags()
-  from hetlm_jax.train import interrupt
+  from hetlm_jax import interrupt
   interrupt.inject(FLAGS.inject)
   # One stop handler for the whole command, before anything is read: a signal stops it at the next safe point.
   from hetlm_jax import compilation
@@ -422,9 +316,7 @@ def help_text(command: str | None) -> str:
   lines = [f"usage: hetlm {command} [--flag=value ...]", "", _COMMANDS_HELP[command] + "."]
   if command in ("train", "bench"):  # evaluate and generate take the settings saved in the workdir
     for section in ("data", "model", "train", "cluster"):
-      fields = dataclasses.fields(_SECTIONS[section])
-      names = [FLAG_NAMES.get(f.name, f.name) for f in fields if f.name not in _DERIVED]
-      lines += ["", f"{_GROUPS[section]}:"] + [flag(name) for name in names]
+      lines += ["", f"{_GROUPS[section]}:"] + [flag(flag_name(f)) for f in options(section)]
   lines += ["", "run:"] + [flag(name) for name in _RUN_FLAGS[command]]
   return "\n".join(lines)
 

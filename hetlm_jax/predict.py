@@ -44,8 +44,8 @@ from hetlm_jax.eval.evaluate import EvalOptions, group_batches, outcome_probabil
 from hetlm_jax.eval.generate import Sampling, generate
 from hetlm_jax.files import replace_text, written
 from hetlm_jax.lock import WorkdirLock
-from hetlm_jax.pipeline import SavedAssignment, load_run, read_sessions
-from hetlm_jax.train import interrupt
+from hetlm_jax.workdir import CONFIG_FILE, SavedAssignment, is_finished, load_run, locate, read_sessions
+from hetlm_jax import interrupt
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import Progress
 from hetlm_jax.train.split import num_models
@@ -87,17 +87,6 @@ class Scores:
     return np.exp(self.nll_per_token)
 
 
-def _resolve(path: Path) -> tuple[Path, str | None, int | None]:
-  """(workdir, model family, step) of a workdir, a family's checkpoint folder or one of its steps."""
-  if (path / "config.json").exists() or not path.exists():
-    return path, None, None
-  step = int(path.name) if path.name.isdigit() else None
-  family = path.parent if step is not None else path
-  if family.parent.name == "checkpoints" and (family.parent.parent / "config.json").exists():
-    return family.parent.parent, family.name, step
-  return path, None, None
-
-
 class Predictor:
   """A trained model family, ready for new events. Build it with `Predictor.load`."""
 
@@ -116,10 +105,10 @@ class Predictor:
   def load(cls, path: str | os.PathLike, model: str = "hetlm", devices=None) -> Predictor:
     """From a finished run's workdir (`model`: hetlm, single, single_ft or single_matched), or from a checkpoint
     folder WORKDIR/checkpoints/MODEL[/STEP]; onto `devices` (default: every local device; CPU works)."""
-    workdir, family, step = _resolve(Path(path))
+    workdir, family, step = locate(Path(path))
     if not workdir.is_dir():
       raise HetlmError(f"{path}: no such workdir")
-    if family is None and not (workdir / "eval.json").exists() and (workdir / "config.json").exists():
+    if family is None and not is_finished(workdir) and (workdir / CONFIG_FILE).exists():
       raise HetlmError(f"{workdir}: not a finished run (no eval.json); the `hetlm train` command that made it "
                        "resumes it")
     devices = list(jax.local_devices() if devices is None else devices)
@@ -130,9 +119,10 @@ class Predictor:
   def sequences(self, histories: Sequence, session_ids: Sequence | None = None,
                 new_session: bool | None = None) -> tuple[UserSequences, np.ndarray]:
     """The histories as the models read them, each followed by what is asked for, and [N] unknown pages."""
-    return self._view(_events_of(histories, session_ids), new_session)
+    return self.events_view(_events_of(histories, session_ids), new_session)
 
-  def _view(self, table: pa.Table, new_session: bool | None = None) -> tuple[UserSequences, np.ndarray]:
+  def events_view(self, table: pa.Table, new_session: bool | None = None) -> tuple[UserSequences, np.ndarray]:
+    """`sequences` of an event table (the columns of a log) instead of lists of pages."""
     gap = self.config.data.session_gap_minutes * 60
     seqs, _ = build_sequences(table, self.tokenizer, session_gap_s=gap, holdout="none")
     seqs = prediction_view(seqs, self.new_session if new_session is None else new_session)
@@ -141,7 +131,7 @@ class Predictor:
 
   # -- what the models say about them ----------------------------------------------------------------------
 
-  def _route(self, seqs: UserSequences, user_ids=None):
+  def route_users(self, seqs: UserSequences, user_ids=None):
     """(cluster [U], log posterior [K, U], history NLL sums [K, U], scored tokens [U], saved [U])."""
     history_KxU, tokens_U = self.trainer.score(self.params, seqs, "history", label=self.label)
     cluster_U = route(history_KxU, tokens_U)
@@ -152,7 +142,7 @@ class Predictor:
       cluster_U = np.where(saved_U, known_U, cluster_U).astype(np.int32)
     return cluster_U, posterior(self.log_prior, history_KxU), history_KxU, tokens_U, saved_U
 
-  def _top(self, seqs: UserSequences, cluster_U, log_post_KxU, k: int, mixture: bool):
+  def top_pages(self, seqs: UserSequences, cluster_U, log_post_KxU, k: int, mixture: bool):
     """[U, k] ids and probabilities of the most likely next pages, batched as the evaluation ranks."""
     first_page = self.tokenizer.num_specials
     k = max(1, min(k, self.tokenizer.vocab_size - first_page))
@@ -186,7 +176,7 @@ class Predictor:
              new_session: bool | None = None) -> Routing:
     """Each history's cluster (`user_ids` in the saved assignment keep theirs) and P(k | history)."""
     seqs, unknown_U = self.sequences(histories, session_ids, new_session)
-    cluster_U, log_post_KxU, _, _, saved_U = self._route(seqs, user_ids)
+    cluster_U, log_post_KxU, _, _, saved_U = self.route_users(seqs, user_ids)
     return Routing(cluster_U, np.exp(log_post_KxU).T, unknown_U, saved_U)
 
   def next_pages(self, histories: Sequence, k: int = 10, mixture: bool = False, session_ids: Sequence | None = None,
@@ -194,15 +184,15 @@ class Predictor:
     """The k most likely next pages of each history under its routed model, or under the mixture of all K
     weighted by P(k | history) (`mixture`)."""
     seqs, unknown_U = self.sequences(histories, session_ids, new_session)
-    cluster_U, log_post_KxU, *_ = self._route(seqs, user_ids)
-    ids_UxN, probs_UxN = self._top(seqs, cluster_U, log_post_KxU, k, mixture)
+    cluster_U, log_post_KxU, *_ = self.route_users(seqs, user_ids)
+    ids_UxN, probs_UxN = self.top_pages(seqs, cluster_U, log_post_KxU, k, mixture)
     pages = [self.tokenizer.decode(row) for row in ids_UxN]
     return NextPages(pages, probs_UxN, ids_UxN, cluster_U, unknown_U)
 
   def score(self, histories: Sequence, session_ids: Sequence | None = None, user_ids: Sequence | None = None) -> Scores:
     """Each history's NLL per token under every model, its routed model and the mixture."""
     seqs, _ = self.sequences(histories, session_ids)
-    cluster_U, _, history_KxU, tokens_U, _ = self._route(seqs, user_ids)
+    cluster_U, _, history_KxU, tokens_U, _ = self.route_users(seqs, user_ids)
     per_token_KxU = history_KxU / np.maximum(tokens_U, 1)
     mixture_U = -logsumexp(self.log_prior[:, None] - history_KxU, axis=0) / np.maximum(tokens_U, 1)
     return Scores(per_token_KxU.T, tokens_U, cluster_U, per_token_KxU[cluster_U, np.arange(len(cluster_U))],
@@ -216,7 +206,7 @@ class Predictor:
       raise HetlmError(f"{self.workdir}: the run was trained without outcome events (no event_type other than "
                        "views), so it predicts no outcome")
     seqs, _ = self.sequences(histories, session_ids)
-    cluster_U, *_ = self._route(seqs, user_ids)
+    cluster_U, *_ = self.route_users(seqs, user_ids)
     return self._outcomes(seqs, cluster_U, samples, seed)
 
   def _outcomes(self, seqs: UserSequences, cluster_U: np.ndarray, samples: int, seed: int) -> dict[str, np.ndarray]:
@@ -229,7 +219,7 @@ class Predictor:
     """What follows each history, generated by its routed model (batched, KV-cached; `hetlm generate`'s
     decoding), as token names (pages, and outcome tokens such as <cart>)."""
     seqs, _ = self.sequences(histories, session_ids)
-    cluster_U, *_ = self._route(seqs, user_ids)
+    cluster_U, *_ = self.route_users(seqs, user_ids)
     out = generate(self.config.model, self.params, seqs, cluster_U, np.arange(seqs.num_users),
                    self._sampling(sampling), seed=seed, mix=self.trainer.mix)
     return [self.tokenizer.decode(tokens) for tokens in out]
@@ -317,10 +307,10 @@ def _schema(int_ids: bool, outcomes: list[str]) -> pa.Schema:
 
 def _rows(predictor: Predictor, table: pa.Table, int_ids: bool, top_k: int, mixture: bool,
           outcome_samples: int, seed: int) -> pa.Table:
-  seqs, unknown_U = predictor._view(table)
+  seqs, unknown_U = predictor.events_view(table)
   ids = seqs.user_ids
-  cluster_U, log_post_KxU, history_KxU, tokens_U, _ = predictor._route(seqs, ids)
-  ids_UxN, probs_UxN = predictor._top(seqs, cluster_U, log_post_KxU, top_k, mixture)
+  cluster_U, log_post_KxU, history_KxU, tokens_U, _ = predictor.route_users(seqs, ids)
+  ids_UxN, probs_UxN = predictor.top_pages(seqs, cluster_U, log_post_KxU, top_k, mixture)
   u, n = ids_UxN.shape
   names = pa.array(predictor.tokenizer.decode(ids_UxN.ravel()), pa.string())
   offsets = pa.array(np.arange(u + 1, dtype=np.int32) * n)

@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 from hetlm_jax.bench.flops import model_flops_per_token
-from hetlm_jax.config import Config
 from hetlm_jax.files import replace_text
 from hetlm_jax.model import matched_config
+from hetlm_jax.workdir import built_config, is_finished, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from regime_map import color, delta, markdown, summarize  # noqa: E402  (a script beside this one)
@@ -88,7 +88,7 @@ def cells(args) -> list[Cell]:
 
 def compute(workdir: Path, row: dict) -> dict:
   """{model: {"tokens": tokens trained, "flops": model FLOPs}}, counting the init LM in HeTLM's and single_ft's."""
-  cfg = Config.load(workdir / "config.json")
+  cfg = built_config(workdir)
   single = dataclasses.replace(cfg.model, lora_rank=0)
   per_token = {"hetlm": model_flops_per_token(cfg.model), "single": model_flops_per_token(single),
                "single_ft": model_flops_per_token(single),
@@ -110,8 +110,7 @@ def row(cell: Cell, workdir: Path) -> dict | None:
   base = summarize(workdir)
   if base is None:
     return None
-  start = next(json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-               if json.loads(line)["kind"] == "start")
+  start = read_metrics(workdir, "start")[0]
   bits = base["bits_per_token"] or {}
   return {**base, "cell": dataclasses.asdict(cell), "setting": cell.setting, "train_users": start["train_users"],
           "train_tokens": start["train_tokens"], "test_users": base["n_users"],
@@ -192,7 +191,7 @@ def main() -> int:
   grid = cells(args)
   for cell in grid if args.data else []:
     workdir = args.out / cell.name
-    if not (workdir / "eval.json").exists():
+    if not is_finished(workdir):
       start = time.perf_counter()
       cmd = [sys.executable, "-m", "hetlm_jax", "train", f"--workdir={workdir}", f"--data={args.data}",
              f"--test_users={args.test_users}", f"--test_offset={args.test_offset}", *cell.flags(), *extra]

@@ -20,8 +20,10 @@ from absl import app, flags
 
 from hetlm_jax.data.tokenizer import BOS, EOS
 from hetlm_jax.eval import metrics as M
-from hetlm_jax.eval.generate import Sampling, generate, session_length_from_data
-from hetlm_jax.pipeline import _workdir_data, load_run, validation_slice
+from hetlm_jax.data.sequences import session_length_from_data
+from hetlm_jax.eval.generate import Sampling, generate
+from hetlm_jax.cluster.validation import validation_slice
+from hetlm_jax.workdir import load_run, run_data
 
 SETTINGS = [("greedy", Sampling()), ("T=1.0", Sampling(temperature=1.0)),
             ("T=0.8, top-p 0.9", Sampling(temperature=0.8, top_p=0.9)),
@@ -47,7 +49,7 @@ def history_sessions(seqs, num_specials: int) -> list[np.ndarray]:
 
 
 def main(_) -> None:
-  cfg, prepared = _workdir_data(Path(FLAGS.workdir), None)
+  cfg, prepared = run_data(Path(FLAGS.workdir), None)
   seqs, _, evaluated_U = validation_slice(cfg, prepared)
   run = load_run(FLAGS.workdir)
   specials = prepared.tokenizer.num_specials

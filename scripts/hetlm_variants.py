@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from hetlm_jax.config import ClusterConfig
+from hetlm_jax.workdir import CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, checkpoint_dir, is_finished, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from regime_map import summarize, table  # noqa: E402  (a script beside this one)
@@ -32,18 +33,17 @@ SINGLE_LMS = ("init_single", "single", "single_matched")
 def seed_workdir(base: Path, workdir: Path, changes: dict[str, str]) -> None:
   """`workdir` holds `base`'s single LMs, config (with `changes`) and their metrics records, nothing of HeTLM."""
   workdir.mkdir(parents=True)
-  config = json.loads((base / "config.json").read_text())
+  config = json.loads((base / CONFIG_FILE).read_text())
   for key, value in changes.items():
     old = config["cluster"].get(key, getattr(ClusterConfig(), key))  # a config saved before the flag existed
     config["cluster"][key] = value == "true" if isinstance(old, bool) else type(old)(float(value))
-  (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-  shutil.copy(base / "tokenizer.json", workdir / "tokenizer.json")
+  (workdir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+  shutil.copy(base / TOKENIZER_FILE, workdir / TOKENIZER_FILE)
   for name in SINGLE_LMS:
-    if (base / "checkpoints" / name).exists():
-      shutil.copytree(base / "checkpoints" / name, workdir / "checkpoints" / name)
-  kept = [line for line in (base / "metrics.jsonl").read_text().splitlines()
-          if json.loads(line).get("model", "init_single") in SINGLE_LMS and json.loads(line)["kind"] != "eval"]
-  (workdir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    if checkpoint_dir(base, name).exists():
+      shutil.copytree(checkpoint_dir(base, name), checkpoint_dir(workdir, name))
+  kept = [r for r in read_metrics(base) if r.get("model", "init_single") in SINGLE_LMS and r["kind"] != "eval"]
+  (workdir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def main() -> int:
@@ -62,7 +62,7 @@ def main() -> int:
       workdir = args.out / f"{flag}{value}"
       if not workdir.exists():
         seed_workdir(args.base, workdir, {flag: value})
-      if not (workdir / "eval.json").exists():
+      if not is_finished(workdir):
         command = [sys.executable, "-m", "hetlm_jax.main", "train", f"--workdir={workdir}", f"--{flag}={value}",
                    *extra]
         print(" ".join(command), flush=True)

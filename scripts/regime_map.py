@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from hetlm_jax.files import replace_text
+from hetlm_jax.workdir import is_finished, read_eval, read_metrics
 
 _PARAMS = ("all", "top:1", "head", "adapters:8")
 
@@ -49,21 +50,18 @@ BASELINES = ("single", "single_ft", "single_matched")  # HeTLM − each, where e
 def summarize(workdir: Path) -> dict | None:
   """One finished run's row, from its eval.json: every model's mean, HeTLM − each single LM (per-user mean and
   variance with the paired-bootstrap 95% intervals eval.json holds), validation figures, passes and tokens."""
-  path = workdir / "eval.json"
-  if not path.exists():
+  report = read_eval(workdir)
+  if report is None:
     return None
-  report = json.loads(path.read_text())
   models = report["models"]
   metric = "nll_no_end" if report.get("protocol") == "new_users" else "nll"
   boot = report["bootstrap"]
   # Settings are compared on the validation users, never on the evaluated ones: each model's per-user mean
   # validation NLL (eval.json's "validation"; runs from before it existed: the last stop record's pooled NLL).
   last_stop, hetlm_stops = {}, []
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    if record["kind"] == "stop":
-      last_stop[record["model"]] = record["validation_nll"]
-      hetlm_stops += [record] if record["model"] == "hetlm" else []
+  for record in read_metrics(workdir, "stop"):
+    last_stop[record["model"]] = record["validation_nll"]
+    hetlm_stops += [record] if record["model"] == "hetlm" else []
   validation = {m: v["mean"] for m, v in report["validation"].items()} if "validation" in report else last_stop
   is_init = report.get("hetlm_is_init_lm", len(hetlm_stops) == 1 and hetlm_stops[0]["best_pass"] == 0)
   vs = {o: {k: boot[f"hetlm-{o}"][metric][k] for k in ("mean_diff", "mean_ci", "var_diff", "var_ci")}
@@ -156,7 +154,7 @@ def main() -> int:
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   for name, flags in grid(args.grid, [s for s in args.settings.split(",") if s]).items():
-    if (out / name / "eval.json").exists():
+    if is_finished(out / name):
       continue
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "hetlm_jax", "train", f"--workdir={out / name}", *flags, *extra]

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from hetlm_jax.workdir import read_eval, read_metrics
+
 # absl's log prefix: I1128 17:41:56.743746 ...
 _ABSL_TIME = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) ")
 _MARKS = {"data": re.compile(r"\] data: "), "trained": re.compile(r"\] hetlm round 1: \d+ passes, kept pass"),
@@ -106,11 +108,11 @@ def run_size(args, max_users: int) -> dict:
   if status != 0 and not stopped_early:
     raise SystemExit(f"hetlm train failed ({status}); see {workdir.parent / (workdir.name + '.log')}")
 
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+  records = read_metrics(workdir)
   first = next(r for r in records if r["kind"] == "start")
   train = [r for r in records if r["kind"] == "train" and r.get("model") == "hetlm"]
-  eval_path = workdir / "eval.json"
-  eval_s = json.loads(eval_path.read_text())["eval_s"] if eval_path.exists() else None
+  report = read_eval(workdir)
+  eval_s = report["eval_s"] if report else None
 
   def peak(t0: float, t1: float) -> float | None:
     inside = [rss for t, rss in samples if t0 <= t <= t1]

@@ -146,13 +146,13 @@ def test_a_workdir_that_cannot_be_a_directory_is_refused(tmp_path, good_log, cap
 
 def test_an_unwritable_or_full_workdir_is_refused(tmp_path, good_log, capsys, monkeypatch):
   import shutil
-  from hetlm_jax import pipeline
-  monkeypatch.setattr(pipeline.os, "access", lambda path, mode: False)  # tests may run as root, who writes anywhere
+  from hetlm_jax import workdir as run_dir
+  monkeypatch.setattr(run_dir.os, "access", lambda path, mode: False)  # tests may run as root, who writes anywhere
   code, err = run(capsys, "train", f"--workdir={tmp_path / 'run'}", f"--data={good_log}", *TINY)
   assert code == 2 and "is not writable" in err[0] and not (tmp_path / "run").exists()
   monkeypatch.undo()
   full = shutil.disk_usage(tmp_path)._replace(free=10 * 2**20)
-  monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: full)
+  monkeypatch.setattr(run_dir.shutil, "disk_usage", lambda path: full)
   code, err = run(capsys, "train", f"--workdir={tmp_path / 'run'}", f"--data={good_log}", *TINY)
   assert code == 2 and "the disk is full" in err[0] and not (tmp_path / "run").exists()
 

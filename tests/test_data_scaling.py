@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from hetlm_jax.bench.flops import model_flops_per_token
-from hetlm_jax.config import Config
+from hetlm_jax.workdir import built_config
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -49,6 +49,6 @@ def test_the_curve_is_written_for_every_size_on_one_test_set(tmp_path):
     tokens = report["tokens_trained"]
     assert r["compute"]["hetlm"]["tokens"] == tokens["hetlm"] + tokens["init_single"]
     assert r["compute"]["single"]["tokens"] == tokens["single"]
-    per_token = model_flops_per_token(Config.load(workdir / "config.json").model)
+    per_token = model_flops_per_token(built_config(workdir).model)
     np.testing.assert_allclose(r["compute"]["hetlm"]["flops"], r["compute"]["hetlm"]["tokens"] * per_token)
     assert r["compute"]["single_matched"]["flops"] > tokens["single_matched"] * per_token  # a wider model

@@ -12,7 +12,7 @@ from hetlm_jax.config import Config, DataConfig
 from hetlm_jax.data.sequences import build_sequences
 from hetlm_jax.data.tokenizer import UNK, PageTokenizer
 from hetlm_jax.eval import metrics as M
-from hetlm_jax.eval.evaluate import (EvalOptions, LMFamily, _ranking, first_page_index, mixture_nll,
+from hetlm_jax.eval.evaluate import (EvalOptions, LMFamily, rank_next_pages, first_page_index, mixture_nll,
                                      unknown_targets)
 from hetlm_jax.eval.report import write_report
 from hetlm_jax.pipeline import prepare_data
@@ -36,9 +36,9 @@ def test_sampled_negatives_do_not_depend_on_how_users_are_batched(wide):
   true_U = seqs.tokens[first_page_index(seqs)]
   logp_UxV[np.arange(seqs.num_users), true_U] = np.quantile(logp_UxV[:, tok.num_specials:], 0.95, axis=1)
   opts = EvalOptions(seed=3)
-  by_cluster = _ranking(lambda users: logp_UxV[users], seqs, tok, opts, 5, "hetlm",
+  by_cluster = rank_next_pages(lambda users: logp_UxV[users], seqs, tok, opts, 5, "hetlm",
                         groups_U=rng.integers(0, 3, seqs.num_users))
-  in_order = _ranking(lambda users: logp_UxV[users], seqs, tok, opts, 16, "baseline")
+  in_order = rank_next_pages(lambda users: logp_UxV[users], seqs, tok, opts, 16, "baseline")
   candidate_V = np.arange(tok.vocab_size) >= tok.num_specials
   neg_UxN, ok_U = M.sample_negatives(seqs, candidate_V, 100, seed=3, exclude_U=true_U)
   expected = M.negatives_ranking_metrics(logp_UxV, true_U, neg_UxN, ok_U, candidate_V)
@@ -83,7 +83,7 @@ def test_pages_seen_only_in_held_out_targets_are_not_in_the_vocabulary(tmp_path)
   true_U = seqs.tokens[first_page_index(seqs)]
   logp_UxV = np.zeros((seqs.num_users, tok.vocab_size))
   logp_UxV[np.arange(seqs.num_users), true_U] = 1.0  # every true token scores best, UNK included
-  ranked = _ranking(lambda users: logp_UxV[users], seqs, tok, EvalOptions(negatives=1), 8, "x")
+  ranked = rank_next_pages(lambda users: logp_UxV[users], seqs, tok, EvalOptions(negatives=1), 8, "x")
   last = np.arange(seqs.num_users) == b
   np.testing.assert_array_equal(1 / ranked["mrr"], np.where(last, 4, 1))  # behind all 3 pages
   np.testing.assert_array_equal(ranked["hr@1"], ~last)

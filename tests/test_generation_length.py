@@ -5,7 +5,7 @@ import numpy as np
 
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS
-from hetlm_jax.eval.generate import session_length_from_data
+from hetlm_jax.data.sequences import session_length_from_data
 from hetlm_jax.eval.metrics import max_repeats, repetition_rate
 
 

@@ -187,7 +187,7 @@ def test_the_history_scores_kept_from_the_last_e_step_are_those_of_the_returned_
   from hetlm_jax.train.metrics import MetricsLog
 
   if early_stopping:
-    real_reassign, real_stats, after_e_step = cluster_rounds._reassign, cluster_rounds.Validation.stats, []
+    real_reassign, real_stats, after_e_step = cluster_rounds.e_step, cluster_rounds.Validation.stats, []
 
     def reassign(*args, **kwargs):
       after_e_step.append(True)
@@ -195,7 +195,7 @@ def test_the_history_scores_kept_from_the_last_e_step_are_those_of_the_returned_
 
     def stats(self, *args):  # from the first E-step on, nothing beats the round's start
       return (0.0, 0.0) if after_e_step else real_stats(self, *args)
-    monkeypatch.setattr(cluster_rounds, "_reassign", reassign)
+    monkeypatch.setattr(cluster_rounds, "e_step", reassign)
     monkeypatch.setattr(cluster_rounds.Validation, "stats", stats)
 
   path, _ = markov_log

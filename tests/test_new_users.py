@@ -195,9 +195,9 @@ def test_new_users_eval_scores_the_mixture_likelihood_and_pools_bits(new_users_r
   assert on_disk["test_tokens"] == {"with_end": 40 * 11, "no_end": 40 * 10}
   # HeTLM's per-user NLL is log Σ_k π_k p_k(sequence), recomputed here from the saved models; π is the mean
   # of the saved soft-EM responsibilities (--soft), not the share of each user's most likely cluster.
-  from hetlm_jax.pipeline import _families_for, load_run
+  from hetlm_jax.pipeline import load_run, trained_families
   prepared = prepare_data(cfg)
-  family = _families_for(workdir, prepared.seqs)["hetlm"]
+  family = trained_families(workdir, prepared.seqs)["hetlm"]
   nll_KxU, tokens_U = family.trainer.score(family.params, prepared.test_seqs, "target")
   share = load_run(workdir).weights.mean(axis=0)
   mix_U = -np.log((share[:, None] * np.exp(-nll_KxU)).sum(axis=0)) / tokens_U

@@ -109,8 +109,8 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_unin
 
 def no_e_step_validation(monkeypatch):
   """The E-step measures validation before and after it; scripted tests script only the rounds' validations."""
-  real = rounds._reassign
-  monkeypatch.setattr(rounds, "_reassign", lambda *args, **kwargs: real(*args[:11], None, **kwargs))
+  real = rounds.e_step
+  monkeypatch.setattr(rounds, "e_step", lambda *args, **kwargs: real(*args, **{**kwargs, "validate": None}))
 
 
 def test_a_round_stops_after_patience_validations_without_progress_and_keeps_its_best_pass(log_path, tmp_path,

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hetlm_jax import pipeline
-from hetlm_jax.cluster import rounds
+from hetlm_jax.cluster import rounds, toward_init
 from hetlm_jax.cluster.policy import Policy
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax.data.sequences import UserSequences, build_sequences, routing_split
@@ -151,18 +151,18 @@ def test_an_e_step_runs_even_when_the_first_round_fails(log_path, tmp_path, monk
 def test_a_family_from_scratch_anneals_from_its_kept_pass_unless_it_was_already_annealed():
   cfg = Config(train=TrainConfig(learning_rate=1e-2, epochs=4, warm_epochs=2))
   policy = Policy(cfg, 1, warm=False, validating=True)
-  meta = policy.first_meta()
-  cold = policy.plan(meta)
+  at = policy.first_position()
+  cold = policy.plan(at)
   assert cold.kind == "cold" and cold.min_checks == 2
   for kept, anneals in ((1, True), (4, False)):
-    meta = {**policy.first_meta(), "round": 1, "kept_lr": policy.kept_lr(cold, kept, 10)}
-    policy.end_round(cold, meta, improved=True, rounds=1, moved=None)
-    assert meta["cold_done"] and meta["done"] is not anneals
+    at = dataclasses.replace(policy.first_position(), round=1, kept_lr=policy.kept_lr(cold, kept, 10))
+    policy.end_round(cold, at, improved=True, rounds=1, moved=None)
+    assert at.cold_done and at.done is not anneals
     if anneals:
-      anneal = policy.plan(meta)
+      anneal = policy.plan(at)
       assert anneal.kind == "anneal" and anneal.passes == 2 and anneal.min_checks == 0
-      np.testing.assert_allclose(anneal.round_lr[0], meta["kept_lr"], rtol=1e-6)
-  warm = Policy(cfg, 4, warm=True, validating=True).plan(policy.first_meta())
+      np.testing.assert_allclose(anneal.round_lr[0], at.kept_lr, rtol=1e-6)
+  warm = Policy(cfg, 4, warm=True, validating=True).plan(policy.first_position())
   np.testing.assert_allclose(warm.round_lr[:2], cfg.cluster.warm_lr_scale * 1e-2, rtol=1e-6)
   assert warm.kind == "warm" and warm.min_checks == 0 and warm.val_every == cfg.train.val_every
 
@@ -175,7 +175,7 @@ def test_interpolation_at_zero_is_the_init_lm_and_at_one_the_cluster_model():
                                  output_bias=True), cluster=ClusterConfig(cluster_params="top:1"))
   params = jax.device_get(init_state(cfg, optax.identity(), jax.random.key(0), 3).params)
   anchor = model_params(jax.device_get(init_state(cfg, optax.identity(), jax.random.key(1), 1).params), 0)
-  at = lambda alpha_K, shared: jax.device_get(rounds.interpolate_params(params, anchor, np.array(alpha_K), shared,
+  at = lambda alpha_K, shared: jax.device_get(toward_init.interpolate_params(params, anchor, np.array(alpha_K), shared,
                                                                         "top:1", 2))
   same = lambda a, b: jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
   for k in range(3):
@@ -190,7 +190,7 @@ def test_interpolated_hetlm_is_no_worse_than_its_init_lm_on_the_validation_users
   cfg = _tiny(log_path, init="embedding", warm_start=True, interpolate=True, baselines=True, rounds=1)
   report = pipeline.train_and_evaluate(cfg, tmp_path)
   mixed, = [r for r in MetricsLog(tmp_path / "metrics.jsonl").records("interpolate") if r["model"] == "hetlm"]
-  assert len(mixed["alpha"]) == 2 and set(mixed["alpha"]) <= set(rounds.INTERPOLATION_GRID)
+  assert len(mixed["alpha"]) == 2 and set(mixed["alpha"]) <= set(toward_init.INTERPOLATION_GRID)
   assert mixed["validation_nll"] <= mixed["validation_init"] + 1e-9
   assert report["validation"]["hetlm"]["mean"] <= report["validation"]["single"]["mean"] + 1e-6
   np.testing.assert_allclose(report["validation"]["hetlm"]["mean"], mixed["validation_nll"], rtol=1e-5)
@@ -271,7 +271,7 @@ def test_fitted_weights_are_the_validation_minimum_and_a_tie_goes_to_the_init_lm
   assignment_U = np.array([0, 0, 0, 1, 1, 1])
   # cluster 0's users are best at w = 0.75, cluster 1's are the same at every w but for noise
   per_user = lambda w_K, _: np.where(assignment_U == 0, (w_K[0] - 0.75) ** 2, 1.0 + 1e-10 * w_K[1])
-  w_K, common, scores, final = rounds._fit_weights(2, validation, assignment_U, per_user, rescore_own=False)
+  w_K, common, scores, final = toward_init.fit_weights(2, validation, assignment_U, per_user, rescore_own=False)
   assert common == 0.75 and list(w_K) == [0.75, 0.0]
   np.testing.assert_allclose(final, per_user(w_K, common))
 
@@ -303,7 +303,7 @@ def test_a_hetlm_mixed_with_its_init_lm_is_fitted_on_validation_saved_with_it_an
   records = MetricsLog(tmp_path / "metrics.jsonl").records("mix")
   mixed, = [r for r in records if r["model"] == "hetlm"]
   assert {r["model"] for r in records} == {"hetlm", "single_ft"}  # the K=1 control mixes exactly as HeTLM does
-  assert len(mixed["lam"]) == 2 and set(mixed["lam"]) <= set(rounds.INTERPOLATION_GRID)
+  assert len(mixed["lam"]) == 2 and set(mixed["lam"]) <= set(toward_init.INTERPOLATION_GRID)
   assert mixed["validation_nll"] <= mixed["validation_init"] + 1e-9
   np.testing.assert_allclose(report["validation"]["hetlm"]["mean"], mixed["validation_nll"], rtol=1e-5)
   one = report["params"]["single"]  # the init LM's size

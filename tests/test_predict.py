@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hetlm_jax import pipeline
+from hetlm_jax.workdir import run_data
 from hetlm_jax.cluster.assign import reassign
 from hetlm_jax.data.sequences import build_sequences, prediction_view
 from hetlm_jax.data.tokenizer import BOS, EOS, PageTokenizer
@@ -42,7 +43,7 @@ def _sessions(tokenizer: PageTokenizer, tokens: np.ndarray) -> list[list[str]]:
 def trained(tiny_reference):
   """The tiny run, its training users (their history part) and the users the evaluation reports on."""
   log, workdir = tiny_reference
-  cfg, prepared = pipeline._workdir_data(workdir, None)
+  cfg, prepared = run_data(workdir, None)
   seqs, _, evaluated_U = pipeline.validation_slice(cfg, prepared)
   histories = [_sessions(prepared.tokenizer, seqs.history(u)) for u in range(seqs.num_users)]
   return log, workdir, seqs, evaluated_U, histories, Predictor.load(workdir)
@@ -145,7 +146,7 @@ def test_a_sigterm_while_a_python_caller_loads_the_model_stops_predict_file_clea
   import os
   import signal
 
-  from hetlm_jax.train import interrupt
+  from hetlm_jax import interrupt
   log, workdir, *_ = trained
   load = Predictor.load.__func__
 
@@ -255,7 +256,7 @@ def test_outcome_chances_are_the_evaluations_and_a_checkpoint_path_loads_the_sam
               "--d_model=16", "--n_layers=1", "--n_heads=2", "--d_ff=32", "--epochs=2", "--batch_size=8", "--k=2",
               "--rounds=1", "--init=random", "--nobaselines", "--eval_batch_size=32"]) == 0
   report = json.loads((workdir / "eval.json").read_text())
-  cfg, prepared = pipeline._workdir_data(workdir, None)
+  cfg, prepared = run_data(workdir, None)
   seqs, _, evaluated_U = pipeline.validation_slice(cfg, prepared)
   candidates = np.flatnonzero(evaluated_U)  # the evaluation's generated users (EvalOptions: seed 0, 500 users)
   users = np.sort(np.random.default_rng(0).choice(candidates, min(500, len(candidates)), replace=False))

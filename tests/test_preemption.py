@@ -134,7 +134,7 @@ def test_one_stop_handler_serves_the_whole_command_and_a_second_ctrl_c_stops_at_
   import signal
 
   from hetlm_jax.errors import HetlmError
-  from hetlm_jax.train import interrupt
+  from hetlm_jax import interrupt
   before = signal.getsignal(signal.SIGTERM)
   with interrupt.stop_handler() as outer:
     interrupt.safe_point("nowhere", "nothing")  # no stop asked for: goes on

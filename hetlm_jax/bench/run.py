@@ -28,8 +28,8 @@ from hetlm_jax.data.tokenizer import UNK
 from hetlm_jax.files import replace_text
 from hetlm_jax.model import param_count
 from hetlm_jax.data.readers import read_events
-from hetlm_jax.pipeline import data_path, prepare_data
-from hetlm_jax.train import interrupt
+from hetlm_jax.data.prepare import data_path, prepare_data
+from hetlm_jax import interrupt
 from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.state import make_mesh
@@ -138,9 +138,9 @@ def _predict(cfg: Config, prepared, k: int) -> dict:
   10 pages of the routed model; their whole log is the history) against the evaluation's path for the same users
   (routing by history, then ranking the held-out page, on sequences already built), both after a compiling
   warm-up; initialised parameters (speed does not depend on them)."""
-  from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, _ranking, route_by_history
-  from hetlm_jax.pipeline import TrainedRun
+  from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, rank_next_pages, route_by_history
   from hetlm_jax.predict import Predictor
+  from hetlm_jax.workdir import TrainedRun
   trainer = Trainer(cfg, k)
   params = trainer.init_state().params
   seqs, tokenizer = prepared.seqs, prepared.tokenizer
@@ -151,9 +151,9 @@ def _predict(cfg: Config, prepared, k: int) -> dict:
   table = table.filter(pc.is_in(table["user_id"], value_set=pa.array(seqs.user_ids.astype(str))))  # the same users
 
   def predict(events):
-    view, _ = predictor._view(events)
-    cluster_U, log_post_KxU, _, tokens_U, _ = predictor._route(view, view.user_ids)
-    predictor._top(view, cluster_U, log_post_KxU, 10, mixture=False)
+    view, _ = predictor.events_view(events)
+    cluster_U, log_post_KxU, _, tokens_U, _ = predictor.route_users(view, view.user_ids)
+    predictor.top_pages(view, cluster_U, log_post_KxU, 10, mixture=False)
     return view.num_users, int(tokens_U.sum())
 
   family = LMFamily("bench", trainer, params, assignment)
@@ -161,7 +161,7 @@ def _predict(cfg: Config, prepared, k: int) -> dict:
   def evaluate(users):
     view = seqs.subset(users)
     family.assignment = route_by_history(family, view)
-    _ranking(lambda u: trainer.next_logprobs(params, view, u, family.assignment[u]), view, tokenizer,
+    rank_next_pages(lambda u: trainer.next_logprobs(params, view, u, family.assignment[u]), view, tokenizer,
              EvalOptions(), trainer.eval_batch, "bench", groups_U=family.assignment)
 
   predict(table.slice(0, 2000))  # compiles
@@ -207,7 +207,7 @@ def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: 
   validate(cfg)
   prepared = prepare_data(cfg)
   seqs, vocab = prepared.seqs, prepared.tokenizer.vocab_size
-  cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=vocab))
+  cfg = cfg.built(vocab)
   device = jax.devices()[0]
   peak, peak_source = flops.peak_flops(device)
   result = {

@@ -1,5 +1,6 @@
 """The round policy: how a round is scheduled, when it stops, what it is compared with, and when users are
-routed. cluster/rounds.py runs the rounds and keeps their checkpoints exact; every choice is made here.
+routed. cluster/rounds.py runs the rounds and keeps their checkpoints exact; every choice is made here, on a
+family's run position (Position).
 
 Three kinds of round:
 - cold: a model trained from scratch, or restarted at the full rate: warmup then cosine decay over at most
@@ -28,6 +29,48 @@ from hetlm_jax.train.state import cold_lr, decay_lr, schedule_lr
 _ANNEALED = 1.5
 
 
+@dataclasses.dataclass
+class Position:
+  """Where a model family's training stands: saved as every checkpoint's meta, so a resumed run goes on from
+  exactly there."""
+  round: int = 0  # rounds finished
+  done: bool = False  # no round follows (the interpolation or mixture toward the init LM may)
+  in_round: bool = False  # a round has started and not ended
+  passes: float = 0.0  # passes over every user trained, over all rounds
+  tokens: float = 0.0  # real tokens trained on, over all rounds (a token repeated by --balance counts each time)
+  cold_done: bool = False  # the rounds from scratch are over (an anneal may follow)
+  kept_lr: float = 0.0  # the learning rate at the last kept validation (where an anneal starts)
+  converged: bool = False  # a round found nothing better than its start, or an E-step moved < --tolerance
+  annealed: bool = False
+  warm: bool = False  # the family started from a trained LM
+  improved: bool = False  # some round found a point better than its start
+  best_check: int = 0  # the current round's validation with the lowest NLL so far (0: the round's start)
+  best_nll: float | None = None  # its per-user mean validation NLL, and the variance beside it
+  best_var: float | None = None
+  train_s: float = 0.0  # seconds trained, over every session of the run
+  alpha: list[float] | None = None  # --interpolate's weights (per cluster, and the shared part's), once fitted
+  alpha_shared: float | None = None
+  mix: list[float] | None = None  # --mix_init's weights, once fitted
+
+  def to_meta(self) -> dict:
+    """The checkpoint's meta (a weight not fitted yet is left out)."""
+    return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+  @classmethod
+  def from_meta(cls, meta: dict) -> Position:
+    """The position a checkpoint's meta holds (its other keys describe the family, not its progress)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    # A checkpoint from before `improved` was recorded: assumed true, so HeTLM is not called its init LM unseen.
+    return cls(**{"improved": True, **{key: value for key, value in meta.items() if key in known}})
+
+  def kept_its_start(self) -> bool:
+    """Whether a warm-started family ended where it started: no round found a better point, or the weights
+    toward the LM it started from were fitted all the way back to it."""
+    back = (self.alpha is not None and not any(self.alpha) and not self.alpha_shared
+            or self.mix is not None and not any(self.mix))
+    return self.warm and self.round > 0 and (back or not self.improved)
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundPlan:
   kind: str  # cold | anneal | warm
@@ -46,6 +89,7 @@ class RoundPlan:
     return -(-self.passes * steps_per_epoch // self.check_steps(steps_per_epoch))
 
   def stalled(self, check: int, best_check: int) -> bool:
+    """Whether `patience` validations since the best one, `best_check`, stop the round at validation `check`."""
     return bool(self.patience) and check >= self.min_checks and check - best_check >= self.patience
 
 
@@ -60,10 +104,12 @@ class Policy:
 
   @property
   def patience(self) -> int:
+    """Validations without a better one that stop a round (0 without validation users)."""
     return self.cfg.train.patience if self.validating else 0
 
   @property
   def prox(self) -> float:
+    """--prox for a warm family, else 0."""
     return self.cfg.cluster.prox if self.warm else 0.0
 
   @property
@@ -84,20 +130,19 @@ class Policy:
     whole history."""
     return "target" if self.cfg.cluster.route_frac else "history"
 
-  def first_meta(self) -> dict:
+  def first_position(self) -> Position:
     """A family's run position before its first round."""
-    return {"round": 0, "done": False, "in_round": False, "passes": 0.0, "tokens": 0.0, "cold_done": self.warm,
-            "kept_lr": float(cold_lr(self.cfg.train)[1])}
+    return Position(cold_done=self.warm, kept_lr=float(cold_lr(self.cfg.train)[1]), warm=self.warm)
 
-  def plan(self, meta: dict) -> RoundPlan:
-    """The next round of a family at run position `meta`."""
+  def plan(self, at: Position) -> RoundPlan:
+    """The next round of a family at run position `at`."""
     t = self.cfg.train
     if self.warm:
       return RoundPlan("warm", t.warm_epochs, decay_lr(self.cfg.cluster.warm_lr_scale * t.learning_rate),
                        t.val_every, self.patience, 0)
-    if not meta["cold_done"]:
+    if not at.cold_done:
       return RoundPlan("cold", t.epochs, cold_lr(t), 1.0, self.patience, -(-t.epochs // 2))
-    return RoundPlan("anneal", t.warm_epochs, decay_lr(meta["kept_lr"]), t.val_every, self.patience, 0)
+    return RoundPlan("anneal", t.warm_epochs, decay_lr(at.kept_lr), t.val_every, self.patience, 0)
 
   def kept_lr(self, plan: RoundPlan, check: int, steps_per_epoch: int) -> float:
     """The learning rate at validation `check` of a round (the rate of the parameters kept there)."""
@@ -105,29 +150,29 @@ class Policy:
     fraction = min(check * plan.check_steps(steps_per_epoch), total) / total
     return float(schedule_lr(self.cfg.train.warmup_frac, fraction, plan.round_lr))
 
-  def runs_estep(self, plan: RoundPlan, meta: dict, improved: bool) -> bool:
+  def runs_estep(self, plan: RoundPlan, at: Position, improved: bool) -> bool:
     """K > 1: a round ends in an E-step when it improved on its start, and the family's first round always
     does (whatever the gate says), so a failed first round still says what reassignment would do. An anneal
     only finishes the models of the last assignment."""
-    return self.k > 1 and plan.kind != "anneal" and (improved or meta["round"] == 1)
+    return self.k > 1 and plan.kind != "anneal" and (improved or at.round == 1)
 
-  def end_round(self, plan: RoundPlan, meta: dict, improved: bool, rounds: int, moved: float | None) -> None:
-    """Updates the run position after round meta["round"] (already counted) and its E-step, if any (`moved`:
-    the share of users it moved): done, converged, cold_done."""
+  def end_round(self, plan: RoundPlan, at: Position, improved: bool, rounds: int, moved: float | None) -> None:
+    """Updates the run position after round at.round (already counted) and its E-step, if any (`moved`: the
+    share of users it moved): done, converged, cold_done."""
     if plan.kind == "anneal":
-      meta.update(done=True, annealed=True)
+      at.done = at.annealed = True
       return
     # A round that found nothing better than its start: another restart of the same schedule is not worth
     # training (after a forced first E-step, one more round tries the new assignment). Nor is one after an
     # E-step that moved fewer than --tolerance of the users.
-    converged = (not improved and not (self.k > 1 and meta["round"] == 1)) or (
+    converged = (not improved and not (self.k > 1 and at.round == 1)) or (
       moved is not None and moved < self.cfg.cluster.tolerance)
-    meta["converged"] = bool(meta.get("converged") or converged)
-    finished = meta["converged"] or meta["round"] >= rounds
+    at.converged = bool(at.converged or converged)
+    finished = at.converged or at.round >= rounds
     if plan.kind == "warm":
-      meta["done"] = finished
+      at.done = finished
       return
     if finished:
-      meta["cold_done"] = True
-      anneal = self.validating and meta["kept_lr"] > _ANNEALED * cold_lr(self.cfg.train)[2]
-      meta["done"] = not anneal
+      at.cold_done = True
+      anneal = self.validating and at.kept_lr > _ANNEALED * cold_lr(self.cfg.train)[2]
+      at.done = not anneal

@@ -7,16 +7,15 @@ is a model family of its own in WORKDIR/checkpoints/NAME; WORKDIR/tuned.json say
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from absl import logging
 
-from hetlm_jax import hosts
-from hetlm_jax.cluster.rounds import Trained, Validation
+from hetlm_jax.cluster.rounds import Trained
+from hetlm_jax.cluster.validation import Validation
 from hetlm_jax.config import Config
-from hetlm_jax.files import replace_text
 from hetlm_jax.train.metrics import MetricsLog
+from hetlm_jax.workdir import record_tuned
 
 PROX_GRID = (0.0, 1.0, 3.0)
 MATCHED_LR_SCALES = (1 / 3, 1.0)  # times --learning_rate
@@ -47,17 +46,5 @@ def choose(name: str, runs: dict[str, Trained], validation: Validation, log: Met
   log.write({"kind": "tuned", "model": name, "chosen": best, "validation_nll": scores})
   logging.info("%s: chose %s by the validation users (%s)", name, best,
                ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
-  if hosts.is_primary():
-    path = workdir / "tuned.json"
-    tuned = json.loads(path.read_text()) if path.exists() else {}
-    tuned[name] = best
-    replace_text(path, json.dumps(tuned, indent=1) + "\n")
+  record_tuned(workdir, name, best)
   return runs[best], {"chosen": best, "validation_nll": scores}
-
-
-def tuned_name(workdir: Path, model: str) -> str:
-  """The checkpoint folder that `model` was chosen as, or `model` itself."""
-  path = Path(workdir) / "tuned.json"
-  if path.exists():
-    return json.loads(path.read_text()).get(model, model)
-  return model

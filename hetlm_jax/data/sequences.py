@@ -104,6 +104,21 @@ class UserSequences:
     return np.bincount(self.tokens[in_history_N], minlength=vocab_size)
 
 
+def session_length_from_data(seqs: UserSequences, num_specials: int) -> int | None:
+  """How many pages to generate when the model cannot know when a session ends: None when the training
+  histories hold end markers (the model learns to stop); otherwise (msnbc: one session per user, cut in two)
+  the median number of pages of a history session."""
+  in_history = np.arange(seqs.num_tokens) < np.repeat(seqs.split, seqs.lengths)
+  tokens = seqs.tokens[in_history]
+  if (tokens == EOS).any() or not len(tokens):
+    return None
+  starts = np.zeros(len(tokens), bool)
+  starts[np.cumsum(seqs.history_lengths)[:-1]] = True  # a new user starts a new session too
+  session = np.cumsum(starts | (tokens == BOS))
+  pages = np.bincount(session, weights=tokens >= num_specials)
+  return max(1, int(np.median(pages[pages > 0]))) if (pages > 0).any() else None
+
+
 def routing_split(seqs: UserSequences, frac: float) -> UserSequences:
   """Every user's history alone, its last `frac` of tokens (rounded up, at least one where the history has
   three or more) made the target: the models train on what is left (the history part) and users are routed

@@ -21,11 +21,13 @@ from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, UNK, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
-from hetlm_jax.eval.generate import Sampling, generate, session_length_from_data
+from hetlm_jax.data.sequences import session_length_from_data
+from hetlm_jax.eval.generate import Sampling, generate
 from hetlm_jax.files import replace_text
-from hetlm_jax.train import interrupt
+from hetlm_jax import interrupt
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import Progress
+from hetlm_jax.workdir import EVAL_FILE
 
 LM_NAMES = ("hetlm", "single", "single_ft", "single_matched")
 _ALIGNMENT = ("edit_similarity", "jaccard", "rouge_l_f1")  # generated vs actual next session, NaN if not generated
@@ -120,7 +122,7 @@ def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer,
   u = seqs.num_users
   out = {}
   out["nll"], nll_KxU, tokens_U = per_user_nll(family, seqs)
-  out.update(_ranking(lambda users: family.trainer.next_logprobs(family.params, seqs, users,
+  out.update(rank_next_pages(lambda users: family.trainer.next_logprobs(family.params, seqs, users,
                                                                  family.assignment[users]),
                       seqs, tokenizer, opts, family.trainer.eval_batch, family.name, groups_U=family.assignment))
   cfg = family.trainer.cfg.model
@@ -170,7 +172,7 @@ def unknown_targets(seqs: UserSequences, users_U: np.ndarray | None = None) -> i
   return int(unknown_U.sum() if users_U is None else unknown_U[users_U].sum())
 
 
-def _ranking(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int,
+def rank_next_pages(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int,
              label: str, groups_U: np.ndarray | None = None) -> dict:
   """Next-page HR@1/5/10, NDCG@10, MRR: full ranking over pages, and against sampled negatives.
 
@@ -212,7 +214,7 @@ def _baseline_metrics(model, seqs: UserSequences, tokenizer: PageTokenizer, opts
     subset = seqs.subset(users)
     return model.next_token_logprobs(subset, at_U=first_page_index(subset))
 
-  out.update(_ranking(logprobs, seqs, tokenizer, opts, batch, name))
+  out.update(rank_next_pages(logprobs, seqs, tokenizer, opts, batch, name))
   return out
 
 
@@ -288,7 +290,7 @@ def write_outputs(workdir: Path, report: dict, nll: dict[str, np.ndarray], round
   interrupt.safe_point("before writing the report", UNCHANGED)
   if not hosts.is_primary():
     return
-  _write_json(workdir / "eval.json", report)
+  _write_json(workdir / EVAL_FILE, report)
   from hetlm_jax.eval.report import write_report  # matplotlib stays optional
   write_report(workdir, report, nll, rounds or [])
 

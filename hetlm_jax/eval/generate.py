@@ -102,21 +102,6 @@ def make_decoder(cfg: ModelConfig, s: Sampling, mixed: bool = False):
     params["shared"], params["cluster"], anchor, lam_K, *args))
 
 
-def session_length_from_data(seqs: UserSequences, num_specials: int) -> int | None:
-  """How many pages to generate when the model cannot know when a session ends: None when the training
-  histories hold end markers (the model learns to stop); otherwise (msnbc: one session per user, cut in two)
-  the median number of pages of a history session."""
-  in_history = np.arange(seqs.num_tokens) < np.repeat(seqs.split, seqs.lengths)
-  tokens = seqs.tokens[in_history]
-  if (tokens == EOS).any() or not len(tokens):
-    return None
-  starts = np.zeros(len(tokens), bool)
-  starts[np.cumsum(seqs.history_lengths)[:-1]] = True  # a new user starts a new session too
-  session = np.cumsum(starts | (tokens == BOS))
-  pages = np.bincount(session, weights=tokens >= num_specials)
-  return max(1, int(np.median(pages[pages > 0]))) if (pages > 0).any() else None
-
-
 def generate(cfg: ModelConfig, params, seqs: UserSequences, assignment_U: np.ndarray, users: np.ndarray,
              s: Sampling, seed: int = 0, batch: int = 256, mix=None) -> list[np.ndarray]:
   """Next session of each listed user from their own cluster's model; the tokens before EOS/PAD. `mix`: a

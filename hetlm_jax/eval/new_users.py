@@ -24,9 +24,9 @@ from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
-from hetlm_jax.eval.evaluate import (EvalOptions, LMFamily, _ranking, evaluated, posterior, unknown_targets,
+from hetlm_jax.eval.evaluate import (EvalOptions, LMFamily, rank_next_pages, evaluated, posterior, unknown_targets,
                                      write_outputs)
-from hetlm_jax.train import interrupt
+from hetlm_jax import interrupt
 
 PUBLISHED_MIXTURE_K = 40  # Cadez et al.'s mixture of Markov chains on msnbc (DESIGN.md)
 # Pooled key, per-user metric and pages_only of the two scorings of every test sequence.
@@ -67,7 +67,7 @@ def _lm_scores(family: LMFamily, test: UserSequences, view: UserSequences, token
   def logprobs(users):
     return logsumexp(log_post_KxU[:, users, None] + t.next_logprobs(family.params, view, users), axis=0)
 
-  out.update(_ranking(logprobs, view, tokenizer, opts, t.eval_batch, family.name))
+  out.update(rank_next_pages(logprobs, view, tokenizer, opts, t.eval_batch, family.name))
   return out, pooled, map_U
 
 
@@ -81,7 +81,7 @@ def _baseline_scores(model, train: UserSequences, test: UserSequences, view: Use
   def logprobs(users):
     return model.next_token_logprobs(view.subset(users))
 
-  out.update(_ranking(logprobs, view, tokenizer, opts, batch, name))
+  out.update(rank_next_pages(logprobs, view, tokenizer, opts, batch, name))
   return out, pooled
 
 

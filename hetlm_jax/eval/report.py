@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from hetlm_jax.files import replace_text, written
+from hetlm_jax.workdir import K_FIGURE, NLL_FIGURE, REPORT_FILE, ROUNDS_FIGURE
 
 _ORDER = ("hetlm", "hetlm_mixture", "single", "single_ft", "single_matched", "markov_mixture", "markov_mixture_k40", "markov",
           "popularity")
@@ -242,9 +243,9 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
   a2.set_ylabel("nats/token")
   a2.set_title("Spread over users (whiskers 1.5 IQR)")
   fig.tight_layout()
-  _save(fig, workdir / "nll_per_user.png")
+  _save(fig, workdir / NLL_FIGURE)
   plt.close(fig)
-  names.append("nll_per_user.png")
+  names.append(NLL_FIGURE)
   hetlm_rounds = rounds  # the reassignment rounds of the evaluated HeTLM
   if hetlm_rounds:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -266,9 +267,9 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
     a2.set_ylabel("users moved (%)")
     a2.set_title("Reassignment churn")
     fig.tight_layout()
-    _save(fig, workdir / "rounds.png")
+    _save(fig, workdir / ROUNDS_FIGURE)
     plt.close(fig)
-    names.append("rounds.png")
+    names.append(ROUNDS_FIGURE)
   if k_sweep:
     ks = sorted(int(k) for k in k_sweep)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -277,9 +278,9 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
     ax.set_ylabel("selection NLL (nats/token)")
     ax.set_title("Held-out NLL vs K")
     fig.tight_layout()
-    _save(fig, workdir / "nll_vs_k.png")
+    _save(fig, workdir / K_FIGURE)
     plt.close(fig)
-    names.append("nll_vs_k.png")
+    names.append(K_FIGURE)
   return names
 
 
@@ -351,4 +352,4 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
   else:
     lines += ["", "(Figures need matplotlib: `pip install matplotlib`, or `pip install -e '.[plots]'` in the "
               "repository.)"]
-  replace_text(workdir / "report.md", "\n".join(lines) + "\n")
+  replace_text(workdir / REPORT_FILE, "\n".join(lines) + "\n")

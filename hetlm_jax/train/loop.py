@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hetlm_jax import hosts
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
-from hetlm_jax.train import interrupt
+from hetlm_jax import interrupt
 from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, prompts
 from hetlm_jax.train.metrics import MetricsLog, Progress
 from hetlm_jax.train.prefetch import Prefetcher

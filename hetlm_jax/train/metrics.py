@@ -23,7 +23,7 @@ class MetricsLog:
     self._tb_dir, self._writers, self._validations = tensorboard_dir, {}, {}
     self._primary = hosts.is_primary()
     text = self._path.read_text() if self._path.exists() else ""
-    self._records = [record for record in map(_parsed, text.splitlines()) if record is not None]
+    self._records = parse_records(text)
     self._cut = bool(text) and not text.endswith("\n")  # the last line was cut short: start a new one
 
   def write(self, record: dict) -> None:
@@ -60,8 +60,12 @@ class MetricsLog:
     return [r for r in self._records if r.get("kind") == kind]
 
 
+def parse_records(text: str) -> list[dict]:
+  """The records of metrics.jsonl's `text`, less blank lines and one cut short (a process killed writing it)."""
+  return [record for record in map(_parsed, text.splitlines()) if record is not None]
+
+
 def _parsed(line: str) -> dict | None:
-  """One metrics.jsonl record; None for a blank line or one cut short (a process killed while writing it)."""
   try:
     return json.loads(line) if line.strip() else None
   except json.JSONDecodeError:

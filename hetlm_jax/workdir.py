@@ -1,0 +1,301 @@
+"""A run's directory (--workdir): the name of every file in it, and every read and write of one.
+
+  config.json          the settings the user chose (config.Config)
+  tokenizer.json       the page vocabulary (data/tokenizer.py)
+  sessions.json        whether the training histories end their sessions, and a generated session's length
+  metrics.jsonl        one record per logged step, validation, round and stop (train/metrics.py)
+  assignments.parquet  the cluster of every training user: user_id (as in the input), cluster
+  eval.json, report.md and its figures    the evaluation (eval/)
+  tuned.json           --tune_baselines: which candidate family each tuned name is
+  k_auto.json          --k=auto: the K chosen, and every candidate's validation NLL
+  checkpoints/NAME/    orbax checkpoints of model family NAME (train/checkpoint.py)
+  tensorboard/NAME/    --tensorboard event files
+  .lock                the lock of the one command writing there (lock.py)
+
+Training, evaluation, prediction, the benchmark and the scripts read a run through this module alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from hetlm_jax import hosts
+from hetlm_jax.config import Config, ModelConfig, resume_differences
+from hetlm_jax.data.prepare import Prepared, prepare_data
+from hetlm_jax.data.sequences import UserSequences, session_length_from_data
+from hetlm_jax.data.tokenizer import FILE_NAME as TOKENIZER_FILE
+from hetlm_jax.data.tokenizer import PageTokenizer
+from hetlm_jax.errors import HetlmError
+from hetlm_jax.files import replace_text, written
+from hetlm_jax.lock import LOCK_FILE
+from hetlm_jax.train.checkpoint import Checkpoints
+from hetlm_jax.train.loop import Trainer
+from hetlm_jax.train.metrics import MetricsLog, parse_records
+
+CONFIG_FILE = "config.json"
+SESSIONS_FILE = "sessions.json"
+METRICS_FILE = "metrics.jsonl"
+ASSIGNMENTS_FILE = "assignments.parquet"
+EVAL_FILE = "eval.json"
+REPORT_FILE = "report.md"
+NLL_FIGURE, ROUNDS_FIGURE, K_FIGURE = "nll_per_user.png", "rounds.png", "nll_vs_k.png"  # report.md's figures
+TUNED_FILE = "tuned.json"
+K_AUTO_FILE = "k_auto.json"
+CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+__all__ = ["ASSIGNMENTS_FILE", "CHECKPOINTS_DIR", "CONFIG_FILE", "EVAL_FILE", "K_AUTO_FILE", "K_FIGURE", "LOCK_FILE",
+           "METRICS_FILE", "NLL_FIGURE", "REPORT_FILE", "ROUNDS_FIGURE", "SESSIONS_FILE", "TENSORBOARD_DIR",
+           "TOKENIZER_FILE", "TUNED_FILE"]  # the names; the functions below are imported by name
+
+MIN_FREE_BYTES = 100 * 2**20  # a run's checkpoints and outputs need at least this much room to start
+
+
+# -- before a run writes anything ----------------------------------------------------------------------------------
+
+def check_workdir(workdir: Path) -> None:
+  """Refuses a --workdir that is a file, lies under a file, cannot be written or sits on a full disk."""
+  existing = workdir
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  if not existing.is_dir():
+    where = "is a file" if existing == workdir else f"lies under {existing}, which is a file"
+    raise HetlmError(f"--workdir={workdir} {where}, not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise HetlmError(f"--workdir={workdir}: {existing} is not writable")
+  free = shutil.disk_usage(existing).free
+  if free < MIN_FREE_BYTES:
+    raise HetlmError(f"--workdir={workdir}: the disk is full ({free / 2**20:.0f} MiB free; a run needs "
+                     f"{MIN_FREE_BYTES // 2**20} MiB to start)")
+
+
+def check_resumable(workdir: Path, cfg: Config) -> None:
+  """Refuses to resume a run in `workdir` whose saved settings differ from `cfg` where a run cannot change."""
+  if not (workdir / CONFIG_FILE).exists():
+    return
+  diffs = resume_differences(Config.load(workdir / CONFIG_FILE), cfg)
+  if diffs:
+    raise HetlmError(f"{workdir}: holds a run with different settings ({', '.join(diffs)}); "
+                     "pass the same flags to resume it, or use a new --workdir")
+
+
+def saved_tokenizer(workdir: Path) -> PageTokenizer | None:
+  """The tokenizer of a run begun in `workdir` (a resumed run keeps its vocabulary), or None."""
+  path = workdir / TOKENIZER_FILE
+  return PageTokenizer.load(path) if path.exists() else None
+
+
+def write_run_files(workdir: Path, cfg: Config, tokenizer: PageTokenizer, seqs: UserSequences) -> None:
+  """config.json, tokenizer.json and sessions.json, by process 0 (the run's other files follow as it trains)."""
+  if not hosts.is_primary():
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  tokenizer.save(workdir / TOKENIZER_FILE)
+  write_sessions(workdir, seqs, tokenizer)
+  cfg.save(workdir / CONFIG_FILE)
+
+
+def open_metrics(workdir: Path, tensorboard: bool = False) -> MetricsLog:
+  """metrics.jsonl (earlier sessions' records included), and TensorBoard's event files with `tensorboard`."""
+  return MetricsLog(workdir / METRICS_FILE, workdir / TENSORBOARD_DIR if tensorboard else None)
+
+
+def read_metrics(workdir: Path, kind: str | None = None) -> list[dict]:
+  """The records of metrics.jsonl (of one `kind`, if given), read without a run: for scripts and reports."""
+  path = Path(workdir) / METRICS_FILE
+  records = parse_records(path.read_text()) if path.exists() else []
+  return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+def checkpoint_dir(workdir: Path, family: str) -> Path:
+  """Where model family `family`'s checkpoints are."""
+  return Path(workdir) / CHECKPOINTS_DIR / family
+
+
+# -- sessions.json and assignments.parquet -----------------------------------------------------------------------
+
+def write_sessions(workdir: Path, seqs: UserSequences, tokenizer: PageTokenizer) -> None:
+  """sessions.json: whether the training histories end their sessions (so a prediction asks for the next
+  session's pages) or not (one session per user, as msnbc: it asks how the last session goes on), and then how
+  many pages to generate (see session_length_from_data)."""
+  length = session_length_from_data(seqs, tokenizer.num_specials)
+  replace_text(workdir / SESSIONS_FILE, json.dumps({"session_ends": length is None, "session_length": length}) + "\n")
+
+
+def read_sessions(workdir: Path) -> dict:
+  """sessions.json of a run (a run from before it existed: sessions end, no length limit)."""
+  try:
+    return json.loads((workdir / SESSIONS_FILE).read_text())
+  except (OSError, ValueError):
+    return {"session_ends": True, "session_length": None}
+
+
+def write_assignments(workdir: Path, seqs: UserSequences, assignment_U: np.ndarray, int_ids: bool) -> None:
+  """assignments.parquet (user_id as in the input, cluster), replaced atomically; by process 0 alone."""
+  if not hosts.is_primary():
+    return
+  ids = pa.array(seqs.user_ids.astype(np.int64) if int_ids else seqs.user_ids.astype(str))
+  with written(workdir / ASSIGNMENTS_FILE) as tmp:
+    pq.write_table(pa.table({"user_id": ids, "cluster": pa.array(assignment_U, pa.int32())}), tmp)
+
+
+class SavedAssignment:
+  """assignments.parquet of a workdir: the cluster each training user ended in (none when the file is absent)."""
+
+  def __init__(self, workdir: Path):
+    path = workdir / ASSIGNMENTS_FILE
+    saved = pq.read_table(path) if path.exists() else pa.table({"user_id": pa.array([], pa.string()),
+                                                                "cluster": pa.array([], pa.int32())})
+    self._ids, self._cluster = pc.cast(saved["user_id"], pa.string()), saved["cluster"].to_numpy()
+
+  def lookup(self, user_ids: np.ndarray) -> np.ndarray:
+    """[U] each user's saved cluster, -1 for a user the models never trained on."""
+    found_U = pc.fill_null(pc.index_in(pa.array(np.asarray(user_ids).astype(str)), value_set=self._ids),
+                           -1).to_numpy()
+    return np.where(found_U >= 0, self._cluster[np.maximum(found_U, 0)] if len(self._cluster) else -1,
+                    -1).astype(np.int32)
+
+
+# -- which checkpoint folder a model name is ---------------------------------------------------------------------
+
+def record_tuned(workdir: Path, name: str, chosen: str) -> None:
+  """tuned.json: `name` (e.g. "hetlm") is the candidate family `chosen`; by process 0."""
+  if not hosts.is_primary():
+    return
+  path = workdir / TUNED_FILE
+  tuned = json.loads(path.read_text()) if path.exists() else {}
+  tuned[name] = chosen
+  replace_text(path, json.dumps(tuned, indent=1) + "\n")
+
+
+def record_k_auto(workdir: Path, k: int, selection_nll: dict[int, float]) -> None:
+  """k_auto.json: --k=auto chose `k` (its checkpoints stay under hetlm_kK); by process 0."""
+  if hosts.is_primary():
+    replace_text(workdir / K_AUTO_FILE, json.dumps({"k": k, "selection_nll": selection_nll}) + "\n")
+
+
+def family_name(workdir: Path, model: str) -> str:
+  """The checkpoint folder of a model name: with --k=auto, "hetlm" is the chosen hetlm_kK; with
+  --tune_baselines, "hetlm" and "single_matched" are the candidates chosen (tuned.json); else `model`."""
+  workdir = Path(workdir)
+  if model == "hetlm" and (workdir / K_AUTO_FILE).exists():
+    return f"hetlm_k{json.loads((workdir / K_AUTO_FILE).read_text())['k']}"
+  if (workdir / TUNED_FILE).exists():
+    return json.loads((workdir / TUNED_FILE).read_text()).get(model, model)
+  return model
+
+
+# -- eval.json --------------------------------------------------------------------------------------------------
+
+# What eval.json says about the training (not the evaluation); `hetlm evaluate` carries it over.
+PROVENANCE = ("k", "rounds", "params", "hetlm_params", "train_s", "passes", "tokens_trained", "early_stopping",
+              "hetlm_is_init_lm", "k_sweep", "validation", "tuning")
+
+
+def read_eval(workdir: Path) -> dict | None:
+  """The run's eval.json (None without a readable one)."""
+  try:
+    return json.loads((Path(workdir) / EVAL_FILE).read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def training_provenance(workdir: Path) -> dict:
+  """The PROVENANCE keys of the run's last eval.json ({} without one)."""
+  previous = read_eval(workdir) or {}
+  return {key: previous[key] for key in PROVENANCE if key in previous}
+
+
+def is_finished(workdir: Path) -> bool:
+  """Whether `hetlm train` finished in `workdir` (it writes eval.json last)."""
+  return (Path(workdir) / EVAL_FILE).exists()
+
+
+# -- a trained run, loaded ---------------------------------------------------------------------------------------
+
+def _require_run(workdir: Path) -> None:
+  for name in (CONFIG_FILE, TOKENIZER_FILE):
+    if not (workdir / name).exists():
+      raise HetlmError(f"{workdir}: no {name}; is this a hetlm workdir?")
+
+
+def built_config(workdir: Path) -> Config:
+  """The run's config as its HeTLM was built: config.json completed with the vocabulary of tokenizer.json."""
+  _require_run(workdir)
+  return Config.load(workdir / CONFIG_FILE).built(PageTokenizer.load(workdir / TOKENIZER_FILE).vocab_size)
+
+
+def run_data(workdir: Path, data: str | None) -> tuple[Config, Prepared]:
+  """A run's config and its data (or `data`, in any format) prepared with the run's tokenizer."""
+  _require_run(workdir)
+  cfg = Config.load(workdir / CONFIG_FILE)
+  if data:
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, path=data, format="auto"))
+  return cfg, prepare_data(cfg, PageTokenizer.load(workdir / TOKENIZER_FILE))
+
+
+def locate(path: Path) -> tuple[Path, str | None, int | None]:
+  """(workdir, model family, step) of a workdir, a family's checkpoint folder or one of its steps."""
+  if (path / CONFIG_FILE).exists() or not path.exists():
+    return path, None, None
+  step = int(path.name) if path.name.isdigit() else None
+  family = path.parent if step is not None else path
+  if family.parent.name == CHECKPOINTS_DIR and (family.parent.parent / CONFIG_FILE).exists():
+    return family.parent.parent, family.name, step
+  return path, None, None
+
+
+@dataclasses.dataclass
+class TrainedRun:
+  """One trained model family of a run, with what it needs to read new data."""
+  config: Config
+  tokenizer: PageTokenizer
+  params: object  # stacked: leading K axis
+  assignment: np.ndarray  # cluster of each user, in the order of the training data's users
+  step: int
+  weights: np.ndarray | None = None  # [U, K] soft-EM responsibilities (--soft), else None
+  trainer: Trainer | None = None  # the compiled scoring and decoding of these K models, on the devices loaded onto
+
+
+def load_run(workdir: str | Path, model: str = "hetlm", step: int | None = None, devices=None) -> TrainedRun:
+  """Loads a trained model family from its workdir alone (config.json, tokenizer.json, the latest checkpoint or
+  `step`), onto `devices` (default: every device; the mesh's batch and cluster axes are fitted to them)."""
+  workdir = Path(workdir)
+  _require_run(workdir)
+  cfg = Config.load(workdir / CONFIG_FILE)
+  tokenizer = PageTokenizer.load(workdir / TOKENIZER_FILE)
+  model = family_name(workdir, model)
+  if not checkpoint_dir(workdir, model).is_dir():
+    raise HetlmError(f"{workdir}: no checkpoint of {model} yet")
+  ckpts = Checkpoints(checkpoint_dir(workdir, model), cfg.train.keep_checkpoints)
+  try:
+    steps = ckpts.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise HetlmError(f"{workdir}: no checkpoint of {model} " + ("yet" if step is None else f"at step {step}"))
+    meta = ckpts.meta(step)  # each model family records its own K and model config
+    cfg = cfg.replace(model=ModelConfig(**meta["model"]))
+    if devices is not None:
+      cfg = fitted_to(cfg, len(devices))
+    trainer = Trainer(cfg, int(meta["k"]), devices)
+    state, _, assignment, meta, weights = ckpts.restore(trainer.abstract, int(meta["num_users"]), step)
+    if "mix" in meta:  # --mix_init: the LM it mixes with was saved beside it
+      trainer.set_mix(ckpts.restore_anchor(trainer.anchor_shape(), step), meta["mix"])
+  finally:
+    ckpts.close()
+  return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]), weights, trainer)
+
+
+def fitted_to(cfg: Config, n_devices: int) -> Config:
+  """The run's config on `n_devices` devices that need not be the training's: every device on the batch
+  axis, the batch rounded up to fill them (only loading and scoring use it)."""
+  batch = -(-cfg.train.batch_size // n_devices) * n_devices
+  return cfg.replace(train=dataclasses.replace(cfg.train, batch_size=batch),
+                     cluster=dataclasses.replace(cfg.cluster, cluster_axis=1))
