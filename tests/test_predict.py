@@ -120,8 +120,11 @@ def test_predict_writes_a_row_per_user_the_same_in_chunks_and_on_one_device(trai
   whole = _read(tmp_path / "one.parquet")
   for name in ("user_id", "cluster", "next_pages", "unknown_pages"):
     assert whole[name].equals(four[name]), name
+  # Four devices sum a batch's scores in another order than one: float32 noise, relative to the probability
+  # for most values, but absolute for a posterior near 0 (9.3e-7 against 9.3e-7 + 1e-11 with jax 0.10.2).
   for name in ("posterior", "next_page_probs", "nll_per_token"):
-    np.testing.assert_allclose(np.array(whole[name].to_pylist()), np.array(four[name].to_pylist()), rtol=1e-5)
+    np.testing.assert_allclose(np.array(whole[name].to_pylist()), np.array(four[name].to_pylist()), rtol=1e-5,
+                               atol=1e-9)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["one.parquet", "p.parquet"]  # no temporary left
   pacsv.write_csv(pq.read_table(log), tmp_path / "log.csv")  # CSV streams by blocks: the same rows
   predict_file(workdir, tmp_path / "log.csv", tmp_path / "csv.parquet", top_k=5, chunk_users=30)
