@@ -6,4 +6,5 @@ class HetlmError(Exception):
 
 
 def input_error(path, problem: str) -> HetlmError:
+  """The error for bad input: the file named first, then the problem."""
   return HetlmError(f"{path}: {problem}")

@@ -124,6 +124,7 @@ def put(x, sharding) -> jax.Array:
 
 
 def put_all(xs, sharding) -> tuple:
+  """`put` of each array of `xs`, onto one sharding."""
   return tuple(put(x, sharding) for x in xs)
 
 
@@ -147,6 +148,7 @@ def any_process(flag: bool) -> bool:
 
 
 def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing with one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
 

@@ -44,7 +44,7 @@ class Stopped(Exception):
 
 
 class NonFiniteLoss(HetlmError):
-  pass
+  """A training step's loss was NaN or infinite."""
 
 
 _injected: tuple[str, int | str] | None = None

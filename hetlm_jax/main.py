@@ -199,6 +199,7 @@ _argv: list[str] = []  # the command line as typed, for the resume command
 
 
 def resume_command() -> str:
+  """The command line that resumes this run: the one typed, less the tests' --inject."""
   import shlex
   words = [word for word in _argv if not word.startswith("--inject")]
   return shlex.join(["hetlm", *words[1:]])

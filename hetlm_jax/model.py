@@ -1,6 +1,7 @@
 """A small pre-norm decoder-only transformer over page tokens (Flax linen).
 
-Shape suffixes: B batch, T time, D model width, N heads, H head width, F feed-forward width, V vocabulary.
+Shape suffixes as in the package's legend (hetlm_jax/__init__.py): B batch rows, T positions, S key positions,
+D model width, A heads, H head width, F feed-forward width, V vocabulary, N flattened rows.
 """
 
 from __future__ import annotations
@@ -14,42 +15,44 @@ import jax.numpy as jnp
 from hetlm_jax.config import ModelConfig
 
 
-def _rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
-  half = x_BxTxNxH.shape[-1] // 2
+def _rope(x_BxTxAxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+  half = x_BxTxAxH.shape[-1] // 2
   freq_H2 = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
   angle_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * freq_H2
   sin, cos = jnp.sin(angle_BxTxH2)[:, :, None, :], jnp.cos(angle_BxTxH2)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
+  x1, x2 = jnp.split(x_BxTxAxH.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxAxH.dtype)
 
 
-def causal_attention(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, v_BxTxNxH: jax.Array,
+def causal_attention(q_BxTxAxH: jax.Array, k_BxTxAxH: jax.Array, v_BxTxAxH: jax.Array,
                      mask_Bx1xTxT: jax.Array | None, fused: bool | None = None) -> jax.Array:
   """Causal self-attention, within segments where `mask` is given. `fused` (default: off a CPU) calls
   jax.nn.dot_product_attention, which takes cuDNN's fused kernel on a GPU where it applies; otherwise two
-  einsums in the [B, T, N, H] layout, which on a CPU skip its transposes (10% of a training step, measured
+  einsums in the [B, T, A, H] layout, which on a CPU skip its transposes (10% of a training step, measured
   in docs/BENCHMARKS.md). Scores and softmax in float32."""
   if fused is None:
     fused = jax.default_backend() != "cpu"
   if fused:
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask_Bx1xTxT, is_causal=True)
-  t, h = q_BxTxNxH.shape[1], q_BxTxNxH.shape[-1]
-  scores_BxNxTxT = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxTxNxH).astype(jnp.float32) / jnp.sqrt(h)
+    return jax.nn.dot_product_attention(q_BxTxAxH, k_BxTxAxH, v_BxTxAxH, mask=mask_Bx1xTxT, is_causal=True)
+  t, h = q_BxTxAxH.shape[1], q_BxTxAxH.shape[-1]
+  scores_BxAxTxT = jnp.einsum("btah,bsah->bats", q_BxTxAxH, k_BxTxAxH).astype(jnp.float32) / jnp.sqrt(h)
   allowed = jnp.tril(jnp.ones((t, t), bool))
   if mask_Bx1xTxT is not None:
     allowed = allowed & mask_Bx1xTxT
-  scores_BxNxTxT = jnp.where(allowed, scores_BxNxTxT, jnp.finfo(jnp.float32).min)
-  probs_BxNxTxT = jax.nn.softmax(scores_BxNxTxT, axis=-1).astype(v_BxTxNxH.dtype)
-  return jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxT, v_BxTxNxH)
+  scores_BxAxTxT = jnp.where(allowed, scores_BxAxTxT, jnp.finfo(jnp.float32).min)
+  probs_BxAxTxT = jax.nn.softmax(scores_BxAxTxT, axis=-1).astype(v_BxTxAxH.dtype)
+  return jnp.einsum("bats,bsah->btah", probs_BxAxTxT, v_BxTxAxH)
 
 
 class Block(nn.Module):
+  """One pre-norm transformer block: causal self-attention, then a GELU feed-forward layer."""
+
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array | None,
                deterministic: bool, kv=None):
-    """With `kv = (k_BxSxNxH, v_BxSxNxH, index)` (decoding), this step's keys and values are written into
+    """With `kv = (k_BxSxAxH, v_BxSxAxH, index)` (decoding), this step's keys and values are written into
     the cache at `index` and attention runs over the cache under `mask_Bx1xTxS`; returns (x, (k, v))."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -66,27 +69,27 @@ class Block(nn.Module):
       return lambda x: full(x) + up(down(x))
 
     h_BxTxD = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="ln_attn")(x_BxTxD)
-    q_BxTxNxH = dense((cfg.n_heads, cfg.head_dim), name="q")(h_BxTxD)
-    k_BxTxNxH = dense((cfg.n_heads, cfg.head_dim), name="k")(h_BxTxD)
-    v_BxTxNxH = dense((cfg.n_heads, cfg.head_dim), name="v")(h_BxTxD)
+    q_BxTxAxH = dense((cfg.n_heads, cfg.head_dim), name="q")(h_BxTxD)
+    k_BxTxAxH = dense((cfg.n_heads, cfg.head_dim), name="k")(h_BxTxD)
+    v_BxTxAxH = dense((cfg.n_heads, cfg.head_dim), name="v")(h_BxTxD)
     if cfg.positions == "rope":
-      q_BxTxNxH, k_BxTxNxH = _rope(q_BxTxNxH, positions_BxT), _rope(k_BxTxNxH, positions_BxT)
+      q_BxTxAxH, k_BxTxAxH = _rope(q_BxTxAxH, positions_BxT), _rope(k_BxTxAxH, positions_BxT)
     if kv is None:
-      a_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_Bx1xTxS)
+      a_BxTxAxH = causal_attention(q_BxTxAxH, k_BxTxAxH, v_BxTxAxH, mask_Bx1xTxS)
     else:
       k_cache, v_cache, index = kv
-      k_BxSxNxH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxNxH.astype(k_cache.dtype), index, axis=1)
-      v_BxSxNxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxNxH.astype(v_cache.dtype), index, axis=1)
-      a_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxNxH.astype(dtype), v_BxSxNxH.astype(dtype),
+      k_BxSxAxH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxAxH.astype(k_cache.dtype), index, axis=1)
+      v_BxSxAxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxAxH.astype(v_cache.dtype), index, axis=1)
+      a_BxTxAxH = jax.nn.dot_product_attention(q_BxTxAxH, k_BxSxAxH.astype(dtype), v_BxSxAxH.astype(dtype),
                                                mask=mask_Bx1xTxS)
-    a_BxTxD = dense(cfg.d_model, axis=(-2, -1), name="o")(a_BxTxNxH)
+    a_BxTxD = dense(cfg.d_model, axis=(-2, -1), name="o")(a_BxTxAxH)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(a_BxTxD, deterministic=deterministic)
 
     h_BxTxD = nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name="ln_mlp")(x_BxTxD)
     h_BxTxF = nn.gelu(dense(cfg.d_ff, name="up")(h_BxTxD))
     h_BxTxD = dense(cfg.d_model, name="down")(h_BxTxF)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(h_BxTxD, deterministic=deterministic)
-    return x_BxTxD if kv is None else (x_BxTxD, (k_BxSxNxH, v_BxSxNxH))
+    return x_BxTxD if kv is None else (x_BxTxD, (k_BxSxAxH, v_BxSxAxH))
 
 
 def segment_positions(same_BxTxS: jax.Array) -> jax.Array:
@@ -100,7 +103,7 @@ class PageLM(nn.Module):
 
   `segments_BxT` (optional) packs several sequences per row: tokens attend only within their own
   segment, and positions restart at every segment. `cache` (decoding, see eval/generate.py) holds
-  per-layer keys/values [L, B, S, N, H], the write `index`, this step's `positions` [B, T] and the
+  per-layer keys/values [n_layers, B, S, A, H], the write `index`, this step's `positions` [B, T] and the
   attention `mask` [B, 1, T, S]; the call then returns (logits, updated keys/values). `only_at_B`
   keeps just one position per row before the output layer (logits [B, 1, V]): with a large page
   vocabulary the full [B, T, V] logits would dominate memory. `hidden_only` returns the final hidden
@@ -180,7 +183,7 @@ def param_count(cfg: ModelConfig) -> int:
   """Closed form of the size of `init_params(cfg)` (a test checks the two agree)."""
   d, f, v, r = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.lora_rank
   block = 2 * 2 * d + 4 * (d * d + d) + (d * f + f) + (f * d + d)
-  lora = r * (4 * 2 * d + 2 * (d + f))  # A [in, R] and B [R, out] on q, k, v, o, up and down
+  lora = r * (4 * 2 * d + 2 * (d + f))  # A [in, r] and B [r, out] on q, k, v, o, up and down
   head = (0 if cfg.tie_embeddings else d * v + v) + (v if cfg.output_bias else 0)
   positions = cfg.context * d if cfg.positions == "learned" else 0
   return v * d + positions + cfg.n_layers * (block + lora) + 2 * d + head

@@ -56,34 +56,34 @@ __all__ = ["NextPages", "Predictor", "Routing", "Scores", "predict_file"]
 @dataclasses.dataclass(frozen=True)
 class Routing:
   """`assign`'s answer for N histories and K models."""
-  cluster: np.ndarray  # [N] int32: the saved cluster of a known user, else the lowest per-token history NLL
-  posterior: np.ndarray  # [N, K] P(k | history), rows summing to 1
-  unknown_pages: np.ndarray  # [N] history pages the models never saw (scored as <unk>)
-  saved: np.ndarray  # [N] bool: the cluster is the saved assignment's (a training user)
+  cluster: np.ndarray  # [U] int32: the saved cluster of a known user, else the lowest per-token history NLL
+  posterior: np.ndarray  # [U, K] P(k | history), rows summing to 1
+  unknown_pages: np.ndarray  # [U] history pages the models never saw (scored as <unk>)
+  saved: np.ndarray  # [U] bool: the cluster is the saved assignment's (a training user)
 
 
 @dataclasses.dataclass(frozen=True)
 class NextPages:
   """`next_pages`' answer: the k most likely next pages of each history, most likely first."""
-  pages: list[list[str]]  # [N][k] page names
-  probs: np.ndarray  # [N, k] their probabilities under the routed model (or the posterior-weighted mixture)
-  ids: np.ndarray  # [N, k] their token ids
-  cluster: np.ndarray  # [N] the routed model
-  unknown_pages: np.ndarray  # [N]
+  pages: list[list[str]]  # [U][Y] page names
+  probs: np.ndarray  # [U, Y] their probabilities under the routed model (or the posterior-weighted mixture)
+  ids: np.ndarray  # [U, Y] their token ids
+  cluster: np.ndarray  # [U] the routed model
+  unknown_pages: np.ndarray  # [U]
 
 
 @dataclasses.dataclass(frozen=True)
 class Scores:
   """`score`'s answer: how well each model predicts each history (nats per token), an anomaly score."""
-  nll_per_token: np.ndarray  # [N, K] under every model
-  tokens: np.ndarray  # [N] scored tokens of each history
-  cluster: np.ndarray  # [N] the routed model
-  nll: np.ndarray  # [N] under the routed model
-  nll_mixture: np.ndarray  # [N] −log Σ_k π_k p_k(history) per token
+  nll_per_token: np.ndarray  # [U, K] under every model
+  tokens: np.ndarray  # [U] scored tokens of each history
+  cluster: np.ndarray  # [U] the routed model
+  nll: np.ndarray  # [U] under the routed model
+  nll_mixture: np.ndarray  # [U] −log Σ_k π_k p_k(history) per token
 
   @property
   def perplexity(self) -> np.ndarray:
-    """[N, K] exp(nll_per_token)."""
+    """[U, K] exp(nll_per_token)."""
     return np.exp(self.nll_per_token)
 
 
@@ -118,7 +118,7 @@ class Predictor:
 
   def sequences(self, histories: Sequence, session_ids: Sequence | None = None,
                 new_session: bool | None = None) -> tuple[UserSequences, np.ndarray]:
-    """The histories as the models read them, each followed by what is asked for, and [N] unknown pages."""
+    """The histories as the models read them, each followed by what is asked for, and [U] unknown pages."""
     return self.events_view(_events_of(histories, session_ids), new_session)
 
   def events_view(self, table: pa.Table, new_session: bool | None = None) -> tuple[UserSequences, np.ndarray]:
@@ -143,11 +143,11 @@ class Predictor:
     return cluster_U, posterior(self.log_prior, history_KxU), history_KxU, tokens_U, saved_U
 
   def top_pages(self, seqs: UserSequences, cluster_U, log_post_KxU, k: int, mixture: bool):
-    """[U, k] ids and probabilities of the most likely next pages, batched as the evaluation ranks."""
+    """[U, Y] ids and probabilities of the most likely next pages, batched as the evaluation ranks."""
     first_page = self.tokenizer.num_specials
     k = max(1, min(k, self.tokenizer.vocab_size - first_page))
-    ids_UxN = np.zeros((seqs.num_users, k), np.int64)
-    probs_UxN = np.zeros((seqs.num_users, k), np.float32)
+    ids_UxY = np.zeros((seqs.num_users, k), np.int64)
+    probs_UxY = np.zeros((seqs.num_users, k), np.float32)
     groups_U = np.zeros(seqs.num_users, np.int64) if mixture else cluster_U
     for users in group_batches(groups_U, seqs.history_lengths, self.trainer.eval_batch):
       if mixture:
@@ -156,12 +156,12 @@ class Predictor:
       else:
         logp_BxV = self.trainer.next_logprobs(self.params, seqs, users, cluster_U[users])
       logp_BxV = np.where(np.arange(logp_BxV.shape[1]) >= first_page, logp_BxV, -np.inf)
-      top_BxN = np.argpartition(-logp_BxV, k - 1, axis=1)[:, :k]
-      value_BxN = np.take_along_axis(logp_BxV, top_BxN, axis=1)
-      order_BxN = np.argsort(-value_BxN, axis=1, kind="stable")
-      ids_UxN[users] = np.take_along_axis(top_BxN, order_BxN, axis=1)
-      probs_UxN[users] = np.exp(np.take_along_axis(value_BxN, order_BxN, axis=1))
-    return ids_UxN, probs_UxN
+      top_BxY = np.argpartition(-logp_BxV, k - 1, axis=1)[:, :k]
+      value_BxY = np.take_along_axis(logp_BxV, top_BxY, axis=1)
+      order_BxY = np.argsort(-value_BxY, axis=1, kind="stable")
+      ids_UxY[users] = np.take_along_axis(top_BxY, order_BxY, axis=1)
+      probs_UxY[users] = np.exp(np.take_along_axis(value_BxY, order_BxY, axis=1))
+    return ids_UxY, probs_UxY
 
   def _sampling(self, sampling: Sampling | None) -> Sampling:
     """The evaluation's decoding: greedy, at most 20 tokens, or a session's median length when the model never
@@ -185,9 +185,9 @@ class Predictor:
     weighted by P(k | history) (`mixture`)."""
     seqs, unknown_U = self.sequences(histories, session_ids, new_session)
     cluster_U, log_post_KxU, *_ = self.route_users(seqs, user_ids)
-    ids_UxN, probs_UxN = self.top_pages(seqs, cluster_U, log_post_KxU, k, mixture)
-    pages = [self.tokenizer.decode(row) for row in ids_UxN]
-    return NextPages(pages, probs_UxN, ids_UxN, cluster_U, unknown_U)
+    ids_UxY, probs_UxY = self.top_pages(seqs, cluster_U, log_post_KxU, k, mixture)
+    pages = [self.tokenizer.decode(row) for row in ids_UxY]
+    return NextPages(pages, probs_UxY, ids_UxY, cluster_U, unknown_U)
 
   def score(self, histories: Sequence, session_ids: Sequence | None = None, user_ids: Sequence | None = None) -> Scores:
     """Each history's NLL per token under every model, its routed model and the mixture."""
@@ -200,7 +200,7 @@ class Predictor:
 
   def outcome_probability(self, histories: Sequence, samples: int = 8, session_ids: Sequence | None = None,
                           user_ids: Sequence | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """{outcome type: [N] P(the outcome in what follows)}, from `samples` continuations per history sampled from
+    """{outcome type: [U] P(the outcome in what follows)}, from `samples` continuations per history sampled from
     its routed model, as the evaluation estimates it. Only for a run trained with outcome events."""
     if not self.tokenizer.outcome_types:
       raise HetlmError(f"{self.workdir}: the run was trained without outcome events (no event_type other than "
@@ -310,9 +310,9 @@ def _rows(predictor: Predictor, table: pa.Table, int_ids: bool, top_k: int, mixt
   seqs, unknown_U = predictor.events_view(table)
   ids = seqs.user_ids
   cluster_U, log_post_KxU, history_KxU, tokens_U, _ = predictor.route_users(seqs, ids)
-  ids_UxN, probs_UxN = predictor.top_pages(seqs, cluster_U, log_post_KxU, top_k, mixture)
-  u, n = ids_UxN.shape
-  names = pa.array(predictor.tokenizer.decode(ids_UxN.ravel()), pa.string())
+  ids_UxY, probs_UxY = predictor.top_pages(seqs, cluster_U, log_post_KxU, top_k, mixture)
+  u, n = ids_UxY.shape
+  names = pa.array(predictor.tokenizer.decode(ids_UxY.ravel()), pa.string())
   offsets = pa.array(np.arange(u + 1, dtype=np.int32) * n)
   k = predictor.k
   columns = {
@@ -321,7 +321,7 @@ def _rows(predictor: Predictor, table: pa.Table, int_ids: bool, top_k: int, mixt
     "posterior": pa.ListArray.from_arrays(pa.array(np.arange(u + 1, dtype=np.int32) * k),
                                           pa.array(np.exp(log_post_KxU).T.ravel().astype(np.float32))),
     "next_pages": pa.ListArray.from_arrays(offsets, names),
-    "next_page_probs": pa.ListArray.from_arrays(offsets, pa.array(probs_UxN.ravel())),
+    "next_page_probs": pa.ListArray.from_arrays(offsets, pa.array(probs_UxY.ravel())),
     "nll_per_token": pa.array((history_KxU[cluster_U, np.arange(u)] / np.maximum(tokens_U, 1)).astype(np.float32)),
     "unknown_pages": pa.array(unknown_U.astype(np.int32))}
   if predictor.tokenizer.outcome_types and outcome_samples:

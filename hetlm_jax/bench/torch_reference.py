@@ -33,15 +33,17 @@ def _build(cfg: Config, device: str):
 
   m = cfg.model
 
-  def rope(x_BxNxTxH, positions_BxT):
-    half = x_BxNxTxH.shape[-1] // 2
-    freq = 1.0 / (10_000.0 ** (torch.arange(half, device=x_BxNxTxH.device, dtype=torch.float32) / half))
+  def rope(x_BxAxTxH, positions_BxT):
+    half = x_BxAxTxH.shape[-1] // 2
+    freq = 1.0 / (10_000.0 ** (torch.arange(half, device=x_BxAxTxH.device, dtype=torch.float32) / half))
     angle = positions_BxT[:, None, :, None].float() * freq
     sin, cos = torch.sin(angle), torch.cos(angle)
-    x1, x2 = x_BxNxTxH.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BxNxTxH.dtype)
+    x1, x2 = x_BxAxTxH.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BxAxTxH.dtype)
 
   class Block(nn.Module):
+    """model.Block in PyTorch."""
+
     def __init__(self):
       super().__init__()
       self.ln_attn, self.ln_mlp = nn.LayerNorm(m.d_model), nn.LayerNorm(m.d_model)
@@ -59,6 +61,8 @@ def _build(cfg: Config, device: str):
       return x + self.drop(self.down(F.gelu(self.up(self.ln_mlp(x)), approximate="tanh")))
 
   class PageLM(nn.Module):
+    """model.PageLM in PyTorch (no LoRA, no output bias: the bench's models)."""
+
     def __init__(self):
       super().__init__()
       self.embed = nn.Embedding(m.vocab_size, m.d_model)

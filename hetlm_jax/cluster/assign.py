@@ -51,6 +51,8 @@ def kmeans_on_features(seqs: UserSequences, vocab_size: int, k: int, seed: int, 
 
 @dataclasses.dataclass
 class Reassignment:
+  """What an E-step's reassignment did: the new clusters, the share moved, and the clusters re-seeded."""
+
   assignment: np.ndarray  # [U] new cluster of every user
   moved: float  # fraction of users whose cluster changed
   sizes: np.ndarray  # [K] users per cluster after repair
@@ -59,6 +61,7 @@ class Reassignment:
 
 
 def min_cluster_size(num_users: int, k: int, fraction: float) -> int:
+  """Users below which a cluster is re-seeded: `fraction` of a balanced share U/K, at least 1."""
   return max(1, int(np.ceil(fraction * num_users / k)))
 
 

@@ -73,6 +73,8 @@ class Position:
 
 @dataclasses.dataclass(frozen=True)
 class RoundPlan:
+  """One round's schedule and stopping rule, as the policy plans it."""
+
   kind: str  # cold | anneal | warm
   passes: int  # at most
   round_lr: np.ndarray  # (start, peak, end) of the round's schedule

@@ -49,11 +49,11 @@ def fit_weights(k: int, validation: Validation, assignment_U: np.ndarray, per_us
   common = lowest(scores)
   w_K = np.full(k, common)
   if validation.users is not None and k > 1:  # each cluster's users are scored by its own model alone
-    cluster_V = assignment_U[validation.users]
+    cluster_R = assignment_U[validation.users]
     by_w = {a: per_user(np.full(k, a), common) if rescore_own and a != common else scores[a]
             for a in INTERPOLATION_GRID}
     for c in range(k):
-      mine = cluster_V == c
+      mine = cluster_R == c
       if mine.any():
         w_K[c] = lowest(by_w, mine)
   return w_K, common, scores, per_user(w_K, common)

@@ -28,14 +28,14 @@ class Validation:
 
   def per_user(self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None
                ) -> np.ndarray:
-    """[V] each validation user's NLL per target token (nats); NaN for a user with no target token."""
-    nll_KxV, tokens_V = trainer.score(params, self.seqs, "target", label="validation")
+    """[R] each validation user's NLL per target token (nats); NaN for a user with no target token."""
+    nll_KxR, tokens_R = trainer.score(params, self.seqs, "target", label="validation")
     if self.users is not None:
-      nll_V = nll_KxV[assignment_U[self.users], np.arange(self.seqs.num_users)]
+      nll_R = nll_KxR[assignment_U[self.users], np.arange(self.seqs.num_users)]
     else:
       log_prior_K = log_shares(cluster_shares(assignment_U, weights_UxK, trainer.k))
-      nll_V = -logsumexp(log_prior_K[:, None] - nll_KxV, axis=0)
-    return np.where(tokens_V > 0, nll_V / np.maximum(tokens_V, 1), np.nan)
+      nll_R = -logsumexp(log_prior_K[:, None] - nll_KxR, axis=0)
+    return np.where(tokens_R > 0, nll_R / np.maximum(tokens_R, 1), np.nan)
 
   def stats(self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None
             ) -> tuple[float, float]:

@@ -266,20 +266,20 @@ def _parse_int_lines(body: bytes, path: str, first_line: int) -> tuple[np.ndarra
     raise input_error(path, f"line {first_line + int(newline[:bad].sum())}: expected category "
                             f"ids, found {bytes(b[bad:bad + 1])!r}")
   edge = np.diff(digit.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-  start_T = np.flatnonzero(edge == 1)
-  end_T = np.flatnonzero(edge == -1) - 1  # last digit of each token
-  width_T = end_T - start_T + 1
-  max_width = int(width_T.max()) if len(width_T) else 0
+  start_E = np.flatnonzero(edge == 1)
+  end_E = np.flatnonzero(edge == -1) - 1  # last digit of each token
+  width_E = end_E - start_E + 1
+  max_width = int(width_E.max()) if len(width_E) else 0
   if max_width > 18:
     raise input_error(path, f"category id with {max_width} digits is too large")
-  value_T = np.zeros(len(start_T), np.int64)
+  value_E = np.zeros(len(start_E), np.int64)
   for place in range(max_width):  # a handful of digit places, not one pass per token
-    digit_T = b[np.maximum(end_T - place, 0)].astype(np.int64) - ord("0")
-    value_T += np.where(width_T > place, digit_T, 0) * 10**place
+    digit_E = b[np.maximum(end_E - place, 0)].astype(np.int64) - ord("0")
+    value_E += np.where(width_E > place, digit_E, 0) * 10**place
   # int32 cumsum is several times faster than numpy's default int64 one for booleans.
   count_dtype = np.int32 if len(b) < 2**31 else np.int64
-  line_T = np.cumsum(newline, dtype=count_dtype)[start_T]
-  return value_T, line_T.astype(np.int64)
+  line_E = np.cumsum(newline, dtype=count_dtype)[start_E]
+  return value_E, line_E.astype(np.int64)
 
 
 def _parse_user_items(data: bytes, path: str) -> pa.Table:

@@ -54,10 +54,12 @@ class UserSequences:
 
   @property
   def num_users(self) -> int:
+    """U, the number of users."""
     return len(self.user_ids)
 
   @property
   def num_tokens(self) -> int:
+    """N, the tokens of every user together."""
     return int(self.offsets[-1])
 
   @property
@@ -67,32 +69,36 @@ class UserSequences:
 
   @property
   def history_lengths(self) -> np.ndarray:
+    """[U] tokens of each user's history."""
     return self.split - self.offsets[:-1]
 
   @property
   def target_lengths(self) -> np.ndarray:
+    """[U] tokens of each user's held-out target."""
     return self.offsets[1:] - self.split
 
   def history(self, u: int) -> np.ndarray:
+    """User u's history tokens."""
     return self.tokens[self.offsets[u]:self.split[u]]
 
   def target(self, u: int) -> np.ndarray:
+    """User u's held-out target tokens."""
     return self.tokens[self.split[u]:self.offsets[u + 1]]
 
   def subset(self, idx: np.ndarray) -> UserSequences:
     """The users `idx` (indices or a boolean mask), in that order."""
-    idx_V = np.asarray(idx)
-    if idx_V.dtype == bool:
-      idx_V = np.flatnonzero(idx_V)
-    idx_V = idx_V.astype(np.int64)
-    start_V, end_V = self.offsets[idx_V], self.offsets[idx_V + 1]
-    new_offsets = np.zeros(len(idx_V) + 1, np.int64)
-    np.cumsum(end_V - start_V, out=new_offsets[1:])
-    shift_V = start_V - new_offsets[:-1]
-    gather = np.arange(new_offsets[-1], dtype=np.int64) + np.repeat(shift_V, end_V - start_V)
-    return UserSequences(user_ids=self.user_ids[idx_V], tokens=self.tokens[gather],
-                         offsets=new_offsets, split=self.split[idx_V] - shift_V,
-                         n_sessions=self.n_sessions[idx_V])
+    idx_R = np.asarray(idx)
+    if idx_R.dtype == bool:
+      idx_R = np.flatnonzero(idx_R)
+    idx_R = idx_R.astype(np.int64)
+    start_R, end_R = self.offsets[idx_R], self.offsets[idx_R + 1]
+    new_offsets = np.zeros(len(idx_R) + 1, np.int64)
+    np.cumsum(end_R - start_R, out=new_offsets[1:])
+    shift_R = start_R - new_offsets[:-1]
+    gather = np.arange(new_offsets[-1], dtype=np.int64) + np.repeat(shift_R, end_R - start_R)
+    return UserSequences(user_ids=self.user_ids[idx_R], tokens=self.tokens[gather],
+                         offsets=new_offsets, split=self.split[idx_R] - shift_R,
+                         n_sessions=self.n_sessions[idx_R])
 
   def map_tokens(self, map_V: np.ndarray) -> UserSequences:
     """The same sequences with every token id t replaced by map_V[t] (e.g. a restricted vocabulary)."""
@@ -426,22 +432,22 @@ def _layout(user_E: np.ndarray, page_E: np.ndarray, outcome_E: np.ndarray, new_E
   session_E = np.cumsum(new_E) - 1
   # Only sessions of multi-session users end in EOS: a single-session user's end is never seen in
   # training (it lies in the held-out suffix), so it is not asked for there either.
-  eos_S = (sessions_U[user_E[new_E]] >= 2) | (holdout == "none")
-  eos_before_S = np.cumsum(eos_S) - eos_S
+  eos_G = (sessions_U[user_E[new_E]] >= 2) | (holdout == "none")
+  eos_before_G = np.cumsum(eos_G) - eos_G
   # Tokens before an event: earlier events' tokens, earlier sessions' BOS and EOS, its own BOS.
-  pos_E = np.cumsum(emit_E) - emit_E + session_E + eos_before_S[session_E] + 1
-  total = int(emit_E.sum()) + len(eos_S) + int(eos_S.sum())
+  pos_E = np.cumsum(emit_E) - emit_E + session_E + eos_before_G[session_E] + 1
+  total = int(emit_E.sum()) + len(eos_G) + int(eos_G.sum())
   tokens = np.empty(total, np.int32)
   tokens[pos_E] = page_E
   has_outcome = outcome_E >= 0
   tokens[pos_E[has_outcome] + 1] = outcome_E[has_outcome]
-  bos_S = pos_E[new_E] - 1
-  tokens[bos_S] = BOS
-  tokens[(np.append(bos_S[1:], total) - 1)[eos_S]] = EOS
+  bos_G = pos_E[new_E] - 1
+  tokens[bos_G] = BOS
+  tokens[(np.append(bos_G[1:], total) - 1)[eos_G]] = EOS
 
-  first_E = np.flatnonzero(np.append(True, user_E[1:] != user_E[:-1]))
-  offsets = np.append(bos_S[session_E[first_E]], total).astype(np.int64)
-  split = bos_S[np.cumsum(sessions_U) - 1].astype(np.int64)  # last session's BOS
+  first_U = np.flatnonzero(np.append(True, user_E[1:] != user_E[:-1]))
+  offsets = np.append(bos_G[session_E[first_U]], total).astype(np.int64)
+  split = bos_G[np.cumsum(sessions_U) - 1].astype(np.int64)  # last session's BOS
   start_U, end_U = offsets[:-1], offsets[1:]
   if holdout == "none":
     return tokens, offsets, end_U.copy()
@@ -449,8 +455,8 @@ def _layout(user_E: np.ndarray, page_E: np.ndarray, outcome_E: np.ndarray, new_E
     n_U = end_U - start_U - 1
     single_split = start_U + 1 + n_U - n_U // 2
   else:
-    last_E = np.append(first_E[1:], n) - 1
-    single_split = end_U - emit_E[last_E]
+    last_U = np.append(first_U[1:], n) - 1
+    single_split = end_U - emit_E[last_U]
   split = np.where(sessions_U == 1, single_split, split)
   return tokens, offsets, split
 
@@ -458,8 +464,8 @@ def _layout(user_E: np.ndarray, page_E: np.ndarray, outcome_E: np.ndarray, new_E
 def _gather(tokens: np.ndarray, start_B: np.ndarray, len_B: np.ndarray,
             width: int) -> tuple[np.ndarray, np.ndarray]:
   """Rows tokens[start:start+len], right-padded with PAD to `width`."""
-  valid_BxW = np.arange(width)[None, :] < len_B[:, None]
+  valid_BxT1 = np.arange(width)[None, :] < len_B[:, None]
   if tokens.size == 0:
-    return np.full(valid_BxW.shape, PAD, np.int32), valid_BxW
-  idx_BxW = np.clip(start_B[:, None] + np.arange(width)[None, :], 0, tokens.size - 1)
-  return np.where(valid_BxW, tokens[idx_BxW], PAD).astype(np.int32), valid_BxW
+    return np.full(valid_BxT1.shape, PAD, np.int32), valid_BxT1
+  idx_BxT1 = np.clip(start_B[:, None] + np.arange(width)[None, :], 0, tokens.size - 1)
+  return np.where(valid_BxT1, tokens[idx_BxT1], PAD).astype(np.int32), valid_BxT1

@@ -21,6 +21,7 @@ FORMAT_VERSION = 1
 
 
 def outcome_token(name: str) -> str:
+  """The token of outcome type `name`, e.g. <cart>."""
   return f"<{name}>"
 
 
@@ -79,6 +80,7 @@ class PageTokenizer:
 
   @property
   def vocab_size(self) -> int:
+    """V: special tokens, outcome tokens and pages."""
     return len(SPECIALS) + len(self._outcomes) + len(self._pages)
 
   @property
@@ -88,6 +90,7 @@ class PageTokenizer:
 
   @property
   def outcome_types(self) -> list[str]:
+    """The outcome types (event_type values other than views) with a token of their own."""
     return list(self._outcomes)
 
   @property
@@ -97,6 +100,7 @@ class PageTokenizer:
             + self._pages.to_pylist())
 
   def outcome_id(self, name: str) -> int:
+    """The token id of outcome type `name` (KeyError for an unknown one)."""
     try:
       return len(SPECIALS) + self._outcomes.index(name)
     except ValueError:
@@ -112,6 +116,7 @@ class PageTokenizer:
     return self._lookup(pages, self._pages, self.num_specials)
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> list[str]:
+    """The token names of `ids`."""
     ids = np.asarray(ids, dtype=np.int64).ravel()
     if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
       raise IndexError(f"token ids must lie in [0, {self.vocab_size})")
@@ -135,6 +140,7 @@ class PageTokenizer:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> PageTokenizer:
+    """The tokenizer saved at `path` (a tokenizer.json, or the folder holding one); HetlmError if unreadable."""
     path = _json_path(path)
     try:
       with open(path, encoding="utf-8") as f:

@@ -103,9 +103,9 @@ class _PairTable:
     out_UxV = np.repeat((np.log(self.alpha) - log_norm_U)[:, None], v, axis=1)
     lo_U = np.searchsorted(self.keys_P, prev_U * v)
     hi_U = np.searchsorted(self.keys_P, (prev_U + 1) * v)
-    user_M, j_M = _ranges(lo_U, hi_U)
-    out_UxV[user_M, self.keys_P[j_M] % v] = (np.log(self.counts_KxP[k, j_M] + self.alpha)
-                                             - log_norm_U[user_M])
+    user_N, j_N = _ranges(lo_U, hi_U)
+    out_UxV[user_N, self.keys_P[j_N] % v] = (np.log(self.counts_KxP[k, j_N] + self.alpha)
+                                             - log_norm_U[user_N])
     return out_UxV
 
   def log_prior(self) -> np.ndarray:
@@ -133,6 +133,7 @@ class Popularity:
     self.alpha = alpha
 
   def fit(self, seqs: UserSequences, vocab_size: int) -> Popularity:
+    """Counts the pages of every history."""
     _check_tokens(seqs, vocab_size)
     _, pos_N = _ranges(seqs.offsets[:-1] + 1, seqs.split)
     counts_V = np.bincount(seqs.tokens[pos_N], minlength=vocab_size)
@@ -163,6 +164,7 @@ class Markov:
     self.alpha = alpha
 
   def fit(self, seqs: UserSequences, vocab_size: int) -> Markov:
+    """Counts the consecutive pairs of every history."""
     _check_tokens(seqs, vocab_size)
     _, prev_N, next_N = _history_pairs(seqs)
     self.vocab_size = vocab_size

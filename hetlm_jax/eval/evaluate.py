@@ -51,6 +51,8 @@ class LMFamily:
 
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
+  """How much the evaluation samples: generated users, outcome samples, negatives, bootstrap resamples, seed."""
+
   generate_users: int = 500  # users whose next session is generated (greedy), for session metrics
   outcome_samples: int = 8  # sampled continuations per user for the outcome probability
   max_new: int = 20
@@ -185,7 +187,7 @@ def rank_next_pages(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, 
   """
   candidate_V = np.arange(tokenizer.vocab_size) >= tokenizer.num_specials
   true_U = seqs.tokens[first_page_index(seqs)]
-  neg_UxN, ok_U = M.sample_negatives(seqs, candidate_V, opts.negatives, opts.seed, exclude_U=true_U)
+  neg_UxQ, ok_U = M.sample_negatives(seqs, candidate_V, opts.negatives, opts.seed, exclude_U=true_U)
   groups_U = np.zeros(seqs.num_users, np.int64) if groups_U is None else np.asarray(groups_U)
   batches = group_batches(groups_U, seqs.history_lengths, batch)
   full_keys, sampled_keys = ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr"), ("hr@10", "ndcg@10")
@@ -194,7 +196,7 @@ def rank_next_pages(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, 
   for i, users in enumerate(batches):
     logp_BxV = logprobs_fn(users)
     full = M.ranking_metrics(logp_BxV, true_U[users], candidate_V, unknown=UNK)
-    sampled = M.negatives_ranking_metrics(logp_BxV, true_U[users], neg_UxN[users], ok_U[users], candidate_V,
+    sampled = M.negatives_ranking_metrics(logp_BxV, true_U[users], neg_UxQ[users], ok_U[users], candidate_V,
                                           unknown=UNK)
     for k in full_keys:
       out[k][users] = full[k]

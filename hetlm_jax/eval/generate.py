@@ -1,6 +1,6 @@
 """Batched, jitted autoregressive decoding with a KV cache; all K cluster models in one vmapped call.
 
-Prompts are left-padded to a common length P so every row writes the cache at the same index;
+Prompts are left-padded to a common length T so every row writes the cache at the same index;
 positions count from each row's first real token, and padded keys are masked out.
 """
 
@@ -25,6 +25,8 @@ from hetlm_jax.train.step import mix_logprobs
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
+  """Decoding: at most `max_new` tokens, greedy (temperature 0) or sampled within top_k and top_p."""
+
   max_new: int = 20
   temperature: float = 0.0  # 0: greedy
   top_k: int = 0  # 0: no cut
@@ -49,12 +51,12 @@ def _pick(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
   return jax.random.categorical(key, logits_BxV, axis=-1)
 
 
-def decode_one(cfg: ModelConfig, s: Sampling, params, prompt_BxP, pad_B, key, anchor=None, lam=None):
+def decode_one(cfg: ModelConfig, s: Sampling, params, prompt_BxT, pad_B, key, anchor=None, lam=None):
   """Continues each left-padded prompt by up to s.max_new tokens; after EOS a row emits PAD. With `anchor`
   (--mix_init) each token is drawn from lam p + (1 - lam) p_anchor, the anchor decoding beside with its own
   cache."""
   model = PageLM(cfg)
-  b, p = prompt_BxP.shape
+  b, p = prompt_BxT.shape
   size = p + s.max_new
   slots_S = jnp.arange(size)
   key_valid_BxS = slots_S[None, :] >= pad_B[:, None]
@@ -74,7 +76,7 @@ def decode_one(cfg: ModelConfig, s: Sampling, params, prompt_BxP, pad_B, key, an
     # log-probabilities of the mixture, which _pick samples from as it would from logits
     return mix_logprobs(jax.nn.log_softmax(logits_BxTxV), jax.nn.log_softmax(anchor_BxTxV), lam), (own, theirs)
 
-  logits_BxPxV, kv = run(prompt_BxP, 0, kv)
+  logits_BxTxV, kv = run(prompt_BxT, 0, kv)
 
   def step(carry, i):
     logits_BxV, kv, done_B = carry
@@ -84,14 +86,14 @@ def decode_one(cfg: ModelConfig, s: Sampling, params, prompt_BxP, pad_B, key, an
     logits_Bx1xV, kv = run(out_B[:, None], p + i, kv)
     return (logits_Bx1xV[:, 0], kv, done_B), out_B
 
-  carry = (logits_BxPxV[:, -1], kv, jnp.zeros(b, bool))
-  _, out_NxB = jax.lax.scan(step, carry, jnp.arange(s.max_new))
-  return out_NxB.T
+  carry = (logits_BxTxV[:, -1], kv, jnp.zeros(b, bool))
+  _, out_OxB = jax.lax.scan(step, carry, jnp.arange(s.max_new))
+  return out_OxB.T
 
 
 @functools.lru_cache(maxsize=8)
 def make_decoder(cfg: ModelConfig, s: Sampling, mixed: bool = False):
-  """jit(vmap(decode_one)) over K split, stacked models: prompts [K, B, P], pads [K, B], keys [K] → [K, B, N].
+  """jit(vmap(decode_one)) over K split, stacked models: prompts [K, B, T], pads [K, B], keys [K] → [K, B, O].
   `mixed` (--mix_init): it also takes the anchor (one model) and lam [K]."""
   if not mixed:
     one = lambda shared, cluster, *args: decode_one(cfg, s, merge(shared, cluster), *args)
@@ -124,9 +126,9 @@ def generate(cfg: ModelConfig, params, seqs: UserSequences, assignment_U: np.nda
     user_KxB = np.where(cols >= 0, users[np.maximum(cols, 0)], -1)
     p, pad = prompts(seqs, user_KxB.reshape(-1), length)
     keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), lo), k)
-    tokens_KxBxN = np.asarray(hosts.fetch(decoder(p.reshape(k, batch, -1), pad.reshape(k, batch), keys)))
+    tokens_KxBxO = np.asarray(hosts.fetch(decoder(p.reshape(k, batch, -1), pad.reshape(k, batch), keys)))
     for c, b in zip(*np.nonzero(cols >= 0)):  # collect per user: a loop over output rows, not over models
-      row = tokens_KxBxN[c, b]
+      row = tokens_KxBxO[c, b]
       stop = np.flatnonzero((row == EOS) | (row == PAD))
       out[cols[c, b]] = row[: stop[0] if len(stop) else len(row)]
   return out

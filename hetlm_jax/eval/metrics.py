@@ -68,72 +68,72 @@ def sample_negatives(seqs: UserSequences, candidate_V: np.ndarray, n_negatives: 
                      max_rounds: int = 32) -> tuple[np.ndarray, np.ndarray]:
   """[U, n] negatives per user, uniform without replacement over candidates the user never had.
 
-  Never in the user's history or target (nor `exclude_U[u]`). Returns (negatives_UxN int64,
+  Never in the user's history or target (nor `exclude_U[u]`). Returns (negatives_UxQ int64,
   ok_U bool); users with fewer than n eligible candidates get ok=False and a row of -1.
   """
   candidate_V = np.asarray(candidate_V, bool)
   v, u = len(candidate_V), seqs.num_users
   cand_C = np.flatnonzero(candidate_V)
   c = len(cand_C)
-  user_T = np.repeat(np.arange(u, dtype=np.int64), seqs.lengths)
-  seen_keys = [user_T * v + seqs.tokens]
+  user_N = np.repeat(np.arange(u, dtype=np.int64), seqs.lengths)
+  seen_keys = [user_N * v + seqs.tokens]
   if exclude_U is not None:
     seen_keys.append(np.arange(u, dtype=np.int64) * v + np.asarray(exclude_U, np.int64))
-  seen_S = np.unique(np.concatenate(seen_keys))
-  seen_S = seen_S[candidate_V[seen_S % v]]
-  ok_U = c - np.bincount(seen_S // v, minlength=u) >= n_negatives
-  neg_UxN = np.full((u, n_negatives), -1, np.int64)
+  seen_P = np.unique(np.concatenate(seen_keys))
+  seen_P = seen_P[candidate_V[seen_P % v]]
+  ok_U = c - np.bincount(seen_P // v, minlength=u) >= n_negatives
+  neg_UxQ = np.full((u, n_negatives), -1, np.int64)
   if c == 0 or n_negatives == 0 or not ok_U.any():
-    return neg_UxN, ok_U
+    return neg_UxQ, ok_U
 
   rng = np.random.default_rng(seed)
   rows_R = np.flatnonzero(ok_U)
-  draw_RxN = cand_C[rng.integers(0, c, (len(rows_R), n_negatives))]
+  draw_RxQ = cand_C[rng.integers(0, c, (len(rows_R), n_negatives))]
 
-  def bad(draw_RxN: np.ndarray) -> np.ndarray:
-    key_RxN = rows_R[:, None] * v + draw_RxN
-    idx_RxN = np.minimum(np.searchsorted(seen_S, key_RxN), len(seen_S) - 1)
-    seen_RxN = seen_S[idx_RxN] == key_RxN if len(seen_S) else np.zeros(key_RxN.shape, bool)
+  def bad(draw_RxQ: np.ndarray) -> np.ndarray:
+    key_RxQ = rows_R[:, None] * v + draw_RxQ
+    idx_RxQ = np.minimum(np.searchsorted(seen_P, key_RxQ), len(seen_P) - 1)
+    seen_RxQ = seen_P[idx_RxQ] == key_RxQ if len(seen_P) else np.zeros(key_RxQ.shape, bool)
     # Repeats within a row: every occurrence after the first is redrawn.
-    order_RxN = np.argsort(draw_RxN, axis=1, kind="stable")
-    sorted_RxN = np.take_along_axis(draw_RxN, order_RxN, axis=1)
-    dup_sorted_RxN = np.zeros_like(seen_RxN)
-    dup_sorted_RxN[:, 1:] = sorted_RxN[:, 1:] == sorted_RxN[:, :-1]
-    dup_RxN = np.empty_like(seen_RxN)
-    np.put_along_axis(dup_RxN, order_RxN, dup_sorted_RxN, axis=1)
-    return seen_RxN | dup_RxN
+    order_RxQ = np.argsort(draw_RxQ, axis=1, kind="stable")
+    sorted_RxQ = np.take_along_axis(draw_RxQ, order_RxQ, axis=1)
+    dup_sorted_RxQ = np.zeros_like(seen_RxQ)
+    dup_sorted_RxQ[:, 1:] = sorted_RxQ[:, 1:] == sorted_RxQ[:, :-1]
+    dup_RxQ = np.empty_like(seen_RxQ)
+    np.put_along_axis(dup_RxQ, order_RxQ, dup_sorted_RxQ, axis=1)
+    return seen_RxQ | dup_RxQ
 
   # Redrawing only the offending entries never looks at item labels, so each row stays a uniform
   # random subset of its eligible candidates.
-  bad_RxN = bad(draw_RxN)
+  bad_RxQ = bad(draw_RxQ)
   for _ in range(max_rounds):
-    if not bad_RxN.any():
+    if not bad_RxQ.any():
       break
-    draw_RxN[bad_RxN] = cand_C[rng.integers(0, c, int(bad_RxN.sum()))]
-    bad_RxN = bad(draw_RxN)
-  stuck_R = np.flatnonzero(bad_RxN.any(axis=1))
+    draw_RxQ[bad_RxQ] = cand_C[rng.integers(0, c, int(bad_RxQ.sum()))]
+    bad_RxQ = bad(draw_RxQ)
+  stuck_R = np.flatnonzero(bad_RxQ.any(axis=1))
   if len(stuck_R):  # rows with few eligible items: exact draw by random keys over all candidates
-    draw_RxN[stuck_R] = _exact_negatives(rows_R[stuck_R], seen_S, cand_C, v, n_negatives, rng)
-  neg_UxN[rows_R] = draw_RxN
-  return neg_UxN, ok_U
+    draw_RxQ[stuck_R] = _exact_negatives(rows_R[stuck_R], seen_P, cand_C, v, n_negatives, rng)
+  neg_UxQ[rows_R] = draw_RxQ
+  return neg_UxQ, ok_U
 
 
-def _exact_negatives(users_R: np.ndarray, seen_S: np.ndarray, cand_C: np.ndarray, v: int,
+def _exact_negatives(users_R: np.ndarray, seen_P: np.ndarray, cand_C: np.ndarray, v: int,
                      n: int, rng: np.random.Generator) -> np.ndarray:
   """Per user (ascending ids), the candidates with the n smallest uniform keys, seen ones barred."""
   cand_index_V = np.full(v, -1, np.int64)
   cand_index_V[cand_C] = np.arange(len(cand_C))
-  out_RxN = np.empty((len(users_R), n), np.int64)
+  out_RxQ = np.empty((len(users_R), n), np.int64)
   chunk = max(1, _CHUNK // len(cand_C))
-  seen_user_S, seen_item_S = seen_S // v, seen_S % v
+  seen_user_P, seen_item_P = seen_P // v, seen_P % v
   for lo in range(0, len(users_R), chunk):
     users = users_R[lo:lo + chunk]
     keys_RxC = rng.random((len(users), len(cand_C)))
-    mine_S = np.isin(seen_user_S, users)
-    row_S = np.searchsorted(users, seen_user_S[mine_S])  # users_R is sorted
-    keys_RxC[row_S, cand_index_V[seen_item_S[mine_S]]] = np.inf
-    out_RxN[lo:lo + chunk] = cand_C[np.argpartition(keys_RxC, n - 1, axis=1)[:, :n]]
-  return out_RxN
+    mine_P = np.isin(seen_user_P, users)
+    row_P = np.searchsorted(users, seen_user_P[mine_P])  # users_R is sorted
+    keys_RxC[row_P, cand_index_V[seen_item_P[mine_P]]] = np.inf
+    out_RxQ[lo:lo + chunk] = cand_C[np.argpartition(keys_RxC, n - 1, axis=1)[:, :n]]
+  return out_RxQ
 
 
 def sampled_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, seqs: UserSequences,
@@ -143,11 +143,11 @@ def sampled_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, seqs: User
 
   Same keys as `ranking_metrics`; a user is also invalid when fewer than n negatives exist.
   """
-  neg_UxN, ok_U = sample_negatives(seqs, candidate_V, n_negatives, seed, exclude_U=np.asarray(true_U, np.int64))
-  return negatives_ranking_metrics(logp_UxV, true_U, neg_UxN, ok_U, candidate_V, ks, unknown)
+  neg_UxQ, ok_U = sample_negatives(seqs, candidate_V, n_negatives, seed, exclude_U=np.asarray(true_U, np.int64))
+  return negatives_ranking_metrics(logp_UxV, true_U, neg_UxQ, ok_U, candidate_V, ks, unknown)
 
 
-def negatives_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, neg_UxN: np.ndarray, ok_U: np.ndarray,
+def negatives_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, neg_UxQ: np.ndarray, ok_U: np.ndarray,
                               candidate_V: np.ndarray, ks: Sequence[int] = (1, 5, 10),
                               unknown: int | None = None) -> dict[str, np.ndarray]:
   """Rank of the true token against given negatives (rows of `sample_negatives`), ties pessimistic.
@@ -160,9 +160,9 @@ def negatives_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, neg_UxN:
   candidate_V = np.asarray(candidate_V, bool)
   valid_U = candidate_V[true_U]
   score_U = logp_UxV[np.arange(len(true_U)), true_U]
-  neg_score_UxN = np.take_along_axis(logp_UxV, np.maximum(neg_UxN, 0), axis=1)
-  ahead_U = (neg_score_UxN >= score_U[:, None]).sum(axis=1)
-  ahead_U, valid_U = _last_where_unknown(ahead_U, valid_U, true_U, unknown, neg_UxN.shape[1])
+  neg_score_UxQ = np.take_along_axis(logp_UxV, np.maximum(neg_UxQ, 0), axis=1)
+  ahead_U = (neg_score_UxQ >= score_U[:, None]).sum(axis=1)
+  ahead_U, valid_U = _last_where_unknown(ahead_U, valid_U, true_U, unknown, neg_UxQ.shape[1])
   return _from_ranks(ahead_U + 1, valid_U & ok_U, ks)
 
 
@@ -198,15 +198,15 @@ def paired_bootstrap(a_U: np.ndarray, b_U: np.ndarray, n_boot: int = 1000, seed:
             "var_ci": [np.nan, np.nan]}
   rng = np.random.default_rng(seed)
   diff_U = a_U - b_U
-  mean_B, var_B = np.empty(n_boot), np.empty(n_boot)
+  mean_Z, var_Z = np.empty(n_boot), np.empty(n_boot)
   chunk = max(1, _CHUNK // u)
   for lo in range(0, n_boot, chunk):
-    idx_BxU = rng.integers(0, u, (min(chunk, n_boot - lo), u))
-    mean_B[lo:lo + chunk] = diff_U[idx_BxU].mean(axis=1)
-    var_B[lo:lo + chunk] = a_U[idx_BxU].var(axis=1) - b_U[idx_BxU].var(axis=1)
+    idx_ZxU = rng.integers(0, u, (min(chunk, n_boot - lo), u))
+    mean_Z[lo:lo + chunk] = diff_U[idx_ZxU].mean(axis=1)
+    var_Z[lo:lo + chunk] = a_U[idx_ZxU].var(axis=1) - b_U[idx_ZxU].var(axis=1)
   q = [(1 - level) / 2, (1 + level) / 2]
-  return {"mean_diff": float(diff_U.mean()), "mean_ci": np.quantile(mean_B, q).tolist(),
-          "var_diff": float(a_U.var() - b_U.var()), "var_ci": np.quantile(var_B, q).tolist()}
+  return {"mean_diff": float(diff_U.mean()), "mean_ci": np.quantile(mean_Z, q).tolist(),
+          "var_diff": float(a_U.var() - b_U.var()), "var_ci": np.quantile(var_Z, q).tolist()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,15 +218,15 @@ def _levenshtein(x: np.ndarray, y: np.ndarray) -> int:
     x, y = y, x
   if len(y) == 0:
     return len(x)
-  j_M = np.arange(len(y) + 1)
-  prev_M = j_M.copy()
+  j_T1 = np.arange(len(y) + 1)
+  prev_T1 = j_T1.copy()
   for i, xi in enumerate(x, start=1):
-    step_M = np.empty_like(prev_M)
-    step_M[0] = i
-    step_M[1:] = np.minimum(prev_M[1:] + 1, prev_M[:-1] + (y != xi))
+    step_T1 = np.empty_like(prev_T1)
+    step_T1[0] = i
+    step_T1[1:] = np.minimum(prev_T1[1:] + 1, prev_T1[:-1] + (y != xi))
     # Insertions chain along the row: row[j] = min_{k<=j} step[k] + (j - k).
-    prev_M = np.minimum.accumulate(step_M - j_M) + j_M
-  return int(prev_M[-1])
+    prev_T1 = np.minimum.accumulate(step_T1 - j_T1) + j_T1
+  return int(prev_T1[-1])
 
 
 def _lcs(x: np.ndarray, y: np.ndarray) -> int:
@@ -234,13 +234,13 @@ def _lcs(x: np.ndarray, y: np.ndarray) -> int:
     x, y = y, x
   if len(y) == 0:
     return 0
-  prev_M = np.zeros(len(y) + 1, np.int64)
+  prev_T1 = np.zeros(len(y) + 1, np.int64)
   for xi in x:
-    step_M = np.zeros_like(prev_M)
-    step_M[1:] = np.where(y == xi, prev_M[:-1] + 1, prev_M[1:])
+    step_T1 = np.zeros_like(prev_T1)
+    step_T1[1:] = np.where(y == xi, prev_T1[:-1] + 1, prev_T1[1:])
     # A match never falls below its left neighbour, so a running max gives the full recurrence.
-    prev_M = np.maximum.accumulate(step_M)
-  return int(prev_M[-1])
+    prev_T1 = np.maximum.accumulate(step_T1)
+  return int(prev_T1[-1])
 
 
 def _pairs(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]):

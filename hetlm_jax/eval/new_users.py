@@ -46,8 +46,8 @@ def last_page_view(seqs: UserSequences) -> tuple[np.ndarray, UserSequences]:
   pages_U = np.add.reduceat(page_N.astype(np.int64), begin_U)
   users = np.flatnonzero(pages_U >= 2)
   view = seqs.subset(users)
-  shift_V = seqs.offsets[users] - view.offsets[:-1]
-  return users, dataclasses.replace(view, split=last_U[users] - shift_V)
+  shift_R = seqs.offsets[users] - view.offsets[:-1]
+  return users, dataclasses.replace(view, split=last_U[users] - shift_R)
 
 
 def _lm_scores(family: LMFamily, test: UserSequences, view: UserSequences, tokenizer: PageTokenizer,

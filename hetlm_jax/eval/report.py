@@ -285,6 +285,8 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
 
 
 def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds: list[dict]) -> None:
+  """report.md (and its figures) beside eval.json: the headline, the verdicts, the intervals, the training, the
+  clusters and outcomes."""
   models = [m for m in _ORDER if m in report["models"]]
   if report.get("protocol") == "new_users":
     intro = (f"{report['n_users']:,} new users, never trained on (the split by user); each user's whole sequence "

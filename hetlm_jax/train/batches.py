@@ -59,6 +59,7 @@ class ClusterBatches:
 
   @property
   def steps(self) -> int:
+    """Steps of the round: steps per epoch times its epochs."""
     return self.steps_per_epoch * self.epochs
 
   def order(self, epoch: int) -> np.ndarray:
@@ -152,6 +153,7 @@ class ScoringBatches:
 
   @staticmethod
   def slot_widths(width: int) -> list[int]:
+    """The widths a row of `width` tokens is cut into for short windows: width, width/2, ... down to 4."""
     return [width // 2**j for j in range(8) if width // 2**j >= 4] or [width]
 
   @classmethod
@@ -160,7 +162,7 @@ class ScoringBatches:
     return batch_rows * (width // cls.slot_widths(width)[-1])
 
   def batch(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """tokens and segments [R, W] int32, score mask [R, W-1] bool, user of each token [R, W] (-1: none)."""
+    """tokens and segments [B, T+1] int32, score mask [B, T] bool, user of each token [B, T+1] (-1: none)."""
     windows = np.flatnonzero((self.row_W >= i * self.batch_rows) & (self.row_W < (i + 1) * self.batch_rows))
     length = self.length_W[windows]
     window = np.repeat(windows, length)
@@ -192,10 +194,10 @@ def prompts(seqs: UserSequences, users_B: np.ndarray, length: int) -> tuple[np.n
   hist_B = np.minimum(seqs.split[u_B] - seqs.offsets[u_B], length - opens_session_B)
   len_B = np.where(real_B, hist_B + opens_session_B, 1)
   pad_B = length - len_B
-  cols_BxL = np.arange(length)[None, :]
-  src_BxL = seqs.split[u_B][:, None] - hist_B[:, None] + (cols_BxL - pad_B[:, None])
-  take_BxL = (cols_BxL >= pad_B[:, None]) & (cols_BxL - pad_B[:, None] < hist_B[:, None])
-  out_BxL = np.where(take_BxL, seqs.tokens[np.clip(src_BxL, 0, len(seqs.tokens) - 1)], PAD)
-  out_BxL[np.arange(len(u_B)), length - 1] = np.where(opens_session_B, BOS, out_BxL[:, length - 1])
-  out_BxL[~real_B] = PAD
-  return out_BxL.astype(np.int32), pad_B.astype(np.int32)
+  cols_BxT = np.arange(length)[None, :]
+  src_BxT = seqs.split[u_B][:, None] - hist_B[:, None] + (cols_BxT - pad_B[:, None])
+  take_BxT = (cols_BxT >= pad_B[:, None]) & (cols_BxT - pad_B[:, None] < hist_B[:, None])
+  out_BxT = np.where(take_BxT, seqs.tokens[np.clip(src_BxT, 0, len(seqs.tokens) - 1)], PAD)
+  out_BxT[np.arange(len(u_B)), length - 1] = np.where(opens_session_B, BOS, out_BxT[:, length - 1])
+  out_BxT[~real_B] = PAD
+  return out_BxT.astype(np.int32), pad_B.astype(np.int32)

@@ -24,10 +24,12 @@ class Checkpoints:
                                           item_names=("state", "best", "assignment", "meta", "anchor"))
 
   def latest_step(self) -> int | None:
+    """The step of the newest checkpoint (None without one), once pending saves are written."""
     self._manager.wait_until_finished()
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """The steps of every kept checkpoint, once pending saves are written."""
     self._manager.wait_until_finished()
     return list(self._manager.all_steps())
 
@@ -81,10 +83,12 @@ class Checkpoints:
     return restored["anchor"]
 
   def meta(self, step: int | None = None) -> dict:
+    """The `meta` item (the run position, K, the model) of the checkpoint at `step` (default: the newest)."""
     self._manager.wait_until_finished()
     step = self._manager.latest_step() if step is None else step
     return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
   def close(self) -> None:
+    """Waits for pending saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()

@@ -65,6 +65,7 @@ class Trainer:
     self._mixed = None  # their --mix_init forms, compiled when first needed
 
   def init_state(self) -> TrainState:
+    """K freshly initialised models and optimizer states, laid out on the mesh."""
     return create_state(self.cfg, self.tx, self.mesh, self.k)
 
   def start_round(self, state: TrainState, steps: int, round_lr=None) -> TrainState:
@@ -73,9 +74,6 @@ class Trainer:
     round_lr = cold_lr(self.cfg.train) if round_lr is None else np.asarray(round_lr, np.float32)
     return state.replace(round_start=put(np.int32(state.step)), round_steps=put(np.int32(steps)),
                          round_lr=put(round_lr))
-
-  def round_finished(self, state: TrainState) -> bool:
-    return int(state.step) - int(state.round_start) >= int(state.round_steps)
 
   def copy_models(self, state: TrainState, source_K: np.ndarray) -> TrainState:
     """Model c takes the own parameters and optimizer state of model source_K[c] (re-seeding a cluster)."""
@@ -164,20 +162,20 @@ class Trainer:
     if log is not None:  # at a step every process reaches: in a multi-process job they all stop there
       self._check_finite(m)
     now = time.perf_counter()
-    stack = lambda key: np.stack([step[key] for step in m])  # [steps, K]
-    weight_SxK, nll_SxK = stack("tokens"), stack("nll_sum")
+    stack = lambda key: np.stack([step[key] for step in m])  # [J, K]: the window's steps by models
+    weight_JxK, nll_JxK = stack("tokens"), stack("nll_sum")
     real = float(stack("real_tokens").sum())
-    loss = float(nll_SxK.sum() / max(weight_SxK.sum(), 1e-9))
+    loss = float(nll_JxK.sum() / max(weight_JxK.sum(), 1e-9))
     tok_s = real / max(now - window_start, 1e-9)
     compiling = "" if self._stepped else " (includes compiling the step)"
     self._stepped = True
     progress.update(done, f"loss {loss:.3f} ppl {np.exp(min(loss, 50)):.2f} {tok_s:,.0f} tok/s{compiling}")
     if log is not None:
       # Per model, over the window's steps where it had real tokens (None: only padding in the window).
-      had_K = weight_SxK.sum(0) > 0
-      per_model = np.where(had_K, nll_SxK.sum(0) / np.maximum(weight_SxK.sum(0), 1e-9), np.nan)
-      grad_K = np.where(had_K, (stack("grad_norm") * (weight_SxK > 0)).sum(0)
-                        / np.maximum((weight_SxK > 0).sum(0), 1), np.nan)
+      had_K = weight_JxK.sum(0) > 0
+      per_model = np.where(had_K, nll_JxK.sum(0) / np.maximum(weight_JxK.sum(0), 1e-9), np.nan)
+      grad_K = np.where(had_K, (stack("grad_norm") * (weight_JxK > 0)).sum(0)
+                        / np.maximum((weight_JxK > 0).sum(0), 1), np.nan)
       none_if_nan = lambda a: [None if np.isnan(x) else float(x) for x in a]
       log.write({"kind": "train", **(record or {}), "step": int(m[-1]["step"][0]), "step_in_round": done,
                  "steps": len(m), "loss": loss,
@@ -211,13 +209,13 @@ class Trainer:
     pending = None
     for i in range(batches.num_batches):
       tokens, segments, mask, owner = batches.batch(i)
-      users_S, local_RxT = np.unique(np.where(mask, owner[:, 1:], -1), return_inverse=True)
-      local_RxT = local_RxT.reshape(mask.shape).astype(np.int32) - int(users_S[0] < 0)  # -1: no scored token
-      sums_KxS = score_batch(params, *hosts.put_all((tokens, segments, mask, np.maximum(local_RxT, 0)),
+      users_R, local_BxT = np.unique(np.where(mask, owner[:, 1:], -1), return_inverse=True)
+      local_BxT = local_BxT.reshape(mask.shape).astype(np.int32) - int(users_R[0] < 0)  # -1: no scored token
+      sums_KxR = score_batch(params, *hosts.put_all((tokens, segments, mask, np.maximum(local_BxT, 0)),
                                                     self._rows))
       if pending is not None:  # add batch i-1 while batch i runs
         self._add_scores(nll_KxU, *pending)
-      pending = (sums_KxS, users_S[users_S >= 0])
+      pending = (sums_KxR, users_R[users_R >= 0])
       tokens_U += np.bincount(owner[:, 1:][mask], minlength=seqs.num_users)
       progress.update(i + 1)
     self._add_scores(nll_KxU, *pending)
@@ -225,8 +223,8 @@ class Trainer:
     return nll_KxU, tokens_U
 
   @staticmethod
-  def _add_scores(nll_KxU, sums_KxS, users_N):
-    nll_KxU[:, users_N] += np.asarray(hosts.fetch(sums_KxS))[:, :len(users_N)]
+  def _add_scores(nll_KxU, sums_KxR, users_R):
+    nll_KxU[:, users_R] += np.asarray(hosts.fetch(sums_KxR))[:, :len(users_R)]
 
   def embed(self, params, seqs: UserSequences) -> np.ndarray:
     """Each user's mean final hidden state over their history window under every model: [K, U, D]."""

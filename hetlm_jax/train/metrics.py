@@ -27,6 +27,7 @@ class MetricsLog:
     self._cut = bool(text) and not text.endswith("\n")  # the last line was cut short: start a new one
 
   def write(self, record: dict) -> None:
+    """Appends `record` (by process 0; every process keeps it in memory), and its TensorBoard scalars."""
     self._records.append(json.loads(json.dumps(record, default=float)))
     if not self._primary:
       return
@@ -51,6 +52,7 @@ class MetricsLog:
     writer.flush()
 
   def close(self) -> None:
+    """Closes the TensorBoard writers."""
     for writer in self._writers.values():
       writer.close()
     self._writers = {}
@@ -96,6 +98,7 @@ class Progress:
     self._start, self._initial = time.perf_counter(), initial
 
   def update(self, done: int, info: str = "") -> None:
+    """Shows `done` of the total, with the elapsed time, the ETA and `info`."""
     if self.label is None:  # quiet: a pass inside a job that shows its own progress
       return
     elapsed = time.perf_counter() - self._start
@@ -108,6 +111,7 @@ class Progress:
       logging.info(line)
 
   def close(self) -> None:
+    """Ends the redrawn line."""
     if self._tty:
       self._stream.write("\n")
       self._stream.flush()

@@ -45,6 +45,7 @@ def merge(shared, cluster) -> dict:
 
 
 def num_models(params) -> int:
+  """K, the models of a split, stacked family."""
   return jax.tree.leaves(params["cluster"])[0].shape[0]
 
 

@@ -26,6 +26,8 @@ from hetlm_jax.train.split import partition
 
 @flax.struct.dataclass
 class TrainState:
+  """The K stacked models, their optimizer and where the schedule stands: what a train step maps to the next."""
+
   step: jax.Array  # global step over all rounds; the data order and dropout keys derive from it
   round_start: jax.Array  # global step at which the current reassignment round began
   round_steps: jax.Array  # steps in the current round; the learning-rate schedule spans them

@@ -29,22 +29,22 @@ def output_nll(cfg: ModelConfig, params, h_BxTxD, targets_BxT, pages_only=False,
   b, t, d = h_BxTxD.shape
   n, v = b * t, cfg.vocab_size
 
-  def nll_of(h_CxD, y_C):
-    logits_CxV = project(cfg, params, h_CxD)
+  def nll_of(h_NxD, y_N):
+    logits_NxV = project(cfg, params, h_NxD)
     if pages_only:
       ends_V = jnp.zeros(v, bool).at[jnp.array([PAD, BOS, EOS])].set(True)
-      logits_CxV = jnp.where(ends_V, -jnp.inf, logits_CxV)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_CxV, y_C)
+      logits_NxV = jnp.where(ends_V, -jnp.inf, logits_NxV)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_NxV, y_N)
 
-  h_NxD, y_N = h_BxTxD.reshape(n, d), targets_BxT.reshape(n)
+  h_BTxD, y_BT = h_BxTxD.reshape(n, d), targets_BxT.reshape(n)
   c = max(1, min(n, chunk // max(v, 1)))
   if c == n:
-    return nll_of(h_NxD, y_N).reshape(b, t)
+    return nll_of(h_BTxD, y_BT).reshape(b, t)
   pad = -n % c
-  h_MxCxD = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(-1, c, d)
-  y_MxC = jnp.pad(y_N, (0, pad)).reshape(-1, c)
-  nll_MxC = jax.lax.map(jax.checkpoint(lambda hy: nll_of(*hy)), (h_MxCxD, y_MxC))
-  return nll_MxC.reshape(-1)[:n].reshape(b, t)
+  h_MxNxD = jnp.pad(h_BTxD, ((0, pad), (0, 0))).reshape(-1, c, d)
+  y_MxN = jnp.pad(y_BT, (0, pad)).reshape(-1, c)
+  nll_MxN = jax.lax.map(jax.checkpoint(lambda hy: nll_of(*hy)), (h_MxNxD, y_MxN))
+  return nll_MxN.reshape(-1)[:n].reshape(b, t)
 
 
 def token_nll(model: PageLM, params, inputs_BxT1, segments_BxT1=None, deterministic=True, rngs=None,
@@ -176,21 +176,21 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState, prox: flo
   return step
 
 
-def mix_nll(nll_XxT: jax.Array, anchor_nll_XxT: jax.Array, lam) -> jax.Array:
+def mix_nll(nll: jax.Array, anchor_nll: jax.Array, lam) -> jax.Array:
   """NLL of each token under lam p + (1 - lam) p_anchor, from the NLL under each (--mix_init): lam 1 gives
   `nll` exactly and lam 0 `anchor_nll` (log 0 = -inf drops a term)."""
-  return -jnp.logaddexp(jnp.log(lam) - nll_XxT, jnp.log1p(-lam) - anchor_nll_XxT)
+  return -jnp.logaddexp(jnp.log(lam) - nll, jnp.log1p(-lam) - anchor_nll)
 
 
-def mix_logprobs(logp_XxV: jax.Array, anchor_logp_XxV: jax.Array, lam) -> jax.Array:
+def mix_logprobs(logp: jax.Array, anchor_logp: jax.Array, lam) -> jax.Array:
   """log(lam p + (1 - lam) p_anchor) of log-distributions (--mix_init)."""
-  return jnp.logaddexp(jnp.log(lam) + logp_XxV, jnp.log1p(-lam) + anchor_logp_XxV)
+  return jnp.logaddexp(jnp.log(lam) + logp, jnp.log1p(-lam) + anchor_logp)
 
 
 def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, slots: int, pages_only: bool = False,
                   mixed: bool = False):
-  """Every one of the K models scores the same packed rows: tokens and segments [R, T+1], mask [R, T] and the
-  batch-local user of each predicted token [R, T] (0 <= user < `slots`) → the masked NLL summed per local
+  """Every one of the K models scores the same packed rows: tokens and segments [B, T+1], mask [B, T] and the
+  batch-local user of each predicted token [B, T] (0 <= user < `slots`) → the masked NLL summed per local
   user on the device, [K, slots]; only that comes back to the host. `pages_only`: see token_nll.
 
   `mixed` (--mix_init): the function takes two more arguments after the params, `anchor` (one model's
@@ -199,20 +199,20 @@ def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, slots: int, pag
   model = PageLM(cfg.model)
   unroll = unrolled(cfg, mesh, num_models(abstract.params))
 
-  def sums(nll_RxT, mask_RxT, user_RxT):
-    return jax.ops.segment_sum(jnp.where(mask_RxT, nll_RxT, 0.0).ravel(), user_RxT.ravel(), num_segments=slots)
+  def sums(nll_BxT, mask_BxT, user_BxT):
+    return jax.ops.segment_sum(jnp.where(mask_BxT, nll_BxT, 0.0).ravel(), user_BxT.ravel(), num_segments=slots)
 
-  def score(params, inputs_RxT1, segments_RxT1, mask_RxT, user_RxT):
+  def score(params, inputs_BxT1, segments_BxT1, mask_BxT, user_BxT):
     def one_model(p):
-      return sums(token_nll(model, p, inputs_RxT1, segments_RxT1, pages_only=pages_only), mask_RxT, user_RxT)
+      return sums(token_nll(model, p, inputs_BxT1, segments_BxT1, pages_only=pages_only), mask_BxT, user_BxT)
     return per_model(one_model, unroll)(params)
 
-  def score_mixed(params, anchor, lam_K, inputs_RxT1, segments_RxT1, mask_RxT, user_RxT):
-    nll_of = lambda p: token_nll(model, p, inputs_RxT1, segments_RxT1, pages_only=pages_only)
-    anchor_nll_RxT = nll_of(anchor)
-    nll_KxRxT = per_model(nll_of, unroll)(params)
-    mixed_KxRxT = mix_nll(nll_KxRxT, anchor_nll_RxT[None], lam_K[:, None, None])
-    return jax.vmap(sums, in_axes=(0, None, None))(mixed_KxRxT, mask_RxT, user_RxT)
+  def score_mixed(params, anchor, lam_K, inputs_BxT1, segments_BxT1, mask_BxT, user_BxT):
+    nll_of = lambda p: token_nll(model, p, inputs_BxT1, segments_BxT1, pages_only=pages_only)
+    anchor_nll_BxT = nll_of(anchor)
+    nll_KxBxT = per_model(nll_of, unroll)(params)
+    mixed_KxBxT = mix_nll(nll_KxBxT, anchor_nll_BxT[None], lam_K[:, None, None])
+    return jax.vmap(sums, in_axes=(0, None, None))(mixed_KxBxT, mask_BxT, user_BxT)
 
   params_sharding = state_shardings(mesh, abstract).params
   rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -224,11 +224,11 @@ def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, slots: int, pag
 
 
 def make_hidden_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
-  """Final hidden states [K, R, T+1, D] of packed rows under every model (for user embeddings)."""
+  """Final hidden states [K, B, T+1, D] of packed rows under every model (for user embeddings)."""
   model = PageLM(cfg.model)
 
-  def hidden(params, inputs_RxT1, segments_RxT1):
-    one = lambda p: model.apply({"params": p}, inputs_RxT1, segments_RxT1, hidden_only=True)
+  def hidden(params, inputs_BxT1, segments_BxT1):
+    one = lambda p: model.apply({"params": p}, inputs_BxT1, segments_BxT1, hidden_only=True)
     return per_model(one)(params).astype(jnp.float32)
 
   rows = NamedSharding(mesh, P("data"))
