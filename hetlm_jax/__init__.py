@@ -27,5 +27,6 @@ __all__ = ["__version__", *_PREDICT]
 def __getattr__(name: str):
   if name in _PREDICT:
     from hetlm_jax import predict
+
     return getattr(predict, name)
   raise AttributeError(f"module 'hetlm_jax' has no attribute {name!r}")

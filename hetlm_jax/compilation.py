@@ -78,6 +78,7 @@ def setup(spec: str = "") -> Path | None:
     if _cache_set is not None:  # a second command in one process (the tests) with another cache
       try:
         from jax._src import compilation_cache
+
         compilation_cache.reset_cache()
       except (ImportError, AttributeError):
         pass
@@ -94,8 +95,10 @@ def summary() -> str | None:
   if _stats is None or not _stats.programs:
     return None
   slowest = max(_stats.seconds, key=_stats.seconds.get)
-  return (f"compiling: {sum(_stats.seconds.values()):.1f}s for {_stats.programs} programs ({_stats.hits} loaded from "
-          f"the cache, saving {_stats.saved_s:.1f}s); slowest {slowest} {_stats.seconds[slowest]:.1f}s")
+  return (
+    f"compiling: {sum(_stats.seconds.values()):.1f}s for {_stats.programs} programs ({_stats.hits} loaded from "
+    f"the cache, saving {_stats.saved_s:.1f}s); slowest {slowest} {_stats.seconds[slowest]:.1f}s"
+  )
 
 
 def reset_counts() -> None:

@@ -18,8 +18,7 @@ from hetlm_jax.files import replace_text
 def _option(default, help: str, *, flag: str | None = None, resumable: bool = False, auto: int | None = None):
   """A setting the user chooses: its default and the help of its --flag (named as the field, or `flag`);
   `resumable`: a resumed run may change it; `auto`: the flag also takes "auto", which stands for this value."""
-  return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "resumable": resumable,
-                                                      "auto": auto})
+  return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "resumable": resumable, "auto": auto})
 
 
 def _derived(default, how: str):
@@ -32,9 +31,11 @@ class ModelConfig:
   """The model of one family. Built by a run, its derived fields are filled in (Config.built)."""
 
   vocab_size: int = _derived(0, "the tokenizer's vocabulary")
-  context: int = _option(64,
+  context: int = _option(
+    64,
     "Tokens the model attends over at once; a longer history is trained on and scored in windows of this many "
-    "tokens that cover all of it, and next pages and generation condition on its last ones.")
+    "tokens that cover all of it, and next pages and generation condition on its last ones.",
+  )
   d_model: int = _option(64, "Width of each cluster model's residual stream.")
   n_layers: int = _option(2, "Transformer blocks per model.")
   n_heads: int = _option(4, "Attention heads per block (d_model must divide into them, with an even head width).")
@@ -42,8 +43,10 @@ class ModelConfig:
   dropout: float = _option(0.1, "Dropout rate on embeddings, attention and feed-forward outputs while training.")
   positions: str = _option("rope", "Position encoding: rope (rotary, restarting in every packed segment) or learned.")
   tie_embeddings: bool = _option(True, "Share the page embedding with the output layer.")
-  dtype: str = _option("auto",
-    "Compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU), float32 or bfloat16; parameters stay float32.")
+  dtype: str = _option(
+    "auto",
+    "Compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU), float32 or bfloat16; parameters stay float32.",
+  )
   output_bias: bool = _derived(False, "--cluster_params other than all: a bias on the output logits, a cluster's own")
   lora_rank: int = _derived(0, "--cluster_params=adapters:R: LoRA adapters of rank R on every projection")
 
@@ -58,6 +61,7 @@ class ModelConfig:
     if self.dtype != "auto":
       return self.dtype
     import jax  # here, so reading a config does not start JAX
+
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
@@ -66,69 +70,99 @@ class TrainConfig:
   """The training schedule, early stopping, input pipeline and checkpoints."""
 
   batch_size: int = _option(64, "Windows per cluster per step, over all devices.")
-  epochs: int = _option(8,
-    "Passes over every user per round, at most: the learning-rate schedule's cycle, cut short by early stopping.")
-  patience: int = _option(2,
+  epochs: int = _option(
+    8, "Passes over every user per round, at most: the learning-rate schedule's cycle, cut short by early stopping."
+  )
+  patience: int = _option(
+    2,
     "Stop a round after this many validations without a better per-user mean validation NLL; a round from scratch "
-    "counts them once half of --epochs is trained (0: train every pass).")
-  warm_epochs: int = _option(2,
+    "counts them once half of --epochs is trained (0: train every pass).",
+  )
+  warm_epochs: int = _option(
+    2,
     "Passes at most of a round that goes on from a trained model: a warm-started round, and the anneal that ends "
-    "every single LM.")
-  val_every: float = _option(0.25,
-    "Passes between validations in such a round (a round from scratch validates every pass).")
-  val_frac: float = _option(0.1,
+    "every single LM.",
+  )
+  val_every: float = _option(
+    0.25, "Passes between validations in such a round (a round from scratch validates every pass)."
+  )
+  val_frac: float = _option(
+    0.1,
     "Share of the training users whose held-out targets decide early stopping and --k=auto; they are left out of "
-    "the reported evaluation.")
+    "the reported evaluation.",
+  )
   learning_rate: float = _option(0.003, "Peak AdamW learning rate of each round's warmup-then-cosine schedule.")
   warmup_frac: float = _option(0.05, "Share of each round's cap of steps spent warming the learning rate up.")
   weight_decay: float = _option(0.01, "AdamW weight decay (not on norms, biases or learned positions).")
   grad_clip: float = _option(1.0, "Clip each model's gradient to this global norm.")
   seed: int = _option(0, "Seed of initialisation, shuffling, dropout and k-means: the same seed gives the same run.")
-  log_every: int = _option(50,
-    "Steps between training records in metrics.jsonl (the progress line shows at least every 10 s).", resumable=True)
-  prefetch: int = _option(2,
+  log_every: int = _option(
+    50, "Steps between training records in metrics.jsonl (the progress line shows at least every 10 s).", resumable=True
+  )
+  prefetch: int = _option(
+    2,
     "Batches built on the host and put on the devices ahead of the step, in a background thread (0: built in the "
-    "step loop).", resumable=True)
-  balance: bool = _option(True,
+    "step loop).",
+    resumable=True,
+  )
+  balance: bool = _option(
+    True,
     "Smaller clusters cycle their own users, each token weighted by 1/appearances, instead of training on padding "
-    "while the largest cluster finishes its epoch.")
-  max_repeat: int = _option(0,
-    "With --balance: a smaller cluster's users appear at most this many times per pass (0: no cap).")
-  tensorboard: bool = _option(False,
+    "while the largest cluster finishes its epoch.",
+  )
+  max_repeat: int = _option(
+    0, "With --balance: a smaller cluster's users appear at most this many times per pass (0: no cap)."
+  )
+  tensorboard: bool = _option(
+    False,
     "Also write TensorBoard event files beside metrics.jsonl, one run per model in WORKDIR/tensorboard (needs "
-    "tensorboardX: pip install tensorboardX, or pip install -e '.[tensorboard]' in the repository).", resumable=True)
-  stack: str = _option("auto",
+    "tensorboardX: pip install tensorboardX, or pip install -e '.[tensorboard]' in the repository).",
+    resumable=True,
+  )
+  stack: str = _option(
+    "auto",
     "How the K models share one jitted step: vmap (batched matmuls), unroll (K graphs in one program, faster steps "
     "on CPU, but longer to compile as K grows) or auto (unroll a single model on CPU, vmap for K > 1 and "
-    "elsewhere).", resumable=True)
-  checkpoint_every: int = _option(500,
-    "Steps between periodic checkpoints (one is also saved at the end of every round).", resumable=True)
+    "elsewhere).",
+    resumable=True,
+  )
+  checkpoint_every: int = _option(
+    500, "Steps between periodic checkpoints (one is also saved at the end of every round).", resumable=True
+  )
   keep_checkpoints: int = _option(3, "Checkpoints kept per model; older ones are deleted.", resumable=True)
-  eval_batch_size: int = _option(512,
-    "Rows per batch when scoring users (evaluation, validation, reassignment).", resumable=True)
+  eval_batch_size: int = _option(
+    512, "Rows per batch when scoring users (evaluation, validation, reassignment).", resumable=True
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where the log is, how it is read, and how users and sessions are split."""
 
-  path: str = _option("",
-    "Browsing log (Parquet/CSV events, UCI msnbc, or 'user item' lines); default: the packaged msnbc sample.", flag="data")
+  path: str = _option(
+    "",
+    "Browsing log (Parquet/CSV events, UCI msnbc, or 'user item' lines); default: the packaged msnbc sample.",
+    flag="data",
+  )
   format: str = _option("auto", "Input format: auto, events, msnbc or user_items.")
   session_gap_minutes: float = _option(30.0, "Inactivity that starts a new session when the log has no session_id.")
   holdout: str = _option("auto", "How single-session users are split: half (prefix/suffix), last (last page), auto.")
   min_count: int = _option(1, "Pages seen fewer times than this in training histories share one unknown-page token.")
   max_vocab: int = _option(0, "Keep only the most frequent pages, up to this many (0: no cap).")
   max_users: int = _option(0, "Keep only the first N users of the log (0: all).")
-  test_users: int = _option(0,
+  test_users: int = _option(
+    0,
     "Split by user instead of in time: N users, never trained on, whose whole sequences are the test (0: each "
-    "user's last session is held out).")
+    "user's last session is held out).",
+  )
   train_users: int = _option(0, "With --test_users: the number of users to train on (0: all the others).")
   split_seed: int = _option(0, "The split by user permutes users with numpy.random.default_rng(split_seed).")
-  test_offset: int = _option(-1,
+  test_offset: int = _option(
+    -1,
     "With --test_users: the test users start at this position of that permutation, and the training users are the "
     "first --train_users of the others, so runs of different sizes share one test set (-1: right after the training"
-    " users).")
+    " users).",
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,45 +173,66 @@ class ClusterConfig:
   k_candidates: str = _option("2,4,8", "The K values --k=auto tries, separated by commas.")
   rounds: int = _option(3, "Reassignment rounds at most (each trains until the validation NLL stops improving).")
   tolerance: float = _option(0.005, "Stop once fewer than this fraction of users change cluster in a round.")
-  init: str = _option("embedding",
+  init: str = _option(
+    "embedding",
     "Initial assignment: random (balanced), features (k-means on TF-IDF page/transition counts), embedding (k-means"
-    " on a single LM's mean hidden states).")
+    " on a single LM's mean hidden states).",
+  )
   warm_start: bool = _option(True, "With --init=embedding, start every cluster model from that single LM.")
-  soft: bool = _option(True,
+  soft: bool = _option(
+    True,
     "Soft EM: after the first round every cluster model trains on every user, each weighted by the posterior of "
-    "that cluster given the user's history (assignments.parquet keeps the most likely).")
-  init_rounds: int = _option(3,
+    "that cluster given the user's history (assignments.parquet keeps the most likely).",
+  )
+  init_rounds: int = _option(
+    3,
     "Rounds from scratch of every single LM, at most: the one --init=embedding clusters (and --warm_start copies), "
-    "single and single_matched; each then anneals (see --warm_epochs).")
-  warm_lr_scale: float = _option(0.05,
+    "single and single_matched; each then anneals (see --warm_epochs).",
+  )
+  warm_lr_scale: float = _option(
+    0.05,
     "Warm-started rounds (HeTLM's clusters, single_ft) start at this fraction of --learning_rate, with no warmup, "
-    "and decay to 1/20 of it.")
-  prox: float = _option(0.0,
+    "and decay to 1/20 of it.",
+  )
+  prox: float = _option(
+    0.0,
     "Warm-started models: the gradient of prox/2 ||theta - theta_init||^2, a pull toward the LM they start from (0:"
-    " none).")
-  route_frac: float = _option(0.0,
+    " none).",
+  )
+  route_frac: float = _option(
+    0.0,
     "Keep this last share of every training user's history out of training, and route users (the E-step) by it "
-    "alone, so reassignment never rewards memorising (0: route by the whole history).")
-  tune_baselines: bool = _option(False,
+    "alone, so reassignment never rewards memorising (0: route by the whole history).",
+  )
+  tune_baselines: bool = _option(
+    False,
     "Choose HeTLM's --prox (0, 1, 3) and single_matched's learning rate (1/3 and 1 x --learning_rate) and dropout "
     "(+0, +0.1) on the validation users: both sides tuned, not one; trains 3 HeTLMs and 4 single_matched LMs "
-    "instead of one each.")
-  interpolate: bool = _option(True,
+    "instead of one each.",
+  )
+  interpolate: bool = _option(
+    True,
     "Warm-started models end as alpha_k theta_k + (1 - alpha_k) theta_init, their parameters interpolated toward "
     "the LM they started from, alpha per cluster from 0, 0.25, ..., 1 by the validation users (alpha 0 for all is "
-    "that LM, so validation cannot see them fall below it).")
-  mix_init: bool = _option(False,
+    "that LM, so validation cannot see them fall below it).",
+  )
+  mix_init: bool = _option(
+    False,
     "Warm-started models predict lam_k p_k + (1 - lam_k) p_init, a mixture in prediction space with the LM they "
     "started from, lam per cluster from 0, 0.25, ..., 1 by the validation users; that LM's parameters count in "
-    "HeTLM's total, and scoring and decoding run it beside the K models.")
-  min_cluster_frac: float = _option(0.1,
-    "A cluster smaller than this fraction of U/K is re-seeded by splitting the largest.")
+    "HeTLM's total, and scoring and decoding run it beside the K models.",
+  )
+  min_cluster_frac: float = _option(
+    0.1, "A cluster smaller than this fraction of U/K is re-seeded by splitting the largest."
+  )
   baselines: bool = _option(True, "Also train the single-LM baselines (per-cluster size and parameter-matched).")
   cluster_axis: int = _option(1, "Devices on the 'cluster' mesh axis (the rest shard the batch).")
-  cluster_params: str = _option("all",
+  cluster_params: str = _option(
+    "all",
     "Which parameters each cluster owns; the rest is one shared trunk trained on every user: all (K whole models), "
     "head (final norm and output bias), top:N (also the last N blocks), adapters:R (also LoRA of rank R on every "
-    "projection).")
+    "projection).",
+  )
 
   def lora_rank(self) -> int:
     """R of --cluster_params=adapters:R, else 0."""
@@ -226,8 +281,11 @@ class Config:
     """The config a run builds its models from: the model section completed with the tokenizer's `vocab_size`,
     and an output bias and LoRA rank as --cluster_params asks."""
     c = self.cluster
-    return self.replace(model=dataclasses.replace(self.model, vocab_size=vocab_size,
-                                                  output_bias=c.cluster_params != "all", lora_rank=c.lora_rank()))
+    return self.replace(
+      model=dataclasses.replace(
+        self.model, vocab_size=vocab_size, output_bias=c.cluster_params != "all", lora_rank=c.lora_rank()
+      )
+    )
 
   @classmethod
   def from_dict(cls, d: dict) -> Config:
@@ -253,9 +311,12 @@ class Config:
 def resume_differences(saved: Config, now: Config) -> list[str]:
   """The chosen settings in which `now` differs from a run `saved` that it would resume, as "--flag: A there, B
   now"; settings a resumed run may change (resumable) are left out."""
-  return [f"--{flag_name(f)}: {getattr(getattr(saved, name), f.name)} there, {getattr(getattr(now, name), f.name)} now"
-          for name in SECTIONS for f in options(name) if not f.metadata["resumable"]
-          and getattr(getattr(saved, name), f.name) != getattr(getattr(now, name), f.name)]
+  return [
+    f"--{flag_name(f)}: {getattr(getattr(saved, name), f.name)} there, {getattr(getattr(now, name), f.name)} now"
+    for name in SECTIONS
+    for f in options(name)
+    if not f.metadata["resumable"] and getattr(getattr(saved, name), f.name) != getattr(getattr(now, name), f.name)
+  ]
 
 
 def parse_auto(field: dataclasses.Field, text: str):
@@ -276,8 +337,10 @@ def validate(cfg: Config) -> None:
   m, t, d, c = cfg.model, cfg.train, cfg.data, cfg.cluster
   checks = [
     (m.context >= 2, "--context must be at least 2"),
-    (m.d_model >= 1 and m.n_layers >= 1 and m.n_heads >= 1 and m.d_ff >= 1,
-     "--d_model, --n_layers, --n_heads and --d_ff must be positive"),
+    (
+      m.d_model >= 1 and m.n_layers >= 1 and m.n_heads >= 1 and m.d_ff >= 1,
+      "--d_model, --n_layers, --n_heads and --d_ff must be positive",
+    ),
     (m.d_model % max(m.n_heads, 1) == 0, f"--d_model={m.d_model} must be divisible by --n_heads={m.n_heads}"),
     (m.positions in ("rope", "learned"), f"--positions={m.positions!r}: expected rope or learned"),
     (m.positions != "rope" or m.head_dim % 2 == 0, "--positions=rope needs an even d_model / n_heads"),
@@ -290,8 +353,10 @@ def validate(cfg: Config) -> None:
     (0.0 < t.val_every <= 1.0, f"--val_every={t.val_every} must be in (0, 1]"),
     (t.max_repeat >= 0, f"--max_repeat={t.max_repeat} must be non-negative"),
     (0.0 <= t.val_frac < 1.0, f"--val_frac={t.val_frac} must be in [0, 1)"),
-    (t.val_frac > 0 or (t.patience == 0 and c.k != 0),
-     "--val_frac=0 leaves no validation users: it needs --patience=0 and a fixed --k"),
+    (
+      t.val_frac > 0 or (t.patience == 0 and c.k != 0),
+      "--val_frac=0 leaves no validation users: it needs --patience=0 and a fixed --k",
+    ),
     (t.learning_rate > 0, f"--learning_rate={t.learning_rate} must be positive"),
     (0.0 <= t.warmup_frac < 1.0, f"--warmup_frac={t.warmup_frac} must be in [0, 1)"),
     (t.weight_decay >= 0, f"--weight_decay={t.weight_decay} must be non-negative"),
@@ -302,8 +367,10 @@ def validate(cfg: Config) -> None:
     (t.checkpoint_every >= 1, f"--checkpoint_every={t.checkpoint_every} must be at least 1"),
     (t.keep_checkpoints >= 1, f"--keep_checkpoints={t.keep_checkpoints} must be at least 1"),
     (t.eval_batch_size >= 1, f"--eval_batch_size={t.eval_batch_size} must be at least 1"),
-    (d.format in ("auto", "events", "msnbc", "user_items"),
-     f"--format={d.format!r}: expected auto, events, msnbc or user_items"),
+    (
+      d.format in ("auto", "events", "msnbc", "user_items"),
+      f"--format={d.format!r}: expected auto, events, msnbc or user_items",
+    ),
     (d.session_gap_minutes > 0, f"--session_gap_minutes={d.session_gap_minutes} must be positive"),
     (d.holdout in ("auto", "half", "last"), f"--holdout={d.holdout!r}: expected auto, half or last"),
     (d.min_count >= 1, f"--min_count={d.min_count} must be at least 1"),
@@ -313,11 +380,15 @@ def validate(cfg: Config) -> None:
     (d.test_users > 0 or d.train_users == 0, "--train_users needs --test_users (the split by user)"),
     (d.test_offset >= -1, f"--test_offset={d.test_offset} must be -1 (after the training users) or a position"),
     (d.test_users > 0 or d.test_offset == -1, "--test_offset needs --test_users (the split by user)"),
-    (d.test_users == 0 or c.k != 0, "--k=auto needs the split in time (no --test_users): it chooses K "
-                                    "on held-out targets of the training users"),
+    (
+      d.test_users == 0 or c.k != 0,
+      "--k=auto needs the split in time (no --test_users): it chooses K on held-out targets of the training users",
+    ),
     (c.k >= 1 or c.k == 0, f"--k={c.k} must be at least 1 (or auto)"),
-    (_ints(c.k_candidates) and all(x >= 1 for x in c.candidates()),
-     f"--k_candidates={c.k_candidates!r}: expected positive integers separated by commas"),
+    (
+      _ints(c.k_candidates) and all(x >= 1 for x in c.candidates()),
+      f"--k_candidates={c.k_candidates!r}: expected positive integers separated by commas",
+    ),
     (c.rounds >= 1, f"--rounds={c.rounds} must be at least 1"),
     (0.0 <= c.tolerance < 1.0, f"--tolerance={c.tolerance} must be in [0, 1)"),
     (c.init in ("random", "features", "embedding"), f"--init={c.init!r}: expected random, features or embedding"),
@@ -328,9 +399,11 @@ def validate(cfg: Config) -> None:
     (0.0 <= c.route_frac < 1.0, f"--route_frac={c.route_frac} must be in [0, 1)"),
     (0.0 <= c.min_cluster_frac < 1.0, f"--min_cluster_frac={c.min_cluster_frac} must be in [0, 1)"),
     (c.cluster_axis >= 1, f"--cluster_axis={c.cluster_axis} must be at least 1"),
-    (_cluster_params_ok(c.cluster_params, m.n_layers),
-     f"--cluster_params={c.cluster_params!r}: expected all, head, top:N (1 <= N <= --n_layers={m.n_layers}) "
-     "or adapters:R (R >= 1)"),
+    (
+      _cluster_params_ok(c.cluster_params, m.n_layers),
+      f"--cluster_params={c.cluster_params!r}: expected all, head, top:N (1 <= N <= --n_layers={m.n_layers}) "
+      "or adapters:R (R >= 1)",
+    ),
   ]
   for ok, message in checks:
     if not ok:

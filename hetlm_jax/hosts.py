@@ -25,8 +25,9 @@ def _tpu_chips() -> int:
   """TPU chips on this machine, found as JAX finds them (their PCI ids), before any backend starts."""
   try:
     from jax._src import hardware_utils  # JAX's own detection; private, so a failure means none
+
     return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
-  except Exception:  # noqa: BLE001 - an older or newer JAX without it
+  except Exception:  # any failure: an older or newer JAX without it
     return 0
 
 
@@ -76,9 +77,11 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   Must run before anything else touches JAX."""
   explicit = bool(coordinator_address) or num_processes > 1
   if explicit and (not coordinator_address or num_processes < 1 or not 0 <= process_id < num_processes):
-    raise HetlmError(f"--coordinator_address={coordinator_address or '(none)'} --num_processes={num_processes} "
-                     f"--process_id={process_id}: a multi-process run needs all three, with 0 <= process_id < "
-                     "num_processes")
+    raise HetlmError(
+      f"--coordinator_address={coordinator_address or '(none)'} --num_processes={num_processes} "
+      f"--process_id={process_id}: a multi-process run needs all three, with 0 <= process_id < "
+      "num_processes"
+    )
   detected = None if explicit else cluster_environment()
   if not explicit and detected is None:
     return
@@ -95,8 +98,14 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     raise HetlmError(f"jax.distributed could not start ({detected or coordinator_address}): {first}") from None
   if jax.process_index() > 0:  # one log of the job's progress: the other processes only warn
     logging.set_verbosity(logging.WARNING)
-  logging.info("process %d of %d (%s), %d of %d devices here", jax.process_index(), jax.process_count(),
-               detected or "--coordinator_address", jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d of %d (%s), %d of %d devices here",
+    jax.process_index(),
+    jax.process_count(),
+    detected or "--coordinator_address",
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def is_primary() -> bool:
@@ -137,6 +146,7 @@ def fetch(tree):
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
       return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
   return jax.tree.map(one, tree)
 
 

@@ -60,8 +60,10 @@ def inject(spec: str) -> None:
   kind, _, at = spec.partition("@")
   step = at.isdigit() and int(at) >= 1
   if kind not in FAULTS or not (step or at in PHASES and kind != "nan"):
-    raise HetlmError(f"--inject={spec}: expected KIND@STEP with KIND one of {', '.join(FAULTS)} and STEP >= 1, "
-                     f"or a signal at a phase ({', '.join(PHASES)}), e.g. sigterm@evaluate")
+    raise HetlmError(
+      f"--inject={spec}: expected KIND@STEP with KIND one of {', '.join(FAULTS)} and STEP >= 1, "
+      f"or a signal at a phase ({', '.join(PHASES)}), e.g. sigterm@evaluate"
+    )
   _injected = (kind, int(at) if step else at)
 
 

@@ -31,11 +31,24 @@ class WorkdirLock:
     except BlockingIOError:
       holder = _holder(fd)
       os.close(fd)
-      raise HetlmError(f"--workdir={self.workdir}: another run is writing there ({holder}); wait for it to end, "
-                       "or use another --workdir") from None
+      raise HetlmError(
+        f"--workdir={self.workdir}: another run is writing there ({holder}); wait for it to end, "
+        "or use another --workdir"
+      ) from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode() + b"\n", 0)
+    os.pwrite(
+      fd,
+      json.dumps(
+        {
+          "pid": os.getpid(),
+          "host": socket.gethostname(),
+          "command": self.command,
+          "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+      ).encode()
+      + b"\n",
+      0,
+    )
     self._fd = fd
     return self
 
@@ -58,6 +71,7 @@ def hold(stack, workdir: Path, command: str) -> None:
   """Process 0 takes the workdir's lock for as long as `stack` (a contextlib.ExitStack) is open; when it is refused,
   every process of the job raises, at the same point."""
   from hetlm_jax import hosts  # JAX starts only once a command runs
+
   refusal = None
   if hosts.is_primary():
     try:

@@ -24,8 +24,13 @@ def _rope(x_BxTxAxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxAxH.dtype)
 
 
-def causal_attention(q_BxTxAxH: jax.Array, k_BxTxAxH: jax.Array, v_BxTxAxH: jax.Array,
-                     mask_Bx1xTxT: jax.Array | None, fused: bool | None = None) -> jax.Array:
+def causal_attention(
+  q_BxTxAxH: jax.Array,
+  k_BxTxAxH: jax.Array,
+  v_BxTxAxH: jax.Array,
+  mask_Bx1xTxT: jax.Array | None,
+  fused: bool | None = None,
+) -> jax.Array:
   """Causal self-attention, within segments where `mask` is given. `fused` (default: off a CPU) calls
   jax.nn.dot_product_attention, which takes cuDNN's fused kernel on a GPU where it applies; otherwise two
   einsums in the [B, T, A, H] layout, which on a CPU skip its transposes (10% of a training step, measured
@@ -50,14 +55,16 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array | None,
-               deterministic: bool, kv=None):
+  def __call__(
+    self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_Bx1xTxS: jax.Array | None, deterministic: bool, kv=None
+  ):
     """With `kv = (k_BxSxAxH, v_BxSxAxH, index)` (decoding), this step's keys and values are written into
     the cache at `index` and attention runs over the cache under `mask_Bx1xTxS`; returns (x, (k, v))."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
     general = lambda features, axis=-1, name=None, **kw: nn.DenseGeneral(
-      features, axis=axis, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
+      features, axis=axis, dtype=dtype, param_dtype=jnp.float32, name=name, **kw
+    )
 
     def dense(features, axis=-1, name=None):
       """A projection, plus a low-rank update W + A·B when --cluster_params=adapters:R (B starts at zero)."""
@@ -80,8 +87,9 @@ class Block(nn.Module):
       k_cache, v_cache, index = kv
       k_BxSxAxH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxAxH.astype(k_cache.dtype), index, axis=1)
       v_BxSxAxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxAxH.astype(v_cache.dtype), index, axis=1)
-      a_BxTxAxH = jax.nn.dot_product_attention(q_BxTxAxH, k_BxSxAxH.astype(dtype), v_BxSxAxH.astype(dtype),
-                                               mask=mask_Bx1xTxS)
+      a_BxTxAxH = jax.nn.dot_product_attention(
+        q_BxTxAxH, k_BxSxAxH.astype(dtype), v_BxSxAxH.astype(dtype), mask=mask_Bx1xTxS
+      )
     a_BxTxD = dense(cfg.d_model, axis=(-2, -1), name="o")(a_BxTxAxH)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout)(a_BxTxD, deterministic=deterministic)
 
@@ -113,8 +121,15 @@ class PageLM(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, segments_BxT: jax.Array | None = None, deterministic: bool = True,
-               cache: dict | None = None, only_at_B: jax.Array | None = None, hidden_only: bool = False):
+  def __call__(
+    self,
+    tokens_BxT: jax.Array,
+    segments_BxT: jax.Array | None = None,
+    deterministic: bool = True,
+    cache: dict | None = None,
+    only_at_B: jax.Array | None = None,
+    hidden_only: bool = False,
+  ):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.float32, name="embed")
@@ -137,8 +152,9 @@ class PageLM(nn.Module):
       if cache is None:
         x_BxTxD = block(x_BxTxD, positions_BxT, mask_Bx1xTxS, deterministic)
       else:
-        x_BxTxD, (k, v) = block(x_BxTxD, positions_BxT, mask_Bx1xTxS, deterministic,
-                                kv=(cache["k"][i], cache["v"][i], cache["index"]))
+        x_BxTxD, (k, v) = block(
+          x_BxTxD, positions_BxT, mask_Bx1xTxS, deterministic, kv=(cache["k"][i], cache["v"][i], cache["index"])
+        )
         new_k.append(k)
         new_v.append(v)
     if only_at_B is not None:

@@ -33,11 +33,23 @@ from hetlm_jax.model import matched_config, param_count
 from hetlm_jax.train.metrics import MetricsLog, tensorboard_available
 from hetlm_jax.train.split import num_models, part_sizes
 from hetlm_jax.train.state import make_mesh
-from hetlm_jax.workdir import (SavedAssignment, check_resumable, check_workdir, family_name, load_run, open_metrics,
-                               record_k_auto, run_data, saved_tokenizer, training_provenance, write_assignments,
-                               write_run_files)
+from hetlm_jax.workdir import (
+  SavedAssignment,
+  check_resumable,
+  check_workdir,
+  family_name,
+  load_run,
+  open_metrics,
+  record_k_auto,
+  run_data,
+  saved_tokenizer,
+  training_provenance,
+  write_assignments,
+  write_run_files,
+)
 
 # -- hetlm train -----------------------------------------------------------------------------------------------
+
 
 def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
   """Trains (or resumes) the run in `workdir`, writes eval.json and returns it; validates everything first, then
@@ -73,8 +85,13 @@ def checked_inputs(cfg: Config, workdir: Path) -> tuple[Config, Prepared]:
   check_resumable(workdir, cfg)
   prepared = prepare_data(cfg, saved_tokenizer(workdir))
   seqs, tokenizer = prepared.seqs, prepared.tokenizer
-  hosts.check_same(f"{data_path(cfg)}: the data read (users, tokens, pages)", seqs.tokens, seqs.offsets, seqs.split,
-                   np.array([tokenizer.vocab_size]))
+  hosts.check_same(
+    f"{data_path(cfg)}: the data read (users, tokens, pages)",
+    seqs.tokens,
+    seqs.offsets,
+    seqs.split,
+    np.array([tokenizer.vocab_size]),
+  )
   ks = [cfg.cluster.k] if cfg.cluster.k else cfg.cluster.candidates()
   if max(ks) > seqs.num_users:
     raise HetlmError(f"--k={max(ks)} is more than the {seqs.num_users} usable users in {data_path(cfg)}")
@@ -88,14 +105,23 @@ def check_validation_users(cfg: Config, seqs: UserSequences, validation: Validat
   """Refuses settings that choose on validation users when there are none; warns that early stopping is off."""
   if validation is not None:
     return
-  for asked, flag in ((not cfg.cluster.k, "--k=auto chooses K"), (cfg.cluster.tune_baselines,
-                                                                   "--tune_baselines chooses")):
+  for asked, flag in (
+    (not cfg.cluster.k, "--k=auto chooses K"),
+    (cfg.cluster.tune_baselines, "--tune_baselines chooses"),
+  ):
     if asked:
-      raise HetlmError(f"{data_path(cfg)}: --val_frac={cfg.train.val_frac} draws no validation user among "
-                       f"{seqs.num_users:,} users, and {flag} on them: raise --val_frac")
+      raise HetlmError(
+        f"{data_path(cfg)}: --val_frac={cfg.train.val_frac} draws no validation user among "
+        f"{seqs.num_users:,} users, and {flag} on them: raise --val_frac"
+      )
   if cfg.train.patience:
-    logging.warning("--val_frac=%s draws no validation user among %s users: early stopping is off, and every "
-                    "round trains --epochs=%d passes", cfg.train.val_frac, f"{seqs.num_users:,}", cfg.train.epochs)
+    logging.warning(
+      "--val_frac=%s draws no validation user among %s users: early stopping is off, and every "
+      "round trains --epochs=%d passes",
+      cfg.train.val_frac,
+      f"{seqs.num_users:,}",
+      cfg.train.epochs,
+    )
 
 
 def start_run(cfg: Config, workdir: Path, prepared: Prepared, trained: UserSequences) -> MetricsLog:
@@ -107,18 +133,34 @@ def start_run(cfg: Config, workdir: Path, prepared: Prepared, trained: UserSeque
   log = open_metrics(workdir, cfg.train.tensorboard)
   hosts.barrier("metrics read")  # every process starts from the same records
   events = prepared.stats.get("events", 0)
-  logging.info("data: %s users (%s dropped as too short), %s events, vocab %d, prepared in %.1fs (%.0f events/s)",
-               f"{seqs.num_users:,}", f"{prepared.stats.get('users_dropped_too_short', 0):,}", f"{events:,}",
-               tokenizer.vocab_size, prepared.seconds, events / max(prepared.seconds, 1e-9))
-  log.write({"kind": "start", "users": seqs.num_users, "vocab_size": tokenizer.vocab_size,
-             "params": sum(part_sizes(cfg.model, cfg.cluster.cluster_params)), "k": cfg.cluster.k or "auto",
-             "data": prepared.stats, "prepare_s": prepared.seconds, "train_users": trained.num_users,
-             "train_tokens": int((trained.split - trained.offsets[:-1]).sum())})
+  logging.info(
+    "data: %s users (%s dropped as too short), %s events, vocab %d, prepared in %.1fs (%.0f events/s)",
+    f"{seqs.num_users:,}",
+    f"{prepared.stats.get('users_dropped_too_short', 0):,}",
+    f"{events:,}",
+    tokenizer.vocab_size,
+    prepared.seconds,
+    events / max(prepared.seconds, 1e-9),
+  )
+  log.write(
+    {
+      "kind": "start",
+      "users": seqs.num_users,
+      "vocab_size": tokenizer.vocab_size,
+      "params": sum(part_sizes(cfg.model, cfg.cluster.cluster_params)),
+      "k": cfg.cluster.k or "auto",
+      "data": prepared.stats,
+      "prepare_s": prepared.seconds,
+      "train_users": trained.num_users,
+      "train_tokens": int((trained.split - trained.offsets[:-1]).sum()),
+    }
+  )
   return log
 
 
-def train_hetlm_stage(cfg: Config, seqs: UserSequences, workdir: Path, log: MetricsLog,
-                      validation: Validation | None, on_round) -> tuple[Trained, Config, dict | None, dict]:
+def train_hetlm_stage(
+  cfg: Config, seqs: UserSequences, workdir: Path, log: MetricsLog, validation: Validation | None, on_round
+) -> tuple[Trained, Config, dict | None, dict]:
   """HeTLM: with a fixed K, or the best K (--k=auto), or the best --prox (--tune_baselines), chosen on the
   validation users. Returns (HeTLM, the config the K=1 control follows: the chosen --prox, the K curve, the tuning
   record)."""
@@ -128,8 +170,10 @@ def train_hetlm_stage(cfg: Config, seqs: UserSequences, workdir: Path, log: Metr
     on_round(hetlm.assignment)
     return hetlm, cfg, k_curve, {}
   if c.tune_baselines:  # HeTLM's --prox from a grid, by the validation users; the chosen one is "hetlm"
-    runs = {name: train_hetlm(candidate, c.k, seqs, vocab_size, workdir, log, validation, name=name)
-            for name, candidate in tuning_grids.prox_candidates(cfg).items()}
+    runs = {
+      name: train_hetlm(candidate, c.k, seqs, vocab_size, workdir, log, validation, name=name)
+      for name, candidate in tuning_grids.prox_candidates(cfg).items()
+    }
     hetlm, chosen = tuning_grids.choose("hetlm", runs, validation, log, workdir)
     on_round(hetlm.assignment)
     return hetlm, cfg.replace(cluster=dataclasses.replace(c, prox=hetlm.cfg.cluster.prox)), None, {"hetlm": chosen}
@@ -150,8 +194,16 @@ def choose_k(cfg: Config, seqs: UserSequences, workdir: Path, log: MetricsLog, v
   return runs[best], curve
 
 
-def train_baselines(cfg: Config, hetlm: Trained, parts: dict, seqs: UserSequences, workdir: Path, log: MetricsLog,
-                    validation: Validation | None, tuning: dict) -> tuple[dict[str, Trained], dict[str, int]]:
+def train_baselines(
+  cfg: Config,
+  hetlm: Trained,
+  parts: dict,
+  seqs: UserSequences,
+  workdir: Path,
+  log: MetricsLog,
+  validation: Validation | None,
+  tuning: dict,
+) -> tuple[dict[str, Trained], dict[str, int]]:
   """The single LMs HeTLM is compared with, by the same rules: `single` (one cluster model's size; the init LM
   when HeTLM was warm-started from it), `single_matched` (HeTLM's parameter count) and `single_ft` (the init LM
   fine-tuned exactly as HeTLM's clusters are). `parts`: HeTLM's parameters (hetlm_parameters). Returns every
@@ -162,9 +214,14 @@ def train_baselines(cfg: Config, hetlm: Trained, parts: dict, seqs: UserSequence
     return models, params
   single_model = dataclasses.replace(cfg.model, lora_rank=0)  # adapters are a cluster's own: a single LM has none
   matched_model = matched_config(single_model, params["hetlm"])
-  logging.info("parameters: %s · single %s · single_matched %s (d_model %d, %d layers)",
-               _describe(parts, k), f"{param_count(single_model):,}",
-               f"{param_count(matched_model):,}", matched_model.d_model, matched_model.n_layers)
+  logging.info(
+    "parameters: %s · single %s · single_matched %s (d_model %d, %d layers)",
+    _describe(parts, k),
+    f"{param_count(single_model):,}",
+    f"{param_count(matched_model):,}",
+    matched_model.d_model,
+    matched_model.n_layers,
+  )
   zeros = lambda: np.zeros(seqs.num_users, np.int32)
   # Same code path with K=1 and the same rules as the LM HeTLM starts from (rounds from scratch, then an
   # anneal): `single` is that LM (its checkpoints are copied when it was trained with the same config).
@@ -173,8 +230,10 @@ def train_baselines(cfg: Config, hetlm: Trained, parts: dict, seqs: UserSequence
     candidates = {name: cfg.replace(model=model_cfg)}
     if name == "single_matched" and c.tune_baselines:
       candidates = tuning_grids.matched_candidates(candidates[name])
-    runs = {n: train_family(n, candidate, 1, seqs, workdir, log, zeros, c.init_rounds, validation,
-                            continue_from=source) for n, candidate in candidates.items()}
+    runs = {
+      n: train_family(n, candidate, 1, seqs, workdir, log, zeros, c.init_rounds, validation, continue_from=source)
+      for n, candidate in candidates.items()
+    }
     if name in runs:
       models[name] = runs[name]
     else:  # single_matched's learning rate and dropout, by the validation users
@@ -193,8 +252,13 @@ def hetlm_parameters(cfg: Config, hetlm: Trained) -> dict:
   n_shared, n_own = part_sizes(cfg.model, cfg.cluster.cluster_params)
   one = n_shared + n_own
   anchored = one if hetlm.trainer.mix is not None else 0
-  return {"total": (n_shared + k * n_own if k > 1 else one) + anchored, "cluster_params": cfg.cluster.cluster_params,
-          "shared": n_shared if k > 1 else 0, "per_cluster": n_own if k > 1 else one, "init_lm": anchored}
+  return {
+    "total": (n_shared + k * n_own if k > 1 else one) + anchored,
+    "cluster_params": cfg.cluster.cluster_params,
+    "shared": n_shared if k > 1 else 0,
+    "per_cluster": n_own if k > 1 else one,
+    "init_lm": anchored,
+  }
 
 
 def _describe(parts: dict, k: int) -> str:
@@ -202,8 +266,15 @@ def _describe(parts: dict, k: int) -> str:
   return f"HeTLM {parts['total']:,} (shared {parts['shared']:,} + K={k} × {parts['per_cluster']:,} own{anchored})"
 
 
-def training_record(cfg: Config, models: dict[str, Trained], params: dict[str, int], parts: dict,
-                    validation: Validation | None, k_curve: dict | None, tuning: dict) -> dict:
+def training_record(
+  cfg: Config,
+  models: dict[str, Trained],
+  params: dict[str, int],
+  parts: dict,
+  validation: Validation | None,
+  k_curve: dict | None,
+  tuning: dict,
+) -> dict:
   """What eval.json says about the training: K, rounds, parameters, passes, tokens and seconds per model, the
   stopping rules as the user set them, and the validation statistic every decision read."""
   hetlm, c = models["hetlm"], cfg.cluster
@@ -213,38 +284,65 @@ def training_record(cfg: Config, models: dict[str, Trained], params: dict[str, i
   if hetlm.init_lm is not None:  # the LM HeTLM went on from: what it took counts toward HeTLM's compute too
     passes["init_single"] = round(hetlm.init_lm.passes, 2)
     tokens["init_single"] = int(hetlm.init_lm.tokens)
-  extra = {"k": k, "rounds": hetlm.rounds, "params": params,
-           "hetlm_params": {key: parts[key] for key in ("cluster_params", "shared", "per_cluster", "init_lm")},
-           "data": data_path(cfg), "train_s": {name: m.train_s for name, m in models.items()}, "passes": passes,
-           "tokens_trained": tokens, "hetlm_is_init_lm": hetlm.kept_init_lm,
-           "early_stopping": {"patience": cfg.train.patience if validation else 0,
-                              "max_passes_per_round": cfg.train.epochs,
-                              "warm_passes_per_round": cfg.train.warm_epochs, "val_every": cfg.train.val_every,
-                              "warm_lr_scale": c.warm_lr_scale, "prox": c.prox, "route_frac": c.route_frac,
-                              "interpolate": c.interpolate, "mix_init": c.mix_init,
-                              "validation_users": 0 if validation is None else validation.seqs.num_users}}
+  extra = {
+    "k": k,
+    "rounds": hetlm.rounds,
+    "params": params,
+    "hetlm_params": {key: parts[key] for key in ("cluster_params", "shared", "per_cluster", "init_lm")},
+    "data": data_path(cfg),
+    "train_s": {name: m.train_s for name, m in models.items()},
+    "passes": passes,
+    "tokens_trained": tokens,
+    "hetlm_is_init_lm": hetlm.kept_init_lm,
+    "early_stopping": {
+      "patience": cfg.train.patience if validation else 0,
+      "max_passes_per_round": cfg.train.epochs,
+      "warm_passes_per_round": cfg.train.warm_epochs,
+      "val_every": cfg.train.val_every,
+      "warm_lr_scale": c.warm_lr_scale,
+      "prox": c.prox,
+      "route_frac": c.route_frac,
+      "interpolate": c.interpolate,
+      "mix_init": c.mix_init,
+      "validation_users": 0 if validation is None else validation.seqs.num_users,
+    },
+  }
   if tuning:
     extra["tuning"] = tuning
   if validation is not None:  # the statistic every decision read, per model: per-user mean and its variance
-    extra["validation"] = {name: dict(zip(("mean", "var"), validation.stats(m.trainer, m.params, m.assignment,
-                                                                              m.weights)))
-                           for name, m in models.items()}
+    extra["validation"] = {
+      name: dict(zip(("mean", "var"), validation.stats(m.trainer, m.params, m.assignment, m.weights)))
+      for name, m in models.items()
+    }
   if k_curve is not None:
-    extra["k_sweep"] = {"selection_nll": {str(key): v for key, v in k_curve.items()},
-                        "note": "K chosen on the validation users' held-out targets; they are left out of n_users"}
+    extra["k_sweep"] = {
+      "selection_nll": {str(key): v for key, v in k_curve.items()},
+      "note": "K chosen on the validation users' held-out targets; they are left out of n_users",
+    }
   return extra
 
 
-def evaluate_stage(models: dict[str, Trained], prepared: Prepared, seqs: UserSequences, evaluated_U: np.ndarray,
-                   workdir: Path, log: MetricsLog, extra: dict) -> dict:
+def evaluate_stage(
+  models: dict[str, Trained],
+  prepared: Prepared,
+  seqs: UserSequences,
+  evaluated_U: np.ndarray,
+  workdir: Path,
+  log: MetricsLog,
+  extra: dict,
+) -> dict:
   """Every model per user on the held-out targets (or the test users, split by user): eval.json, report.md."""
-  families = {name: LMFamily(name, m.trainer, m.params, m.assignment,
-                             cluster_shares(m.assignment, m.weights, m.trainer.k), m.history_nll)
-              for name, m in models.items()}
+  families = {
+    name: LMFamily(
+      name, m.trainer, m.params, m.assignment, cluster_shares(m.assignment, m.weights, m.trainer.k), m.history_nll
+    )
+    for name, m in models.items()
+  }
   rounds = hetlm_rounds(log, models["hetlm"].name)
   if prepared.test_seqs is not None:
-    report = evaluate_new_users(families, seqs, prepared.test_seqs, prepared.tokenizer, workdir, extra=extra,
-                                rounds=rounds)
+    report = evaluate_new_users(
+      families, seqs, prepared.test_seqs, prepared.tokenizer, workdir, extra=extra, rounds=rounds
+    )
   else:
     report = evaluate(families, seqs, prepared.tokenizer, workdir, evaluated_U, extra=extra, rounds=rounds)
   for name, summary in report["models"].items():
@@ -263,6 +361,7 @@ def hetlm_rounds(log: MetricsLog, name: str) -> list[dict]:
 
 # -- hetlm evaluate and hetlm generate -------------------------------------------------------------------------
 
+
 def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
   """`hetlm evaluate`: re-evaluates every trained model in `workdir` on its data (the validation users left
   out, as `train` does), or on every user of `data`."""
@@ -275,8 +374,9 @@ def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
     rounds = hetlm_rounds(open_metrics(workdir), family_name(workdir, "hetlm"))
     extra = {**training_provenance(workdir), "data": data_path(cfg)}
     if prepared.test_seqs is not None:
-      return evaluate_new_users(families, seqs, prepared.test_seqs, prepared.tokenizer, workdir,
-                                extra=extra, rounds=rounds)
+      return evaluate_new_users(
+        families, seqs, prepared.test_seqs, prepared.tokenizer, workdir, extra=extra, rounds=rounds
+      )
     return evaluate(families, seqs, prepared.tokenizer, workdir, evaluated_U, rounds=rounds, extra=extra)
 
 
@@ -290,8 +390,9 @@ def trained_families(workdir: Path, seqs: UserSequences, names=LM_NAMES) -> dict
     except HetlmError:
       continue
     k = num_models(run.params)
-    family = LMFamily(name, run.trainer, run.params, np.zeros(seqs.num_users, np.int32),
-                      cluster_shares(run.assignment, run.weights, k))
+    family = LMFamily(
+      name, run.trainer, run.params, np.zeros(seqs.num_users, np.int32), cluster_shares(run.assignment, run.weights, k)
+    )
     if k > 1:
       family.assignment = saved_or_routed(workdir, family, seqs)
     families[name] = family
@@ -309,8 +410,7 @@ def saved_or_routed(workdir: Path, family: LMFamily, seqs: UserSequences) -> np.
   return assignment_U
 
 
-def generate_for_user(workdir: str | Path, user: str, data: str | None = None,
-                      sampling: Sampling = Sampling()) -> dict:
+def generate_for_user(workdir: str | Path, user: str, data: str | None = None, sampling: Sampling = Sampling()) -> dict:
   """`hetlm generate`: the user's history, their next session generated by their cluster's model, the actual one."""
   workdir = Path(workdir)
   cfg, prepared = run_data(workdir, data)
@@ -324,9 +424,22 @@ def generate_for_user(workdir: str | Path, user: str, data: str | None = None,
   length = session_length_from_data(seqs, tokenizer.num_specials)  # when the model never saw a session end
   if length is not None:
     sampling = dataclasses.replace(sampling, max_new=min(sampling.max_new, length))
-  generated = generate(family.trainer.cfg.model, family.params, one, family.assignment, np.array([0]), sampling,
-                       seed=cfg.train.seed, mix=family.trainer.mix)[0]
+  generated = generate(
+    family.trainer.cfg.model,
+    family.params,
+    one,
+    family.assignment,
+    np.array([0]),
+    sampling,
+    seed=cfg.train.seed,
+    mix=family.trainer.mix,
+  )[0]
   actual = one.target(0)
   actual = actual[(actual != BOS) & (actual != EOS)]  # the next session's pages: `generated` has no <s> or </s>
-  return {"user": str(user), "cluster": int(family.assignment[0]), "history": tokenizer.decode(one.history(0)),
-          "generated": tokenizer.decode(generated), "actual": tokenizer.decode(actual)}
+  return {
+    "user": str(user),
+    "cluster": int(family.assignment[0]),
+    "history": tokenizer.decode(one.history(0)),
+    "generated": tokenizer.decode(generated),
+    "actual": tokenizer.decode(actual),
+  }

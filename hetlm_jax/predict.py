@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from absl import logging
 from scipy.special import logsumexp
 
+from hetlm_jax import interrupt
 from hetlm_jax.cluster.assign import cluster_shares, log_shares
 from hetlm_jax.data.readers import EventStream
 from hetlm_jax.data.sequences import UserSequences, build_sequences, prediction_view
@@ -44,11 +45,10 @@ from hetlm_jax.eval.evaluate import EvalOptions, group_batches, outcome_probabil
 from hetlm_jax.eval.generate import Sampling, generate
 from hetlm_jax.files import replace_text, written
 from hetlm_jax.lock import WorkdirLock
-from hetlm_jax.workdir import CONFIG_FILE, SavedAssignment, is_finished, load_run, locate, read_sessions
-from hetlm_jax import interrupt
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import Progress
 from hetlm_jax.train.split import num_models
+from hetlm_jax.workdir import CONFIG_FILE, SavedAssignment, is_finished, load_run, locate, read_sessions
 
 __all__ = ["NextPages", "Predictor", "Routing", "Scores", "predict_file"]
 
@@ -56,6 +56,7 @@ __all__ = ["NextPages", "Predictor", "Routing", "Scores", "predict_file"]
 @dataclasses.dataclass(frozen=True)
 class Routing:
   """`assign`'s answer for N histories and K models."""
+
   cluster: np.ndarray  # [U] int32: the saved cluster of a known user, else the lowest per-token history NLL
   posterior: np.ndarray  # [U, K] P(k | history), rows summing to 1
   unknown_pages: np.ndarray  # [U] history pages the models never saw (scored as <unk>)
@@ -65,6 +66,7 @@ class Routing:
 @dataclasses.dataclass(frozen=True)
 class NextPages:
   """`next_pages`' answer: the k most likely next pages of each history, most likely first."""
+
   pages: list[list[str]]  # [U][Y] page names
   probs: np.ndarray  # [U, Y] their probabilities under the routed model (or the posterior-weighted mixture)
   ids: np.ndarray  # [U, Y] their token ids
@@ -75,6 +77,7 @@ class NextPages:
 @dataclasses.dataclass(frozen=True)
 class Scores:
   """`score`'s answer: how well each model predicts each history (nats per token), an anomaly score."""
+
   nll_per_token: np.ndarray  # [U, K] under every model
   tokens: np.ndarray  # [U] scored tokens of each history
   cluster: np.ndarray  # [U] the routed model
@@ -109,15 +112,17 @@ class Predictor:
     if not workdir.is_dir():
       raise HetlmError(f"{path}: no such workdir")
     if family is None and not is_finished(workdir) and (workdir / CONFIG_FILE).exists():
-      raise HetlmError(f"{workdir}: not a finished run (no eval.json); the `hetlm train` command that made it "
-                       "resumes it")
+      raise HetlmError(
+        f"{workdir}: not a finished run (no eval.json); the `hetlm train` command that made it resumes it"
+      )
     devices = list(jax.local_devices() if devices is None else devices)
     return cls(workdir, load_run(workdir, family or model, step, devices), devices)
 
   # -- histories → sequences --------------------------------------------------------------------------------
 
-  def sequences(self, histories: Sequence, session_ids: Sequence | None = None,
-                new_session: bool | None = None) -> tuple[UserSequences, np.ndarray]:
+  def sequences(
+    self, histories: Sequence, session_ids: Sequence | None = None, new_session: bool | None = None
+  ) -> tuple[UserSequences, np.ndarray]:
     """The histories as the models read them, each followed by what is asked for, and [U] unknown pages."""
     return self.events_view(_events_of(histories, session_ids), new_session)
 
@@ -151,8 +156,9 @@ class Predictor:
     groups_U = np.zeros(seqs.num_users, np.int64) if mixture else cluster_U
     for users in group_batches(groups_U, seqs.history_lengths, self.trainer.eval_batch):
       if mixture:
-        logp_BxV = logsumexp(log_post_KxU[:, users, None] + self.trainer.next_logprobs(self.params, seqs, users),
-                             axis=0)
+        logp_BxV = logsumexp(
+          log_post_KxU[:, users, None] + self.trainer.next_logprobs(self.params, seqs, users), axis=0
+        )
       else:
         logp_BxV = self.trainer.next_logprobs(self.params, seqs, users, cluster_U[users])
       logp_BxV = np.where(np.arange(logp_BxV.shape[1]) >= first_page, logp_BxV, -np.inf)
@@ -167,20 +173,31 @@ class Predictor:
     """The evaluation's decoding: greedy, at most 20 tokens, or a session's median length when the model never
     saw a session end."""
     s = sampling or Sampling()
-    return s if self.session_length is None else dataclasses.replace(s, max_new=min(s.max_new,
-                                                                                     self.session_length))
+    return s if self.session_length is None else dataclasses.replace(s, max_new=min(s.max_new, self.session_length))
 
   # -- the API ---------------------------------------------------------------------------------------------
 
-  def assign(self, histories: Sequence, session_ids: Sequence | None = None, user_ids: Sequence | None = None,
-             new_session: bool | None = None) -> Routing:
+  def assign(
+    self,
+    histories: Sequence,
+    session_ids: Sequence | None = None,
+    user_ids: Sequence | None = None,
+    new_session: bool | None = None,
+  ) -> Routing:
     """Each history's cluster (`user_ids` in the saved assignment keep theirs) and P(k | history)."""
     seqs, unknown_U = self.sequences(histories, session_ids, new_session)
     cluster_U, log_post_KxU, _, _, saved_U = self.route_users(seqs, user_ids)
     return Routing(cluster_U, np.exp(log_post_KxU).T, unknown_U, saved_U)
 
-  def next_pages(self, histories: Sequence, k: int = 10, mixture: bool = False, session_ids: Sequence | None = None,
-                 user_ids: Sequence | None = None, new_session: bool | None = None) -> NextPages:
+  def next_pages(
+    self,
+    histories: Sequence,
+    k: int = 10,
+    mixture: bool = False,
+    session_ids: Sequence | None = None,
+    user_ids: Sequence | None = None,
+    new_session: bool | None = None,
+  ) -> NextPages:
     """The k most likely next pages of each history under its routed model, or under the mixture of all K
     weighted by P(k | history) (`mixture`)."""
     seqs, unknown_U = self.sequences(histories, session_ids, new_session)
@@ -195,33 +212,55 @@ class Predictor:
     cluster_U, _, history_KxU, tokens_U, _ = self.route_users(seqs, user_ids)
     per_token_KxU = history_KxU / np.maximum(tokens_U, 1)
     mixture_U = -logsumexp(self.log_prior[:, None] - history_KxU, axis=0) / np.maximum(tokens_U, 1)
-    return Scores(per_token_KxU.T, tokens_U, cluster_U, per_token_KxU[cluster_U, np.arange(len(cluster_U))],
-                  mixture_U)
+    return Scores(per_token_KxU.T, tokens_U, cluster_U, per_token_KxU[cluster_U, np.arange(len(cluster_U))], mixture_U)
 
-  def outcome_probability(self, histories: Sequence, samples: int = 8, session_ids: Sequence | None = None,
-                          user_ids: Sequence | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+  def outcome_probability(
+    self,
+    histories: Sequence,
+    samples: int = 8,
+    session_ids: Sequence | None = None,
+    user_ids: Sequence | None = None,
+    seed: int = 0,
+  ) -> dict[str, np.ndarray]:
     """{outcome type: [U] P(the outcome in what follows)}, from `samples` continuations per history sampled from
     its routed model, as the evaluation estimates it. Only for a run trained with outcome events."""
     if not self.tokenizer.outcome_types:
-      raise HetlmError(f"{self.workdir}: the run was trained without outcome events (no event_type other than "
-                       "views), so it predicts no outcome")
+      raise HetlmError(
+        f"{self.workdir}: the run was trained without outcome events (no event_type other than "
+        "views), so it predicts no outcome"
+      )
     seqs, _ = self.sequences(histories, session_ids)
     cluster_U, *_ = self.route_users(seqs, user_ids)
     return self._outcomes(seqs, cluster_U, samples, seed)
 
   def _outcomes(self, seqs: UserSequences, cluster_U: np.ndarray, samples: int, seed: int) -> dict[str, np.ndarray]:
     opts = EvalOptions(outcome_samples=samples, seed=seed)
-    return outcome_probabilities(self.config.model, self.params, seqs, cluster_U, np.arange(seqs.num_users),
-                                 self.tokenizer, opts, self.trainer.mix)
+    return outcome_probabilities(
+      self.config.model, self.params, seqs, cluster_U, np.arange(seqs.num_users), self.tokenizer, opts, self.trainer.mix
+    )
 
-  def generate(self, histories: Sequence, sampling: Sampling | None = None, session_ids: Sequence | None = None,
-               user_ids: Sequence | None = None, seed: int = 0) -> list[list[str]]:
+  def generate(
+    self,
+    histories: Sequence,
+    sampling: Sampling | None = None,
+    session_ids: Sequence | None = None,
+    user_ids: Sequence | None = None,
+    seed: int = 0,
+  ) -> list[list[str]]:
     """What follows each history, generated by its routed model (batched, KV-cached; `hetlm generate`'s
     decoding), as token names (pages, and outcome tokens such as <cart>)."""
     seqs, _ = self.sequences(histories, session_ids)
     cluster_U, *_ = self.route_users(seqs, user_ids)
-    out = generate(self.config.model, self.params, seqs, cluster_U, np.arange(seqs.num_users),
-                   self._sampling(sampling), seed=seed, mix=self.trainer.mix)
+    out = generate(
+      self.config.model,
+      self.params,
+      seqs,
+      cluster_U,
+      np.arange(seqs.num_users),
+      self._sampling(sampling),
+      seed=seed,
+      mix=self.trainer.mix,
+    )
     return [self.tokenizer.decode(tokens) for tokens in out]
 
 
@@ -258,8 +297,14 @@ def _events_of(histories: Sequence, session_ids: Sequence | None) -> pa.Table:
     codes = pa.array(sessions).dictionary_encode().indices.cast(pa.int64())
   except pa.ArrowException as e:
     raise HetlmError(f"session_ids: {e}") from None
-  return pa.table({"user_id": pa.array(users, pa.int64()), "timestamp": pa.array(np.arange(len(users)), pa.int64()),
-                   "page": pa.array(pages, pa.string()), "session_id": codes})
+  return pa.table(
+    {
+      "user_id": pa.array(users, pa.int64()),
+      "timestamp": pa.array(np.arange(len(users)), pa.int64()),
+      "page": pa.array(pages, pa.string()),
+      "session_id": codes,
+    }
+  )
 
 
 # -- hetlm predict ---------------------------------------------------------------------------------------------
@@ -275,9 +320,11 @@ def user_chunks(stream: EventStream, chunk_users: int):
     hashes = {hash(x) for x in ids}
     if not done.isdisjoint(hashes):
       again = next(x for x in ids if hash(x) in done)
-      raise HetlmError(f"{stream.path}: the events of user {again!r} are not together (seen again after other "
-                       "users): hetlm predict streams users in file order, so group the log by user_id (e.g. sort "
-                       "it by user_id, timestamp)")
+      raise HetlmError(
+        f"{stream.path}: the events of user {again!r} are not together (seen again after other "
+        "users): hetlm predict streams users in file order, so group the log by user_id (e.g. sort "
+        "it by user_id, timestamp)"
+      )
     done.update(hashes)
     return chunk
 
@@ -287,7 +334,7 @@ def user_chunks(stream: EventStream, chunk_users: int):
     n = pending.num_rows
     starts = np.flatnonzero(pc.not_equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)) + 1
     # Every chunk_users-th user's first row cuts; the last user may go on in the next piece, so never after it.
-    cuts = starts[chunk_users - 1::chunk_users]
+    cuts = starts[chunk_users - 1 :: chunk_users]
     begin = 0
     for cut in cuts:
       yield check(pending.slice(begin, cut - begin))
@@ -298,15 +345,21 @@ def user_chunks(stream: EventStream, chunk_users: int):
 
 
 def _schema(int_ids: bool, outcomes: list[str]) -> pa.Schema:
-  fields = [("user_id", pa.int64() if int_ids else pa.string()), ("cluster", pa.int32()),
-            ("posterior", pa.list_(pa.float32())), ("next_pages", pa.list_(pa.string())),
-            ("next_page_probs", pa.list_(pa.float32())), ("nll_per_token", pa.float32()),
-            ("unknown_pages", pa.int32())]
+  fields = [
+    ("user_id", pa.int64() if int_ids else pa.string()),
+    ("cluster", pa.int32()),
+    ("posterior", pa.list_(pa.float32())),
+    ("next_pages", pa.list_(pa.string())),
+    ("next_page_probs", pa.list_(pa.float32())),
+    ("nll_per_token", pa.float32()),
+    ("unknown_pages", pa.int32()),
+  ]
   return pa.schema(fields + [(f"outcome_{o}", pa.float32()) for o in outcomes])
 
 
-def _rows(predictor: Predictor, table: pa.Table, int_ids: bool, top_k: int, mixture: bool,
-          outcome_samples: int, seed: int) -> pa.Table:
+def _rows(
+  predictor: Predictor, table: pa.Table, int_ids: bool, top_k: int, mixture: bool, outcome_samples: int, seed: int
+) -> pa.Table:
   seqs, unknown_U = predictor.events_view(table)
   ids = seqs.user_ids
   cluster_U, log_post_KxU, history_KxU, tokens_U, _ = predictor.route_users(seqs, ids)
@@ -318,12 +371,14 @@ def _rows(predictor: Predictor, table: pa.Table, int_ids: bool, top_k: int, mixt
   columns = {
     "user_id": pa.array(ids.astype(np.int64) if int_ids else ids.astype(str)),
     "cluster": pa.array(cluster_U, pa.int32()),
-    "posterior": pa.ListArray.from_arrays(pa.array(np.arange(u + 1, dtype=np.int32) * k),
-                                          pa.array(np.exp(log_post_KxU).T.ravel().astype(np.float32))),
+    "posterior": pa.ListArray.from_arrays(
+      pa.array(np.arange(u + 1, dtype=np.int32) * k), pa.array(np.exp(log_post_KxU).T.ravel().astype(np.float32))
+    ),
     "next_pages": pa.ListArray.from_arrays(offsets, names),
     "next_page_probs": pa.ListArray.from_arrays(offsets, pa.array(probs_UxY.ravel())),
     "nll_per_token": pa.array((history_KxU[cluster_U, np.arange(u)] / np.maximum(tokens_U, 1)).astype(np.float32)),
-    "unknown_pages": pa.array(unknown_U.astype(np.int32))}
+    "unknown_pages": pa.array(unknown_U.astype(np.int32)),
+  }
   if predictor.tokenizer.outcome_types and outcome_samples:
     for outcome, prob in predictor._outcomes(seqs, cluster_U, outcome_samples, seed).items():
       columns[f"outcome_{outcome}"] = pa.array(prob.astype(np.float32))
@@ -347,10 +402,21 @@ def part_path(out: Path, process: int, processes: int) -> Path:
   return out if processes == 1 else out / f"part-{process:05d}.parquet"
 
 
-def predict_file(workdir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, fmt: str = "auto",
-                 model: str = "hetlm", top_k: int = 10, mixture: bool = False, chunk_users: int = 4096,
-                 outcome_samples: int = 8, seed: int = 0, process: int = 0, processes: int = 1,
-                 devices=None) -> dict:
+def predict_file(
+  workdir: str | os.PathLike,
+  data: str | os.PathLike,
+  out: str | os.PathLike,
+  fmt: str = "auto",
+  model: str = "hetlm",
+  top_k: int = 10,
+  mixture: bool = False,
+  chunk_users: int = 4096,
+  outcome_samples: int = 8,
+  seed: int = 0,
+  process: int = 0,
+  processes: int = 1,
+  devices=None,
+) -> dict:
   """`hetlm predict`: one Parquet row per user of `data`, streamed in chunks of `chunk_users` users (process p of
   P takes chunks p, p + P, ...). Rows go to a temporary file renamed at the end: an error or a stop signal
   leaves no output (interrupt.Stopped). Returns a summary (users, seconds, users/s, peak RSS per chunk)."""
@@ -381,9 +447,11 @@ def predict_file(workdir: str | os.PathLike, data: str | os.PathLike, out: str |
         rows_done += chunk.num_rows
         if i % processes == process:
           if not chunks and (predictor.tokenizer.encode_pages(chunk["page"]) == UNK).all():
-            raise HetlmError(f"{data}: none of the first {chunk.num_rows:,} events' pages is one the run was "
-                             f"trained on ({predictor.tokenizer.vocab_size - predictor.tokenizer.num_specials:,} "
-                             "pages); is it the same kind of log, and 'page' the right column?")
+            raise HetlmError(
+              f"{data}: none of the first {chunk.num_rows:,} events' pages is one the run was "
+              f"trained on ({predictor.tokenizer.vocab_size - predictor.tokenizer.num_specials:,} "
+              "pages); is it the same kind of log, and 'page' the right column?"
+            )
           rows = _rows(predictor, chunk, stream.int_ids, top_k, mixture, outcome_samples, seed + i)
           writer.write_table(rows)
           users += rows.num_rows
@@ -395,12 +463,22 @@ def predict_file(workdir: str | os.PathLike, data: str | os.PathLike, out: str |
         elapsed = time.perf_counter() - start
         progress.update(rows_done, f"{users:,} users, {users / max(elapsed, 1e-9):,.0f} users/s")
         interrupt.after_step(i + 1)
-        interrupt.safe_point(f"after {users:,} users", "nothing was written (the predictions are written whole or "
-                             "not at all)")
+        interrupt.safe_point(
+          f"after {users:,} users", "nothing was written (the predictions are written whole or not at all)"
+        )
   seconds = time.perf_counter() - start
-  summary = {"users": users, "events": pages, "chunks": chunks, "seconds": seconds,
-             "users_per_s": users / max(seconds, 1e-9), "clusters": clusters.tolist(),
-             "unknown_pages": unknown, "peak_rss_mib": rss, "out": str(target), "k": predictor.k}
+  summary = {
+    "users": users,
+    "events": pages,
+    "chunks": chunks,
+    "seconds": seconds,
+    "users_per_s": users / max(seconds, 1e-9),
+    "clusters": clusters.tolist(),
+    "unknown_pages": unknown,
+    "peak_rss_mib": rss,
+    "out": str(target),
+    "k": predictor.k,
+  }
   if processes > 1:
     _manifest(out, process, processes, summary, seconds)
   return summary
@@ -419,8 +497,11 @@ def _manifest(out: Path, process: int, processes: int, summary: dict, seconds: f
       raise HetlmError(f"{out}: parts {', '.join(missing)} did not finish; no _SUCCESS written")
     time.sleep(0.5)
   records = [json.loads(p.read_text()) for p in parts]
-  manifest = {"parts": [Path(r["out"]).name for r in records], "users": sum(r["users"] for r in records),
-              "processes": processes}
+  manifest = {
+    "parts": [Path(r["out"]).name for r in records],
+    "users": sum(r["users"] for r in records),
+    "processes": processes,
+  }
   replace_text(out / "_SUCCESS", json.dumps(manifest, indent=1) + "\n")
   for p in parts:
     p.unlink()

@@ -36,7 +36,7 @@ from hetlm_jax.data.tokenizer import FILE_NAME as TOKENIZER_FILE
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.errors import HetlmError
 from hetlm_jax.files import replace_text, written
-from hetlm_jax.lock import LOCK_FILE
+from hetlm_jax.lock import LOCK_FILE as LOCK_FILE  # named here with the run's other files; lock.py holds the lock
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import MetricsLog, parse_records
@@ -52,14 +52,12 @@ TUNED_FILE = "tuned.json"
 K_AUTO_FILE = "k_auto.json"
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
-__all__ = ["ASSIGNMENTS_FILE", "CHECKPOINTS_DIR", "CONFIG_FILE", "EVAL_FILE", "K_AUTO_FILE", "K_FIGURE", "LOCK_FILE",
-           "METRICS_FILE", "NLL_FIGURE", "REPORT_FILE", "ROUNDS_FIGURE", "SESSIONS_FILE", "TENSORBOARD_DIR",
-           "TOKENIZER_FILE", "TUNED_FILE"]  # the names; the functions below are imported by name
 
 MIN_FREE_BYTES = 100 * 2**20  # a run's checkpoints and outputs need at least this much room to start
 
 
 # -- before a run writes anything ----------------------------------------------------------------------------------
+
 
 def check_workdir(workdir: Path) -> None:
   """Refuses a --workdir that is a file, lies under a file, cannot be written or sits on a full disk."""
@@ -73,8 +71,10 @@ def check_workdir(workdir: Path) -> None:
     raise HetlmError(f"--workdir={workdir}: {existing} is not writable")
   free = shutil.disk_usage(existing).free
   if free < MIN_FREE_BYTES:
-    raise HetlmError(f"--workdir={workdir}: the disk is full ({free / 2**20:.0f} MiB free; a run needs "
-                     f"{MIN_FREE_BYTES // 2**20} MiB to start)")
+    raise HetlmError(
+      f"--workdir={workdir}: the disk is full ({free / 2**20:.0f} MiB free; a run needs "
+      f"{MIN_FREE_BYTES // 2**20} MiB to start)"
+    )
 
 
 def check_resumable(workdir: Path, cfg: Config) -> None:
@@ -83,8 +83,10 @@ def check_resumable(workdir: Path, cfg: Config) -> None:
     return
   diffs = resume_differences(Config.load(workdir / CONFIG_FILE), cfg)
   if diffs:
-    raise HetlmError(f"{workdir}: holds a run with different settings ({', '.join(diffs)}); "
-                     "pass the same flags to resume it, or use a new --workdir")
+    raise HetlmError(
+      f"{workdir}: holds a run with different settings ({', '.join(diffs)}); "
+      "pass the same flags to resume it, or use a new --workdir"
+    )
 
 
 def saved_tokenizer(workdir: Path) -> PageTokenizer | None:
@@ -122,6 +124,7 @@ def checkpoint_dir(workdir: Path, family: str) -> Path:
 
 # -- sessions.json and assignments.parquet -----------------------------------------------------------------------
 
+
 def write_sessions(workdir: Path, seqs: UserSequences, tokenizer: PageTokenizer) -> None:
   """sessions.json: whether the training histories end their sessions (so a prediction asks for the next
   session's pages) or not (one session per user, as msnbc: it asks how the last session goes on), and then how
@@ -152,19 +155,23 @@ class SavedAssignment:
 
   def __init__(self, workdir: Path):
     path = workdir / ASSIGNMENTS_FILE
-    saved = pq.read_table(path) if path.exists() else pa.table({"user_id": pa.array([], pa.string()),
-                                                                "cluster": pa.array([], pa.int32())})
+    saved = (
+      pq.read_table(path)
+      if path.exists()
+      else pa.table({"user_id": pa.array([], pa.string()), "cluster": pa.array([], pa.int32())})
+    )
     self._ids, self._cluster = pc.cast(saved["user_id"], pa.string()), saved["cluster"].to_numpy()
 
   def lookup(self, user_ids: np.ndarray) -> np.ndarray:
     """[U] each user's saved cluster, -1 for a user the models never trained on."""
-    found_U = pc.fill_null(pc.index_in(pa.array(np.asarray(user_ids).astype(str)), value_set=self._ids),
-                           -1).to_numpy()
-    return np.where(found_U >= 0, self._cluster[np.maximum(found_U, 0)] if len(self._cluster) else -1,
-                    -1).astype(np.int32)
+    found_U = pc.fill_null(pc.index_in(pa.array(np.asarray(user_ids).astype(str)), value_set=self._ids), -1).to_numpy()
+    return np.where(found_U >= 0, self._cluster[np.maximum(found_U, 0)] if len(self._cluster) else -1, -1).astype(
+      np.int32
+    )
 
 
 # -- which checkpoint folder a model name is ---------------------------------------------------------------------
+
 
 def record_tuned(workdir: Path, name: str, chosen: str) -> None:
   """tuned.json: `name` (e.g. "hetlm") is the candidate family `chosen`; by process 0."""
@@ -196,8 +203,20 @@ def family_name(workdir: Path, model: str) -> str:
 # -- eval.json --------------------------------------------------------------------------------------------------
 
 # What eval.json says about the training (not the evaluation); `hetlm evaluate` carries it over.
-PROVENANCE = ("k", "rounds", "params", "hetlm_params", "train_s", "passes", "tokens_trained", "early_stopping",
-              "hetlm_is_init_lm", "k_sweep", "validation", "tuning")
+PROVENANCE = (
+  "k",
+  "rounds",
+  "params",
+  "hetlm_params",
+  "train_s",
+  "passes",
+  "tokens_trained",
+  "early_stopping",
+  "hetlm_is_init_lm",
+  "k_sweep",
+  "validation",
+  "tuning",
+)
 
 
 def read_eval(workdir: Path) -> dict | None:
@@ -220,6 +239,7 @@ def is_finished(workdir: Path) -> bool:
 
 
 # -- a trained run, loaded ---------------------------------------------------------------------------------------
+
 
 def _require_run(workdir: Path) -> None:
   for name in (CONFIG_FILE, TOKENIZER_FILE):
@@ -256,6 +276,7 @@ def locate(path: Path) -> tuple[Path, str | None, int | None]:
 @dataclasses.dataclass
 class TrainedRun:
   """One trained model family of a run, with what it needs to read new data."""
+
   config: Config
   tokenizer: PageTokenizer
   params: object  # stacked: leading K axis
@@ -297,5 +318,6 @@ def fitted_to(cfg: Config, n_devices: int) -> Config:
   """The run's config on `n_devices` devices that need not be the training's: every device on the batch
   axis, the batch rounded up to fill them (only loading and scoring use it)."""
   batch = -(-cfg.train.batch_size // n_devices) * n_devices
-  return cfg.replace(train=dataclasses.replace(cfg.train, batch_size=batch),
-                     cluster=dataclasses.replace(cfg.cluster, cluster_axis=1))
+  return cfg.replace(
+    train=dataclasses.replace(cfg.train, batch_size=batch), cluster=dataclasses.replace(cfg.cluster, cluster_axis=1)
+  )

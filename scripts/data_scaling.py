@@ -39,7 +39,7 @@ from hetlm_jax.model import matched_config
 from hetlm_jax.workdir import built_config, is_finished, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from regime_map import color, delta, markdown, summarize  # noqa: E402  (a script beside this one)
+from regime_map import color, delta, markdown, summarize
 
 MODELS = ("hetlm", "single", "single_ft", "single_matched")
 AGAINST = ("single", "single_matched")  # the two readings: equal training compute, equal parameters
@@ -70,8 +70,13 @@ class Cell:
     return cls(0 if size == "all" else int(size), int(k), f"{kind}:{n}" if n else kind, int(d_model))
 
   def flags(self) -> list[str]:
-    return [f"--train_users={self.size}", f"--k={self.k}", f"--cluster_params={self.params}",
-            f"--d_model={self.d_model}", f"--d_ff={4 * self.d_model}"]
+    return [
+      f"--train_users={self.size}",
+      f"--k={self.k}",
+      f"--cluster_params={self.params}",
+      f"--d_model={self.d_model}",
+      f"--d_ff={4 * self.d_model}",
+    ]
 
 
 def cells(args) -> list[Cell]:
@@ -82,17 +87,25 @@ def cells(args) -> list[Cell]:
       out.append(Cell(int(size), int(k), params, int(d_model)))
     return out
   ints = lambda text: [int(x) for x in text.split(",") if x]
-  return [Cell(size, k, params, d) for size in ints(args.sizes) for k in ints(args.k)
-          for params in args.params.split(",") for d in ints(args.d_model)]
+  return [
+    Cell(size, k, params, d)
+    for size in ints(args.sizes)
+    for k in ints(args.k)
+    for params in args.params.split(",")
+    for d in ints(args.d_model)
+  ]
 
 
 def compute(workdir: Path, row: dict) -> dict:
   """{model: {"tokens": tokens trained, "flops": model FLOPs}}, counting the init LM in HeTLM's and single_ft's."""
   cfg = built_config(workdir)
   single = dataclasses.replace(cfg.model, lora_rank=0)
-  per_token = {"hetlm": model_flops_per_token(cfg.model), "single": model_flops_per_token(single),
-               "single_ft": model_flops_per_token(single),
-               "single_matched": model_flops_per_token(matched_config(single, row["params"]["hetlm"]))}
+  per_token = {
+    "hetlm": model_flops_per_token(cfg.model),
+    "single": model_flops_per_token(single),
+    "single_ft": model_flops_per_token(single),
+    "single_matched": model_flops_per_token(matched_config(single, row["params"]["hetlm"])),
+  }
   tokens = row.get("tokens_trained") or {}
   init = tokens.get("init_single", 0)
   out = {}
@@ -100,8 +113,10 @@ def compute(workdir: Path, row: dict) -> dict:
     if model in tokens:
       own = tokens[model]
       warm = model in ("hetlm", "single_ft")  # they go on from the init LM: its training is theirs too
-      out[model] = {"tokens": own + (init if warm else 0),
-                    "flops": own * per_token[model] + (init * per_token["single"] if warm else 0.0)}
+      out[model] = {
+        "tokens": own + (init if warm else 0),
+        "flops": own * per_token[model] + (init * per_token["single"] if warm else 0.0),
+      }
   return out
 
 
@@ -112,23 +127,42 @@ def row(cell: Cell, workdir: Path) -> dict | None:
     return None
   start = read_metrics(workdir, "start")[0]
   bits = base["bits_per_token"] or {}
-  return {**base, "cell": dataclasses.asdict(cell), "setting": cell.setting, "train_users": start["train_users"],
-          "train_tokens": start["train_tokens"], "test_users": base["n_users"],
-          "bits_per_page_token": {m: bits[m]["no_end"] for m in bits}, "compute": compute(workdir, base)}
+  return {
+    **base,
+    "cell": dataclasses.asdict(cell),
+    "setting": cell.setting,
+    "train_users": start["train_users"],
+    "train_tokens": start["train_tokens"],
+    "test_users": base["n_users"],
+    "bits_per_page_token": {m: bits[m]["no_end"] for m in bits},
+    "compute": compute(workdir, base),
+  }
 
 
 def table(rows: list[dict]) -> str:
-  header = ["training users", "training tokens", "setting", "bits/page token: HeTLM / single / single_ft / "
-            "single_matched", *(f"− {o}: Δ {w}" for o in AGAINST for w in ("mean", "var")),
-            "tokens trained: HeTLM / single / single_matched", "PFLOP: HeTLM / single / single_matched"]
+  header = [
+    "training users",
+    "training tokens",
+    "setting",
+    "bits/page token: HeTLM / single / single_ft / single_matched",
+    *(f"− {o}: Δ {w}" for o in AGAINST for w in ("mean", "var")),
+    "tokens trained: HeTLM / single / single_matched",
+    "PFLOP: HeTLM / single / single_matched",
+  ]
   lines = []
   for r in rows:
     bits, comp = r["bits_per_page_token"], r["compute"]
-    lines.append([f"{r['train_users']:,}", f"{r['train_tokens']:,}", r["setting"],
-                  " / ".join(f"{bits[m]:.4f}" if m in bits else "–" for m in MODELS),
-                  *(delta(r["vs"][o], w) if o in r["vs"] else "–" for o in AGAINST for w in ("mean", "var")),
-                  " / ".join(f"{comp[m]['tokens']:,}" if m in comp else "–" for m in ("hetlm", *AGAINST)),
-                  " / ".join(f"{comp[m]['flops'] / 1e15:.3g}" if m in comp else "–" for m in ("hetlm", *AGAINST))])
+    lines.append(
+      [
+        f"{r['train_users']:,}",
+        f"{r['train_tokens']:,}",
+        r["setting"],
+        " / ".join(f"{bits[m]:.4f}" if m in bits else "–" for m in MODELS),
+        *(delta(r["vs"][o], w) if o in r["vs"] else "–" for o in AGAINST for w in ("mean", "var")),
+        " / ".join(f"{comp[m]['tokens']:,}" if m in comp else "–" for m in ("hetlm", *AGAINST)),
+        " / ".join(f"{comp[m]['flops'] / 1e15:.3g}" if m in comp else "–" for m in ("hetlm", *AGAINST)),
+      ]
+    )
   return markdown(header, lines)
 
 
@@ -136,8 +170,10 @@ def plot(rows: list[dict], path: Path) -> None:
   """Rows: HeTLM − single, HeTLM − single_matched; columns: Δ mean, Δ variance (each point coloured as the regime
   map colours it, one line style per setting), and the pooled bits per page token of HeTLM and the other LM."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   settings = sorted({r["setting"] for r in rows})
   styles = dict(zip(settings, ("-", "--", ":", "-.") * len(settings)))
   markers = dict(zip(settings, "osD^v<>ph" * len(settings)))
@@ -152,12 +188,24 @@ def plot(rows: list[dict], path: Path) -> None:
         for xi, r in zip(x, mine):
           d = r["vs"][other]
           lo, hi = d[f"{which}_ci"]
-          ax.errorbar(xi, d[f"{which}_diff"], yerr=[[d[f"{which}_diff"] - lo], [hi - d[f"{which}_diff"]]],
-                      fmt=markers[setting], color=color(d[f"{which}_ci"]), capsize=3)
+          ax.errorbar(
+            xi,
+            d[f"{which}_diff"],
+            yerr=[[d[f"{which}_diff"] - lo], [hi - d[f"{which}_diff"]]],
+            fmt=markers[setting],
+            color=color(d[f"{which}_ci"]),
+            capsize=3,
+          )
       bits = axes_row[2]
       for model, shade in (("hetlm", "tab:blue"), (other, "tab:orange")):
-        bits.plot(x, [r["bits_per_page_token"][model] for r in mine], styles[setting], marker=markers[setting],
-                  color=shade, label=f"{model}, {setting}")
+        bits.plot(
+          x,
+          [r["bits_per_page_token"][model] for r in mine],
+          styles[setting],
+          marker=markers[setting],
+          color=shade,
+          label=f"{model}, {setting}",
+        )
     for ax, title in ((axes_row[0], "Δ mean per-user NLL"), (axes_row[1], "Δ variance over users")):
       ax.axhline(0, color="black", linewidth=0.8)
       ax.set_title(f"HeTLM − {other}: {title}\n(below 0: HeTLM better; green/red: 95% CI excludes 0)", fontsize=9)
@@ -193,8 +241,18 @@ def main() -> int:
     workdir = args.out / cell.name
     if not is_finished(workdir):
       start = time.perf_counter()
-      cmd = [sys.executable, "-m", "hetlm_jax", "train", f"--workdir={workdir}", f"--data={args.data}",
-             f"--test_users={args.test_users}", f"--test_offset={args.test_offset}", *cell.flags(), *extra]
+      cmd = [
+        sys.executable,
+        "-m",
+        "hetlm_jax",
+        "train",
+        f"--workdir={workdir}",
+        f"--data={args.data}",
+        f"--test_users={args.test_users}",
+        f"--test_offset={args.test_offset}",
+        *cell.flags(),
+        *extra,
+      ]
       print(" ".join(cmd[2:]), flush=True)
       with open(args.out / f"{cell.name}.log", "a") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -213,8 +271,9 @@ def main() -> int:
 def _write(out: Path) -> list[dict]:
   """Every finished cell's row under `out`, written whole to data_scaling.json."""
   found = ((Cell.parse(p.name), p) for p in sorted(out.iterdir()) if p.is_dir())
-  rows = sorted((r for r in (row(cell, p) for cell, p in found if cell) if r),
-                key=lambda r: (r["setting"], r["train_tokens"]))
+  rows = sorted(
+    (r for r in (row(cell, p) for cell, p in found if cell) if r), key=lambda r: (r["setting"], r["train_tokens"])
+  )
   replace_text(out / "data_scaling.json", json.dumps(rows, indent=1) + "\n")
   return rows
 

@@ -18,16 +18,20 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from hetlm_jax.cluster.validation import validation_slice
+from hetlm_jax.data.sequences import session_length_from_data
 from hetlm_jax.data.tokenizer import BOS, EOS
 from hetlm_jax.eval import metrics as M
-from hetlm_jax.data.sequences import session_length_from_data
 from hetlm_jax.eval.generate import Sampling, generate
-from hetlm_jax.cluster.validation import validation_slice
 from hetlm_jax.workdir import load_run, run_data
 
-SETTINGS = [("greedy", Sampling()), ("T=1.0", Sampling(temperature=1.0)),
-            ("T=0.8, top-p 0.9", Sampling(temperature=0.8, top_p=0.9)),
-            ("T=0.7", Sampling(temperature=0.7)), ("T=1.0, top-p 0.9", Sampling(temperature=1.0, top_p=0.9))]
+SETTINGS = [
+  ("greedy", Sampling()),
+  ("T=1.0", Sampling(temperature=1.0)),
+  ("T=0.8, top-p 0.9", Sampling(temperature=0.8, top_p=0.9)),
+  ("T=0.7", Sampling(temperature=0.7)),
+  ("T=1.0, top-p 0.9", Sampling(temperature=1.0, top_p=0.9)),
+]
 
 flags.DEFINE_string("workdir", "runs/default", "A trained hetlm workdir.")
 flags.DEFINE_integer("users", 500, "Users whose next session is generated.")
@@ -54,7 +58,7 @@ def main(_) -> None:
   run = load_run(FLAGS.workdir)
   specials = prepared.tokenizer.num_specials
   candidates = np.flatnonzero(evaluated_U & (seqs.target_lengths > 0))
-  users = np.sort(np.random.default_rng(0).permutation(candidates)[:FLAGS.users])
+  users = np.sort(np.random.default_rng(0).permutation(candidates)[: FLAGS.users])
   actual = [seqs.target(int(u))[seqs.target(int(u)) >= specials] for u in users]
   real = history_sessions(seqs, specials)
   length = session_length_from_data(seqs, specials)  # None when the histories hold session ends
@@ -64,19 +68,31 @@ def main(_) -> None:
       sampling = dataclasses.replace(sampling, max_new=min(sampling.max_new, length))
     per_seed = []
     for seed in range(1 if sampling.temperature == 0 else FLAGS.seeds):
-      generated = [g[g >= specials] for g in generate(run.config.model, run.params, seqs, run.assignment, users,
-                                                      sampling, seed=seed)]
-      per_seed.append({"edit_similarity": M.edit_similarity(generated, actual).mean(),
-                       "jaccard": M.jaccard(generated, actual).mean(),
-                       "rouge_l_f1": M.rouge_l_f1(generated, actual).mean(),
-                       "length": float(np.mean([len(g) for g in generated])),
-                       "repetition_rate": M.repetition_rate(generated, real)})
+      generated = [
+        g[g >= specials]
+        for g in generate(run.config.model, run.params, seqs, run.assignment, users, sampling, seed=seed)
+      ]
+      per_seed.append(
+        {
+          "edit_similarity": M.edit_similarity(generated, actual).mean(),
+          "jaccard": M.jaccard(generated, actual).mean(),
+          "rouge_l_f1": M.rouge_l_f1(generated, actual).mean(),
+          "length": float(np.mean([len(g) for g in generated])),
+          "repetition_rate": M.repetition_rate(generated, real),
+        }
+      )
     row = {"setting": name, "temperature": sampling.temperature, "top_p": sampling.top_p, "seeds": len(per_seed)}
     row.update({key: float(np.mean([r[key] for r in per_seed])) for key in per_seed[0]})
     rows.append(row)
     print(json.dumps(row), file=sys.stderr)
-  result = {"workdir": FLAGS.workdir, "users": len(users), "length_from_data": length, "actual_length": float(np.mean([len(a) for a in actual])),
-            "real_repetition_rate": M.repetition_rate(actual, real), "settings": rows}
+  result = {
+    "workdir": FLAGS.workdir,
+    "users": len(users),
+    "length_from_data": length,
+    "actual_length": float(np.mean([len(a) for a in actual])),
+    "real_repetition_rate": M.repetition_rate(actual, real),
+    "settings": rows,
+  }
   print(json.dumps(result, indent=2))
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:

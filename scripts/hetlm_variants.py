@@ -23,7 +23,7 @@ from hetlm_jax.config import ClusterConfig
 from hetlm_jax.workdir import CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, checkpoint_dir, is_finished, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from regime_map import summarize, table  # noqa: E402  (a script beside this one)
+from regime_map import summarize, table
 
 # ClusterConfig fields that only HeTLM's clusters and single_ft read (the single LMs train without them).
 VARIABLE = ("prox", "interpolate", "warm_lr_scale", "rounds", "tolerance", "soft")
@@ -63,8 +63,7 @@ def main() -> int:
       if not workdir.exists():
         seed_workdir(args.base, workdir, {flag: value})
       if not is_finished(workdir):
-        command = [sys.executable, "-m", "hetlm_jax.main", "train", f"--workdir={workdir}", f"--{flag}={value}",
-                   *extra]
+        command = [sys.executable, "-m", "hetlm_jax.main", "train", f"--workdir={workdir}", f"--{flag}={value}", *extra]
         print(" ".join(command), flush=True)
         subprocess.run(command, check=True)
   rows = [r for r in (summarize(d) for d in sorted(args.out.iterdir()) if d.is_dir()) if r]

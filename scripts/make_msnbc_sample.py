@@ -31,9 +31,9 @@ def make_sample(data: bytes, users: int, seed: int) -> bytes:
   marker = re.search(rb"^%[ \t]*Sequences:?[^\n]*\n", data, re.M)
   if marker is None:
     raise SystemExit("no '% Sequences:' line: not an MSNBC file")
-  body = data[marker.end():]
+  body = data[marker.end() :]
   stripped = body.lstrip(b" \t\r\n")
-  header = data[:len(data) - len(stripped)]  # blank lines after the marker stay in the header
+  header = data[: len(data) - len(stripped)]  # blank lines after the marker stay in the header
   newline = b"\r\n" if b"\r\n" in header else b"\n"
   lines = stripped.split(b"\n")
   if lines and not lines[-1].strip():
@@ -59,8 +59,7 @@ def main() -> None:
     gz.write(sample)
   with open(args.out, "wb") as f:
     f.write(buf.getvalue())
-  print(f"wrote {args.out}: {args.users} users, {len(sample)} bytes uncompressed, "
-        f"{len(buf.getvalue())} compressed")
+  print(f"wrote {args.out}: {args.users} users, {len(sample)} bytes uncompressed, {len(buf.getvalue())} compressed")
 
 
 if __name__ == "__main__":

@@ -28,12 +28,14 @@ def convert(src: str) -> pa.Table:
       ts_ms += [e["ts"] for e in events]
       aids += [str(e["aid"]) for e in events]
       types += [e["type"] for e in events]
-  return pa.table({
+  return pa.table(
+    {
       "user_id": pa.array(users, pa.string()),
       "timestamp": pa.array(np.asarray(ts_ms, np.int64) // 1000),
       "page": pa.array(aids, pa.string()),
       "event_type": pa.array(types, pa.string()),
-  })
+    }
+  )
 
 
 def main() -> None:

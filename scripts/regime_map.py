@@ -32,15 +32,23 @@ def grid(kind: str, settings: list[str]) -> dict[str, list[str]]:
   if kind == "context":
     for context in (8, 64):
       for params in _PARAMS:
-        runs[f"ctx{context}_{params.replace(':', '')}_k4_hard"] = [f"--context={context}",
-                                                                    f"--cluster_params={params}", "--k=4", "--nosoft"]
+        runs[f"ctx{context}_{params.replace(':', '')}_k4_hard"] = [
+          f"--context={context}",
+          f"--cluster_params={params}",
+          "--k=4",
+          "--nosoft",
+        ]
   elif kind == "k":
     for setting in settings:
       context, params = setting.split("/")
       for k, soft in ((2, False), (8, False), (4, True)):
         name = f"ctx{context}_{params.replace(':', '')}_k{k}_{'soft' if soft else 'hard'}"
-        runs[name] = [f"--context={context}", f"--cluster_params={params}", f"--k={k}",
-                      "--soft" if soft else "--nosoft"]
+        runs[name] = [
+          f"--context={context}",
+          f"--cluster_params={params}",
+          f"--k={k}",
+          "--soft" if soft else "--nosoft",
+        ]
   return runs
 
 
@@ -64,15 +72,28 @@ def summarize(workdir: Path) -> dict | None:
     hetlm_stops += [record] if record["model"] == "hetlm" else []
   validation = {m: v["mean"] for m, v in report["validation"].items()} if "validation" in report else last_stop
   is_init = report.get("hetlm_is_init_lm", len(hetlm_stops) == 1 and hetlm_stops[0]["best_pass"] == 0)
-  vs = {o: {k: boot[f"hetlm-{o}"][metric][k] for k in ("mean_diff", "mean_ci", "var_diff", "var_ci")}
-        for o in BASELINES if f"hetlm-{o}" in boot}
-  return {"run": workdir.name, "metric": metric, "k": report["k"], "rounds": report["rounds"],
-          "validation": {m: validation.get(m) for m in ("hetlm", *BASELINES)}, "is_init_lm": is_init,
-          **{m: models[m][metric]["mean"] for m in ("hetlm", *BASELINES) if m in models},
-          "markov": models.get("markov", {}).get(metric, {}).get("mean"), "vs": vs,
-          "params": report["params"], "passes": report.get("passes"), "tokens_trained": report.get("tokens_trained"),
-          "train_s": report.get("train_s"), "n_users": report.get("n_users"),
-          "bits_per_token": report.get("bits_per_token")}
+  vs = {
+    o: {k: boot[f"hetlm-{o}"][metric][k] for k in ("mean_diff", "mean_ci", "var_diff", "var_ci")}
+    for o in BASELINES
+    if f"hetlm-{o}" in boot
+  }
+  return {
+    "run": workdir.name,
+    "metric": metric,
+    "k": report["k"],
+    "rounds": report["rounds"],
+    "validation": {m: validation.get(m) for m in ("hetlm", *BASELINES)},
+    "is_init_lm": is_init,
+    **{m: models[m][metric]["mean"] for m in ("hetlm", *BASELINES) if m in models},
+    "markov": models.get("markov", {}).get(metric, {}).get("mean"),
+    "vs": vs,
+    "params": report["params"],
+    "passes": report.get("passes"),
+    "tokens_trained": report.get("tokens_trained"),
+    "train_s": report.get("train_s"),
+    "n_users": report.get("n_users"),
+    "bits_per_token": report.get("bits_per_token"),
+  }
 
 
 def delta(d: dict, which: str) -> str:
@@ -87,25 +108,42 @@ def color(ci: list[float]) -> str:
 
 
 def markdown(header: list[str], lines: list[list[str]]) -> str:
-  return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                   + ["| " + " | ".join(line) + " |" for line in lines])
+  return "\n".join(
+    ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(line) + " |" for line in lines]
+  )
 
 
 def table(rows: list[dict]) -> str:
   """The map's Markdown table: validation means (the only column settings are chosen by), held-out means and
   HeTLM − each single LM."""
   others = [o for o in BASELINES if any(o in r["vs"] for r in rows)]
-  header = ["run", "K", "rounds", "HeTLM passes", "validation: HeTLM / " + " / ".join(others), "HeTLM",
-            *others, *(f"− {o}: Δ {w}" for o in others for w in ("mean", "var"))]
+  header = [
+    "run",
+    "K",
+    "rounds",
+    "HeTLM passes",
+    "validation: HeTLM / " + " / ".join(others),
+    "HeTLM",
+    *others,
+    *(f"− {o}: Δ {w}" for o in others for w in ("mean", "var")),
+  ]
   lines = []
   for r in rows:
     v = r["validation"]
     val = " / ".join("–" if v.get(m) is None else f"{v[m]:.4f}" for m in ("hetlm", *others))
     passes = (r.get("passes") or {}).get("hetlm")
-    lines.append([r["run"], str(r["k"]), str(r["rounds"]),
-                  ("–" if passes is None else f"{passes:g}") + (" (= init LM)" if r["is_init_lm"] else ""), val,
-                  f"{r['hetlm']:.4f}", *(f"{r[o]:.4f}" if o in r else "–" for o in others),
-                  *(delta(r["vs"][o], w) if o in r["vs"] else "–" for o in others for w in ("mean", "var"))])
+    lines.append(
+      [
+        r["run"],
+        str(r["k"]),
+        str(r["rounds"]),
+        ("–" if passes is None else f"{passes:g}") + (" (= init LM)" if r["is_init_lm"] else ""),
+        val,
+        f"{r['hetlm']:.4f}",
+        *(f"{r[o]:.4f}" if o in r else "–" for o in others),
+        *(delta(r["vs"][o], w) if o in r["vs"] else "–" for o in others for w in ("mean", "var")),
+      ]
+    )
   return markdown(header, lines)
 
 
@@ -119,24 +157,37 @@ def label(run: str) -> str:
 def plot(rows: list[dict], path: Path, against: tuple[str, ...] = ("single_ft", "single_matched")) -> None:
   """One row of panels per single LM in `against` (mean, variance): HeTLM − it per run, with its interval."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   against = [o for o in against if any(o in r["vs"] for r in rows)]
-  fig, axes = plt.subplots(len(against), 2, figsize=(12, len(against) * (0.4 * len(rows) + 1.6)), sharey=True,
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    len(against), 2, figsize=(12, len(against) * (0.4 * len(rows) + 1.6)), sharey=True, squeeze=False
+  )
   for axes_row, other in zip(axes, against):
-    for ax, which, title in ((axes_row[0], "mean", "Δ mean per-user NLL"), (axes_row[1], "var", "Δ variance over users")):
+    for ax, which, title in (
+      (axes_row[0], "mean", "Δ mean per-user NLL"),
+      (axes_row[1], "var", "Δ variance over users"),
+    ):
       for i, r in enumerate(rows):
         if other in r["vs"]:
           d = r["vs"][other]
           lo, hi = d[f"{which}_ci"]
-          ax.errorbar(d[f"{which}_diff"], i, xerr=[[d[f"{which}_diff"] - lo], [hi - d[f"{which}_diff"]]], fmt="o",
-                      color=color(d[f"{which}_ci"]), capsize=3)
+          ax.errorbar(
+            d[f"{which}_diff"],
+            i,
+            xerr=[[d[f"{which}_diff"] - lo], [hi - d[f"{which}_diff"]]],
+            fmt="o",
+            color=color(d[f"{which}_ci"]),
+            capsize=3,
+          )
       ax.axvline(0, color="black", linewidth=0.8)
       ax.set_title(f"HeTLM − {other}: {title}\n(left of 0: HeTLM better; green/red: 95% CI excludes 0)", fontsize=9)
       ax.set_xlabel("nats per target token" if which == "mean" else "(nats per target token)²")
-    axes_row[0].set_yticks(range(len(rows)), [label(r["run"]) + (" (= init LM)" if r["is_init_lm"] else "")
-                                              for r in rows], fontsize=8)
+    axes_row[0].set_yticks(
+      range(len(rows)), [label(r["run"]) + (" (= init LM)" if r["is_init_lm"] else "") for r in rows], fontsize=8
+    )
   axes[0][0].invert_yaxis()
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -31,9 +31,12 @@ from hetlm_jax.workdir import read_eval, read_metrics
 
 # absl's log prefix: I1128 17:41:56.743746 ...
 _ABSL_TIME = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) ")
-_MARKS = {"data": re.compile(r"\] data: "), "trained": re.compile(r"\] hetlm round 1: \d+ passes, kept pass"),
-          "scored": re.compile(r"\] hetlm round 1: [\d.]+% of users moved"),
-          "eval_start": re.compile(r"\] evaluating hetlm$")}
+_MARKS = {
+  "data": re.compile(r"\] data: "),
+  "trained": re.compile(r"\] hetlm round 1: \d+ passes, kept pass"),
+  "scored": re.compile(r"\] hetlm round 1: [\d.]+% of users moved"),
+  "eval_start": re.compile(r"\] evaluating hetlm$"),
+}
 
 
 def _log_time(line: str, year: int) -> float | None:
@@ -59,10 +62,24 @@ def run_size(args, max_users: int) -> dict:
   workdir = Path(args.workdir_root) / f"users_{max_users or 'all'}"
   shutil.rmtree(workdir, ignore_errors=True)
   workdir.mkdir(parents=True)
-  cmd = [sys.executable, "-m", "hetlm_jax", "train", f"--data={args.data}", "--format=msnbc",
-         f"--max_users={max_users}", "--k=4", "--rounds=1", "--epochs=1", "--patience=0", "--init=random",
-         "--nobaselines", f"--batch_size={args.batch_size}", f"--eval_batch_size={args.eval_batch_size}",
-         f"--workdir={workdir}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "hetlm_jax",
+    "train",
+    f"--data={args.data}",
+    "--format=msnbc",
+    f"--max_users={max_users}",
+    "--k=4",
+    "--rounds=1",
+    "--epochs=1",
+    "--patience=0",
+    "--init=random",
+    "--nobaselines",
+    f"--batch_size={args.batch_size}",
+    f"--eval_batch_size={args.eval_batch_size}",
+    f"--workdir={workdir}",
+  ]
   print(" ".join(cmd), flush=True)
   samples = []  # (wall time, RSS MiB)
   marks = {}
@@ -121,16 +138,27 @@ def run_size(args, max_users: int) -> dict:
   prep_s = first["prepare_s"]
   t_data, t_trained, t_scored = marks["data"], marks["trained"], marks["scored"]
   result = {
-    "max_users": max_users, "users_read": first["data"]["users_in"], "users_kept": first["users"],
-    "events": first["data"]["events"], "tokens": first["data"]["tokens"], "vocab_size": first["vocab_size"],
-    "batch_size": args.batch_size, "train_steps": sum(r["steps"] for r in train),
+    "max_users": max_users,
+    "users_read": first["data"]["users_in"],
+    "users_kept": first["users"],
+    "events": first["data"]["events"],
+    "tokens": first["data"]["tokens"],
+    "vocab_size": first["vocab_size"],
+    "batch_size": args.batch_size,
+    "train_steps": sum(r["steps"] for r in train),
     # Real tokens over the pass's step time (its first window includes compiling the step).
-    "train_tokens_per_s": round(sum(r["tokens_per_s"] * r["step_time_s"] * r["steps"] for r in train)
-                                / sum(r["step_time_s"] * r["steps"] for r in train)),
+    "train_tokens_per_s": round(
+      sum(r["tokens_per_s"] * r["step_time_s"] * r["steps"] for r in train)
+      / sum(r["step_time_s"] * r["steps"] for r in train)
+    ),
     "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
     "peak_rss_mib_to_round_end": peak(start, t_scored),
-    "peak_rss_mib_by_stage": {"startup_and_prep": peak(start, t_data), "train": peak(t_data, t_trained),
-                              "score": peak(t_trained, t_scored), "eval": peak(t_scored, end)},
+    "peak_rss_mib_by_stage": {
+      "startup_and_prep": peak(start, t_data),
+      "train": peak(t_data, t_trained),
+      "score": peak(t_trained, t_scored),
+      "eval": peak(t_scored, end),
+    },
     "prep_s": round(prep_s, 2),
     "startup_s": round(t_data - start - prep_s, 2),  # imports, JAX start-up, the validation slice
     "train_s": round(t_trained - t_data, 2),
@@ -139,7 +167,8 @@ def run_size(args, max_users: int) -> dict:
     "eval_s": None if eval_s is None else round(eval_s, 2),
     "after_round_s": round(end - t_scored, 2),  # evaluation, report.md and exit
     "total_s": round(end - start, 2),
-    "cpu_user_s": round(usage.ru_utime, 1), "cpu_sys_s": round(usage.ru_stime, 1),
+    "cpu_user_s": round(usage.ru_utime, 1),
+    "cpu_sys_s": round(usage.ru_stime, 1),
     "evaluated": not stopped_early,
     "command": " ".join(cmd),
   }
@@ -155,10 +184,14 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--eval_batch_size", type=int, default=512)
   parser.add_argument("--sample_s", type=float, default=0.1, help="seconds between RSS samples")
-  parser.add_argument("--stop_after_round", action="store_true",
-                      help="end the run once the round's reassignment is logged (no evaluation)")
-  parser.add_argument("--max_eval_s", type=float, default=0,
-                      help="end the run if the evaluation takes longer than this (0: no limit)")
+  parser.add_argument(
+    "--stop_after_round",
+    action="store_true",
+    help="end the run once the round's reassignment is logged (no evaluation)",
+  )
+  parser.add_argument(
+    "--max_eval_s", type=float, default=0, help="end the run if the evaluation takes longer than this (0: no limit)"
+  )
   args = parser.parse_args()
   results = []
   for max_users in (int(x) for x in args.max_users.split(",")):
@@ -167,6 +200,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
   if len(results) >= 3:
     import numpy as np
+
     users = [r["users_read"] for r in results]
     for key in ("peak_rss_mib", "peak_rss_mib_to_round_end"):
       b, a = np.polyfit(users, [r[key] for r in results], 1)

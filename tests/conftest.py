@@ -9,13 +9,14 @@ if "HETLM_COMPILATION_CACHE" not in os.environ:
   import atexit
   import shutil
   import tempfile
+
   os.environ["HETLM_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="hetlm_test_cache_")
   atexit.register(shutil.rmtree, os.environ["HETLM_COMPILATION_CACHE"], ignore_errors=True)
 
 
-import pytest  # noqa: E402
+import pytest
 
-from hetlm_jax import compilation  # noqa: E402
+from hetlm_jax import compilation
 
 compilation.setup()  # library calls in the tests use it too, not only `hetlm` commands
 
@@ -23,8 +24,10 @@ compilation.setup()  # library calls in the tests use it too, not only `hetlm` c
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory):
   """The uninterrupted tiny run (tests/tiny_run.py), in this process with its four CPU devices."""
-  from hetlm_jax.main import cli
   from tiny_run import train_args, write_log
+
+  from hetlm_jax.main import cli
+
   root = tmp_path_factory.mktemp("tiny_reference")
   log = write_log(root / "log.parquet")
   assert cli(["hetlm", *train_args(log, root / "run")]) == 0

@@ -30,9 +30,11 @@ def markov_events(n_users=240, n_groups=3, n_pages=12, sessions=3, session_len=8
     pages_UxS[:, s] = np.minimum((rows < rng.random((n_users, 1))).sum(axis=1), n_pages - 1)
   step = np.arange(n_steps)
   ts_S = (step // session_len) * 7200 + (step % session_len) * 60
-  table = pa.table({
-    "user_id": np.repeat(np.array([f"u{u:04d}" for u in range(n_users)]), n_steps),
-    "timestamp": np.tile(ts_S, n_users).astype(np.int64) + 1_600_000_000,
-    "page": np.array([f"/p/{p}" for p in range(n_pages)])[pages_UxS.reshape(-1)],
-  })
+  table = pa.table(
+    {
+      "user_id": np.repeat(np.array([f"u{u:04d}" for u in range(n_users)]), n_steps),
+      "timestamp": np.tile(ts_S, n_users).astype(np.int64) + 1_600_000_000,
+      "page": np.array([f"/p/{p}" for p in range(n_pages)])[pages_UxS.reshape(-1)],
+    }
+  )
   return table, group_U

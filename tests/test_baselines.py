@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
+from synthetic import markov_events
 
 from hetlm_jax.data.sequences import UserSequences, build_sequences
 from hetlm_jax.data.tokenizer import BOS, EOS, UNK, PageTokenizer
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
-from synthetic import markov_events
 
 V = 6  # specials 0..3, pages 4 and 5
 
@@ -18,9 +18,13 @@ def seqs_of(users):
   lengths = [len(h) + len(t) for h, t in users]
   offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
   split = offsets[:-1] + np.array([len(h) for h, _ in users])
-  return UserSequences(user_ids=np.array([f"u{i}" for i in range(len(users))], object),
-                       tokens=tokens, offsets=offsets, split=split,
-                       n_sessions=np.ones(len(users), np.int32))
+  return UserSequences(
+    user_ids=np.array([f"u{i}" for i in range(len(users))], object),
+    tokens=tokens,
+    offsets=offsets,
+    split=split,
+    n_sessions=np.ones(len(users), np.int32),
+  )
 
 
 TOY = seqs_of([([BOS, 4, 5, 4], [5, 4]), ([BOS, 4, 4], [5])])
@@ -72,7 +76,7 @@ def test_fit_never_sees_targets_and_next_token_logprobs_add_up_to_target_nll(mak
   other = UserSequences(seqs.user_ids, seqs.tokens.copy(), seqs.offsets, seqs.split, seqs.n_sessions)
   is_target = np.zeros(seqs.num_tokens, bool)
   for u in range(seqs.num_users):  # building the fixture only
-    is_target[seqs.split[u]:seqs.offsets[u + 1]] = True
+    is_target[seqs.split[u] : seqs.offsets[u + 1]] = True
   other.tokens[is_target] = rng.integers(4, v, is_target.sum())
   a = make().fit(seqs, v).next_token_logprobs(seqs)
   b = make().fit(other, v).next_token_logprobs(seqs)
@@ -82,8 +86,9 @@ def test_fit_never_sees_targets_and_next_token_logprobs_add_up_to_target_nll(mak
   nll_U, n_U = model.target_nll(seqs)
   assert (n_U == n_U[0]).all()  # every user's target is one whole session here
   rows = np.arange(seqs.num_users)
-  logp_sum_U = sum(model.next_token_logprobs(seqs, seqs.split + j)[rows, seqs.tokens[seqs.split + j]]
-                   for j in range(n_U[0]))
+  logp_sum_U = sum(
+    model.next_token_logprobs(seqs, seqs.split + j)[rows, seqs.tokens[seqs.split + j]] for j in range(n_U[0])
+  )
   np.testing.assert_allclose(nll_U, -logp_sum_U, rtol=1e-10)
   np.testing.assert_array_equal(model.next_token_logprobs(seqs), model.next_token_logprobs(seqs, seqs.split))
   with pytest.raises(ValueError, match="at_U"):

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+from synthetic import markov_events
 
 from hetlm_jax.config import Config, ModelConfig, TrainConfig
 from hetlm_jax.data.sequences import build_sequences, history_windows, target_windows
@@ -11,7 +12,6 @@ from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.split import model_params
 from hetlm_jax.train.step import packed_loss_mask, token_nll
-from synthetic import markov_events
 
 
 def _seqs(n_users=50):
@@ -35,8 +35,9 @@ def test_without_balance_every_user_is_seen_exactly_epochs_times_whatever_the_cl
   seqs, _ = _seqs()
   assignment = np.zeros(seqs.num_users, np.int64)
   assignment[:7] = 1  # one small cluster, one large one, one empty
-  batches = ClusterBatches(seqs, assignment, k=3, batch_size=4, context=12, epochs=3, seed=0, round_index=0,
-                           balance=False)
+  batches = ClusterBatches(
+    seqs, assignment, k=3, batch_size=4, context=12, epochs=3, seed=0, round_index=0, balance=False
+  )
   expected = np.minimum(seqs.split - seqs.offsets[:-1], 13)
   np.testing.assert_array_equal(_tokens_per_user(batches, seqs), 3 * expected)
   inputs, segments, _ = batches.batch(0)
@@ -48,8 +49,9 @@ def test_balanced_rows_fill_small_clusters_and_keep_every_users_weight_per_epoch
   seqs, _ = _seqs()
   assignment = np.zeros(seqs.num_users, np.int64)
   assignment[:7] = 1  # a small cluster: without balance, most of its rows would be padding
-  plain = ClusterBatches(seqs, assignment, k=2, batch_size=4, context=12, epochs=3, seed=0, round_index=0,
-                         balance=False)
+  plain = ClusterBatches(
+    seqs, assignment, k=2, batch_size=4, context=12, epochs=3, seed=0, round_index=0, balance=False
+  )
   balanced = ClusterBatches(seqs, assignment, k=2, batch_size=4, context=12, epochs=3, seed=0, round_index=0)
   assert balanced.steps == plain.steps
   assert plain.padding_fraction() > 0.3 and balanced.padding_fraction() < 0.1
@@ -66,8 +68,9 @@ def test_balanced_rows_fill_small_clusters_and_keep_every_users_weight_per_epoch
 
 def test_packed_rows_hold_each_users_most_recent_history_in_order():
   seqs, _ = _seqs(10)
-  batches = ClusterBatches(seqs, np.zeros(10, np.int64), k=1, batch_size=64, context=7, epochs=1, seed=3,
-                           round_index=0, balance=False)
+  batches = ClusterBatches(
+    seqs, np.zeros(10, np.int64), k=1, batch_size=64, context=7, epochs=1, seed=3, round_index=0, balance=False
+  )
   order = batches.order(0)
   assert sorted(order) == list(range(10))
   inputs, segments, _ = batches.batch(0)
@@ -95,8 +98,10 @@ def test_packed_segments_score_exactly_as_if_each_were_alone():
 
 def test_packed_scoring_equals_scoring_each_user_alone():
   seqs, tok = _seqs(30)
-  cfg = Config(model=ModelConfig(vocab_size=tok.vocab_size, context=12, d_model=16, n_layers=1, n_heads=2, d_ff=32),
-               train=TrainConfig(batch_size=4, eval_batch_size=8))
+  cfg = Config(
+    model=ModelConfig(vocab_size=tok.vocab_size, context=12, d_model=16, n_layers=1, n_heads=2, d_ff=32),
+    train=TrainConfig(batch_size=4, eval_batch_size=8),
+  )
   trainer = Trainer(cfg, 2)
   params = trainer.init_state().params
   for part, windows in [("history", history_windows), ("target", target_windows)]:
@@ -115,8 +120,9 @@ def test_soft_weights_put_each_user_in_every_likely_cluster_with_its_responsibil
   rng = np.random.default_rng(0)
   weights = rng.dirichlet(np.ones(3), size=seqs.num_users)
   weights[:5] = [1.0, 0.0, 0.0]  # below MIN_WEIGHT in clusters 1 and 2: not there at all
-  batches = ClusterBatches(seqs, weights.argmax(1), k=3, batch_size=4, context=12, epochs=2, seed=0,
-                           round_index=0, weights_UxK=weights)
+  batches = ClusterBatches(
+    seqs, weights.argmax(1), k=3, batch_size=4, context=12, epochs=2, seed=0, round_index=0, weights_UxK=weights
+  )
   mass = np.zeros((seqs.num_users, 3))
   for step in range(batches.steps):
     _, segments, token_w = batches.batch(step)

@@ -6,14 +6,25 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from synthetic import markov_events
 
 from hetlm_jax.main import cli
-from synthetic import markov_events
 
 # The command line's own behaviour; --prox and --interpolate have their tests in test_policy.py, and leaving them
 # out here spares every run two compilations.
-TINY = ["--context=8", "--d_model=8", "--n_layers=1", "--n_heads=2", "--d_ff=16", "--epochs=1", "--batch_size=8",
-        "--k=2", "--rounds=1", "--prox=0", "--nointerpolate"]
+TINY = [
+  "--context=8",
+  "--d_model=8",
+  "--n_layers=1",
+  "--n_heads=2",
+  "--d_ff=16",
+  "--epochs=1",
+  "--batch_size=8",
+  "--k=2",
+  "--rounds=1",
+  "--prox=0",
+  "--nointerpolate",
+]
 
 
 def run(capsys, *args):
@@ -81,14 +92,27 @@ def test_empty_table(tmp_path, capsys):
   assert_refused(capsys, tmp_path / "run", [f"--data={path}"], "empty.csv")
 
 
-@pytest.mark.parametrize("flag,needle", [
-  ("--k=0", "--k"), ("--batch_size=0", "--batch_size"), ("--dropout=1.5", "--dropout"),
-  ("--format=xml", "--format"), ("--k=abc", "--k"), ("--no_such_flag=1", "no_such_flag"),
-  ("--k=100000", "--k"), ("--k=-1", "--k"), ("--rounds=0", "--rounds"), ("--init=magic", "--init"),
-  ("--k_candidates=2,x", "--k_candidates"), ("--cluster_params=top:5", "--cluster_params"),
-  ("--cluster_params=adapters", "--cluster_params"), ("--cluster_params=body", "--cluster_params"),
-  ("--patience=-1", "--patience"), ("--val_frac=1.0", "--val_frac"),
-])
+@pytest.mark.parametrize(
+  "flag,needle",
+  [
+    ("--k=0", "--k"),
+    ("--batch_size=0", "--batch_size"),
+    ("--dropout=1.5", "--dropout"),
+    ("--format=xml", "--format"),
+    ("--k=abc", "--k"),
+    ("--no_such_flag=1", "no_such_flag"),
+    ("--k=100000", "--k"),
+    ("--k=-1", "--k"),
+    ("--rounds=0", "--rounds"),
+    ("--init=magic", "--init"),
+    ("--k_candidates=2,x", "--k_candidates"),
+    ("--cluster_params=top:5", "--cluster_params"),
+    ("--cluster_params=adapters", "--cluster_params"),
+    ("--cluster_params=body", "--cluster_params"),
+    ("--patience=-1", "--patience"),
+    ("--val_frac=1.0", "--val_frac"),
+  ],
+)
 def test_flag_out_of_range(tmp_path, good_log, capsys, flag, needle):
   assert_refused(capsys, tmp_path / "run", [f"--data={good_log}", flag], needle)
 
@@ -103,8 +127,14 @@ def test_existing_workdir_with_other_settings_is_left_untouched(tmp_path, good_l
 
 
 def test_k_auto_without_validation_users_is_refused(tmp_path, good_log, capsys):
-  assert_refused(capsys, tmp_path / "run", [f"--data={good_log}", "--k=auto", "--val_frac=0.001"], str(good_log),
-                 "--val_frac=0.001", "--k=auto")
+  assert_refused(
+    capsys,
+    tmp_path / "run",
+    [f"--data={good_log}", "--k=auto", "--val_frac=0.001"],
+    str(good_log),
+    "--val_frac=0.001",
+    "--k=auto",
+  )
 
 
 def test_unknown_command(capsys):
@@ -116,8 +146,9 @@ def test_train_command_writes_a_complete_workdir_that_keeps_its_provenance(tmp_p
   workdir = tmp_path / "run"
   code, err = run(capsys, "train", f"--workdir={workdir}", f"--data={good_log}", *TINY)
   assert code == 0, err
-  assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl", "assignments.parquet",
-          "eval.json"} <= set(os.listdir(workdir))
+  assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl", "assignments.parquet", "eval.json"} <= set(
+    os.listdir(workdir)
+  )
   steps = os.listdir(workdir / "checkpoints" / "hetlm")  # checkpoints/MODEL/STEP, nothing nested between
   assert steps and all(name.isdigit() for name in steps)
   assert run.out[-1].startswith(f"report: {workdir / 'report.md'}") and "held-out NLL" in run.out[-3]
@@ -132,10 +163,13 @@ def test_train_command_writes_a_complete_workdir_that_keeps_its_provenance(tmp_p
   assert {key: json.loads((workdir / "eval.json").read_text()).get(key) for key in provenance} == provenance
 
 
-@pytest.mark.parametrize("make,needle", [
-  (lambda p: p.write_text("not a directory"), "is a file"),
-  (lambda p: (p.parent / "file").write_text("x"), "which is a file"),
-])
+@pytest.mark.parametrize(
+  "make,needle",
+  [
+    (lambda p: p.write_text("not a directory"), "is a file"),
+    (lambda p: (p.parent / "file").write_text("x"), "which is a file"),
+  ],
+)
 def test_a_workdir_that_cannot_be_a_directory_is_refused(tmp_path, good_log, capsys, make, needle):
   workdir = tmp_path / "run"
   make(workdir)
@@ -146,7 +180,9 @@ def test_a_workdir_that_cannot_be_a_directory_is_refused(tmp_path, good_log, cap
 
 def test_an_unwritable_or_full_workdir_is_refused(tmp_path, good_log, capsys, monkeypatch):
   import shutil
+
   from hetlm_jax import workdir as run_dir
+
   monkeypatch.setattr(run_dir.os, "access", lambda path, mode: False)  # tests may run as root, who writes anywhere
   code, err = run(capsys, "train", f"--workdir={tmp_path / 'run'}", f"--data={good_log}", *TINY)
   assert code == 2 and "is not writable" in err[0] and not (tmp_path / "run").exists()
@@ -158,14 +194,24 @@ def test_an_unwritable_or_full_workdir_is_refused(tmp_path, good_log, capsys, mo
 
 
 @pytest.mark.parametrize("spec", ["head", "adapters:2"])
-def test_train_with_a_shared_trunk_reports_its_parts_and_its_models_load_and_generate(tmp_path, good_log, capsys,
-                                                                                      spec):
+def test_train_with_a_shared_trunk_reports_its_parts_and_its_models_load_and_generate(tmp_path, good_log, capsys, spec):
   import jax
+
   from hetlm_jax.model import param_count
   from hetlm_jax.pipeline import generate_for_user, load_run
+
   workdir = tmp_path / "run"
-  code, err = run(capsys, "train", f"--workdir={workdir}", f"--data={good_log}", *TINY, "--n_layers=2",
-                  "--d_model=16", "--d_ff=32", f"--cluster_params={spec}")  # big enough to match within 10%
+  code, err = run(
+    capsys,
+    "train",
+    f"--workdir={workdir}",
+    f"--data={good_log}",
+    *TINY,
+    "--n_layers=2",
+    "--d_model=16",
+    "--d_ff=32",
+    f"--cluster_params={spec}",
+  )  # big enough to match within 10%
   assert code == 0, err
   report = json.loads((workdir / "eval.json").read_text())
   parts, params = report["hetlm_params"], report["params"]
@@ -180,17 +226,38 @@ def test_train_with_a_shared_trunk_reports_its_parts_and_its_models_load_and_gen
   assert out["cluster"] in (0, 1) and out["history"][0] == "<s>"
 
 
-BENCH_KEYS = ("device", "devices", "k", "batch", "seq_len", "params_per_model", "jax_version", "date",
-              "vmapped_tokens_per_s", "loop_tokens_per_s", "torch_tokens_per_s", "torch_loop_tokens_per_s",
-              "torch_func_tokens_per_s", "model_flops_per_token", "mfu", "score_users_per_s", "score_tokens_per_s",
-              "prep_events_per_s", "padding_fraction", "host_wait_fraction", "predict_users_per_s",
-              "predict_tokens_per_s", "eval_path_users_per_s")
+BENCH_KEYS = (
+  "device",
+  "devices",
+  "k",
+  "batch",
+  "seq_len",
+  "params_per_model",
+  "jax_version",
+  "date",
+  "vmapped_tokens_per_s",
+  "loop_tokens_per_s",
+  "torch_tokens_per_s",
+  "torch_loop_tokens_per_s",
+  "torch_func_tokens_per_s",
+  "model_flops_per_token",
+  "mfu",
+  "score_users_per_s",
+  "score_tokens_per_s",
+  "prep_events_per_s",
+  "padding_fraction",
+  "host_wait_fraction",
+  "predict_users_per_s",
+  "predict_tokens_per_s",
+  "eval_path_users_per_s",
+)
 
 
 def test_bench_writes_every_measurement(tmp_path, good_log, capsys):
   out = tmp_path / "bench.json"
-  code, err = run(capsys, "bench", f"--data={good_log}", *TINY, "--bench_steps=2", "--bench_k=2", "--sweep=8x1x16",
-                  f"--out={out}")
+  code, err = run(
+    capsys, "bench", f"--data={good_log}", *TINY, "--bench_steps=2", "--bench_k=2", "--sweep=8x1x16", f"--out={out}"
+  )
   assert code == 0, err
   result = json.loads(out.read_text())
   assert set(BENCH_KEYS) <= set(result)
@@ -206,7 +273,8 @@ def test_bench_writes_every_measurement(tmp_path, good_log, capsys):
   assert row["mfu"] > 0
   for measured in (result, row):  # compile seconds of both ways of stacking, the loop's step and scoring
     assert set(measured["compile_s"]) == {"unroll", "vmap", "loop"} and all(
-      s > 0 for s in measured["compile_s"].values()), measured["compile_s"]
+      s > 0 for s in measured["compile_s"].values()
+    ), measured["compile_s"]
     stack = "unroll" if measured["k"] == 1 else "vmap"  # --stack=auto's rule on a CPU
     assert measured["stack"] == stack and measured["vmapped_step_s"] == measured["stacked_step_s"][stack]
   assert result["score_compile_s"] > 0
@@ -214,6 +282,7 @@ def test_bench_writes_every_measurement(tmp_path, good_log, capsys):
 
 def test_bench_without_torch_leaves_its_figures_null(tmp_path, good_log, capsys, monkeypatch):
   from hetlm_jax.bench import torch_reference
+
   monkeypatch.setattr(torch_reference, "available", lambda: "PyTorch is not installed (test)")
   out = tmp_path / "bench.json"
   code, err = run(capsys, "bench", f"--data={good_log}", *TINY, "--bench_steps=1", "--bench_k=2", f"--out={out}")
@@ -224,8 +293,10 @@ def test_bench_without_torch_leaves_its_figures_null(tmp_path, good_log, capsys,
 
 def test_the_default_preset_holds_the_built_in_defaults():
   from hetlm_jax.config import Config
+
   defaults = {name: value for section in Config().to_dict().values() for name, value in section.items()}
-  lines = [ln.strip() for ln in open("configs/default.flags") if ln.startswith("--")]
+  with open("configs/default.flags") as f:
+    lines = [ln.strip() for ln in f if ln.startswith("--")]
   assert lines
   for line in lines:
     name, _, value = line[2:].partition("=")
@@ -241,8 +312,10 @@ def test_the_default_preset_holds_the_built_in_defaults():
 
 def test_help_lists_the_commands_and_each_commands_flags_grouped_with_sentences_and_defaults(capsys):
   code, _ = run(capsys, "--help")
-  assert code == 0 and all(any(line.strip().startswith(name) for line in run.out)
-                           for name in ("train", "evaluate", "generate", "predict", "bench"))
+  assert code == 0 and all(
+    any(line.strip().startswith(name) for line in run.out)
+    for name in ("train", "evaluate", "generate", "predict", "bench")
+  )
   code, _ = run(capsys, "train", "--help")
   assert code == 0
   text = "\n".join(run.out)
@@ -252,11 +325,14 @@ def test_help_lists_the_commands_and_each_commands_flags_grouped_with_sentences_
   assert len(flag_lines) > 40
   for i in flag_lines:
     sentence = run.out[i + 1].strip()
-    assert "=" in run.out[i] and sentence[0].isupper() and sentence.endswith((".", ")")), run.out[i:i + 2]
+    assert "=" in run.out[i] and sentence[0].isupper() and sentence.endswith((".", ")")), run.out[i : i + 2]
   assert "  --k=4" in run.out and "  --dtype=auto" in run.out and "  --tie_embeddings=true" in run.out
   assert "  --data=(the packaged msnbc sample)" in run.out and "--inject" not in text  # a test-only flag, hidden
-  for command, shown in (("evaluate", "  --data=(the run's own data)"), ("bench", "  --bench_k=8"),
-                         ("predict", "  --data=(required)")):
+  for command, shown in (
+    ("evaluate", "  --data=(the run's own data)"),
+    ("bench", "  --bench_k=8"),
+    ("predict", "  --data=(required)"),
+  ):
     code, _ = run(capsys, command, "--help")
     assert code == 0 and shown in run.out, (command, run.out)
   code, _ = run(capsys, "generate", "-h")
@@ -267,9 +343,11 @@ def test_help_lists_the_commands_and_each_commands_flags_grouped_with_sentences_
 
 def test_tensorboard_writes_one_run_per_model_with_the_training_and_validation_scalars(tmp_path, good_log, capsys):
   from tensorboard_events import scalars
+
   workdir = tmp_path / "run"
-  code, err = run(capsys, "train", f"--workdir={workdir}", f"--data={good_log}", *TINY, "--tensorboard",
-                  "--log_every=1")
+  code, err = run(
+    capsys, "train", f"--workdir={workdir}", f"--data={good_log}", *TINY, "--tensorboard", "--log_every=1"
+  )
   assert code == 0, err
   # `single` is the init LM (trained once, as init_single); single_ft is fine-tuned from it
   assert {"hetlm", "init_single", "single_ft", "single_matched"} <= set(os.listdir(workdir / "tensorboard"))
@@ -281,13 +359,16 @@ def test_tensorboard_writes_one_run_per_model_with_the_training_and_validation_s
 
 def test_a_missing_flagfile_is_one_plain_line(capsys):
   code, err = run(capsys, "train", "--flagfile=configs/no_such.flags")
-  assert code == 2 and err == ["hetlm: error: --flagfile: cannot open configs/no_such.flags (No such file or directory)"]
+  assert code == 2 and err == [
+    "hetlm: error: --flagfile: cannot open configs/no_such.flags (No such file or directory)"
+  ]
 
 
 def test_the_log_keeps_out_jaxs_search_for_absent_backends_and_orbaxs_chatter_but_not_warnings():
   import logging
 
   from hetlm_jax.main import _QuietLibraries
+
   record = lambda level, path, text: logging.LogRecord("x", level, path, 1, text, (), None)
   keep = _QuietLibraries().filter
   assert not keep(record(logging.INFO, "jax/_src/xla_bridge.py", "Unable to initialize backend 'tpu': INTERNAL: ..."))

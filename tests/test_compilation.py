@@ -5,9 +5,9 @@ import os
 import re
 
 import jax
+from tiny_run import hetlm_process, train_args, write_log
 
 from hetlm_jax import compilation
-from tiny_run import hetlm_process, train_args, write_log
 
 
 def test_the_cache_directory_follows_the_flag_the_environment_and_the_users_cache(tmp_path, monkeypatch):
@@ -16,7 +16,8 @@ def test_the_cache_directory_follows_the_flag_the_environment_and_the_users_cach
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert compilation.setup() == tmp_path / "xdg" / "hetlm_jax" / "jax" and (tmp_path / "xdg").is_dir()
     assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir == str(
-      tmp_path / "xdg" / "hetlm_jax" / "jax")
+      tmp_path / "xdg" / "hetlm_jax" / "jax"
+    )
     assert jax.config.jax_persistent_cache_min_compile_time_secs == compilation.MIN_COMPILE_S
     monkeypatch.setenv(compilation.ENV, str(tmp_path / "env"))
     assert compilation.setup() == tmp_path / "env"
@@ -39,8 +40,10 @@ def test_a_second_identical_run_loads_its_large_programs_from_the_cache(tmp_path
   second = hetlm_process([*train_args(log, tmp_path / "two"), cache_flag])
   assert second.returncode == 0, second.stderr[-3000:]
   assert cached <= set(os.listdir(tmp_path / "cache"))
-  said = {run: re.search(r"compiling: ([\d.]+)s for (\d+) programs \((\d+) loaded from the cache", run.stderr)
-          for run in (first, second)}
+  said = {
+    run: re.search(r"compiling: ([\d.]+)s for (\d+) programs \((\d+) loaded from the cache", run.stderr)
+    for run in (first, second)
+  }
   assert said[first] and said[second], second.stderr[-2000:]
   # Every program the first run kept is loaded, not compiled, by the second (the first may load one it built
   # twice; a program near the 0.1 s threshold may be kept by one run and not the other, so no exact counts).

@@ -2,13 +2,24 @@
 
 import numpy as np
 import pytest
+from synthetic import markov_events
 
 from hetlm_jax.data.sequences import build_sequences
 from hetlm_jax.data.tokenizer import EOS, UNK, PageTokenizer
-from hetlm_jax.eval.metrics import (edit_similarity, jaccard, length_error, negatives_ranking_metrics,
-                                    outcome_auc, outcome_f1, paired_bootstrap, ranking_metrics, rouge_l_f1,
-                                    sample_negatives, sampled_ranking_metrics, summarize)
-from synthetic import markov_events
+from hetlm_jax.eval.metrics import (
+  edit_similarity,
+  jaccard,
+  length_error,
+  negatives_ranking_metrics,
+  outcome_auc,
+  outcome_f1,
+  paired_bootstrap,
+  ranking_metrics,
+  rouge_l_f1,
+  sample_negatives,
+  sampled_ranking_metrics,
+  summarize,
+)
 
 CANDIDATE_V = np.arange(20) >= 4  # pages are ids 4..19
 
@@ -75,7 +86,7 @@ def check_negatives(seqs, candidate_V, neg_UxN, n):
     row = neg_UxN[u]
     assert len(np.unique(row)) == n
     assert candidate_V[row].all()
-    assert not np.isin(row, seqs.tokens[seqs.offsets[u]:seqs.offsets[u + 1]]).any()
+    assert not np.isin(row, seqs.tokens[seqs.offsets[u] : seqs.offsets[u + 1]]).any()
 
 
 def test_sampled_negatives_are_distinct_unseen_and_seeded(wide):
@@ -94,8 +105,9 @@ def test_sampled_negatives_are_distinct_unseen_and_seeded(wide):
 
 def test_sampled_negatives_too_few_candidates_are_invalid(wide):
   seqs, candidate_V = wide
-  eligible_U = candidate_V.sum() - np.array([len(np.unique(seqs.tokens[a:b]))
-                                             for a, b in zip(seqs.offsets[:-1], seqs.offsets[1:])])
+  eligible_U = candidate_V.sum() - np.array(
+    [len(np.unique(seqs.tokens[a:b])) for a, b in zip(seqs.offsets[:-1], seqs.offsets[1:])]
+  )
   n = int(np.median(eligible_U))
   neg_UxN, ok_U = sample_negatives(seqs, candidate_V, n, seed=0)
   np.testing.assert_array_equal(ok_U, eligible_U >= n)
@@ -166,8 +178,7 @@ def test_row_vectorised_dynamic_programs_match_the_textbook_ones():
 
 def test_summarize_ignores_nan():
   out = summarize(np.array([1.0, 2.0, 3.0, 4.0, np.nan]))
-  assert out == pytest.approx({"mean": 2.5, "var": 1.25, "std": np.sqrt(1.25),
-                               "p10": 1.3, "p50": 2.5, "p90": 3.7})
+  assert out == pytest.approx({"mean": 2.5, "var": 1.25, "std": np.sqrt(1.25), "p10": 1.3, "p50": 2.5, "p90": 3.7})
   assert all(isinstance(x, float) for x in out.values())
   assert np.isnan(summarize(np.array([np.nan]))["mean"])
 

@@ -13,8 +13,14 @@ from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.eval.evaluate import LMFamily, first_page_index, route_by_history
 from hetlm_jax.main import cli
 from hetlm_jax.model import PageLM
-from hetlm_jax.pipeline import (cluster_shares, generate_for_user, load_run, prepare_data, train_and_evaluate,
-                                validation_slice)
+from hetlm_jax.pipeline import (
+  cluster_shares,
+  generate_for_user,
+  load_run,
+  prepare_data,
+  train_and_evaluate,
+  validation_slice,
+)
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.split import model_params
 
@@ -26,9 +32,12 @@ MODELS = ("single", "single_matched", "hetlm", "markov", "markov_mixture", "popu
 def otto_run(tmp_path_factory):
   """Train and evaluate on the 20 real OTTO shoppers (clicks, carts, orders): outcomes end to end."""
   workdir = tmp_path_factory.mktemp("otto")
-  cfg = Config(model=ModelConfig(context=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
-               train=TrainConfig(batch_size=8, epochs=2, eval_batch_size=16),
-               data=DataConfig(path=OTTO), cluster=ClusterConfig(k=2, rounds=2, init="random"))
+  cfg = Config(
+    model=ModelConfig(context=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
+    train=TrainConfig(batch_size=8, epochs=2, eval_batch_size=16),
+    data=DataConfig(path=OTTO),
+    cluster=ClusterConfig(k=2, rounds=2, init="random"),
+  )
   report = train_and_evaluate(cfg, workdir)
   return workdir, report
 
@@ -70,7 +79,7 @@ def test_report_opens_with_generation_alignment_and_nll_with_bootstrap_intervals
       assert np.isfinite([b["mean_diff"], *b["mean_ci"], b["var_diff"], *b["var_ci"]]).all(), (other, metric)
   lines = (workdir / "report.md").read_text().splitlines()
   start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-  rows = [line.split("|")[1:3] for line in lines[start + 2:] if line.startswith("|")][:8]
+  rows = [line.split("|")[1:3] for line in lines[start + 2 :] if line.startswith("|")][:8]
   assert [(m.strip(), o.strip()) for m, o in rows] == [(m, o) for m in headline for o in ("single", "single_matched")]
   assert lines[start].count("95% CI") == 2
 
@@ -95,7 +104,9 @@ def test_evaluate_and_generate_commands_use_the_saved_run(otto_run, capsys, monk
   assert again["models"]["hetlm"]["nll"]["mean"] == pytest.approx(report["models"]["hetlm"]["nll"]["mean"])
   capsys.readouterr()
   loaded = []  # generate loads the one model family it uses
-  monkeypatch.setattr(pipeline, "load_run", lambda w, name, *a, **kw: loaded.append(name) or load_run(w, name, *a, **kw))
+  monkeypatch.setattr(
+    pipeline, "load_run", lambda w, name, *a, **kw: loaded.append(name) or load_run(w, name, *a, **kw)
+  )
   out = generate_for_user(workdir, "0")
   assert loaded == ["hetlm"]
   assert out["history"][0] == "<s>" and out["cluster"] in (0, 1) and isinstance(out["generated"], list)
@@ -129,7 +140,7 @@ def test_lm_next_page_distribution_matches_a_direct_forward_pass(otto_run):
   logp = trainer.next_logprobs(run.params, seqs, users, np.zeros(3, np.int64))
   params = model_params(run.params, 0)
   for u in users:
-    context = seqs.tokens[seqs.offsets[u]:first_page_index(seqs)[u]][-run.config.model.context:]
+    context = seqs.tokens[seqs.offsets[u] : first_page_index(seqs)[u]][-run.config.model.context :]
     logits = PageLM(run.config.model).apply({"params": params}, context[None])[0, -1]
     np.testing.assert_allclose(logp[u], jax.nn.log_softmax(logits), rtol=1e-5, atol=1e-5)
 
@@ -142,8 +153,9 @@ def test_one_clusters_batch_runs_only_its_model_and_matches_every_model(otto_run
   every_KxBxV = trainer.next_logprobs(run.params, seqs, users)
   assert every_KxBxV.shape[:2] == (2, 4)
   for k in (0, 1):
-    np.testing.assert_allclose(trainer.next_logprobs(run.params, seqs, users, np.full(4, k)), every_KxBxV[k],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      trainer.next_logprobs(run.params, seqs, users, np.full(4, k)), every_KxBxV[k], rtol=1e-5, atol=1e-5
+    )
   mixed = trainer.next_logprobs(run.params, seqs, users, np.array([0, 1, 1, 0]))
   np.testing.assert_allclose(mixed, every_KxBxV[[0, 1, 1, 0], np.arange(4)], rtol=1e-5, atol=1e-5)
 
@@ -151,15 +163,18 @@ def test_one_clusters_batch_runs_only_its_model_and_matches_every_model(otto_run
 def test_a_users_next_page_distribution_does_not_depend_on_how_wide_the_batchs_prompts_are(tmp_path):
   """next_logprobs cuts prompts to the batch's longest (rounded up to a power of two): a short history gives
   the same distribution in a batch of short ones (width 8) as beside a long one (the whole context)."""
-  cfg = Config(model=ModelConfig(context=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, vocab_size=12),
-               train=TrainConfig(batch_size=4, eval_batch_size=4))
+  cfg = Config(
+    model=ModelConfig(context=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, vocab_size=12),
+    train=TrainConfig(batch_size=4, eval_batch_size=4),
+  )
   tokens, offsets, split = [], [0], []
   for length in (3, 5, 40):  # histories of 3, 5 and 40 tokens (the last longer than the context), then 2 targets
     tokens += [int(x) for x in 3 + np.arange(length + 2) % 9]
     split.append(offsets[-1] + length)
     offsets.append(len(tokens))
-  seqs = UserSequences(np.array(["a", "b", "c"]), np.array(tokens, np.int32), np.array(offsets), np.array(split),
-                       np.ones(3, np.int32))
+  seqs = UserSequences(
+    np.array(["a", "b", "c"]), np.array(tokens, np.int32), np.array(offsets), np.array(split), np.ones(3, np.int32)
+  )
   trainer = Trainer(cfg, 1)
   params = trainer.init_state().params
   short = trainer.next_logprobs(params, seqs, np.array([0, 1]), np.array([0, 0]))

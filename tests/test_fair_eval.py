@@ -7,16 +7,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from synthetic import markov_events
 
 from hetlm_jax.config import Config, DataConfig
 from hetlm_jax.data.sequences import build_sequences
 from hetlm_jax.data.tokenizer import UNK, PageTokenizer
 from hetlm_jax.eval import metrics as M
-from hetlm_jax.eval.evaluate import (EvalOptions, LMFamily, rank_next_pages, first_page_index, mixture_nll,
-                                     unknown_targets)
+from hetlm_jax.eval.evaluate import (
+  EvalOptions,
+  LMFamily,
+  first_page_index,
+  mixture_nll,
+  rank_next_pages,
+  unknown_targets,
+)
 from hetlm_jax.eval.report import write_report
 from hetlm_jax.pipeline import prepare_data
-from synthetic import markov_events
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +40,11 @@ def test_sampled_negatives_do_not_depend_on_how_users_are_batched(wide):
   logp_UxV = rng.normal(size=(seqs.num_users, tok.vocab_size))
   # The true page near the top, so its rank among 100 negatives (and NDCG) moves with any other draw.
   true_U = seqs.tokens[first_page_index(seqs)]
-  logp_UxV[np.arange(seqs.num_users), true_U] = np.quantile(logp_UxV[:, tok.num_specials:], 0.95, axis=1)
+  logp_UxV[np.arange(seqs.num_users), true_U] = np.quantile(logp_UxV[:, tok.num_specials :], 0.95, axis=1)
   opts = EvalOptions(seed=3)
-  by_cluster = rank_next_pages(lambda users: logp_UxV[users], seqs, tok, opts, 5, "hetlm",
-                        groups_U=rng.integers(0, 3, seqs.num_users))
+  by_cluster = rank_next_pages(
+    lambda users: logp_UxV[users], seqs, tok, opts, 5, "hetlm", groups_U=rng.integers(0, 3, seqs.num_users)
+  )
   in_order = rank_next_pages(lambda users: logp_UxV[users], seqs, tok, opts, 16, "baseline")
   candidate_V = np.arange(tok.vocab_size) >= tok.num_specials
   neg_UxN, ok_U = M.sample_negatives(seqs, candidate_V, 100, seed=3, exclude_U=true_U)
@@ -64,17 +71,29 @@ def _pages(seqs, tok, part):
 
 
 def test_pages_seen_only_in_held_out_targets_are_not_in_the_vocabulary(tmp_path):
-  path = _log(tmp_path, [
-    # Two sessions: the last one is the target.
-    ("a", 0, "home"), ("a", 0, "news"), ("a", 1, "home"), ("a", 1, "target_only"),
-    # One session, --holdout=half: history <s> home sport, target sport2 tail_only.
-    ("b", 0, "home"), ("b", 0, "sport"), ("b", 0, "sport2"), ("b", 0, "tail_only"),
-    # "news" trains once (user a) and is held out once (user c): min_count=2 counts only the first.
-    ("c", 0, "home"), ("c", 0, "sport"), ("c", 1, "news")])
+  path = _log(
+    tmp_path,
+    [
+      # Two sessions: the last one is the target.
+      ("a", 0, "home"),
+      ("a", 0, "news"),
+      ("a", 1, "home"),
+      ("a", 1, "target_only"),
+      # One session, --holdout=half: history <s> home sport, target sport2 tail_only.
+      ("b", 0, "home"),
+      ("b", 0, "sport"),
+      ("b", 0, "sport2"),
+      ("b", 0, "tail_only"),
+      # "news" trains once (user a) and is held out once (user c): min_count=2 counts only the first.
+      ("c", 0, "home"),
+      ("c", 0, "sport"),
+      ("c", 1, "news"),
+    ],
+  )
   cfg = Config(data=DataConfig(path=path, holdout="half"))
   prepared = prepare_data(cfg)
   tok, seqs = prepared.tokenizer, prepared.seqs
-  assert set(tok.tokens[tok.num_specials:]) == {"home", "news", "sport"}
+  assert set(tok.tokens[tok.num_specials :]) == {"home", "news", "sport"}
   assert _pages(seqs, tok, "target").count("<unk>") == 3  # target_only, sport2, tail_only
   assert "<unk>" not in _pages(seqs, tok, "history") and prepared.stats["pages_never_in_training"] == 3
   # b's ranked page (sport2) is unknown: a miss for the next-page metrics, not a user left out.
@@ -89,10 +108,11 @@ def test_pages_seen_only_in_held_out_targets_are_not_in_the_vocabulary(tmp_path)
   np.testing.assert_array_equal(ranked["hr@1"], ~last)
   # One negative: a ranks first, b behind it; c has seen every page, so has no negative and is left out.
   c = list(seqs.user_ids).index("c")
-  np.testing.assert_allclose(ranked["ndcg@10_sampled"],
-                             [np.nan if u == c else 1 / np.log2(3) if u == b else 1.0 for u in range(seqs.num_users)])
+  np.testing.assert_allclose(
+    ranked["ndcg@10_sampled"], [np.nan if u == c else 1 / np.log2(3) if u == b else 1.0 for u in range(seqs.num_users)]
+  )
   rare = prepare_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, min_count=2)))
-  assert set(rare.tokenizer.tokens[rare.tokenizer.num_specials:]) == {"home", "sport"}
+  assert set(rare.tokenizer.tokens[rare.tokenizer.num_specials :]) == {"home", "sport"}
   assert rare.tokenizer.encode_pages(["news"]).tolist() == [UNK]
   # A given (saved) tokenizer is used as it is.
   every = PageTokenizer.fit(["home", "target_only"])
@@ -105,7 +125,7 @@ def test_pages_seen_only_in_test_users_are_not_in_the_vocabulary(tmp_path):
   path = _log(tmp_path, [row for u in users for row in ((u, 0, "home"), (u, 0, f"own_{u}"))])
   prepared = prepare_data(Config(data=DataConfig(path=path, test_users=2, split_seed=1)))
   tok, train, test = prepared.tokenizer, prepared.seqs, prepared.test_seqs
-  assert set(tok.tokens[tok.num_specials:]) == {"home"} | {f"own_{u}" for u in train.user_ids}
+  assert set(tok.tokens[tok.num_specials :]) == {"home"} | {f"own_{u}" for u in train.user_ids}
   assert test.num_users == 2
   for u in range(test.num_users):
     assert tok.decode(test.target(u)) == ["home", "<unk>", "</s>"]
@@ -113,6 +133,7 @@ def test_pages_seen_only_in_test_users_are_not_in_the_vocabulary(tmp_path):
 
 class _FixedScores:
   """A trainer whose history NLL sums [K, U] are fixed: the mixture's posterior, by hand."""
+
   k = 2
 
   def __init__(self, history_KxU):
@@ -141,15 +162,22 @@ def test_mixture_weights_each_model_by_its_posterior_given_the_history_not_the_p
 def _fake_report(metrics, **extra):
   """A report dict as evaluate() makes it: per-user summaries of four models, and HeTLM's paired bootstrap."""
   rng = np.random.default_rng(0)
-  per_user = {name: {m: rng.normal(loc, 1.0, 50) for m in metrics}
-              for name, loc in (("hetlm", 0.0), ("single", 0.5), ("single_matched", 0.3), ("markov", 1.0))}
+  per_user = {
+    name: {m: rng.normal(loc, 1.0, 50) for m in metrics}
+    for name, loc in (("hetlm", 0.0), ("single", 0.5), ("single_matched", 0.3), ("markov", 1.0))
+  }
   for values in per_user.values():  # alignment is NaN for users without a generated session
     for m in set(metrics) & {"edit_similarity", "jaccard", "rouge_l_f1"}:
       values[m][30:] = np.nan
-  report = {"models": {name: {m: M.summarize(v) for m, v in ms.items()} for name, ms in per_user.items()},
-            "n_users": 50, "bootstrap": {f"hetlm-{o}": {m: M.paired_bootstrap(per_user["hetlm"][m], per_user[o][m], 200)
-                                                        for m in metrics} for o in ("single", "single_matched")},
-            **extra}
+  report = {
+    "models": {name: {m: M.summarize(v) for m, v in ms.items()} for name, ms in per_user.items()},
+    "n_users": 50,
+    "bootstrap": {
+      f"hetlm-{o}": {m: M.paired_bootstrap(per_user["hetlm"][m], per_user[o][m], 200) for m in metrics}
+      for o in ("single", "single_matched")
+    },
+    **extra,
+  }
   return report, {name: ms["nll"] for name, ms in per_user.items()}
 
 
@@ -163,8 +191,16 @@ def _first_table(text):
 
 def _check_headline(report, rows, metrics):
   header, body = rows[0], rows[2:]
-  assert header == ["metric", "vs", "HeTLM mean", "other mean", "Δ mean [95% CI]", "HeTLM var", "other var",
-                    "Δ var [95% CI]"]
+  assert header == [
+    "metric",
+    "vs",
+    "HeTLM mean",
+    "other mean",
+    "Δ mean [95% CI]",
+    "HeTLM var",
+    "other var",
+    "Δ var [95% CI]",
+  ]
   assert [(r[0], r[1]) for r in body] == [(m, o) for m in metrics for o in ("single", "single_matched")]
   for metric, other, h_mean, o_mean, d_mean, h_var, o_var, d_var in body:
     h, o = report["models"]["hetlm"][metric], report["models"][other][metric]
@@ -186,8 +222,12 @@ def test_report_opens_with_generation_alignment_and_per_user_nll_against_the_sin
 
 
 def test_report_of_new_users_opens_with_nll_with_and_without_the_end_marker(tmp_path):
-  report, nll = _fake_report(("nll", "nll_no_end", "hr@10"), protocol="new_users", ranked_users=40,
-                             bits_per_token={"hetlm": {"no_end": 2.0, "with_end": 2.5}})
+  report, nll = _fake_report(
+    ("nll", "nll_no_end", "hr@10"),
+    protocol="new_users",
+    ranked_users=40,
+    bits_per_token={"hetlm": {"no_end": 2.0, "with_end": 2.5}},
+  )
   write_report(tmp_path, report, nll, [])
   text = (tmp_path / "report.md").read_text()
   _check_headline(report, _first_table(text), ("nll", "nll_no_end"))
@@ -198,24 +238,30 @@ def _verdict_lines(text):
   lines = text.splitlines()
   start = lines.index("Who wins (paired bootstrap, 95% intervals):")
   end = lines.index("", start + 2)
-  return lines[start + 2:end]
+  return lines[start + 2 : end]
 
 
 def test_report_names_the_winner_of_each_comparison_as_the_bootstrap_sees_it(tmp_path):
-  report, nll = _fake_report(("nll", "hr@10"), early_stopping={"patience": 2, "max_passes_per_round": 8,
-                                                               "validation_users": 5},
-                             passes={"init_single": 6, "hetlm": 3, "single": 9}, train_s={"hetlm": 12.4})
+  report, nll = _fake_report(
+    ("nll", "hr@10"),
+    early_stopping={"patience": 2, "max_passes_per_round": 8, "validation_users": 5},
+    passes={"init_single": 6, "hetlm": 3, "single": 9},
+    train_s={"hetlm": 12.4},
+  )
   report["bootstrap"]["hetlm-single"]["nll"].update(mean_ci=[-0.9, -0.1], var_ci=[0.2, 0.4])
   report["bootstrap"]["hetlm-single_matched"]["nll"].update(mean_ci=[-2e-7, -1e-7], var_ci=[-0.3, -0.1])
   report["models"]["markov"]["hr@10"]["mean"] = 2.0  # higher than every LM's
   write_report(tmp_path, report, nll, [])
   text = (tmp_path / "report.md").read_text()
   verdicts = _verdict_lines(text)
-  assert verdicts[0] == ("- `nll` (lower is better), HeTLM against `single`: HeTLM is better in the mean; `single` "
-                         "varies less over users.")
+  assert verdicts[0] == (
+    "- `nll` (lower is better), HeTLM against `single`: HeTLM is better in the mean; `single` varies less over users."
+  )
   # An interval that excludes 0 by float rounding alone (identical models) is a tie.
-  assert verdicts[1] == ("- `nll` (lower is better), HeTLM against `single_matched`: no detectable difference in the "
-                         "mean; HeTLM varies less over users.")
+  assert verdicts[1] == (
+    "- `nll` (lower is better), HeTLM against `single_matched`: no detectable difference in the "
+    "mean; HeTLM varies less over users."
+  )
   assert verdicts[2].startswith("- The best LM (`hetlm`) beats the first-order Markov chain in `nll`")
   assert verdicts[3].startswith("- The first-order Markov chain beats every LM in `hr@10` (2.0000 against")
   assert "validation NLL stopped improving" in verdicts[3]
@@ -229,10 +275,12 @@ def test_report_names_the_winner_of_each_comparison_as_the_bootstrap_sees_it(tmp
   report["n_pages"] = 17
   write_report(tmp_path, report, nll, [])
   verdicts = _verdict_lines((tmp_path / "report.md").read_text())
-  assert verdicts[0] == ("- `nll` (lower is better), HeTLM against `single`: `single` is better in the mean; the "
-                         "variances over users tie.")
+  assert verdicts[0] == (
+    "- `nll` (lower is better), HeTLM against `single`: `single` is better in the mean; the variances over users tie."
+  )
   assert any("with 17 pages" in line and "can hardly tell models apart" in line for line in verdicts)
   report["hetlm_is_init_lm"] = True  # a HeTLM that kept its init LM says so first
   write_report(tmp_path, report, nll, [])
   assert _verdict_lines((tmp_path / "report.md").read_text())[0].startswith(
-    "- HeTLM *is* the single LM it was warm-started from")
+    "- HeTLM *is* the single LM it was warm-started from"
+  )

@@ -3,9 +3,8 @@ repetition rate that measures degenerate generation."""
 
 import numpy as np
 
-from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.data.sequences import UserSequences, session_length_from_data
 from hetlm_jax.data.tokenizer import BOS, EOS
-from hetlm_jax.data.sequences import session_length_from_data
 from hetlm_jax.eval.metrics import max_repeats, repetition_rate
 
 
@@ -16,15 +15,25 @@ def _seqs(users):
     split.append(offsets[-1] + len(history))
     tokens += history + target
     offsets.append(len(tokens))
-  return UserSequences(user_ids=np.array([f"u{i}" for i in range(len(users))]), tokens=np.array(tokens, np.int32),
-                       offsets=np.array(offsets, np.int64), split=np.array(split, np.int64),
-                       n_sessions=np.ones(len(users), np.int64))
+  return UserSequences(
+    user_ids=np.array([f"u{i}" for i in range(len(users))]),
+    tokens=np.array(tokens, np.int32),
+    offsets=np.array(offsets, np.int64),
+    split=np.array(split, np.int64),
+    n_sessions=np.ones(len(users), np.int64),
+  )
 
 
 def test_a_session_length_comes_from_the_data_only_when_training_never_ends_a_session():
   p = lambda *pages: [10 + x for x in pages]
-  no_ends = _seqs([([BOS, *p(1, 2, 3)], p(4, 5)), ([BOS, *p(1)], p(2)), ([BOS, *p(1, 2, 3, 4, 5)], p(6)),
-                   ([BOS, *p(1, 2), BOS, *p(3, 4, 5)], p(1))])
+  no_ends = _seqs(
+    [
+      ([BOS, *p(1, 2, 3)], p(4, 5)),
+      ([BOS, *p(1)], p(2)),
+      ([BOS, *p(1, 2, 3, 4, 5)], p(6)),
+      ([BOS, *p(1, 2), BOS, *p(3, 4, 5)], p(1)),
+    ]
+  )
   # History sessions hold 3, 1, 5, 2 and 3 pages: the median is 3.
   assert session_length_from_data(no_ends, num_specials=10) == 3
   with_ends = _seqs([([BOS, *p(1, 2), EOS, BOS, *p(3)], p(4))])

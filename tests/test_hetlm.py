@@ -7,21 +7,23 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import adjusted_rand_score
+from synthetic import markov_events
 
-from hetlm_jax.cluster.assign import reassign
-from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax import pipeline
 from hetlm_jax.cluster import rounds as cluster_rounds
+from hetlm_jax.cluster.assign import reassign
+from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax.pipeline import prepare_data, train_and_evaluate
 from hetlm_jax.train import loop
-from synthetic import markov_events
 
 
 def markov_config(path, **cluster):
-  return Config(model=ModelConfig(context=32, d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.0),
-                train=TrainConfig(batch_size=16, epochs=3, learning_rate=1e-2, log_every=10),
-                data=DataConfig(path=str(path)),
-                cluster=ClusterConfig(k=3, tolerance=0.0, **{"init": "features", **cluster}))
+  return Config(
+    model=ModelConfig(context=32, d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.0),
+    train=TrainConfig(batch_size=16, epochs=3, learning_rate=1e-2, log_every=10),
+    data=DataConfig(path=str(path)),
+    cluster=ClusterConfig(k=3, tolerance=0.0, **{"init": "features", **cluster}),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_reassignment_recovers_the_clusters_from_a_mostly_random_start(markov_lo
   assert moved[-1] < moved[0]
   assert all(min(r["sizes"]) > 0 and sum(r["sizes"]) == seqs.num_users for r in rounds)
   # Users moved between rounds, yet the step and the scoring pass were each compiled once.
-  hetlm, = trainers
+  (hetlm,) = trainers
   assert hetlm.train_step.jitted._cache_size() == 1 and hetlm.score_batch._cache_size() == 1
 
 
@@ -122,20 +124,27 @@ def test_a_cluster_below_the_minimum_is_reseeded_from_the_largest():
 
 def test_embedding_init_warm_starts_every_cluster_model_from_the_single_lm(markov_log, tmp_path):
   import jax
+
   from hetlm_jax.train.metrics import MetricsLog
 
   path, group_U = markov_log
   cfg = markov_config(path, init="embedding", warm_start=True)
   prepared = prepare_data(cfg)
   cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size))
-  initial, warm = cluster_rounds.initial_assignment(cfg, 3, prepared.seqs, prepared.tokenizer.vocab_size,
-                                                    tmp_path, MetricsLog(tmp_path / "m.jsonl"), validation=None)
+  initial, warm = cluster_rounds.initial_assignment(
+    cfg, 3, prepared.seqs, prepared.tokenizer.vocab_size, tmp_path, MetricsLog(tmp_path / "m.jsonl"), validation=None
+  )
   assignment, single_params = initial(), warm()
   assert sorted(np.unique(assignment)) == [0, 1, 2] and len(assignment) == prepared.seqs.num_users
   assert (tmp_path / "checkpoints" / "init_single").is_dir()
   warm = loop.Trainer(cfg, 3).warm_state(single_params)
-  jax.tree.map(lambda stacked, single: np.testing.assert_array_equal(
-    np.asarray(stacked), np.broadcast_to(np.asarray(single), stacked.shape)), warm.params, single_params)
+  jax.tree.map(
+    lambda stacked, single: np.testing.assert_array_equal(
+      np.asarray(stacked), np.broadcast_to(np.asarray(single), stacked.shape)
+    ),
+    warm.params,
+    single_params,
+  )
 
 
 def test_k_auto_trains_each_candidate_and_keeps_the_best_on_held_out_users(markov_log, tmp_path):
@@ -152,6 +161,7 @@ def test_k_auto_trains_each_candidate_and_keeps_the_best_on_held_out_users(marko
 
 def test_the_single_lm_is_the_warm_start_lm_when_trained_by_the_same_rules(markov_log, tmp_path):
   import jax
+
   from hetlm_jax.train.metrics import MetricsLog
 
   path, _ = markov_log
@@ -161,14 +171,16 @@ def test_the_single_lm_is_the_warm_start_lm_when_trained_by_the_same_rules(marko
   cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size))
   seqs, log = prepared.seqs, MetricsLog(tmp_path / "metrics.jsonl")
   zeros = lambda: np.zeros(seqs.num_users, np.int32)
-  train = lambda name, rounds, source=None, c=cfg: cluster_rounds.train_family(name, c, 1, seqs, tmp_path, log, zeros,
-                                                                              rounds, None, continue_from=source)
+  train = lambda name, rounds, source=None, c=cfg: cluster_rounds.train_family(
+    name, c, 1, seqs, tmp_path, log, zeros, rounds, None, continue_from=source
+  )
   init = train("init_single", 2)
   continued = train("single", 2, "init_single")
   assert [r["from"] for r in log.records("continued")] == ["init_single"]
   assert continued.rounds == init.rounds == 2 and continued.passes == init.passes == 4
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(continued.params), jax.device_get(init.params))
   from hetlm_jax.train.checkpoint import Checkpoints
+
   steps = [Checkpoints(tmp_path / "checkpoints" / name, 3).latest_step() for name in ("single", "init_single")]
   assert steps[0] == steps[1] is not None  # a copy of its own, so it loads by its own name
   train("single_more", 3, "init_single")  # another cap of rounds: trained, not copied
@@ -178,8 +190,9 @@ def test_the_single_lm_is_the_warm_start_lm_when_trained_by_the_same_rules(marko
 
 
 @pytest.mark.parametrize("early_stopping", [False, True])
-def test_the_history_scores_kept_from_the_last_e_step_are_those_of_the_returned_models(markov_log, tmp_path,
-                                                                                       monkeypatch, early_stopping):
+def test_the_history_scores_kept_from_the_last_e_step_are_those_of_the_returned_models(
+  markov_log, tmp_path, monkeypatch, early_stopping
+):
   """The evaluation's mixture posterior reuses them instead of scoring every history again: they must be the
   scores of the parameters it evaluates. Without early stopping, the last round ends with an E-step; with it,
   the second round is made to find no pass better than its start, so it goes back to the parameters that the
@@ -195,6 +208,7 @@ def test_the_history_scores_kept_from_the_last_e_step_are_those_of_the_returned_
 
     def stats(self, *args):  # from the first E-step on, nothing beats the round's start
       return (0.0, 0.0) if after_e_step else real_stats(self, *args)
+
     monkeypatch.setattr(cluster_rounds, "e_step", reassign)
     monkeypatch.setattr(cluster_rounds.Validation, "stats", stats)
 
@@ -205,8 +219,9 @@ def test_the_history_scores_kept_from_the_last_e_step_are_those_of_the_returned_
   cfg = cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size))
   seqs, validation, _ = pipeline.validation_slice(cfg, prepared)
   log = MetricsLog(tmp_path / "metrics.jsonl")
-  trained = cluster_rounds.train_hetlm(cfg, 3, seqs, prepared.tokenizer.vocab_size, tmp_path, log,
-                                       validation if early_stopping else None)
+  trained = cluster_rounds.train_hetlm(
+    cfg, 3, seqs, prepared.tokenizer.vocab_size, tmp_path, log, validation if early_stopping else None
+  )
   stops = [r for r in log.records("stop") if r["round_kind"] == "cold"]  # an anneal may follow, and not improve
   assert len(stops) == 2 and len(log.records("round")) == (1 if early_stopping else 2)
   assert stops[0]["best_pass"] > 0 and (stops[1]["best_pass"] == 0) == early_stopping

@@ -18,13 +18,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from synthetic import markov_events
+from test_cli import TINY, run
 
 from hetlm_jax.data.readers import read_events
 from hetlm_jax.data.sequences import all_windows, build_sequences
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.main import cli
-from synthetic import markov_events
-from test_cli import TINY, run
 
 GOOD = markov_events(n_users=20, n_groups=2, sessions=2, session_len=4)[0]  # 20 users, 8 events each
 FAST = ["--init=random", "--nobaselines"]  # the fixture's one training run: seconds, not a minute
@@ -51,56 +51,91 @@ def seconds(table: pa.Table = GOOD) -> np.ndarray:
   return table["timestamp"].to_numpy()
 
 
-HTML = b"<!DOCTYPE html>\n<html><head><title>Export</title></head>\n<body><p>Your download, will start</p></body></html>\n"
+HTML = (
+  b"<!DOCTYPE html>\n<html><head><title>Export</title></head>\n<body><p>Your download, will start</p></body></html>\n"
+)
 YEAR_3000 = 32_503_680_000  # 3000-01-01 in seconds since 1970
 
 # name -> (the file's bytes, or None for a directory; fragments the error line must hold besides the name)
 BAD = {
-  "cut.parquet": (parquet_bytes(GOOD)[:len(parquet_bytes(GOOD)) // 2], ["not a readable Parquet file"]),
+  "cut.parquet": (parquet_bytes(GOOD)[: len(parquet_bytes(GOOD)) // 2], ["not a readable Parquet file"]),
   "empty.parquet": (b"", ["empty file (0 bytes)"]),
   "random.parquet": (np.random.default_rng(0).bytes(1000), ["not a readable Parquet file"]),
   "export.csv": (HTML, ["is an HTML page, not CSV"]),
   "signin.csv": (b"\xef\xbb\xbf  \n<html><body>Sign in, please</body></html>\n", ["is an HTML page, not CSV"]),
   "logs": (None, ["is a directory"]),
-  "cut.csv.gz": (gzip.compress(csv_bytes(GOOD))[:len(gzip.compress(csv_bytes(GOOD))) // 2],
-                 ["not a readable CSV file"]),
+  "cut.csv.gz": (
+    gzip.compress(csv_bytes(GOOD))[: len(gzip.compress(csv_bytes(GOOD))) // 2],
+    ["not a readable CSV file"],
+  ),
   "ragged.csv": (b"user_id,timestamp,page\nu1,1,a\nu1,2,b,extra\nu2,3,c\n", ["Expected 3 columns, got 4"]),
   "short_row.csv": (b"user_id,timestamp,page\nu1,1,a\nu1,2\n", ["Expected 3 columns, got 2"]),
   "nopage.parquet": (parquet_bytes(GOOD.drop(["page"])), ["missing required column(s) page"]),
   "nopage.csv": (csv_bytes(GOOD.drop(["page"])), ["missing required column(s) page"]),
   "texttime.csv": (b"user_id,timestamp,page\nu1,yesterday,a\nu1,today,b\n", ["'timestamp'", "'yesterday'"]),
-  "listpage.parquet": (parquet_bytes(with_column("page", [[p] for p in GOOD["page"].to_pylist()])),
-                       ["column 'page' has type list<"]),
-  "nan.parquet": (parquet_bytes(with_column("timestamp", np.where(np.arange(160) % 7, seconds(), np.nan))),
-                  ["'timestamp' has NaN values"]),
+  "listpage.parquet": (
+    parquet_bytes(with_column("page", [[p] for p in GOOD["page"].to_pylist()])),
+    ["column 'page' has type list<"],
+  ),
+  "nan.parquet": (
+    parquet_bytes(with_column("timestamp", np.where(np.arange(160) % 7, seconds(), np.nan))),
+    ["'timestamp' has NaN values"],
+  ),
   "nan.csv": (b"user_id,timestamp,page\nu1,nan,a\nu1,2,b\n", ["'timestamp' has NaN values"]),
   "blank_time.csv": (b"user_id,timestamp,page\nu1,,a\nu1,2,b\n", ["'timestamp' has 1 null value"]),
-  "negative.parquet": (parquet_bytes(with_column("timestamp", np.where(np.arange(160) % 9, seconds(), -1))),
-                       ["'timestamp' has negative values such as -1"]),
-  "milliseconds.parquet": (parquet_bytes(with_column("timestamp", seconds() * 1000)),
-                           ["after the year 2200", "look like milliseconds"]),
+  "negative.parquet": (
+    parquet_bytes(with_column("timestamp", np.where(np.arange(160) % 9, seconds(), -1))),
+    ["'timestamp' has negative values such as -1"],
+  ),
+  "milliseconds.parquet": (
+    parquet_bytes(with_column("timestamp", seconds() * 1000)),
+    ["after the year 2200", "look like milliseconds"],
+  ),
   "1e13.csv": (csv_bytes(with_column("timestamp", seconds() - seconds().min() + 10**13)), ["after the year 2200"]),
-  "year3000.parquet": (parquet_bytes(with_column("timestamp", pa.array(seconds() - seconds().min() + YEAR_3000,
-                                                                       pa.timestamp("s")))), ["after the year 2200"]),
-  "year3000.csv": (b"user_id,timestamp,page\nu1,3000-01-01T00:00:00,a\nu1,3000-01-01T00:01:00,b\n",
-                   ["after the year 2200"]),
-  "year3000_text.parquet": (parquet_bytes(with_column("timestamp", ["3000-01-01T00:00:00Z"] * 160)),
-                            ["after the year 2200"]),  # ISO text past 2262, when nanoseconds end
-  "null_ids.parquet": (parquet_bytes(with_column("user_id", pa.nulls(160, pa.string()))),
-                       ["'user_id' has 160 null value"]),
+  "year3000.parquet": (
+    parquet_bytes(with_column("timestamp", pa.array(seconds() - seconds().min() + YEAR_3000, pa.timestamp("s")))),
+    ["after the year 2200"],
+  ),
+  "year3000.csv": (
+    b"user_id,timestamp,page\nu1,3000-01-01T00:00:00,a\nu1,3000-01-01T00:01:00,b\n",
+    ["after the year 2200"],
+  ),
+  "year3000_text.parquet": (
+    parquet_bytes(with_column("timestamp", ["3000-01-01T00:00:00Z"] * 160)),
+    ["after the year 2200"],
+  ),  # ISO text past 2262, when nanoseconds end
+  "null_ids.parquet": (
+    parquet_bytes(with_column("user_id", pa.nulls(160, pa.string()))),
+    ["'user_id' has 160 null value"],
+  ),
   "null_typed_ids.parquet": (parquet_bytes(with_column("user_id", pa.nulls(160))), ["'user_id' has 160 null value"]),
   "blank_ids.csv": (b"user_id,timestamp,page\n,1,a\n,2,b\n", ["'user_id' has 2 null value"]),
-  "float_ids.parquet": (parquet_bytes(with_column("user_id", np.arange(160) // 8 + 0.5)),
-                        ["'user_id' has type double, expected string or integer"]),
-  "bool_ids.parquet": (parquet_bytes(with_column("user_id", np.arange(160) // 8 % 2 == 0)),
-                       ["'user_id' has type bool"]),
+  "float_ids.parquet": (
+    parquet_bytes(with_column("user_id", np.arange(160) // 8 + 0.5)),
+    ["'user_id' has type double, expected string or integer"],
+  ),
+  "bool_ids.parquet": (
+    parquet_bytes(with_column("user_id", np.arange(160) // 8 % 2 == 0)),
+    ["'user_id' has type bool"],
+  ),
   "one_user.parquet": (parquet_bytes(GOOD.slice(0, 8)), ["--k=2 is more than the 1 usable users"]),
-  "one_page.parquet": (parquet_bytes(with_column("page", ["/home"] * 160)), ["every event has the same page",
-                                                                             "'/home'"]),
+  "one_page.parquet": (
+    parquet_bytes(with_column("page", ["/home"] * 160)),
+    ["every event has the same page", "'/home'"],
+  ),
 }
 # Bad --data for `hetlm evaluate`: a trained workdir must come out of each refusal byte-for-byte unchanged.
-BAD_FOR_EVALUATE = ["cut.parquet", "empty.parquet", "export.csv", "logs", "nopage.parquet", "negative.parquet",
-                    "milliseconds.parquet", "null_ids.parquet", "ragged.csv"]
+BAD_FOR_EVALUATE = [
+  "cut.parquet",
+  "empty.parquet",
+  "export.csv",
+  "logs",
+  "nopage.parquet",
+  "negative.parquet",
+  "milliseconds.parquet",
+  "null_ids.parquet",
+  "ragged.csv",
+]
 
 
 def write_bad(root, name: str) -> str:
@@ -118,7 +153,7 @@ def snapshot(root) -> dict | None:
   if not os.path.exists(root):
     return None
   tree = {}
-  for folder, dirs, files in os.walk(root):
+  for folder, _dirs, files in os.walk(root):
     rel = os.path.relpath(folder, root)
     tree[rel] = "dir"
     for name in files:
@@ -146,10 +181,15 @@ def test_a_bad_log_is_refused_naming_the_file_and_the_problem(tmp_path, capsys, 
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize("flag,needle", [
-  ("--k=0", "--k=0 must be at least 1"), ("--k=-1", "--k=-1 must be at least 1"),
-  ("--k=21", "--k=21 is more than the 20 usable users in"), ("--format=bogus", "--format='bogus'"),
-])
+@pytest.mark.parametrize(
+  "flag,needle",
+  [
+    ("--k=0", "--k=0 must be at least 1"),
+    ("--k=-1", "--k=-1 must be at least 1"),
+    ("--k=21", "--k=21 is more than the 20 usable users in"),
+    ("--format=bogus", "--format='bogus'"),
+  ],
+)
 def test_a_bad_flag_is_refused_before_the_workdir_is_made(tmp_path, capsys, flag, needle):
   path = tmp_path / "good.parquet"
   pq.write_table(GOOD, path)
@@ -166,8 +206,9 @@ def odd_but_valid_log() -> pa.Table:
   pages = np.array(GOOD["page"].to_pylist(), object)
   pages[pages == "/p/1"] = "/p/1\x00\t\n\x1b[31mred\x1b[0m\x7f"
   pages[pages == "/p/2"] = "/p/2" + "x" * 9_996
-  table = pa.table({"user_id": pa.array(ids, pa.string()), "timestamp": GOOD["timestamp"],
-                    "page": pa.array(pages, pa.string())})
+  table = pa.table(
+    {"user_id": pa.array(ids, pa.string()), "timestamp": GOOD["timestamp"], "page": pa.array(pages, pa.string())}
+  )
   return pa.concat_tables([table, table.slice(0, 24)])  # users 7, 007 and u0002 see each event twice
 
 
@@ -203,25 +244,31 @@ def test_evaluate_with_bad_data_leaves_the_trained_workdir_unchanged(trained, tm
   assert_refused(capsys, workdir, ["evaluate", f"--workdir={workdir}", f"--data={path}"], name, *BAD[name][1])
 
 
-@pytest.mark.parametrize("flag,needle", [("--d_model=16", "--d_model: 8 there, 16 now"), ("--k=3", "--k: 2 there"),
-                                         ("--data=other.parquet", "--data: ")])
-def test_train_into_a_workdir_of_another_config_names_the_flag_and_changes_nothing(trained, tmp_path, capsys, flag,
-                                                                                   needle):
+@pytest.mark.parametrize(
+  "flag,needle",
+  [("--d_model=16", "--d_model: 8 there, 16 now"), ("--k=3", "--k: 2 there"), ("--data=other.parquet", "--data: ")],
+)
+def test_train_into_a_workdir_of_another_config_names_the_flag_and_changes_nothing(
+  trained, tmp_path, capsys, flag, needle
+):
   code, data, workdir = trained
   assert code == 0
   if flag.startswith("--data"):
     pq.write_table(GOOD, tmp_path / "other.parquet")
     flag = f"--data={tmp_path / 'other.parquet'}"
-  assert_refused(capsys, workdir, ["train", f"--workdir={workdir}", f"--data={data}", *TINY, *FAST, flag], needle,
-                 str(workdir))
+  assert_refused(
+    capsys, workdir, ["train", f"--workdir={workdir}", f"--data={data}", *TINY, *FAST, flag], needle, str(workdir)
+  )
 
 
 def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
   """Accepted: Excel and Notepad write a UTF-8 byte-order mark; it must not become part of the first column's
   name (then 'user_id' would be missing) nor of the first user id in the text formats."""
   plain = read_events(_write(tmp_path / "plain.csv", csv_bytes(GOOD)))
-  for name, data in (("bom.csv", b"\xef\xbb\xbf" + csv_bytes(GOOD)),
-                     ("bom.csv.gz", gzip.compress(b"\xef\xbb\xbf" + csv_bytes(GOOD)))):
+  for name, data in (
+    ("bom.csv", b"\xef\xbb\xbf" + csv_bytes(GOOD)),
+    ("bom.csv.gz", gzip.compress(b"\xef\xbb\xbf" + csv_bytes(GOOD))),
+  ):
     table = read_events(_write(tmp_path / name, data))
     assert table.column_names == ["user_id", "timestamp", "page"] and table.equals(plain), name
   items = read_events(_write(tmp_path / "items.txt", b"\xef\xbb\xbfu1 a\nu1 b\nu2 a\nu2 c\n"))
@@ -270,8 +317,13 @@ def test_one_session_of_100000_page_views_is_read_and_windowed_in_seconds(tmp_pa
   windows that training iterates over is array arithmetic: seconds and a few MB. (A whole `hetlm train` of this
   log with the TINY flags and --init=random --nobaselines takes about 20 s of CPU: too slow for this file.)"""
   n = 100_000
-  whale = pa.table({"user_id": ["whale"] * n, "timestamp": np.arange(n, dtype=np.int64) + 1_600_000_000,
-                    "page": pa.array([f"/p/{i % 12}" for i in range(n)])})
+  whale = pa.table(
+    {
+      "user_id": ["whale"] * n,
+      "timestamp": np.arange(n, dtype=np.int64) + 1_600_000_000,
+      "page": pa.array([f"/p/{i % 12}" for i in range(n)]),
+    }
+  )
   path = _write(tmp_path / "whale.parquet", parquet_bytes(pa.concat_tables([GOOD, whale])))
   start = time.perf_counter()
   table = read_events(path)
@@ -293,6 +345,10 @@ def _write(path, data: bytes) -> str:
 def test_the_error_names_the_file_as_it_was_given(tmp_path, capsys, monkeypatch):
   write_bad(tmp_path, "cut.parquet")
   monkeypatch.chdir(tmp_path)
-  assert_refused(capsys, tmp_path / "run", ["train", "--workdir=run", *TINY, "--data=cut.parquet"],
-                 "hetlm: error: cut.parquet: not a readable Parquet file")
+  assert_refused(
+    capsys,
+    tmp_path / "run",
+    ["train", "--workdir=run", *TINY, "--data=cut.parquet"],
+    "hetlm: error: cut.parquet: not a readable Parquet file",
+  )
   assert not (tmp_path / "run").exists()

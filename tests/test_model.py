@@ -23,8 +23,17 @@ def test_changing_a_later_token_never_changes_earlier_logits(positions):
   assert not np.allclose(np.asarray(a[:, 7:]), np.asarray(b[:, 7:]))
 
 
-@pytest.mark.parametrize("change", [{}, {"positions": "learned"}, {"tie_embeddings": False}, {"n_layers": 3, "d_ff": 40},
-                                    {"lora_rank": 3}, {"output_bias": True, "tie_embeddings": False}])
+@pytest.mark.parametrize(
+  "change",
+  [
+    {},
+    {"positions": "learned"},
+    {"tie_embeddings": False},
+    {"n_layers": 3, "d_ff": 40},
+    {"lora_rank": 3},
+    {"output_bias": True, "tie_embeddings": False},
+  ],
+)
 def test_param_count_matches_initialised_params(change):
   cfg = dataclasses.replace(TINY, **change)
   shapes = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))

@@ -7,13 +7,15 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
-
-from hetlm_jax.main import cli
 from synthetic import markov_events
 from tiny_run import REPO, assert_same_result, hetlm_process, train_args
 
+from hetlm_jax.main import cli
 
-def test_two_processes_train_and_evaluate_as_one_process_with_four_devices_and_only_process_0_writes(tiny_reference, tmp_path):
+
+def test_two_processes_train_and_evaluate_as_one_process_with_four_devices_and_only_process_0_writes(
+  tiny_reference, tmp_path
+):
   log, reference = tiny_reference
   done = hetlm_process(train_args(log, tmp_path / "two"), processes=2, devices=2)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -33,15 +35,18 @@ def test_two_processes_train_and_evaluate_as_one_process_with_four_devices_and_o
   evaluate = ["evaluate", f"--workdir={tmp_path / 'two'}"]
   stopped = _two_processes(evaluate, [*evaluate, "--inject=sigterm@evaluate"])
   assert [run.returncode for run in stopped] == [0, 0], stopped[0].stderr[-3000:] + stopped[1].stderr[-3000:]
-  assert "SIGTERM (another process): stopped evaluating, after hetlm; eval.json and report.md are as they were" in \
-    stopped[0].stdout, stopped[0].stdout
+  assert (
+    "SIGTERM (another process): stopped evaluating, after hetlm; eval.json and report.md are as they were"
+    in stopped[0].stdout
+  ), stopped[0].stdout
   assert "stopped" not in stopped[1].stdout  # process 0 speaks for the job
   assert {name: (tmp_path / "two" / name).read_bytes() for name in written} == written
   assert_same_result(reference, tmp_path / "two")
 
 
-def test_sigterm_stops_both_processes_at_one_step_and_one_process_resumes_to_the_same_end(tiny_reference, tmp_path,
-                                                                                         capsys):
+def test_sigterm_stops_both_processes_at_one_step_and_one_process_resumes_to_the_same_end(
+  tiny_reference, tmp_path, capsys
+):
   """With K=2 sharded over the two processes (--cluster_axis=2): each holds one cluster's model."""
   log, reference = tiny_reference
   args = train_args(log, tmp_path / "run", "--cluster_axis=2")
@@ -56,8 +61,11 @@ def test_sigterm_stops_both_processes_at_one_step_and_one_process_resumes_to_the
 
 
 def test_incomplete_multi_process_flags_are_refused_in_one_line(tmp_path, capsys):
-  for flags in (["--num_processes=2"], ["--coordinator_address=localhost:1234"],
-                ["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"]):
+  for flags in (
+    ["--num_processes=2"],
+    ["--coordinator_address=localhost:1234"],
+    ["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"],
+  ):
     assert cli(["hetlm", "train", f"--workdir={tmp_path / 'run'}", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "multi-process run needs all three" in err[0], err
@@ -66,6 +74,7 @@ def test_incomplete_multi_process_flags_are_refused_in_one_line(tmp_path, capsys
 
 def test_slurm_and_tpu_vm_launches_are_detected_and_a_plain_process_is_not(monkeypatch):
   from hetlm_jax import hosts
+
   for name in ("SLURM_STEP_ID", "SLURM_NTASKS"):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setattr(hosts, "_tpu_chips", lambda: 0)
@@ -84,10 +93,19 @@ def test_slurm_and_tpu_vm_launches_are_detected_and_a_plain_process_is_not(monke
 
 def _slurm_task(node: int, local: int, tasks_per_node: int, visible: str) -> dict:
   """srun's variables for one task of a job on 2 nodes of 8 GPUs (gpu001, gpu002)."""
-  return {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "gpu[001-002]",
-          "SLURM_STEP_NUM_NODES": "2", "SLURM_NTASKS": str(2 * tasks_per_node), "SLURM_NODEID": str(node),
-          "SLURM_PROCID": str(node * tasks_per_node + local), "SLURM_LOCALID": str(local),
-          "SLURM_TASKS_PER_NODE": f"{tasks_per_node}(x2)", "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": visible}
+  return {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NODELIST": "gpu[001-002]",
+    "SLURM_STEP_NUM_NODES": "2",
+    "SLURM_NTASKS": str(2 * tasks_per_node),
+    "SLURM_NODEID": str(node),
+    "SLURM_PROCID": str(node * tasks_per_node + local),
+    "SLURM_LOCALID": str(local),
+    "SLURM_TASKS_PER_NODE": f"{tasks_per_node}(x2)",
+    "SLURM_GPUS_ON_NODE": "8",
+    "CUDA_VISIBLE_DEVICES": visible,
+  }
 
 
 def test_on_2_slurm_nodes_of_8_gpus_each_process_claims_the_gpus_of_its_node_and_jax_finds_the_rest(monkeypatch):
@@ -107,7 +125,8 @@ def test_on_2_slurm_nodes_of_8_gpus_each_process_claims_the_gpus_of_its_node_and
     hosts.initialize()
     assert called["args"] == ()
     return clusters.ClusterEnv.auto_detect_unset_distributed_params(
-      None, None, None, called["kwargs"].get("local_device_ids"), None, None)
+      None, None, None, called["kwargs"].get("local_device_ids"), None, None
+    )
 
   port = str(4242 % 2**12 + 65535 - 2**12 + 1)
   all_eight = "0,1,2,3,4,5,6,7"
@@ -138,10 +157,25 @@ def _two_processes(*args_of_process) -> list[subprocess.CompletedProcess]:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-  runs = [subprocess.Popen([sys.executable, "-m", "hetlm_jax.main", *args, f"--coordinator_address=localhost:{port}",
-                            "--num_processes=2", f"--process_id={i}"],
-                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-          for i, args in enumerate(args_of_process)]
+  runs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "hetlm_jax.main",
+        *args,
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i, args in enumerate(args_of_process)
+  ]
   outputs = [run.communicate(timeout=300) for run in runs]
   return [subprocess.CompletedProcess(run.args, run.returncode, *out) for run, out in zip(runs, outputs)]
 
@@ -151,18 +185,31 @@ def test_the_slurm_script_requeues_a_job_that_hetlm_stopped_and_not_one_that_fin
   scontrol (which records its arguments)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  (bin_dir / "srun").write_text('#!/usr/bin/env bash\n'  # hetlm writes the marker when a signal stopped it
-                                'case "$OUTCOME" in stopped) echo "SIGTERM: stopped at step 8" > "$HETLM_STOP_MARKER";;'
-                                ' failed) exit 2;; esac\n')
+  (bin_dir / "srun").write_text(
+    "#!/usr/bin/env bash\n"  # hetlm writes the marker when a signal stopped it
+    'case "$OUTCOME" in stopped) echo "SIGTERM: stopped at step 8" > "$HETLM_STOP_MARKER";;'
+    " failed) exit 2;; esac\n"
+  )
   (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho "$@" >> "$CALLS"\n')
   for tool in bin_dir.iterdir():
     tool.chmod(0o755)
   for outcome, status, calls in (("stopped", 0, "requeue 4242\n"), ("finished", 0, ""), ("failed", 2, "")):
     record = tmp_path / f"{outcome}.calls"
     record.touch()
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_SUBMIT_DIR": str(tmp_path), "OUTCOME": outcome, "CALLS": str(record)}
-    done = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "--workdir=runs/x"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = {
+      **os.environ,
+      "PATH": f"{bin_dir}:{os.environ['PATH']}",
+      "SLURM_JOB_ID": "4242",
+      "SLURM_SUBMIT_DIR": str(tmp_path),
+      "OUTCOME": outcome,
+      "CALLS": str(record),
+    }
+    done = subprocess.run(
+      ["bash", str(REPO / "launch" / "slurm.sbatch"), "--workdir=runs/x"],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
     assert done.returncode == status and record.read_text() == calls, (outcome, done.stdout, done.stderr)
     assert not (tmp_path / "hetlm-4242.stopped").exists()

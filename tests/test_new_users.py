@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 import pytest
+from synthetic import markov_events
 
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
-from hetlm_jax.data.sequences import (UserSequences, all_windows, build_sequences, spare_users, split_order,
-                                     split_users)
+from hetlm_jax.data.sequences import UserSequences, all_windows, build_sequences, spare_users, split_order, split_users
 from hetlm_jax.data.tokenizer import BOS, EOS, PageTokenizer
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
 from hetlm_jax.eval.new_users import last_page_view
@@ -21,7 +21,6 @@ from hetlm_jax.pipeline import prepare_data, train_and_evaluate
 from hetlm_jax.train.batches import prompts
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.split import model_params
-from synthetic import markov_events
 
 
 def _seqs(lengths, splits):
@@ -29,8 +28,13 @@ def _seqs(lengths, splits):
   offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
   tokens = (4 + np.arange(offsets[-1]) % 10).astype(np.int32)
   tokens[offsets[:-1]] = BOS
-  return UserSequences(user_ids=np.array([f"u{i}" for i in range(len(lengths))], object), tokens=tokens,
-                       offsets=offsets, split=offsets[:-1] + np.asarray(splits), n_sessions=np.ones(len(lengths), np.int32))
+  return UserSequences(
+    user_ids=np.array([f"u{i}" for i in range(len(lengths))], object),
+    tokens=tokens,
+    offsets=offsets,
+    split=offsets[:-1] + np.asarray(splits),
+    n_sessions=np.ones(len(lengths), np.int32),
+  )
 
 
 def _predicted(seqs, part, width):
@@ -40,7 +44,7 @@ def _predicted(seqs, part, width):
   for u, s, n, first in zip(owner_W, start_W, length_W, scored_W):
     assert 1 <= n <= width and seqs.offsets[u] <= s and s + n <= seqs.offsets[u + 1]
     assert s < first <= s + n  # the first scored token has some context in its window
-    count_N[first:s + n] += 1
+    count_N[first : s + n] += 1
   return count_N
 
 
@@ -50,15 +54,17 @@ def test_windows_score_every_history_and_target_token_exactly_once(width):
   in_history_N = np.zeros(seqs.num_tokens, bool)
   in_target_N = np.zeros(seqs.num_tokens, bool)
   for u in range(seqs.num_users):
-    in_history_N[seqs.offsets[u] + 1:seqs.split[u]] = True  # every history token but the opening BOS
-    in_target_N[seqs.split[u]:seqs.offsets[u + 1]] = True
+    in_history_N[seqs.offsets[u] + 1 : seqs.split[u]] = True  # every history token but the opening BOS
+    in_target_N[seqs.split[u] : seqs.offsets[u + 1]] = True
   np.testing.assert_array_equal(_predicted(seqs, "history", width), in_history_N)
   np.testing.assert_array_equal(_predicted(seqs, "target", width), in_target_N)
 
 
 def test_long_targets_are_scored_in_full_with_context_from_earlier_windows():
-  cfg = Config(model=ModelConfig(vocab_size=14, context=7, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
-               train=TrainConfig(eval_batch_size=8))
+  cfg = Config(
+    model=ModelConfig(vocab_size=14, context=7, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
+    train=TrainConfig(eval_batch_size=8),
+  )
   trainer = Trainer(cfg, 1)
   state = trainer.init_state()
   seqs = _seqs([30, 5], [1, 3])
@@ -77,8 +83,10 @@ def test_long_targets_are_scored_in_full_with_context_from_earlier_windows():
 
 
 def test_pages_only_scores_each_page_given_that_the_sequence_goes_on():
-  cfg = Config(model=ModelConfig(vocab_size=14, context=15, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
-               train=TrainConfig(eval_batch_size=8))
+  cfg = Config(
+    model=ModelConfig(vocab_size=14, context=15, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
+    train=TrainConfig(eval_batch_size=8),
+  )
   trainer = Trainer(cfg, 1)
   params = trainer.init_state().params
   seqs = _seqs([6], [1])
@@ -98,9 +106,12 @@ def test_baselines_without_end_marker_renormalise_over_pages():
   # Chains BOS a b EOS / BOS a a EOS; alpha tiny so the counts speak: after a, a/b/EOS are 1/3 each.
   a, b = 4, 5
   tokens = np.array([BOS, a, b, EOS, BOS, a, a, EOS], np.int32)
-  train = UserSequences(np.array(["x", "y"], object), tokens, np.array([0, 4, 8]), np.array([4, 8]), np.ones(2, np.int32))
-  test = UserSequences(np.array(["z"], object), np.array([BOS, a, b, EOS], np.int32), np.array([0, 4]), np.array([1]),
-                       np.ones(1, np.int32))
+  train = UserSequences(
+    np.array(["x", "y"], object), tokens, np.array([0, 4, 8]), np.array([4, 8]), np.ones(2, np.int32)
+  )
+  test = UserSequences(
+    np.array(["z"], object), np.array([BOS, a, b, EOS], np.int32), np.array([0, 4]), np.array([1]), np.ones(1, np.int32)
+  )
   markov = Markov(alpha=1e-9).fit(train, 6)
   nll, n = markov.target_nll(test, pages_only=True)
   # p(a | BOS) = 1; p(b | a, not the end) = (1/3) / (2/3).
@@ -113,8 +124,9 @@ def test_baselines_without_end_marker_renormalise_over_pages():
   nll, n = pop.target_nll(test, pages_only=True)
   np.testing.assert_allclose(nll[0], -np.log(3 / 4) - np.log(1 / 4), atol=1e-6)
   one = MarkovMixture(k=1, iters=2, alpha=1e-9).fit(train, 6)
-  np.testing.assert_allclose(one.target_nll(test, pages_only=True)[0], markov.target_nll(test, pages_only=True)[0],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    one.target_nll(test, pages_only=True)[0], markov.target_nll(test, pages_only=True)[0], atol=1e-6
+  )
 
 
 def test_split_users_follows_the_seeded_permutation_and_keeps_whole_sequences():
@@ -139,7 +151,7 @@ def test_a_test_offset_keeps_one_test_set_across_training_sizes():
   perm = np.random.default_rng(3).permutation(20)
   for n_train in (0, 2, 5, 9):  # -1 is today's split: the test users follow the training users
     rest, test = split_order(20, n_train, 4, 3)
-    np.testing.assert_array_equal(test, perm[n_train:n_train + 4])
+    np.testing.assert_array_equal(test, perm[n_train : n_train + 4])
     np.testing.assert_array_equal(rest[:n_train] if n_train else rest, perm[:n_train] if n_train else perm[4:])
   others = np.r_[perm[:6], perm[10:]]
   for n_train in (0, 2, 5, 9):  # the test users at position 6, whatever trains
@@ -148,7 +160,7 @@ def test_a_test_offset_keeps_one_test_set_across_training_sizes():
     np.testing.assert_array_equal(rest, others)
     spare = spare_users(20, n_train, 4, 2, 3, test_offset=6)
     if n_train:  # validation users come next among the others, never from the test set
-      np.testing.assert_array_equal(spare, others[n_train:n_train + 2])
+      np.testing.assert_array_equal(spare, others[n_train : n_train + 2])
     else:
       assert spare is None
 
@@ -157,13 +169,18 @@ def test_a_whole_sequence_prompts_a_new_session():
   seqs = _seqs([5], [5])  # split by user: no target, the whole sequence is history
   seqs.tokens[4] = EOS
   prompt_BxL, pad_B = prompts(seqs, np.array([0]), 8)
-  np.testing.assert_array_equal(prompt_BxL[0, pad_B[0]:], np.r_[seqs.tokens[:5], BOS])
+  np.testing.assert_array_equal(prompt_BxL[0, pad_B[0] :], np.r_[seqs.tokens[:5], BOS])
 
 
 def test_last_page_view_splits_before_each_users_last_page():
   tokens = np.array([BOS, 4, EOS, BOS, 4, 5, EOS, BOS, 6, EOS, BOS, 7, EOS], np.int32)
-  seqs = UserSequences(np.array(["a", "b", "c"], object), tokens, np.array([0, 3, 7, 13]), np.array([1, 4, 8]),
-                       np.array([1, 1, 2], np.int32))
+  seqs = UserSequences(
+    np.array(["a", "b", "c"], object),
+    tokens,
+    np.array([0, 3, 7, 13]),
+    np.array([1, 4, 8]),
+    np.array([1, 1, 2], np.int32),
+  )
   users, view = last_page_view(seqs)
   np.testing.assert_array_equal(users, [1, 2])  # user a has one page: nothing to rank
   assert [int(view.tokens[s]) for s in view.split] == [5, 7]
@@ -175,12 +192,15 @@ def new_users_run(tmp_path_factory):
   table, _ = markov_events(n_users=160, n_groups=2, n_pages=8, sessions=1, session_len=10)
   path = tmp_path_factory.mktemp("data") / "log.parquet"
   import pyarrow.parquet as pq
+
   pq.write_table(table, path)
   workdir = tmp_path_factory.mktemp("run")
-  cfg = Config(model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
-               train=TrainConfig(batch_size=16, epochs=2, eval_batch_size=64),
-               data=DataConfig(path=str(path), test_users=40, train_users=100),
-               cluster=ClusterConfig(k=2, rounds=2, init="random", soft=True))
+  cfg = Config(
+    model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
+    train=TrainConfig(batch_size=16, epochs=2, eval_batch_size=64),
+    data=DataConfig(path=str(path), test_users=40, train_users=100),
+    cluster=ClusterConfig(k=2, rounds=2, init="random", soft=True),
+  )
   return cfg, workdir, train_and_evaluate(cfg, workdir)
 
 
@@ -196,6 +216,7 @@ def test_new_users_eval_scores_the_mixture_likelihood_and_pools_bits(new_users_r
   # HeTLM's per-user NLL is log Σ_k π_k p_k(sequence), recomputed here from the saved models; π is the mean
   # of the saved soft-EM responsibilities (--soft), not the share of each user's most likely cluster.
   from hetlm_jax.pipeline import load_run, trained_families
+
   prepared = prepare_data(cfg)
   family = trained_families(workdir, prepared.seqs)["hetlm"]
   nll_KxU, tokens_U = family.trainer.score(family.params, prepared.test_seqs, "target")
@@ -207,13 +228,19 @@ def test_new_users_eval_scores_the_mixture_likelihood_and_pools_bits(new_users_r
   assert "bits per token" in (workdir / "report.md").read_text()
 
 
-@pytest.mark.parametrize("flags,needle", [
-  (["--train_users=10"], "--train_users needs --test_users"),
-  (["--test_users=5", "--k=auto"], "--k=auto"),
-  (["--test_users=100000"], "too few"),
-  (["--test_offset=3"], "--test_offset needs --test_users"),
-  (["--test_users=50", "--test_offset=999999"], "too few for --train_users=0 and --test_users=50, --test_offset=999999"),
-])
+@pytest.mark.parametrize(
+  "flags,needle",
+  [
+    (["--train_users=10"], "--train_users needs --test_users"),
+    (["--test_users=5", "--k=auto"], "--k=auto"),
+    (["--test_users=100000"], "too few"),
+    (["--test_offset=3"], "--test_offset needs --test_users"),
+    (
+      ["--test_users=50", "--test_offset=999999"],
+      "too few for --train_users=0 and --test_users=50, --test_offset=999999",
+    ),
+  ],
+)
 def test_split_by_user_flags_are_checked_before_anything_is_written(tmp_path, capsys, flags, needle):
   workdir = tmp_path / "run"
   assert cli(["hetlm", "train", f"--workdir={workdir}", "--flagfile=configs/tiny.flags", *flags]) == 2
@@ -224,12 +251,17 @@ def test_split_by_user_flags_are_checked_before_anything_is_written(tmp_path, ca
 
 def test_one_page_users_are_scored_and_leave_nothing_to_rank(tmp_path):
   import pyarrow.parquet as pq
+
   path = tmp_path / "one_page.parquet"
-  pq.write_table(pa.table({"user_id": list(range(40)), "timestamp": [0] * 40, "page": [f"p{u % 3}" for u in range(40)]}),
-                 path)
-  cfg = Config(model=ModelConfig(context=8, d_model=8, n_layers=1, n_heads=2, d_ff=16, dropout=0.0),
-               train=TrainConfig(batch_size=8, epochs=1, eval_batch_size=16),
-               data=DataConfig(path=str(path), test_users=10), cluster=ClusterConfig(k=2, rounds=1, init="random"))
+  pq.write_table(
+    pa.table({"user_id": list(range(40)), "timestamp": [0] * 40, "page": [f"p{u % 3}" for u in range(40)]}), path
+  )
+  cfg = Config(
+    model=ModelConfig(context=8, d_model=8, n_layers=1, n_heads=2, d_ff=16, dropout=0.0),
+    train=TrainConfig(batch_size=8, epochs=1, eval_batch_size=16),
+    data=DataConfig(path=str(path), test_users=10),
+    cluster=ClusterConfig(k=2, rounds=1, init="random"),
+  )
   report = train_and_evaluate(cfg, tmp_path / "run")
   assert report["ranked_users"] == 0 and report["test_tokens"] == {"with_end": 20, "no_end": 10}
   on_disk = json.loads((tmp_path / "run" / "eval.json").read_text())

@@ -8,13 +8,13 @@ import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from synthetic import markov_events
 
 from hetlm_jax.cluster import rounds
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
 from hetlm_jax.pipeline import load_run, prepare_data, train_and_evaluate
 from hetlm_jax.train import loop
 from hetlm_jax.train.loop import Trainer
-from synthetic import markov_events
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,12 @@ def log_path(tmp_path_factory):
 
 def tiny(path, k=1, **train):
   train = {"batch_size": 16, "epochs": 2, "learning_rate": 1e-2, "log_every": 2, "checkpoint_every": 4, **train}
-  return Config(model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.1),
-                train=TrainConfig(**train), data=DataConfig(path=path),
-                cluster=ClusterConfig(k=k, rounds=2, tolerance=0.0, baselines=False, init="features"))
+  return Config(
+    model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.1),
+    train=TrainConfig(**train),
+    data=DataConfig(path=path),
+    cluster=ClusterConfig(k=k, rounds=2, tolerance=0.0, baselines=False, init="features"),
+  )
 
 
 def test_training_lowers_held_out_target_nll(log_path, tmp_path):
@@ -43,13 +46,15 @@ def test_training_lowers_held_out_target_nll(log_path, tmp_path):
 
 def test_train_writes_checkpoints_tokenizer_config_and_metrics(log_path, tmp_path):
   train_and_evaluate(tiny(log_path), tmp_path)
-  assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl", "assignments.parquet",
-          "eval.json"} <= {p.name for p in tmp_path.iterdir()}
+  assert {"checkpoints", "tokenizer.json", "config.json", "metrics.jsonl", "assignments.parquet", "eval.json"} <= {
+    p.name for p in tmp_path.iterdir()
+  }
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["kind"] for r in records][0] == "start" and records[-1]["kind"] == "eval"
   train = [r for r in records if r["kind"] == "train"]
-  assert train and all({"loss", "perplexity", "tokens_per_s", "step_time_s", "model", "round", "pass"} <= set(r)
-                       for r in train)
+  assert train and all(
+    {"loss", "perplexity", "tokens_per_s", "step_time_s", "model", "round", "pass"} <= set(r) for r in train
+  )
 
 
 def test_checkpoint_restores_identical_parameters(log_path, tmp_path):
@@ -62,7 +67,8 @@ def test_checkpoint_restores_identical_parameters(log_path, tmp_path):
 
 @pytest.mark.parametrize("soft,cluster_params", [(False, "all"), (True, "all"), (False, "adapters:2")])
 def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_uninterrupted_one(
-    log_path, tmp_path, monkeypatch, soft, cluster_params):
+  log_path, tmp_path, monkeypatch, soft, cluster_params
+):
   """With early stopping (validation after every pass) and, for adapters, a split state."""
   cfg = tiny(log_path, k=2, log_every=1)  # two stacked models; metrics read (and the crash hook run) every step
   cfg = cfg.replace(cluster=dataclasses.replace(cfg.cluster, soft=soft, rounds=3, cluster_params=cluster_params))
@@ -96,8 +102,11 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_exactly_as_an_unin
   assert seen_first_steps[0] == saved_step  # the interrupted round continues where it was saved
   whole, resumed = load_run(tmp_path / "whole"), load_run(tmp_path / "resumed")
   assert whole.step == resumed.step
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               jax.device_get(whole.params), jax.device_get(resumed.params))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    jax.device_get(whole.params),
+    jax.device_get(resumed.params),
+  )
   np.testing.assert_array_equal(whole.assignment, resumed.assignment)
   if soft:  # responsibilities: a posterior per user, whose most likely cluster is the user's cluster
     np.testing.assert_allclose(whole.weights, resumed.weights, rtol=1e-5, atol=1e-6)
@@ -113,8 +122,9 @@ def no_e_step_validation(monkeypatch):
   monkeypatch.setattr(rounds, "e_step", lambda *args, **kwargs: real(*args, **{**kwargs, "validate": None}))
 
 
-def test_a_round_stops_after_patience_validations_without_progress_and_keeps_its_best_pass(log_path, tmp_path,
-                                                                                           monkeypatch):
+def test_a_round_stops_after_patience_validations_without_progress_and_keeps_its_best_pass(
+  log_path, tmp_path, monkeypatch
+):
   cfg = tiny(log_path, epochs=8, patience=2, val_every=0.5)
   # Round start, then after each pass: passes 1-2 are worse than the start, but a round from scratch trains at
   # least half its cap (4 passes); the best is pass 3, and patience stops the round 2 passes later. The kept pass
@@ -149,7 +159,10 @@ def test_hetlm_rounds_end_when_a_round_cannot_improve_on_its_start_then_anneal(l
   report = train_and_evaluate(cfg, tmp_path)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(r["round"], r["round_kind"], r["passes"], r["best_pass"]) for r in records if r["kind"] == "stop"] == [
-    (1, "cold", 3, 1), (2, "cold", 2, 0), (3, "anneal", 2, 1)]
+    (1, "cold", 3, 1),
+    (2, "cold", 2, 0),
+    (3, "anneal", 2, 1),
+  ]
   assert [r["round"] for r in records if r["kind"] == "round"] == [1]  # no E-step after round 2, nor the anneal
   assert report["rounds"] == 3 and report["passes"] == {"hetlm": 7}
   assert report["hetlm_is_init_lm"] is False  # its first round improved (and it was not warm-started)

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pyarrow.parquet as pq
 import pytest
+from synthetic import markov_events
 
 from hetlm_jax import pipeline
 from hetlm_jax.cluster import rounds, toward_init
@@ -20,16 +21,17 @@ from hetlm_jax.train.batches import ClusterBatches, ScoringBatches
 from hetlm_jax.train.metrics import MetricsLog
 from hetlm_jax.train.split import model_params
 from hetlm_jax.train.state import _SCHEDULE_RESOLUTION, cold_lr, decay_lr, schedule_lr
-from synthetic import markov_events
 
 
 def test_a_cold_round_follows_optaxs_warmup_cosine_schedule_as_before():
   t = TrainConfig(learning_rate=3e-3, warmup_frac=0.05)
-  reference = optax.warmup_cosine_decay_schedule(init_value=3e-5, peak_value=3e-3, warmup_steps=500,
-                                                 decay_steps=_SCHEDULE_RESOLUTION, end_value=1.5e-4)
+  reference = optax.warmup_cosine_decay_schedule(
+    init_value=3e-5, peak_value=3e-3, warmup_steps=500, decay_steps=_SCHEDULE_RESOLUTION, end_value=1.5e-4
+  )
   for fraction in (0.0, 0.01, 0.05, 0.3, 0.77, 1.0):
-    np.testing.assert_allclose(schedule_lr(t.warmup_frac, fraction, cold_lr(t)),
-                               reference(int(fraction * _SCHEDULE_RESOLUTION)), rtol=1e-5)
+    np.testing.assert_allclose(
+      schedule_lr(t.warmup_frac, fraction, cold_lr(t)), reference(int(fraction * _SCHEDULE_RESOLUTION)), rtol=1e-5
+    )
 
 
 def test_a_round_from_a_trained_model_starts_at_its_rate_with_no_warmup_and_decays_to_a_twentieth():
@@ -47,23 +49,47 @@ def test_prox_pulls_every_model_toward_the_anchor_by_prox_times_the_distance():
   from hetlm_jax.train.state import init_state
   from hetlm_jax.train.step import stacked_step
 
-  cfg = Config(model=ModelConfig(vocab_size=19, context=8, d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0,
-                                 output_bias=True), cluster=ClusterConfig(cluster_params="top:1"))
+  cfg = Config(
+    model=ModelConfig(
+      vocab_size=19, context=8, d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0, output_bias=True
+    ),
+    cluster=ClusterConfig(cluster_params="top:1"),
+  )
   k, prox, tx = 2, 0.3, optax.identity()
   state = init_state(cfg, tx, jax.random.key(0), k)
-  anchor = jax.tree.map(lambda x: x + 0.5, partition("top:1", 2, jax.device_get(
-    jax.tree.map(lambda x: x[0], {**state.params["shared"], **state.params["cluster"]}))))
+  anchor = jax.tree.map(
+    lambda x: x + 0.5,
+    partition(
+      "top:1", 2, jax.device_get(jax.tree.map(lambda x: x[0], {**state.params["shared"], **state.params["cluster"]}))
+    ),
+  )
   rng = np.random.default_rng(0)
   inputs = rng.integers(4, 19, (k, 4, 9)).astype(np.int32)
   segments = np.ones((k, 4, 9), np.int32)
-  step = lambda p, **kw: jax.jit(lambda anchor: stacked_step(
-    PageLM(cfg.model), tx, "top:1", 2, False, 1.0, state.params, state.opt_state, inputs, segments,
-    (segments > 0).astype(np.float32), jax.random.split(jax.random.key(1), k), prox=p, anchor=anchor)[0])(**kw)
+  step = lambda p, **kw: jax.jit(
+    lambda anchor: stacked_step(
+      PageLM(cfg.model),
+      tx,
+      "top:1",
+      2,
+      False,
+      1.0,
+      state.params,
+      state.opt_state,
+      inputs,
+      segments,
+      (segments > 0).astype(np.float32),
+      jax.random.split(jax.random.key(1), k),
+      prox=p,
+      anchor=anchor,
+    )[0]
+  )(**kw)
   plain, pulled = step(0.0, anchor=None), step(prox, anchor=anchor)
   for part in ("shared", "cluster"):
     expected = jax.tree.map(lambda p, a: -prox * (p - a), state.params[part], anchor[part])
-    jax.tree.map(lambda a, b, e: np.testing.assert_allclose(a - b, e, rtol=1e-4, atol=1e-6),
-                 pulled[part], plain[part], expected)
+    jax.tree.map(
+      lambda a, b, e: np.testing.assert_allclose(a - b, e, rtol=1e-4, atol=1e-6), pulled[part], plain[part], expected
+    )
 
 
 def _seqs_with_a_planted_last_page(planted=7):
@@ -75,8 +101,13 @@ def _seqs_with_a_planted_last_page(planted=7):
     split.append(offsets[-1] + len(history))
     tokens += history + target
     offsets.append(len(tokens))
-  return UserSequences(np.array(["a", "b", "c"], object), np.array(tokens, np.int32), np.array(offsets),
-                       np.array(split), np.ones(3, np.int32))
+  return UserSequences(
+    np.array(["a", "b", "c"], object),
+    np.array(tokens, np.int32),
+    np.array(offsets),
+    np.array(split),
+    np.ones(3, np.int32),
+  )
 
 
 def test_routing_never_scores_a_token_the_m_step_trained_on():
@@ -121,11 +152,14 @@ def log_path(tmp_path_factory):
 
 
 def _tiny(path, **cluster):
-  return Config(model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
-                train=TrainConfig(batch_size=16, epochs=2, warm_epochs=1, val_every=0.5, learning_rate=1e-2,
-                                  log_every=2, checkpoint_every=4),
-                data=DataConfig(path=path),
-                cluster=ClusterConfig(**{"k": 2, "rounds": 3, "tolerance": 0.0, "init_rounds": 1, **cluster}))
+  return Config(
+    model=ModelConfig(context=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
+    train=TrainConfig(
+      batch_size=16, epochs=2, warm_epochs=1, val_every=0.5, learning_rate=1e-2, log_every=2, checkpoint_every=4
+    ),
+    data=DataConfig(path=path),
+    cluster=ClusterConfig(**{"k": 2, "rounds": 3, "tolerance": 0.0, "init_rounds": 1, **cluster}),
+  )
 
 
 def test_an_e_step_runs_even_when_the_first_round_fails(log_path, tmp_path, monkeypatch):
@@ -136,16 +170,29 @@ def test_an_e_step_runs_even_when_the_first_round_fails(log_path, tmp_path, monk
   start = rounds.Trainer(cfg, 1).init_state().params
   monkeypatch.setattr(rounds.Validation, "stats", lambda *args: (1.0, 0.5))  # nothing ever beats the start
   log = MetricsLog(tmp_path / "metrics.jsonl")
-  trained = rounds.train_family("hetlm", cfg, 2, seqs, tmp_path, log, lambda: np.arange(seqs.num_users) % 2, 3,
-                                validation, warm_params=lambda: start)
+  trained = rounds.train_family(
+    "hetlm",
+    cfg,
+    2,
+    seqs,
+    tmp_path,
+    log,
+    lambda: np.arange(seqs.num_users) % 2,
+    3,
+    validation,
+    warm_params=lambda: start,
+  )
   stops, estep = log.records("stop"), log.records("round")
   assert [(r["round"], r["round_kind"], r["improved"]) for r in stops] == [(1, "warm", False), (2, "warm", False)]
   assert [r["round"] for r in estep] == [1] and estep[0]["moved"] > 0  # the trained models moved users
   assert estep[0]["validation_before"] == 1.0 and estep[0]["validation_after"] == 1.0
   assert trained.rounds == 2  # the second round, on the new assignment, failed too: the rounds end
   assert not np.array_equal(trained.assignment, np.arange(seqs.num_users) % 2)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(model_params(trained.params, 1)),
-               jax.device_get(model_params(start, 0)))  # and the models went back to where they started
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(model_params(trained.params, 1)),
+    jax.device_get(model_params(start, 0)),
+  )  # and the models went back to where they started
 
 
 def test_a_family_from_scratch_anneals_from_its_kept_pass_unless_it_was_already_annealed():
@@ -171,12 +218,15 @@ def test_interpolation_at_zero_is_the_init_lm_and_at_one_the_cluster_model():
   from hetlm_jax.train.split import partition
   from hetlm_jax.train.state import init_state
 
-  cfg = Config(model=ModelConfig(vocab_size=19, context=8, d_model=16, n_layers=2, n_heads=2, d_ff=32,
-                                 output_bias=True), cluster=ClusterConfig(cluster_params="top:1"))
+  cfg = Config(
+    model=ModelConfig(vocab_size=19, context=8, d_model=16, n_layers=2, n_heads=2, d_ff=32, output_bias=True),
+    cluster=ClusterConfig(cluster_params="top:1"),
+  )
   params = jax.device_get(init_state(cfg, optax.identity(), jax.random.key(0), 3).params)
   anchor = model_params(jax.device_get(init_state(cfg, optax.identity(), jax.random.key(1), 1).params), 0)
-  at = lambda alpha_K, shared: jax.device_get(toward_init.interpolate_params(params, anchor, np.array(alpha_K), shared,
-                                                                        "top:1", 2))
+  at = lambda alpha_K, shared: jax.device_get(
+    toward_init.interpolate_params(params, anchor, np.array(alpha_K), shared, "top:1", 2)
+  )
   same = lambda a, b: jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
   for k in range(3):
     same(model_params(at([0.0, 0.0, 0.0], 0.0), k), anchor)
@@ -189,7 +239,7 @@ def test_interpolation_at_zero_is_the_init_lm_and_at_one_the_cluster_model():
 def test_interpolated_hetlm_is_no_worse_than_its_init_lm_on_the_validation_users(log_path, tmp_path):
   cfg = _tiny(log_path, init="embedding", warm_start=True, interpolate=True, baselines=True, rounds=1)
   report = pipeline.train_and_evaluate(cfg, tmp_path)
-  mixed, = [r for r in MetricsLog(tmp_path / "metrics.jsonl").records("interpolate") if r["model"] == "hetlm"]
+  (mixed,) = [r for r in MetricsLog(tmp_path / "metrics.jsonl").records("interpolate") if r["model"] == "hetlm"]
   assert len(mixed["alpha"]) == 2 and set(mixed["alpha"]) <= set(toward_init.INTERPOLATION_GRID)
   assert mixed["validation_nll"] <= mixed["validation_init"] + 1e-9
   assert report["validation"]["hetlm"]["mean"] <= report["validation"]["single"]["mean"] + 1e-6
@@ -204,11 +254,15 @@ def _mix_family(lam_K):
   """A K=2 family of random models, its Trainer mixing them with a third random model by `lam_K` (None: not)."""
   from hetlm_jax.train.loop import Trainer
 
-  cfg = Config(model=ModelConfig(vocab_size=19, context=8, d_model=16, n_layers=1, n_heads=2, d_ff=32),
-               train=TrainConfig(eval_batch_size=16))
+  cfg = Config(
+    model=ModelConfig(vocab_size=19, context=8, d_model=16, n_layers=1, n_heads=2, d_ff=32),
+    train=TrainConfig(eval_batch_size=16),
+  )
   trainer = Trainer(cfg, 2)
   params = trainer.init_state().params
-  anchor = trainer.anchor_from(Trainer(cfg.replace(train=dataclasses.replace(cfg.train, seed=1)), 1).init_state().params)
+  anchor = trainer.anchor_from(
+    Trainer(cfg.replace(train=dataclasses.replace(cfg.train, seed=1)), 1).init_state().params
+  )
   if lam_K is not None:
     trainer.set_mix(anchor, lam_K)
   return cfg, trainer, params, anchor
@@ -247,8 +301,9 @@ def test_mixing_with_the_init_lm_in_prediction_space_scores_and_ranks_the_mixtur
       expected_KxUxV = np.logaddexp(np.log(lam_K1[..., None]) + own_KxUxV, np.log1p(-lam_K1[..., None]) + init_UxV)
     np.testing.assert_allclose(trainer.next_logprobs(params, seqs, users), expected_KxUxV, rtol=1e-5, atol=1e-6)
     ones = np.ones(seqs.num_users, np.int32)  # one cluster's batch runs that model alone, mixed the same
-    np.testing.assert_allclose(trainer.next_logprobs(params, seqs, users, ones), expected_KxUxV[1], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      trainer.next_logprobs(params, seqs, users, ones), expected_KxUxV[1], rtol=1e-5, atol=1e-6
+    )
   trainer.set_mix(None, None)
   np.testing.assert_allclose(trainer.score(params, seqs, "target")[0], own_KxU, rtol=1e-6)
 
@@ -301,7 +356,7 @@ def test_a_hetlm_mixed_with_its_init_lm_is_fitted_on_validation_saved_with_it_an
   cfg = _tiny(log_path, init="embedding", warm_start=True, mix_init=True, interpolate=False, baselines=True, rounds=1)
   report = pipeline.train_and_evaluate(cfg, tmp_path)
   records = MetricsLog(tmp_path / "metrics.jsonl").records("mix")
-  mixed, = [r for r in records if r["model"] == "hetlm"]
+  (mixed,) = [r for r in records if r["model"] == "hetlm"]
   assert {r["model"] for r in records} == {"hetlm", "single_ft"}  # the K=1 control mixes exactly as HeTLM does
   assert len(mixed["lam"]) == 2 and set(mixed["lam"]) <= set(toward_init.INTERPOLATION_GRID)
   assert mixed["validation_nll"] <= mixed["validation_init"] + 1e-9
@@ -312,8 +367,9 @@ def test_a_hetlm_mixed_with_its_init_lm_is_fitted_on_validation_saved_with_it_an
   loaded = pipeline.load_run(tmp_path)
   np.testing.assert_allclose(jax.device_get(loaded.trainer.mix[1]), mixed["lam"])
   again = pipeline.evaluate_workdir(tmp_path)
-  np.testing.assert_allclose(again["models"]["hetlm"]["nll"]["mean"], report["models"]["hetlm"]["nll"]["mean"],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    again["models"]["hetlm"]["nll"]["mean"], report["models"]["hetlm"]["nll"]["mean"], rtol=1e-6
+  )
   predictor = Predictor.load(tmp_path)
   assert predictor.trainer.mix is not None
   assert len(predictor.next_pages([["/p/1", "/p/2", "/p/3"]], k=3).pages[0]) == 3
@@ -325,8 +381,9 @@ def test_a_run_with_every_new_policy_flag_resumes_mid_round_exactly(log_path, tm
   resumed, it ends where an uninterrupted run does."""
   from hetlm_jax.train import loop
 
-  cfg = _tiny(log_path, init="embedding", warm_start=True, prox=1.0, route_frac=0.25, interpolate=True,
-              mix_init=True, rounds=2)
+  cfg = _tiny(
+    log_path, init="embedding", warm_start=True, prox=1.0, route_frac=0.25, interpolate=True, mix_init=True, rounds=2
+  )
   cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_repeat=2, log_every=1, checkpoint_every=3))
   pipeline.train_and_evaluate(cfg, tmp_path / "whole")
   real_report, calls = loop.Trainer._report, {"n": 0}
@@ -345,8 +402,11 @@ def test_a_run_with_every_new_policy_flag_resumes_mid_round_exactly(log_path, tm
   pipeline.train_and_evaluate(cfg, tmp_path / "resumed")
   whole, resumed = pipeline.load_run(tmp_path / "whole"), pipeline.load_run(tmp_path / "resumed")
   assert whole.step == resumed.step
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               jax.device_get(whole.params), jax.device_get(resumed.params))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    jax.device_get(whole.params),
+    jax.device_get(resumed.params),
+  )
   np.testing.assert_array_equal(whole.assignment, resumed.assignment)
   np.testing.assert_array_equal(jax.device_get(whole.trainer.mix[1]), jax.device_get(resumed.trainer.mix[1]))
 
@@ -357,8 +417,9 @@ def test_tuning_chooses_both_sides_on_the_validation_users_alone(log_path, tmp_p
   per-user mean NLL of the validation users (tuning.choose reads nothing else)."""
   from hetlm_jax.cluster import tuning
 
-  cfg = _tiny(log_path, init="embedding", warm_start=True, tune_baselines=True, baselines=True, rounds=1,
-              interpolate=False)
+  cfg = _tiny(
+    log_path, init="embedding", warm_start=True, tune_baselines=True, baselines=True, rounds=1, interpolate=False
+  )
   report = pipeline.train_and_evaluate(cfg, tmp_path)
   tuned = json.loads((tmp_path / "tuned.json").read_text())
   for name, grid in (("hetlm", tuning.prox_candidates(cfg)), ("single_matched", None)):

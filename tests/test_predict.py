@@ -14,9 +14,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from synthetic import markov_events
+from tiny_run import REPO
 
 from hetlm_jax import pipeline
-from hetlm_jax.workdir import run_data
 from hetlm_jax.cluster.assign import reassign
 from hetlm_jax.data.sequences import build_sequences, prediction_view
 from hetlm_jax.data.tokenizer import BOS, EOS, PageTokenizer
@@ -24,8 +25,7 @@ from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import first_page_index
 from hetlm_jax.main import cli
 from hetlm_jax.predict import Predictor, predict_file
-from synthetic import markov_events
-from tiny_run import REPO
+from hetlm_jax.workdir import run_data
 
 
 def _sessions(tokenizer: PageTokenizer, tokens: np.ndarray) -> list[list[str]]:
@@ -84,8 +84,13 @@ def test_new_users_are_routed_by_the_e_steps_rule_on_the_training_layout(trained
 
 def test_one_session_users_are_continued_as_the_training_layout_has_them():
   """msnbc-like data (one session per user, no end markers): the typed first half is the evaluation's history."""
-  table = pa.table({"user_id": ["a"] * 5 + ["b"] * 4, "timestamp": list(range(5)) + list(range(4)),
-                    "page": ["x", "y", "z", "x", "y", "z", "z", "q", "x"]})
+  table = pa.table(
+    {
+      "user_id": ["a"] * 5 + ["b"] * 4,
+      "timestamp": list(range(5)) + list(range(4)),
+      "page": ["x", "y", "z", "x", "y", "z", "z", "q", "x"],
+    }
+  )
   tokenizer = PageTokenizer.fit(table["page"])
   half, _ = build_sequences(table, tokenizer, holdout="half")
   typed = pa.table({"user_id": ["a"] * 3 + ["b"] * 2, "timestamp": [0, 1, 2, 0, 1], "page": ["x", "y", "z", "z", "z"]})
@@ -106,14 +111,23 @@ def test_predict_writes_a_row_per_user_the_same_in_chunks_and_on_one_device(trai
   log, workdir, *_ = trained
   users = pq.read_table(log)["user_id"].unique()
   out = tmp_path / "p.parquet"
-  assert cli(["hetlm", "predict", f"--workdir={workdir}", f"--data={log}", f"--out={out}", "--chunk_users=17",
-              "--top_k=5"]) == 0
+  assert (
+    cli(["hetlm", "predict", f"--workdir={workdir}", f"--data={log}", f"--out={out}", "--chunk_users=17", "--top_k=5"])
+    == 0
+  )
   printed = capsys.readouterr().out.strip().splitlines()
   assert len(printed) == 3 and printed[0].startswith(f"predicted {len(users)} users"), printed
   four = _read(out)
   assert four.num_rows == len(users) and sorted(four["user_id"].to_pylist()) == sorted(users.to_pylist())
-  assert four.column_names == ["user_id", "cluster", "posterior", "next_pages", "next_page_probs", "nll_per_token",
-                               "unknown_pages"]
+  assert four.column_names == [
+    "user_id",
+    "cluster",
+    "posterior",
+    "next_pages",
+    "next_page_probs",
+    "nll_per_token",
+    "unknown_pages",
+  ]
   assert all(len(p) == 5 for p in four["next_pages"].to_pylist())
   one = predict_file(workdir, log, tmp_path / "one.parquet", top_k=5, chunk_users=1000, devices=jax.devices()[:1])
   assert one["chunks"] == 1 and one["users"] == len(users)
@@ -123,8 +137,9 @@ def test_predict_writes_a_row_per_user_the_same_in_chunks_and_on_one_device(trai
   # Four devices sum a batch's scores in another order than one: float32 noise, relative to the probability
   # for most values, but absolute for a posterior near 0 (9.3e-7 against 9.3e-7 + 1e-11 with jax 0.10.2).
   for name in ("posterior", "next_page_probs", "nll_per_token"):
-    np.testing.assert_allclose(np.array(whole[name].to_pylist()), np.array(four[name].to_pylist()), rtol=1e-5,
-                               atol=1e-9)
+    np.testing.assert_allclose(
+      np.array(whole[name].to_pylist()), np.array(four[name].to_pylist()), rtol=1e-5, atol=1e-9
+    )
   assert sorted(p.name for p in tmp_path.iterdir()) == ["one.parquet", "p.parquet"]  # no temporary left
   pacsv.write_csv(pq.read_table(log), tmp_path / "log.csv")  # CSV streams by blocks: the same rows
   predict_file(workdir, tmp_path / "log.csv", tmp_path / "csv.parquet", top_k=5, chunk_users=30)
@@ -136,8 +151,20 @@ def test_predict_writes_a_row_per_user_the_same_in_chunks_and_on_one_device(trai
 def test_sigterm_in_predict_writes_nothing_and_exits_0(trained, tmp_path, capsys):
   log, workdir, *_ = trained
   out = tmp_path / "p.parquet"
-  assert cli(["hetlm", "predict", f"--workdir={workdir}", f"--data={log}", f"--out={out}", "--chunk_users=20",
-              "--inject=sigterm@2"]) == 0
+  assert (
+    cli(
+      [
+        "hetlm",
+        "predict",
+        f"--workdir={workdir}",
+        f"--data={log}",
+        f"--out={out}",
+        "--chunk_users=20",
+        "--inject=sigterm@2",
+      ]
+    )
+    == 0
+  )
   printed = capsys.readouterr().out
   assert "SIGTERM: stopped after 40 users; nothing was written" in printed, printed
   assert list(tmp_path.iterdir()) == []
@@ -150,6 +177,7 @@ def test_a_sigterm_while_a_python_caller_loads_the_model_stops_predict_file_clea
   import signal
 
   from hetlm_jax import interrupt
+
   log, workdir, *_ = trained
   load = Predictor.load.__func__
 
@@ -170,8 +198,11 @@ def test_bad_input_to_predict_is_one_line_and_exit_2(trained, tmp_path, capsys):
   events = pq.read_table(log)
   pq.write_table(events.set_column(2, "page", pa.array(["/other"] * events.num_rows)), tmp_path / "foreign.parquet")
   (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
-  pq.write_table(pa.concat_tables([events.slice(0, 100), events.slice(100), events.slice(0, 3)]),
-                 tmp_path / "ungrouped.parquet", row_group_size=50)
+  pq.write_table(
+    pa.concat_tables([events.slice(0, 100), events.slice(100), events.slice(0, 3)]),
+    tmp_path / "ungrouped.parquet",
+    row_group_size=50,
+  )
   (tmp_path / "unfinished").mkdir()
   for name in ("config.json", "tokenizer.json"):
     shutil.copy(workdir / name, tmp_path / "unfinished" / name)
@@ -200,8 +231,7 @@ def test_bad_input_to_predict_is_one_line_and_exit_2(trained, tmp_path, capsys):
 
 def _hetlm(*args: str, processes: int = 1, timeout: int = 300):
   command = [sys.executable, "-m", "hetlm_jax.main", *args]
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-         "PATH": "/usr/bin:/bin"}
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
   if processes > 1:
     command = [str(REPO / "launch" / "local.sh"), str(processes), "1", *command]
   return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -239,8 +269,13 @@ def test_memory_stays_bounded_on_a_file_of_many_chunks(trained, tmp_path):
   pq.write_table(table.slice(0, 600 * 24), tmp_path / "small.parquet", row_group_size=2400)
   peaks = {}
   for name in ("small", "big"):
-    done = _hetlm("predict", f"--workdir={workdir}", f"--data={tmp_path / name}.parquet",
-                  f"--out={tmp_path / name}.out.parquet", "--chunk_users=100")
+    done = _hetlm(
+      "predict",
+      f"--workdir={workdir}",
+      f"--data={tmp_path / name}.parquet",
+      f"--out={tmp_path / name}.out.parquet",
+      "--chunk_users=100",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     peaks[name] = _peak_mib(done)
   in_memory_mib = table.nbytes / 2**20
@@ -251,13 +286,34 @@ def test_memory_stays_bounded_on_a_file_of_many_chunks(trained, tmp_path):
 def test_outcome_chances_are_the_evaluations_and_a_checkpoint_path_loads_the_same_model(tmp_path):
   """A run with cart events: outcome_probability on the users the evaluation sampled gives eval.json's AUC."""
   from hetlm_jax.eval import metrics as M
+
   table, _ = markov_events(n_users=90, n_groups=2, sessions=3, session_len=6, seed=3)
   kinds = np.where(np.random.default_rng(0).random(table.num_rows) < 0.2, "cart", "view")
   pq.write_table(table.append_column("event_type", pa.array(kinds)), tmp_path / "log.parquet")
   workdir = tmp_path / "run"
-  assert cli(["hetlm", "train", f"--data={tmp_path / 'log.parquet'}", f"--workdir={workdir}", "--context=16",
-              "--d_model=16", "--n_layers=1", "--n_heads=2", "--d_ff=32", "--epochs=2", "--batch_size=8", "--k=2",
-              "--rounds=1", "--init=random", "--nobaselines", "--eval_batch_size=32"]) == 0
+  assert (
+    cli(
+      [
+        "hetlm",
+        "train",
+        f"--data={tmp_path / 'log.parquet'}",
+        f"--workdir={workdir}",
+        "--context=16",
+        "--d_model=16",
+        "--n_layers=1",
+        "--n_heads=2",
+        "--d_ff=32",
+        "--epochs=2",
+        "--batch_size=8",
+        "--k=2",
+        "--rounds=1",
+        "--init=random",
+        "--nobaselines",
+        "--eval_batch_size=32",
+      ]
+    )
+    == 0
+  )
   report = json.loads((workdir / "eval.json").read_text())
   cfg, prepared = run_data(workdir, None)
   seqs, _, evaluated_U = pipeline.validation_slice(cfg, prepared)

@@ -8,9 +8,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pyarrow.parquet as pq
 import pytest
+from tiny_run import assert_same_result, hetlm_process, train_args
 
 from hetlm_jax.main import cli
-from tiny_run import assert_same_result, hetlm_process, train_args
 
 
 def latest_step(workdir, model="hetlm"):
@@ -19,7 +19,8 @@ def latest_step(workdir, model="hetlm"):
 
 @pytest.mark.parametrize("signal_name,step", [("sigterm", 5), ("sigint", 8), ("sigterm", 21)])
 def test_a_signal_saves_a_checkpoint_at_that_step_exits_0_and_the_same_command_resumes_exactly(
-    tiny_reference, tmp_path, capsys, signal_name, step):
+  tiny_reference, tmp_path, capsys, signal_name, step
+):
   """Steps 5 (inside a pass), 8 (a pass's last step: validation comes first) and 21 (the second round)."""
   log, reference = tiny_reference
   args = train_args(log, tmp_path / "run")
@@ -35,7 +36,8 @@ def test_a_signal_saves_a_checkpoint_at_that_step_exits_0_and_the_same_command_r
 
 
 def test_sigkill_at_several_points_then_the_same_command_ends_exactly_as_the_uninterrupted_run(
-    tiny_reference, tmp_path, capsys):
+  tiny_reference, tmp_path, capsys
+):
   """Killed right after step 5 (the checkpoint of step 4 may still be being written), then, resumed, after step 22
   (the second round); the third start finishes."""
   log, reference = tiny_reference
@@ -51,7 +53,8 @@ def test_sigkill_at_several_points_then_the_same_command_ends_exactly_as_the_uni
 
 
 def test_a_nan_loss_stops_the_run_with_one_line_naming_the_step_and_keeps_the_last_good_checkpoint(
-    tiny_reference, tmp_path, capsys):
+  tiny_reference, tmp_path, capsys
+):
   log, _ = tiny_reference
   assert cli(["hetlm", *train_args(log, tmp_path / "run"), "--inject=nan@6"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
@@ -59,12 +62,14 @@ def test_a_nan_loss_stops_the_run_with_one_line_naming_the_step_and_keeps_the_la
   assert "last good checkpoint (step 4)" in err[0]
   assert latest_step(tmp_path / "run") == 4
   restored = ocp.CheckpointManager((tmp_path / "run" / "checkpoints" / "hetlm").absolute()).restore(
-    4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    4, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+  )
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["state"]))
 
 
 def test_a_metrics_line_cut_short_by_a_kill_is_skipped_and_the_next_record_starts_a_new_line(tmp_path):
   from hetlm_jax.train.metrics import MetricsLog
+
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"kind": "train", "step": 4}\n{"kind": "train", "st')
   log = MetricsLog(path)
@@ -75,13 +80,16 @@ def test_a_metrics_line_cut_short_by_a_kill_is_skipped_and_the_next_record_start
 
 def _files(workdir):
   """Every file of a workdir but the lock, checkpoints by model and step."""
-  return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file() and p.name != ".lock"
-                and "checkpoints" not in p.parts) + sorted(f"{m.name}/{s.name}" for m in (workdir / "checkpoints").iterdir()
-                                                           for s in m.iterdir() if s.name.isdigit())
+  return sorted(
+    str(p.relative_to(workdir))
+    for p in workdir.rglob("*")
+    if p.is_file() and p.name != ".lock" and "checkpoints" not in p.parts
+  ) + sorted(f"{m.name}/{s.name}" for m in (workdir / "checkpoints").iterdir() for s in m.iterdir() if s.name.isdigit())
 
 
 def test_a_signal_in_each_phase_outside_training_stops_there_with_exit_0_no_partial_file_and_the_run_ends_as_a_lone_one(
-    tiny_reference, tmp_path, capsys, monkeypatch):
+  tiny_reference, tmp_path, capsys, monkeypatch
+):
   """One run (k-means initialisation, so every phase exists) stopped in turn while preparing the data, after the
   initial k-means, in the first E-step, during the evaluation and before the report; then `hetlm evaluate` stopped
   in its evaluation and before its report. Each stop exits 0 with one message and writes nothing partial; the last
@@ -98,7 +106,7 @@ def test_a_signal_in_each_phase_outside_training_stops_there_with_exit_0_no_part
     lines = printed.out.strip().splitlines()
     assert said in lines[-2] and lines[-2].startswith("SIGTERM: stopped "), printed
     assert lines[-1].strip().startswith(f"hetlm {(command or args)[0]} ") and "--inject" not in lines[-1]
-    assert not [p for p in run.rglob("*.tmp")], "a temporary file was left"
+    assert not list(run.rglob("*.tmp")), "a temporary file was left"
     return lines[-2]
 
   marker = tmp_path / "job.stopped"  # what launch/slurm.sbatch reads to requeue the job
@@ -133,8 +141,9 @@ def test_one_stop_handler_serves_the_whole_command_and_a_second_ctrl_c_stops_at_
   import os
   import signal
 
-  from hetlm_jax.errors import HetlmError
   from hetlm_jax import interrupt
+  from hetlm_jax.errors import HetlmError
+
   before = signal.getsignal(signal.SIGTERM)
   with interrupt.stop_handler() as outer:
     interrupt.safe_point("nowhere", "nothing")  # no stop asked for: goes on

@@ -14,9 +14,11 @@ from hetlm_jax.data.readers import detect_format, read_events
 from hetlm_jax.errors import HetlmError
 
 OTTO = Path(__file__).parent / "data" / "otto_sample.parquet"
-MSNBC = (b"% Different categories found in input file:\r\n\r\n"
-         b"frontpage news tech\r\n\r\n\r\n% Sequences:\r\n\r\n"
-         b"1 1 \r\n2 \r\n3 2 2 \r\n\r\n1 3 ")
+MSNBC = (
+  b"% Different categories found in input file:\r\n\r\n"
+  b"frontpage news tech\r\n\r\n\r\n% Sequences:\r\n\r\n"
+  b"1 1 \r\n2 \r\n3 2 2 \r\n\r\n1 3 "
+)
 
 
 def columns(table):
@@ -30,14 +32,24 @@ def write_parquet(path, **cols):
 
 def test_parquet_normalises_types_and_ignores_extra_columns(tmp_path):
   ts = pa.array([1_500, 2_999, 61_000], pa.timestamp("ms"))
-  path = write_parquet(tmp_path / "e.parquet", user_id=[7, 7, 8], timestamp=ts, page=["a", "b", "a"],
-                       session_id=["x", "y", "x"], extra=[1.0, 2.0, 3.0])
+  path = write_parquet(
+    tmp_path / "e.parquet",
+    user_id=[7, 7, 8],
+    timestamp=ts,
+    page=["a", "b", "a"],
+    session_id=["x", "y", "x"],
+    extra=[1.0, 2.0, 3.0],
+  )
   table = read_events(path)
   assert table.column_names == ["user_id", "timestamp", "page", "session_id"]
   assert table.schema.field("timestamp").type == pa.int64()
   assert table.schema.field("session_id").type == pa.int64()
-  assert columns(table) == {"user_id": ["7", "7", "8"], "timestamp": [1, 2, 61],
-                            "page": ["a", "b", "a"], "session_id": [0, 1, 0]}
+  assert columns(table) == {
+    "user_id": ["7", "7", "8"],
+    "timestamp": [1, 2, 61],
+    "page": ["a", "b", "a"],
+    "session_id": [0, 1, 0],
+  }
   assert table.schema.metadata[b"hetlm_format"] == b"events"
 
 
@@ -55,8 +67,12 @@ def test_csv_and_csv_gz(tmp_path):
     f.write(text)
   for name in ("e.csv", "e.csv.gz"):
     table = read_events(tmp_path / name)
-    assert columns(table) == {"user_id": ["007", "007", "8"], "timestamp": [10, 20, 5],
-                              "page": ["home", "NA", "home"], "event_type": ["view", "cart", None]}
+    assert columns(table) == {
+      "user_id": ["007", "007", "8"],
+      "timestamp": [10, 20, 5],
+      "page": ["home", "NA", "home"],
+      "event_type": ["view", "cart", None],
+    }
 
 
 def test_otto_fixture_reads_with_outcomes():
@@ -73,10 +89,12 @@ def test_msnbc_text_gz_and_zip(tmp_path):
   with zipfile.ZipFile(tmp_path / "m.zip", "w") as zf:
     zf.writestr("msnbc990928.seq", MSNBC)
     zf.writestr("__MACOSX/._msnbc990928.seq", b"resource fork")
-  expected = {"user_id": ["0", "0", "1", "2", "2", "2", "4", "4"],  # line 3 is a user with no events
-              "timestamp": [0, 1, 0, 0, 1, 2, 0, 1],
-              "page": ["frontpage", "frontpage", "news", "tech", "news", "news", "frontpage", "tech"],
-              "session_id": [0, 0, 1, 2, 2, 2, 3, 3]}
+  expected = {
+    "user_id": ["0", "0", "1", "2", "2", "2", "4", "4"],  # line 3 is a user with no events
+    "timestamp": [0, 1, 0, 0, 1, 2, 0, 1],
+    "page": ["frontpage", "frontpage", "news", "tech", "news", "news", "frontpage", "tech"],
+    "session_id": [0, 0, 1, 2, 2, 2, 3, 3],
+  }
   for name in ("m.seq", "m.seq.gz", "m.zip"):
     assert detect_format(tmp_path / name) == "msnbc"
     for fmt in ("auto", "msnbc"):
@@ -116,8 +134,9 @@ def test_undetectable_format(tmp_path):
 
 
 def test_max_users_keeps_first_users_in_file_order(tmp_path):
-  path = write_parquet(tmp_path / "e.parquet", user_id=["z", "a", "z", "m", "a"],
-                       timestamp=[1, 2, 3, 4, 5], page=list("pqrst"))
+  path = write_parquet(
+    tmp_path / "e.parquet", user_id=["z", "a", "z", "m", "a"], timestamp=[1, 2, 3, 4, 5], page=list("pqrst")
+  )
   assert read_events(path, max_users=2)["user_id"].to_pylist() == ["z", "a", "z", "a"]
   with pytest.raises(HetlmError, match="no users left"):
     read_events(path, max_users=0)
@@ -129,16 +148,33 @@ def test_packaged_sample_has_20000_users():
   user = table["user_id"].to_numpy(zero_copy_only=False)
   assert len(np.unique(user)) == 20000 and user[-1] == "19999"
   assert set(table["page"].to_pylist()) <= {
-      "frontpage", "news", "tech", "local", "opinion", "on-air", "misc", "weather", "msn-news",
-      "health", "living", "business", "msn-sports", "sports", "summary", "bbs", "travel"}
+    "frontpage",
+    "news",
+    "tech",
+    "local",
+    "opinion",
+    "on-air",
+    "misc",
+    "weather",
+    "msn-news",
+    "health",
+    "living",
+    "business",
+    "msn-sports",
+    "sports",
+    "summary",
+    "bbs",
+    "travel",
+  }
 
 
 def bad_inputs(tmp_path):
   """(path, message fragment) for each kind of bad input."""
-  good = write_parquet(tmp_path / "good.parquet", user_id=["u"] * 50, timestamp=list(range(50)),
-                       page=[f"p{i}" for i in range(50)])
+  good = write_parquet(
+    tmp_path / "good.parquet", user_id=["u"] * 50, timestamp=list(range(50)), page=[f"p{i}" for i in range(50)]
+  )
   data = Path(good).read_bytes()
-  (tmp_path / "truncated.parquet").write_bytes(data[:len(data) // 2])
+  (tmp_path / "truncated.parquet").write_bytes(data[: len(data) // 2])
   (tmp_path / "garbage.parquet").write_bytes(bytes(range(256)) * 4)
   (tmp_path / "garbage.csv.gz").write_bytes(b"\x1f\x8b not really gzip")
   (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x01 x\n")
@@ -148,21 +184,25 @@ def bad_inputs(tmp_path):
   write_parquet(tmp_path / "null_user.parquet", user_id=["u", None], timestamp=[1, 2], page=["a", "b"])
   write_parquet(tmp_path / "list_page.parquet", user_id=["u"], timestamp=[1], page=[["a", "b"]])
   write_parquet(tmp_path / "words.parquet", user_id=["u"], timestamp=["soon"], page=["a"])
-  pq.write_table(pa.table({"user_id": pa.array([], pa.string()), "timestamp": pa.array([], pa.int64()),
-                           "page": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+  pq.write_table(
+    pa.table(
+      {"user_id": pa.array([], pa.string()), "timestamp": pa.array([], pa.int64()), "page": pa.array([], pa.string())}
+    ),
+    tmp_path / "empty.parquet",
+  )
   return [
-      (tmp_path / "nope.parquet", "no such file"),
-      (tmp_path / "truncated.parquet", "not a readable Parquet file"),
-      (tmp_path / "garbage.parquet", "not a readable Parquet file"),
-      (tmp_path / "garbage.csv.gz", "CSV"),
-      (tmp_path / "binary.txt", "UTF-8"),
-      (tmp_path / "missing_ts.csv", "missing required column(s) timestamp"),
-      (tmp_path / "empty.csv", "empty"),
-      (tmp_path / "empty.parquet", "empty"),
-      (tmp_path / "words.csv", "non-numeric strings such as 'noon'"),
-      (tmp_path / "words.parquet", "non-numeric strings such as 'soon'"),
-      (tmp_path / "null_user.parquet", "column 'user_id' has 1 null value"),
-      (tmp_path / "list_page.parquet", "column 'page' has type list<element: string>"),
+    (tmp_path / "nope.parquet", "no such file"),
+    (tmp_path / "truncated.parquet", "not a readable Parquet file"),
+    (tmp_path / "garbage.parquet", "not a readable Parquet file"),
+    (tmp_path / "garbage.csv.gz", "CSV"),
+    (tmp_path / "binary.txt", "UTF-8"),
+    (tmp_path / "missing_ts.csv", "missing required column(s) timestamp"),
+    (tmp_path / "empty.csv", "empty"),
+    (tmp_path / "empty.parquet", "empty"),
+    (tmp_path / "words.csv", "non-numeric strings such as 'noon'"),
+    (tmp_path / "words.parquet", "non-numeric strings such as 'soon'"),
+    (tmp_path / "null_user.parquet", "column 'user_id' has 1 null value"),
+    (tmp_path / "list_page.parquet", "column 'page' has type list<element: string>"),
   ]
 
 

@@ -9,19 +9,20 @@ import textwrap
 
 import pyarrow.parquet as pq
 from absl import flags
+from tiny_run import REPO
 
 from hetlm_jax.data import SAMPLE_PATH
 from hetlm_jax.data.readers import read_events
 from hetlm_jax.main import COMMANDS, cli
-from tiny_run import REPO
 
 README = (REPO / "README.md").read_text()
 
 
 def _blocks(language: str) -> list[str]:
   """The README's ```LANGUAGE blocks, dedented (some sit inside a list item)."""
-  return [textwrap.dedent(b) for b in re.findall(rf"^( *)```{language}\n(.*?)^\1```", README, re.S | re.M)
-          for b in [b[1]]]
+  return [
+    textwrap.dedent(b) for b in re.findall(rf"^( *)```{language}\n(.*?)^\1```", README, re.S | re.M) for b in [b[1]]
+  ]
 
 
 def _command_lines() -> list[list[str]]:
@@ -39,9 +40,9 @@ def _command_lines() -> list[list[str]]:
           parts[-1].append(word)
       for words in parts:
         for program in (["hetlm"], ["python", "-m", "hetlm_jax"]):
-          at = next((i for i in range(len(words)) if words[i:i + len(program)] == program), None)
+          at = next((i for i in range(len(words)) if words[i : i + len(program)] == program), None)
           if at is not None:
-            commands.append(words[at + len(program):])
+            commands.append(words[at + len(program) :])
             break
   return commands
 
@@ -61,9 +62,29 @@ def test_every_hetlm_command_in_the_readme_is_a_command_with_flags_that_exist(mo
 
 def test_the_blocks_on_the_main_jobs_run_run_as_written_from_the_repository_root(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
-  assert cli(["hetlm", "train", "--workdir=runs/default", "--max_users=400", "--context=16", "--d_model=16",
-              "--n_layers=1", "--n_heads=2", "--d_ff=32", "--epochs=2", "--batch_size=8", "--k=2", "--rounds=1",
-              "--init=random", "--nobaselines", "--eval_batch_size=64"]) == 0
+  assert (
+    cli(
+      [
+        "hetlm",
+        "train",
+        "--workdir=runs/default",
+        "--max_users=400",
+        "--context=16",
+        "--d_model=16",
+        "--n_layers=1",
+        "--n_heads=2",
+        "--d_ff=32",
+        "--epochs=2",
+        "--batch_size=8",
+        "--k=2",
+        "--rounds=1",
+        "--init=random",
+        "--nobaselines",
+        "--eval_batch_size=64",
+      ]
+    )
+    == 0
+  )
   assert json.loads((tmp_path / "runs/default/sessions.json").read_text())["session_ends"] is False  # msnbc
   # A user's recent log, for `hetlm predict`: the sample's events of 50 users.
   events = read_events(str(SAMPLE_PATH), "auto", max_users=50)

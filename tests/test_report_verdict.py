@@ -23,9 +23,13 @@ def _report(cis, nll=None, hr=None, **extra):
   nll = nll or {"hetlm": 1.30, "single": 1.31, "single_ft": 1.2345, "single_matched": 1.35, "markov": 1.60}
   hr = hr or {"hetlm": 0.80, "single": 0.70, "single_ft": 0.75, "single_matched": 0.72, "markov": 0.60}
   models = {m: {"nll": _summary(nll[m]), "hr@10": _summary(hr[m])} for m in nll}
-  return {"models": models, "n_users": 50, "n_pages": 17,
-          "bootstrap": {f"hetlm-{o}": {"nll": _boot(*ci), "hr@10": _boot(0.01, 0.02)} for o, ci in cis.items()},
-          **extra}
+  return {
+    "models": models,
+    "n_users": 50,
+    "n_pages": 17,
+    "bootstrap": {f"hetlm-{o}": {"nll": _boot(*ci), "hr@10": _boot(0.01, 0.02)} for o, ci in cis.items()},
+    **extra,
+  }
 
 
 def _write(tmp_path, report):
@@ -36,8 +40,10 @@ def _write(tmp_path, report):
 def test_verdict_is_the_line_under_the_title_and_follows_the_interval(tmp_path):
   lines = _write(tmp_path, _report({"single": _TIED, "single_ft": _LOST, "single_matched": _BEAT}))
   assert lines[0] == "# HeTLM evaluation"
-  assert lines[1] == ("**Verdict:** lowest held-out NLL: single_ft (1.2345 nats/token); HeTLM tied with single "
-                      "(95% CI includes 0), lost to single_ft, beat single_matched.")
+  assert lines[1] == (
+    "**Verdict:** lowest held-out NLL: single_ft (1.2345 nats/token); HeTLM tied with single "
+    "(95% CI includes 0), lost to single_ft, beat single_matched."
+  )
   assert sum(line.startswith("**Verdict:**") for line in lines) == 1
 
 
@@ -57,8 +63,10 @@ def test_each_single_lm_gets_the_word_its_own_interval_says(tmp_path, order):
 
 def test_an_interval_off_zero_by_float_rounding_is_a_tie(tmp_path):
   verdict = _write(tmp_path, _report({"single": (-2e-7, -1e-7)}, hetlm_is_init_lm=True))[1]
-  assert verdict == ("**Verdict:** lowest held-out NLL: single_ft (1.2345 nats/token) (HeTLM kept its warm-start LM: "
-                     "no HeTLM pass beat it); HeTLM tied with single (95% CI within 1e-05 of 0).")
+  assert verdict == (
+    "**Verdict:** lowest held-out NLL: single_ft (1.2345 nats/token) (HeTLM kept its warm-start LM: "
+    "no HeTLM pass beat it); HeTLM tied with single (95% CI within 1e-05 of 0)."
+  )
 
 
 def test_every_best_lm_is_the_verdicts_best_lm(tmp_path):
@@ -78,8 +86,9 @@ def test_without_hetlm_or_bootstrap_the_verdict_names_only_the_best_lm(tmp_path)
   report = _report({})
   del report["models"]["hetlm"]
   assert _write(tmp_path, report)[1] == "**Verdict:** lowest held-out NLL: single_ft (1.2345 nats/token)."
-  report = _report({"single": _BEAT}, nll={"hetlm": 1.1, "single": 1.3, "single_ft": 1.4, "single_matched": 1.5,
-                                           "markov": 1.6})
+  report = _report(
+    {"single": _BEAT}, nll={"hetlm": 1.1, "single": 1.3, "single_ft": 1.4, "single_matched": 1.5, "markov": 1.6}
+  )
   del report["bootstrap"]
   assert _write(tmp_path, report)[1] == "**Verdict:** lowest held-out NLL: hetlm (1.1000 nats/token)."
 
@@ -87,5 +96,6 @@ def test_without_hetlm_or_bootstrap_the_verdict_names_only_the_best_lm(tmp_path)
 def test_the_intro_says_how_many_ranked_pages_no_model_knows(tmp_path):
   said = "7 of these users' ranked page never appeared in training"
   assert any(said in line for line in _write(tmp_path, _report({"single": _TIED}, unknown_targets=7)))
-  assert not any("never appeared in training" in line
-                 for line in _write(tmp_path, _report({"single": _TIED}, unknown_targets=0)))
+  assert not any(
+    "never appeared in training" in line for line in _write(tmp_path, _report({"single": _TIED}, unknown_targets=0))
+  )

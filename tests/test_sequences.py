@@ -4,8 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from hetlm_jax.data.sequences import (UserSequences, build_sequences, history_windows,
-                                      outcome_types, target_windows)
+from hetlm_jax.data.sequences import UserSequences, build_sequences, history_windows, outcome_types, target_windows
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
 from hetlm_jax.errors import HetlmError
 
@@ -30,8 +29,7 @@ def build(table, **kw):
 
 def decoded(seqs, tok):
   """{user: (history, target)} as token strings."""
-  return {u: (tok.decode(seqs.history(i)), tok.decode(seqs.target(i)))
-          for i, u in enumerate(seqs.user_ids)}
+  return {u: (tok.decode(seqs.history(i)), tok.decode(seqs.target(i))) for i, u in enumerate(seqs.user_ids)}
 
 
 def test_shuffled_rows_give_the_same_sequences():
@@ -39,9 +37,14 @@ def test_shuffled_rows_give_the_same_sequences():
   n = 400
   user = rng.integers(0, 30, n)
   ts = rng.permutation(10**6)[:n] * 7  # distinct, gaps often above 30 min
-  table = pa.table({"user_id": [f"u{x}" for x in user], "timestamp": ts,
-                    "page": [f"p{x}" for x in rng.integers(0, 20, n)],
-                    "event_type": rng.choice(["view", "cart", None, "order"], n).tolist()})
+  table = pa.table(
+    {
+      "user_id": [f"u{x}" for x in user],
+      "timestamp": ts,
+      "page": [f"p{x}" for x in rng.integers(0, 20, n)],
+      "event_type": rng.choice(["view", "cart", None, "order"], n).tolist(),
+    }
+  )
   a, stats_a, tok = build(table)
   b, stats_b = build_sequences(table.take(rng.permutation(n)), tok)
   assert stats_a == stats_b
@@ -62,8 +65,9 @@ def test_gap_above_30_minutes_starts_a_new_session():
 def test_session_id_column_decides_sessions():
   # Same session despite a long gap; new session despite a short one; interleaved sessions
   # are grouped and ordered by their first event.
-  table = events([("u", 0, "a"), ("u", 10 * H, "b"), ("u", 10 * H + 1, "c"), ("u", 5, "x")],
-                 session_id=["s1", "s1", "s2", "s9"])
+  table = events(
+    [("u", 0, "a"), ("u", 10 * H, "b"), ("u", 10 * H + 1, "c"), ("u", 5, "x")], session_id=["s1", "s1", "s2", "s9"]
+  )
   seqs, _, tok = build(table)
   assert seqs.n_sessions.tolist() == [3]
   hist, target = decoded(seqs, tok)["u"]
@@ -72,8 +76,9 @@ def test_session_id_column_decides_sessions():
 
 
 def test_outcome_token_follows_its_page():
-  table = events([("u", 0, "a", "view"), ("u", 1, "b", "Cart"), ("u", 2, "c", None),
-                  ("u", 3, "d", "CLICK"), ("u", 4, "e", "orders")])
+  table = events(
+    [("u", 0, "a", "view"), ("u", 1, "b", "Cart"), ("u", 2, "c", None), ("u", 3, "d", "CLICK"), ("u", 4, "e", "orders")]
+  )
   seqs, stats, tok = build(table, holdout="last")
   assert tok.outcome_types == ["cart", "orders"]
   assert stats["outcome_events"] == 2
@@ -83,11 +88,9 @@ def test_outcome_token_follows_its_page():
 
 
 def test_multi_session_user_holds_out_the_last_session():
-  table = events([("u", 0, "a"), ("u", 1, "b"), ("u", 5 * H, "c"), ("u", 10 * H, "d"),
-                  ("u", 10 * H + 60, "e")])
+  table = events([("u", 0, "a"), ("u", 1, "b"), ("u", 5 * H, "c"), ("u", 10 * H, "d"), ("u", 10 * H + 60, "e")])
   seqs, _, tok = build(table)
-  assert decoded(seqs, tok)["u"] == (["<s>", "a", "b", "</s>", "<s>", "c", "</s>"],
-                                     ["<s>", "d", "e", "</s>"])
+  assert decoded(seqs, tok)["u"] == (["<s>", "a", "b", "</s>", "<s>", "c", "</s>"], ["<s>", "d", "e", "</s>"])
   assert seqs.split[0] == seqs.offsets[0] + 7
 
 
@@ -112,8 +115,7 @@ def test_auto_holdout_is_last_for_user_items_else_half():
 
 
 def test_too_short_users_are_dropped_and_counted():
-  table = events([("one", 0, "a"), ("two", 0, "a"), ("two", 1, "b"),
-                  ("split", 0, "a"), ("split", 5 * H, "b")])
+  table = events([("one", 0, "a"), ("two", 0, "a"), ("two", 1, "b"), ("split", 0, "a"), ("split", 5 * H, "b")])
   seqs, stats, _ = build(table)
   assert sorted(seqs.user_ids.tolist()) == ["split", "two"]
   assert stats["users_in"] == 3 and stats["users_dropped_too_short"] == 1 and stats["users"] == 2
@@ -134,8 +136,7 @@ def test_users_ordered_numerically_and_flat_layout_is_consistent():
 def test_only_multi_session_users_have_end_markers():
   table = events([("multi", 0, "a"), ("multi", 5 * H, "b"), ("single", 0, "c"), ("single", 1, "d")])
   seqs, _, tok = build(table)
-  assert decoded(seqs, tok) == {"multi": (["<s>", "a", "</s>"], ["<s>", "b", "</s>"]),
-                                "single": (["<s>", "c"], ["d"])}
+  assert decoded(seqs, tok) == {"multi": (["<s>", "a", "</s>"], ["<s>", "b", "</s>"]), "single": (["<s>", "c"], ["d"])}
 
 
 def test_subset_gathers_users():
@@ -151,11 +152,14 @@ def test_subset_gathers_users():
 
 def toy_sequences():
   """Two users with hand-made tokens: history/target lengths (6, 3) and (2, 5)."""
-  tokens = np.array([BOS, 10, 11, 12, 13, 14, 15, 16, EOS,
-                     BOS, 20, 21, 22, 23, 24, EOS], np.int32)
-  return UserSequences(user_ids=np.array(["a", "b"], object), tokens=tokens,
-                       offsets=np.array([0, 9, 16]), split=np.array([6, 11]),
-                       n_sessions=np.array([1, 1], np.int32))
+  tokens = np.array([BOS, 10, 11, 12, 13, 14, 15, 16, EOS, BOS, 20, 21, 22, 23, 24, EOS], np.int32)
+  return UserSequences(
+    user_ids=np.array(["a", "b"], object),
+    tokens=tokens,
+    offsets=np.array([0, 9, 16]),
+    split=np.array([6, 11]),
+    n_sessions=np.array([1, 1], np.int32),
+  )
 
 
 def test_history_windows_cut_left_and_pad_right():

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from hetlm_jax.config import ClusterConfig, Config, ModelConfig, TrainConfig
-from hetlm_jax.train.state import create_state, make_mesh, make_optimizer, abstract_state
+from hetlm_jax.train.state import abstract_state, create_state, make_mesh, make_optimizer
 from hetlm_jax.train.step import make_train_step
 
-CFG = Config(model=ModelConfig(vocab_size=19, context=8, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
-             train=TrainConfig(batch_size=8, learning_rate=1e-2, warmup_frac=0.0))
+CFG = Config(
+  model=ModelConfig(vocab_size=19, context=8, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0),
+  train=TrainConfig(batch_size=8, learning_rate=1e-2, warmup_frac=0.0),
+)
 
 
 def _batch(k, cfg=CFG, seed=0):
@@ -50,16 +52,19 @@ def test_vmapped_step_equals_k_separate_single_model_steps(stack):
   for c in range(k):
     # Model c alone, started from the same initial parameters, fed only its own slice of each batch.
     full_host = jax.device_get(full)
-    own = lambda tree: {"shared": tree["shared"], "cluster": jax.tree.map(lambda x: x[c:c + 1], tree["cluster"])}
+    own = lambda tree: {"shared": tree["shared"], "cluster": jax.tree.map(lambda x: x[c : c + 1], tree["cluster"])}
     state = full_host.replace(params=own(full_host.params), opt_state=own(full_host.opt_state))
     state = state.replace(round_steps=np.int32(10))
     for s in range(2):
       inputs, mask = _batch(k, CFG, s)
-      state, metrics = step(state, inputs[c:c + 1], mask[c:c + 1])
+      state, metrics = step(state, inputs[c : c + 1], mask[c : c + 1])
       np.testing.assert_allclose(metrics["loss"][0], stacked_metrics[s]["loss"][c], rtol=1e-5)
       np.testing.assert_allclose(metrics["grad_norm"][0], stacked_metrics[s]["grad_norm"][c], rtol=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b[c], rtol=1e-4, atol=1e-6),
-                 jax.device_get(state.params), stacked.params)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a[0], b[c], rtol=1e-4, atol=1e-6),
+      jax.device_get(state.params),
+      stacked.params,
+    )
 
 
 @pytest.mark.parametrize("cluster_axis", [1, 2])
@@ -106,25 +111,27 @@ def test_token_weights_give_a_weighted_mean_loss():
   np.testing.assert_allclose(weighted["grad_norm"], dropped["grad_norm"], rtol=1e-4)
 
 
-TOP1 = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, n_layers=2, output_bias=True),
-                           cluster=ClusterConfig(cluster_params="top:1"))
+TOP1 = dataclasses.replace(
+  CFG, model=dataclasses.replace(CFG.model, n_layers=2, output_bias=True), cluster=ClusterConfig(cluster_params="top:1")
+)
 
 
-@pytest.mark.parametrize("spec,unroll", [("head", False), ("top:1", True), ("adapters:2", False),
-                                         ("adapters:2", True)])
+@pytest.mark.parametrize("spec,unroll", [("head", False), ("top:1", True), ("adapters:2", False), ("adapters:2", True)])
 def test_split_step_gives_the_shared_part_the_mean_gradient_over_every_clusters_tokens(spec, unroll):
   """With an identity optimizer and lr 1 the step subtracts the gradient: each cluster's own part moves by
   the gradient of its own mean loss, the shared trunk by that of the mean loss over all K clusters' tokens."""
   import jax.numpy as jnp
   import optax
+
   from hetlm_jax.model import PageLM
   from hetlm_jax.train.split import merge, partition
   from hetlm_jax.train.state import init_state
   from hetlm_jax.train.step import packed_loss_mask, stacked_step, token_nll
 
   rank = int(spec.split(":")[1]) if spec.startswith("adapters") else 0
-  cfg = dataclasses.replace(TOP1, model=dataclasses.replace(TOP1.model, lora_rank=rank),
-                            cluster=ClusterConfig(cluster_params=spec))
+  cfg = dataclasses.replace(
+    TOP1, model=dataclasses.replace(TOP1.model, lora_rank=rank), cluster=ClusterConfig(cluster_params=spec)
+  )
   k, model, tx = 2, PageLM(cfg.model), optax.identity()
   state = init_state(cfg, tx, jax.random.key(0), k)
   assert jax.tree.leaves(state.params["shared"]), "this split has a shared trunk"
@@ -132,8 +139,9 @@ def test_split_step_gives_the_shared_part_the_mean_gradient_over_every_clusters_
   segments[1, 3:] = 0  # cluster 1 has fewer real tokens than cluster 0
   weights = (segments > 0).astype(np.float32)
   keys = jax.random.split(jax.random.key(1), k)
-  new_params, _, _ = stacked_step(model, tx, spec, cfg.model.n_layers, unroll, 1.0, state.params, state.opt_state,
-                                  inputs, segments, weights, keys)
+  new_params, _, _ = stacked_step(
+    model, tx, spec, cfg.model.n_layers, unroll, 1.0, state.params, state.opt_state, inputs, segments, weights, keys
+  )
 
   def sums(shared, cluster_c, c):
     nll = token_nll(model, merge(shared, cluster_c), inputs[c], segments[c], deterministic=True)
@@ -147,7 +155,9 @@ def test_split_step_gives_the_shared_part_the_mean_gradient_over_every_clusters_
   moved_shared = jax.tree.map(lambda a, b: a - b, state.params["shared"], new_params["shared"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), moved_shared, expected_shared)
   for c in range(k):
-    mean_loss = lambda cluster_c: sums(state.params["shared"], cluster_c, c)[0] / sums(state.params["shared"], cluster_c, c)[1]
+    mean_loss = lambda cluster_c: (
+      sums(state.params["shared"], cluster_c, c)[0] / sums(state.params["shared"], cluster_c, c)[1]
+    )
     expected = jax.grad(mean_loss)(own(c))
     moved = jax.tree.map(lambda a, b: a[c] - b[c], state.params["cluster"], new_params["cluster"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), moved, expected)
@@ -171,16 +181,24 @@ def test_an_all_padding_step_leaves_that_cluster_exactly_as_it_was(cfg):
   after = jax.device_get(after)
   assert metrics["tokens"][1] == 0
   for tree in ("params", "opt_state"):
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[1], b[1]), getattr(before, tree)["cluster"],
-                 getattr(after, tree)["cluster"])
-    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(jax.tree.leaves(getattr(before, tree)["cluster"]),
-                                                             jax.tree.leaves(getattr(after, tree)["cluster"])))
+    jax.tree.map(
+      lambda a, b: np.testing.assert_array_equal(a[1], b[1]),
+      getattr(before, tree)["cluster"],
+      getattr(after, tree)["cluster"],
+    )
+    assert any(
+      not np.array_equal(a[0], b[0])
+      for a, b in zip(
+        jax.tree.leaves(getattr(before, tree)["cluster"]), jax.tree.leaves(getattr(after, tree)["cluster"])
+      )
+    )
 
 
 def test_split_step_sharded_over_four_devices_equals_the_one_device_step():
   cfg = dataclasses.replace(TOP1, cluster=ClusterConfig(k=2, cluster_axis=2, cluster_params="top:1"))
-  one, one_metrics = _run(dataclasses.replace(cfg, cluster=ClusterConfig(k=2, cluster_params="top:1")), 2,
-                          jax.devices()[:1])
+  one, one_metrics = _run(
+    dataclasses.replace(cfg, cluster=ClusterConfig(k=2, cluster_params="top:1")), 2, jax.devices()[:1]
+  )
   four, four_metrics = _run(cfg, 2, jax.devices())
   for a, b in zip(one_metrics, four_metrics):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
@@ -192,8 +210,10 @@ def test_split_step_sharded_over_four_devices_equals_the_one_device_step():
 def test_stack_auto_unrolls_few_models_on_a_cpu_and_maps_over_many_or_sharded_ones():
   """The rule of --stack=auto (docs/BENCHMARKS.md, "Compile time"); an explicit --stack is obeyed."""
   from hetlm_jax.train.step import UNROLL_MAX_K, unrolled
+
   with_stack = lambda stack, axis=1: dataclasses.replace(
-    CFG, train=dataclasses.replace(CFG.train, stack=stack), cluster=dataclasses.replace(CFG.cluster, cluster_axis=axis))
+    CFG, train=dataclasses.replace(CFG.train, stack=stack), cluster=dataclasses.replace(CFG.cluster, cluster_axis=axis)
+  )
   assert jax.default_backend() == "cpu"
   assert UNROLL_MAX_K == 1  # measured: unrolling K >= 2 does not win its compile time back in a typical run
   assert unrolled(with_stack("auto"), make_mesh(with_stack("auto"), 1), 1)

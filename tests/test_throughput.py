@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_batches import _seqs
 
 from hetlm_jax.bench.flops import model_flops_per_token
 from hetlm_jax.config import ModelConfig
@@ -14,7 +15,6 @@ from hetlm_jax.model import PageLM, init_params, project
 from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.prefetch import Prefetcher
 from hetlm_jax.train.step import output_nll, token_nll
-from test_batches import _seqs
 
 CFG = ModelConfig(vocab_size=23, context=8, d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0)
 
@@ -38,8 +38,9 @@ def test_output_layer_function_equals_the_modules_logits(tie, bias):
   model = PageLM(cfg)
   logits = model.apply({"params": params}, tokens)
   hidden = model.apply({"params": params}, tokens, hidden_only=True)
-  np.testing.assert_allclose(project(cfg, params, hidden.reshape(-1, cfg.d_model)),
-                             logits.reshape(-1, cfg.vocab_size), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    project(cfg, params, hidden.reshape(-1, cfg.d_model)), logits.reshape(-1, cfg.vocab_size), rtol=1e-5, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("pages_only", [False, True])
@@ -53,7 +54,9 @@ def test_chunked_cross_entropy_equals_the_full_one_and_its_gradient(pages_only):
     return token_nll(model, p, tokens, pages_only=pages_only, chunk=chunk).sum()
 
   full, full_grads = jax.value_and_grad(loss)(params, 10**9)
-  chunked, chunked_grads = jax.value_and_grad(loss)(params, 3 * CFG.vocab_size)  # 3 positions per chunk, 40 = 13 x 3 + 1
+  chunked, chunked_grads = jax.value_and_grad(loss)(
+    params, 3 * CFG.vocab_size
+  )  # 3 positions per chunk, 40 = 13 x 3 + 1
   np.testing.assert_allclose(chunked, full, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(full_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -63,10 +66,12 @@ def test_chunked_cross_entropy_equals_the_full_one_and_its_gradient(pages_only):
 
 def test_prefetched_batches_are_the_same_in_the_same_order_from_any_step():
   seqs, _ = _seqs(40)
-  batches = ClusterBatches(seqs, np.arange(seqs.num_users) % 3, k=3, batch_size=4, context=12, epochs=3, seed=0,
-                           round_index=0)
-  fresh = lambda: ClusterBatches(seqs, np.arange(seqs.num_users) % 3, k=3, batch_size=4, context=12, epochs=3,
-                                 seed=0, round_index=0)
+  batches = ClusterBatches(
+    seqs, np.arange(seqs.num_users) % 3, k=3, batch_size=4, context=12, epochs=3, seed=0, round_index=0
+  )
+  fresh = lambda: ClusterBatches(
+    seqs, np.arange(seqs.num_users) % 3, k=3, batch_size=4, context=12, epochs=3, seed=0, round_index=0
+  )
   for first in (0, 5):  # from the start, and resumed mid-round
     expected = [fresh().batch(s) for s in range(first, batches.steps)]
     got = list(Prefetcher(fresh().batch, lambda b: b, first, batches.steps, depth=2))
@@ -81,6 +86,7 @@ def test_prefetch_raises_the_threads_error_and_stops_when_left_early():
     if s == 3:
       raise ValueError("bad batch 3")
     return (s,)
+
   with pytest.raises(ValueError, match="bad batch 3"):
     list(Prefetcher(make, lambda b: b, 0, 10, depth=2))
   feed = Prefetcher(lambda s: (s,), lambda b: b, 0, 1000, depth=2)
@@ -93,22 +99,31 @@ def test_prefetch_raises_the_threads_error_and_stops_when_left_early():
 
 def test_cpu_attention_equals_jax_dot_product_attention_within_segments():
   from hetlm_jax.model import causal_attention
+
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 4)), jnp.float32) for _ in range(3))
   segments = jnp.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
   mask = segments[:, None, :, None] == segments[:, None, None, :]
   for m in (mask, None):
-    np.testing.assert_allclose(causal_attention(q, k, v, m, fused=False), causal_attention(q, k, v, m, fused=True),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      causal_attention(q, k, v, m, fused=False), causal_attention(q, k, v, m, fused=True), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_a_metrics_window_averages_each_clusters_loss_over_the_steps_where_it_had_real_tokens(tmp_path):
   import types
+
   from hetlm_jax.train.loop import Trainer
   from hetlm_jax.train.metrics import MetricsLog, Progress
-  step = lambda tokens, nll, grad: {"tokens": np.array(tokens, np.float32), "nll_sum": np.array(nll, np.float32),
-                                    "real_tokens": np.array(tokens, np.int32), "grad_norm": np.array(grad, np.float32),
-                                    "learning_rate": np.array([1e-3] * 3), "step": np.array([7] * 3)}
+
+  step = lambda tokens, nll, grad: {
+    "tokens": np.array(tokens, np.float32),
+    "nll_sum": np.array(nll, np.float32),
+    "real_tokens": np.array(tokens, np.int32),
+    "grad_norm": np.array(grad, np.float32),
+    "learning_rate": np.array([1e-3] * 3),
+    "step": np.array([7] * 3),
+  }
   # Cluster 1 has real tokens in the first step only; cluster 2 in none.
   window = [step([10, 4, 0], [20, 8, 0], [1.0, 3.0, 0.0]), step([10, 0, 0], [10, 0, 0], [2.0, 0.0, 0.0])]
   log = MetricsLog(tmp_path / "m.jsonl")

@@ -57,7 +57,6 @@ def test_min_count_and_max_vocab_map_to_unk():
     PageTokenizer.fit(PAGES, outcome_types=["cart"], max_vocab=4)
 
 
-
 def test_restrict_to_training_counts_is_fit_on_those_events_and_maps_the_rest_to_unk():
   tok = PageTokenizer.fit(PAGES, outcome_types=["cart"])  # <cart>, then a b c d
   counts_V = np.zeros(tok.vocab_size, np.int64)

@@ -9,12 +9,24 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-
 from synthetic import markov_events
 
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = ["--context=16", "--d_model=16", "--n_layers=1", "--n_heads=2", "--d_ff=32", "--epochs=2", "--batch_size=8",
-         "--k=2", "--rounds=2", "--init=random", "--nobaselines", "--checkpoint_every=4", "--eval_batch_size=64"]
+FLAGS = [
+  "--context=16",
+  "--d_model=16",
+  "--n_layers=1",
+  "--n_heads=2",
+  "--d_ff=32",
+  "--epochs=2",
+  "--batch_size=8",
+  "--k=2",
+  "--rounds=2",
+  "--init=random",
+  "--nobaselines",
+  "--checkpoint_every=4",
+  "--eval_batch_size=64",
+]
 TIMINGS = ("train_s", "eval_s")  # wall-clock seconds: the only figures allowed to differ
 
 
@@ -55,4 +67,5 @@ def assert_same_result(expected: Path, actual: Path, rtol: float = 1e-5) -> None
       np.testing.assert_allclose(y, x, rtol=rtol, atol=1e-6, err_msg=path)
     else:
       assert x == y, path
+
   same(a, b, "eval.json")

@@ -12,9 +12,18 @@ from hetlm_jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s (no sparsity), from the vendors' data sheets, by the start of jax's device_kind.
 PEAK_BF16 = {
-  "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
-  "NVIDIA A10G": 70e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-  "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA H100": 989e12,
+  "NVIDIA A100": 312e12,
+  "NVIDIA L4": 121e12,
+  "NVIDIA A10G": 70e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
 }
 
 

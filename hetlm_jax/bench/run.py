@@ -21,15 +21,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from absl import logging
 
+from hetlm_jax import interrupt
 from hetlm_jax.bench import flops, torch_reference
 from hetlm_jax.cluster.assign import kmeans_on_features, random_balanced
 from hetlm_jax.config import Config, validate
+from hetlm_jax.data.prepare import data_path, prepare_data
+from hetlm_jax.data.readers import read_events
 from hetlm_jax.data.tokenizer import UNK
 from hetlm_jax.files import replace_text
 from hetlm_jax.model import param_count
-from hetlm_jax.data.readers import read_events
-from hetlm_jax.data.prepare import data_path, prepare_data
-from hetlm_jax import interrupt
 from hetlm_jax.train.batches import ClusterBatches
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.state import make_mesh
@@ -70,7 +70,7 @@ def _loop_step_s(cfg: Config, k: int, batches: list) -> tuple[float, float]:
   """The same K models as K separate states, stepped by a Python loop of one jitted single-model step."""
   trainer = Trainer(cfg, 1)
   states = [trainer.start_round(trainer.init_state(), 10**6) for _ in range(k)]
-  put = lambda b: [jax.device_put(tuple(a[c:c + 1] for a in b), trainer.train_step.batch_sharding) for c in range(k)]
+  put = lambda b: [jax.device_put(tuple(a[c : c + 1] for a in b), trainer.train_step.batch_sharding) for c in range(k)]
 
   def loop_step(states, per_cluster):
     out = [trainer.train_step(states[c], *per_cluster[c]) for c in range(k)]
@@ -82,13 +82,21 @@ def _loop_step_s(cfg: Config, k: int, batches: list) -> tuple[float, float]:
 def _throughput(cfg: Config, seqs, k: int, steps: int, with_torch: bool, peak: float) -> dict:
   """Tokens/s of the stacked step, the loop and PyTorch on the same `steps` timed batches; the stacked
   step's MFU against `peak` FLOP/s."""
-  rounds = ClusterBatches(seqs, random_balanced(seqs.num_users, k, 0), k, cfg.train.batch_size, cfg.model.context,
-                          10**4, cfg.train.seed, 0)
+  rounds = ClusterBatches(
+    seqs, random_balanced(seqs.num_users, k, 0), k, cfg.train.batch_size, cfg.model.context, 10**4, cfg.train.seed, 0
+  )
   batches = [rounds.batch(s % rounds.steps) for s in range(WARMUP + steps)]
   tokens = float(np.median([_real_tokens(b) for b in batches[WARMUP:]]))
-  row = {"k": k, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "batch": cfg.train.batch_size,
-         "seq_len": cfg.model.context, "params_per_model": param_count(cfg.model),
-         "real_tokens_per_step": tokens, "compute_dtype": cfg.model.compute_dtype}
+  row = {
+    "k": k,
+    "d_model": cfg.model.d_model,
+    "n_layers": cfg.model.n_layers,
+    "batch": cfg.train.batch_size,
+    "seq_len": cfg.model.context,
+    "params_per_model": param_count(cfg.model),
+    "real_tokens_per_step": tokens,
+    "compute_dtype": cfg.model.compute_dtype,
+  }
   row["vocab_size"] = cfg.model.vocab_size
   logging.info("bench: stacked step, K=%d, d_model=%d, vocabulary %d", k, cfg.model.d_model, cfg.model.vocab_size)
   row["stacked_step_s"], row["compile_s"] = {}, {}
@@ -101,8 +109,9 @@ def _throughput(cfg: Config, seqs, k: int, steps: int, with_torch: bool, peak: f
   row["vmapped_tokens_per_s"] = tokens / row["vmapped_step_s"]
   row["loop_tokens_per_s"] = tokens / row["loop_step_s"]
   row["vmapped_over_loop"] = row["vmapped_tokens_per_s"] / row["loop_tokens_per_s"]
-  row.update({key: None for key in ("torch_loop_tokens_per_s", "torch_func_tokens_per_s", "torch_tokens_per_s",
-                                    "vmapped_over_torch")})
+  row.update(
+    dict.fromkeys(("torch_loop_tokens_per_s", "torch_func_tokens_per_s", "torch_tokens_per_s", "vmapped_over_torch"))
+  )
   missing = torch_reference.available()
   if with_torch and missing:
     logging.warning("bench: no PyTorch figures: %s", missing)
@@ -129,8 +138,12 @@ def _scoring(cfg: Config, seqs, k: int) -> dict:
   start = time.perf_counter()
   _, tokens_U = trainer.score(params, seqs, "history")
   seconds = time.perf_counter() - start
-  return {"score_users_per_s": seqs.num_users / seconds, "score_tokens_per_s": float(tokens_U.sum()) / seconds,
-          "score_user_model_pairs_per_s": k * seqs.num_users / seconds, "score_compile_s": compile_s}
+  return {
+    "score_users_per_s": seqs.num_users / seconds,
+    "score_tokens_per_s": float(tokens_U.sum()) / seconds,
+    "score_user_model_pairs_per_s": k * seqs.num_users / seconds,
+    "score_compile_s": compile_s,
+  }
 
 
 def _predict(cfg: Config, prepared, k: int) -> dict:
@@ -141,6 +154,7 @@ def _predict(cfg: Config, prepared, k: int) -> dict:
   from hetlm_jax.eval.evaluate import EvalOptions, LMFamily, rank_next_pages, route_by_history
   from hetlm_jax.predict import Predictor
   from hetlm_jax.workdir import TrainedRun
+
   trainer = Trainer(cfg, k)
   params = trainer.init_state().params
   seqs, tokenizer = prepared.seqs, prepared.tokenizer
@@ -161,8 +175,15 @@ def _predict(cfg: Config, prepared, k: int) -> dict:
   def evaluate(users):
     view = seqs.subset(users)
     family.assignment = route_by_history(family, view)
-    rank_next_pages(lambda u: trainer.next_logprobs(params, view, u, family.assignment[u]), view, tokenizer,
-             EvalOptions(), trainer.eval_batch, "bench", groups_U=family.assignment)
+    rank_next_pages(
+      lambda u: trainer.next_logprobs(params, view, u, family.assignment[u]),
+      view,
+      tokenizer,
+      EvalOptions(),
+      trainer.eval_batch,
+      "bench",
+      groups_U=family.assignment,
+    )
 
   predict(table.slice(0, 2000))  # compiles
   evaluate(np.arange(min(seqs.num_users, 256)))
@@ -172,16 +193,20 @@ def _predict(cfg: Config, prepared, k: int) -> dict:
   start = time.perf_counter()
   evaluate(np.arange(seqs.num_users))
   eval_s = time.perf_counter() - start
-  return {"predict_users_per_s": users / predict_s, "predict_tokens_per_s": tokens / predict_s,
-          "eval_path_users_per_s": seqs.num_users / eval_s}
+  return {
+    "predict_users_per_s": users / predict_s,
+    "predict_tokens_per_s": tokens / predict_s,
+    "eval_path_users_per_s": seqs.num_users / eval_s,
+  }
 
 
 def _real_round(cfg: Config, seqs, vocab_size: int, k: int, steps: int) -> dict:
   """A round as training runs it, on a k-means assignment (clusters of unequal size): the padding share of
   its batches, with and without --balance, and the share of step time spent waiting for the next batch."""
   assignment = kmeans_on_features(seqs, vocab_size, k, cfg.train.seed)
-  make = lambda balance: ClusterBatches(seqs, assignment, k, cfg.train.batch_size, cfg.model.context,
-                                        cfg.train.epochs, cfg.train.seed, 0, balance=balance)
+  make = lambda balance: ClusterBatches(
+    seqs, assignment, k, cfg.train.batch_size, cfg.model.context, cfg.train.epochs, cfg.train.seed, 0, balance=balance
+  )
   batches = make(cfg.train.balance)
   trainer = Trainer(cfg, k)
   state = trainer.start_round(trainer.init_state(), batches.steps)
@@ -193,14 +218,19 @@ def _real_round(cfg: Config, seqs, vocab_size: int, k: int, steps: int) -> dict:
   jax.block_until_ready(state.params)
   wall = time.perf_counter() - start
   tokens = sum(_real_tokens(batches.batch(s)) for s in range(WARMUP, until))
-  return {"cluster_sizes": np.bincount(assignment, minlength=k).tolist(),
-          "padding_fraction": batches.padding_fraction(), "padding_fraction_unbalanced": make(False).padding_fraction(),
-          "host_wait_fraction": trainer.host_wait_s / wall, "round_steps_timed": until - WARMUP,
-          "round_tokens_per_s": tokens / wall}
+  return {
+    "cluster_sizes": np.bincount(assignment, minlength=k).tolist(),
+    "padding_fraction": batches.padding_fraction(),
+    "padding_fraction_unbalanced": make(False).padding_fraction(),
+    "host_wait_fraction": trainer.host_wait_s / wall,
+    "round_steps_timed": until - WARMUP,
+    "round_tokens_per_s": tokens / wall,
+  }
 
 
-def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: list[tuple[int, ...]] = (),
-              with_torch: bool = True) -> dict:
+def run_bench(
+  cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: list[tuple[int, ...]] = (), with_torch: bool = True
+) -> dict:
   """Measures on the configured data (default: the packaged sample); writes JSON to `out` if given.
   `sweep`: (d_model, K) or (d_model, K, vocabulary) sizes, one row each in `sweep` (d_ff = 4 d_model, head width
   64 from d_model 256; the data's vocabulary unless given: pages beyond a smaller one become <unk>)."""
@@ -211,10 +241,16 @@ def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: 
   device = jax.devices()[0]
   peak, peak_source = flops.peak_flops(device)
   result = {
-    "date": time.strftime("%Y-%m-%d"), "device": f"{device.platform}: {device.device_kind}",
-    "devices": jax.device_count(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-    "jax_version": jax.__version__, "users": seqs.num_users, "model": dataclasses.asdict(cfg.model),
-    "peak_flops": peak, "peak_source": peak_source,
+    "date": time.strftime("%Y-%m-%d"),
+    "device": f"{device.platform}: {device.device_kind}",
+    "devices": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "machine": platform.machine(),
+    "jax_version": jax.__version__,
+    "users": seqs.num_users,
+    "model": dataclasses.asdict(cfg.model),
+    "peak_flops": peak,
+    "peak_source": peak_source,
     "prep_events_per_s": prepared.stats["events"] / max(prepared.seconds, 1e-9),
   }
   unwritten = f"{out} was not written" if out else "nothing was written"
@@ -230,11 +266,13 @@ def run_bench(cfg: Config, out: str | None, steps: int = 20, k: int = 8, sweep: 
   result["sweep"] = []
   _write(out, result)  # and again after each sweep row: a sweep cut short keeps what it measured
   for i, (d_model, sweep_k, *size) in enumerate(sweep):
-    interrupt.safe_point(f"after {i} of {len(sweep)} sweep rows",
-                         f"{out} holds what was measured before" if out else "nothing was written")
+    interrupt.safe_point(
+      f"after {i} of {len(sweep)} sweep rows", f"{out} holds what was measured before" if out else "nothing was written"
+    )
     v = size[0] if size else vocab
-    model = dataclasses.replace(cfg.model, d_model=d_model, d_ff=4 * d_model, n_heads=max(4, d_model // 64),
-                                vocab_size=v)
+    model = dataclasses.replace(
+      cfg.model, d_model=d_model, d_ff=4 * d_model, n_heads=max(4, d_model // 64), vocab_size=v
+    )
     ids = np.arange(vocab)
     row_seqs = seqs if v >= vocab else seqs.map_tokens(np.where(ids < v, ids, UNK))
     result["sweep"].append(_throughput(cfg.replace(model=model), row_seqs, sweep_k, steps, with_torch, peak))
@@ -252,16 +290,39 @@ def _write(out: str | None, result: dict) -> None:
 def _log(result: dict) -> None:
   fmt = lambda x: "n/a" if x is None else f"{x:,.0f}"
   for row in [result, *result["sweep"]]:
-    logging.info("K=%d d_model=%d: stacked %s tokens/s, loop %s, PyTorch %s (loop %s, torch.func %s), MFU %.2f%%",
-                 row["k"], row["d_model"], fmt(row["vmapped_tokens_per_s"]), fmt(row["loop_tokens_per_s"]),
-                 fmt(row["torch_tokens_per_s"]), fmt(row["torch_loop_tokens_per_s"]),
-                 fmt(row["torch_func_tokens_per_s"]), 100 * row["mfu"])
+    logging.info(
+      "K=%d d_model=%d: stacked %s tokens/s, loop %s, PyTorch %s (loop %s, torch.func %s), MFU %.2f%%",
+      row["k"],
+      row["d_model"],
+      fmt(row["vmapped_tokens_per_s"]),
+      fmt(row["loop_tokens_per_s"]),
+      fmt(row["torch_tokens_per_s"]),
+      fmt(row["torch_loop_tokens_per_s"]),
+      fmt(row["torch_func_tokens_per_s"]),
+      100 * row["mfu"],
+    )
     c, s = row["compile_s"], row["stacked_step_s"]
-    logging.info("K=%d vocabulary %d: compile unrolled %.1fs (step %.3fs), vmapped %.1fs (step %.3fs), loop's step "
-                 "%.1fs", row["k"], row["vocab_size"], c["unroll"], s["unroll"], c["vmap"], s["vmap"], c["loop"])
-  logging.info("next pages %s users/s (%s history tokens/s); the evaluation's path %s users/s",
-               fmt(result["predict_users_per_s"]), fmt(result["predict_tokens_per_s"]),
-               fmt(result["eval_path_users_per_s"]))
-  logging.info("scoring %s users/s, %s tokens/s; padding %.1f%% (unbalanced %.1f%%); host wait %.1f%% of step time",
-               fmt(result["score_users_per_s"]), fmt(result["score_tokens_per_s"]), 100 * result["padding_fraction"],
-               100 * result["padding_fraction_unbalanced"], 100 * result["host_wait_fraction"])
+    logging.info(
+      "K=%d vocabulary %d: compile unrolled %.1fs (step %.3fs), vmapped %.1fs (step %.3fs), loop's step %.1fs",
+      row["k"],
+      row["vocab_size"],
+      c["unroll"],
+      s["unroll"],
+      c["vmap"],
+      s["vmap"],
+      c["loop"],
+    )
+  logging.info(
+    "next pages %s users/s (%s history tokens/s); the evaluation's path %s users/s",
+    fmt(result["predict_users_per_s"]),
+    fmt(result["predict_tokens_per_s"]),
+    fmt(result["eval_path_users_per_s"]),
+  )
+  logging.info(
+    "scoring %s users/s, %s tokens/s; padding %.1f%% (unbalanced %.1f%%); host wait %.1f%% of step time",
+    fmt(result["score_users_per_s"]),
+    fmt(result["score_tokens_per_s"]),
+    100 * result["padding_fraction"],
+    100 * result["padding_fraction_unbalanced"],
+    100 * result["host_wait_fraction"],
+  )

@@ -28,8 +28,8 @@ def available() -> str | None:
 
 def _build(cfg: Config, device: str):
   import torch
-  from torch import nn
   import torch.nn.functional as F
+  from torch import nn
 
   m = cfg.model
 
@@ -83,7 +83,9 @@ def _build(cfg: Config, device: str):
         x = block(x, positions, mask)
       logits = self.ln_final(x) @ self.embed.weight.T
       target_seg = segments_BxT1[:, 1:]
-      w = torch.where((target_seg == seg) & (target_seg != 0), weights_BxT1[:, 1:], torch.zeros_like(weights_BxT1[:, 1:]))
+      w = torch.where(
+        (target_seg == seg) & (target_seg != 0), weights_BxT1[:, 1:], torch.zeros_like(weights_BxT1[:, 1:])
+      )
       nll = F.cross_entropy(logits.float().reshape(-1, m.vocab_size), tokens_BxT1[:, 1:].reshape(-1), reduction="none")
       return (nll * w.reshape(-1)).sum() / w.sum().clamp_min(1e-6)
 
@@ -102,8 +104,14 @@ def measure(cfg: Config, k: int, batches: list[tuple[np.ndarray, ...]], warmup: 
   torch.manual_seed(cfg.train.seed)
   PageLM = _build(cfg, device)
   models = [PageLM().to(device) for _ in range(k)]
-  on_device = [(torch.as_tensor(tokens, device=device).long(), torch.as_tensor(segments, device=device),
-                torch.as_tensor(weights, device=device)) for tokens, segments, weights in batches]
+  on_device = [
+    (
+      torch.as_tensor(tokens, device=device).long(),
+      torch.as_tensor(segments, device=device),
+      torch.as_tensor(weights, device=device),
+    )
+    for tokens, segments, weights in batches
+  ]
   lr, wd, clip = cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.grad_clip
   autocast = lambda: torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
 

@@ -92,8 +92,13 @@ def reassign(nll_per_token_KxU: np.ndarray, current_U: np.ndarray, min_size: int
     new_U[worst] = c
     source[c] = source[largest]
     reseeded[c] = largest
-  return Reassignment(assignment=new_U, moved=float(np.mean(new_U != current_U)),
-                      sizes=np.bincount(new_U, minlength=k), reseeded=reseeded, source=source)
+  return Reassignment(
+    assignment=new_U,
+    moved=float(np.mean(new_U != current_U)),
+    sizes=np.bincount(new_U, minlength=k),
+    reseeded=reseeded,
+    source=source,
+  )
 
 
 def cluster_shares(assignment_U: np.ndarray, weights_UxK: np.ndarray | None, k: int) -> np.ndarray:

@@ -33,6 +33,7 @@ _ANNEALED = 1.5
 class Position:
   """Where a model family's training stands: saved as every checkpoint's meta, so a resumed run goes on from
   exactly there."""
+
   round: int = 0  # rounds finished
   done: bool = False  # no round follows (the interpolation or mixture toward the init LM may)
   in_round: bool = False  # a round has started and not ended
@@ -66,8 +67,13 @@ class Position:
   def kept_its_start(self) -> bool:
     """Whether a warm-started family ended where it started: no round found a better point, or the weights
     toward the LM it started from were fitted all the way back to it."""
-    back = (self.alpha is not None and not any(self.alpha) and not self.alpha_shared
-            or self.mix is not None and not any(self.mix))
+    back = (
+      self.alpha is not None
+      and not any(self.alpha)
+      and not self.alpha_shared
+      or self.mix is not None
+      and not any(self.mix)
+    )
     return self.warm and self.round > 0 and (back or not self.improved)
 
 
@@ -99,6 +105,7 @@ class RoundPlan:
 class Policy:
   """The rules of one model family. `warm`: it starts from a trained LM; `validating`: validation users exist
   (without them every round trains its whole cap and ends at the bottom of its decay, so nothing anneals)."""
+
   cfg: Config
   k: int
   warm: bool
@@ -140,8 +147,9 @@ class Policy:
     """The next round of a family at run position `at`."""
     t = self.cfg.train
     if self.warm:
-      return RoundPlan("warm", t.warm_epochs, decay_lr(self.cfg.cluster.warm_lr_scale * t.learning_rate),
-                       t.val_every, self.patience, 0)
+      return RoundPlan(
+        "warm", t.warm_epochs, decay_lr(self.cfg.cluster.warm_lr_scale * t.learning_rate), t.val_every, self.patience, 0
+      )
     if not at.cold_done:
       return RoundPlan("cold", t.epochs, cold_lr(t), 1.0, self.patience, -(-t.epochs // 2))
     return RoundPlan("anneal", t.warm_epochs, decay_lr(at.kept_lr), t.val_every, self.patience, 0)
@@ -168,7 +176,8 @@ class Policy:
     # training (after a forced first E-step, one more round tries the new assignment). Nor is one after an
     # E-step that moved fewer than --tolerance of the users.
     converged = (not improved and not (self.k > 1 and at.round == 1)) or (
-      moved is not None and moved < self.cfg.cluster.tolerance)
+      moved is not None and moved < self.cfg.cluster.tolerance
+    )
     at.converged = bool(at.converged or converged)
     finished = at.converged or at.round >= rounds
     if plan.kind == "warm":

@@ -22,8 +22,16 @@ from absl import logging
 from scipy.special import logsumexp
 
 from hetlm_jax import hosts, interrupt
-from hetlm_jax.cluster.assign import (Reassignment, cluster_shares, kmeans, kmeans_on_features, log_shares,
-                                      min_cluster_size, random_balanced, reassign)
+from hetlm_jax.cluster.assign import (
+  Reassignment,
+  cluster_shares,
+  kmeans,
+  kmeans_on_features,
+  log_shares,
+  min_cluster_size,
+  random_balanced,
+  reassign,
+)
 from hetlm_jax.cluster.policy import Policy, Position, RoundPlan
 from hetlm_jax.cluster.toward_init import fit_mix, interpolate
 from hetlm_jax.cluster.validation import Validation
@@ -41,6 +49,7 @@ from hetlm_jax.workdir import checkpoint_dir
 @dataclasses.dataclass
 class Trained:
   """One trained model family: K stacked models (K=1 for a single LM) and their users' clusters."""
+
   name: str
   cfg: Config
   trainer: Trainer
@@ -61,6 +70,7 @@ class Trained:
 @dataclasses.dataclass
 class RoundState:
   """What a family carries from one step and round to the next; its checkpoints hold all of it."""
+
   state: TrainState  # the K models and their optimizer, at the current step
   best: dict | None  # the kept reference: params and optimizer state at the round's best validation so far
   assignment_U: np.ndarray  # each user's cluster
@@ -73,6 +83,7 @@ class RoundState:
 @dataclasses.dataclass
 class FamilyRun:
   """The fixed parts of one family's training: what it is, where it is saved, and by which rules it trains."""
+
   name: str
   cfg: Config
   k: int
@@ -97,11 +108,24 @@ class FamilyRun:
     state = rs.state if state is None else state
     rs.at.train_s = self.trained_before + time.perf_counter() - self.started
     cfg = self.cfg
-    self.ckpts.save(state, rs.best, rs.assignment_U,
-                    {**rs.at.to_meta(), "step": int(state.step), "num_users": self.seqs.num_users, "k": self.k,
-                     "rounds_cap": self.rounds, "cluster_params": cluster_spec(cfg, self.k),
-                     "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train)},
-                    rs.weights_UxK, replace=replace, anchor=self.trainer.anchor if rs.at.mix is not None else None)
+    self.ckpts.save(
+      state,
+      rs.best,
+      rs.assignment_U,
+      {
+        **rs.at.to_meta(),
+        "step": int(state.step),
+        "num_users": self.seqs.num_users,
+        "k": self.k,
+        "rounds_cap": self.rounds,
+        "cluster_params": cluster_spec(cfg, self.k),
+        "model": dataclasses.asdict(cfg.model),
+        "train": dataclasses.asdict(cfg.train),
+      },
+      rs.weights_UxK,
+      replace=replace,
+      anchor=self.trainer.anchor if rs.at.mix is not None else None,
+    )
 
   def periodic_save(self, rs: RoundState, state: TrainState, step: int) -> None:
     """After each step: a checkpoint every --checkpoint_every steps, or now and stop on SIGTERM/SIGINT."""
@@ -123,8 +147,20 @@ class FamilyRun:
 
   def result(self, rs: RoundState) -> Trained:
     """The trained family (seconds as of its last checkpoint: a finished run's resume adds nothing)."""
-    return Trained(self.name, self.cfg, self.trainer, rs.state.params, rs.assignment_U, rs.at.round, rs.at.train_s,
-                   rs.weights_UxK, rs.at.passes, rs.scored_KxU, rs.at.tokens, rs.at.kept_its_start())
+    return Trained(
+      self.name,
+      self.cfg,
+      self.trainer,
+      rs.state.params,
+      rs.assignment_U,
+      rs.at.round,
+      rs.at.train_s,
+      rs.weights_UxK,
+      rs.at.passes,
+      rs.scored_KxU,
+      rs.at.tokens,
+      rs.at.kept_its_start(),
+    )
 
 
 def _snapshot(state: TrainState) -> dict:
@@ -132,9 +168,20 @@ def _snapshot(state: TrainState) -> dict:
   return jax.tree.map(jnp.copy, {"params": state.params, "opt_state": state.opt_state})
 
 
-def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Path, log: MetricsLog,
-                 initial_assignment, rounds: int, validation: Validation | None, on_round=None,
-                 warm_params=lambda: None, continue_from: str | None = None) -> Trained:
+def train_family(
+  name: str,
+  cfg: Config,
+  k: int,
+  seqs: UserSequences,
+  workdir: Path,
+  log: MetricsLog,
+  initial_assignment,
+  rounds: int,
+  validation: Validation | None,
+  on_round=None,
+  warm_params=lambda: None,
+  continue_from: str | None = None,
+) -> Trained:
   """Trains (or resumes) one model family in WORKDIR/checkpoints/NAME for at most `rounds` rounds (plus an
   anneal), by the rules of cluster/policy.py.
 
@@ -149,15 +196,26 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
   (the single LM that warm-starts HeTLM): with no checkpoint of its own, this family is a copy of that one.
   """
   interrupt.safe_point(f"before training {name}", "every model trained before it is checkpointed")
-  run, rs = open_family(name, cfg, k, seqs, workdir, log, initial_assignment, rounds, validation, warm_params,
-                        continue_from)
+  run, rs = open_family(
+    name, cfg, k, seqs, workdir, log, initial_assignment, rounds, validation, warm_params, continue_from
+  )
   try:
     with interrupt.stop_handler() as run.stop:  # the command's, when it has one
       while not rs.at.done:
         plan = run.policy.plan(rs.at)
-        batches = ClusterBatches(seqs, rs.assignment_U, k, cfg.train.batch_size, cfg.model.context, plan.passes,
-                                 cfg.train.seed, rs.at.round, rs.weights_UxK, balance=cfg.train.balance,
-                                 max_repeat=cfg.train.max_repeat)
+        batches = ClusterBatches(
+          seqs,
+          rs.assignment_U,
+          k,
+          cfg.train.batch_size,
+          cfg.model.context,
+          plan.passes,
+          cfg.train.seed,
+          rs.at.round,
+          rs.weights_UxK,
+          balance=cfg.train.balance,
+          max_repeat=cfg.train.max_repeat,
+        )
         checks, improved = m_step(run, rs, plan, batches)
         end_round(run, rs, plan, checks, improved)
         if on_round is not None:
@@ -166,16 +224,28 @@ def train_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: P
         run.stop_if_asked(rs.state)
       pull_toward_init(run, rs)
   except interrupt.NonFiniteLoss as e:
-    raise HetlmError(f"{name}: {e}; training stopped, and its last good checkpoint (step {run.ckpts.latest_step()}) "
-                     f"is kept in {checkpoint_dir(workdir, name)}") from None
+    raise HetlmError(
+      f"{name}: {e}; training stopped, and its last good checkpoint (step {run.ckpts.latest_step()}) "
+      f"is kept in {checkpoint_dir(workdir, name)}"
+    ) from None
   finally:  # also on an error or interrupt: pending checkpoint writes finish before the process goes on
     run.ckpts.close()
   return run.result(rs)
 
 
-def open_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Path, log: MetricsLog,
-                initial_assignment, rounds: int, validation: Validation | None, warm_params,
-                continue_from: str | None) -> tuple[FamilyRun, RoundState]:
+def open_family(
+  name: str,
+  cfg: Config,
+  k: int,
+  seqs: UserSequences,
+  workdir: Path,
+  log: MetricsLog,
+  initial_assignment,
+  rounds: int,
+  validation: Validation | None,
+  warm_params,
+  continue_from: str | None,
+) -> tuple[FamilyRun, RoundState]:
   """The family and its round state: resumed from its checkpoint, copied from `continue_from`'s, or new (from
   scratch or `warm_params()`, on `initial_assignment()`)."""
   c, t = cfg.cluster, cfg.train
@@ -207,8 +277,10 @@ def open_family(name: str, cfg: Config, k: int, seqs: UserSequences, workdir: Pa
     state = trainer.init_state() if start_params is None else trainer.warm_state(start_params)
     try:  # the initial assignment may train the init LM first (--init=embedding), which may stop
       best, assignment_U, weights_UxK = None, initial_assignment(), None
-      interrupt.safe_point(f"after {name}'s initial assignment, before its first step", "nothing of it was saved "
-                           "(it is made again, the same), and any model trained before it keeps its checkpoints")
+      interrupt.safe_point(
+        f"after {name}'s initial assignment, before its first step",
+        "nothing of it was saved (it is made again, the same), and any model trained before it keeps its checkpoints",
+      )
     except BaseException:
       ckpts.close()
       raise
@@ -232,22 +304,36 @@ def m_step(run: FamilyRun, rs: RoundState, plan: RoundPlan, batches: ClusterBatc
   if not at.in_round:
     rs.state = trainer.start_round(rs.state, total, plan.round_lr)
     rs.best = _snapshot(rs.state)
-    at.best_nll, at.best_var = (run.validate(rs.state.params, rs.assignment_U, rs.weights_UxK)
-                                if run.policy.patience else (None, None))
+    at.best_nll, at.best_var = (
+      run.validate(rs.state.params, rs.assignment_U, rs.weights_UxK) if run.policy.patience else (None, None)
+    )
     at.in_round, at.best_check = True, 0
   check = (int(rs.state.step) - int(rs.state.round_start)) // every
   label = _label(run, plan, round_index)
   while check < checks and not plan.stalled(check, at.best_check):
     until = min((check + 1) * every, total)
-    rs.state = trainer.train_round(rs.state, batches, run.log, on_step=functools.partial(run.periodic_save, rs),
-                                   until=until, label=f"{label} pass {until / per_epoch:.2f}/{plan.passes}",
-                                   record={"model": name, "round": round_index + 1, "round_kind": plan.kind,
-                                           "pass": round(until / per_epoch, 3)})
+    rs.state = trainer.train_round(
+      rs.state,
+      batches,
+      run.log,
+      on_step=functools.partial(run.periodic_save, rs),
+      until=until,
+      label=f"{label} pass {until / per_epoch:.2f}/{plan.passes}",
+      record={"model": name, "round": round_index + 1, "round_kind": plan.kind, "pass": round(until / per_epoch, 3)},
+    )
     check += 1
     if run.policy.patience:
       nll, var = run.validate(rs.state.params, rs.assignment_U, rs.weights_UxK)
-      run.log.write({"kind": "validation", "model": name, "round": round_index + 1,
-                     "pass": round(until / per_epoch, 3), "nll": nll, "var": var})
+      run.log.write(
+        {
+          "kind": "validation",
+          "model": name,
+          "round": round_index + 1,
+          "pass": round(until / per_epoch, 3),
+          "nll": nll,
+          "var": var,
+        }
+      )
       if nll < at.best_nll:
         rs.best = _snapshot(rs.state)
         at.best_check, at.best_nll, at.best_var = check, nll, var
@@ -262,13 +348,27 @@ def m_step(run: FamilyRun, rs: RoundState, plan: RoundPlan, batches: ClusterBatc
   at.round, at.in_round, at.improved = round_index + 1, False, at.improved or improved
   at.passes += steps / per_epoch
   at.tokens += steps * batches.tokens_per_epoch / per_epoch
-  run.log.write({"kind": "stop", "model": name, "round": round_index + 1, "round_kind": plan.kind,
-                 "passes": round(steps / per_epoch, 3), "best_pass": round(min(kept * every, total) / per_epoch, 3),
-                 "improved": improved, "validation_nll": at.best_nll, "validation_var": at.best_var,
-                 "tokens": steps * batches.tokens_per_epoch / per_epoch})
-  logging.info("%s: %.2f passes, kept pass %.2f%s", label, steps / per_epoch, min(kept * every, total) / per_epoch,
-               f" (validation per-user NLL {at.best_nll:.4f}, variance {at.best_var:.4f})"
-               if run.policy.patience else "")
+  run.log.write(
+    {
+      "kind": "stop",
+      "model": name,
+      "round": round_index + 1,
+      "round_kind": plan.kind,
+      "passes": round(steps / per_epoch, 3),
+      "best_pass": round(min(kept * every, total) / per_epoch, 3),
+      "improved": improved,
+      "validation_nll": at.best_nll,
+      "validation_var": at.best_var,
+      "tokens": steps * batches.tokens_per_epoch / per_epoch,
+    }
+  )
+  logging.info(
+    "%s: %.2f passes, kept pass %.2f%s",
+    label,
+    steps / per_epoch,
+    min(kept * every, total) / per_epoch,
+    f" (validation per-user NLL {at.best_nll:.4f}, variance {at.best_var:.4f})" if run.policy.patience else "",
+  )
   return check, improved
 
 
@@ -290,8 +390,9 @@ def end_round(run: FamilyRun, rs: RoundState, plan: RoundPlan, checks: int, impr
     # E-step. When the round found nothing better than its start (the first round, which always ends in one),
     # it routes by the models as trained, its last point, not by the start it then returns to.
     validate = functools.partial(run.validate, rs.state.params) if run.policy.patience else None
-    rs.assignment_U, rs.weights_UxK, moved, scored_KxU = e_step(run, rs.state, rs.assignment_U, rs.weights_UxK,
-                                                                at.round, gate=improved, validate=validate)
+    rs.assignment_U, rs.weights_UxK, moved, scored_KxU = e_step(
+      run, rs.state, rs.assignment_U, rs.weights_UxK, at.round, gate=improved, validate=validate
+    )
   if reverted and not improved:  # back to the round's start
     back_to_best()
   if estep:
@@ -305,8 +406,11 @@ def end_round(run: FamilyRun, rs: RoundState, plan: RoundPlan, checks: int, impr
     rs.scored_KxU = None  # the parameters changed since they were last scored
   run.policy.end_round(plan, at, improved, run.rounds, moved)
   if not improved:
-    logging.info("%s: no validation improved on the round's start%s", _label(run, plan, at.round - 1),
-                 "" if not at.done else "; the rounds end")
+    logging.info(
+      "%s: no validation improved on the round's start%s",
+      _label(run, plan, at.round - 1),
+      "" if not at.done else "; the rounds end",
+    )
 
 
 def _label(run: FamilyRun, plan: RoundPlan, round_index: int) -> str:
@@ -316,24 +420,75 @@ def _label(run: FamilyRun, plan: RoundPlan, round_index: int) -> str:
   return f"{run.name} round {round_index + 1}/{run.rounds}{' (warm)' if plan.kind == 'warm' else ''}"
 
 
-def e_step(run: FamilyRun, state: TrainState, assignment_U: np.ndarray, weights_UxK: np.ndarray | None,
-           round_index: int, gate: bool = False, validate=None
-           ) -> tuple[np.ndarray, np.ndarray | None, Reassignment, np.ndarray]:
+def e_step(
+  run: FamilyRun,
+  state: TrainState,
+  assignment_U: np.ndarray,
+  weights_UxK: np.ndarray | None,
+  round_index: int,
+  gate: bool = False,
+  validate=None,
+) -> tuple[np.ndarray, np.ndarray | None, Reassignment, np.ndarray]:
   """Scores the routing part of every user's sequence (the whole history, or the routing tail) under every
   model after round `round_index` and moves users: to the lowest per-token NLL (hard), or weighted by the
-  posterior (--soft); then no cluster below its minimum size. Returns (assignment, weights, Reassignment, the [K, U] NLL sums). A user with
-  nothing to score (a history too short for a routing tail) keeps their cluster. `validate(assignment_U,
-  weights_UxK)`, if given, measures the validation before and after, logged with the round; with `gate`, a
-  reassignment that makes it worse is not taken (nobody moves), as a round that makes it worse is not."""
-  name, k, seqs, part, min_size = run.name, run.k, run.seqs, run.policy.route_part, run.min_size
+  posterior (--soft); then no cluster below its minimum size. Returns (assignment, weights, Reassignment, the
+  [K, U] NLL sums). A user with nothing to score (a history too short for a routing tail) keeps their cluster.
+  `validate(assignment_U, weights_UxK)`, if given, measures the validation before and after, logged with the
+  round; with `gate`, a reassignment that makes it worse is not taken (nobody moves), as a round that makes it
+  worse is not."""
+  name, k = run.name, run.k
   interrupt.at_phase("estep")
   before = validate(assignment_U, weights_UxK) if validate is not None else None
-  nll_KxU, tokens_U = run.trainer.score(state.params, seqs, part, label=f"{name} scoring")
+  nll_KxU, tokens_U = run.trainer.score(state.params, run.seqs, run.policy.route_part, label=f"{name} scoring")
   nll_per_token_KxU = nll_KxU / np.maximum(tokens_U, 1)
   unrouted = np.flatnonzero(tokens_U == 0)
   nll_per_token_KxU[:, unrouted] = (np.arange(k)[:, None] != assignment_U[unrouted]).astype(float)
+  moved, new_weights_UxK = _move_users(run, nll_KxU, nll_per_token_KxU, tokens_U, assignment_U, weights_UxK)
+  hosts.check_same(f"{name}'s assignment after round {round_index}", moved.assignment)
+  record = _round_record(run, round_index, moved, nll_per_token_KxU, tokens_U)
+  if validate is not None:
+    after = validate(moved.assignment, new_weights_UxK) if moved.moved else before
+    if moved.reseeded:  # the validation users' models are copied after this; not measured here
+      after = (None, None)
+    record.update(
+      validation_before=before[0],
+      validation_after=after[0],
+      validation_var_before=before[1],
+      validation_var_after=after[1],
+    )
+    if gate and after[0] is not None and after[0] > before[0]:
+      logging.info(
+        "%s round %d: reassignment would raise the validation per-user NLL from %.4f to %.4f; not taken",
+        name,
+        round_index,
+        before[0],
+        after[0],
+      )
+      record["taken"] = False
+      stay = Reassignment(assignment_U, 0.0, np.bincount(assignment_U, minlength=k), {}, np.arange(k))
+      run.log.write(record)
+      return assignment_U, weights_UxK, stay, nll_KxU
+  run.log.write(record)
+  logging.info(
+    "%s round %d: %.2f%% of users moved; sizes %s%s",
+    name,
+    round_index,
+    100 * moved.moved,
+    moved.sizes.tolist(),
+    ""
+    if validate is None or after[0] is None
+    else f"; validation per-user NLL {before[0]:.4f} before, {after[0]:.4f} after",
+  )
+  return moved.assignment, new_weights_UxK, moved, nll_KxU
+
+
+def _move_users(run: FamilyRun, nll_KxU, nll_per_token_KxU, tokens_U, assignment_U, weights_UxK):
+  """The E-step's rule on the scores: every user to their lowest per-token NLL (hard), or, with --soft, weighted
+  by the posterior over clusters with the clusters' shares as prior; then the small clusters re-seeded.
+  Returns (Reassignment, the new weights)."""
+  k, min_size = run.k, run.min_size
   new_weights_UxK = weights_UxK
-  if run.cfg.cluster.soft:  # the posterior over clusters of each user's history, with the clusters' shares as prior
+  if run.cfg.cluster.soft:
     log_joint_KxU = log_shares(cluster_shares(assignment_U, weights_UxK, k))[:, None] - nll_KxU
     moved = reassign(-log_joint_KxU / np.maximum(tokens_U, 1), assignment_U, min_size)
     new_weights_UxK = np.exp(log_joint_KxU - logsumexp(log_joint_KxU, axis=0)).T
@@ -343,48 +498,50 @@ def e_step(run: FamilyRun, state: TrainState, assignment_U: np.ndarray, weights_
   else:
     moved = reassign(nll_per_token_KxU, assignment_U, min_size)
   if moved.reseeded:
-    logging.warning("%s: re-seeded clusters %s by splitting %s (they fell below %d users)", name,
-                    sorted(moved.reseeded), sorted(set(moved.reseeded.values())), min_size)
-  hosts.check_same(f"{name}'s assignment after round {round_index}", moved.assignment)
-  own = nll_per_token_KxU[moved.assignment, np.arange(seqs.num_users)]
+    logging.warning(
+      "%s: re-seeded clusters %s by splitting %s (they fell below %d users)",
+      run.name,
+      sorted(moved.reseeded),
+      sorted(set(moved.reseeded.values())),
+      min_size,
+    )
+  return moved, new_weights_UxK
+
+
+def _round_record(run: FamilyRun, round_index: int, moved: Reassignment, nll_per_token_KxU, tokens_U) -> dict:
+  """metrics.jsonl's record of an E-step: users moved, cluster sizes, re-seeding, each cluster's history NLL."""
+  own = nll_per_token_KxU[moved.assignment, np.arange(run.seqs.num_users)]
   routed = tokens_U > 0
-  record = {"kind": "round", "model": name, "round": round_index, "moved": moved.moved, "routed_by": part,
-            "sizes": moved.sizes.tolist(), "reseeded": {str(a): b for a, b in moved.reseeded.items()},
-            "history_nll_per_cluster": [float(own[routed & (moved.assignment == j)].mean())
-                                        if (routed & (moved.assignment == j)).any() else None for j in range(k)],
-            "history_nll": float(own[routed].mean()) if routed.any() else None}
-  if validate is not None:
-    after = validate(moved.assignment, new_weights_UxK) if moved.moved else before
-    if moved.reseeded:  # the validation users' models are copied after this; not measured here
-      after = (None, None)
-    record.update(validation_before=before[0], validation_after=after[0], validation_var_before=before[1],
-                  validation_var_after=after[1])
-    if gate and after[0] is not None and after[0] > before[0]:
-      logging.info("%s round %d: reassignment would raise the validation per-user NLL from %.4f to %.4f; not taken",
-                   name, round_index, before[0], after[0])
-      record["taken"] = False
-      stay = Reassignment(assignment_U, 0.0, np.bincount(assignment_U, minlength=k), {}, np.arange(k))
-      run.log.write(record)
-      return assignment_U, weights_UxK, stay, nll_KxU
-  run.log.write(record)
-  logging.info("%s round %d: %.2f%% of users moved; sizes %s%s", name, round_index, 100 * moved.moved,
-               moved.sizes.tolist(), "" if validate is None or after[0] is None else
-               f"; validation per-user NLL {before[0]:.4f} before, {after[0]:.4f} after")
-  return moved.assignment, new_weights_UxK, moved, nll_KxU
+  return {
+    "kind": "round",
+    "model": run.name,
+    "round": round_index,
+    "moved": moved.moved,
+    "routed_by": run.policy.route_part,
+    "sizes": moved.sizes.tolist(),
+    "reseeded": {str(a): b for a, b in moved.reseeded.items()},
+    "history_nll_per_cluster": [
+      float(own[routed & (moved.assignment == j)].mean()) if (routed & (moved.assignment == j)).any() else None
+      for j in range(run.k)
+    ],
+    "history_nll": float(own[routed].mean()) if routed.any() else None,
+  }
 
 
 def pull_toward_init(run: FamilyRun, rs: RoundState) -> None:
   """Once the rounds are over, a warm family's models are interpolated (--interpolate) or mixed (--mix_init)
   toward the LM they started from, weights by the validation users; saved at the same step."""
   if run.policy.interpolates and rs.at.alpha is None:
-    params, record = interpolate(run.name, run.trainer, rs.state.params, run.validation, rs.assignment_U,
-                                 rs.weights_UxK, run.log)
+    params, record = interpolate(
+      run.name, run.trainer, rs.state.params, run.validation, rs.assignment_U, rs.weights_UxK, run.log
+    )
     rs.at.alpha, rs.at.alpha_shared = record["alpha"], record["alpha_shared"]
     rs.state, rs.best, rs.scored_KxU = rs.state.replace(params=params), None, None
     run.save(rs, replace=True)  # the same step: the interpolated parameters are the family's
   if run.policy.mixes and rs.at.mix is None:
-    rs.at.mix = fit_mix(run.name, run.trainer, rs.state.params, run.validation, rs.assignment_U, rs.weights_UxK,
-                        run.log)["lam"]
+    rs.at.mix = fit_mix(
+      run.name, run.trainer, rs.state.params, run.validation, rs.assignment_U, rs.weights_UxK, run.log
+    )["lam"]
     rs.scored_KxU = None
     run.save(rs, replace=True)  # the same step, now with the anchor and the weights
 
@@ -395,9 +552,15 @@ def _continuable(workdir: Path, source: str | None, cfg: Config, k: int, rounds:
     return None
   ckpts = Checkpoints(checkpoint_dir(workdir, source), cfg.train.keep_checkpoints)
   meta = ckpts.meta() if ckpts.latest_step() is not None else {}
-  same = (meta.get("done") and not meta.get("in_round") and meta.get("k") == k and meta.get("rounds_cap") == rounds
-          and meta.get("model") == dataclasses.asdict(cfg.model) and meta.get("train") == dataclasses.asdict(cfg.train)
-          and meta.get("cluster_params") == cluster_spec(cfg, k))
+  same = (
+    meta.get("done")
+    and not meta.get("in_round")
+    and meta.get("k") == k
+    and meta.get("rounds_cap") == rounds
+    and meta.get("model") == dataclasses.asdict(cfg.model)
+    and meta.get("train") == dataclasses.asdict(cfg.train)
+    and meta.get("cluster_params") == cluster_spec(cfg, k)
+  )
   if not same:
     ckpts.close()
     return None
@@ -412,12 +575,29 @@ def warmed(cfg: Config, k: int) -> bool:
 def init_lm(cfg: Config, seqs: UserSequences, workdir: Path, log: MetricsLog, validation: Validation | None) -> Trained:
   """The single LM HeTLM starts from ('init_single'): at most --init_rounds rounds from scratch, then annealed;
   trained once, then loaded from its checkpoints."""
-  return train_family("init_single", cfg, 1, seqs, workdir, log, lambda: np.zeros(seqs.num_users, np.int32),
-                      cfg.cluster.init_rounds, validation)
+  return train_family(
+    "init_single",
+    cfg,
+    1,
+    seqs,
+    workdir,
+    log,
+    lambda: np.zeros(seqs.num_users, np.int32),
+    cfg.cluster.init_rounds,
+    validation,
+  )
 
 
-def initial_assignment(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog,
-                       validation: Validation | None, single=None):
+def initial_assignment(
+  cfg: Config,
+  k: int,
+  seqs: UserSequences,
+  vocab_size: int,
+  workdir: Path,
+  log: MetricsLog,
+  validation: Validation | None,
+  single=None,
+):
   """The --init strategy as (assignment, warm-start params) thunks; 'embedding' first trains a single LM
   (init_lm, or the `single()` given) whose mean hidden states are clustered and, with --warm_start, copied."""
   c, seed = cfg.cluster, cfg.train.seed
@@ -438,24 +618,45 @@ def initial_assignment(cfg: Config, k: int, seqs: UserSequences, vocab_size: int
   return initial, ((lambda: single().params) if c.warm_start else no_warm)
 
 
-def train_hetlm(cfg: Config, k: int, seqs: UserSequences, vocab_size: int, workdir: Path, log: MetricsLog,
-                validation: Validation | None, name: str = "hetlm", on_round=None) -> Trained:
+def train_hetlm(
+  cfg: Config,
+  k: int,
+  seqs: UserSequences,
+  vocab_size: int,
+  workdir: Path,
+  log: MetricsLog,
+  validation: Validation | None,
+  name: str = "hetlm",
+  on_round=None,
+) -> Trained:
   """HeTLM with K cluster models from its initial assignment (K=1: a single LM). Warm-started, its rounds
   go on from the init LM by the warm rules of cluster/policy.py, and the result carries that LM."""
   single = functools.lru_cache(maxsize=1)(lambda: init_lm(cfg, seqs, workdir, log, validation))
   initial, warm = initial_assignment(cfg, k, seqs, vocab_size, workdir, log, validation, single)
   rounds = cfg.cluster.rounds if k > 1 else 1
-  trained = train_family(name, cfg, k, seqs, workdir, log, initial, rounds, validation, on_round=on_round,
-                         warm_params=warm)
+  trained = train_family(
+    name, cfg, k, seqs, workdir, log, initial, rounds, validation, on_round=on_round, warm_params=warm
+  )
   if warmed(cfg, k):
     trained.init_lm = single()
   return trained
 
 
-def train_single_ft(cfg: Config, seqs: UserSequences, workdir: Path, log: MetricsLog, validation: Validation | None,
-                    rounds: int) -> Trained:
+def train_single_ft(
+  cfg: Config, seqs: UserSequences, workdir: Path, log: MetricsLog, validation: Validation | None, rounds: int
+) -> Trained:
   """The K=1 control (`single_ft`): the init LM fine-tuned exactly as HeTLM's clusters are (same warm rules,
   `rounds` rounds at most, no E-step), so that HeTLM minus single_ft is what clustering adds."""
   zeros = lambda: np.zeros(seqs.num_users, np.int32)
-  return train_family("single_ft", cfg, 1, seqs, workdir, log, zeros, rounds, validation,
-                      warm_params=lambda: init_lm(cfg, seqs, workdir, log, validation).params)
+  return train_family(
+    "single_ft",
+    cfg,
+    1,
+    seqs,
+    workdir,
+    log,
+    zeros,
+    rounds,
+    validation,
+    warm_params=lambda: init_lm(cfg, seqs, workdir, log, validation).params,
+  )

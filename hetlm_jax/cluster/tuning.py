@@ -34,17 +34,20 @@ def matched_candidates(cfg: Config) -> dict[str, Config]:
     for extra in MATCHED_DROPOUTS:
       lr, dropout = cfg.train.learning_rate * scale, round(cfg.model.dropout + extra, 4)
       out[f"single_matched_lr{lr:g}_do{dropout:g}"] = cfg.replace(
-        train=dataclasses.replace(cfg.train, learning_rate=lr), model=dataclasses.replace(cfg.model, dropout=dropout))
+        train=dataclasses.replace(cfg.train, learning_rate=lr), model=dataclasses.replace(cfg.model, dropout=dropout)
+      )
   return out
 
 
-def choose(name: str, runs: dict[str, Trained], validation: Validation, log: MetricsLog,
-           workdir: Path) -> tuple[Trained, dict]:
+def choose(
+  name: str, runs: dict[str, Trained], validation: Validation, log: MetricsLog, workdir: Path
+) -> tuple[Trained, dict]:
   """The candidate with the lowest per-user mean validation NLL; records the choice in tuned.json."""
   scores = {n: validation.nll(r.trainer, r.params, r.assignment, r.weights) for n, r in runs.items()}
   best = min(scores, key=scores.get)
   log.write({"kind": "tuned", "model": name, "chosen": best, "validation_nll": scores})
-  logging.info("%s: chose %s by the validation users (%s)", name, best,
-               ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
+  logging.info(
+    "%s: chose %s by the validation users (%s)", name, best, ", ".join(f"{n} {v:.4f}" for n, v in scores.items())
+  )
   record_tuned(workdir, name, best)
   return runs[best], {"chosen": best, "validation_nll": scores}

@@ -23,11 +23,11 @@ class Validation:
   targets are scored by their own cluster's model, and the evaluation leaves them out. Split by user,
   `users` is None: they never train, and their whole sequences are scored by the mixture likelihood.
   """
+
   seqs: UserSequences
   users: np.ndarray | None
 
-  def per_user(self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None
-               ) -> np.ndarray:
+  def per_user(self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None) -> np.ndarray:
     """[R] each validation user's NLL per target token (nats); NaN for a user with no target token."""
     nll_KxR, tokens_R = trainer.score(params, self.seqs, "target", label="validation")
     if self.users is not None:
@@ -37,8 +37,9 @@ class Validation:
       nll_R = -logsumexp(log_prior_K[:, None] - nll_KxR, axis=0)
     return np.where(tokens_R > 0, nll_R / np.maximum(tokens_R, 1), np.nan)
 
-  def stats(self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None
-            ) -> tuple[float, float]:
+  def stats(
+    self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None
+  ) -> tuple[float, float]:
     """Mean and variance over the validation users of each user's NLL per target token (nats)."""
     per_user = self.per_user(trainer, params, assignment_U, weights_UxK)
     per_user = per_user[~np.isnan(per_user)]
@@ -64,6 +65,9 @@ def validation_slice(cfg: Config, prepared: Prepared) -> tuple[UserSequences, Va
   if not val_U.any() or val_U.all():
     return seqs, None, np.ones(seqs.num_users, bool)
   if cfg.data.test_users:
-    return (seqs.subset(~val_U), Validation(held_out_users(seqs, np.flatnonzero(val_U)), None),
-            np.ones(int((~val_U).sum()), bool))
+    return (
+      seqs.subset(~val_U),
+      Validation(held_out_users(seqs, np.flatnonzero(val_U)), None),
+      np.ones(int((~val_U).sum()), bool),
+    )
   return seqs, Validation(seqs.subset(val_U), np.flatnonzero(val_U)), ~val_U

@@ -32,8 +32,16 @@ _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as spreadsheet programs write
 # 2200-01-01 in seconds since 1970: later times are another unit (milliseconds now are ~1.7e12) or junk.
 _LATEST_S = 7_258_118_400
 # Errors that pyarrow, numpy and the stdlib decoders raise on malformed input.
-_READ_ERRORS = (pa.ArrowException, OSError, ValueError, TypeError, EOFError, IndexError,
-                zipfile.BadZipFile, UnicodeDecodeError)
+_READ_ERRORS = (
+  pa.ArrowException,
+  OSError,
+  ValueError,
+  TypeError,
+  EOFError,
+  IndexError,
+  zipfile.BadZipFile,
+  UnicodeDecodeError,
+)
 
 
 def read_events(path: str | os.PathLike, fmt: str = "auto", max_users: int | None = None) -> pa.Table:
@@ -52,8 +60,11 @@ def read_events(path: str | os.PathLike, fmt: str = "auto", max_users: int | Non
     raise
   except _READ_ERRORS as e:
     raise input_error(path, f"cannot read: {_one_line(e)}") from None
-  meta = {b"hetlm_source": path.encode(), b"hetlm_format": fmt.encode(),
-          b"hetlm_user_id": b"int64" if int_ids else b"string"}
+  meta = {
+    b"hetlm_source": path.encode(),
+    b"hetlm_format": fmt.encode(),
+    b"hetlm_user_id": b"int64" if int_ids else b"string",
+  }
   return table.replace_schema_metadata(meta)
 
 
@@ -90,14 +101,15 @@ def normalise_events(table: pa.Table, source: str = "events") -> pa.Table:
   """Checks columns and converts them to the normalised types; `source` names the input in errors."""
   missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
   if missing:
-    raise input_error(source, f"missing required column(s) {', '.join(missing)} "
-                              f"(has: {', '.join(table.column_names) or 'none'})")
+    raise input_error(
+      source, f"missing required column(s) {', '.join(missing)} (has: {', '.join(table.column_names) or 'none'})"
+    )
   if table.num_rows == 0:
     raise input_error(source, "no events (empty table)")
   cols = {
-      "user_id": _to_string(table["user_id"], "user_id", source, allow_int=True),
-      "timestamp": _to_seconds(table["timestamp"], source),
-      "page": _to_string(table["page"], "page", source, allow_int=True),
+    "user_id": _to_string(table["user_id"], "user_id", source, allow_int=True),
+    "timestamp": _to_seconds(table["timestamp"], source),
+    "page": _to_string(table["page"], "page", source, allow_int=True),
   }
   _check_seconds(cols["timestamp"], source)
   for name in ("user_id", "page"):
@@ -157,8 +169,10 @@ def _read_parquet(path: str) -> pa.Table:
 # Ids and pages stay strings ("007" is not 7); only "" means null so a page named "NA" survives; a quoted value
 # may hold a newline (RFC 4180), e.g. a page title.
 _CSV_CONVERT = pacsv.ConvertOptions(
-  column_types={c: pa.string() for c in ("user_id", "page", "event_type", "session_id")}, strings_can_be_null=True,
-  null_values=[""])
+  column_types={c: pa.string() for c in ("user_id", "page", "event_type", "session_id")},
+  strings_can_be_null=True,
+  null_values=[""],
+)
 _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
 
 
@@ -194,8 +208,11 @@ def _load_bytes(path: str) -> bytes:
 def _zip_member(data: bytes, path: str) -> bytes:
   with zipfile.ZipFile(io.BytesIO(data)) as zf:
     # The UCI zip carries macOS resource forks next to the real file.
-    names = [n for n in zf.namelist() if not n.endswith("/") and not n.startswith("__MACOSX/")
-             and not os.path.basename(n).startswith("._")]
+    names = [
+      n
+      for n in zf.namelist()
+      if not n.endswith("/") and not n.startswith("__MACOSX/") and not os.path.basename(n).startswith("._")
+    ]
     seq = [n for n in names if n.endswith(".seq")]
     pick = seq if len(seq) == 1 else names
     if len(pick) != 1:
@@ -206,7 +223,7 @@ def _zip_member(data: bytes, path: str) -> bytes:
 def _sniff(path: str, data: bytes) -> str:
   if data[:4] == b"PAR1":
     return "events"
-  head = data[:1 << 16]
+  head = data[: 1 << 16]
   if head.lstrip().startswith(b"%"):
     return "msnbc"
   lines = head.splitlines()
@@ -231,14 +248,14 @@ def _parse_msnbc(data: bytes, path: str) -> pa.Table:
   marker = re.search(rb"^[ \t]*%[ \t]*Sequences:?[^\n]*(\n|$)", data, re.M | re.I)
   if marker is None:
     raise input_error(path, "not an MSNBC file: no '% Sequences:' line")
-  header = [ln.strip() for ln in data[:marker.start()].splitlines()]
+  header = [ln.strip() for ln in data[: marker.start()].splitlines()]
   names_lines = [ln for ln in header if ln and not ln.startswith(b"%")]
   if not names_lines:
     raise input_error(path, "MSNBC header has no line of category names")
   names = _decode(names_lines[-1], path).split()
-  body = data[marker.end():]
+  body = data[marker.end() :]
   stripped = body.lstrip(b" \t\r\n")
-  first_line = data[:marker.end()].count(b"\n") + body[:len(body) - len(stripped)].count(b"\n") + 1
+  first_line = data[: marker.end()].count(b"\n") + body[: len(body) - len(stripped)].count(b"\n") + 1
   ids_E, line_E = _parse_int_lines(stripped, path, first_line)
   out_of_range = (ids_E < 1) | (ids_E > len(names))
   if out_of_range.any():
@@ -247,12 +264,14 @@ def _parse_msnbc(data: bytes, path: str) -> pa.Table:
   if len(ids_E) == 0:
     raise input_error(path, "no events (no sequence lines)")
   counts_L = np.bincount(line_E)
-  return pa.table({
+  return pa.table(
+    {
       "user_id": pc.cast(pa.array(line_E), pa.string()),
       "timestamp": pa.array(_position_in_group(counts_L)),
       "page": pa.array(names, pa.string()).take(pa.array(ids_E - 1)),
       "session_id": pa.array(line_E),
-  })
+    }
+  )
 
 
 def _parse_int_lines(body: bytes, path: str, first_line: int) -> tuple[np.ndarray, np.ndarray]:
@@ -263,8 +282,9 @@ def _parse_int_lines(body: bytes, path: str, first_line: int) -> tuple[np.ndarra
   space = newline | (b == ord(" ")) | (b == ord("\t")) | (b == ord("\r"))
   if not (digit | space).all():
     bad = int(np.flatnonzero(~(digit | space))[0])
-    raise input_error(path, f"line {first_line + int(newline[:bad].sum())}: expected category "
-                            f"ids, found {bytes(b[bad:bad + 1])!r}")
+    raise input_error(
+      path, f"line {first_line + int(newline[:bad].sum())}: expected category ids, found {bytes(b[bad : bad + 1])!r}"
+    )
   edge = np.diff(digit.view(np.int8), prepend=np.int8(0), append=np.int8(0))
   start_E = np.flatnonzero(edge == 1)
   end_E = np.flatnonzero(edge == -1) - 1  # last digit of each token
@@ -294,12 +314,14 @@ def _parse_user_items(data: bytes, path: str) -> pa.Table:
     raise input_error(path, "no events (empty file)")
   users = tokens.take(pa.array(np.arange(0, len(tokens), 2)))
   codes = pc.dictionary_encode(users).indices
-  return pa.table({
+  return pa.table(
+    {
       "user_id": users,
       "timestamp": pa.array(np.arange(len(users), dtype=np.int64)),
       "page": tokens.take(pa.array(np.arange(1, len(tokens), 2))),
       "session_id": pc.cast(codes, pa.int64()),
-  })
+    }
+  )
 
 
 def _lines(data: bytes, path: str) -> pa.Array:
@@ -390,14 +412,19 @@ def _to_seconds(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
     return pa.chunked_array([col.cast(pa.int32()).to_numpy().astype(np.int64) * 86_400])
   if pa.types.is_date64(t):
     return pa.chunked_array([col.cast(pa.int64()).to_numpy() // 1_000])
-  raise input_error(source, f"column 'timestamp' has type {t}, expected integer seconds, "
-                            "float seconds or a timestamp")
+  raise input_error(source, f"column 'timestamp' has type {t}, expected integer seconds, float seconds or a timestamp")
 
 
 def _strings_to_seconds(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
   # Nanoseconds end in 2262: later dates parse as microseconds, to be refused as dates rather than as text.
-  for target in (pa.int64(), pa.float64(), pa.timestamp("ns"), pa.timestamp("ns", tz="UTC"), pa.timestamp("us"),
-                 pa.timestamp("us", tz="UTC")):
+  for target in (
+    pa.int64(),
+    pa.float64(),
+    pa.timestamp("ns"),
+    pa.timestamp("ns", tz="UTC"),
+    pa.timestamp("us"),
+    pa.timestamp("us", tz="UTC"),
+  ):
     try:
       return _to_seconds(col.cast(target), source)
     except pa.ArrowInvalid:
@@ -405,8 +432,11 @@ def _strings_to_seconds(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
   numeric = pc.match_substring_regex(col, r"^\s*[-+]?[0-9]+(\.[0-9]*)?\s*$")
   odd = col.filter(pc.invert(numeric))
   example = (odd if len(odd) else col)[0].as_py()
-  raise input_error(source, f"column 'timestamp' holds non-numeric strings such as {example!r}; "
-                            "expected integer seconds or ISO-8601 timestamps")
+  raise input_error(
+    source,
+    f"column 'timestamp' holds non-numeric strings such as {example!r}; "
+    "expected integer seconds or ISO-8601 timestamps",
+  )
 
 
 def _check_seconds(col: pa.ChunkedArray, source: str) -> None:
@@ -418,8 +448,9 @@ def _check_seconds(col: pa.ChunkedArray, source: str) -> None:
     # A unit guessed only if it puts the latest time between 1990 and 2200.
     unit = next((name for name, per_s in _UNIT_PER_S.items() if 631_152_000 <= hi // per_s <= _LATEST_S), None)
     guess = f" (these look like {_UNIT_NAMES[unit]})" if unit else ""
-    raise input_error(source, f"column 'timestamp' has values after the year 2200 such as {hi}{guess}; "
-                              "expected seconds since 1970")
+    raise input_error(
+      source, f"column 'timestamp' has values after the year 2200 such as {hi}{guess}; expected seconds since 1970"
+    )
 
 
 def _session_codes(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
@@ -437,7 +468,7 @@ def _session_codes(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
 
 def _first_users(table: pa.Table, max_users: int, source: str) -> pa.Table:
   # unique() lists values in order of first appearance.
-  first = pc.unique(table["user_id"])[:max(int(max_users), 0)]
+  first = pc.unique(table["user_id"])[: max(int(max_users), 0)]
   table = table.filter(pc.is_in(table["user_id"], value_set=first))
   if table.num_rows == 0:
     raise input_error(source, f"no users left after max_users={max_users}")
@@ -502,8 +533,12 @@ class EventStream:
         yield pa.Table.from_batches([batch])
     else:
       read = pacsv.ReadOptions(block_size=max(self.batch_rows * 64, 1 << 16))  # about batch_rows rows of ~64 bytes
-      with pacsv.open_csv(pa.input_stream(self.path, compression="detect"), read_options=read,
-                          parse_options=_CSV_PARSE, convert_options=_CSV_CONVERT) as r:
+      with pacsv.open_csv(
+        pa.input_stream(self.path, compression="detect"),
+        read_options=read,
+        parse_options=_CSV_PARSE,
+        convert_options=_CSV_CONVERT,
+      ) as r:
         for batch in r:
           yield pa.Table.from_batches([batch])
 

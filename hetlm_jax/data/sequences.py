@@ -79,11 +79,11 @@ class UserSequences:
 
   def history(self, u: int) -> np.ndarray:
     """User u's history tokens."""
-    return self.tokens[self.offsets[u]:self.split[u]]
+    return self.tokens[self.offsets[u] : self.split[u]]
 
   def target(self, u: int) -> np.ndarray:
     """User u's held-out target tokens."""
-    return self.tokens[self.split[u]:self.offsets[u + 1]]
+    return self.tokens[self.split[u] : self.offsets[u + 1]]
 
   def subset(self, idx: np.ndarray) -> UserSequences:
     """The users `idx` (indices or a boolean mask), in that order."""
@@ -96,9 +96,13 @@ class UserSequences:
     np.cumsum(end_R - start_R, out=new_offsets[1:])
     shift_R = start_R - new_offsets[:-1]
     gather = np.arange(new_offsets[-1], dtype=np.int64) + np.repeat(shift_R, end_R - start_R)
-    return UserSequences(user_ids=self.user_ids[idx_R], tokens=self.tokens[gather],
-                         offsets=new_offsets, split=self.split[idx_R] - shift_R,
-                         n_sessions=self.n_sessions[idx_R])
+    return UserSequences(
+      user_ids=self.user_ids[idx_R],
+      tokens=self.tokens[gather],
+      offsets=new_offsets,
+      split=self.split[idx_R] - shift_R,
+      n_sessions=self.n_sessions[idx_R],
+    )
 
   def map_tokens(self, map_V: np.ndarray) -> UserSequences:
     """The same sequences with every token id t replaced by map_V[t] (e.g. a restricted vocabulary)."""
@@ -136,8 +140,7 @@ def routing_split(seqs: UserSequences, frac: float) -> UserSequences:
   keep_N = np.arange(seqs.num_tokens) < np.repeat(seqs.split, seqs.lengths)  # history tokens only
   offsets = np.zeros(seqs.num_users + 1, np.int64)
   np.cumsum(hist_U, out=offsets[1:])
-  return dataclasses.replace(history, tokens=history.tokens[keep_N], offsets=offsets,
-                             split=offsets[1:] - tail_U)
+  return dataclasses.replace(history, tokens=history.tokens[keep_N], offsets=offsets, split=offsets[1:] - tail_U)
 
 
 def prediction_view(seqs: UserSequences, new_session: bool) -> UserSequences:
@@ -157,18 +160,20 @@ def prediction_view(seqs: UserSequences, new_session: bool) -> UserSequences:
   return dataclasses.replace(seqs, tokens=tokens, offsets=offsets, split=offsets[1:] - 1)
 
 
-def split_order(num_users: int, n_train: int, n_test: int, seed: int,
-                test_offset: int = -1) -> tuple[np.ndarray, np.ndarray]:
+def split_order(
+  num_users: int, n_train: int, n_test: int, seed: int, test_offset: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
   """(the other users, the test users) of the split by user, in the order of
   numpy.random.default_rng(seed).permutation(U): the test users are the n_test from position test_offset (-1: right
   after the first n_train), so runs with different n_train can share one test set."""
   perm = np.random.default_rng(seed).permutation(num_users)
   at = n_train if test_offset < 0 else test_offset
-  return np.concatenate([perm[:at], perm[at + n_test:]]), perm[at:at + n_test]
+  return np.concatenate([perm[:at], perm[at + n_test :]]), perm[at : at + n_test]
 
 
-def split_users(seqs: UserSequences, n_train: int, n_test: int, seed: int,
-                test_offset: int = -1) -> tuple[UserSequences, UserSequences]:
+def split_users(
+  seqs: UserSequences, n_train: int, n_test: int, seed: int, test_offset: int = -1
+) -> tuple[UserSequences, UserSequences]:
   """The split by user (split_order): the first n_train of the other users train (0: all of them), the test users
   are held out. Training users keep their whole sequence as history; a test user's target is everything after
   the opening BOS."""
@@ -183,13 +188,14 @@ def held_out_users(seqs: UserSequences, idx: np.ndarray) -> UserSequences:
   return dataclasses.replace(held, split=held.offsets[:-1] + 1)
 
 
-def spare_users(num_users: int, n_train: int, n_test: int, n: int, seed: int,
-                test_offset: int = -1) -> np.ndarray | None:
+def spare_users(
+  num_users: int, n_train: int, n_test: int, n: int, seed: int, test_offset: int = -1
+) -> np.ndarray | None:
   """The n users after the training users in split_order's other users, when --train_users leaves that many."""
   rest, _ = split_order(num_users, n_train, n_test, seed, test_offset)
   if not n_train or len(rest) - n_train < n:
     return None
-  return rest[n_train:n_train + n]
+  return rest[n_train : n_train + n]
 
 
 def outcome_types(table: pa.Table) -> list[str]:
@@ -200,9 +206,14 @@ def outcome_types(table: pa.Table) -> list[str]:
   return sorted(k for k in kinds if k not in VIEW_EVENTS)
 
 
-def build_sequences(table: pa.Table, tokenizer: PageTokenizer, session_gap_s: float = 1800,
-                    holdout: str = "auto", fmt_hint: str | None = None,
-                    source: str | None = None) -> tuple[UserSequences, dict]:
+def build_sequences(
+  table: pa.Table,
+  tokenizer: PageTokenizer,
+  session_gap_s: float = 1800,
+  holdout: str = "auto",
+  fmt_hint: str | None = None,
+  source: str | None = None,
+) -> tuple[UserSequences, dict]:
   """Sessionised, tokenised per-user sequences of `table` and counts for logging.
 
   `fmt_hint` and `source` (the name used in errors) default to what read_events recorded.
@@ -257,12 +268,20 @@ def build_sequences(table: pa.Table, tokenizer: PageTokenizer, session_gap_s: fl
     user_ids, sessions_U = user_ids[keep_U], sessions_U[keep_U]
 
   tokens, offsets, split = _layout(user_E, page_E, outcome_E, new_E, sessions_U, holdout)
-  seqs = UserSequences(user_ids=user_ids, tokens=tokens, offsets=offsets, split=split,
-                       n_sessions=sessions_U.astype(np.int32))
-  stats = {"events": n_events, "events_kept": len(user_E), "users_in": users_in,
-           "users_dropped_too_short": int(users_in - keep_U.sum()), "users": seqs.num_users,
-           "sessions": int(sessions_U.sum()), "outcome_events": int((outcome_E >= 0).sum()),
-           "tokens": seqs.num_tokens, "holdout": holdout}
+  seqs = UserSequences(
+    user_ids=user_ids, tokens=tokens, offsets=offsets, split=split, n_sessions=sessions_U.astype(np.int32)
+  )
+  stats = {
+    "events": n_events,
+    "events_kept": len(user_E),
+    "users_in": users_in,
+    "users_dropped_too_short": int(users_in - keep_U.sum()),
+    "users": seqs.num_users,
+    "sessions": int(sessions_U.sum()),
+    "outcome_events": int((outcome_E >= 0).sum()),
+    "tokens": seqs.num_tokens,
+    "holdout": holdout,
+  }
   return seqs, stats
 
 
@@ -313,8 +332,9 @@ def all_windows(seqs: UserSequences, part: str, width: int) -> tuple[np.ndarray,
     extra = (end_W - width, np.full(len(owner_W), width), scored_W)
   owner = np.concatenate([np.arange(seqs.num_users), owner_W])
   order = np.argsort(owner, kind="stable")
-  return (owner[order],) + tuple(np.concatenate([a, b]).astype(np.int64)[order]
-                                 for a, b in zip((start_U, length_U, scored_U), extra))
+  return (owner[order],) + tuple(
+    np.concatenate([a, b]).astype(np.int64)[order] for a, b in zip((start_U, length_U, scored_U), extra)
+  )
 
 
 def _expand(n_U: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -333,8 +353,7 @@ def _windows(seqs: UserSequences, user_idx_B: np.ndarray, part: str, context: in
   return inputs_BxT1, valid_BxT1, valid_BxT1[:, 1:] & (pos_BxT >= scored_U[u_B][:, None])
 
 
-def history_windows(seqs: UserSequences, user_idx_B: np.ndarray,
-                    context: int) -> tuple[np.ndarray, np.ndarray]:
+def history_windows(seqs: UserSequences, user_idx_B: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
   """[B, context+1] windows of the most recent history tokens, right-padded with PAD.
 
   Returns (inputs_BxT1 int32, valid_BxT1 bool); user index -1 gives an empty row.
@@ -343,8 +362,7 @@ def history_windows(seqs: UserSequences, user_idx_B: np.ndarray,
   return inputs_BxT1, valid_BxT1
 
 
-def target_windows(seqs: UserSequences, user_idx_B: np.ndarray,
-                   context: int) -> tuple[np.ndarray, np.ndarray]:
+def target_windows(seqs: UserSequences, user_idx_B: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
   """[B, context+1] windows ending the user's history+target (see `window_bounds`), and which
   predictions are scored: loss_mask_BxT[b, t] iff token t+1 is a target token. User -1: empty row."""
   inputs_BxT1, _, loss_mask_BxT = _windows(seqs, user_idx_B, "target", context)
@@ -424,8 +442,9 @@ def _event_order(user_E: np.ndarray, ts_E: np.ndarray, sess_E: np.ndarray | None
   return _stable_order(user_E, session_start_E, sess_E, ts_E)
 
 
-def _layout(user_E: np.ndarray, page_E: np.ndarray, outcome_E: np.ndarray, new_E: np.ndarray,
-            sessions_U: np.ndarray, holdout: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _layout(
+  user_E: np.ndarray, page_E: np.ndarray, outcome_E: np.ndarray, new_E: np.ndarray, sessions_U: np.ndarray, holdout: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Flat tokens, offsets and split of events sorted by user, session and time."""
   n = len(user_E)
   emit_E = 1 + (outcome_E >= 0).astype(np.int64)
@@ -461,8 +480,7 @@ def _layout(user_E: np.ndarray, page_E: np.ndarray, outcome_E: np.ndarray, new_E
   return tokens, offsets, split
 
 
-def _gather(tokens: np.ndarray, start_B: np.ndarray, len_B: np.ndarray,
-            width: int) -> tuple[np.ndarray, np.ndarray]:
+def _gather(tokens: np.ndarray, start_B: np.ndarray, len_B: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
   """Rows tokens[start:start+len], right-padded with PAD to `width`."""
   valid_BxT1 = np.arange(width)[None, :] < len_B[:, None]
   if tokens.size == 0:

@@ -40,9 +40,13 @@ class PageTokenizer:
       raise ValueError("duplicate pages")
 
   @classmethod
-  def fit(cls, pages: pa.Array | pa.ChunkedArray | np.ndarray | Sequence[str],
-          outcome_types: Iterable[str] = (), min_count: int = 1,
-          max_vocab: int | None = None) -> PageTokenizer:
+  def fit(
+    cls,
+    pages: pa.Array | pa.ChunkedArray | np.ndarray | Sequence[str],
+    outcome_types: Iterable[str] = (),
+    min_count: int = 1,
+    max_vocab: int | None = None,
+  ) -> PageTokenizer:
     """Vocabulary of `pages` (one entry per event); rare or overflowing pages will map to UNK.
 
     `max_vocab` bounds the whole vocabulary, specials and outcome tokens included.
@@ -51,14 +55,14 @@ class PageTokenizer:
     return cls._from_counts(outcome_types, counts.field("values"), counts.field("counts"), min_count, max_vocab)
 
   @classmethod
-  def _from_counts(cls, outcome_types: Iterable[str], pages: pa.Array, counts: pa.Array, min_count: int,
-                   max_vocab: int | None) -> PageTokenizer:
+  def _from_counts(
+    cls, outcome_types: Iterable[str], pages: pa.Array, counts: pa.Array, min_count: int, max_vocab: int | None
+  ) -> PageTokenizer:
     # Lower-cased like build_sequences matches event types, so "Cart" and "cart" are one token.
     outcomes = sorted({str(o).strip().lower() for o in outcome_types})
     n_fixed = len(SPECIALS) + len(outcomes)
     if max_vocab is not None and max_vocab < n_fixed:
-      raise HetlmError(f"max_vocab={max_vocab} is smaller than the {n_fixed} special and outcome "
-                       "tokens")
+      raise HetlmError(f"max_vocab={max_vocab} is smaller than the {n_fixed} special and outcome tokens")
     table = pa.table({"page": pages, "count": counts})
     table = table.filter(pc.greater_equal(table["count"], max(int(min_count), 1)))
     # Ties broken by the page string so ids do not depend on row order.
@@ -67,14 +71,15 @@ class PageTokenizer:
       table = table.slice(0, max_vocab - n_fixed)
     return cls(outcomes, table["page"].to_pylist())
 
-  def restrict(self, counts_V: np.ndarray, min_count: int = 1,
-               max_vocab: int | None = None) -> tuple[PageTokenizer, np.ndarray]:
+  def restrict(
+    self, counts_V: np.ndarray, min_count: int = 1, max_vocab: int | None = None
+  ) -> tuple[PageTokenizer, np.ndarray]:
     """The tokenizer `fit` would give on events with these per-token counts (e.g. of training data
     only), and the [V] map from this tokenizer's ids to its ids: pages it drops map to UNK."""
     counts_V = np.asarray(counts_V, np.int64)
     if counts_V.shape != (self.vocab_size,):
       raise ValueError(f"counts_V must have shape ({self.vocab_size},), not {counts_V.shape}")
-    new = self._from_counts(self._outcomes, self._pages, counts_V[self.num_specials:], min_count, max_vocab)
+    new = self._from_counts(self._outcomes, self._pages, counts_V[self.num_specials :], min_count, max_vocab)
     map_V = np.concatenate([np.arange(self.num_specials, dtype=np.int32), new.encode_pages(self._pages)])
     return new, map_V
 
@@ -96,8 +101,7 @@ class PageTokenizer:
   @property
   def tokens(self) -> list[str]:
     """All token strings in id order."""
-    return (list(SPECIALS) + [outcome_token(o) for o in self._outcomes]
-            + self._pages.to_pylist())
+    return list(SPECIALS) + [outcome_token(o) for o in self._outcomes] + self._pages.to_pylist()
 
   def outcome_id(self, name: str) -> int:
     """The token id of outcome type `name` (KeyError for an unknown one)."""
@@ -129,8 +133,13 @@ class PageTokenizer:
   def save(self, path: str | os.PathLike) -> str:
     """Writes tokenizer.json (into `path` if it is a directory); returns the file written."""
     path = _json_path(path)
-    doc = {"format": FORMAT, "version": FORMAT_VERSION, "specials": list(SPECIALS),
-           "outcome_types": self._outcomes, "pages": self._pages.to_pylist()}
+    doc = {
+      "format": FORMAT,
+      "version": FORMAT_VERSION,
+      "specials": list(SPECIALS),
+      "outcome_types": self._outcomes,
+      "pages": self._pages.to_pylist(),
+    }
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(doc, f, ensure_ascii=False, indent=1)
@@ -152,8 +161,9 @@ class PageTokenizer:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
       raise input_error(path, f"not a {FORMAT} file")
     if doc.get("version") != FORMAT_VERSION:
-      raise input_error(path, f"tokenizer format version {doc.get('version')} is not supported "
-                              f"(expected {FORMAT_VERSION})")
+      raise input_error(
+        path, f"tokenizer format version {doc.get('version')} is not supported (expected {FORMAT_VERSION})"
+      )
     if doc.get("specials") != list(SPECIALS):
       raise input_error(path, f"special tokens {doc.get('specials')} differ from {list(SPECIALS)}")
     try:
@@ -172,8 +182,7 @@ class PageTokenizer:
     return self.vocab_size
 
   def __repr__(self) -> str:
-    return (f"PageTokenizer(vocab_size={self.vocab_size}, outcome_types={self._outcomes}, "
-            f"pages={len(self._pages)})")
+    return f"PageTokenizer(vocab_size={self.vocab_size}, outcome_types={self._outcomes}, pages={len(self._pages)})"
 
   @staticmethod
   def _lookup(values, vocab: pa.Array, offset: int) -> np.ndarray:

@@ -20,8 +20,11 @@ def _ranges(start_U: np.ndarray, end_U: np.ndarray) -> tuple[np.ndarray, np.ndar
   """(user_N, pos_N): every position in [start_U[u], end_U[u]) of every user, users in order."""
   len_U = np.maximum(np.asarray(end_U, np.int64) - start_U, 0)
   user_N = np.repeat(np.arange(len(len_U)), len_U)
-  pos_N = (np.arange(int(len_U.sum()), dtype=np.int64) - np.repeat(np.cumsum(len_U) - len_U, len_U)
-           + np.repeat(np.asarray(start_U, np.int64), len_U))
+  pos_N = (
+    np.arange(int(len_U.sum()), dtype=np.int64)
+    - np.repeat(np.cumsum(len_U) - len_U, len_U)
+    + np.repeat(np.asarray(start_U, np.int64), len_U)
+  )
   return user_N, pos_N
 
 
@@ -74,8 +77,7 @@ class _PairTable:
     self.keys_P, self.counts_KxP = keys_P, counts_KxP
     self.vocab_size, self.alpha = vocab_size, alpha
     self.prev_P = keys_P // vocab_size
-    rows_KxV = np.stack([np.bincount(self.prev_P, weights=c_P, minlength=vocab_size)
-                         for c_P in counts_KxP])
+    rows_KxV = np.stack([np.bincount(self.prev_P, weights=c_P, minlength=vocab_size) for c_P in counts_KxP])
     self.log_norm_KxV = np.log(rows_KxV + alpha * vocab_size)
 
   def log_prob_seen(self) -> np.ndarray:
@@ -104,8 +106,7 @@ class _PairTable:
     lo_U = np.searchsorted(self.keys_P, prev_U * v)
     hi_U = np.searchsorted(self.keys_P, (prev_U + 1) * v)
     user_N, j_N = _ranges(lo_U, hi_U)
-    out_UxV[user_N, self.keys_P[j_N] % v] = (np.log(self.counts_KxP[k, j_N] + self.alpha)
-                                             - log_norm_U[user_N])
+    out_UxV[user_N, self.keys_P[j_N] % v] = np.log(self.counts_KxP[k, j_N] + self.alpha) - log_norm_U[user_N]
     return out_UxV
 
   def log_prior(self) -> np.ndarray:
@@ -113,8 +114,11 @@ class _PairTable:
     v = self.vocab_size
     unseen_V = v - np.bincount(self.prev_P, minlength=v)
     # Seen cells from the stored pairs; each unseen cell of row a holds log alpha - log_norm[a].
-    total_K = (self.log_prob_seen().sum(axis=1) + (unseen_V * np.log(self.alpha)).sum()
-               - (unseen_V[None, :] * self.log_norm_KxV).sum(axis=1))
+    total_K = (
+      self.log_prob_seen().sum(axis=1)
+      + (unseen_V * np.log(self.alpha)).sum()
+      - (unseen_V[None, :] * self.log_norm_KxV).sum(axis=1)
+    )
     return self.alpha * total_K
 
 
@@ -213,20 +217,25 @@ class MarkovMixture:
     self.objective_: list[float] = []
     for _ in range(self.iters):
       # M-step: responsibility-weighted pair counts, then mixing weights.
-      counts_KxP = np.stack([np.bincount(inv_N, weights=resp_UxK[user_N, k], minlength=len(keys_P))
-                             for k in range(self.k)])
+      counts_KxP = np.stack(
+        [np.bincount(inv_N, weights=resp_UxK[user_N, k], minlength=len(keys_P)) for k in range(self.k)]
+      )
       self.table_ = _PairTable(keys_P, counts_KxP, vocab_size, self.alpha)
       self.pi_K = resp_UxK.mean(axis=0)
       # E-step: per-user log-likelihood under every component, summed over the flat pair arrays.
       ll_KxP = self.table_.log_prob_seen()
       joint_UxK = self._log_pi() + np.stack(
-        [np.bincount(user_N, weights=ll_KxP[k, inv_N], minlength=u) for k in range(self.k)], axis=1)
+        [np.bincount(user_N, weights=ll_KxP[k, inv_N], minlength=u) for k in range(self.k)], axis=1
+      )
       ll_U = logsumexp(joint_UxK, axis=1)
       resp_UxK = np.exp(joint_UxK - ll_U[:, None])
       self.history_ll_.append(float(ll_U.sum()))
       self.objective_.append(self.history_ll_[-1] + float(self.table_.log_prior().sum()))
-      if (self.tol > 0 and len(self.objective_) > 1
-          and self.objective_[-1] - self.objective_[-2] < self.tol * abs(self.objective_[-1])):
+      if (
+        self.tol > 0
+        and len(self.objective_) > 1
+        and self.objective_[-1] - self.objective_[-2] < self.tol * abs(self.objective_[-1])
+      ):
         break
     return self
 
@@ -239,7 +248,8 @@ class MarkovMixture:
     user_N, prev_N, next_N = _history_pairs(seqs)
     ll_KxN = self.table_.log_prob(prev_N, next_N)
     return self._log_pi() + np.stack(
-      [np.bincount(user_N, weights=ll_N, minlength=seqs.num_users) for ll_N in ll_KxN], axis=1)
+      [np.bincount(user_N, weights=ll_N, minlength=seqs.num_users) for ll_N in ll_KxN], axis=1
+    )
 
   def responsibilities(self, seqs: UserSequences) -> np.ndarray:
     """[U, K] posterior over components given each user's history."""
@@ -278,5 +288,5 @@ class MarkovMixture:
     last_U = tokens[at_U - 1]
     out_UxV = np.full((seqs.num_users, self.vocab_size), -np.inf)
     for k in range(self.k):
-      out_UxV = np.logaddexp(out_UxV, log_resp_UxK[:, k:k + 1] + self.table_.log_rows(last_U, k))
+      out_UxV = np.logaddexp(out_UxV, log_resp_UxK[:, k : k + 1] + self.table_.log_rows(last_U, k))
     return out_UxV

@@ -15,16 +15,14 @@ import numpy as np
 from absl import logging
 from scipy.special import logsumexp
 
-from hetlm_jax import hosts
+from hetlm_jax import hosts, interrupt
 from hetlm_jax.cluster.assign import cluster_shares, log_shares
-from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.data.sequences import UserSequences, session_length_from_data
 from hetlm_jax.data.tokenizer import BOS, UNK, PageTokenizer
 from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
-from hetlm_jax.data.sequences import session_length_from_data
 from hetlm_jax.eval.generate import Sampling, generate
 from hetlm_jax.files import replace_text
-from hetlm_jax import interrupt
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import Progress
 from hetlm_jax.workdir import EVAL_FILE
@@ -36,6 +34,7 @@ _ALIGNMENT = ("edit_similarity", "jaccard", "rouge_l_f1")  # generated vs actual
 @dataclasses.dataclass
 class LMFamily:
   """A trained model family (K stacked models; K=1 for the single LMs) and each user's model."""
+
   name: str
   trainer: Trainer
   params: object
@@ -117,47 +116,94 @@ def generation_sampling(seqs: UserSequences, tokenizer: PageTokenizer, opts: Eva
   return Sampling(max_new=opts.max_new if length is None else min(opts.max_new, length))
 
 
-def _lm_metrics(family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions,
-                gen_users: np.ndarray) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+def _lm_metrics(
+  family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, gen_users: np.ndarray
+) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
   """Per-user metric arrays of one LM family, and its target NLL sums under every model [K, U] with the
   scored token counts [U]."""
   u = seqs.num_users
   out = {}
   out["nll"], nll_KxU, tokens_U = per_user_nll(family, seqs)
-  out.update(rank_next_pages(lambda users: family.trainer.next_logprobs(family.params, seqs, users,
-                                                                 family.assignment[users]),
-                      seqs, tokenizer, opts, family.trainer.eval_batch, family.name, groups_U=family.assignment))
+  out.update(
+    rank_next_pages(
+      lambda users: family.trainer.next_logprobs(family.params, seqs, users, family.assignment[users]),
+      seqs,
+      tokenizer,
+      opts,
+      family.trainer.eval_batch,
+      family.name,
+      groups_U=family.assignment,
+    )
+  )
   cfg = family.trainer.cfg.model
-  greedy = generate(cfg, family.params, seqs, family.assignment, gen_users, generation_sampling(seqs, tokenizer, opts),
-                    seed=opts.seed, mix=family.trainer.mix)
+  greedy = generate(
+    cfg,
+    family.params,
+    seqs,
+    family.assignment,
+    gen_users,
+    generation_sampling(seqs, tokenizer, opts),
+    seed=opts.seed,
+    mix=family.trainer.mix,
+  )
   generated = [_page_tokens(g, tokenizer) for g in greedy]
   actual = [_page_tokens(seqs.target(int(v)), tokenizer) for v in gen_users]
-  for name, fn in (("edit_similarity", M.edit_similarity), ("jaccard", M.jaccard), ("rouge_l_f1", M.rouge_l_f1),
-                   ("length_error", M.length_error)):
+  for name, fn in (
+    ("edit_similarity", M.edit_similarity),
+    ("jaccard", M.jaccard),
+    ("rouge_l_f1", M.rouge_l_f1),
+    ("length_error", M.length_error),
+  ):
     out[name] = np.full(u, np.nan)
     out[name][gen_users] = fn(generated, actual)
   if tokenizer.outcome_types:
-    probs = outcome_probabilities(cfg, family.params, seqs, family.assignment, gen_users, tokenizer, opts,
-                                  family.trainer.mix)
+    probs = outcome_probabilities(
+      cfg, family.params, seqs, family.assignment, gen_users, tokenizer, opts, family.trainer.mix
+    )
     out["outcomes"] = {}
     for outcome, prob in probs.items():
       token = tokenizer.outcome_id(outcome)
       label = np.array([token in seqs.target(int(v)) for v in gen_users])
       predicted = np.array([token in g for g in greedy])
-      out["outcomes"][outcome] = {"auc": M.outcome_auc(prob, label), "f1": M.outcome_f1(predicted, label),
-                                  "positives": int(label.sum()), "users": int(len(label))}
+      out["outcomes"][outcome] = {
+        "auc": M.outcome_auc(prob, label),
+        "f1": M.outcome_f1(predicted, label),
+        "positives": int(label.sum()),
+        "users": int(len(label)),
+      }
   return out, (nll_KxU, tokens_U)
 
 
-def outcome_probabilities(cfg, params, seqs: UserSequences, assignment_U: np.ndarray, users: np.ndarray,
-                          tokenizer: PageTokenizer, opts: EvalOptions, mix=None) -> dict[str, np.ndarray]:
+def outcome_probabilities(
+  cfg,
+  params,
+  seqs: UserSequences,
+  assignment_U: np.ndarray,
+  users: np.ndarray,
+  tokenizer: PageTokenizer,
+  opts: EvalOptions,
+  mix=None,
+) -> dict[str, np.ndarray]:
   """{outcome type: [len(users)] P(the outcome's token in the user's next --max_new tokens)}, estimated from
   opts.outcome_samples continuations sampled at temperature 1 from each user's model (`assignment_U`; `mix`:
   see generate)."""
-  samples = [generate(cfg, params, seqs, assignment_U, users, Sampling(max_new=opts.max_new, temperature=1.0),
-                      seed=opts.seed + 1 + i, mix=mix) for i in range(opts.outcome_samples)]
-  return {outcome: np.mean([[tokenizer.outcome_id(outcome) in g for g in sample] for sample in samples], axis=0)
-          for outcome in tokenizer.outcome_types}
+  samples = [
+    generate(
+      cfg,
+      params,
+      seqs,
+      assignment_U,
+      users,
+      Sampling(max_new=opts.max_new, temperature=1.0),
+      seed=opts.seed + 1 + i,
+      mix=mix,
+    )
+    for i in range(opts.outcome_samples)
+  ]
+  return {
+    outcome: np.mean([[tokenizer.outcome_id(outcome) in g for g in sample] for sample in samples], axis=0)
+    for outcome in tokenizer.outcome_types
+  }
 
 
 def group_batches(groups_U: np.ndarray, lengths_U: np.ndarray, batch: int) -> list[np.ndarray]:
@@ -174,8 +220,15 @@ def unknown_targets(seqs: UserSequences, users_U: np.ndarray | None = None) -> i
   return int(unknown_U.sum() if users_U is None else unknown_U[users_U].sum())
 
 
-def rank_next_pages(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int,
-             label: str, groups_U: np.ndarray | None = None) -> dict:
+def rank_next_pages(
+  logprobs_fn,
+  seqs: UserSequences,
+  tokenizer: PageTokenizer,
+  opts: EvalOptions,
+  batch: int,
+  label: str,
+  groups_U: np.ndarray | None = None,
+) -> dict:
   """Next-page HR@1/5/10, NDCG@10, MRR: full ranking over pages, and against sampled negatives.
 
   A target page that never appeared in training (UNK) counts as a miss for every model, as in SASRec's
@@ -196,8 +249,9 @@ def rank_next_pages(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, 
   for i, users in enumerate(batches):
     logp_BxV = logprobs_fn(users)
     full = M.ranking_metrics(logp_BxV, true_U[users], candidate_V, unknown=UNK)
-    sampled = M.negatives_ranking_metrics(logp_BxV, true_U[users], neg_UxQ[users], ok_U[users], candidate_V,
-                                          unknown=UNK)
+    sampled = M.negatives_ranking_metrics(
+      logp_BxV, true_U[users], neg_UxQ[users], ok_U[users], candidate_V, unknown=UNK
+    )
     for k in full_keys:
       out[k][users] = full[k]
     for k in sampled_keys:
@@ -207,11 +261,13 @@ def rank_next_pages(logprobs_fn, seqs: UserSequences, tokenizer: PageTokenizer, 
   return out
 
 
-def _baseline_metrics(model, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int,
-                      name: str) -> dict:
+def _baseline_metrics(
+  model, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int, name: str
+) -> dict:
   model.fit(seqs, tokenizer.vocab_size)
   nll_U, tokens_U = model.target_nll(seqs)
   out = {"nll": nll_U / np.maximum(tokens_U, 1)}
+
   def logprobs(users):
     subset = seqs.subset(users)
     return model.next_token_logprobs(subset, at_U=first_page_index(subset))
@@ -220,9 +276,16 @@ def _baseline_metrics(model, seqs: UserSequences, tokenizer: PageTokenizer, opts
   return out
 
 
-def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: PageTokenizer, workdir: Path,
-             evaluated_U: np.ndarray | None = None, opts: EvalOptions = EvalOptions(), extra: dict | None = None,
-             rounds: list[dict] | None = None) -> dict:
+def evaluate(
+  families: dict[str, LMFamily],
+  seqs: UserSequences,
+  tokenizer: PageTokenizer,
+  workdir: Path,
+  evaluated_U: np.ndarray | None = None,
+  opts: EvalOptions = EvalOptions(),
+  extra: dict | None = None,
+  rounds: list[dict] | None = None,
+) -> dict:
   """Writes eval.json and report.md (with figures) into `workdir`; returns the eval.json content."""
   start = time.perf_counter()
   u = seqs.num_users
@@ -251,30 +314,57 @@ def evaluate(families: dict[str, LMFamily], seqs: UserSequences, tokenizer: Page
     per_user[name] = _baseline_metrics(model, seqs, tokenizer, opts, batch, name)
     evaluated(name)
 
-  for metrics in per_user.values():
-    metrics["perplexity"] = np.exp(metrics["nll"])
-  report = {"models": {name: {metric: M.summarize(values[evaluated_U]) for metric, values in metrics.items()}
-                       for name, metrics in per_user.items()},
-            "n_users": int(evaluated_U.sum()), "generated_users": int(len(gen_users)),
-            "n_pages": tokenizer.vocab_size - tokenizer.num_specials, "negatives": opts.negatives,
-            "unknown_targets": unknown_targets(seqs, evaluated_U), **(extra or {})}
+  report = {
+    "models": summaries(per_user, evaluated_U),
+    "n_users": int(evaluated_U.sum()),
+    "generated_users": int(len(gen_users)),
+    "n_pages": tokenizer.vocab_size - tokenizer.num_specials,
+    "negatives": opts.negatives,
+    "unknown_targets": unknown_targets(seqs, evaluated_U),
+    **(extra or {}),
+  }
   if outcomes:
     report["outcomes"] = outcomes
   if "hetlm" in per_user:
-    report["bootstrap"] = {
-      f"hetlm-{other}": {metric: M.paired_bootstrap(per_user["hetlm"][metric][evaluated_U],
-                                                    per_user[other][metric][evaluated_U], opts.bootstrap, opts.seed)
-                         for metric in (*_ALIGNMENT, "nll", "hr@10", "ndcg@10")}
-      for other in ("single", "single_ft", "single_matched") if other in per_user}
-    assignment = families["hetlm"].assignment
-    report["clusters"] = [
-      {"cluster": c, "users": int(((assignment == c) & evaluated_U).sum()),
-       **{f"{name}_nll": float(np.nanmean(per_user[name]["nll"][(assignment == c) & evaluated_U]))
-          for name in per_user if ((assignment == c) & evaluated_U).any()}}
-      for c in range(k)]
+    report["bootstrap"] = hetlm_comparisons(per_user, (*_ALIGNMENT, "nll", "hr@10", "ndcg@10"), opts, evaluated_U)
+    report["clusters"] = per_cluster(per_user, families["hetlm"].assignment, k, evaluated_U)
   report["eval_s"] = time.perf_counter() - start
   write_outputs(workdir, report, {name: m["nll"][evaluated_U] for name, m in per_user.items()}, rounds)
   return report
+
+
+def summaries(per_user: dict[str, dict], users_U=slice(None)) -> dict:
+  """{model: {metric: summary}} over `users_U` (a mask; default all), the perplexity added from the NLL."""
+  for metrics in per_user.values():
+    metrics["perplexity"] = np.exp(metrics["nll"])
+  return {
+    name: {metric: M.summarize(values[users_U]) for metric, values in metrics.items()}
+    for name, metrics in per_user.items()
+  }
+
+
+def hetlm_comparisons(per_user: dict[str, dict], metrics: tuple[str, ...], opts: EvalOptions, users_U=slice(None)):
+  """{"hetlm-OTHER": {metric: paired bootstrap of HeTLM minus OTHER}} for each single LM, over `users_U`."""
+  return {
+    f"hetlm-{other}": {
+      metric: M.paired_bootstrap(
+        per_user["hetlm"][metric][users_U], per_user[other][metric][users_U], opts.bootstrap, opts.seed
+      )
+      for metric in metrics
+    }
+    for other in ("single", "single_ft", "single_matched")
+    if other in per_user
+  }
+
+
+def per_cluster(per_user: dict[str, dict], cluster_U: np.ndarray, k: int, users_U: np.ndarray | None = None):
+  """Each HeTLM cluster's users (of `users_U`, a mask; default all) and every model's mean NLL over them."""
+  rows = []
+  for c in range(k):
+    mine_U = (cluster_U == c) if users_U is None else (cluster_U == c) & users_U
+    nll = {f"{name}_nll": float(np.nanmean(m["nll"][mine_U])) for name, m in per_user.items()} if mine_U.any() else {}
+    rows.append({"cluster": c, "users": int(mine_U.sum()), **nll})
+  return rows
 
 
 UNCHANGED = "eval.json and report.md are as they were, and every model is checkpointed (the evaluation runs again)"
@@ -294,6 +384,7 @@ def write_outputs(workdir: Path, report: dict, nll: dict[str, np.ndarray], round
     return
   _write_json(workdir / EVAL_FILE, report)
   from hetlm_jax.eval.report import write_report  # matplotlib stays optional
+
   write_report(workdir, report, nll, rounds or [])
 
 

@@ -97,15 +97,28 @@ def make_decoder(cfg: ModelConfig, s: Sampling, mixed: bool = False):
   `mixed` (--mix_init): it also takes the anchor (one model) and lam [K]."""
   if not mixed:
     one = lambda shared, cluster, *args: decode_one(cfg, s, merge(shared, cluster), *args)
-    return jax.jit(lambda params, *args: jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(params["shared"],
-                                                                                  params["cluster"], *args))
+    return jax.jit(
+      lambda params, *args: jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(params["shared"], params["cluster"], *args)
+    )
   one = lambda shared, cluster, anchor, lam, *args: decode_one(cfg, s, merge(shared, cluster), *args, anchor, lam)
-  return jax.jit(lambda params, anchor, lam_K, *args: jax.vmap(one, in_axes=(None, 0, None, 0, 0, 0, 0))(
-    params["shared"], params["cluster"], anchor, lam_K, *args))
+  return jax.jit(
+    lambda params, anchor, lam_K, *args: jax.vmap(one, in_axes=(None, 0, None, 0, 0, 0, 0))(
+      params["shared"], params["cluster"], anchor, lam_K, *args
+    )
+  )
 
 
-def generate(cfg: ModelConfig, params, seqs: UserSequences, assignment_U: np.ndarray, users: np.ndarray,
-             s: Sampling, seed: int = 0, batch: int = 256, mix=None) -> list[np.ndarray]:
+def generate(
+  cfg: ModelConfig,
+  params,
+  seqs: UserSequences,
+  assignment_U: np.ndarray,
+  users: np.ndarray,
+  s: Sampling,
+  seed: int = 0,
+  batch: int = 256,
+  mix=None,
+) -> list[np.ndarray]:
   """Next session of each listed user from their own cluster's model; the tokens before EOS/PAD. `mix`: a
   Trainer's (anchor, lam_K) under --mix_init, whose mixtures then generate."""
   k = num_models(params)
@@ -121,7 +134,7 @@ def generate(cfg: ModelConfig, params, seqs: UserSequences, assignment_U: np.nda
   table = np.full((k, max(n_cols, 1)), -1, np.int64)
   table[clusters[order], rank] = order
   for lo in range(0, n_cols, batch):
-    cols = table[:, lo:lo + batch]
+    cols = table[:, lo : lo + batch]
     cols = np.pad(cols, ((0, 0), (0, batch - cols.shape[1])), constant_values=-1)
     user_KxB = np.where(cols >= 0, users[np.maximum(cols, 0)], -1)
     p, pad = prompts(seqs, user_KxB.reshape(-1), length)

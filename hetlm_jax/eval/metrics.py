@@ -35,8 +35,9 @@ def _from_ranks(rank_U: np.ndarray, valid_U: np.ndarray, ks: Sequence[int]) -> d
   return out
 
 
-def _last_where_unknown(ahead_U: np.ndarray, valid_U: np.ndarray, true_U: np.ndarray, unknown: int | None,
-                        behind: int) -> tuple[np.ndarray, np.ndarray]:
+def _last_where_unknown(
+  ahead_U: np.ndarray, valid_U: np.ndarray, true_U: np.ndarray, unknown: int | None, behind: int
+) -> tuple[np.ndarray, np.ndarray]:
   """A true token that is `unknown` (a page the models never saw) ranks behind all `behind` others: a miss."""
   if unknown is None:
     return ahead_U, valid_U
@@ -44,8 +45,13 @@ def _last_where_unknown(ahead_U: np.ndarray, valid_U: np.ndarray, true_U: np.nda
   return np.where(unknown_U, behind, ahead_U), valid_U | unknown_U
 
 
-def ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, candidate_V: np.ndarray,
-                    ks: Sequence[int] = (1, 5, 10), unknown: int | None = None) -> dict[str, np.ndarray]:
+def ranking_metrics(
+  logp_UxV: np.ndarray,
+  true_U: np.ndarray,
+  candidate_V: np.ndarray,
+  ks: Sequence[int] = (1, 5, 10),
+  unknown: int | None = None,
+) -> dict[str, np.ndarray]:
   """Rank of each user's true token among all candidate tokens (e.g. pages), ties pessimistic.
 
   Returns per-user "hr@k", "ndcg@k" (for every k in ks), "mrr", "rank" and the boolean "valid":
@@ -63,9 +69,14 @@ def ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, candidate_V: np.nd
   return _from_ranks(ahead_U + 1, valid_U, ks)
 
 
-def sample_negatives(seqs: UserSequences, candidate_V: np.ndarray, n_negatives: int = 100,
-                     seed: int = 0, exclude_U: np.ndarray | None = None,
-                     max_rounds: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def sample_negatives(
+  seqs: UserSequences,
+  candidate_V: np.ndarray,
+  n_negatives: int = 100,
+  seed: int = 0,
+  exclude_U: np.ndarray | None = None,
+  max_rounds: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
   """[U, n] negatives per user, uniform without replacement over candidates the user never had.
 
   Never in the user's history or target (nor `exclude_U[u]`). Returns (negatives_UxQ int64,
@@ -118,8 +129,9 @@ def sample_negatives(seqs: UserSequences, candidate_V: np.ndarray, n_negatives: 
   return neg_UxQ, ok_U
 
 
-def _exact_negatives(users_R: np.ndarray, seen_P: np.ndarray, cand_C: np.ndarray, v: int,
-                     n: int, rng: np.random.Generator) -> np.ndarray:
+def _exact_negatives(
+  users_R: np.ndarray, seen_P: np.ndarray, cand_C: np.ndarray, v: int, n: int, rng: np.random.Generator
+) -> np.ndarray:
   """Per user (ascending ids), the candidates with the n smallest uniform keys, seen ones barred."""
   cand_index_V = np.full(v, -1, np.int64)
   cand_index_V[cand_C] = np.arange(len(cand_C))
@@ -127,18 +139,25 @@ def _exact_negatives(users_R: np.ndarray, seen_P: np.ndarray, cand_C: np.ndarray
   chunk = max(1, _CHUNK // len(cand_C))
   seen_user_P, seen_item_P = seen_P // v, seen_P % v
   for lo in range(0, len(users_R), chunk):
-    users = users_R[lo:lo + chunk]
+    users = users_R[lo : lo + chunk]
     keys_RxC = rng.random((len(users), len(cand_C)))
     mine_P = np.isin(seen_user_P, users)
     row_P = np.searchsorted(users, seen_user_P[mine_P])  # users_R is sorted
     keys_RxC[row_P, cand_index_V[seen_item_P[mine_P]]] = np.inf
-    out_RxQ[lo:lo + chunk] = cand_C[np.argpartition(keys_RxC, n - 1, axis=1)[:, :n]]
+    out_RxQ[lo : lo + chunk] = cand_C[np.argpartition(keys_RxC, n - 1, axis=1)[:, :n]]
   return out_RxQ
 
 
-def sampled_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, seqs: UserSequences,
-                            candidate_V: np.ndarray, n_negatives: int = 100, seed: int = 0,
-                            ks: Sequence[int] = (1, 5, 10), unknown: int | None = None) -> dict[str, np.ndarray]:
+def sampled_ranking_metrics(
+  logp_UxV: np.ndarray,
+  true_U: np.ndarray,
+  seqs: UserSequences,
+  candidate_V: np.ndarray,
+  n_negatives: int = 100,
+  seed: int = 0,
+  ks: Sequence[int] = (1, 5, 10),
+  unknown: int | None = None,
+) -> dict[str, np.ndarray]:
   """SASRec's protocol: rank the true token against n negatives from `sample_negatives`, ties pessimistic.
 
   Same keys as `ranking_metrics`; a user is also invalid when fewer than n negatives exist.
@@ -147,9 +166,15 @@ def sampled_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, seqs: User
   return negatives_ranking_metrics(logp_UxV, true_U, neg_UxQ, ok_U, candidate_V, ks, unknown)
 
 
-def negatives_ranking_metrics(logp_UxV: np.ndarray, true_U: np.ndarray, neg_UxQ: np.ndarray, ok_U: np.ndarray,
-                              candidate_V: np.ndarray, ks: Sequence[int] = (1, 5, 10),
-                              unknown: int | None = None) -> dict[str, np.ndarray]:
+def negatives_ranking_metrics(
+  logp_UxV: np.ndarray,
+  true_U: np.ndarray,
+  neg_UxQ: np.ndarray,
+  ok_U: np.ndarray,
+  candidate_V: np.ndarray,
+  ks: Sequence[int] = (1, 5, 10),
+  unknown: int | None = None,
+) -> dict[str, np.ndarray]:
   """Rank of the true token against given negatives (rows of `sample_negatives`), ties pessimistic.
 
   Drawn once for all users, the same negatives serve every model, so their metrics are paired. A true
@@ -176,12 +201,17 @@ def summarize(values_U: np.ndarray) -> dict[str, float]:
   with warnings.catch_warnings():  # all-NaN or empty input gives NaN, silently
     warnings.simplefilter("ignore", RuntimeWarning)
     p10, p50, p90 = np.nanpercentile(x, [10, 50, 90]) if x.size else (np.nan,) * 3
-    return {"mean": float(np.nanmean(x)), "var": float(np.nanvar(x)), "std": float(np.nanstd(x)),
-            "p10": float(p10), "p50": float(p50), "p90": float(p90)}
+    return {
+      "mean": float(np.nanmean(x)),
+      "var": float(np.nanvar(x)),
+      "std": float(np.nanstd(x)),
+      "p10": float(p10),
+      "p50": float(p50),
+      "p90": float(p90),
+    }
 
 
-def paired_bootstrap(a_U: np.ndarray, b_U: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> dict:
+def paired_bootstrap(a_U: np.ndarray, b_U: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
   """Percentile CIs for mean(a) − mean(b) and var(a) − var(b), resampling users jointly.
 
   var is the across-user variance (ddof=0), so var_diff compares how heterogeneous the two are.
@@ -194,19 +224,22 @@ def paired_bootstrap(a_U: np.ndarray, b_U: np.ndarray, n_boot: int = 1000, seed:
   a_U, b_U = a_U[keep_U], b_U[keep_U]
   u = len(a_U)
   if u == 0:
-    return {"mean_diff": np.nan, "mean_ci": [np.nan, np.nan], "var_diff": np.nan,
-            "var_ci": [np.nan, np.nan]}
+    return {"mean_diff": np.nan, "mean_ci": [np.nan, np.nan], "var_diff": np.nan, "var_ci": [np.nan, np.nan]}
   rng = np.random.default_rng(seed)
   diff_U = a_U - b_U
   mean_Z, var_Z = np.empty(n_boot), np.empty(n_boot)
   chunk = max(1, _CHUNK // u)
   for lo in range(0, n_boot, chunk):
     idx_ZxU = rng.integers(0, u, (min(chunk, n_boot - lo), u))
-    mean_Z[lo:lo + chunk] = diff_U[idx_ZxU].mean(axis=1)
-    var_Z[lo:lo + chunk] = a_U[idx_ZxU].var(axis=1) - b_U[idx_ZxU].var(axis=1)
+    mean_Z[lo : lo + chunk] = diff_U[idx_ZxU].mean(axis=1)
+    var_Z[lo : lo + chunk] = a_U[idx_ZxU].var(axis=1) - b_U[idx_ZxU].var(axis=1)
   q = [(1 - level) / 2, (1 + level) / 2]
-  return {"mean_diff": float(diff_U.mean()), "mean_ci": np.quantile(mean_Z, q).tolist(),
-          "var_diff": float(a_U.var() - b_U.var()), "var_ci": np.quantile(var_Z, q).tolist()}
+  return {
+    "mean_diff": float(diff_U.mean()),
+    "mean_ci": np.quantile(mean_Z, q).tolist(),
+    "var_diff": float(a_U.var() - b_U.var()),
+    "var_ci": np.quantile(var_Z, q).tolist(),
+  }
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,8 +284,13 @@ def _pairs(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]):
 
 def edit_similarity(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]) -> np.ndarray:
   """1 − Levenshtein(gen, actual) / max(len); 1.0 when both are empty."""
-  return np.array([1.0 - _levenshtein(g, a) / max(len(g), len(a)) if max(len(g), len(a)) else 1.0
-                   for g, a in _pairs(generated_U, actual_U)], np.float64)
+  return np.array(
+    [
+      1.0 - _levenshtein(g, a) / max(len(g), len(a)) if max(len(g), len(a)) else 1.0
+      for g, a in _pairs(generated_U, actual_U)
+    ],
+    np.float64,
+  )
 
 
 def jaccard(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]) -> np.ndarray:
@@ -267,8 +305,10 @@ def jaccard(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]) -
 def rouge_l_f1(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]) -> np.ndarray:
   """ROUGE-L F1: 2·LCS / (len(gen) + len(actual)); 1.0 when both are empty, 0 when one is."""
   # With P = LCS/len(gen) and R = LCS/len(actual), 2PR/(P+R) reduces to the line above.
-  return np.array([2.0 * _lcs(g, a) / (len(g) + len(a)) if len(g) + len(a) else 1.0
-                   for g, a in _pairs(generated_U, actual_U)], np.float64)
+  return np.array(
+    [2.0 * _lcs(g, a) / (len(g) + len(a)) if len(g) + len(a) else 1.0 for g, a in _pairs(generated_U, actual_U)],
+    np.float64,
+  )
 
 
 def length_error(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarray]) -> np.ndarray:
@@ -278,8 +318,9 @@ def length_error(generated_U: Sequence[np.ndarray], actual_U: Sequence[np.ndarra
 
 def max_repeats(sessions_U: Sequence[np.ndarray]) -> np.ndarray:
   """How often each session's most repeated page occurs in it (0 for an empty session)."""
-  return np.array([np.unique(np.asarray(s), return_counts=True)[1].max() if len(s) else 0 for s in sessions_U],
-                  np.int64)
+  return np.array(
+    [np.unique(np.asarray(s), return_counts=True)[1].max() if len(s) else 0 for s in sessions_U], np.int64
+  )
 
 
 def repetition_rate(generated_U: Sequence[np.ndarray], real_U: Sequence[np.ndarray], quantile: float = 0.99) -> float:

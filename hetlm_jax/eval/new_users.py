@@ -20,13 +20,22 @@ import numpy as np
 from absl import logging
 from scipy.special import logsumexp
 
+from hetlm_jax import interrupt
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
-from hetlm_jax.eval import metrics as M
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
-from hetlm_jax.eval.evaluate import (EvalOptions, LMFamily, rank_next_pages, evaluated, posterior, unknown_targets,
-                                     write_outputs)
-from hetlm_jax import interrupt
+from hetlm_jax.eval.evaluate import (
+  EvalOptions,
+  LMFamily,
+  evaluated,
+  hetlm_comparisons,
+  per_cluster,
+  posterior,
+  rank_next_pages,
+  summaries,
+  unknown_targets,
+  write_outputs,
+)
 
 PUBLISHED_MIXTURE_K = 40  # Cadez et al.'s mixture of Markov chains on msnbc (DESIGN.md)
 # Pooled key, per-user metric and pages_only of the two scorings of every test sequence.
@@ -50,8 +59,9 @@ def last_page_view(seqs: UserSequences) -> tuple[np.ndarray, UserSequences]:
   return users, dataclasses.replace(view, split=last_U[users] - shift_R)
 
 
-def _lm_scores(family: LMFamily, test: UserSequences, view: UserSequences, tokenizer: PageTokenizer,
-               opts: EvalOptions) -> tuple[dict, dict, np.ndarray]:
+def _lm_scores(
+  family: LMFamily, test: UserSequences, view: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions
+) -> tuple[dict, dict, np.ndarray]:
   """Per-user metrics, pooled sums {"with_end": (nll, tokens), "no_end": ...} and the MAP cluster."""
   t, log_pi_K = family.trainer, family.log_prior()
   pooled, out = {}, {}
@@ -71,8 +81,16 @@ def _lm_scores(family: LMFamily, test: UserSequences, view: UserSequences, token
   return out, pooled, map_U
 
 
-def _baseline_scores(model, train: UserSequences, test: UserSequences, view: UserSequences,
-                     tokenizer: PageTokenizer, opts: EvalOptions, batch: int, name: str) -> tuple[dict, dict]:
+def _baseline_scores(
+  model,
+  train: UserSequences,
+  test: UserSequences,
+  view: UserSequences,
+  tokenizer: PageTokenizer,
+  opts: EvalOptions,
+  batch: int,
+  name: str,
+) -> tuple[dict, dict]:
   model.fit(train, tokenizer.vocab_size)
   out, pooled = {}, {}
   for key, metric, pages_only in _SCORINGS:
@@ -85,9 +103,16 @@ def _baseline_scores(model, train: UserSequences, test: UserSequences, view: Use
   return out, pooled
 
 
-def evaluate_new_users(families: dict[str, LMFamily], train: UserSequences, test: UserSequences,
-                       tokenizer: PageTokenizer, workdir: Path, opts: EvalOptions = EvalOptions(),
-                       extra: dict | None = None, rounds: list[dict] | None = None) -> dict:
+def evaluate_new_users(
+  families: dict[str, LMFamily],
+  train: UserSequences,
+  test: UserSequences,
+  tokenizer: PageTokenizer,
+  workdir: Path,
+  opts: EvalOptions = EvalOptions(),
+  extra: dict | None = None,
+  rounds: list[dict] | None = None,
+) -> dict:
   """Writes eval.json and report.md for the split by user; returns the eval.json content."""
   start = time.perf_counter()
   u = test.num_users
@@ -112,36 +137,35 @@ def evaluate_new_users(families: dict[str, LMFamily], train: UserSequences, test
     evaluated(name)
   k = families["hetlm"].trainer.k if "hetlm" in families else 1
   batch = next(iter(families.values())).trainer.eval_batch if families else 512
-  baselines = {"popularity": Popularity(), "markov": Markov(), "markov_mixture": MarkovMixture(max(k, 2)),
-               f"markov_mixture_k{PUBLISHED_MIXTURE_K}": MarkovMixture(PUBLISHED_MIXTURE_K)}
+  baselines = {
+    "popularity": Popularity(),
+    "markov": Markov(),
+    "markov_mixture": MarkovMixture(max(k, 2)),
+    f"markov_mixture_k{PUBLISHED_MIXTURE_K}": MarkovMixture(PUBLISHED_MIXTURE_K),
+  }
   for name, model in baselines.items():
     logging.info("evaluating %s", name)
     metrics, pooled[name] = _baseline_scores(model, train, test, view, tokenizer, opts, batch, name)
     per_user[name] = widen(metrics)
     evaluated(name)
 
-  for metrics in per_user.values():
-    metrics["perplexity"] = np.exp(metrics["nll"])
-  bits = {name: {key: total / max(tokens, 1) / np.log(2) for key, (total, tokens) in p.items()}
-          for name, p in pooled.items()}
-  report = {"protocol": "new_users",
-            "models": {name: {metric: M.summarize(values) for metric, values in metrics.items()}
-                       for name, metrics in per_user.items()},
-            "bits_per_token": bits, "n_users": u, "ranked_users": int(len(ranked_users)),
-            "unknown_targets": unknown_targets(view),
-            "train_users": train.num_users, "test_tokens": {key: t for key, (_, t) in next(iter(pooled.values())).items()},
-            **(extra or {})}
+  bits = {
+    name: {key: total / max(tokens, 1) / np.log(2) for key, (total, tokens) in p.items()} for name, p in pooled.items()
+  }
+  report = {
+    "protocol": "new_users",
+    "models": summaries(per_user),
+    "bits_per_token": bits,
+    "n_users": u,
+    "ranked_users": int(len(ranked_users)),
+    "unknown_targets": unknown_targets(view),
+    "train_users": train.num_users,
+    "test_tokens": {key: t for key, (_, t) in next(iter(pooled.values())).items()},
+    **(extra or {}),
+  }
   if "hetlm" in per_user:
-    report["bootstrap"] = {
-      f"hetlm-{other}": {metric: M.paired_bootstrap(per_user["hetlm"][metric], per_user[other][metric],
-                                                    opts.bootstrap, opts.seed)
-                         for metric in ("nll", "nll_no_end", "hr@10")}
-      for other in ("single", "single_ft", "single_matched") if other in per_user}
-    report["clusters"] = [
-      {"cluster": c, "users": int((map_U == c).sum()),
-       **{f"{name}_nll": float(np.nanmean(per_user[name]["nll"][map_U == c])) for name in per_user
-          if (map_U == c).any()}}
-      for c in range(k)]
+    report["bootstrap"] = hetlm_comparisons(per_user, ("nll", "nll_no_end", "hr@10"), opts)
+    report["clusters"] = per_cluster(per_user, map_U, k)
   report["eval_s"] = time.perf_counter() - start
   write_outputs(workdir, report, {name: m["nll"] for name, m in per_user.items()}, rounds)
   return report

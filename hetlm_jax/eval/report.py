@@ -10,10 +10,28 @@ import numpy as np
 from hetlm_jax.files import replace_text, written
 from hetlm_jax.workdir import K_FIGURE, NLL_FIGURE, REPORT_FILE, ROUNDS_FIGURE
 
-_ORDER = ("hetlm", "hetlm_mixture", "single", "single_ft", "single_matched", "markov_mixture", "markov_mixture_k40", "markov",
-          "popularity")
-_METRICS = ("nll", "nll_no_end", "hr@10", "ndcg@10", "mrr", "hr@10_sampled", "ndcg@10_sampled", "edit_similarity",
-            "rouge_l_f1")
+_ORDER = (
+  "hetlm",
+  "hetlm_mixture",
+  "single",
+  "single_ft",
+  "single_matched",
+  "markov_mixture",
+  "markov_mixture_k40",
+  "markov",
+  "popularity",
+)
+_METRICS = (
+  "nll",
+  "nll_no_end",
+  "hr@10",
+  "ndcg@10",
+  "mrr",
+  "hr@10_sampled",
+  "ndcg@10_sampled",
+  "edit_similarity",
+  "rouge_l_f1",
+)
 # The paper's headline: how well the generated next session matches the actual one, and per-user NLL.
 _HEADLINE = ("edit_similarity", "jaccard", "rouge_l_f1", "nll")
 _HEADLINE_NEW_USERS = ("nll", "nll_no_end")  # the split by user generates nothing
@@ -34,8 +52,10 @@ def _unknown_note(report: dict) -> str:
   n = report.get("unknown_targets", 0)
   if not n:
     return ""
-  return (f" {n:,} of these users' ranked page never appeared in training: no model can name it, so it counts "
-          "as a miss for every model.")
+  return (
+    f" {n:,} of these users' ranked page never appeared in training: no model can name it, so it counts "
+    "as a miss for every model."
+  )
 
 
 def _headline(report: dict) -> list[str]:
@@ -51,19 +71,26 @@ def _headline(report: dict) -> list[str]:
   if new_users:
     lead = "HeTLM against the single LMs, per new user: NLL with and without the end marker (lower is better)."
   else:
-    lead = ("HeTLM against the single LMs, per user: how well the generated next session matches the actual one "
-            f"({report.get('generated_users', 0):,} users; edit similarity, Jaccard and ROUGE-L F1, higher is "
-            "better) and the held-out NLL (lower is better).")
-  lines = [lead + " Mean and variance over users; Δ = HeTLM − other, with paired-bootstrap 95% intervals.", "",
-           "| metric | vs | HeTLM mean | other mean | Δ mean [95% CI] | HeTLM var | other var | Δ var [95% CI] |",
-           "|---|---|---|---|---|---|---|---|"]
+    lead = (
+      "HeTLM against the single LMs, per user: how well the generated next session matches the actual one "
+      f"({report.get('generated_users', 0):,} users; edit similarity, Jaccard and ROUGE-L F1, higher is "
+      "better) and the held-out NLL (lower is better)."
+    )
+  lines = [
+    lead + " Mean and variance over users; Δ = HeTLM − other, with paired-bootstrap 95% intervals.",
+    "",
+    "| metric | vs | HeTLM mean | other mean | Δ mean [95% CI] | HeTLM var | other var | Δ var [95% CI] |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for metric in metrics:
     h = models["hetlm"][metric]
     for other in others:
       o = models[other].get(metric, {}) if other else {}
       b = boot[f"hetlm-{other}"].get(metric, {}) if other else {}
-      lines.append(f"| {metric} | {other or '–'} | {_fmt(h['mean'])} | {_fmt(o.get('mean'))} | "
-                   f"{_interval(b, 'mean')} | {_fmt(h['var'])} | {_fmt(o.get('var'))} | {_interval(b, 'var')} |")
+      lines.append(
+        f"| {metric} | {other or '–'} | {_fmt(h['mean'])} | {_fmt(o.get('mean'))} | "
+        f"{_interval(b, 'mean')} | {_fmt(h['var'])} | {_fmt(o.get('var'))} | {_interval(b, 'var')} |"
+      )
   return lines + [""]
 
 
@@ -108,9 +135,11 @@ def _verdicts(report: dict) -> list[str]:
   models, boot = report["models"], report.get("bootstrap", {})
   lines = []
   if report.get("hetlm_is_init_lm"):
-    lines.append("- HeTLM *is* the single LM it was warm-started from: no HeTLM round beat that LM on the validation "
-                 "users, so its K models are copies of it. Any difference below is that LM's, not clustering's.")
-  metric = "nll_no_end" if report.get("protocol") == "new_users" else "nll"
+    lines.append(
+      "- HeTLM *is* the single LM it was warm-started from: no HeTLM round beat that LM on the validation "
+      "users, so its K models are copies of it. Any difference below is that LM's, not clustering's."
+    )
+  nll_metric = "nll_no_end" if report.get("protocol") == "new_users" else "nll"
   headline = _HEADLINE_NEW_USERS if report.get("protocol") == "new_users" else _HEADLINE
   for m in [m for m in headline if m in models.get("hetlm", {})]:
     lower_better = m.startswith("nll")
@@ -126,27 +155,40 @@ def _verdicts(report: dict) -> list[str]:
       else:
         said = "no detectable difference"
       lo_v, hi_v = b["var_ci"]
-      spread = ("HeTLM varies less over users" if hi_v < -_SAME else f"`{other}` varies less over users"
-                if lo_v > _SAME else "the variances over users tie")
-      lines.append(f"- `{m}` ({'lower' if lower_better else 'higher'} is better), HeTLM against `{other}`: "
-                   f"{said} in the mean; {spread}.")
+      spread = (
+        "HeTLM varies less over users"
+        if hi_v < -_SAME
+        else f"`{other}` varies less over users"
+        if lo_v > _SAME
+        else "the variances over users tie"
+      )
+      lines.append(
+        f"- `{m}` ({'lower' if lower_better else 'higher'} is better), HeTLM against `{other}`: "
+        f"{said} in the mean; {spread}."
+      )
   lines += _undefined_or_weak(report)
   if "markov" in models:
-    for metric, lower in ((metric, True), ("hr@10", False)):
+    for metric, lower in ((nll_metric, True), ("hr@10", False)):
       lms = [m for m in ("hetlm", "hetlm_mixture", *_SINGLES) if metric in models.get(m, {})]
       if metric not in models["markov"] or not lms:
         continue
       best = (min if lower else max)(lms, key=lambda m: models[m][metric]["mean"])
       lm, mk = models[best][metric]["mean"], models["markov"][metric]["mean"]
       # "The best LM" is the verdict's (lowest per-user mean NLL); any other winner is named by its metric.
-      who = ("The best LM" if metric == "nll" and best == _best_lm(report) else
-             f"The LM with the {'lowest' if lower else 'highest'} `{metric}`")
+      who = (
+        "The best LM"
+        if metric == "nll" and best == _best_lm(report)
+        else f"The LM with the {'lowest' if lower else 'highest'} `{metric}`"
+      )
       if (lm < mk) if lower else (lm > mk):
-        lines.append(f"- {who} (`{best}`) beats the first-order Markov chain in `{metric}` ({_fmt(lm)} "
-                     f"against {_fmt(mk)}).")
+        lines.append(
+          f"- {who} (`{best}`) beats the first-order Markov chain in `{metric}` ({_fmt(lm)} against {_fmt(mk)})."
+        )
       else:
-        lines.append(f"- The first-order Markov chain beats every LM in `{metric}` ({_fmt(mk)} against "
-                     f"`{best}`'s {_fmt(lm)}). {_why_markov_wins(report)}")
+        lines.append(
+          f"- The first-order Markov chain beats every LM in `{metric}` ({_fmt(mk)} against "
+          f"`{best}`'s {_fmt(lm)}). {_why_markov_wins(report)}"
+        )
   return (["Who wins (paired bootstrap, 95% intervals):", ""] + lines + [""]) if lines else []
 
 
@@ -155,25 +197,36 @@ def _undefined_or_weak(report: dict) -> list[str]:
   models, lines = report["models"], []
   pages, negatives = report.get("n_pages"), report.get("negatives", 100)
   sampled = [m for m in ("hr@10_sampled", "ndcg@10_sampled") if any(m in v for v in models.values())]
-  undefined = [m for m in sampled if all(v.get(m) is None or v[m].get("mean") is None or np.isnan(v[m]["mean"])
-                                          for v in models.values() if m in v)]
+  undefined = [
+    m
+    for m in sampled
+    if all(v.get(m) is None or v[m].get("mean") is None or np.isnan(v[m]["mean"]) for v in models.values() if m in v)
+  ]
   if undefined and pages is not None:
-    lines.append(f"- {', '.join(f'`{m}`' for m in undefined)}: not defined here (–). They rank the target among "
-                 f"{negatives} pages the user never visited, and this catalogue has only {pages} pages.")
+    lines.append(
+      f"- {', '.join(f'`{m}`' for m in undefined)}: not defined here (–). They rank the target among "
+      f"{negatives} pages the user never visited, and this catalogue has only {pages} pages."
+    )
   if pages is not None and pages < 50 and any("hr@10" in v for v in models.values()):
-    lines.append(f"- Ranking metrics (`hr@10`, `ndcg@10`, `mrr`) can hardly tell models apart here: with {pages} "
-                 "pages, the top 10 already holds most of the catalogue.")
+    lines.append(
+      f"- Ranking metrics (`hr@10`, `ndcg@10`, `mrr`) can hardly tell models apart here: with {pages} "
+      "pages, the top 10 already holds most of the catalogue."
+    )
   return lines
 
 
 def _why_markov_wins(report: dict) -> str:
   stopping = report.get("early_stopping") or {}
   if not stopping.get("patience"):
-    return ("Training had no early stopping (--patience=0), so the LMs may be undertrained: rerun with "
-            "--patience and a larger --epochs.")
-  return ("Every LM trained until its validation NLL stopped improving, so more of the same training did not help "
-          "on the validation users: with few users per page, counting transitions is hard to beat; a smaller model, "
-          "more --dropout, a longer cycle (--epochs) or more users may close the gap.")
+    return (
+      "Training had no early stopping (--patience=0), so the LMs may be undertrained: rerun with "
+      "--patience and a larger --epochs."
+    )
+  return (
+    "Every LM trained until its validation NLL stopped improving, so more of the same training did not help "
+    "on the validation users: with few users per page, counting transitions is hard to beat; a smaller model, "
+    "more --dropout, a longer cycle (--epochs) or more users may close the gap."
+  )
 
 
 def _training(report: dict) -> list[str]:
@@ -185,28 +238,46 @@ def _training(report: dict) -> list[str]:
     return []
   stopping = report.get("early_stopping") or {}
   if stopping.get("patience"):
-    rule = (f"Single LMs trained rounds from scratch of at most {stopping['max_passes_per_round']} passes, "
-            f"validated after every pass and stopped after {stopping['patience']} validations without a better "
-            "one once half were trained, then an anneal from their kept pass.")
+    rule = (
+      f"Single LMs trained rounds from scratch of at most {stopping['max_passes_per_round']} passes, "
+      f"validated after every pass and stopped after {stopping['patience']} validations without a better "
+      "one once half were trained, then an anneal from their kept pass."
+    )
     if "warm_passes_per_round" in stopping:
-      rule += (f" Warm-started models (`hetlm`, `single_ft`) went on from that LM in rounds of at most "
-               f"{stopping['warm_passes_per_round']} passes starting at {stopping['warm_lr_scale']}x the learning "
-               f"rate, validated every {stopping['val_every']} passes with the same patience"
-               + (f", pulled toward it with prox {stopping['prox']}" if stopping.get("prox") else "")
-               + (f", users routed by the last {stopping['route_frac']} of their history, kept out of training"
-                  if stopping.get("route_frac") else "") + ".")
-    rule += (f" Every decision read the per-user mean NLL of the held-out targets of "
-             f"{stopping['validation_users']:,} validation users; each round kept its best point, and a model's "
-             "rounds ended after one that did not improve on its start.")
+      rule += (
+        f" Warm-started models (`hetlm`, `single_ft`) went on from that LM in rounds of at most "
+        f"{stopping['warm_passes_per_round']} passes starting at {stopping['warm_lr_scale']}x the learning "
+        f"rate, validated every {stopping['val_every']} passes with the same patience"
+        + (f", pulled toward it with prox {stopping['prox']}" if stopping.get("prox") else "")
+        + (
+          f", users routed by the last {stopping['route_frac']} of their history, kept out of training"
+          if stopping.get("route_frac")
+          else ""
+        )
+        + "."
+      )
+    rule += (
+      f" Every decision read the per-user mean NLL of the held-out targets of "
+      f"{stopping['validation_users']:,} validation users; each round kept its best point, and a model's "
+      "rounds ended after one that did not improve on its start."
+    )
   else:
     rule = f"Each round trained {stopping.get('max_passes_per_round', '?')} passes (no early stopping)."
-  lines = ["## Training", "", rule + " `init_single` is the single LM HeTLM started from.", "",
-           "| model | passes over its users | tokens trained | train seconds | validation NLL (per-user mean) | "
-           "validation variance |", "|---|---|---|---|---|---|"]
+  lines = [
+    "## Training",
+    "",
+    rule + " `init_single` is the single LM HeTLM started from.",
+    "",
+    "| model | passes over its users | tokens trained | train seconds | validation NLL (per-user mean) | "
+    "validation variance |",
+    "|---|---|---|---|---|---|",
+  ]
   for name, n in passes.items():
     v = validation.get(name, {})
     lines.append(f"| {name} | {n} | {tokens[name]:,} | " if name in tokens else f"| {name} | {n} | – | ")
-    lines[-1] += (f"{seconds[name]:.0f} | " if name in seconds else "– | ") + f"{_fmt(v.get('mean'))} | {_fmt(v.get('var'))} |"
+    lines[-1] += (
+      f"{seconds[name]:.0f} | " if name in seconds else "– | "
+    ) + f"{_fmt(v.get('mean'))} | {_fmt(v.get('var'))} |"
   return lines + [""]
 
 
@@ -219,6 +290,7 @@ def _save(fig, path: Path) -> None:
 def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sweep: dict | None) -> list[str]:
   try:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
@@ -230,8 +302,12 @@ def _figures(workdir: Path, nll: dict[str, np.ndarray], rounds: list[dict], k_sw
   for m in [m for m in shown if m != "hetlm" and "hetlm" in nll]:
     both = ~np.isnan(nll["hetlm"]) & ~np.isnan(nll[m])
     diff = np.sort(nll["hetlm"][both] - nll[m][both])
-    a1.plot(np.arange(1, len(diff) + 1) / len(diff), diff, linewidth=1.5,
-            label=f"HeTLM − {m} (mean {diff.mean():+.4f}; HeTLM better for {100 * (diff < 0).mean():.0f}% of users)")
+    a1.plot(
+      np.arange(1, len(diff) + 1) / len(diff),
+      diff,
+      linewidth=1.5,
+      label=f"HeTLM − {m} (mean {diff.mean():+.4f}; HeTLM better for {100 * (diff < 0).mean():.0f}% of users)",
+    )
   a1.axhline(0.0, color="black", linewidth=0.8)
   a1.set_xlabel("users, sorted by the difference (fraction)")
   a1.set_ylabel("HeTLM NLL − other NLL (nats/token)")
@@ -288,22 +364,49 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
   """report.md (and its figures) beside eval.json: the headline, the verdicts, the intervals, the training, the
   clusters and outcomes."""
   models = [m for m in _ORDER if m in report["models"]]
-  if report.get("protocol") == "new_users":
-    intro = (f"{report['n_users']:,} new users, never trained on (the split by user); each user's whole sequence "
-             "is scored. HeTLM and the Markov mixture score it with their mixture likelihood (π = cluster shares), "
-             "as a new user has no history to route by. `nll`: nats per token with the end marker; `nll_no_end`: "
-             "nats per page token, each page given that the sequence goes on. Next-page metrics rank each user's "
-             f"last page given the pages before it ({report['ranked_users']:,} users with at least two pages)."
-             + _unknown_note(report))
+  lines = ["# HeTLM evaluation", "", *_verdict(report), "", _intro(report), ""] + _headline(report) + _verdicts(report)
+  lines += _every_model(report, models) + _other_comparisons(report) + [""] + _training(report)[:-1]
+  lines += _clusters_and_outcomes(report)
+  figures = _figures(workdir, nll, rounds, (report.get("k_sweep") or {}).get("selection_nll"))
+  if figures:
+    lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
   else:
-    intro = (f"{report['n_users']:,} users; each user's held-out target is scored given their history, and each "
-             "user's cluster is chosen from the history alone. NLL is in nats per target token (lower is better); "
-             "next-page metrics rank the target's first page among all pages, and `_sampled` among 100 random "
-             "pages the user never visited (SASRec's protocol)." + _unknown_note(report))
-  lines = ["# HeTLM evaluation", "", *_verdict(report), "", intro, ""] + _headline(report) + _verdicts(report)
+    lines += [
+      "",
+      "(Figures need matplotlib: `pip install matplotlib`, or `pip install -e '.[plots]'` in the repository.)",
+    ]
+  replace_text(workdir / REPORT_FILE, "\n".join(lines) + "\n")
+
+
+def _intro(report: dict) -> str:
+  """What was scored, and how, for the protocol of the run."""
+  if report.get("protocol") == "new_users":
+    return (
+      f"{report['n_users']:,} new users, never trained on (the split by user); each user's whole sequence "
+      "is scored. HeTLM and the Markov mixture score it with their mixture likelihood (π = cluster shares), "
+      "as a new user has no history to route by. `nll`: nats per token with the end marker; `nll_no_end`: "
+      "nats per page token, each page given that the sequence goes on. Next-page metrics rank each user's "
+      f"last page given the pages before it ({report['ranked_users']:,} users with at least two pages)."
+      + _unknown_note(report)
+    )
+  return (
+    f"{report['n_users']:,} users; each user's held-out target is scored given their history, and each "
+    "user's cluster is chosen from the history alone. NLL is in nats per target token (lower is better); "
+    "next-page metrics rank the target's first page among all pages, and `_sampled` among 100 random "
+    "pages the user never visited (SASRec's protocol)." + _unknown_note(report)
+  )
+
+
+def _every_model(report: dict, models: list[str]) -> list[str]:
+  """The pooled bits (split by user), every metric of every model side by side, and the NLL percentiles."""
+  lines = []
   if report.get("bits_per_token"):
-    lines += ["Pooled over all test tokens, in bits per token (lower is better):", "",
-              "| model | no end marker | with end marker |", "|---|---|---|"]
+    lines += [
+      "Pooled over all test tokens, in bits per token (lower is better):",
+      "",
+      "| model | no end marker | with end marker |",
+      "|---|---|---|",
+    ]
     for name in models:
       b = report["bits_per_token"].get(name, {})
       lines.append(f"| {name} | {_fmt(b.get('no_end'))} | {_fmt(b.get('with_end'))} |")
@@ -322,36 +425,62 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
   for name in models:
     s = report["models"][name]["nll"]
     lines.append(f"- {name}: {_fmt(s['p10'])} / {_fmt(s['p50'])} / {_fmt(s['p90'])}, variance {_fmt(s['var'])}")
+  return lines
+
+
+def _other_comparisons(report: dict) -> list[str]:
+  """The paired comparisons the headline table does not show."""
   headline = set(_HEADLINE_NEW_USERS if report.get("protocol") == "new_users" else _HEADLINE)
-  rest = {c: {m: b for m, b in by_metric.items() if not (c in {f"hetlm-{o}" for o in _SINGLES} and m in headline)}
-          for c, by_metric in report.get("bootstrap", {}).items()}
-  if any(rest.values()):  # the headline table already shows HeTLM − single LMs on its metrics
-    lines += ["", "## Other paired comparisons (paired bootstrap, 95% intervals)", "",
-              "| comparison | metric | mean diff | 95% CI | variance diff | 95% CI |", "|---|---|---|---|---|---|"]
-    for comparison, by_metric in rest.items():
-      for metric, b in by_metric.items():
-        lines.append(f"| {comparison} | {metric} | {_fmt(b['mean_diff'])} | [{_fmt(b['mean_ci'][0])}, "
-                     f"{_fmt(b['mean_ci'][1])}] | {_fmt(b['var_diff'])} | [{_fmt(b['var_ci'][0])}, "
-                     f"{_fmt(b['var_ci'][1])}] |")
-    lines += ["", "For NLL a negative difference favours HeTLM (lower mean, lower variance); for HR/NDCG and the "
-              "session alignment (edit similarity, Jaccard, ROUGE-L F1) a positive mean difference does."]
-  lines += [""] + _training(report)[:-1]
+  rest = {
+    c: {m: b for m, b in by_metric.items() if not (c in {f"hetlm-{o}" for o in _SINGLES} and m in headline)}
+    for c, by_metric in report.get("bootstrap", {}).items()
+  }
+  if not any(rest.values()):  # the headline table already shows HeTLM − single LMs on its metrics
+    return []
+  lines = [
+    "",
+    "## Other paired comparisons (paired bootstrap, 95% intervals)",
+    "",
+    "| comparison | metric | mean diff | 95% CI | variance diff | 95% CI |",
+    "|---|---|---|---|---|---|",
+  ]
+  for comparison, by_metric in rest.items():
+    for metric, b in by_metric.items():
+      lines.append(
+        f"| {comparison} | {metric} | {_fmt(b['mean_diff'])} | [{_fmt(b['mean_ci'][0])}, "
+        f"{_fmt(b['mean_ci'][1])}] | {_fmt(b['var_diff'])} | [{_fmt(b['var_ci'][0])}, "
+        f"{_fmt(b['var_ci'][1])}] |"
+      )
+  return lines + [
+    "",
+    "For NLL a negative difference favours HeTLM (lower mean, lower variance); for HR/NDCG and the "
+    "session alignment (edit similarity, Jaccard, ROUGE-L F1) a positive mean difference does.",
+  ]
+
+
+def _clusters_and_outcomes(report: dict) -> list[str]:
+  """The per-cluster table, and the outcome predictions (a log with outcome events)."""
+  lines = []
   if report.get("clusters"):
     cols = [c for c in ("hetlm_nll", "single_nll", "single_matched_nll") if c in report["clusters"][0]]
-    lines += ["", "## Per cluster (mean NLL of the cluster's users)", "",
-              "| cluster | users | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    lines += [
+      "",
+      "## Per cluster (mean NLL of the cluster's users)",
+      "",
+      "| cluster | users | " + " | ".join(cols) + " |",
+      "|---" * (len(cols) + 2) + "|",
+    ]
     for row in report["clusters"]:
       lines.append(f"| {row['cluster']} | {row['users']:,} | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
   if report.get("outcomes"):
-    lines += ["", "## Outcomes (will the next session contain it?)", "", "| model | outcome | AUC | F1 | positives / users |",
-              "|---|---|---|---|---|"]
+    lines += [
+      "",
+      "## Outcomes (will the next session contain it?)",
+      "",
+      "| model | outcome | AUC | F1 | positives / users |",
+      "|---|---|---|---|---|",
+    ]
     for name, by_outcome in report["outcomes"].items():
       for outcome, o in by_outcome.items():
         lines.append(f"| {name} | {outcome} | {_fmt(o['auc'])} | {_fmt(o['f1'])} | {o['positives']} / {o['users']} |")
-  figures = _figures(workdir, nll, rounds, (report.get("k_sweep") or {}).get("selection_nll"))
-  if figures:
-    lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
-  else:
-    lines += ["", "(Figures need matplotlib: `pip install matplotlib`, or `pip install -e '.[plots]'` in the "
-              "repository.)"]
-  replace_text(workdir / REPORT_FILE, "\n".join(lines) + "\n")
+  return lines

@@ -31,9 +31,20 @@ class ClusterBatches:
 
   MIN_WEIGHT = 0.01
 
-  def __init__(self, seqs: UserSequences, assignment_U: np.ndarray, k: int, batch_size: int, context: int,
-               epochs: int, seed: int, round_index: int, weights_UxK: np.ndarray | None = None,
-               balance: bool = True, max_repeat: int = 0):
+  def __init__(
+    self,
+    seqs: UserSequences,
+    assignment_U: np.ndarray,
+    k: int,
+    batch_size: int,
+    context: int,
+    epochs: int,
+    seed: int,
+    round_index: int,
+    weights_UxK: np.ndarray | None = None,
+    balance: bool = True,
+    max_repeat: int = 0,
+  ):
     self.seqs, self.assignment_U = seqs, np.asarray(assignment_U)
     self.k, self.batch_size, self.width, self.epochs = k, batch_size, context + 1, epochs
     self.seed, self.round_index, self.balance, self.max_repeat = seed, round_index, balance, max_repeat
@@ -73,8 +84,9 @@ class ClusterBatches:
     example = np.repeat(np.arange(len(self.cluster_X)), cycles_K[self.cluster_X])
     cluster = self.cluster_X[example]
     # The cycle number of each copy: its rank among the copies of the same example.
-    cycle = np.arange(len(example)) - np.repeat(np.cumsum(cycles_K[self.cluster_X]) - cycles_K[self.cluster_X],
-                                                cycles_K[self.cluster_X])
+    cycle = np.arange(len(example)) - np.repeat(
+      np.cumsum(cycles_K[self.cluster_X]) - cycles_K[self.cluster_X], cycles_K[self.cluster_X]
+    )
     return example[np.lexsort((rng.random(len(example)), cycle, cluster))]
 
   def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""The trainer: K stacked models, a step loop fed ahead and read every few steps, scoring of every user by every model."""
+"""The trainer: K stacked models, a step loop fed ahead and read every few steps, scoring of every user by every
+model."""
 
 from __future__ import annotations
 
@@ -9,18 +10,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from hetlm_jax import hosts
+from hetlm_jax import hosts, interrupt
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
-from hetlm_jax import interrupt
 from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, prompts
 from hetlm_jax.train.metrics import MetricsLog, Progress
 from hetlm_jax.train.prefetch import Prefetcher
 from hetlm_jax.train.split import model_params, partition
-from hetlm_jax.train.state import (TrainState, abstract_state, cluster_spec, cold_lr, create_state, make_mesh,
-                                   make_optimizer, split_state, state_shardings)
+from hetlm_jax.train.state import (
+  TrainState,
+  abstract_state,
+  cluster_spec,
+  cold_lr,
+  create_state,
+  make_mesh,
+  make_optimizer,
+  split_state,
+  state_shardings,
+)
 from hetlm_jax.train.step import make_hidden_fn, make_next_logprobs_fn, make_score_fn, make_train_step
 
 
@@ -54,11 +64,16 @@ class Trainer:
     shardings = state_shardings(self.mesh, self.abstract)
     take = lambda source_K: lambda tree: {**tree, "cluster": jax.tree.map(lambda x: x[source_K], tree["cluster"])}
     self._gather = jax.jit(
-      lambda state, source_K: state.replace(params=take(source_K)(state.params),
-                                            opt_state=take(source_K)(state.opt_state)),
-      out_shardings=shardings, donate_argnums=0)
-    self._warm = jax.jit(functools.partial(_warm_state, self.tx, k, cluster_spec(cfg, k), cfg.model.n_layers,
-                                           cold_lr(cfg.train)), out_shardings=shardings)
+      lambda state, source_K: state.replace(
+        params=take(source_K)(state.params), opt_state=take(source_K)(state.opt_state)
+      ),
+      out_shardings=shardings,
+      donate_argnums=0,
+    )
+    self._warm = jax.jit(
+      functools.partial(_warm_state, self.tx, k, cluster_spec(cfg, k), cfg.model.n_layers, cold_lr(cfg.train)),
+      out_shardings=shardings,
+    )
     self._rows = NamedSharding(self.mesh, P("data"))
     self._replicated = NamedSharding(self.mesh, P())
     self._unmixed = (self.score_batch, self.score_pages_batch, self.next_logprobs_batch, self.next_logprobs_model)
@@ -72,8 +87,9 @@ class Trainer:
     """A new round of `steps` steps from here, its rates (start, peak, end) `round_lr` (default: cold_lr)."""
     put = lambda value: hosts.put(value, self.abstract.round_start.sharding)
     round_lr = cold_lr(self.cfg.train) if round_lr is None else np.asarray(round_lr, np.float32)
-    return state.replace(round_start=put(np.int32(state.step)), round_steps=put(np.int32(steps)),
-                         round_lr=put(round_lr))
+    return state.replace(
+      round_start=put(np.int32(state.step)), round_steps=put(np.int32(steps)), round_lr=put(round_lr)
+    )
 
   def copy_models(self, state: TrainState, source_K: np.ndarray) -> TrainState:
     """Model c takes the own parameters and optimizer state of model source_K[c] (re-seeding a cluster)."""
@@ -101,21 +117,31 @@ class Trainer:
     self.mix = (anchor, lam)
     if self._mixed is None:
       slots = ScoringBatches.max_windows(self.cfg.model.context + 1, self.eval_batch)
-      self._mixed = (make_score_fn(self.cfg, self.mesh, self.abstract, slots, mixed=True),
-                     make_score_fn(self.cfg, self.mesh, self.abstract, slots, pages_only=True, mixed=True),
-                     *make_next_logprobs_fn(self.cfg, self.mesh, self.abstract, mixed=True))
+      self._mixed = (
+        make_score_fn(self.cfg, self.mesh, self.abstract, slots, mixed=True),
+        make_score_fn(self.cfg, self.mesh, self.abstract, slots, pages_only=True, mixed=True),
+        *make_next_logprobs_fn(self.cfg, self.mesh, self.abstract, mixed=True),
+      )
     bind = lambda fn: lambda params, *args: fn(params, anchor, lam, *args)
     self.score_batch, self.score_pages_batch, self.next_logprobs_batch, self.next_logprobs_model = map(
-      bind, self._mixed)
+      bind, self._mixed
+    )
 
   def warm_state(self, single_params) -> TrainState:
     """Every one of the K models starts from the same single-model parameters (a K=1 family), with fresh
     moments."""
     return self._warm(single_params)
 
-  def train_round(self, state: TrainState, batches: ClusterBatches, log: MetricsLog | None = None,
-                  on_step=None, label: str = "train", until: int | None = None,
-                  record: dict | None = None) -> TrainState:
+  def train_round(
+    self,
+    state: TrainState,
+    batches: ClusterBatches,
+    log: MetricsLog | None = None,
+    on_step=None,
+    label: str = "train",
+    until: int | None = None,
+    record: dict | None = None,
+  ) -> TrainState:
     """Runs the current round up to step `until` of the round (default: its end), e.g. one epoch.
 
     Batches come from a background thread (`--prefetch`). Metrics stay on the device and are read every
@@ -174,14 +200,26 @@ class Trainer:
       # Per model, over the window's steps where it had real tokens (None: only padding in the window).
       had_K = weight_JxK.sum(0) > 0
       per_model = np.where(had_K, nll_JxK.sum(0) / np.maximum(weight_JxK.sum(0), 1e-9), np.nan)
-      grad_K = np.where(had_K, (stack("grad_norm") * (weight_JxK > 0)).sum(0)
-                        / np.maximum((weight_JxK > 0).sum(0), 1), np.nan)
+      grad_K = np.where(
+        had_K, (stack("grad_norm") * (weight_JxK > 0)).sum(0) / np.maximum((weight_JxK > 0).sum(0), 1), np.nan
+      )
       none_if_nan = lambda a: [None if np.isnan(x) else float(x) for x in a]
-      log.write({"kind": "train", **(record or {}), "step": int(m[-1]["step"][0]), "step_in_round": done,
-                 "steps": len(m), "loss": loss,
-                 "perplexity": float(np.exp(min(loss, 50))), "loss_per_model": none_if_nan(per_model),
-                 "grad_norm": none_if_nan(grad_K), "learning_rate": float(m[-1]["learning_rate"][0]),
-                 "tokens_per_s": tok_s, "step_time_s": (now - window_start) / len(m)})
+      log.write(
+        {
+          "kind": "train",
+          **(record or {}),
+          "step": int(m[-1]["step"][0]),
+          "step_in_round": done,
+          "steps": len(m),
+          "loss": loss,
+          "perplexity": float(np.exp(min(loss, 50))),
+          "loss_per_model": none_if_nan(per_model),
+          "grad_norm": none_if_nan(grad_K),
+          "learning_rate": float(m[-1]["learning_rate"][0]),
+          "tokens_per_s": tok_s,
+          "step_time_s": (now - window_start) / len(m),
+        }
+      )
     return now
 
   def check_finite(self) -> None:
@@ -193,11 +231,13 @@ class Trainer:
   def _check_finite(window: list) -> None:
     for metrics in window:
       if not np.isfinite(metrics["nll_sum"]).all():
-        raise interrupt.NonFiniteLoss(f"the training loss is {float(metrics['nll_sum'].sum())} at step "
-                                      f"{int(metrics['step'][0])}")
+        raise interrupt.NonFiniteLoss(
+          f"the training loss is {float(metrics['nll_sum'].sum())} at step {int(metrics['step'][0])}"
+        )
 
-  def score(self, params, seqs: UserSequences, part: str, label: str = "score",
-            pages_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  def score(
+    self, params, seqs: UserSequences, part: str, label: str = "score", pages_only: bool = False
+  ) -> tuple[np.ndarray, np.ndarray]:
     """NLL sums [K, U] of each user's history ('history') or held-out target ('target') under every model,
     and the number of scored tokens [U]. `pages_only`: only page tokens are scored, each given that the
     sequence goes on (no end marker: BOS and EOS are neither scored nor predicted)."""
@@ -211,8 +251,7 @@ class Trainer:
       tokens, segments, mask, owner = batches.batch(i)
       users_R, local_BxT = np.unique(np.where(mask, owner[:, 1:], -1), return_inverse=True)
       local_BxT = local_BxT.reshape(mask.shape).astype(np.int32) - int(users_R[0] < 0)  # -1: no scored token
-      sums_KxR = score_batch(params, *hosts.put_all((tokens, segments, mask, np.maximum(local_BxT, 0)),
-                                                    self._rows))
+      sums_KxR = score_batch(params, *hosts.put_all((tokens, segments, mask, np.maximum(local_BxT, 0)), self._rows))
       if pending is not None:  # add batch i-1 while batch i runs
         self._add_scores(nll_KxU, *pending)
       pending = (sums_KxR, users_R[users_R >= 0])
@@ -224,7 +263,7 @@ class Trainer:
 
   @staticmethod
   def _add_scores(nll_KxU, sums_KxR, users_R):
-    nll_KxU[:, users_R] += np.asarray(hosts.fetch(sums_KxR))[:, :len(users_R)]
+    nll_KxU[:, users_R] += np.asarray(hosts.fetch(sums_KxR))[:, : len(users_R)]
 
   def embed(self, params, seqs: UserSequences) -> np.ndarray:
     """Each user's mean final hidden state over their history window under every model: [K, U, D]."""
@@ -242,8 +281,9 @@ class Trainer:
     means_UxKD = sums_UxKD / np.maximum(batches.length_U, 1)[:, None]
     return means_UxKD.reshape(u, k, d).transpose(1, 0, 2)
 
-  def next_logprobs(self, params, seqs: UserSequences, users_B: np.ndarray,
-                    cluster_B: np.ndarray | None = None) -> np.ndarray:
+  def next_logprobs(
+    self, params, seqs: UserSequences, users_B: np.ndarray, cluster_B: np.ndarray | None = None
+  ) -> np.ndarray:
     """[B, V] log-distribution of each user's first target token (after BOS for a new session) under the
     model of `cluster_B`, or [K, B, V] under every model when cluster_B is None; the batch is padded to the
     eval batch. A batch of one cluster's users runs only that cluster's model. Prompts are only as wide as the
@@ -253,9 +293,9 @@ class Trainer:
     padded = np.full(b, -1)
     padded[:n] = users_B
     left_BxT, pad_B = prompts(seqs, padded, context)
-    longest = int(context - pad_B[:max(n, 1)].min())
+    longest = int(context - pad_B[: max(n, 1)].min())
     width = min(context, max(8, 1 << (longest - 1).bit_length()))
-    left_BxT, pad_B = left_BxT[:, context - width:], (pad_B - (context - width)).astype(np.int32)
+    left_BxT, pad_B = left_BxT[:, context - width :], (pad_B - (context - width)).astype(np.int32)
     width = left_BxT.shape[1]
     right_BxT = np.take_along_axis(left_BxT, (np.arange(width)[None, :] + pad_B[:, None]) % width, axis=1)
     last_B = np.maximum(width - 1 - pad_B, 0).astype(np.int32)

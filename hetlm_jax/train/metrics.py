@@ -41,6 +41,7 @@ class MetricsLog:
     model = record["model"]
     if model not in self._writers:
       from tensorboardX import SummaryWriter  # checked by tensorboard_available() before the run starts
+
       self._writers[model] = SummaryWriter(logdir=str(Path(self._tb_dir) / model))
     writer = self._writers[model]
     if record["kind"] == "train":
@@ -77,8 +78,12 @@ def _parsed(line: str) -> dict | None:
 def tensorboard_available() -> str | None:
   """None if tensorboardX imports, else why not."""
   import importlib.util
+
   if importlib.util.find_spec("tensorboardX") is None:
-    return "--tensorboard needs tensorboardX: pip install tensorboardX (or pip install -e '.[tensorboard]' in the repository)"
+    return (
+      "--tensorboard needs tensorboardX: pip install tensorboardX (or pip install -e '.[tensorboard]' in the "
+      "repository)"
+    )
   return None
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class Prefetcher:
@@ -14,8 +15,9 @@ class Prefetcher:
   or the host-to-device copy. `wait_s` is the time the consumer spent waiting for a batch. depth 0:
   built in the consumer's thread. An error in the thread is raised in the consumer."""
 
-  def __init__(self, make: Callable[[int], tuple], put: Callable[[tuple], tuple], first: int, until: int,
-               depth: int = 2):
+  def __init__(
+    self, make: Callable[[int], tuple], put: Callable[[tuple], tuple], first: int, until: int, depth: int = 2
+  ):
     self._make, self._put, self._first, self._until, self._depth = make, put, first, until, depth
     self.wait_s = 0.0
     self._stop = threading.Event()
@@ -37,7 +39,7 @@ class Prefetcher:
             continue
         if self._stop.is_set():
           return
-    except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+    except BaseException as error:  # any error: handed to the consumer, which raises it
       self._queue.put((False, error))
 
   def __iter__(self):
@@ -60,8 +62,6 @@ class Prefetcher:
     self._stop.set()
     if self._thread is not None:
       while self._thread.is_alive():
-        try:
+        with contextlib.suppress(queue.Empty):
           self._queue.get(timeout=0.1)
-        except queue.Empty:
-          pass
       self._thread = None

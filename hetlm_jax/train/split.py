@@ -63,15 +63,18 @@ def map_models(fn, unroll: bool = False):
 
   def mapped(*args):
     k = jax.tree.leaves(args)[0].shape[0]
-    outs = [fn(*jax.tree.map(lambda x: x[i], args)) for i in range(k)]
+    outs = [fn(*jax.tree.map(lambda x, i=i: x[i], args)) for i in range(k)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
   return mapped
 
 
 def per_model(fn, unroll: bool = False):
   """`fn(one_model_params, *args)` mapped over the K models of a split family, the args shared by all."""
+
   def mapped(params, *args):
     return map_models(lambda cluster: fn(merge(params["shared"], cluster), *args), unroll)(params["cluster"])
+
   return mapped
 
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hetlm_jax.config import Config
 from hetlm_jax.errors import HetlmError
@@ -46,12 +47,12 @@ def make_mesh(cfg: Config, k: int, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   n_cluster = cfg.cluster.cluster_axis if k > 1 else 1
   if len(devices) % n_cluster or k % n_cluster:
-    raise HetlmError(f"--cluster_axis={n_cluster} must divide both the device count ({len(devices)}) "
-                     f"and --k={k}")
+    raise HetlmError(f"--cluster_axis={n_cluster} must divide both the device count ({len(devices)}) and --k={k}")
   n_data = len(devices) // n_cluster
   if cfg.train.batch_size % n_data:
-    raise HetlmError(f"--batch_size={cfg.train.batch_size} must be a multiple of the {n_data} devices "
-                     "on the 'data' mesh axis")
+    raise HetlmError(
+      f"--batch_size={cfg.train.batch_size} must be a multiple of the {n_data} devices on the 'data' mesh axis"
+    )
   return Mesh(np.array(devices).reshape(n_cluster, n_data), ("cluster", "data"))
 
 
@@ -60,11 +61,13 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
   t = cfg.train
   # Norms, biases and learned positions are not decayed.
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-    lambda path, x: x.ndim >= 2 and "pos_embed" not in jax.tree_util.keystr(path), params)
+    lambda path, x: x.ndim >= 2 and "pos_embed" not in jax.tree_util.keystr(path), params
+  )
   return optax.chain(
     optax.clip_by_global_norm(t.grad_clip),
     optax.scale_by_adam(b1=0.9, b2=0.98),
-    optax.add_decayed_weights(t.weight_decay, mask=decay_mask))
+    optax.add_decayed_weights(t.weight_decay, mask=decay_mask),
+  )
 
 
 _SCHEDULE_RESOLUTION = 10_000
@@ -105,25 +108,40 @@ def split_state(tx: optax.GradientTransformation, params, round_lr) -> TrainStat
   """A fresh state (step 0, new optimizer moments) around split, stacked `params`."""
   zero = jnp.zeros((), jnp.int32)
   opt_state = {"shared": tx.init(params["shared"]), "cluster": jax.vmap(tx.init)(params["cluster"])}
-  return TrainState(step=zero, round_start=zero, round_steps=zero, round_lr=jnp.asarray(round_lr, jnp.float32),
-                    params=params, opt_state=opt_state)
+  return TrainState(
+    step=zero,
+    round_start=zero,
+    round_steps=zero,
+    round_lr=jnp.asarray(round_lr, jnp.float32),
+    params=params,
+    opt_state=opt_state,
+  )
 
 
 def init_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array, k: int) -> TrainState:
   """K independently initialised models; the shared part is model 0's."""
   full = jax.vmap(lambda key: init_params(cfg.model, key))(jax.random.split(key, k))
   parts = partition(cluster_spec(cfg, k), cfg.model.n_layers, full)
-  return split_state(tx, {"shared": jax.tree.map(lambda x: x[0], parts["shared"]), "cluster": parts["cluster"]},
-                     cold_lr(cfg.train))
+  return split_state(
+    tx, {"shared": jax.tree.map(lambda x: x[0], parts["shared"]), "cluster": parts["cluster"]}, cold_lr(cfg.train)
+  )
 
 
 def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
   """The K axis of every stacked leaf goes on 'cluster'; the shared part and the step counter are replicated."""
   stacked, replicated = NamedSharding(mesh, P("cluster")), NamedSharding(mesh, P())
-  split = lambda tree: {"shared": jax.tree.map(lambda _: replicated, tree["shared"]),
-                        "cluster": jax.tree.map(lambda x: stacked if x.ndim else replicated, tree["cluster"])}
-  return TrainState(step=replicated, round_start=replicated, round_steps=replicated, round_lr=replicated,
-                    params=split(abstract_state.params), opt_state=split(abstract_state.opt_state))
+  split = lambda tree: {
+    "shared": jax.tree.map(lambda _: replicated, tree["shared"]),
+    "cluster": jax.tree.map(lambda x: stacked if x.ndim else replicated, tree["cluster"]),
+  }
+  return TrainState(
+    step=replicated,
+    round_start=replicated,
+    round_steps=replicated,
+    round_lr=replicated,
+    params=split(abstract_state.params),
+    opt_state=split(abstract_state.opt_state),
+  )
 
 
 def create_state(cfg: Config, tx, mesh: Mesh, k: int) -> TrainState:
@@ -137,5 +155,6 @@ def create_state(cfg: Config, tx, mesh: Mesh, k: int) -> TrainState:
 def abstract_state(cfg: Config, tx, mesh: Mesh, k: int) -> TrainState:
   """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto this mesh."""
   abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, k=k), jax.random.key(0))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, state_shardings(mesh, abstract))
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings(mesh, abstract)
+  )

@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hetlm_jax.config import Config, ModelConfig
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 from hetlm_jax.model import PageLM, project
 from hetlm_jax.train.split import map_models, merge, model_params, num_models, partition, per_model
 from hetlm_jax.train.state import TrainState, cluster_spec, learning_rate, state_shardings
-
 
 # Logits of at most this many elements per model exist at once in the loss: [K, B, T, V] would not fit
 # with a large page vocabulary (Amazon: 23,715 items).
@@ -47,12 +47,21 @@ def output_nll(cfg: ModelConfig, params, h_BxTxD, targets_BxT, pages_only=False,
   return nll_MxN.reshape(-1)[:n].reshape(b, t)
 
 
-def token_nll(model: PageLM, params, inputs_BxT1, segments_BxT1=None, deterministic=True, rngs=None,
-              pages_only=False, chunk=LOGITS_CHUNK):
+def token_nll(
+  model: PageLM,
+  params,
+  inputs_BxT1,
+  segments_BxT1=None,
+  deterministic=True,
+  rngs=None,
+  pages_only=False,
+  chunk=LOGITS_CHUNK,
+):
   """Per-position NLL (nats) of inputs[:, 1:] given inputs[:, :-1]; `pages_only`: see output_nll."""
   segments_BxT = None if segments_BxT1 is None else segments_BxT1[:, :-1]
-  h_BxTxD = model.apply({"params": params}, inputs_BxT1[:, :-1], segments_BxT, deterministic=deterministic,
-                        rngs=rngs, hidden_only=True)
+  h_BxTxD = model.apply(
+    {"params": params}, inputs_BxT1[:, :-1], segments_BxT, deterministic=deterministic, rngs=rngs, hidden_only=True
+  )
   return output_nll(model.cfg, params, h_BxTxD, inputs_BxT1[:, 1:], pages_only, chunk)
 
 
@@ -75,8 +84,13 @@ def single_model_grads(model, params, inputs_BxT1, segments_BxT1, weights_BxT1, 
 
   (loss, (nll_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   real = (weight_BxT > 0).sum()
-  return grads, {"loss": loss, "nll_sum": nll_sum, "tokens": tokens, "real_tokens": real,
-                 "grad_norm": optax.tree.norm(grads)}
+  return grads, {
+    "loss": loss,
+    "nll_sum": nll_sum,
+    "tokens": tokens,
+    "real_tokens": real,
+    "grad_norm": optax.tree.norm(grads),
+  }
 
 
 def apply_update(tx, lr, grads, opt_state, params, active):
@@ -101,20 +115,36 @@ def unrolled(cfg: Config, mesh: Mesh, k: int) -> bool:
   return jax.default_backend() == "cpu" and mesh.shape["cluster"] == 1 and k <= UNROLL_MAX_K
 
 
-def stacked_step(model, tx, spec: str, n_layers: int, unroll: bool, lr, params, opt_state, inputs_KxBxT1,
-                 segments_KxBxT1, weights_KxBxT1, keys_K, prox: float = 0.0, anchor=None):
+def stacked_step(
+  model,
+  tx,
+  spec: str,
+  n_layers: int,
+  unroll: bool,
+  lr,
+  params,
+  opt_state,
+  inputs_KxBxT1,
+  segments_KxBxT1,
+  weights_KxBxT1,
+  keys_K,
+  prox: float = 0.0,
+  anchor=None,
+):
   """The K models' step: each model's gradient by `single_model_grads` (mapped over K, see map_models);
   each cluster's own part updates from its own gradient, the shared part from the token-weighted mean of
   the K gradients, i.e. the gradient of the mean loss over every real token of the step.
 
   `prox` > 0 adds the gradient of prox/2 ||theta - anchor||^2 (`anchor`: one model's parameters, split as
   `params` are, e.g. the LM the K models were warm-started from): a pull of every model toward it."""
+
   def grads_of_one(cluster, *batch):
     grads, metrics = single_model_grads(model, merge(params["shared"], cluster), *batch)
     return partition(spec, n_layers, grads), metrics
 
-  grads, metrics = map_models(grads_of_one, unroll)(params["cluster"], inputs_KxBxT1, segments_KxBxT1,
-                                                   weights_KxBxT1, keys_K)
+  grads, metrics = map_models(grads_of_one, unroll)(
+    params["cluster"], inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1, keys_K
+  )
   tokens_K = metrics["tokens"]
   share_K = tokens_K / jnp.maximum(tokens_K.sum(), 1e-6)
   shared_grads = jax.tree.map(lambda g_K: jnp.tensordot(share_K, g_K, axes=1), grads["shared"])
@@ -123,8 +153,9 @@ def stacked_step(model, tx, spec: str, n_layers: int, unroll: bool, lr, params, 
     shared_grads = jax.tree.map(pull, shared_grads, params["shared"], anchor["shared"])
     grads = {**grads, "cluster": jax.tree.map(pull, grads["cluster"], params["cluster"], anchor["cluster"])}
   update = functools.partial(apply_update, tx, lr)
-  cluster, cluster_opt = map_models(update, unroll)(grads["cluster"], opt_state["cluster"], params["cluster"],
-                                                    tokens_K > 0)
+  cluster, cluster_opt = map_models(update, unroll)(
+    grads["cluster"], opt_state["cluster"], params["cluster"], tokens_K > 0
+  )
   shared, shared_opt = update(shared_grads, opt_state["shared"], params["shared"], tokens_K.sum() > 0)
   return {"shared": shared, "cluster": cluster}, {"shared": shared_opt, "cluster": cluster_opt}, metrics
 
@@ -147,8 +178,9 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState, prox: flo
     keys_K = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step), inputs_KxBxT1.shape[0])
     lr = learning_rate(cfg, state)
     split_anchor = None if anchor is None else partition(spec, cfg.model.n_layers, anchor)
-    params, opt_state, metrics = step_fn(lr, state.params, state.opt_state, inputs_KxBxT1, segments_KxBxT1,
-                                         weights_KxBxT1, keys_K, anchor=split_anchor)
+    params, opt_state, metrics = step_fn(
+      lr, state.params, state.opt_state, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1, keys_K, anchor=split_anchor
+    )
     metrics["learning_rate"] = jnp.broadcast_to(lr, keys_K.shape)
     metrics["step"] = jnp.broadcast_to(state.step + 1, keys_K.shape)  # the global step this one ends at
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -159,8 +191,9 @@ def make_train_step(cfg: Config, tx, mesh: Mesh, abstract: TrainState, prox: flo
   # no collective that the other processes would have to join.
   per_model_sharding = NamedSharding(mesh, P())
   in_shardings = (shardings, batch, batch, batch) + ((NamedSharding(mesh, P()),) if prox else ())
-  jitted = jax.jit(train_step, in_shardings=in_shardings, out_shardings=(shardings, per_model_sharding),
-                   donate_argnums=0)
+  jitted = jax.jit(
+    train_step, in_shardings=in_shardings, out_shardings=(shardings, per_model_sharding), donate_argnums=0
+  )
 
   def step(state: TrainState, inputs_KxBxT1, segments_KxBxT1, weights_KxBxT1=None, anchor=None):
     if weights_KxBxT1 is None:
@@ -187,8 +220,9 @@ def mix_logprobs(logp: jax.Array, anchor_logp: jax.Array, lam) -> jax.Array:
   return jnp.logaddexp(jnp.log(lam) + logp, jnp.log1p(-lam) + anchor_logp)
 
 
-def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, slots: int, pages_only: bool = False,
-                  mixed: bool = False):
+def make_score_fn(
+  cfg: Config, mesh: Mesh, abstract: TrainState, slots: int, pages_only: bool = False, mixed: bool = False
+):
   """Every one of the K models scores the same packed rows: tokens and segments [B, T+1], mask [B, T] and the
   batch-local user of each predicted token [B, T] (0 <= user < `slots`) → the masked NLL summed per local
   user on the device, [K, slots]; only that comes back to the host. `pages_only`: see token_nll.
@@ -205,6 +239,7 @@ def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, slots: int, pag
   def score(params, inputs_BxT1, segments_BxT1, mask_BxT, user_BxT):
     def one_model(p):
       return sums(token_nll(model, p, inputs_BxT1, segments_BxT1, pages_only=pages_only), mask_BxT, user_BxT)
+
     return per_model(one_model, unroll)(params)
 
   def score_mixed(params, anchor, lam_K, inputs_BxT1, segments_BxT1, mask_BxT, user_BxT):
@@ -218,8 +253,9 @@ def make_score_fn(cfg: Config, mesh: Mesh, abstract: TrainState, slots: int, pag
   rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   out = NamedSharding(mesh, P("cluster"))
   if mixed:
-    return jax.jit(score_mixed, in_shardings=(params_sharding, replicated, replicated, rows, rows, rows, rows),
-                   out_shardings=out)
+    return jax.jit(
+      score_mixed, in_shardings=(params_sharding, replicated, replicated, rows, rows, rows, rows), out_shardings=out
+    )
   return jax.jit(score, in_shardings=(params_sharding, rows, rows, rows, rows), out_shardings=out)
 
 
@@ -232,8 +268,11 @@ def make_hidden_fn(cfg: Config, mesh: Mesh, abstract: TrainState):
     return per_model(one)(params).astype(jnp.float32)
 
   rows = NamedSharding(mesh, P("data"))
-  return jax.jit(hidden, in_shardings=(state_shardings(mesh, abstract).params, rows, rows),
-                 out_shardings=NamedSharding(mesh, P("cluster", "data")))
+  return jax.jit(
+    hidden,
+    in_shardings=(state_shardings(mesh, abstract).params, rows, rows),
+    out_shardings=NamedSharding(mesh, P("cluster", "data")),
+  )
 
 
 def make_next_logprobs_fn(cfg: Config, mesh: Mesh, abstract: TrainState, mixed: bool = False):
@@ -253,8 +292,9 @@ def make_next_logprobs_fn(cfg: Config, mesh: Mesh, abstract: TrainState, mixed: 
     return one_model(model_params(params, k), inputs_BxT, last_B)
 
   def every_mixed(params, anchor, lam_K, inputs_BxT, last_B):
-    return mix_logprobs(every_model(params, inputs_BxT, last_B), one_model(anchor, inputs_BxT, last_B)[None],
-                        lam_K[:, None, None])
+    return mix_logprobs(
+      every_model(params, inputs_BxT, last_B), one_model(anchor, inputs_BxT, last_B)[None], lam_K[:, None, None]
+    )
 
   def mixed_k(params, anchor, lam_K, k, inputs_BxT, last_B):
     return mix_logprobs(model_k(params, k, inputs_BxT, last_B), one_model(anchor, inputs_BxT, last_B), lam_K[k])
@@ -263,8 +303,11 @@ def make_next_logprobs_fn(cfg: Config, mesh: Mesh, abstract: TrainState, mixed: 
   replicated = NamedSharding(mesh, P())
   every_out = NamedSharding(mesh, P("cluster", "data"))
   if mixed:
-    return (jax.jit(every_mixed, in_shardings=(params, replicated, replicated, rows, rows), out_shardings=every_out),
-            jax.jit(mixed_k, in_shardings=(params, replicated, replicated, replicated, rows, rows),
-                    out_shardings=rows))
-  return (jax.jit(every_model, in_shardings=(params, rows, rows), out_shardings=every_out),
-          jax.jit(model_k, in_shardings=(params, replicated, rows, rows), out_shardings=rows))
+    return (
+      jax.jit(every_mixed, in_shardings=(params, replicated, replicated, rows, rows), out_shardings=every_out),
+      jax.jit(mixed_k, in_shardings=(params, replicated, replicated, replicated, rows, rows), out_shardings=rows),
+    )
+  return (
+    jax.jit(every_model, in_shardings=(params, rows, rows), out_shardings=every_out),
+    jax.jit(model_k, in_shardings=(params, replicated, rows, rows), out_shardings=rows),
+  )
