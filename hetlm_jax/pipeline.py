@@ -206,8 +206,9 @@ def train_baselines(
 ) -> tuple[dict[str, Trained], dict[str, int]]:
   """The single LMs HeTLM is compared with, by the same rules: `single` (one cluster model's size; the init LM
   when HeTLM was warm-started from it), `single_matched` (HeTLM's parameter count) and `single_ft` (the init LM
-  fine-tuned exactly as HeTLM's clusters are). `parts`: HeTLM's parameters (hetlm_parameters). Returns every
-  family with HeTLM first, and their parameter counts."""
+  fine-tuned exactly as HeTLM's clusters are). `parts`: HeTLM's parameters (hetlm_parameters); `tuning` gains
+  single_matched's choice under --tune_baselines. Returns every family with HeTLM first, and their parameter
+  counts."""
   c, k = cfg.cluster, hetlm.trainer.k
   models, params = {"hetlm": hetlm}, {"hetlm": parts["total"]}
   if not c.baselines or k == 1:
