@@ -311,11 +311,13 @@ class Config:
 def resume_differences(saved: Config, now: Config) -> list[str]:
   """The chosen settings in which `now` differs from a run `saved` that it would resume, as "--flag: A there, B
   now"; settings a resumed run may change (resumable) are left out."""
+  shown = lambda f, value: "auto" if value is not None and value == f.metadata["auto"] else value  # as typed
   return [
-    f"--{flag_name(f)}: {getattr(getattr(saved, name), f.name)} there, {getattr(getattr(now, name), f.name)} now"
+    f"--{flag_name(f)}: {shown(f, old)} there, {shown(f, new)} now"
     for name in SECTIONS
     for f in options(name)
-    if not f.metadata["resumable"] and getattr(getattr(saved, name), f.name) != getattr(getattr(now, name), f.name)
+    if not f.metadata["resumable"]
+    and (old := getattr(getattr(saved, name), f.name)) != (new := getattr(getattr(now, name), f.name))
   ]
 
 
