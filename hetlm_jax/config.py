@@ -141,7 +141,8 @@ class DataConfig:
 
   path: str = _option(
     "",
-    "Browsing log (Parquet/CSV events, UCI msnbc, or 'user item' lines); default: the packaged msnbc sample.",
+    "Browsing log: Parquet/CSV events as a file, a folder of parts, a glob, a comma-separated list or a URI "
+    "(gs://, s3://, file://); or one UCI msnbc or 'user item' file. Default: the packaged msnbc sample.",
     flag="data",
   )
   format: str = _option("auto", "Input format: auto, events, msnbc or user_items.")

@@ -63,7 +63,7 @@ BAD = {
   "random.parquet": (np.random.default_rng(0).bytes(1000), ["not a readable Parquet file"]),
   "export.csv": (HTML, ["is an HTML page, not CSV"]),
   "signin.csv": (b"\xef\xbb\xbf  \n<html><body>Sign in, please</body></html>\n", ["is an HTML page, not CSV"]),
-  "logs": (None, ["is a directory"]),
+  "logs": (None, ["a folder without data files"]),
   "cut.csv.gz": (
     gzip.compress(csv_bytes(GOOD))[: len(gzip.compress(csv_bytes(GOOD))) // 2],
     ["not a readable CSV file"],

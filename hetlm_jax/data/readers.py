@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from hetlm_jax import interrupt
+from hetlm_jax.data.sources import Part, Source, resolve
 from hetlm_jax.errors import HetlmError, input_error
 
 FORMATS = ("auto", "events", "msnbc", "user_items")
@@ -45,65 +47,65 @@ _READ_ERRORS = (
 
 
 def read_events(path: str | os.PathLike, fmt: str = "auto", max_users: int | None = None) -> pa.Table:
-  """Reads `path` as `fmt` (see FORMATS) into the normalised event table.
+  """Reads `path` (a file, folder, glob, list or URI: see data/sources.py) as `fmt` (see FORMATS) into the
+  normalised event table.
 
-  `max_users` keeps only the first N users in order of first appearance in the file.
+  `max_users` keeps only the first N users in order of first appearance in the input.
   """
-  path = _checked(path, fmt)
+  source = _source(path, fmt)
   try:
-    fmt, table = _read(path, fmt)
-    int_ids = fmt == "msnbc" or ("user_id" in table.column_names and pa.types.is_integer(table["user_id"].type))
-    table = normalise_events(table, path)
+    fmt, table, int_ids = _read(source, fmt)
     if max_users is not None:
-      table = _first_users(table, max_users, path)
+      table = _first_users(table, max_users, source.name)
   except HetlmError:
     raise
   except _READ_ERRORS as e:
-    raise input_error(path, f"cannot read: {_one_line(e)}") from None
+    raise input_error(source.name, f"cannot read: {_one_line(e)}") from None
   meta = {
-    b"hetlm_source": path.encode(),
+    b"hetlm_source": source.name.encode(),
     b"hetlm_format": fmt.encode(),
     b"hetlm_user_id": b"int64" if int_ids else b"string",
   }
   return table.replace_schema_metadata(meta)
 
 
-def _checked(path: str | os.PathLike, fmt: str) -> str:
-  """`path` as a string, once it names a non-empty file and `fmt` is a known format."""
-  path = os.fspath(path)
+def _source(path: str | os.PathLike, fmt: str) -> Source:
+  """The files of `path`, once `fmt` is a known format that can read them."""
+  name = os.fspath(path)
   if fmt not in FORMATS:
-    raise input_error(path, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-  if not os.path.exists(path):
-    raise input_error(path, "no such file")
-  if os.path.isdir(path):
-    raise input_error(path, "is a directory, expected a file")
-  if os.path.getsize(path) == 0:
-    raise input_error(path, "empty file (0 bytes)")
-  return path
+    raise input_error(name, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+  source = resolve(name)
+  if fmt in ("msnbc", "user_items") and not source.is_one_file:
+    raise input_error(name, f"--format={fmt} reads one file; part files must be Parquet or CSV events")
+  return source
 
 
 def detect_format(path: str | os.PathLike) -> str:
   """The format `read_events(path, "auto")` would use: "events", "msnbc" or "user_items"."""
-  path = os.fspath(path)
-  if _has_suffix(path, _PARQUET_SUFFIXES + _CSV_SUFFIXES):
+  source = resolve(path)
+  part = source.parts[0]
+  if not source.is_one_file or _has_suffix(part.name, _PARQUET_SUFFIXES + _CSV_SUFFIXES):
     return "events"
-  if not os.path.isfile(path):
-    raise input_error(path, "no such file")
   try:
-    return _sniff(path, _load_bytes(path))
+    return _sniff(part.name, _load_bytes(part))
   except HetlmError:
     raise
   except _READ_ERRORS as e:
-    raise input_error(path, f"cannot read: {_one_line(e)}") from None
+    raise input_error(part.name, f"cannot read: {_one_line(e)}") from None
+
+
+def check_columns(schema: pa.Schema, source: str = "events") -> None:
+  """Refuses a schema without the required event columns, naming them."""
+  missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+  if missing:
+    raise input_error(
+      source, f"missing required column(s) {', '.join(missing)} (has: {', '.join(schema.names) or 'none'})"
+    )
 
 
 def normalise_events(table: pa.Table, source: str = "events") -> pa.Table:
   """Checks columns and converts them to the normalised types; `source` names the input in errors."""
-  missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-  if missing:
-    raise input_error(
-      source, f"missing required column(s) {', '.join(missing)} (has: {', '.join(table.column_names) or 'none'})"
-    )
+  check_columns(table.schema, source)
   if table.num_rows == 0:
     raise input_error(source, "no events (empty table)")
   cols = {
@@ -125,45 +127,90 @@ def normalise_events(table: pa.Table, source: str = "events") -> pa.Table:
 # Format dispatch
 
 
-def _read(path: str, fmt: str) -> tuple[str, pa.Table]:
-  if fmt == "events" or (fmt == "auto" and _has_suffix(path, _PARQUET_SUFFIXES + _CSV_SUFFIXES)):
-    return "events", _read_events_file(path)
-  data = _load_bytes(path)
+def _read(source: Source, fmt: str) -> tuple[str, pa.Table, bool]:
+  """(the format read, the normalised table, whether user ids are integers)."""
+  part = source.parts[0]
+  if fmt == "events" or not source.is_one_file or _has_suffix(part.name, _PARQUET_SUFFIXES + _CSV_SUFFIXES):
+    return ("events", *_read_parts(source))
+  data = _load_bytes(part)
   if fmt == "auto":
-    fmt = _sniff(path, data)
+    fmt = _sniff(part.name, data)
     if fmt == "events":
-      return fmt, _read_events_file(path)
-  if fmt == "msnbc":
-    return fmt, _parse_msnbc(data, path)
-  return fmt, _parse_user_items(data, path)
+      return ("events", *_read_parts(source))
+  table = _parse_msnbc(data, part.name) if fmt == "msnbc" else _parse_user_items(data, part.name)
+  return fmt, normalise_events(table, part.name), fmt == "msnbc"
 
 
-def _read_events_file(path: str) -> pa.Table:
-  if _has_suffix(path, _CSV_SUFFIXES):
-    return _read_csv(path)
-  if _has_suffix(path, _PARQUET_SUFFIXES):
-    return _read_parquet(path)
-  with open(path, "rb") as f:
-    magic = f.read(4)
-  return _read_parquet(path) if magic == b"PAR1" else _read_csv(path)
+def _read_parts(source: Source) -> tuple[pa.Table, bool]:
+  """Every part read whole and normalised on its own, then concatenated; parts must agree on their columns' kinds."""
+  kinds, tables = _Kinds(), []
+  for part in source.parts:
+    raw = _with_partition(_read_events_file(part), part)
+    kinds.check(raw.schema, part.name)
+    tables.append(normalise_events(raw, part.name))
+    interrupt.safe_point("while reading the data", "nothing was written")
+  return pa.concat_tables(tables), kinds.int_ids
 
 
-def _parquet_columns(schema: pa.Schema) -> list[str] | None:
-  """The event columns a Parquet file has, or None when a required one is missing."""
-  if not all(c in schema.names for c in REQUIRED_COLUMNS):
-    return None
+class _Kinds:
+  """The kind (string, integer, or the Arrow type) of each event column in the first part that has it; a later
+  part with another kind clashes (an int64 user_id in one part, a string one in the next)."""
+
+  def __init__(self):
+    self.first: dict[str, tuple[str, str]] = {}
+
+  def check(self, schema: pa.Schema, name: str) -> None:
+    """Remembers the column kinds of the part `name`, or refuses the first that clashes with an earlier part's."""
+    for column in REQUIRED_COLUMNS + OPTIONAL_COLUMNS:
+      if column not in schema.names:
+        continue
+      t = schema.field(column).type
+      t = t.value_type if pa.types.is_dictionary(t) else t
+      if pa.types.is_null(t):
+        continue  # an all-null column (a small part) says nothing of its type
+      kind = "string" if _is_stringlike(t) else "integer" if pa.types.is_integer(t) else str(t)
+      seen = self.first.setdefault(column, (kind, name))
+      if seen[0] != kind:
+        raise input_error(
+          name, f"column '{column}' is {kind} here but {seen[0]} in {seen[1]}: the parts' schemas clash"
+        )
+
+  @property
+  def int_ids(self) -> bool:
+    """Whether the parts' user ids are integers."""
+    return self.first.get("user_id", ("",))[0] == "integer"
+
+
+def _with_partition(table: pa.Table, part: Part) -> pa.Table:
+  """An event column the part file lacks but a hive folder above it names (user_id=42/part-0.parquet)."""
+  for key, value in part.partition:
+    if key in REQUIRED_COLUMNS + OPTIONAL_COLUMNS and key not in table.column_names:
+      table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
+  return table
+
+
+def _is_parquet(part: Part) -> bool:
+  if _has_suffix(part.name, _PARQUET_SUFFIXES):
+    return True
+  return not _has_suffix(part.name, _CSV_SUFFIXES) and part.head(4) == b"PAR1"
+
+
+def _read_events_file(part: Part) -> pa.Table:
+  return _read_parquet(part) if _is_parquet(part) else _read_csv(part)
+
+
+def _parquet_columns(schema: pa.Schema) -> list[str]:
+  """The event columns a Parquet file has."""
   return [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in schema.names]
 
 
-def _read_parquet(path: str) -> pa.Table:
+def _read_parquet(part: Part) -> pa.Table:
   try:
-    schema = pq.read_schema(path)
-    columns = _parquet_columns(schema)
-    if columns is None:
-      return schema.empty_table()  # normalise_events names what is missing
-    return pq.read_table(path, columns=columns)
+    with part.open() as f:
+      file = pq.ParquetFile(f)
+      return file.read(columns=_parquet_columns(file.schema_arrow))  # normalise_events names what is missing
   except _READ_ERRORS as e:
-    raise input_error(path, f"not a readable Parquet file ({_one_line(e)})") from None
+    raise input_error(part.name, f"not a readable Parquet file ({_one_line(e)})") from None
 
 
 # Ids and pages stay strings ("007" is not 7); only "" means null so a page named "NA" survives; a quoted value
@@ -176,32 +223,34 @@ _CSV_CONVERT = pacsv.ConvertOptions(
 _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
 
 
-def _refuse_html(path: str, head: bytes) -> None:
+def _refuse_html(name: str, head: bytes) -> None:
   """An HTML page saved in place of a CSV download is named as such, not parsed."""
   if head.removeprefix(_BOM).lstrip().lower().startswith((b"<!doctype html", b"<html")):
-    raise input_error(path, "is an HTML page, not CSV (a web page saved in place of the download?)")
+    raise input_error(name, "is an HTML page, not CSV (a web page saved in place of the download?)")
 
 
-def _read_csv(path: str) -> pa.Table:
-  with open(path, "rb") as f:
-    _refuse_html(path, f.read(512))
+def _read_csv(part: Part) -> pa.Table:
   try:
-    return pacsv.read_csv(path, convert_options=_CSV_CONVERT, parse_options=_CSV_PARSE)
+    with part.stream() as f:
+      _refuse_html(part.name, f.read(512))
+    with part.stream() as f:
+      return pacsv.read_csv(f, convert_options=_CSV_CONVERT, parse_options=_CSV_PARSE)
+  except HetlmError:
+    raise
   except _READ_ERRORS as e:
-    raise input_error(path, f"not a readable CSV file ({_one_line(e)})") from None
+    raise input_error(part.name, f"not a readable CSV file ({_one_line(e)})") from None
 
 
-def _load_bytes(path: str) -> bytes:
+def _load_bytes(part: Part) -> bytes:
   """The file's bytes, decompressed when it is a .gz or a .zip."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = part.read()
   try:
     if data[:2] == b"\x1f\x8b":
       data = gzip.decompress(data)
     elif data[:4] == b"PK\x03\x04":
-      data = _zip_member(data, path)
+      data = _zip_member(data, part.name)
   except (OSError, EOFError, zipfile.BadZipFile) as e:
-    raise input_error(path, f"corrupt compressed file ({_one_line(e)})") from None
+    raise input_error(part.name, f"corrupt compressed file ({_one_line(e)})") from None
   return data.removeprefix(_BOM)
 
 
@@ -489,72 +538,85 @@ def _one_line(e: BaseException) -> str:
 
 
 class EventStream:
-  """The normalised event table of `path` in pieces of about `batch_rows` rows, never the whole file at once
-  (Parquet by row groups, CSV by blocks); the text formats (msnbc, user_items) are parsed whole first, then
-  cut. `total_rows`: the file's rows when known without reading it (Parquet metadata, text formats), else None;
-  `int_ids`: the input's user ids are integers (read_events' hetlm_user_id)."""
+  """The normalised event table of `path` (a file, folder, glob, list or URI) in pieces of about `batch_rows`
+  rows, never a whole file at once (Parquet by row groups, CSV by blocks, part after part); the text formats
+  (msnbc, user_items) are parsed whole first, then cut. `total_rows`: the input's rows when known without
+  reading it (Parquet metadata, text formats), else None; `int_ids`: the input's user ids are integers
+  (read_events' hetlm_user_id)."""
 
   def __init__(self, path: str | os.PathLike, fmt: str = "auto", batch_rows: int = 65_536):
-    self.path, self.batch_rows = _checked(path, fmt), max(int(batch_rows), 1)
-    path = self.path
-    self.format = detect_format(path) if fmt == "auto" else fmt
-    self._whole, self._parquet = None, False
+    self.source, self.batch_rows = _source(path, fmt), max(int(batch_rows), 1)
+    self.path = self.source.name
+    self.format = detect_format(self.path) if fmt == "auto" else fmt
+    self._whole = None
     try:
       if self.format != "events":
-        self._whole = read_events(path, self.format)
+        self._whole = read_events(self.path, self.format)
         self.int_ids = (self._whole.schema.metadata or {}).get(b"hetlm_user_id") == b"int64"
         self.total_rows = self._whole.num_rows
         return
-      with open(path, "rb") as f:
-        self._parquet = f.read(4) == b"PAR1"
-      if self._parquet:
-        file = pq.ParquetFile(path)
-        schema = file.schema_arrow
-        self._columns = _parquet_columns(schema)
-        if self._columns is None:
-          normalise_events(schema.empty_table(), path)  # names what is missing
-        self.int_ids = pa.types.is_integer(schema.field("user_id").type)
-        self.total_rows = file.metadata.num_rows
-      else:
-        self.int_ids, self.total_rows = False, None
-        with pa.input_stream(path, compression="detect") as f:
-          _refuse_html(path, f.read(512))
-    except HetlmError:
-      raise
-    except _READ_ERRORS as e:
-      raise input_error(path, f"cannot read: {_one_line(e)}") from None
-
-  def _raw(self):
-    if self._whole is not None:
-      for start in range(0, self._whole.num_rows, self.batch_rows):
-        yield self._whole.slice(start, self.batch_rows)
-    elif self._parquet:
-      for batch in pq.ParquetFile(self.path).iter_batches(self.batch_rows, columns=self._columns):
-        yield pa.Table.from_batches([batch])
-    else:
-      read = pacsv.ReadOptions(block_size=max(self.batch_rows * 64, 1 << 16))  # about batch_rows rows of ~64 bytes
-      with pacsv.open_csv(
-        pa.input_stream(self.path, compression="detect"),
-        read_options=read,
-        parse_options=_CSV_PARSE,
-        convert_options=_CSV_CONVERT,
-      ) as r:
-        for batch in r:
-          yield pa.Table.from_batches([batch])
-
-  def __iter__(self):
-    """Normalised tables of at least one row each; one error line (HetlmError) on a malformed piece."""
-    try:
-      for table in self._raw():
-        if table.num_rows:
-          yield table if self._whole is not None else normalise_events(table, self.path)
+      self._parquet = [_is_parquet(part) for part in self.source.parts]
+      kinds, rows = _Kinds(), 0
+      for part, parquet in zip(self.source.parts, self._parquet):
+        if not parquet:
+          with part.stream() as f:
+            _refuse_html(part.name, f.read(512))
+          rows = None
+          continue
+        with part.open() as f:
+          file = pq.ParquetFile(f)
+          schema = _with_partition(file.schema_arrow.empty_table(), part).schema
+          check_columns(schema, part.name)
+          kinds.check(schema, part.name)
+          rows = None if rows is None else rows + file.metadata.num_rows
+      self.int_ids, self.total_rows = kinds.int_ids, rows
     except HetlmError:
       raise
     except _READ_ERRORS as e:
       raise input_error(self.path, f"cannot read: {_one_line(e)}") from None
 
+  def _raw(self):
+    """(part, raw piece) pairs; part None for a text format parsed whole."""
+    if self._whole is not None:
+      for start in range(0, self._whole.num_rows, self.batch_rows):
+        yield None, self._whole.slice(start, self.batch_rows)
+      return
+    for part, parquet in zip(self.source.parts, self._parquet):
+      if parquet:
+        with part.open() as f:
+          file = pq.ParquetFile(f)
+          for batch in file.iter_batches(self.batch_rows, columns=_parquet_columns(file.schema_arrow)):
+            yield part, pa.Table.from_batches([batch])
+        continue
+      read = pacsv.ReadOptions(block_size=max(self.batch_rows * 64, 1 << 16))  # about batch_rows rows of ~64 bytes
+      with (
+        part.stream() as f,
+        pacsv.open_csv(f, read_options=read, parse_options=_CSV_PARSE, convert_options=_CSV_CONVERT) as r,
+      ):
+        for batch in r:
+          yield part, pa.Table.from_batches([batch])
+
+  def __iter__(self):
+    """Normalised tables of at least one row each; one error line (HetlmError) on a malformed piece."""
+    kinds, name = _Kinds(), self.path
+    try:
+      for part, table in self._raw():
+        if not table.num_rows:
+          continue
+        if part is None:
+          yield table
+          continue
+        name = part.name
+        table = _with_partition(table, part)
+        kinds.check(table.schema, name)
+        yield normalise_events(table, name)
+    except HetlmError:
+      raise
+    except _READ_ERRORS as e:
+      raise input_error(name, f"cannot read: {_one_line(e)}") from None
+
   def count_rows(self) -> int:
-    """The file's rows (a CSV is read through once to count them)."""
+    """The input's rows (CSV parts are read through once to count them)."""
     if self.total_rows is None:
-      self.total_rows = sum(t.num_rows for t in self._raw())
+      self.total_rows = sum(t.num_rows for _, t in self._raw())
     return self.total_rows

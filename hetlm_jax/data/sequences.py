@@ -378,7 +378,8 @@ def _event_kinds(event_type: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def _user_ranks(user_id: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
   """Per-event user index in id order, and the ids ([U] object array) in that order."""
-  enc = pc.dictionary_encode(user_id.combine_chunks())
+  # As large_string: one chunk of 32-bit string offsets overflows past 2 GiB of ids (~200M events of 10 characters).
+  enc = pc.dictionary_encode(user_id.cast(pa.large_string()).combine_chunks())
   ids = enc.dictionary
   keys = pa.table({"id": ids})
   sort_keys = [("id", "ascending")]
