@@ -48,7 +48,15 @@ from hetlm_jax.lock import WorkdirLock
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import Progress
 from hetlm_jax.train.split import num_models
-from hetlm_jax.workdir import CONFIG_FILE, SavedAssignment, is_finished, load_run, locate, read_sessions
+from hetlm_jax.workdir import (
+  CONFIG_FILE,
+  SavedAssignment,
+  is_finished,
+  load_run,
+  local_dir,
+  locate,
+  read_sessions,
+)
 
 __all__ = ["NextPages", "Predictor", "Routing", "Scores", "predict_file"]
 
@@ -108,7 +116,7 @@ class Predictor:
   def load(cls, path: str | os.PathLike, model: str = "hetlm", devices=None) -> Predictor:
     """From a finished run's workdir (`model`: hetlm, single, single_ft or single_matched), or from a checkpoint
     folder WORKDIR/checkpoints/MODEL[/STEP]; onto `devices` (default: every local device; CPU works)."""
-    workdir, family, step = locate(Path(path))
+    workdir, family, step = locate(local_dir(path))
     if not workdir.is_dir():
       raise HetlmError(f"{path}: no such workdir")
     if family is None and not is_finished(workdir) and (workdir / CONFIG_FILE).exists():
@@ -420,7 +428,7 @@ def predict_file(
   """`hetlm predict`: one Parquet row per user of `data`, streamed in chunks of `chunk_users` users (process p of
   P takes chunks p, p + P, ...). Rows go to a temporary file renamed at the end: an error or a stop signal
   leaves no output (interrupt.Stopped). Returns a summary (users, seconds, users/s, peak RSS per chunk)."""
-  out = Path(out)
+  out = local_dir(out, "--out")
   if chunk_users < 1 or top_k < 1 or outcome_samples < 0:
     raise HetlmError("--chunk_users and --top_k must be at least 1, --outcome_samples at least 0")
   # Read 16 events per user of a chunk at a time (Parquet: within a row group), so memory follows --chunk_users.

@@ -59,6 +59,18 @@ MIN_FREE_BYTES = 100 * 2**20  # a run's checkpoints and outputs need at least th
 # -- before a run writes anything ----------------------------------------------------------------------------------
 
 
+def local_dir(path: str | os.PathLike, flag: str = "--workdir") -> Path:
+  """`path` as a Path, once it is not a URI: pathlib would make gs://b/run the local folder gs:/b/run, so each
+  host of a pod would write its own disk. (Runs on object stores are a later step: a shared filesystem for now.)"""
+  text = os.fspath(path)
+  if "://" in text:
+    raise HetlmError(
+      f"{flag}={text}: a run on an object store (gs://, s3://) is not supported yet; give a folder on a "
+      "filesystem every host mounts (the log itself may be a URI: --data)"
+    )
+  return Path(text)
+
+
 def check_workdir(workdir: Path) -> None:
   """Refuses a --workdir that is a file, lies under a file, cannot be written or sits on a full disk."""
   existing = workdir

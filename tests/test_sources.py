@@ -171,3 +171,18 @@ def test_the_cli_refuses_a_bad_source_in_one_line_and_writes_nothing(tmp_path, c
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "matches no file" in err[0], err
   assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_or_out_on_an_object_store_is_refused_in_one_line_not_made_a_local_folder(
+  tmp_path, monkeypatch, capsys
+):
+  monkeypatch.chdir(tmp_path)
+  for args in (
+    ["train", "--workdir=gs://bucket/run"],
+    ["evaluate", "--workdir=s3://bucket/run"],
+    ["predict", f"--workdir={tmp_path}", "--data=x.parquet", "--out=gs://bucket/p.parquet"],
+  ):
+    assert cli(["hetlm", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "on an object store (gs://, s3://) is not supported yet" in err[0], err
+  assert not list(tmp_path.iterdir())  # no folder named gs: or s3:
