@@ -8,7 +8,7 @@ from hetlm_jax.config import Config, ModelConfig, TrainConfig
 from hetlm_jax.data.sequences import build_sequences, history_windows, target_windows
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.model import PageLM, init_params
-from hetlm_jax.train.batches import ClusterBatches
+from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, add_by_user, scored_users
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.split import model_params
 from hetlm_jax.train.step import packed_loss_mask, token_nll
@@ -134,3 +134,23 @@ def test_soft_weights_put_each_user_in_every_likely_cluster_with_its_responsibil
   expected = 2 * weights * history_U[:, None] * (weights >= ClusterBatches.MIN_WEIGHT)
   np.testing.assert_allclose(mass, expected, rtol=1e-5)
   assert (mass[:5, 1:] == 0).all()
+
+
+def test_scoring_batches_cover_every_window_once_and_their_users_are_counted_from_the_batch_alone():
+  seqs, _ = _seqs(200)
+  batches = ScoringBatches(seqs, "target", 9, 4)  # narrow rows: many batches, windows of several users each
+  assert batches.num_batches > 5
+  seen, tokens_U, sums_UxF = [], np.zeros(seqs.num_users, np.int64), np.zeros((seqs.num_users, 2))
+  for i in range(batches.num_batches):
+    tokens, segments, mask, owner = batches.batch(i)
+    seen += list(np.unique(segments[segments > 0]) - 1)
+    users_R, local_BxT, count_R = scored_users(mask, owner)
+    assert (users_R[local_BxT[mask]] == owner[:, 1:][mask]).all() and (local_BxT[~mask] == -1).all()
+    tokens_U[users_R] += count_R
+    owner_N = owner[owner >= 0]
+    add_by_user(sums_UxF, owner_N, np.stack([np.ones(len(owner_N)), owner_N], 1))
+  assert sorted(seen) == list(range(len(batches.owner_W)))  # every window in exactly one batch
+  assert (tokens_U == seqs.target_lengths).all()  # every target token scored once, for its user
+  assert (sums_UxF[:, 0] == batches.length_U).all() and (
+    sums_UxF[:, 1] == np.arange(seqs.num_users) * batches.length_U
+  ).all()

@@ -250,6 +250,8 @@ BENCH_KEYS = (
   "predict_users_per_s",
   "predict_tokens_per_s",
   "eval_path_users_per_s",
+  "score_host_s_per_million_users",
+  "embed_host_s_per_million_users",
 )
 
 

@@ -30,7 +30,7 @@ from hetlm_jax.data.readers import read_events
 from hetlm_jax.data.tokenizer import UNK
 from hetlm_jax.files import replace_text
 from hetlm_jax.model import param_count
-from hetlm_jax.train.batches import ClusterBatches
+from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, add_by_user, scored_users
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.state import make_mesh
 from hetlm_jax.train.step import packed_loss_mask, unrolled
@@ -129,6 +129,31 @@ def _throughput(cfg: Config, seqs, k: int, steps: int, with_torch: bool, peak: f
   return row
 
 
+def score_host_seconds(seqs, width: int, batch_rows: int, k: int, d_model: int) -> dict:
+  """Host seconds of a scoring pass with no device work: laying the windows into batches, cutting out each batch
+  and finding the users it scores (the E-step), and adding a batch's hidden states to its users' sums (the
+  k-means initialisation's embedding, with zeros for the states). Per batch this is O(batch rows)."""
+  start = time.perf_counter()
+  batches = ScoringBatches(seqs, "history", width, batch_rows)
+  tokens_U = np.zeros(seqs.num_users, np.int64)
+  for i in range(batches.num_batches):
+    _, _, mask, owner = batches.batch(i)
+    users_R, _, count_R = scored_users(mask, owner)
+    tokens_U[users_R] += count_R
+  score_s = time.perf_counter() - start
+  start = time.perf_counter()
+  sums_UxKD = np.zeros((seqs.num_users, k * d_model))
+  for i in range(batches.num_batches):
+    owner_N = batches.batch(i)[3].ravel()
+    owner_N = owner_N[owner_N >= 0]
+    add_by_user(sums_UxKD, owner_N, np.zeros((len(owner_N), k * d_model)))
+  return {
+    "score_host_s_per_million_users": 1e6 * score_s / max(seqs.num_users, 1),
+    "embed_host_s_per_million_users": 1e6 * (time.perf_counter() - start) / max(seqs.num_users, 1),
+    "score_batches": batches.num_batches,
+  }
+
+
 def _scoring(cfg: Config, seqs, k: int) -> dict:
   trainer = Trainer(cfg, k)
   params = trainer.init_state().params
@@ -143,6 +168,7 @@ def _scoring(cfg: Config, seqs, k: int) -> dict:
     "score_tokens_per_s": float(tokens_U.sum()) / seconds,
     "score_user_model_pairs_per_s": k * seqs.num_users / seconds,
     "score_compile_s": compile_s,
+    **score_host_seconds(seqs, cfg.model.context + 1, cfg.train.eval_batch_size, k, cfg.model.d_model),
   }
 
 

@@ -19,6 +19,7 @@ are padding, so a cluster of few users does not see each of them many times per 
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from hetlm_jax.data.sequences import UserSequences, all_windows
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
@@ -162,6 +163,9 @@ class ScoringBatches:
       self.col_W[windows] = (np.arange(len(windows)) % per_row) * slot
       rows += -(-len(windows) // per_row)
     self.num_batches = max(1, -(-rows // batch_rows))
+    # The windows of batch i are by_batch[batch_start[i]:batch_start[i+1]]: found once, so a batch costs its rows.
+    self.by_batch = np.argsort(self.row_W // batch_rows, kind="stable")
+    self.batch_start = np.searchsorted(self.row_W[self.by_batch] // batch_rows, np.arange(self.num_batches + 1))
 
   @staticmethod
   def slot_widths(width: int) -> list[int]:
@@ -175,7 +179,7 @@ class ScoringBatches:
 
   def batch(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """tokens and segments [B, T+1] int32, score mask [B, T] bool, user of each token [B, T+1] (-1: none)."""
-    windows = np.flatnonzero((self.row_W >= i * self.batch_rows) & (self.row_W < (i + 1) * self.batch_rows))
+    windows = self.by_batch[self.batch_start[i] : self.batch_start[i + 1]]
     length = self.length_W[windows]
     window = np.repeat(windows, length)
     offset = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
@@ -192,6 +196,25 @@ class ScoringBatches:
     if self.pages_only:
       scored &= (tokens != BOS) & (tokens != EOS)
     return tokens, segments, scored[:, 1:] & (segments[:, 1:] == segments[:, :-1]), owner
+
+
+def scored_users(mask_BxT: np.ndarray, owner_BxT1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The users a scoring batch scores (users_R, sorted), each scored position's index among them (local_BxT, -1
+  where nothing is scored) and how many tokens each has (count_R): O(batch), whatever the number of users."""
+  users_R, local_BxT, count_R = np.unique(
+    np.where(mask_BxT, owner_BxT1[:, 1:], -1), return_inverse=True, return_counts=True
+  )
+  unscored = int(users_R[0] < 0)
+  local_BxT = local_BxT.reshape(mask_BxT.shape).astype(np.int32) - unscored
+  return users_R[unscored:], local_BxT, count_R[unscored:]
+
+
+def add_by_user(sums_UxF: np.ndarray, owner_N: np.ndarray, values_NxF: np.ndarray) -> None:
+  """sums_UxF[owner_N[n]] += values_NxF[n] for every n, through the rows' own users only: O(N), not O(U)."""
+  users_R, local_N = np.unique(owner_N, return_inverse=True)
+  n = len(owner_N)
+  to_user_RxN = sp.csr_matrix((np.ones(n), (local_N, np.arange(n))), shape=(len(users_R), n))
+  sums_UxF[users_R] += to_user_RxN @ values_NxF
 
 
 def prompts(seqs: UserSequences, users_B: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,14 +9,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.sparse as sp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hetlm_jax import hosts, interrupt
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
-from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, prompts
+from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, add_by_user, prompts, scored_users
 from hetlm_jax.train.metrics import MetricsLog, Progress
 from hetlm_jax.train.prefetch import Prefetcher
 from hetlm_jax.train.split import model_params, partition
@@ -249,13 +248,12 @@ class Trainer:
     pending = None
     for i in range(batches.num_batches):
       tokens, segments, mask, owner = batches.batch(i)
-      users_R, local_BxT = np.unique(np.where(mask, owner[:, 1:], -1), return_inverse=True)
-      local_BxT = local_BxT.reshape(mask.shape).astype(np.int32) - int(users_R[0] < 0)  # -1: no scored token
+      users_R, local_BxT, count_R = scored_users(mask, owner)
       sums_KxR = score_batch(params, *hosts.put_all((tokens, segments, mask, np.maximum(local_BxT, 0)), self._rows))
       if pending is not None:  # add batch i-1 while batch i runs
         self._add_scores(nll_KxU, *pending)
-      pending = (sums_KxR, users_R[users_R >= 0])
-      tokens_U += np.bincount(owner[:, 1:][mask], minlength=seqs.num_users)
+      pending = (sums_KxR, users_R)
+      tokens_U[users_R] += count_R
       progress.update(i + 1)
     self._add_scores(nll_KxU, *pending)
     progress.close()
@@ -275,9 +273,7 @@ class Trainer:
       real = owner >= 0
       h_KxNxD = np.asarray(hosts.fetch(self.hidden_batch(params, *hosts.put_all((tokens, segments), self._rows))))
       h_KxNxD = h_KxNxD[:, real]
-      n = h_KxNxD.shape[1]
-      to_user = sp.csr_matrix((np.ones(n), (owner[real], np.arange(n))), shape=(u, n))
-      sums_UxKD += to_user @ h_KxNxD.transpose(1, 0, 2).reshape(n, k * d)
+      add_by_user(sums_UxKD, owner[real], h_KxNxD.transpose(1, 0, 2).reshape(-1, k * d))
     means_UxKD = sums_UxKD / np.maximum(batches.length_U, 1)[:, None]
     return means_UxKD.reshape(u, k, d).transpose(1, 0, 2)
 
