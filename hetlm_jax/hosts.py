@@ -157,6 +157,24 @@ def any_process(flag: bool) -> bool:
   return bool(np.asarray(multihost_utils.process_allgather(np.array([flag]))).any())
 
 
+def share() -> tuple[int, int]:
+  """(this process's index, the number of processes): process p of P owns the users data/ownership.py gives it."""
+  return jax.process_index(), jax.process_count()
+
+
+def gather_bytes(blob: bytes) -> list[bytes]:
+  """Every process's `blob`, in process order (every process must call this at the same point)."""
+  if jax.process_count() == 1:
+    return [blob]
+  if len(blob) >= 2**31:
+    raise HetlmError(f"{len(blob) / 2**30:.1f} GiB to send to every process: more than the 2 GiB one exchange carries")
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([len(blob)], np.int32))).reshape(-1)
+  padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
+  padded[: len(blob)] = np.frombuffer(blob, np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [every[i, : sizes[i]].tobytes() for i in range(len(sizes))]
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (nothing with one process)."""
   if jax.process_count() > 1:

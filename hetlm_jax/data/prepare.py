@@ -4,15 +4,19 @@ user's sequence and, for the split by user (--test_users), cut off the test and 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
-from hetlm_jax import interrupt
+from hetlm_jax import hosts, interrupt
 from hetlm_jax.config import Config
 from hetlm_jax.data import SAMPLE_PATH
 from hetlm_jax.data.readers import read_events
 from hetlm_jax.data.sequences import (
+  NO_USERS_LEFT,
   UserSequences,
   build_sequences,
   held_out_users,
@@ -21,7 +25,7 @@ from hetlm_jax.data.sequences import (
   split_users,
 )
 from hetlm_jax.data.tokenizer import PageTokenizer
-from hetlm_jax.errors import HetlmError
+from hetlm_jax.errors import HetlmError, input_error
 
 
 @dataclasses.dataclass
@@ -44,24 +48,34 @@ def data_path(cfg: Config) -> str:
 
 def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepared:
   """Reads the log and builds per-user sequences; fits the tokenizer on the training histories unless one
-  is given (pages seen only in held-out targets or test users are unknown to the models, so UNK)."""
+  is given (pages seen only in held-out targets or test users are unknown to the models, so UNK).
+
+  In a job of several processes each reads only the events of the users it owns (data/ownership.py), counts
+  their pages and builds their sequences; the page counts are summed over the processes, so the tokenizer is the
+  one a single process fits on the whole log, and the sequences are then exchanged and put in id order, so every
+  process goes on with the very data one process would have (see docs/SCALING.md for what that still costs)."""
   d = cfg.data
   path = data_path(cfg)
   start = time.perf_counter()
-  table = read_events(path, d.format, max_users=d.max_users or None)
+  process, processes = hosts.share()
+  if processes > 1 and d.max_users:
+    raise HetlmError(
+      f"--max_users={d.max_users} keeps the first users in the order of the file, which the {processes} processes "
+      "of this job, each reading only its own users, cannot know: leave it out, or cut the log first"
+    )
+  table = read_events(path, d.format, max_users=d.max_users or None, share=(process, processes))
   interrupt.at_phase("prepare")
   given = tokenizer is not None
   if not given:  # every page for now; which events train is known only once the sequences are built
-    outcomes = outcome_types(table)
-    if not outcomes and pc.count_distinct(table["page"]).as_py() < 2:
-      raise HetlmError(
-        f"{path}: every event has the same page ({table['page'][0].as_py()[:60]!r}), so there is "
-        "nothing to predict; is 'page' the right column?"
-      )
-    tokenizer = PageTokenizer.fit(table["page"], outcomes)
+    tokenizer = _page_tokenizer(table, path)
   holdout = "none" if d.test_users else d.holdout
-  seqs, stats = build_sequences(table, tokenizer, session_gap_s=d.session_gap_minutes * 60, holdout=holdout)
+  seqs, stats = build_sequences(
+    table, tokenizer, session_gap_s=d.session_gap_minutes * 60, holdout=holdout, allow_empty=processes > 1
+  )
   int_ids = (table.schema.metadata or {}).get(b"hetlm_user_id") == b"int64"
+  del table
+  if processes > 1:
+    seqs, stats = _exchanged(seqs, stats, path)
   test_seqs = val_seqs = None
   if d.test_users:
     if (
@@ -95,3 +109,77 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
     test_seqs, val_seqs = (None if x is None else x.map_tokens(map_V) for x in (test_seqs, val_seqs))
   interrupt.safe_point("while preparing the data", "nothing was written")
   return Prepared(seqs, tokenizer, stats, time.perf_counter() - start, int_ids, test_seqs, val_seqs)
+
+
+def _page_tokenizer(table: pa.Table, path: str) -> PageTokenizer:
+  """The tokenizer of every page of the log, from this process's events and, in a job of several, the page counts
+  and outcome types of every process's."""
+  counts = pc.value_counts(table["page"])
+  mine = pa.table({"page": counts.field("values"), "count": counts.field("counts")})
+  outcomes = outcome_types(table)
+  if hosts.share()[1] > 1:
+    every = [_from_ipc(blob) for blob in hosts.gather_bytes(_to_ipc(mine))]
+    mine = pa.concat_tables(every).group_by("page").aggregate([("count", "sum")]).rename_columns(["page", "count"])
+    outcomes = sorted({o for blob in hosts.gather_bytes(json.dumps(outcomes).encode()) for o in json.loads(blob)})
+  if not outcomes and mine.num_rows < 2:
+    raise HetlmError(
+      f"{path}: every event has the same page ({mine['page'][0].as_py()[:60]!r}), so there is "
+      "nothing to predict; is 'page' the right column?"
+    )
+  return PageTokenizer.from_counts(mine["page"], mine["count"], outcomes)
+
+
+def _exchanged(seqs: UserSequences, stats: dict, path: str) -> tuple[UserSequences, dict]:
+  """Every process's users (their sequences exchanged as Arrow IPC), in id order, and the summed counts."""
+  users = pa.table(
+    {
+      "user_id": pa.array(seqs.user_ids, pa.string()),
+      "length": seqs.lengths,
+      "split": seqs.split - seqs.offsets[:-1],
+      "n_sessions": seqs.n_sessions,
+    }
+  )
+  parts, totals = [], {"users_by_process": []}
+  mine = [_to_ipc(users), _to_ipc(pa.table({"token": seqs.tokens})), json.dumps(stats).encode()]
+  for blob in hosts.gather_bytes(b"".join(len(x).to_bytes(8, "little") + x for x in mine)):
+    users_blob, tokens_blob, stats_blob = _framed(blob)
+    users, tokens = _from_ipc(users_blob), _from_ipc(tokens_blob)
+    offsets = np.zeros(users.num_rows + 1, np.int64)
+    np.cumsum(users["length"].to_numpy(), out=offsets[1:])
+    parts.append(
+      UserSequences(
+        users["user_id"].to_numpy(zero_copy_only=False).astype(object),
+        tokens["token"].to_numpy(),
+        offsets,
+        offsets[:-1] + users["split"].to_numpy(),
+        users["n_sessions"].to_numpy(),
+      )
+    )
+    for key, value in json.loads(stats_blob).items():
+      totals[key] = value if isinstance(value, str) else totals.get(key, 0) + value
+    totals["users_by_process"].append(users.num_rows)
+  seqs = UserSequences.concat(parts).in_id_order()
+  if not seqs.num_users:
+    raise input_error(path, NO_USERS_LEFT)
+  return seqs, totals
+
+
+def _to_ipc(table: pa.Table) -> bytes:
+  sink = pa.BufferOutputStream()
+  with pa.ipc.new_stream(sink, table.schema) as writer:
+    writer.write_table(table)
+  return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(blob: bytes) -> pa.Table:
+  return pa.ipc.open_stream(pa.BufferReader(blob)).read_all()
+
+
+def _framed(blob: bytes) -> list[bytes]:
+  """The pieces of a blob laid out as (8-byte little-endian length, bytes) after each other."""
+  pieces, at = [], 0
+  while at < len(blob):
+    size = int.from_bytes(blob[at : at + 8], "little")
+    pieces.append(blob[at + 8 : at + 8 + size])
+    at += 8 + size
+  return pieces

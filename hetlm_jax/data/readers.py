@@ -21,6 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from hetlm_jax import interrupt
+from hetlm_jax.data.ownership import owned_rows
 from hetlm_jax.data.sources import Part, Source, resolve
 from hetlm_jax.errors import HetlmError, input_error
 
@@ -46,15 +47,19 @@ _READ_ERRORS = (
 )
 
 
-def read_events(path: str | os.PathLike, fmt: str = "auto", max_users: int | None = None) -> pa.Table:
+def read_events(
+  path: str | os.PathLike, fmt: str = "auto", max_users: int | None = None, share: tuple[int, int] = (0, 1)
+) -> pa.Table:
   """Reads `path` (a file, folder, glob, list or URI: see data/sources.py) as `fmt` (see FORMATS) into the
   normalised event table.
 
-  `max_users` keeps only the first N users in order of first appearance in the input.
+  `max_users` keeps only the first N users in order of first appearance in the input. `share` (p, P): only the
+  events of the users process p of P owns (data/ownership.py), kept part by part, so no more than one part's
+  rows of other users are held at a time.
   """
   source = _source(path, fmt)
   try:
-    fmt, table, int_ids = _read(source, fmt)
+    fmt, table, int_ids = _read(source, fmt, share)
     if max_users is not None:
       table = _first_users(table, max_users, source.name)
   except HetlmError:
@@ -127,27 +132,28 @@ def normalise_events(table: pa.Table, source: str = "events") -> pa.Table:
 # Format dispatch
 
 
-def _read(source: Source, fmt: str) -> tuple[str, pa.Table, bool]:
-  """(the format read, the normalised table, whether user ids are integers)."""
+def _read(source: Source, fmt: str, share: tuple[int, int]) -> tuple[str, pa.Table, bool]:
+  """(the format read, the normalised table of the users of `share`, whether user ids are integers)."""
   part = source.parts[0]
   if fmt == "events" or not source.is_one_file or _has_suffix(part.name, _PARQUET_SUFFIXES + _CSV_SUFFIXES):
-    return ("events", *_read_parts(source))
+    return ("events", *_read_parts(source, share))
   data = _load_bytes(part)
   if fmt == "auto":
     fmt = _sniff(part.name, data)
     if fmt == "events":
-      return ("events", *_read_parts(source))
+      return ("events", *_read_parts(source, share))
   table = _parse_msnbc(data, part.name) if fmt == "msnbc" else _parse_user_items(data, part.name)
-  return fmt, normalise_events(table, part.name), fmt == "msnbc"
+  return fmt, owned_rows(normalise_events(table, part.name), *share), fmt == "msnbc"
 
 
-def _read_parts(source: Source) -> tuple[pa.Table, bool]:
-  """Every part read whole and normalised on its own, then concatenated; parts must agree on their columns' kinds."""
+def _read_parts(source: Source, share: tuple[int, int]) -> tuple[pa.Table, bool]:
+  """Every part read whole, normalised on its own and cut to the users of `share`, then concatenated; parts must
+  agree on their columns' kinds."""
   kinds, tables = _Kinds(), []
   for part in source.parts:
     raw = _with_partition(_read_events_file(part), part)
     kinds.check(raw.schema, part.name)
-    tables.append(normalise_events(raw, part.name))
+    tables.append(owned_rows(normalise_events(raw, part.name), *share))
     interrupt.safe_point("while reading the data", "nothing was written")
   return pa.concat_tables(tables), kinds.int_ids
 

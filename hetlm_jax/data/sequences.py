@@ -108,6 +108,29 @@ class UserSequences:
     """The same sequences with every token id t replaced by map_V[t] (e.g. a restricted vocabulary)."""
     return dataclasses.replace(self, tokens=np.asarray(map_V, np.int32)[self.tokens])
 
+  @classmethod
+  def empty(cls) -> UserSequences:
+    """No users."""
+    z = np.zeros(0, np.int64)
+    return cls(np.array([], object), np.zeros(0, np.int32), np.zeros(1, np.int64), z, np.zeros(0, np.int32))
+
+  @classmethod
+  def concat(cls, parts: list[UserSequences]) -> UserSequences:
+    """The users of every part, part after part."""
+    base_P = np.cumsum([0] + [x.num_tokens for x in parts])
+    return cls(
+      user_ids=np.concatenate([x.user_ids for x in parts]),
+      tokens=np.concatenate([x.tokens for x in parts]).astype(np.int32),
+      offsets=np.concatenate([[0]] + [x.offsets[1:] + b for x, b in zip(parts, base_P)]).astype(np.int64),
+      split=np.concatenate([x.split + b for x, b in zip(parts, base_P)]).astype(np.int64),
+      n_sessions=np.concatenate([x.n_sessions for x in parts]).astype(np.int32),
+    )
+
+  def in_id_order(self) -> UserSequences:
+    """The same users in build_sequences' order of their ids (numeric when every id is a decimal integer)."""
+    order_U = id_order(pa.array(self.user_ids, pa.string()))
+    return self if (order_U == np.arange(self.num_users)).all() else self.subset(order_U)
+
   def history_counts(self, vocab_size: int) -> np.ndarray:
     """[V] occurrences of every token id in the users' histories: the tokens the models train on."""
     in_history_N = np.arange(self.num_tokens) < np.repeat(self.split, self.lengths)
@@ -213,10 +236,13 @@ def build_sequences(
   holdout: str = "auto",
   fmt_hint: str | None = None,
   source: str | None = None,
+  allow_empty: bool = False,
 ) -> tuple[UserSequences, dict]:
   """Sessionised, tokenised per-user sequences of `table` and counts for logging.
 
-  `fmt_hint` and `source` (the name used in errors) default to what read_events recorded.
+  `fmt_hint` and `source` (the name used in errors) default to what read_events recorded. `allow_empty`: a table
+  without events or without a user long enough gives no users instead of an error (one process's share of a log;
+  the job checks the total).
   """
   meta = table.schema.metadata or {}
   source = source or meta.get(b"hetlm_source", b"events").decode()
@@ -228,6 +254,8 @@ def build_sequences(
   if b"hetlm_format" not in meta:  # read_events output is already normalised
     table = normalise_events(table, source)
   n_events = table.num_rows
+  if n_events == 0 and allow_empty:
+    return UserSequences.empty(), _stats(0, 0, 0, UserSequences.empty(), np.zeros(0, np.int64), 0, holdout)
   if n_events == 0:
     raise input_error(source, "no events (empty table)")
 
@@ -259,8 +287,10 @@ def build_sequences(
   events_U = np.bincount(user_E, minlength=users_in)
   sessions_U = np.bincount(user_E[new_E], minlength=users_in)
   keep_U = (sessions_U >= 2) | (events_U >= (1 if holdout == "none" else 2))
+  if not keep_U.any() and allow_empty:
+    return UserSequences.empty(), _stats(n_events, 0, users_in, UserSequences.empty(), np.zeros(0), 0, holdout)
   if not keep_U.any():
-    raise input_error(source, "no users left: every user has one session with fewer than 2 events")
+    raise input_error(source, NO_USERS_LEFT)
   if not keep_U.all():
     keep_E = keep_U[user_E]
     user_E = (np.cumsum(keep_U) - 1)[user_E[keep_E]]
@@ -271,18 +301,25 @@ def build_sequences(
   seqs = UserSequences(
     user_ids=user_ids, tokens=tokens, offsets=offsets, split=split, n_sessions=sessions_U.astype(np.int32)
   )
-  stats = {
-    "events": n_events,
-    "events_kept": len(user_E),
+  return seqs, _stats(n_events, len(user_E), users_in, seqs, sessions_U, int((outcome_E >= 0).sum()), holdout)
+
+
+NO_USERS_LEFT = "no users left: every user has one session with fewer than 2 events"
+
+
+def _stats(events: int, kept: int, users_in: int, seqs: UserSequences, sessions_U, outcomes: int, holdout: str) -> dict:
+  """build_sequences' counts for logging (every one but holdout adds up over the processes' shares)."""
+  return {
+    "events": events,
+    "events_kept": kept,
     "users_in": users_in,
-    "users_dropped_too_short": int(users_in - keep_U.sum()),
+    "users_dropped_too_short": int(users_in - seqs.num_users),
     "users": seqs.num_users,
-    "sessions": int(sessions_U.sum()),
-    "outcome_events": int((outcome_E >= 0).sum()),
+    "sessions": int(np.sum(sessions_U)),
+    "outcome_events": outcomes,
     "tokens": seqs.num_tokens,
     "holdout": holdout,
   }
-  return seqs, stats
 
 
 def window_bounds(seqs: UserSequences, part: str, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -376,17 +413,22 @@ def _event_kinds(event_type: pa.ChunkedArray) -> pa.ChunkedArray:
   return pc.utf8_lower(pc.utf8_trim_whitespace(event_type))
 
 
-def _user_ranks(user_id: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-  """Per-event user index in id order, and the ids ([U] object array) in that order."""
-  # As large_string: one chunk of 32-bit string offsets overflows past 2 GiB of ids (~200M events of 10 characters).
-  enc = pc.dictionary_encode(user_id.cast(pa.large_string()).combine_chunks())
-  ids = enc.dictionary
+def id_order(ids: pa.Array) -> np.ndarray:
+  """The order of distinct user ids: numerically when every id is a decimal integer, else by string."""
   keys = pa.table({"id": ids})
   sort_keys = [("id", "ascending")]
   if pc.all(pc.match_substring_regex(ids, r"^[0-9]{1,18}$")).as_py():
     keys = keys.append_column("num", pc.cast(ids, pa.int64()))
     sort_keys.insert(0, ("num", "ascending"))
-  order_U = pc.sort_indices(keys, sort_keys=sort_keys).to_numpy()
+  return pc.sort_indices(keys, sort_keys=sort_keys).to_numpy()
+
+
+def _user_ranks(user_id: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-event user index in id order, and the ids ([U] object array) in that order."""
+  # As large_string: one chunk of 32-bit string offsets overflows past 2 GiB of ids (~200M events of 10 characters).
+  enc = pc.dictionary_encode(user_id.cast(pa.large_string()).combine_chunks())
+  ids = enc.dictionary
+  order_U = id_order(ids)
   rank_of_code = np.empty(len(ids), np.int64)
   rank_of_code[order_U] = np.arange(len(ids))
   user_E = rank_of_code[enc.indices.to_numpy()]

@@ -55,6 +55,12 @@ class PageTokenizer:
     return cls._from_counts(outcome_types, counts.field("values"), counts.field("counts"), min_count, max_vocab)
 
   @classmethod
+  def from_counts(cls, pages: pa.Array, counts: pa.Array, outcome_types: Iterable[str] = ()) -> PageTokenizer:
+    """`fit` on events whose distinct pages are `pages`, each seen `counts` times (e.g. summed over the processes
+    of a job, each of which counted only its own users' events): the same tokenizer, byte for byte."""
+    return cls._from_counts(outcome_types, pages, counts, 1, None)
+
+  @classmethod
   def _from_counts(
     cls, outcome_types: Iterable[str], pages: pa.Array, counts: pa.Array, min_count: int, max_vocab: int | None
   ) -> PageTokenizer:
