@@ -41,11 +41,13 @@ from hetlm_jax.workdir import (
   load_run,
   local_dir,
   open_metrics,
+  read_prepared,
   record_k_auto,
   run_data,
   saved_tokenizer,
   training_provenance,
   write_assignments,
+  write_prepared,
   write_run_files,
 )
 
@@ -84,7 +86,7 @@ def checked_inputs(cfg: Config, workdir: Path) -> tuple[Config, Prepared]:
   if cfg.train.tensorboard and tensorboard_available():
     raise HetlmError(tensorboard_available())
   check_resumable(workdir, cfg)
-  prepared = prepare_data(cfg, saved_tokenizer(workdir))
+  prepared = read_prepared(workdir, cfg) or prepare_data(cfg, saved_tokenizer(workdir))
   seqs, tokenizer = prepared.seqs, prepared.tokenizer
   hosts.check_same(
     f"{data_path(cfg)}: the data read (users, tokens, pages)",
@@ -131,6 +133,8 @@ def start_run(cfg: Config, workdir: Path, prepared: Prepared, trained: UserSeque
   seqs, tokenizer = prepared.seqs, prepared.tokenizer
   write_run_files(workdir, cfg, tokenizer, seqs)  # process 0 writes the run's files; orbax saves collectively
   hosts.barrier("workdir ready")
+  if not prepared.saved:  # a resumed run read them from there
+    write_prepared(workdir, cfg, prepared)
   log = open_metrics(workdir, cfg.train.tensorboard)
   hosts.barrier("metrics read")  # every process starts from the same records
   events = prepared.stats.get("events", 0)

@@ -8,6 +8,8 @@
   eval.json, report.md and its figures    the evaluation (eval/)
   tuned.json           --tune_baselines: which candidate family each tuned name is
   k_auto.json          --k=auto: the K chosen, and every candidate's validation NLL
+  prepared/            the tokenized users, one Parquet part per process (its own users) and manifest.json, written
+                       last: a resumed or re-evaluated run reads them instead of the log
   checkpoints/NAME/    orbax checkpoints of model family NAME (train/checkpoint.py)
   tensorboard/NAME/    --tensorboard event files
   .lock                the lock of the one command writing there (lock.py)
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,7 @@ import pyarrow.parquet as pq
 
 from hetlm_jax import hosts
 from hetlm_jax.config import Config, ModelConfig, resume_differences
+from hetlm_jax.data.ownership import owners
 from hetlm_jax.data.prepare import Prepared, prepare_data
 from hetlm_jax.data.sequences import UserSequences, session_length_from_data
 from hetlm_jax.data.tokenizer import FILE_NAME as TOKENIZER_FILE
@@ -51,6 +55,8 @@ NLL_FIGURE, ROUNDS_FIGURE, K_FIGURE = "nll_per_user.png", "rounds.png", "nll_vs_
 TUNED_FILE = "tuned.json"
 K_AUTO_FILE = "k_auto.json"
 CHECKPOINTS_DIR = "checkpoints"
+PREPARED_DIR = "prepared"
+PREPARED_MANIFEST = "manifest.json"
 TENSORBOARD_DIR = "tensorboard"
 
 MIN_FREE_BYTES = 100 * 2**20  # a run's checkpoints and outputs need at least this much room to start
@@ -115,6 +121,88 @@ def write_run_files(workdir: Path, cfg: Config, tokenizer: PageTokenizer, seqs: 
   tokenizer.save(workdir / TOKENIZER_FILE)
   write_sessions(workdir, seqs, tokenizer)
   cfg.save(workdir / CONFIG_FILE)
+
+
+def write_prepared(workdir: Path, cfg: Config, prepared: Prepared) -> None:
+  """prepared/: each process writes the users it owns (data/ownership.py) of every role (the users of the run, its
+  validation and test users of a split by user), with their position in that role; then process 0 writes
+  manifest.json, which marks the folder complete."""
+  process, processes = hosts.share()
+  folder = workdir / PREPARED_DIR
+  folder.mkdir(parents=True, exist_ok=True)
+  roles = {"users": prepared.seqs, "val": prepared.val_seqs, "test": prepared.test_seqs}
+  tables = []
+  for role, seqs in roles.items():
+    if seqs is None:
+      continue
+    mine_R = np.flatnonzero(owners(pa.array(seqs.user_ids.astype(str)), processes) == process)
+    mine = seqs.subset(mine_R)
+    tables.append(
+      pa.table(
+        {
+          "role": pa.array([role] * len(mine_R), pa.string()),
+          "index": pa.array(mine_R, pa.int64()),
+          "user_id": pa.array(mine.user_ids.astype(str), pa.string()),
+          "tokens": pa.LargeListArray.from_arrays(pa.array(mine.offsets), pa.array(mine.tokens, pa.int32())),
+          "split": pa.array(mine.split - mine.offsets[:-1], pa.int64()),
+          "n_sessions": pa.array(mine.n_sessions, pa.int32()),
+        }
+      )
+    )
+  name = f"part-{process:05d}-of-{processes:05d}.parquet"
+  with written(folder / name, hidden=True) as tmp:
+    pq.write_table(pa.concat_tables(tables), tmp)
+  hosts.barrier("prepared parts written")
+  if hosts.is_primary():
+    manifest = {
+      "data": cfg.data.path,
+      "parts": [f"part-{p:05d}-of-{processes:05d}.parquet" for p in range(processes)],
+      "roles": [role for role, seqs in roles.items() if seqs is not None],
+      "stats": prepared.stats,
+      "int_user_ids": prepared.int_user_ids,
+    }
+    replace_text(folder / PREPARED_MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def read_prepared(workdir: Path, cfg: Config) -> Prepared | None:
+  """The prepared users of the run in `workdir` (every process reads every part), or None when there are none
+  or they were prepared from other data than cfg's."""
+  folder = workdir / PREPARED_DIR
+  try:
+    manifest = json.loads((folder / PREPARED_MANIFEST).read_text())
+  except (OSError, ValueError):
+    return None
+  if manifest.get("data") != cfg.data.path or not (workdir / TOKENIZER_FILE).exists():
+    return None
+  start = time.perf_counter()
+  try:
+    table = pa.concat_tables([pq.read_table(folder / name) for name in manifest["parts"]])
+  except (OSError, pa.ArrowException) as e:
+    raise HetlmError(
+      f"{folder}: the prepared users cannot be read ({e}); move the folder away to read the log"
+    ) from None
+  roles = {}
+  for role in manifest["roles"]:
+    rows = table.filter(pc.equal(table["role"], role)).sort_by("index")
+    offsets = np.zeros(rows.num_rows + 1, np.int64)
+    np.cumsum(pc.list_value_length(rows["tokens"]).to_numpy(), out=offsets[1:])
+    roles[role] = UserSequences(
+      user_ids=rows["user_id"].to_numpy(zero_copy_only=False).astype(object),
+      tokens=pc.list_flatten(rows["tokens"]).to_numpy().astype(np.int32),
+      offsets=offsets,
+      split=offsets[:-1] + rows["split"].to_numpy(),
+      n_sessions=rows["n_sessions"].to_numpy().astype(np.int32),
+    )
+  return Prepared(
+    roles["users"],
+    PageTokenizer.load(workdir / TOKENIZER_FILE),
+    manifest["stats"],
+    time.perf_counter() - start,
+    manifest["int_user_ids"],
+    roles.get("test"),
+    roles.get("val"),
+    saved=True,
+  )
 
 
 def open_metrics(workdir: Path, tensorboard: bool = False) -> MetricsLog:
@@ -271,7 +359,9 @@ def run_data(workdir: Path, data: str | None) -> tuple[Config, Prepared]:
   cfg = Config.load(workdir / CONFIG_FILE)
   if data:
     cfg = cfg.replace(data=dataclasses.replace(cfg.data, path=data, format="auto"))
-  return cfg, prepare_data(cfg, PageTokenizer.load(workdir / TOKENIZER_FILE))
+  return cfg, (None if data else read_prepared(workdir, cfg)) or prepare_data(
+    cfg, PageTokenizer.load(workdir / TOKENIZER_FILE)
+  )
 
 
 def locate(path: Path) -> tuple[Path, str | None, int | None]:

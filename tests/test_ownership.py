@@ -1,14 +1,18 @@
 """Users belong to processes by a stable hash of their id: FNV-1a's published values, any cut of the input, and a
 two-process run on a folder of parts that prepares disjoint halves and ends as one process does."""
 
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from test_sources import spark_folder
 from tiny_run import assert_same_result, hetlm_process, train_args
 
+from hetlm_jax.config import Config
 from hetlm_jax.data.ownership import owners, user_hash
 from hetlm_jax.data.readers import read_events
 
@@ -53,3 +57,54 @@ def test_two_processes_prepare_disjoint_users_of_a_folder_and_train_as_one_proce
   [record] = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"data"' in x][:1]
   expected = np.bincount(owners(pa.array(sorted(set(table["user_id"].to_pylist()))), 2), minlength=2)
   assert record["data"]["users_by_process"] == expected.tolist() and all(expected > 0)
+
+
+def _prepared_users(workdir):
+  """The users of each part file of WORKDIR/prepared."""
+  return [
+    set(pq.read_table(p, columns=["user_id"])["user_id"].to_pylist())
+    for p in sorted((workdir / "prepared").glob("part-*"))
+  ]
+
+
+def test_a_resumed_two_process_run_reads_its_prepared_parts_not_the_log_and_ends_as_an_uninterrupted_one(
+  tiny_reference, tmp_path
+):
+  """SIGTERM in preparation writes nothing; SIGTERM in the first E-step stops both processes after a checkpoint;
+  the same command resumes from the prepared parts (the log is gone by then) to the reference's end."""
+  log, reference = tiny_reference
+  folder = spark_folder(tmp_path / "export", pq.read_table(log))
+  args = train_args(folder, tmp_path / "run")
+  stopped = hetlm_process([*args, "--inject=sigterm@prepare"], processes=2, devices=2)
+  assert stopped.returncode == 0 and "The same command resumes" in stopped.stdout, stopped.stderr[-3000:]
+  assert not (tmp_path / "run" / "prepared").exists()
+  stopped = hetlm_process([*args, "--inject=sigterm@estep"], processes=2, devices=2)
+  assert stopped.returncode == 0 and "The same command resumes" in stopped.stdout, stopped.stderr[-3000:]
+  parts = _prepared_users(tmp_path / "run")
+  assert len(parts) == 2 and all(parts) and not parts[0] & parts[1]
+  assert parts[0] | parts[1] == set(pq.read_table(log)["user_id"].to_pylist())  # disjoint, and together all users
+  shutil.rmtree(folder)  # a resumed run reads nothing twice: the prepared users, not the log
+  done = hetlm_process(args, processes=2, devices=2)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert_same_result(reference, tmp_path / "run", unlike=("data",))
+
+
+def test_evaluate_reads_the_prepared_users_and_a_changed_data_path_reads_the_log_again(
+  tiny_reference, tmp_path, monkeypatch, capsys
+):
+  from hetlm_jax.data import prepare
+  from hetlm_jax.main import cli
+  from hetlm_jax.workdir import read_prepared
+
+  log, reference = tiny_reference
+  run = tmp_path / "run"
+  shutil.copytree(reference, run)
+  read = []
+  monkeypatch.setattr(prepare, "read_events", lambda *a, **k: read.append(a) or pytest.fail("read the log"))
+  assert cli(["hetlm", "evaluate", f"--workdir={run}"]) == 0
+  capsys.readouterr()
+  assert not read
+  assert_same_result(reference, run)
+  cfg = Config.load(run / "config.json")
+  assert read_prepared(run, cfg) is not None
+  assert read_prepared(run, cfg.replace(data=dataclasses.replace(cfg.data, path=str(tmp_path / "other")))) is None

@@ -4,6 +4,7 @@ user's sequence and, for the split by user (--test_users), cut off the test and 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 
@@ -24,6 +25,7 @@ from hetlm_jax.data.sequences import (
   spare_users,
   split_users,
 )
+from hetlm_jax.data.sources import resolve
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.errors import HetlmError, input_error
 
@@ -39,6 +41,7 @@ class Prepared:
   int_user_ids: bool  # the input's user ids were integers (assignments.parquet keeps them so)
   test_seqs: UserSequences | None = None  # the split by user (--test_users): new users, whole sequences
   val_seqs: UserSequences | None = None  # split by user: unused users after the test users, for validation
+  saved: bool = False  # read from the workdir's prepared/ (workdir.read_prepared), not from the log
 
 
 def data_path(cfg: Config) -> str:
@@ -63,6 +66,10 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
       f"--max_users={d.max_users} keeps the first users in the order of the file, which the {processes} processes "
       "of this job, each reading only its own users, cannot know: leave it out, or cut the log first"
     )
+  if processes > 1:  # each reads its own users' share of the same files, so the files must be the same
+    listing = json.dumps([d.format] + [[part.name, part.size] for part in resolve(path).parts]).encode()
+    digest = np.frombuffer(hashlib.sha256(listing).digest(), np.uint8)
+    hosts.check_same(f"{path}: the input (its files and their sizes)", digest)
   table = read_events(path, d.format, max_users=d.max_users or None, share=(process, processes))
   interrupt.at_phase("prepare")
   given = tokenizer is not None
