@@ -20,8 +20,8 @@ means the same axis everywhere:
 """
 
 __version__ = "0.1.0"
-_PREDICT = ("NextPages", "Predictor", "Routing", "Scores", "predict_file")
-__all__ = ["__version__", *_PREDICT]
+_PREDICT = ("Continuations", "NextPages", "Predictor", "Routing", "Scores", "predict_file")
+__all__ = ["HetlmError", "Sampling", "__version__", *_PREDICT]
 
 
 def __getattr__(name: str):
@@ -29,4 +29,12 @@ def __getattr__(name: str):
     from hetlm_jax import predict
 
     return getattr(predict, name)
+  if name == "Sampling":
+    from hetlm_jax.eval.generate import Sampling
+
+    return Sampling
+  if name == "HetlmError":
+    from hetlm_jax.errors import HetlmError
+
+    return HetlmError
   raise AttributeError(f"module 'hetlm_jax' has no attribute {name!r}")

@@ -54,6 +54,17 @@ _DATA_DEFAULT = {
   "predict": "(required)",
 }
 
+# A shared flag's meaning in one command (its help there, and the default that command uses for an empty value).
+_COMMAND_FLAG_HELP = {
+  ("predict", "data"): "The log of the users to predict for: a file, a folder of parts, a glob, a list or a URI.",
+  ("predict", "out"): "The Parquet file to write, ending in .parquet (with several processes, a folder of part "
+  "files and a _SUCCESS manifest); its folder must exist.",
+  ("bench", "out"): "Write the measurements to this JSON file.",
+  ("predict", "top_k"): "Next pages listed per user.",
+  ("generate", "top_k"): "Sample among the k most likely tokens (0: all).",
+}
+_COMMAND_DEFAULT = {("predict", "top_k"): 10}
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, tokenizer, config, metrics.")
 flags.DEFINE_string(
@@ -402,10 +413,10 @@ def help_text(command: str | None) -> str:
     return "\n".join(lines)
 
   def flag(name: str) -> str:
-    default = FLAGS[name].default
+    default = _COMMAND_DEFAULT.get((command, name), FLAGS[name].default)
     shown = str(default).lower() if isinstance(default, bool) else default
     shown = _DATA_DEFAULT[command] if name == "data" else shown
-    return f"  --{name}={shown}\n      {FLAGS[name].help}"
+    return f"  --{name}={shown}\n      {_COMMAND_FLAG_HELP.get((command, name), FLAGS[name].help)}"
 
   lines = [f"usage: hetlm {command} [--flag=value ...]", "", _COMMANDS_HELP[command] + "."]
   if command in ("train", "bench"):  # evaluate and generate take the settings saved in the workdir

@@ -300,6 +300,7 @@ def training_record(
     "passes": passes,
     "tokens_trained": tokens,
     "hetlm_is_init_lm": hetlm.kept_init_lm,
+    "hetlm_clusters_as_init": hetlm.clusters_as_init,
     "early_stopping": {
       "patience": cfg.train.patience if validation else 0,
       "max_passes_per_round": cfg.train.epochs,

@@ -37,6 +37,7 @@ from scipy.special import logsumexp
 
 from hetlm_jax import interrupt
 from hetlm_jax.cluster.assign import cluster_shares, log_shares
+from hetlm_jax.cluster.policy import Position
 from hetlm_jax.data.readers import EventStream
 from hetlm_jax.data.sequences import UserSequences, build_sequences, prediction_view
 from hetlm_jax.data.tokenizer import UNK
@@ -58,7 +59,7 @@ from hetlm_jax.workdir import (
   read_sessions,
 )
 
-__all__ = ["NextPages", "Predictor", "Routing", "Scores", "predict_file"]
+__all__ = ["Continuations", "NextPages", "Predictor", "Routing", "Scores", "predict_file"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Scores:
   cluster: np.ndarray  # [U] the routed model
   nll: np.ndarray  # [U] under the routed model
   nll_mixture: np.ndarray  # [U] −log Σ_k π_k p_k(history) per token
+  unknown_pages: np.ndarray  # [U]
 
   @property
   def perplexity(self) -> np.ndarray:
@@ -98,8 +100,19 @@ class Scores:
     return np.exp(self.nll_per_token)
 
 
+class Continuations(list):
+  """`generate`'s answer: a list of what follows each history (token names: pages, and outcome tokens such as
+  <cart>), which also carries the routed model `cluster` [U] and `unknown_pages` [U] of each history."""
+
+  def __init__(self, tokens: list[list[str]], cluster: np.ndarray, unknown_pages: np.ndarray):
+    super().__init__(tokens)
+    self.cluster, self.unknown_pages = cluster, unknown_pages
+
+
 class Predictor:
-  """A trained model family, ready for new events. Build it with `Predictor.load`."""
+  """A trained model family, ready for new events. Build it with `Predictor.load`. `k`: its models;
+  `clusters_equal_to_init` [K] bool: those that are the init LM HeTLM started from; `same_model`: groups of
+  clusters that are one model (a new user among them goes to the one holding most training users)."""
 
   def __init__(self, workdir: Path, run, devices=None):
     self.workdir, self.tokenizer, self.config = workdir, run.tokenizer, run.config
@@ -107,6 +120,11 @@ class Predictor:
     self.params, self.step = run.params, run.step
     self.trainer = run.trainer if run.trainer is not None else Trainer(run.config, self.k, devices)
     self.log_prior = log_shares(cluster_shares(run.assignment, run.weights, self.k))
+    position = Position.from_meta(run.meta)
+    has_shared = bool(jax.tree.leaves(run.params["shared"]))
+    # Clusters that are one model tie on every history; a new user goes to the one holding most training users.
+    self.same_model = position.same_model_groups(self.k)
+    self.clusters_equal_to_init = np.isin(np.arange(self.k), position.clusters_as_init(self.k, has_shared))
     self.saved = SavedAssignment(workdir) if self.k > 1 else None
     sessions = read_sessions(workdir)
     self.new_session, self.session_length = bool(sessions["session_ends"]), sessions["session_length"]
@@ -148,7 +166,13 @@ class Predictor:
     """(cluster [U], log posterior [K, U], history NLL sums [K, U], scored tokens [U], saved [U])."""
     history_KxU, tokens_U = self.trainer.score(self.params, seqs, "history", label=self.label)
     cluster_U = route(history_KxU, tokens_U)
+    for group in self.same_model:
+      cluster_U = np.where(np.isin(cluster_U, group), group[int(np.argmax(self.log_prior[group]))], cluster_U)
     saved_U = np.zeros(seqs.num_users, bool)
+    if user_ids is not None:
+      user_ids = _as_list(user_ids, "user_ids")
+      if len(user_ids) != seqs.num_users:
+        raise HetlmError(f"user_ids: {len(user_ids)} ids for {seqs.num_users} histories")
     if self.saved is not None and user_ids is not None:
       known_U = self.saved.lookup(np.asarray(user_ids))
       saved_U = known_U >= 0
@@ -158,7 +182,7 @@ class Predictor:
   def top_pages(self, seqs: UserSequences, cluster_U, log_post_KxU, k: int, mixture: bool):
     """[U, Y] ids and probabilities of the most likely next pages, batched as the evaluation ranks."""
     first_page = self.tokenizer.num_specials
-    k = max(1, min(k, self.tokenizer.vocab_size - first_page))
+    k = min(k, self.tokenizer.vocab_size - first_page)
     ids_UxY = np.zeros((seqs.num_users, k), np.int64)
     probs_UxY = np.zeros((seqs.num_users, k), np.float32)
     groups_U = np.zeros(seqs.num_users, np.int64) if mixture else cluster_U
@@ -208,6 +232,7 @@ class Predictor:
   ) -> NextPages:
     """The k most likely next pages of each history under its routed model, or under the mixture of all K
     weighted by P(k | history) (`mixture`)."""
+    k = self.checked_k(k)
     seqs, unknown_U = self.sequences(histories, session_ids, new_session)
     cluster_U, log_post_KxU, *_ = self.route_users(seqs, user_ids)
     ids_UxY, probs_UxY = self.top_pages(seqs, cluster_U, log_post_KxU, k, mixture)
@@ -216,11 +241,21 @@ class Predictor:
 
   def score(self, histories: Sequence, session_ids: Sequence | None = None, user_ids: Sequence | None = None) -> Scores:
     """Each history's NLL per token under every model, its routed model and the mixture."""
-    seqs, _ = self.sequences(histories, session_ids)
+    seqs, unknown_U = self.sequences(histories, session_ids)
     cluster_U, _, history_KxU, tokens_U, _ = self.route_users(seqs, user_ids)
     per_token_KxU = history_KxU / np.maximum(tokens_U, 1)
     mixture_U = -logsumexp(self.log_prior[:, None] - history_KxU, axis=0) / np.maximum(tokens_U, 1)
-    return Scores(per_token_KxU.T, tokens_U, cluster_U, per_token_KxU[cluster_U, np.arange(len(cluster_U))], mixture_U)
+    routed_U = per_token_KxU[cluster_U, np.arange(len(cluster_U))]
+    return Scores(per_token_KxU.T, tokens_U, cluster_U, routed_U, mixture_U, unknown_U)
+
+  def checked_k(self, k) -> int:
+    """`k` pages to list, once it is a whole number of at least 1; more than the run knows lists them all."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise HetlmError(f"k={k!r}: expected a whole number of pages, at least 1")
+    pages = self.tokenizer.vocab_size - self.tokenizer.num_specials
+    if k > pages:
+      logging.warning("k=%d: the run knows %d pages, so all %d are listed", k, pages, pages)
+    return int(min(k, pages))
 
   def outcome_probability(
     self,
@@ -254,10 +289,12 @@ class Predictor:
     session_ids: Sequence | None = None,
     user_ids: Sequence | None = None,
     seed: int = 0,
-  ) -> list[list[str]]:
+  ) -> Continuations:
     """What follows each history, generated by its routed model (batched, KV-cached; `hetlm generate`'s
     decoding), as token names (pages, and outcome tokens such as <cart>)."""
-    seqs, _ = self.sequences(histories, session_ids)
+    if sampling is not None and not isinstance(sampling, Sampling):
+      raise HetlmError(f"sampling: expected hetlm_jax.Sampling(...), got {type(sampling).__name__}")
+    seqs, unknown_U = self.sequences(histories, session_ids)
     cluster_U, *_ = self.route_users(seqs, user_ids)
     out = generate(
       self.config.model,
@@ -269,21 +306,25 @@ class Predictor:
       seed=seed,
       mix=self.trainer.mix,
     )
-    return [self.tokenizer.decode(tokens) for tokens in out]
+    return Continuations([self.tokenizer.decode(tokens) for tokens in out], cluster_U, unknown_U)
 
 
 def _events_of(histories: Sequence, session_ids: Sequence | None) -> pa.Table:
   """The histories as an event table (user i, timestamps in order, one session_id per session); one clear
   HetlmError for an empty history or a page that is not a name."""
-  if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence) or not len(histories):
+  histories = _as_list(histories, "histories")
+  if not histories:
     raise HetlmError("histories: expected a non-empty list of histories (each a list of page names)")
+  session_ids = None if session_ids is None else _as_list(session_ids, "session_ids")
   if session_ids is not None and len(session_ids) != len(histories):
     raise HetlmError(f"session_ids: {len(session_ids)} lists for {len(histories)} histories")
   users, pages, sessions = [], [], []
   for i, history in enumerate(histories):
-    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence) or not len(history):
-      raise HetlmError(f"history {i}: expected a non-empty list of page names (or of sessions), got {history!r:.60}")
-    nested = all(isinstance(s, Sequence) and not isinstance(s, (str, bytes)) for s in history)
+    history = _as_list(history, f"history {i}", f"a non-empty list of page names (or of sessions), got {history!r:.60}")
+    if not history:
+      raise HetlmError(f"history {i}: expected a non-empty list of page names (or of sessions), got []")
+    nested = all(_listlike(s) for s in history)
+    history = [_as_list(s, f"history {i}") for s in history] if nested else history
     flat = [page for s in history for page in s] if nested else list(history)
     if nested:
       ids = [j for j, s in enumerate(history) for _ in s]
@@ -313,6 +354,21 @@ def _events_of(histories: Sequence, session_ids: Sequence | None) -> pa.Table:
       "session_id": codes,
     }
   )
+
+
+def _listlike(x) -> bool:
+  """A list, a tuple, a numpy array or a pandas Series (anything with tolist()), but not a string."""
+  return not isinstance(x, (str, bytes)) and (isinstance(x, Sequence) or hasattr(x, "tolist"))
+
+
+def _as_list(x, what: str, expected: str = "a list") -> list:
+  """`x` as a list (numpy arrays and pandas Series by their tolist()), or one HetlmError naming `what`."""
+  if not _listlike(x):
+    raise HetlmError(f"{what}: expected {expected}, got {type(x).__name__}")
+  value = x.tolist() if hasattr(x, "tolist") and not isinstance(x, Sequence) else list(x)
+  if not isinstance(value, list):  # a 0-d array's tolist() is a scalar
+    raise HetlmError(f"{what}: expected {expected}, got a single {type(value).__name__}")
+  return value
 
 
 # -- hetlm predict ---------------------------------------------------------------------------------------------
@@ -431,6 +487,10 @@ def predict_file(
   out = local_dir(out, "--out")
   if chunk_users < 1 or top_k < 1 or outcome_samples < 0:
     raise HetlmError("--chunk_users and --top_k must be at least 1, --outcome_samples at least 0")
+  if processes == 1 and out.suffix.lower() not in (".parquet", ".pq"):  # several processes write a folder
+    raise HetlmError(f"--out={out}: predictions are written as Parquet; name the file *.parquet")
+  if not out.parent.is_dir():
+    raise HetlmError(f"--out={out}: no folder {out.parent} to write it in")
   # Read 16 events per user of a chunk at a time (Parquet: within a row group), so memory follows --chunk_users.
   stream = EventStream(data, fmt, 16 * chunk_users)  # checks the file before the model loads
   with interrupt.stop_handler(), contextlib.ExitStack() as held:  # a stop while loading is a stop too

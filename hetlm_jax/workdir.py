@@ -313,6 +313,7 @@ PROVENANCE = (
   "tokens_trained",
   "early_stopping",
   "hetlm_is_init_lm",
+  "hetlm_clusters_as_init",
   "k_sweep",
   "validation",
   "tuning",
@@ -386,6 +387,7 @@ class TrainedRun:
   step: int
   weights: np.ndarray | None = None  # [U, K] soft-EM responsibilities (--soft), else None
   trainer: Trainer | None = None  # the compiled scoring and decoding of these K models, on the devices loaded onto
+  meta: dict = dataclasses.field(default_factory=dict)  # the checkpoint's meta: the run position, K, the model
 
 
 def load_run(workdir: str | Path, model: str = "hetlm", step: int | None = None, devices=None) -> TrainedRun:
@@ -397,7 +399,8 @@ def load_run(workdir: str | Path, model: str = "hetlm", step: int | None = None,
   tokenizer = PageTokenizer.load(workdir / TOKENIZER_FILE)
   model = family_name(workdir, model)
   if not checkpoint_dir(workdir, model).is_dir():
-    raise HetlmError(f"{workdir}: no checkpoint of {model} yet")
+    there = sorted(p.name for p in (workdir / CHECKPOINTS_DIR).glob("*") if p.is_dir())
+    raise HetlmError(f"{workdir}: no checkpoint of {model} (models there: {', '.join(there) or 'none yet'})")
   ckpts = Checkpoints(checkpoint_dir(workdir, model), cfg.train.keep_checkpoints)
   try:
     steps = ckpts.all_steps()
@@ -413,7 +416,7 @@ def load_run(workdir: str | Path, model: str = "hetlm", step: int | None = None,
       trainer.set_mix(ckpts.restore_anchor(trainer.anchor_shape(), step), meta["mix"])
   finally:
     ckpts.close()
-  return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]), weights, trainer)
+  return TrainedRun(cfg, tokenizer, state.params, assignment, int(meta["step"]), weights, trainer, dict(meta))
 
 
 def fitted_to(cfg: Config, n_devices: int) -> Config:

@@ -432,3 +432,27 @@ def test_tuning_chooses_both_sides_on_the_validation_users_alone(log_path, tmp_p
   assert pipeline.load_run(tmp_path, "hetlm").step == pipeline.load_run(tmp_path, tuned["hetlm"]).step
   again = pipeline.evaluate_workdir(tmp_path)
   assert again["tuning"] == report["tuning"] and set(again["models"]) == set(report["models"])
+
+
+def test_clusters_fitted_back_to_the_init_lm_are_named_and_grouped_as_one_model():
+  from hetlm_jax.cluster.policy import Position
+  from hetlm_jax.eval.report import _verdict
+
+  at = Position(round=2, warm=True, improved=True, alpha=[0.0, 1.0, 0.0, 0.75], alpha_shared=0.5)
+  assert at.same_model_groups(4) == [[0, 2]]  # one cluster part (the init LM's) and one shared part
+  assert at.clusters_as_init(4, has_shared=True) == []  # the shared part moved: not the init LM itself
+  assert at.clusters_as_init(4, has_shared=False) == [0, 2]
+  assert Position(round=2, warm=True, improved=True, alpha=[0.0, 1.0, 0.0, 0.75], alpha_shared=0.0).clusters_as_init(
+    4, has_shared=True
+  ) == [0, 2]
+  assert Position(round=2, warm=True, improved=True, mix=[0.0, 0.5, 0.0]).same_model_groups(3) == [[0, 2]]
+  kept = Position(round=2, warm=True, improved=False)
+  assert kept.same_model_groups(3) == [[0, 1, 2]] and kept.clusters_as_init(3, True) == [0, 1, 2]
+  assert Position(round=2).same_model_groups(3) == [] and Position(round=2).clusters_as_init(3, True) == []
+  report = {"models": {"hetlm": {"nll": {"mean": 1.5}}}, "k": 4, "hetlm_clusters_as_init": [0, 2]}
+  [line] = _verdict(report)
+  assert line.endswith(
+    "2 of HeTLM's K=4 clusters differ from its init LM; clusters 0, 2 are that LM "
+    "(fitted back to it on the validation users)."
+  )
+  assert "differ from its init LM" not in _verdict({**report, "hetlm_clusters_as_init": []})[0]

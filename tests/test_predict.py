@@ -333,3 +333,67 @@ def test_outcome_chances_are_the_evaluations_and_a_checkpoint_path_loads_the_sam
   assert len(generated) == 3 and all(isinstance(t, str) for g in generated for t in g)
   unknown = predictor.next_pages([["/p/1", "nowhere", "/p/2"]], k=3)
   assert unknown.unknown_pages.tolist() == [1] and len(unknown.pages[0]) == 3
+
+
+def test_every_bad_argument_is_one_hetlm_error_and_arrays_are_histories_too(trained, tmp_path, capsys):
+  from hetlm_jax import HetlmError as Exported
+  from hetlm_jax import Sampling
+
+  assert Exported is HetlmError
+  log, workdir, seqs, _, histories, predictor = trained
+  three = [h[0] for h in histories[:3]]
+  one_line = lambda e: str(e.value).count("\n") == 0
+  for call, needle in (
+    (lambda: predictor.assign(three, user_ids=seqs.user_ids[:1]), "user_ids: 1 ids for 3 histories"),
+    (lambda: predictor.assign(three, user_ids=seqs.user_ids[:5]), "user_ids: 5 ids for 3 histories"),
+    (lambda: predictor.assign(three, user_ids=7), "user_ids: expected a list"),
+    (lambda: predictor.next_pages(three, k=0), "k=0: expected a whole number"),
+    (lambda: predictor.next_pages(three, k=-1), "k=-1"),
+    (lambda: predictor.next_pages(three, k=2.5), "k=2.5"),
+    (lambda: predictor.next_pages(three, k=True), "k=True"),
+    (lambda: Sampling(temperature=-1), "temperature=-1"),
+    (lambda: Sampling(max_new=0), "max_new=0"),
+    (lambda: Sampling(top_k=1.5), "top_k=1.5"),
+    (lambda: Sampling(top_p=0), "top_p=0"),
+    (lambda: predictor.generate(three, sampling={"temperature": 1}), "expected hetlm_jax.Sampling"),
+    (lambda: Predictor.load(workdir, model="nope"), "no checkpoint of nope (models there: hetlm)"),
+    (lambda: predictor.assign("news"), "histories: expected a list"),
+  ):
+    with pytest.raises(HetlmError, match=re.escape(needle)) as e:
+      call()
+    assert one_line(e), e.value
+  # numpy arrays (as pandas users hold them) are histories; ids as an array keep their saved clusters.
+  as_lists = predictor.assign(three, user_ids=list(seqs.user_ids[:3]))
+  as_arrays = predictor.assign(np.array(three, dtype=object), user_ids=seqs.user_ids[:3])
+  assert (as_lists.cluster == as_arrays.cluster).all() and as_arrays.saved.all()
+  flat = [np.array(h) for h in three]
+  np.testing.assert_allclose(predictor.assign(flat).posterior, predictor.assign(three).posterior)
+  # More pages than the run knows: all of them, said once.
+  pages = predictor.tokenizer.vocab_size - predictor.tokenizer.num_specials
+  assert len(predictor.next_pages(three[:1], k=pages + 5).pages[0]) == pages
+  # Every answer says how many pages were unknown.
+  odd = [["/p/1", "never-seen"]]
+  assert predictor.score(odd).unknown_pages.tolist() == [1]
+  generated = predictor.generate(odd, Sampling(max_new=3))
+  assert generated.unknown_pages.tolist() == [1] and len(generated) == 1 and generated.cluster.shape == (1,)
+  # --out: a Parquet name in a folder that exists.
+  for out, needle in (
+    (tmp_path / "p.csv", "name the file *.parquet"),
+    (tmp_path / "missing" / "p.parquet", "no folder"),
+  ):
+    assert cli(["hetlm", "predict", f"--workdir={workdir}", f"--data={log}", f"--out={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists() and (out.parent == tmp_path or not out.parent.exists())  # no folder made either
+
+
+def test_clusters_that_are_one_model_route_new_users_to_the_one_with_most_training_users(trained):
+  _, workdir, seqs, _, histories, fixture_predictor = trained
+  predictor = Predictor.load(workdir)
+  assert predictor.same_model == [] and not predictor.clusters_equal_to_init.any()  # this run trained from scratch
+  predictor.same_model = [[0, 1]]  # as a run whose interpolation fitted both clusters back to the init LM
+  biggest = int(np.argmax(predictor.log_prior))
+  new = predictor.assign([h[0] for h in histories])
+  assert (new.cluster == biggest).all()
+  saved = predictor.assign([h[0] for h in histories], user_ids=seqs.user_ids)
+  assert saved.saved.all() and set(saved.cluster.tolist()) == {0, 1}  # training users keep their own cluster

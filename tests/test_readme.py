@@ -108,3 +108,19 @@ def test_the_blocks_on_the_main_jobs_run_run_as_written_from_the_repository_root
   for words in predict:
     assert cli(["hetlm", *words]) == 0, words
   assert pq.read_table("predictions.parquet").num_rows == 50
+
+
+def test_the_readmes_predict_section_and_hetlm_predict_help_give_the_same_defaults():
+  from hetlm_jax.main import help_text
+
+  section = README[README.index("For a whole log:") :]
+  section = section[: section.index("\n#")]
+  mentioned = dict(re.findall(r"--([a-z_]+)=([0-9]+)\b", section))
+  assert {"top_k", "outcome_samples", "chunk_users"} <= set(mentioned), mentioned
+  shown = help_text("predict")
+  for name, value in mentioned.items():
+    assert f"  --{name}={value}\n" in shown, (name, value)
+  data_help = shown[shown.index("  --data=") :].split("\n")[1]
+  assert (
+    "(required)" in shown and "packaged" not in data_help and "bench" not in shown.split("--out=")[1].split("\n")[1]
+  )

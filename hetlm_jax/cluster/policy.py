@@ -76,6 +76,27 @@ class Position:
     )
     return self.warm and self.round > 0 and (back or not self.improved)
 
+  def same_model_groups(self, k: int) -> list[list[int]]:
+    """Clusters that are one model, by construction: every cluster of a family that kept its start; those whose
+    --interpolate weight was fitted to 0 (each is the init LM's cluster part with the one shared part); those whose
+    --mix_init weight is 0 (each predicts as the init LM). Groups of two or more."""
+    if self.warm and self.kept_its_start():
+      return [list(range(k))] if k > 1 else []
+    groups = [[c for c, w in enumerate(weights) if w == 0] for weights in (self.alpha, self.mix) if weights is not None]
+    return [g for g in groups if len(g) > 1]
+
+  def clusters_as_init(self, k: int, has_shared: bool) -> list[int]:
+    """The clusters whose model is the LM the family started from: all when it kept its start; else those whose
+    --interpolate weight is 0 (with the shared part's 0 too, or no shared part), or whose --mix_init weight is 0."""
+    if self.warm and self.kept_its_start():
+      return list(range(k))
+    out = set()
+    if self.alpha is not None and (not has_shared or not self.alpha_shared):
+      out |= {c for c, w in enumerate(self.alpha) if w == 0}
+    if self.mix is not None:
+      out |= {c for c, w in enumerate(self.mix) if w == 0}
+    return sorted(out)
+
 
 @dataclasses.dataclass(frozen=True)
 class RoundPlan:

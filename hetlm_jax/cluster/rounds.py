@@ -65,6 +65,7 @@ class Trained:
   tokens: float = 0.0  # real tokens trained on, over all rounds (a token repeated by --balance counts each time)
   kept_init_lm: bool = False  # warm-started, it ended as the LM it started from (Position.kept_its_start)
   init_lm: Trained | None = None  # that LM ('init_single'), for a family warm-started from it
+  clusters_as_init: list[int] = dataclasses.field(default_factory=list)  # Position.clusters_as_init
 
 
 @dataclasses.dataclass
@@ -160,6 +161,7 @@ class FamilyRun:
       rs.scored_KxU,
       rs.at.tokens,
       rs.at.kept_its_start(),
+      clusters_as_init=rs.at.clusters_as_init(self.k, bool(jax.tree.leaves(rs.state.params["shared"]))),
     )
 
 

@@ -21,9 +21,9 @@ def user_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
   if isinstance(ids, pa.ChunkedArray):
     ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.large_string())
   n = len(ids)
-  offsets_N1 = np.frombuffer(ids.buffers()[1], np.int64, n + 1, ids.offset * 8)
+  offsets = np.frombuffer(ids.buffers()[1], np.int64, n + 1, ids.offset * 8)
   data = np.frombuffer(ids.buffers()[2], np.uint8) if ids.buffers()[2] is not None else np.zeros(0, np.uint8)
-  start_N, length_N = offsets_N1[:-1], np.diff(offsets_N1)
+  start_N, length_N = offsets[:-1], np.diff(offsets)
   if ids.null_count:
     length_N = np.where(ids.is_null().to_numpy(zero_copy_only=False), 0, length_N)
   # Longest first, so the ids still being hashed at byte j are a prefix: O(total bytes), not O(N x longest).

@@ -17,6 +17,7 @@ from hetlm_jax import hosts
 from hetlm_jax.config import ModelConfig
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
+from hetlm_jax.errors import HetlmError
 from hetlm_jax.model import PageLM
 from hetlm_jax.train.batches import prompts
 from hetlm_jax.train.split import merge, num_models
@@ -31,6 +32,18 @@ class Sampling:
   temperature: float = 0.0  # 0: greedy
   top_k: int = 0  # 0: no cut
   top_p: float = 1.0
+
+  def __post_init__(self):
+    whole = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+    number = lambda x: isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+    if not whole(self.max_new) or self.max_new < 1:
+      raise HetlmError(f"Sampling: max_new={self.max_new!r} must be a whole number of at least 1")
+    if not number(self.temperature) or not self.temperature >= 0:
+      raise HetlmError(f"Sampling: temperature={self.temperature!r} must be 0 (greedy) or more")
+    if not whole(self.top_k) or self.top_k < 0:
+      raise HetlmError(f"Sampling: top_k={self.top_k!r} must be a whole number, 0 (no cut) or more")
+    if not number(self.top_p) or not 0 < self.top_p <= 1:
+      raise HetlmError(f"Sampling: top_p={self.top_p!r} must be in (0, 1]")
 
 
 def _pick(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:

@@ -126,7 +126,19 @@ def _verdict(report: dict) -> list[str]:
       said.append(f"lost to {other}")
     else:  # an interval off 0 by float rounding alone (identical models) is a tie, as in _verdicts
       said.append(f"tied with {other} (95% CI {'includes 0' if lo <= 0 <= hi else f'within {_SAME:g} of 0'})")
-  return [line + ("; HeTLM " + ", ".join(said) if said else "") + "."]
+  return [line + ("; HeTLM " + ", ".join(said) if said else "") + "." + _as_init(report)]
+
+
+def _as_init(report: dict) -> str:
+  """How many of HeTLM's K clusters are models of their own, when some are the init LM they started from."""
+  k, same = report.get("k") or 1, report.get("hetlm_clusters_as_init") or []
+  if k < 2 or not same or report.get("hetlm_is_init_lm"):
+    return ""
+  return (
+    f" {k - len(same)} of HeTLM's K={k} clusters differ from its init LM; cluster"
+    f"{'s' if len(same) > 1 else ''} {', '.join(map(str, same))} {'are' if len(same) > 1 else 'is'} that LM "
+    "(fitted back to it on the validation users)."
+  )
 
 
 def _verdicts(report: dict) -> list[str]:
