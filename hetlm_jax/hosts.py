@@ -166,9 +166,14 @@ def gather_bytes(blob: bytes) -> list[bytes]:
   """Every process's `blob`, in process order (every process must call this at the same point)."""
   if jax.process_count() == 1:
     return [blob]
-  if len(blob) >= 2**31:
-    raise HetlmError(f"{len(blob) / 2**30:.1f} GiB to send to every process: more than the 2 GiB one exchange carries")
-  sizes = np.asarray(multihost_utils.process_allgather(np.array([len(blob)], np.int32))).reshape(-1)
+  # Sizes as two int32 halves (JAX's default integers are 32-bit), so every process sees a size too large to send.
+  halves = np.array(divmod(len(blob), 2**30), np.int32)
+  sizes = (np.asarray(multihost_utils.process_allgather(halves)).reshape(-1, 2).astype(np.int64) * [2**30, 1]).sum(1)
+  if sizes.max() >= 2**31:
+    raise HetlmError(
+      f"{sizes.max() / 2**30:.1f} GiB to send from process {int(sizes.argmax())} to every process: more than the "
+      "2 GiB one exchange carries (docs/SCALING.md)"
+    )
   padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
   padded[: len(blob)] = np.frombuffer(blob, np.uint8)
   every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)

@@ -57,6 +57,8 @@ _DATA_DEFAULT = {
 # A shared flag's meaning in one command (its help there, and the default that command uses for an empty value).
 _COMMAND_FLAG_HELP = {
   ("predict", "data"): "The log of the users to predict for: a file, a folder of parts, a glob, a list or a URI.",
+  ("evaluate", "data"): "Evaluate on every user of this log instead of the run's own data (any input train reads).",
+  ("generate", "data"): "Read the user's history from this log instead of the run's own data.",
   ("predict", "out"): "The Parquet file to write, ending in .parquet (with several processes, a folder of part "
   "files and a _SUCCESS manifest); its folder must exist.",
   ("bench", "out"): "Write the measurements to this JSON file.",
