@@ -162,8 +162,12 @@ def share() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
-def gather_bytes(blob: bytes) -> list[bytes]:
-  """Every process's `blob`, in process order (every process must call this at the same point)."""
+GATHER_PIECE = 16 * 2**20  # bytes each process sends per all-gather: the exchange's buffers stay this small
+
+
+def gather_bytes(blob: bytes) -> list[bytes | memoryview]:
+  """Every process's `blob`, in process order (every process must call this at the same point); sent in pieces of
+  GATHER_PIECE bytes, so besides the result only a piece from every process is held at a time."""
   if jax.process_count() == 1:
     return [blob]
   # Sizes as two int32 halves (JAX's default integers are 32-bit), so every process sees a size too large to send.
@@ -174,10 +178,17 @@ def gather_bytes(blob: bytes) -> list[bytes]:
       f"{sizes.max() / 2**30:.1f} GiB to send from process {int(sizes.argmax())} to every process: more than the "
       "2 GiB one exchange carries (docs/SCALING.md)"
     )
-  padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
-  padded[: len(blob)] = np.frombuffer(blob, np.uint8)
-  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-  return [every[i, : sizes[i]].tobytes() for i in range(len(sizes))]
+  mine = np.frombuffer(blob, np.uint8)
+  piece = int(min(GATHER_PIECE, max(int(sizes.max()), 1)))
+  every = [bytearray(int(size)) for size in sizes]
+  for at in range(0, max(int(sizes.max()), 1), piece):
+    sent = np.zeros(piece, np.uint8)
+    sent[: max(min(len(mine) - at, piece), 0)] = mine[at : at + piece]
+    got = np.asarray(multihost_utils.process_allgather(sent)).reshape(len(sizes), piece)
+    for i, size in enumerate(sizes):
+      n = max(min(int(size) - at, piece), 0)
+      every[i][at : at + n] = got[i, :n].tobytes()
+  return [memoryview(b) for b in every]
 
 
 def barrier(name: str) -> None:

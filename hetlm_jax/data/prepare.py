@@ -127,7 +127,9 @@ def _page_tokenizer(table: pa.Table, path: str) -> PageTokenizer:
   if hosts.share()[1] > 1:
     every = [_from_ipc(blob) for blob in hosts.gather_bytes(_to_ipc(mine))]
     mine = pa.concat_tables(every).group_by("page").aggregate([("count", "sum")]).rename_columns(["page", "count"])
-    outcomes = sorted({o for blob in hosts.gather_bytes(json.dumps(outcomes).encode()) for o in json.loads(blob)})
+    outcomes = sorted(
+      {o for blob in hosts.gather_bytes(json.dumps(outcomes).encode()) for o in json.loads(bytes(blob))}
+    )
   if not outcomes and mine.num_rows < 2:
     raise HetlmError(
       f"{path}: every event has the same page ({mine['page'][0].as_py()[:60]!r}), so there is "
@@ -162,7 +164,7 @@ def _exchanged(seqs: UserSequences, stats: dict, path: str) -> tuple[UserSequenc
         users["n_sessions"].to_numpy(),
       )
     )
-    for key, value in json.loads(stats_blob).items():
+    for key, value in json.loads(bytes(stats_blob)).items():
       totals[key] = value if isinstance(value, str) else totals.get(key, 0) + value
     totals["users_by_process"].append(users.num_rows)
   seqs = UserSequences.concat(parts).in_id_order()
@@ -178,13 +180,13 @@ def _to_ipc(table: pa.Table) -> bytes:
   return sink.getvalue().to_pybytes()
 
 
-def _from_ipc(blob: bytes) -> pa.Table:
-  return pa.ipc.open_stream(pa.BufferReader(blob)).read_all()
+def _from_ipc(blob) -> pa.Table:
+  return pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(blob))).read_all()
 
 
-def _framed(blob: bytes) -> list[bytes]:
-  """The pieces of a blob laid out as (8-byte little-endian length, bytes) after each other."""
-  pieces, at = [], 0
+def _framed(blob) -> list[memoryview]:
+  """The pieces (views, not copies) of a blob laid out as (8-byte little-endian length, bytes) after each other."""
+  blob, pieces, at = memoryview(blob), [], 0
   while at < len(blob):
     size = int.from_bytes(blob[at : at + 8], "little")
     pieces.append(blob[at + 8 : at + 8 + size])

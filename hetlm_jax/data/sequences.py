@@ -95,10 +95,15 @@ class UserSequences:
     new_offsets = np.zeros(len(idx_R) + 1, np.int64)
     np.cumsum(end_R - start_R, out=new_offsets[1:])
     shift_R = start_R - new_offsets[:-1]
-    gather = np.arange(new_offsets[-1], dtype=np.int64) + np.repeat(shift_R, end_R - start_R)
+    tokens = np.empty(int(new_offsets[-1]), self.tokens.dtype)
+    # Gathered a few million tokens at a time: the index arrays of the whole would take 24 bytes a token.
+    cuts = np.unique(np.append(np.searchsorted(new_offsets[1:], np.arange(0, len(tokens), 1 << 22)), len(idx_R)))
+    for a, b in zip(np.append(0, cuts[:-1]), cuts):
+      lo, hi = new_offsets[a], new_offsets[b]
+      tokens[lo:hi] = self.tokens[np.arange(lo, hi) + np.repeat(shift_R[a:b], end_R[a:b] - start_R[a:b])]
     return UserSequences(
       user_ids=self.user_ids[idx_R],
-      tokens=self.tokens[gather],
+      tokens=tokens,
       offsets=new_offsets,
       split=self.split[idx_R] - shift_R,
       n_sessions=self.n_sessions[idx_R],
