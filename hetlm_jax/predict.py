@@ -320,7 +320,7 @@ def _events_of(histories: Sequence, session_ids: Sequence | None) -> pa.Table:
     raise HetlmError(f"session_ids: {len(session_ids)} lists for {len(histories)} histories")
   users, pages, sessions = [], [], []
   for i, history in enumerate(histories):
-    history = _as_list(history, f"history {i}", f"a non-empty list of page names (or of sessions), got {history!r:.60}")
+    history = _as_list(history, f"history {i}", "a non-empty list of page names (or of sessions)")
     if not history:
       raise HetlmError(f"history {i}: expected a non-empty list of page names (or of sessions), got []")
     nested = all(_listlike(s) for s in history)
@@ -357,14 +357,14 @@ def _events_of(histories: Sequence, session_ids: Sequence | None) -> pa.Table:
 
 
 def _listlike(x) -> bool:
-  """A list, a tuple, a numpy array or a pandas Series (anything with tolist()), but not a string."""
-  return not isinstance(x, (str, bytes)) and (isinstance(x, Sequence) or hasattr(x, "tolist"))
+  """A list, a tuple, a numpy array or a pandas Series (anything with tolist()), but not a string or a number."""
+  return not isinstance(x, (str, bytes, np.generic)) and (isinstance(x, Sequence) or hasattr(x, "tolist"))
 
 
 def _as_list(x, what: str, expected: str = "a list") -> list:
   """`x` as a list (numpy arrays and pandas Series by their tolist()), or one HetlmError naming `what`."""
   if not _listlike(x):
-    raise HetlmError(f"{what}: expected {expected}, got {type(x).__name__}")
+    raise HetlmError(f"{what}: expected {expected}, got {type(x).__name__} {x!r:.60}")
   value = x.tolist() if hasattr(x, "tolist") and not isinstance(x, Sequence) else list(x)
   if not isinstance(value, list):  # a 0-d array's tolist() is a scalar
     raise HetlmError(f"{what}: expected {expected}, got a single {type(value).__name__}")
