@@ -136,19 +136,9 @@ def write_prepared(workdir: Path, cfg: Config, prepared: Prepared) -> None:
     if seqs is None:
       continue
     mine_R = np.flatnonzero(owners(pa.array(seqs.user_ids.astype(str)), processes) == process)
-    mine = seqs.subset(mine_R)
-    tables.append(
-      pa.table(
-        {
-          "role": pa.array([role] * len(mine_R), pa.string()),
-          "index": pa.array(mine_R, pa.int64()),
-          "user_id": pa.array(mine.user_ids.astype(str), pa.string()),
-          "tokens": pa.LargeListArray.from_arrays(pa.array(mine.offsets), pa.array(mine.tokens, pa.int32())),
-          "split": pa.array(mine.split - mine.offsets[:-1], pa.int64()),
-          "n_sessions": pa.array(mine.n_sessions, pa.int32()),
-        }
-      )
-    )
+    users = seqs.subset(mine_R).to_table()
+    users = users.add_column(0, "index", pa.array(mine_R, pa.int64()))
+    tables.append(users.add_column(0, "role", pa.array([role] * len(mine_R), pa.string())))
   name = f"part-{process:05d}-of-{processes:05d}.parquet"
   with written(folder / name, hidden=True) as tmp:
     pq.write_table(pa.concat_tables(tables), tmp)
@@ -183,16 +173,7 @@ def read_prepared(workdir: Path, cfg: Config) -> Prepared | None:
     ) from None
   roles = {}
   for role in manifest["roles"]:
-    rows = table.filter(pc.equal(table["role"], role)).sort_by("index")
-    offsets = np.zeros(rows.num_rows + 1, np.int64)
-    np.cumsum(pc.list_value_length(rows["tokens"]).to_numpy(), out=offsets[1:])
-    roles[role] = UserSequences(
-      user_ids=rows["user_id"].to_numpy(zero_copy_only=False).astype(object),
-      tokens=pc.list_flatten(rows["tokens"]).to_numpy().astype(np.int32),
-      offsets=offsets,
-      split=offsets[:-1] + rows["split"].to_numpy(),
-      n_sessions=rows["n_sessions"].to_numpy().astype(np.int32),
-    )
+    roles[role] = UserSequences.from_table(table.filter(pc.equal(table["role"], role)).sort_by("index"))
   return Prepared(
     roles["users"],
     PageTokenizer.load(workdir / TOKENIZER_FILE),

@@ -139,34 +139,15 @@ def _page_tokenizer(table: pa.Table, path: str) -> PageTokenizer:
 
 
 def _exchanged(seqs: UserSequences, stats: dict, path: str) -> tuple[UserSequences, dict]:
-  """Every process's users (their sequences exchanged as Arrow IPC), in id order, and the summed counts."""
-  users = pa.table(
-    {
-      "user_id": pa.array(seqs.user_ids, pa.string()),
-      "length": seqs.lengths,
-      "split": seqs.split - seqs.offsets[:-1],
-      "n_sessions": seqs.n_sessions,
-    }
-  )
+  """Every process's users (their UserSequences.to_table sent as Arrow IPC), in id order, and the summed counts."""
   parts, totals = [], {"users_by_process": []}
-  mine = [_to_ipc(users), _to_ipc(pa.table({"token": seqs.tokens})), json.dumps(stats).encode()]
+  mine = [_to_ipc(seqs.to_table()), json.dumps(stats).encode()]
   for blob in hosts.gather_bytes(b"".join(len(x).to_bytes(8, "little") + x for x in mine)):
-    users_blob, tokens_blob, stats_blob = _framed(blob)
-    users, tokens = _from_ipc(users_blob), _from_ipc(tokens_blob)
-    offsets = np.zeros(users.num_rows + 1, np.int64)
-    np.cumsum(users["length"].to_numpy(), out=offsets[1:])
-    parts.append(
-      UserSequences(
-        users["user_id"].to_numpy(zero_copy_only=False).astype(object),
-        tokens["token"].to_numpy(),
-        offsets,
-        offsets[:-1] + users["split"].to_numpy(),
-        users["n_sessions"].to_numpy(),
-      )
-    )
+    users_blob, stats_blob = _framed(blob)
+    parts.append(UserSequences.from_table(_from_ipc(users_blob)))
     for key, value in json.loads(bytes(stats_blob)).items():
       totals[key] = value if isinstance(value, str) else totals.get(key, 0) + value
-    totals["users_by_process"].append(users.num_rows)
+    totals["users_by_process"].append(parts[-1].num_users)
   seqs = UserSequences.concat(parts).in_id_order()
   if not seqs.num_users:
     raise input_error(path, NO_USERS_LEFT)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from hetlm_jax import interrupt
 from hetlm_jax.data.ownership import owned_rows
 from hetlm_jax.data.sources import Part, Source, resolve
-from hetlm_jax.errors import HetlmError, input_error
+from hetlm_jax.errors import HetlmError, input_error, one_line
 
 FORMATS = ("auto", "events", "msnbc", "user_items")
 REQUIRED_COLUMNS = ("user_id", "timestamp", "page")
@@ -65,7 +65,7 @@ def read_events(
   except HetlmError:
     raise
   except _READ_ERRORS as e:
-    raise input_error(source.name, f"cannot read: {_one_line(e)}") from None
+    raise input_error(source.name, f"cannot read: {one_line(e)}") from None
   meta = {
     b"hetlm_source": source.name.encode(),
     b"hetlm_format": fmt.encode(),
@@ -96,7 +96,7 @@ def detect_format(path: str | os.PathLike) -> str:
   except HetlmError:
     raise
   except _READ_ERRORS as e:
-    raise input_error(part.name, f"cannot read: {_one_line(e)}") from None
+    raise input_error(part.name, f"cannot read: {one_line(e)}") from None
 
 
 def check_columns(schema: pa.Schema, source: str = "events") -> None:
@@ -216,7 +216,7 @@ def _read_parquet(part: Part) -> pa.Table:
       file = pq.ParquetFile(f)
       return file.read(columns=_parquet_columns(file.schema_arrow))  # normalise_events names what is missing
   except _READ_ERRORS as e:
-    raise input_error(part.name, f"not a readable Parquet file ({_one_line(e)})") from None
+    raise input_error(part.name, f"not a readable Parquet file ({one_line(e)})") from None
 
 
 # Ids and pages stay strings ("007" is not 7); only "" means null so a page named "NA" survives; a quoted value
@@ -244,7 +244,7 @@ def _read_csv(part: Part) -> pa.Table:
   except HetlmError:
     raise
   except _READ_ERRORS as e:
-    raise input_error(part.name, f"not a readable CSV file ({_one_line(e)})") from None
+    raise input_error(part.name, f"not a readable CSV file ({one_line(e)})") from None
 
 
 def _load_bytes(part: Part) -> bytes:
@@ -256,7 +256,7 @@ def _load_bytes(part: Part) -> bytes:
     elif data[:4] == b"PK\x03\x04":
       data = _zip_member(data, part.name)
   except (OSError, EOFError, zipfile.BadZipFile) as e:
-    raise input_error(part.name, f"corrupt compressed file ({_one_line(e)})") from None
+    raise input_error(part.name, f"corrupt compressed file ({one_line(e)})") from None
   return data.removeprefix(_BOM)
 
 
@@ -534,11 +534,6 @@ def _has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
   return path.lower().endswith(suffixes)
 
 
-def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  return (text[:300] + "...") if len(text) > 300 else (text or type(e).__name__)
-
-
 # ---------------------------------------------------------------------------------------------
 # Streaming
 
@@ -579,7 +574,7 @@ class EventStream:
     except HetlmError:
       raise
     except _READ_ERRORS as e:
-      raise input_error(self.path, f"cannot read: {_one_line(e)}") from None
+      raise input_error(self.path, f"cannot read: {one_line(e)}") from None
 
   def _raw(self):
     """(part, raw piece) pairs; part None for a text format parsed whole."""
@@ -619,7 +614,7 @@ class EventStream:
     except HetlmError:
       raise
     except _READ_ERRORS as e:
-      raise input_error(name, f"cannot read: {_one_line(e)}") from None
+      raise input_error(name, f"cannot read: {one_line(e)}") from None
 
   def count_rows(self) -> int:
     """The input's rows (CSV parts are read through once to count them)."""

@@ -131,6 +131,31 @@ class UserSequences:
       n_sessions=np.concatenate([x.n_sessions for x in parts]).astype(np.int32),
     )
 
+  def to_table(self) -> pa.Table:
+    """The users as an Arrow table: user_id, tokens (one list a user), split (where the target begins, counted
+    from the user's first token) and n_sessions; `from_table` reads it back."""
+    return pa.table(
+      {
+        "user_id": pa.array(self.user_ids.astype(str), pa.string()),
+        "tokens": pa.LargeListArray.from_arrays(pa.array(self.offsets), pa.array(self.tokens, pa.int32())),
+        "split": pa.array(self.split - self.offsets[:-1], pa.int64()),
+        "n_sessions": pa.array(self.n_sessions, pa.int32()),
+      }
+    )
+
+  @classmethod
+  def from_table(cls, table: pa.Table) -> UserSequences:
+    """The users of a `to_table` table (other columns are ignored)."""
+    offsets = np.zeros(table.num_rows + 1, np.int64)
+    np.cumsum(pc.list_value_length(table["tokens"]).to_numpy(), out=offsets[1:])
+    return cls(
+      user_ids=table["user_id"].to_numpy(zero_copy_only=False).astype(object),
+      tokens=pc.list_flatten(table["tokens"]).to_numpy().astype(np.int32),
+      offsets=offsets,
+      split=offsets[:-1] + table["split"].to_numpy(),
+      n_sessions=table["n_sessions"].to_numpy().astype(np.int32),
+    )
+
   def in_id_order(self) -> UserSequences:
     """The same users in build_sequences' order of their ids (numeric when every id is a decimal integer)."""
     order_U = id_order(pa.array(self.user_ids, pa.string()))

@@ -18,7 +18,7 @@ import posixpath
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from hetlm_jax.errors import input_error
+from hetlm_jax.errors import input_error, one_line
 
 _GLOB_CHARS = "*?["
 
@@ -92,7 +92,7 @@ def _filesystem(item: str) -> tuple[pafs.FileSystem, str]:
   try:
     return pafs.FileSystem.from_uri(item)
   except (pa.ArrowException, OSError, ValueError) as e:
-    raise input_error(shown, f"cannot open this URI ({_first_line(e)})") from None
+    raise input_error(shown, f"cannot open this URI ({one_line(e)})") from None
 
 
 def _parts(item: str) -> list[Part]:
@@ -124,7 +124,7 @@ def _info(fs: pafs.FileSystem, path: str, shown: str) -> pafs.FileInfo:
   try:
     return fs.get_file_info(path)
   except (pa.ArrowException, OSError) as e:
-    raise input_error(shown, f"cannot reach it ({_first_line(e)})") from None
+    raise input_error(shown, f"cannot reach it ({one_line(e)})") from None
 
 
 def _listing(fs: pafs.FileSystem, base: str, shown: str) -> list[pafs.FileInfo]:
@@ -132,7 +132,7 @@ def _listing(fs: pafs.FileSystem, base: str, shown: str) -> list[pafs.FileInfo]:
   try:
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
   except (pa.ArrowException, OSError) as e:
-    raise input_error(shown, f"cannot list it ({_first_line(e)})") from None
+    raise input_error(shown, f"cannot list it ({one_line(e)})") from None
   files = []
   for info in infos:
     below = posixpath.relpath(info.path, base) if base != "/" else info.path.lstrip("/")
@@ -146,8 +146,3 @@ def _part(fs: pafs.FileSystem, info: pafs.FileInfo, base: str, prefix: str) -> P
   partition = tuple(tuple(c.split("=", 1)) for c in below.split("/")[:-1] if "=" in c)
   name = prefix + info.path.lstrip("/") if prefix else info.path
   return Part(fs, info.path, name, info.size, partition)
-
-
-def _first_line(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  return (text[:300] + "...") if len(text) > 300 else (text or type(e).__name__)
