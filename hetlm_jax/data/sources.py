@@ -104,8 +104,8 @@ def _parts(item: str) -> list[Part]:
   if glob_at >= 0:
     base = path[:glob_at].rsplit("/", 1)[0] or "/"
     files = [f for f in _listing(fs, base, shown) if fnmatch.fnmatchcase(f.path, path)]
-    if not files:
-      raise input_error(shown, "matches no file")
+    if not any(f.size for f in files):
+      raise input_error(shown, "matches no file" if not files else f"matches {len(files)} empty file(s) only")
     return [_part(fs, f, base, prefix) for f in sorted(files, key=lambda f: f.path) if f.size]
   info = _info(fs, path, shown)
   if info.type == pafs.FileType.NotFound:
