@@ -86,6 +86,19 @@ flags.DEFINE_integer(
   4096,
   "predict: users read, predicted and written at a time (memory is bounded by this, not by the file).",
 )
+flags.DEFINE_boolean(
+  "grouped",
+  False,
+  "predict: the log's users are already together (sorted or grouped by user): read it once, in file order, "
+  "instead of grouping it by user first.",
+)
+flags.DEFINE_integer(
+  "memory_mb",
+  1024,
+  "predict: events held in memory at a time, in MiB; a log larger than this is grouped by user through bucket files "
+  "beside --out.",
+)
+flags.DEFINE_integer("buckets", 0, "predict: bucket files for grouping the log by user (0: from --memory_mb).")
 flags.DEFINE_integer(
   "outcome_samples", 8, "predict: sampled continuations per user for the outcome_* chances (0: no outcome columns)."
 )
@@ -350,10 +363,24 @@ def _predict(data: str | None) -> int:
     FLAGS.seed,
     process,
     processes,
+    grouped=FLAGS.grouped,
+    memory_mb=FLAGS.memory_mb,
+    buckets=FLAGS.buckets,
   )
   shares = ", ".join(f"{c}: {n / max(s['users'], 1):.0%}" for c, n in enumerate(s["clusters"]))
+  if s["mode"] == "file order":
+    grouping = "read in file order (--grouped)"
+  else:
+    grouping = (
+      "grouped by user in memory"
+      if s["mode"] == "in memory"
+      else f"grouped by user through {s['buckets']:,} bucket files (largest {s['largest_bucket_mib']:,.0f} MiB)"
+    )
+    if "bucket_events_per_s" in s:
+      grouping += f", first pass {s['bucket_events_per_s']:,.0f} events/s"
   print(
-    f"predicted {s['users']:,} users ({s['events']:,} events) in {s['seconds']:.1f}s, {s['users_per_s']:,.0f} users/s"
+    f"predicted {s['users']:,} users ({s['events']:,} events) in {s['seconds']:.1f}s, {s['users_per_s']:,.0f} users/s;"
+    f" {grouping}"
   )
   rss = s["peak_rss_mib"]
   print(

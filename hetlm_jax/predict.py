@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +39,14 @@ from scipy.special import logsumexp
 from hetlm_jax import interrupt
 from hetlm_jax.cluster.assign import cluster_shares, log_shares
 from hetlm_jax.cluster.policy import Position
+from hetlm_jax.data.buckets import (
+  BucketWriter,
+  bucket_count,
+  bucket_path,
+  grouped_chunks,
+  read_bucket,
+  sort_by_user,
+)
 from hetlm_jax.data.readers import EventStream
 from hetlm_jax.data.sequences import UserSequences, build_sequences, prediction_view
 from hetlm_jax.data.tokenizer import UNK
@@ -374,40 +383,6 @@ def _as_list(x, what: str, expected: str = "a list") -> list:
 # -- hetlm predict ---------------------------------------------------------------------------------------------
 
 
-def user_chunks(stream: EventStream, chunk_users: int):
-  """Tables of `chunk_users` whole users each (the last may have fewer), in file order. A user's events must be
-  together (a log sorted or grouped by user is): a user seen again after their chunk was cut is an error."""
-  pending, done = None, set()
-
-  def check(chunk: pa.Table) -> pa.Table:
-    ids = pc.unique(chunk["user_id"]).to_pylist()
-    hashes = {hash(x) for x in ids}
-    if not done.isdisjoint(hashes):
-      again = next(x for x in ids if hash(x) in done)
-      raise HetlmError(
-        f"{stream.path}: the events of user {again!r} are not together (seen again after other "
-        "users): hetlm predict streams users in file order, so group the log by user_id (e.g. sort "
-        "it by user_id, timestamp)"
-      )
-    done.update(hashes)
-    return chunk
-
-  for table in stream:
-    pending = table if pending is None else pa.concat_tables([pending, table])
-    ids = pending["user_id"]
-    n = pending.num_rows
-    starts = np.flatnonzero(pc.not_equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)) + 1
-    # Every chunk_users-th user's first row cuts; the last user may go on in the next piece, so never after it.
-    cuts = starts[chunk_users - 1 :: chunk_users]
-    begin = 0
-    for cut in cuts:
-      yield check(pending.slice(begin, cut - begin))
-      begin = int(cut)
-    pending = pending.slice(begin)
-  if pending is not None and pending.num_rows:
-    yield check(pending)
-
-
 def _schema(int_ids: bool, outcomes: list[str]) -> pa.Schema:
   fields = [
     ("user_id", pa.int64() if int_ids else pa.string()),
@@ -466,6 +441,140 @@ def part_path(out: Path, process: int, processes: int) -> Path:
   return out if processes == 1 else out / f"part-{process:05d}.parquet"
 
 
+DEFAULT_MEMORY_MB = 1024  # hetlm predict's --memory_mb: the events one process holds at a time, in memory
+
+
+class _InFileOrder:
+  """--grouped: chunks of whole users in file order (process p of P predicts chunks p, p + P, ...); one pass, and
+  a user seen again after their chunk is one error line. Yields (chunk or None when another process's, seed)."""
+
+  def __init__(self, stream: EventStream, chunk_users: int, process: int, processes: int, seed: int):
+    self.stream, self.chunk_users, self.process, self.processes, self.seed = (
+      stream,
+      chunk_users,
+      process,
+      processes,
+      seed,
+    )
+    self.total, self.done = stream.count_rows(), 0  # the progress: events read of the file's
+    self.stats = {"mode": "file order", "buckets": 0}
+
+  def __iter__(self):
+    for i, chunk in enumerate(grouped_chunks(self.stream, self.chunk_users, self.stream.path)):
+      self.done += chunk.num_rows
+      yield (chunk if i % self.processes == self.process else None), self.seed + i
+
+
+class _ByBucket:
+  """The default: the log in any order, grouped by user first (data/buckets.py). When the whole log fits in
+  `memory_bytes` it is read and sorted in memory (no files); else a first pass writes its events into buckets by
+  user hash (process p of P keeps buckets p, p + P, ...) in `folder`, and the second predicts one bucket at a time.
+  Chunks are a bucket's users in id order and a chunk's seed depends on its bucket and place only, so the rows do
+  not depend on the file's order, its parts or the processes. Yields (chunk, seed)."""
+
+  def __init__(self, stream, chunk_users, process, processes, seed, folder: Path, memory_bytes: int, buckets: int):
+    self.stream, self.chunk_users, self.process, self.processes, self.seed = (
+      stream,
+      chunk_users,
+      process,
+      processes,
+      seed,
+    )
+    self.folder, self.memory_bytes, self.buckets = folder, memory_bytes, buckets
+    self.total, self.done = 1, 0  # the progress of the second pass: this process's events predicted
+    self.stats = {"mode": "buckets", "buckets": buckets}
+
+  def _seed(self, bucket: int, j: int) -> int:
+    return (self.seed + 100_003 * bucket + j) % 2**31
+
+  def __iter__(self):
+    start = self._started = time.perf_counter()
+    events = self.stream.count_rows()
+    pieces = iter(self.stream)
+    first = next(pieces, None)
+    if first is None:
+      return
+    b = self.buckets or bucket_count(events, first.nbytes / first.num_rows, self.memory_bytes)
+    self.stats["buckets"] = b
+    mine = [bucket for bucket in range(b) if bucket % self.processes == self.process]
+    interrupt.at_phase("bucket")
+    if b == 1:
+      self.stats["mode"] = "in memory"
+      tables = [first, *self._reading(pieces, first, events, None)] if mine else []
+      self._first_pass(start, events if mine else 0)
+      self.total = sum(t.num_rows for t in tables)
+      self.stats["largest_bucket_mib"] = sum(t.nbytes for t in tables) / 2**20
+      sorted_ = [sort_by_user(pa.concat_tables(tables))] if tables else []
+      del tables
+      yield from self._chunks(sorted_, 0)
+      return
+    self.folder.mkdir(parents=True, exist_ok=True)
+    keep_B = np.arange(b) % self.processes == self.process
+    writer = BucketWriter(self.folder, b, keep_B, self.memory_bytes // 2)
+    try:
+      writer.add(first)
+      for _ in self._reading(pieces, first, events, writer):
+        pass
+    except BaseException:  # a stop or a bad part: nothing more is written (the folder is removed)
+      writer.close(flush=False)
+      raise
+    written_ = writer.close()
+    pa.default_memory_pool().release_unused()  # the pass's buffers, kept by the allocator otherwise
+    self._first_pass(start, events)
+    self.total = int(written_.rows_B.sum())
+    self.stats["largest_bucket_mib"] = float(written_.bytes_B.max()) / 2**20
+    for bucket in mine:
+      table = read_bucket(self.folder, bucket)
+      if table is not None:
+        yield from self._chunks([table], bucket)
+        bucket_path(self.folder, bucket).unlink()
+
+  def _reading(self, pieces, first: pa.Table, events: int, writer: BucketWriter | None):
+    """The first pass: every piece after the first, into `writer` (else yielded), with its own progress line."""
+    progress = Progress(events, "predict, grouping the log by user (events)", every=20)
+    read, schema = first.num_rows, first.schema
+    for piece in pieces:
+      piece, schema = _conform(piece, schema, self.stream.path)
+      if writer is None:
+        yield piece
+      else:
+        writer.add(piece)
+      read += piece.num_rows
+      rate = read / max(time.perf_counter() - self._started, 1e-9)
+      progress.update(read, f"{rate:,.0f} events/s")
+      interrupt.safe_point(
+        f"after reading {read:,} events", "nothing was written (the predictions are written whole or not at all)"
+      )
+    progress.close()
+
+  def _first_pass(self, start: float, events: int) -> None:
+    seconds = time.perf_counter() - start
+    self.stats.update(bucket_pass_s=seconds, bucket_events_per_s=events / max(seconds, 1e-9))
+
+  def _chunks(self, tables: list[pa.Table], bucket: int):
+    for j, chunk in enumerate(grouped_chunks(tables, self.chunk_users, self.stream.path)):
+      self.done += chunk.num_rows
+      yield chunk, self._seed(bucket, j)
+
+
+def _conform(table: pa.Table, schema: pa.Schema | None, name: str) -> tuple[pa.Table, pa.Schema]:
+  """`table` in the columns and types of the first piece (`schema`; None: this is it), so pieces of several parts
+  concatenate; a part with other columns is one error line."""
+  if schema is None or table.schema.equals(schema):
+    return table, table.schema
+  if table.column_names != schema.names:
+    raise HetlmError(
+      f"{name}: a part has the columns {', '.join(table.column_names)} where an earlier one has "
+      f"{', '.join(schema.names)}: give every part the same event columns"
+    )
+  return table.cast(schema), schema
+
+
+def _scratch(out: Path, process: int, processes: int) -> Path:
+  """The bucket files' folder: beside --out (a hidden name), or inside the parts' folder."""
+  return out.parent / f".{out.name}.buckets" if processes == 1 else out / f".buckets-{process:05d}"
+
+
 def predict_file(
   workdir: str | os.PathLike,
   data: str | os.PathLike,
@@ -480,13 +589,21 @@ def predict_file(
   process: int = 0,
   processes: int = 1,
   devices=None,
+  grouped: bool = False,
+  memory_mb: int = DEFAULT_MEMORY_MB,
+  buckets: int = 0,
 ) -> dict:
-  """`hetlm predict`: one Parquet row per user of `data`, streamed in chunks of `chunk_users` users (process p of
-  P takes chunks p, p + P, ...). Rows go to a temporary file renamed at the end: an error or a stop signal
-  leaves no output (interrupt.Stopped). Returns a summary (users, seconds, users/s, peak RSS per chunk)."""
+  """`hetlm predict`: one Parquet row per user of `data`, predicted in chunks of `chunk_users` users. The log may be
+  in any order: it is grouped by user first (_ByBucket), in memory when it fits in `memory_mb`, else through
+  bucket files (`buckets`: how many; 0 chooses). `grouped`: the log's users are already together, so it is read
+  once in file order (_InFileOrder). Rows go to a temporary file renamed at the end: an error or a stop signal
+  leaves no output and no bucket file (interrupt.Stopped). Returns a summary (users, seconds, users/s, the
+  grouping, peak RSS per chunk)."""
   out = local_dir(out, "--out")
   if chunk_users < 1 or top_k < 1 or outcome_samples < 0:
     raise HetlmError("--chunk_users and --top_k must be at least 1, --outcome_samples at least 0")
+  if memory_mb < 1 or buckets < 0:
+    raise HetlmError(f"--memory_mb={memory_mb} --buckets={buckets}: expected at least 1 MiB and 0 or more buckets")
   if processes == 1 and out.suffix.lower() not in (".parquet", ".pq"):  # several processes write a folder
     raise HetlmError(f"--out={out}: predictions are written as Parquet; name the file *.parquet")
   if not out.parent.is_dir():
@@ -501,35 +618,42 @@ def predict_file(
     target = part_path(out, process, processes)
     target.parent.mkdir(parents=True, exist_ok=True)
     schema = _schema(stream.int_ids, predictor.tokenizer.outcome_types if outcome_samples else [])
-    total = stream.count_rows()
-    progress = held.enter_context(contextlib.closing(Progress(total, "predict (events)", every=1)))
-    start, rows_done, users, chunks, rss = time.perf_counter(), 0, 0, 0, []
-    unknown = pages = 0
-    clusters = np.zeros(predictor.k, np.int64)
     # Writing into a run's workdir (e.g. OUT=WORKDIR/predictions.parquet): hold it, as train and evaluate do.
     if process == 0 and target.resolve().is_relative_to(predictor.workdir.resolve()):
       held.enter_context(WorkdirLock(predictor.workdir, "predict"))
     tmp = held.enter_context(written(target, hidden=True))  # renamed over target only if every chunk is written
+    if grouped:
+      chunks = _InFileOrder(stream, chunk_users, process, processes, seed)
+    else:
+      folder = _scratch(out, process, processes)
+      shutil.rmtree(folder, ignore_errors=True)  # left by a killed run
+      held.callback(shutil.rmtree, folder, ignore_errors=True)  # removed at the end, on an error and on a stop
+      chunks = _ByBucket(stream, chunk_users, process, processes, seed, folder, memory_mb * 2**20, buckets)
+    start, users, chunk_count, rss, progress = time.perf_counter(), 0, 0, [], None
+    unknown = pages = 0
+    clusters = np.zeros(predictor.k, np.int64)
     with contextlib.closing(pq.ParquetWriter(tmp, schema)) as writer:
-      for i, chunk in enumerate(user_chunks(stream, chunk_users)):
-        rows_done += chunk.num_rows
-        if i % processes == process:
-          if not chunks and (predictor.tokenizer.encode_pages(chunk["page"]) == UNK).all():
+      for i, (chunk, chunk_seed) in enumerate(chunks):
+        if progress is None:  # after the grouping pass, if any: its ETA is this pass's own
+          progress = held.enter_context(contextlib.closing(Progress(chunks.total, "predict (events)", every=1)))
+          predicting = time.perf_counter()
+        if chunk is not None:
+          if not chunk_count and (predictor.tokenizer.encode_pages(chunk["page"]) == UNK).all():
             raise HetlmError(
               f"{data}: none of the first {chunk.num_rows:,} events' pages is one the run was "
               f"trained on ({predictor.tokenizer.vocab_size - predictor.tokenizer.num_specials:,} "
               "pages); is it the same kind of log, and 'page' the right column?"
             )
-          rows = _rows(predictor, chunk, stream.int_ids, top_k, mixture, outcome_samples, seed + i)
+          rows = _rows(predictor, chunk, stream.int_ids, top_k, mixture, outcome_samples, chunk_seed)
           writer.write_table(rows)
           users += rows.num_rows
           clusters += np.bincount(rows["cluster"].to_numpy(), minlength=predictor.k)
           unknown += int(pc.sum(rows["unknown_pages"]).as_py() or 0)
           pages += chunk.num_rows
-          chunks += 1
+          chunk_count += 1
           rss.append(round(_peak_rss_mib(), 1))
-        elapsed = time.perf_counter() - start
-        progress.update(rows_done, f"{users:,} users, {users / max(elapsed, 1e-9):,.0f} users/s")
+        elapsed = time.perf_counter() - predicting
+        progress.update(chunks.done, f"{users:,} users, {users / max(elapsed, 1e-9):,.0f} users/s")
         interrupt.after_step(i + 1)
         interrupt.safe_point(
           f"after {users:,} users", "nothing was written (the predictions are written whole or not at all)"
@@ -538,7 +662,7 @@ def predict_file(
   summary = {
     "users": users,
     "events": pages,
-    "chunks": chunks,
+    "chunks": chunk_count,
     "seconds": seconds,
     "users_per_s": users / max(seconds, 1e-9),
     "clusters": clusters.tolist(),
@@ -546,6 +670,7 @@ def predict_file(
     "peak_rss_mib": rss,
     "out": str(target),
     "k": predictor.k,
+    **chunks.stats,
   }
   if processes > 1:
     _manifest(out, process, processes, summary, seconds)
