@@ -38,6 +38,9 @@ _RUN_FLAGS = {
     "top_k",
     "mixture",
     "chunk_users",
+    "memory_mb",
+    "grouped",
+    "buckets",
     "outcome_samples",
     "num_processes",
     "process_id",
@@ -56,7 +59,8 @@ _DATA_DEFAULT = {
 
 # A shared flag's meaning in one command (its help there, and the default that command uses for an empty value).
 _COMMAND_FLAG_HELP = {
-  ("predict", "data"): "The log of the users to predict for: a file, a folder of parts, a glob, a list or a URI.",
+  ("predict", "data"): "The log of the users to predict for: a file, a folder of parts, a glob, a list or a URI; "
+  "in any order (grouped by user first, within --memory_mb).",
   ("evaluate", "data"): "Evaluate on every user of this log instead of the run's own data (any input train reads).",
   ("generate", "data"): "Read the user's history from this log instead of the run's own data.",
   ("predict", "out"): "The Parquet file to write, ending in .parquet (with several processes, a folder of part "
@@ -84,7 +88,7 @@ flags.DEFINE_boolean(
 flags.DEFINE_integer(
   "chunk_users",
   4096,
-  "predict: users read, predicted and written at a time (memory is bounded by this, not by the file).",
+  "predict: users predicted and written at a time (with --memory_mb, what bounds memory, not the file).",
 )
 flags.DEFINE_boolean(
   "grouped",

@@ -25,7 +25,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -460,7 +460,7 @@ class _InFileOrder:
     self.stats = {"mode": "file order", "buckets": 0}
 
   def __iter__(self):
-    for i, chunk in enumerate(grouped_chunks(self.stream, self.chunk_users, self.stream.path)):
+    for i, chunk in enumerate(grouped_chunks(_conformed(self.stream), self.chunk_users, self.stream.path)):
       self.done += chunk.num_rows
       yield (chunk if i % self.processes == self.process else None), self.seed + i
 
@@ -552,7 +552,7 @@ class _ByBucket:
     self.stats.update(bucket_pass_s=seconds, bucket_events_per_s=events / max(seconds, 1e-9))
 
   def _chunks(self, tables: list[pa.Table], bucket: int):
-    for j, chunk in enumerate(grouped_chunks(tables, self.chunk_users, self.stream.path)):
+    for j, chunk in enumerate(grouped_chunks(tables, self.chunk_users, self.stream.path, checked=False)):
       self.done += chunk.num_rows
       yield chunk, self._seed(bucket, j)
 
@@ -568,6 +568,14 @@ def _conform(table: pa.Table, schema: pa.Schema | None, name: str) -> tuple[pa.T
       f"{', '.join(schema.names)}: give every part the same event columns"
     )
   return table.cast(schema), schema
+
+
+def _conformed(stream: EventStream) -> Iterator[pa.Table]:
+  """The stream's pieces, each in the first one's columns and types (_conform)."""
+  schema = None
+  for piece in stream:
+    piece, schema = _conform(piece, schema, stream.path)
+    yield piece
 
 
 def _scratch(out: Path, process: int, processes: int) -> Path:

@@ -270,6 +270,9 @@ def test_bad_input_to_predict_is_one_line_and_exit_2(trained, tmp_path, capsys):
     tmp_path / "ungrouped.parquet",
     row_group_size=50,
   )
+  (tmp_path / "mixed").mkdir()  # parts with other event columns
+  pq.write_table(events, tmp_path / "mixed" / "0.parquet")
+  pq.write_table(events.append_column("session_id", pa.array(["s"] * events.num_rows)), tmp_path / "mixed/1.parquet")
   (tmp_path / "unfinished").mkdir()
   for name in ("config.json", "tokenizer.json"):
     shutil.copy(workdir / name, tmp_path / "unfinished" / name)
@@ -279,6 +282,8 @@ def test_bad_input_to_predict_is_one_line_and_exit_2(trained, tmp_path, capsys):
     f"--workdir={workdir} --data={tmp_path / 'broken.parquet'}": "broken.parquet",
     f"--workdir={workdir} --data={tmp_path / 'ungrouped.parquet'} --chunk_users=10 --grouped": "are not together",
     f"--workdir={workdir} --data={log} --memory_mb=0": "--memory_mb",
+    f"--workdir={workdir} --data={tmp_path / 'mixed'}": "give every part the same event columns",
+    f"--workdir={workdir} --data={tmp_path / 'mixed'} --grouped": "give every part the same event columns",
     f"--workdir={workdir} --data={log} --chunk_users=0": "--chunk_users",
     f"--workdir={tmp_path} --data={log}": "no config.json",
     f"--workdir={tmp_path / 'unfinished'} --data={log}": "not a finished run",
