@@ -444,19 +444,23 @@ def part_path(out: Path, process: int, processes: int) -> Path:
 DEFAULT_MEMORY_MB = 1024  # hetlm predict's --memory_mb: the events one process holds at a time, in memory
 
 
-class _InFileOrder:
+class _Chunks:
+  """The chunks of users process `process` of `processes` predicts, as (chunk, seed) pairs; `done` of `total` events
+  is the progress of the predicting pass, `stats` how the log was grouped."""
+
+  def __init__(self, stream: EventStream, chunk_users: int, process: int, processes: int, seed: int):
+    self.stream, self.chunk_users, self.seed = stream, chunk_users, seed
+    self.process, self.processes = process, processes
+    self.total, self.done, self.stats = 1, 0, {}
+
+
+class _InFileOrder(_Chunks):
   """--grouped: chunks of whole users in file order (process p of P predicts chunks p, p + P, ...); one pass, and
   a user seen again after their chunk is one error line. Yields (chunk or None when another process's, seed)."""
 
-  def __init__(self, stream: EventStream, chunk_users: int, process: int, processes: int, seed: int):
-    self.stream, self.chunk_users, self.process, self.processes, self.seed = (
-      stream,
-      chunk_users,
-      process,
-      processes,
-      seed,
-    )
-    self.total, self.done = stream.count_rows(), 0  # the progress: events read of the file's
+  def __init__(self, *args):
+    super().__init__(*args)
+    self.total = self.stream.count_rows()  # the progress: events read of the file's
     self.stats = {"mode": "file order", "buckets": 0}
 
   def __iter__(self):
@@ -465,7 +469,7 @@ class _InFileOrder:
       yield (chunk if i % self.processes == self.process else None), self.seed + i
 
 
-class _ByBucket:
+class _ByBucket(_Chunks):
   """The default: the log in any order, grouped by user first (data/buckets.py). When the whole log fits in
   `memory_bytes` it is read and sorted in memory (no files); else a first pass writes its events into buckets by
   user hash (process p of P keeps buckets p, p + P, ...) in `folder`, and the second predicts one bucket at a time.
@@ -473,15 +477,8 @@ class _ByBucket:
   not depend on the file's order, its parts or the processes. Yields (chunk, seed)."""
 
   def __init__(self, stream, chunk_users, process, processes, seed, folder: Path, memory_bytes: int, buckets: int):
-    self.stream, self.chunk_users, self.process, self.processes, self.seed = (
-      stream,
-      chunk_users,
-      process,
-      processes,
-      seed,
-    )
+    super().__init__(stream, chunk_users, process, processes, seed)  # total: this process's events, once grouped
     self.folder, self.memory_bytes, self.buckets = folder, memory_bytes, buckets
-    self.total, self.done = 1, 0  # the progress of the second pass: this process's events predicted
     self.stats = {"mode": "buckets", "buckets": buckets}
 
   def _seed(self, bucket: int, j: int) -> int:
