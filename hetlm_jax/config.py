@@ -151,6 +151,12 @@ class DataConfig:
   min_count: int = _option(1, "Pages seen fewer times than this in training histories share one unknown-page token.")
   max_vocab: int = _option(0, "Keep only the most frequent pages, up to this many (0: no cap).")
   max_users: int = _option(0, "Keep only the first N users of the log (0: all).")
+  parts_by_user: bool = _option(
+    False,
+    "The part files of --data hold whole users (no user in two parts, as Spark's repartition(N, 'user_id') or a "
+    "bucketed export writes them): with several processes, process p reads only parts p, p+P, ... instead of "
+    "every part; a user found in two parts stops the run in one line.",
+  )
   test_users: int = _option(
     0,
     "Split by user instead of in time: N users, never trained on, whose whole sequences are the test (0: each "

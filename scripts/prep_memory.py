@@ -8,6 +8,10 @@ Parquet parts, rows shuffled so every user's events are spread over the parts. E
 python scripts/prep_memory.py --worker ...`; a worker joins jax.distributed, runs prepare_data, and reports its
 peak resident memory (ru_maxrss; also the peak before the
 sequences are exchanged) and seconds. --data=PATH measures another log (e.g. the msnbc file) instead.
+--parts_by_user writes each user's events into one part (part = user mod 16) and prepares with --parts_by_user,
+so each process opens only its own parts:
+
+  python scripts/prep_memory.py --log=/tmp/events20m_by_user --parts_by_user --out=prep_memory_by_user.json
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_log(folder: Path, events: int, parts: int = 16) -> None:
+def write_log(folder: Path, events: int, parts: int = 16, by_user: bool = False) -> None:
+  """--events page views in `parts` Parquet files: every user's events spread over the parts, or (`by_user`) each
+  user's in part user mod `parts`."""
   import pyarrow as pa
   import pyarrow.parquet as pq
 
@@ -41,6 +47,9 @@ def write_log(folder: Path, events: int, parts: int = 16) -> None:
   for i in range(parts):
     n = min(per_part, events - i * per_part)
     user_N = rng.integers(0, users, n)
+    if by_user:  # the same number of events, of this part's users only
+      user_N = user_N - user_N % parts + i
+      user_N = np.where(user_N < users, user_N, i)
     table = pa.table(
       {
         "user_id": ids.take(pa.array(user_N)),
@@ -68,7 +77,7 @@ def worker(args) -> None:
 
   prepare._exchanged = measured
   start = time.perf_counter()
-  prepared = prepare_data(Config(data=DataConfig(path=args.data)))
+  prepared = prepare_data(Config(data=DataConfig(path=args.data, parts_by_user=args.parts_by_user)))
   seconds = time.perf_counter() - start
   row = {
     "process": max(args.process_id, 0),
@@ -90,6 +99,7 @@ def main() -> None:
   parser.add_argument("--events", type=int, default=20_000_000)
   parser.add_argument("--processes", default="1,2,4")
   parser.add_argument("--out", default="")
+  parser.add_argument("--parts_by_user", action="store_true", help="write (or read) each user's events in one part")
   parser.add_argument("--worker", action="store_true")
   parser.add_argument("--coordinator_address", default="")
   parser.add_argument("--num_processes", type=int, default=0)
@@ -99,10 +109,10 @@ def main() -> None:
     return worker(args)
   data = args.data or args.log
   if not args.data and not Path(args.log).exists():
-    write_log(Path(args.log), args.events)
+    write_log(Path(args.log), args.events, by_user=args.parts_by_user)
   runs = []
   for p in (int(x) for x in args.processes.split(",")):
-    command = [sys.executable, __file__, "--worker", f"--data={data}"]
+    command = [sys.executable, __file__, "--worker", f"--data={data}"] + ["--parts_by_user"] * args.parts_by_user
     if p > 1:
       command = [str(REPO / "launch" / "local.sh"), str(p), "1", *command]
     start = time.perf_counter()

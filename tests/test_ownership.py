@@ -15,6 +15,7 @@ from tiny_run import assert_same_result, hetlm_process, train_args
 from hetlm_jax.config import Config
 from hetlm_jax.data.ownership import owners, user_hash
 from hetlm_jax.data.readers import read_events
+from hetlm_jax.errors import HetlmError
 
 
 def test_the_user_hash_is_64_bit_fnv_1a_of_the_ids_text_whatever_the_chunks():
@@ -57,6 +58,52 @@ def test_two_processes_prepare_disjoint_users_of_a_folder_and_train_as_one_proce
   [record] = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"data"' in x][:1]
   expected = np.bincount(owners(pa.array(sorted(set(table["user_id"].to_pylist()))), 2), minlength=2)
   assert record["data"]["users_by_process"] == expected.tolist() and all(expected > 0)
+
+
+def _by_user_parts(root, table, parts=4):
+  """A bucketed export: each part file holds whole users (user i in part i mod `parts`)."""
+  root.mkdir()
+  users = sorted(set(table["user_id"].to_pylist()))
+  for i in range(parts):
+    mine = pa.array(users[i::parts])
+    pq.write_table(table.filter(pa.compute.is_in(table["user_id"], mine)), root / f"part-{i:05d}.parquet")
+  return root
+
+
+def test_with_parts_by_user_a_process_reads_only_its_own_part_files(tmp_path):
+  from test_sources import events
+
+  table = events()
+  folder = _by_user_parts(tmp_path / "bucketed", table)
+  (folder / "part-00001.parquet").write_bytes(b"PAR1 not parquet")  # process 1's: process 0 never opens it
+  mine = read_events(folder, share=(0, 2), parts_by_user=True)
+  expected = [u for i, u in enumerate(sorted(set(table["user_id"].to_pylist()))) if i % 4 in (0, 2)]
+  assert sorted(set(mine["user_id"].to_pylist())) == expected
+  with pytest.raises(HetlmError, match="part-00001.parquet"):  # read by hash, every part is opened
+    read_events(folder, share=(0, 2))
+  with pytest.raises(HetlmError, match="--parts_by_user: 4 part file"):
+    read_events(folder, share=(0, 5), parts_by_user=True)
+
+
+def test_two_processes_on_parts_by_user_train_as_one_process_and_a_user_in_two_parts_is_refused(
+  tiny_reference, tmp_path
+):
+  log, reference = tiny_reference
+  table = pq.read_table(log)
+  folder = _by_user_parts(tmp_path / "bucketed", table)
+  done = hetlm_process(train_args(folder, tmp_path / "two", "--parts_by_user"), processes=2, devices=2)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert (tmp_path / "two" / "tokenizer.json").read_bytes() == (reference / "tokenizer.json").read_bytes()
+  assert_same_result(reference, tmp_path / "two", unlike=("data",))
+  [record] = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"data"' in x][:1]
+  n = len(set(table["user_id"].to_pylist()))
+  first = len(range(0, n, 4)) + len(range(2, n, 4))  # parts 0 and 2; process 1 has parts 1 and 3
+  assert record["data"]["users_by_process"] == [first, n - first]
+  spread = spark_folder(tmp_path / "export", table)  # every user in every part
+  done = hetlm_process(train_args(spread, tmp_path / "bad", "--parts_by_user"), processes=2, devices=2)
+  lines = done.stderr.strip().splitlines()
+  assert done.returncode == 2 and "has events in the parts of two processes" in lines[-1], done.stderr[-3000:]
+  assert not (tmp_path / "bad" / "prepared").exists()
 
 
 def _prepared_users(workdir):

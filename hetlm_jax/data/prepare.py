@@ -53,7 +53,8 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
   """Reads the log and builds per-user sequences; fits the tokenizer on the training histories unless one
   is given (pages seen only in held-out targets or test users are unknown to the models, so UNK).
 
-  In a job of several processes each reads only the events of the users it owns (data/ownership.py), counts
+  In a job of several processes each reads only the events of the users it owns (data/ownership.py; with
+  --parts_by_user, the users of its own part files, and no other part is opened), counts
   their pages and builds their sequences; the page counts are summed over the processes, so the tokenizer is the
   one a single process fits on the whole log, and the sequences are then exchanged and put in id order, so every
   process goes on with the very data one process would have (see docs/SCALING.md for what that still costs)."""
@@ -70,7 +71,9 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
     listing = json.dumps([d.format] + [[part.name, part.size] for part in resolve(path).parts]).encode()
     digest = np.frombuffer(hashlib.sha256(listing).digest(), np.uint8)
     hosts.check_same(f"{path}: the input (its files and their sizes)", digest)
-  table = read_events(path, d.format, max_users=d.max_users or None, share=(process, processes))
+  table = read_events(
+    path, d.format, max_users=d.max_users or None, share=(process, processes), parts_by_user=d.parts_by_user
+  )
   interrupt.at_phase("prepare")
   given = tokenizer is not None
   if not given:  # every page for now; which events train is known only once the sequences are built
@@ -151,6 +154,13 @@ def _exchanged(seqs: UserSequences, stats: dict, path: str) -> tuple[UserSequenc
   seqs = UserSequences.concat(parts).in_id_order()
   if not seqs.num_users:
     raise input_error(path, NO_USERS_LEFT)
+  twice = np.flatnonzero(seqs.user_ids[1:] == seqs.user_ids[:-1])
+  if len(twice):  # only with --parts_by_user: users owned by hash are in one process's share
+    raise input_error(
+      path,
+      f"--parts_by_user: user {seqs.user_ids[twice[0]]!r} has events in the parts of two processes, so the parts "
+      "do not hold whole users; leave --parts_by_user out (every process then reads every part)",
+    )
   return seqs, totals
 
 

@@ -8,6 +8,7 @@ schema metadata records the source path, the resolved format and the input's use
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
@@ -48,16 +49,30 @@ _READ_ERRORS = (
 
 
 def read_events(
-  path: str | os.PathLike, fmt: str = "auto", max_users: int | None = None, share: tuple[int, int] = (0, 1)
+  path: str | os.PathLike,
+  fmt: str = "auto",
+  max_users: int | None = None,
+  share: tuple[int, int] = (0, 1),
+  parts_by_user: bool = False,
 ) -> pa.Table:
   """Reads `path` (a file, folder, glob, list or URI: see data/sources.py) as `fmt` (see FORMATS) into the
   normalised event table.
 
   `max_users` keeps only the first N users in order of first appearance in the input. `share` (p, P): only the
   events of the users process p of P owns (data/ownership.py), kept part by part, so no more than one part's
-  rows of other users are held at a time.
+  rows of other users are held at a time; with `parts_by_user` (each part holds whole users), the parts p, p+P,
+  ... whole, and no other part is opened.
   """
   source = _source(path, fmt)
+  if parts_by_user and share[1] > 1:
+    if len(source.parts) < share[1]:
+      raise input_error(
+        source.name,
+        f"--parts_by_user: {len(source.parts)} part file(s) for {share[1]} processes, each of which reads its "
+        "own parts; write at least one part per process, or leave --parts_by_user out",
+      )
+    source = dataclasses.replace(source, parts=source.parts[share[0] :: share[1]])
+    share = (0, 1)
   try:
     fmt, table, int_ids = _read(source, fmt, share)
     if max_users is not None:
