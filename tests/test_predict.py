@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
@@ -149,8 +150,10 @@ def test_predict_writes_a_row_per_user_the_same_in_chunks_and_on_one_device(trai
 
 
 def _in_time_order(log: Path) -> pa.Table:
-  """The log as a site exports it: every user's events interleaved with the others', by time."""
+  """The log as a site exports it: every user's events interleaved with the others', by time, with a session_id
+  (string) per user, which every piece the log is read in must code alike."""
   events = pq.read_table(log)
+  events = events.append_column("session_id", pc.binary_join_element_wise(events["user_id"], "web", "/"))
   interleaved = events.take(pa.array(np.argsort(events["timestamp"].to_numpy(), kind="stable")))
   starts = np.flatnonzero(interleaved["user_id"].to_numpy()[1:] != interleaved["user_id"].to_numpy()[:-1])
   assert len(starts) > len(events["user_id"].unique()) * 5  # users come back after others, many times

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hetlm_jax.data import SAMPLE_PATH, PageTokenizer, build_sequences, outcome_types
-from hetlm_jax.data.readers import detect_format, read_events
+from hetlm_jax.data.ownership import user_hash
+from hetlm_jax.data.readers import EventStream, detect_format, read_events
 from hetlm_jax.errors import HetlmError
 
 OTTO = Path(__file__).parent / "data" / "otto_sample.parquet"
@@ -48,9 +49,37 @@ def test_parquet_normalises_types_and_ignores_extra_columns(tmp_path):
     "user_id": ["7", "7", "8"],
     "timestamp": [1, 2, 61],
     "page": ["a", "b", "a"],
-    "session_id": [0, 1, 0],
+    "session_id": user_hash(pa.array(["x", "y", "x"])).view(np.int64).tolist(),  # string ids: their hash
   }
   assert table.schema.metadata[b"hetlm_format"] == b"events"
+
+
+def test_a_session_has_one_code_in_every_part_and_piece_it_is_read_in(tmp_path):
+  """Codes ranked within each part gave a user's session spread over two parts two codes (two sessions)."""
+  table = pa.table(
+    {
+      "user_id": ["u", "v", "u", "v", "u"],
+      "timestamp": [1, 2, 3, 4, 5],
+      "page": ["a", "b", "c", "d", "e"],
+      "session_id": ["s2", "s1", "s2", "s9", "s3"],
+    }
+  )
+  (tmp_path / "parts").mkdir()
+  pq.write_table(table.slice(0, 2), tmp_path / "parts" / "0.parquet")  # s2 and s1
+  pq.write_table(table.slice(2), tmp_path / "parts" / "1.parquet")  # s2 again, s9, s3
+  pq.write_table(table, tmp_path / "one.parquet")
+  whole, parts = read_events(tmp_path / "one.parquet"), read_events(tmp_path / "parts")
+  assert whole["session_id"].to_pylist() == parts["session_id"].to_pylist()
+  codes = parts["session_id"].to_pylist()
+  assert codes[0] == codes[2] and len(set(codes)) == 4
+  streamed = [t["session_id"].to_pylist() for t in EventStream(tmp_path / "parts", batch_rows=1)]
+  assert sum(streamed, []) == codes
+  ints = read_events(
+    write_parquet(
+      tmp_path / "i.parquet", user_id=["u"] * 3, timestamp=[1, 2, 3], page=list("abc"), session_id=[40, 7, 40]
+    )
+  )
+  assert ints["session_id"].to_pylist() == [40, 7, 40]  # integer ids are their own codes
 
 
 def test_float_integer_and_iso_timestamps(tmp_path):
@@ -93,7 +122,7 @@ def test_msnbc_text_gz_and_zip(tmp_path):
     "user_id": ["0", "0", "1", "2", "2", "2", "4", "4"],  # line 3 is a user with no events
     "timestamp": [0, 1, 0, 0, 1, 2, 0, 1],
     "page": ["frontpage", "frontpage", "news", "tech", "news", "news", "frontpage", "tech"],
-    "session_id": [0, 0, 1, 2, 2, 2, 3, 3],
+    "session_id": [0, 0, 1, 2, 2, 2, 4, 4],  # the line: an integer session id is its own code
   }
   for name in ("m.seq", "m.seq.gz", "m.zip"):
     assert detect_format(tmp_path / name) == "msnbc"

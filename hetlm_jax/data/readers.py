@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from hetlm_jax import interrupt
-from hetlm_jax.data.ownership import owned_rows
+from hetlm_jax.data.ownership import owned_rows, user_hash
 from hetlm_jax.data.sources import Part, Source, resolve
 from hetlm_jax.errors import HetlmError, input_error, one_line
 
@@ -524,16 +524,18 @@ def _check_seconds(col: pa.ChunkedArray, source: str) -> None:
 
 
 def _session_codes(col: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
-  """Dense int64 codes numbered in sorted order of the ids, so they do not depend on row order."""
+  """int64 codes that depend only on each id, never on the other rows read with it: an integer id is its own code,
+  a string id its 64-bit FNV-1a hash (data/ownership.py). A log read in parts or pieces (part files, row groups,
+  `hetlm predict`'s chunks) thus gives one session the same code in every piece; codes ranked within each piece
+  gave a user's one session a different code in each and split it."""
   col = _undictionary(col)
   t = col.type
   if not (_is_stringlike(t) or pa.types.is_integer(t)):
     raise input_error(source, f"column 'session_id' has type {t}, expected string or integer")
   _no_nulls(col, "session_id", source)
-  enc = pc.dictionary_encode(col.combine_chunks())
-  rank = np.empty(len(enc.dictionary), np.int64)
-  rank[pc.sort_indices(enc.dictionary).to_numpy()] = np.arange(len(enc.dictionary))
-  return pa.chunked_array([rank[enc.indices.to_numpy()]])
+  if pa.types.is_integer(t):
+    return pc.cast(col, pa.int64())
+  return pa.chunked_array([user_hash(col).view(np.int64)])
 
 
 def _first_users(table: pa.Table, max_users: int, source: str) -> pa.Table:
