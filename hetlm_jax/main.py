@@ -378,7 +378,7 @@ def _predict(data: str | None) -> int:
     grouping = (
       "grouped by user in memory"
       if s["mode"] == "in memory"
-      else f"grouped by user through {s['buckets']:,} bucket files (largest {s['largest_bucket_mib']:,.0f} MiB)"
+      else f"grouped by user through {s['buckets']:,} bucket files (largest {s['largest_bucket_mib']:,.1f} MiB)"
     )
     if "bucket_events_per_s" in s:
       grouping += f", first pass {s['bucket_events_per_s']:,.0f} events/s"

@@ -545,6 +545,8 @@ class _ByBucket(_Chunks):
     progress.close()
 
   def _first_pass(self, start: float, events: int) -> None:
+    if self.stream.parsed_whole:  # read before the pass began: its speed would be the slicing's
+      return
     seconds = time.perf_counter() - start
     self.stats.update(bucket_pass_s=seconds, bucket_events_per_s=events / max(seconds, 1e-9))
 

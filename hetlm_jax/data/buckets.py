@@ -4,10 +4,11 @@ then one bucket at a time is read back, sorted by user (stably: a user's events 
 chunks of whole users.
 
 B is chosen so that a bucket, and the sorted copy made of it, fit the memory budget: B = ceil(2 x events x bytes
-per event in memory / budget), the bytes per event measured on the first piece read. One user's events are never
-split, so a bucket can exceed its share when a few users hold much of the log (the largest is reported). Writing
-holds at most half the budget of rows before it appends them to the buckets' files (one Parquet writer per bucket,
-a row group per flush), so both passes stay within the budget plus the pieces being read.
+per event in memory / budget), the bytes per event measured on the first piece read. Buckets average half the
+budget; the hash spreads users unevenly over buckets of few users, and one user's events are never split, so a
+bucket can exceed its share when a few users hold much of the log (the largest is reported). Writing holds at
+most half the budget of rows before it appends them to the buckets' files (one Parquet writer per bucket, a row
+group per flush), so both passes stay within the budget plus the pieces being read.
 """
 
 from __future__ import annotations

@@ -633,6 +633,11 @@ class EventStream:
     except _READ_ERRORS as e:
       raise input_error(name, f"cannot read: {one_line(e)}") from None
 
+  @property
+  def parsed_whole(self) -> bool:
+    """A text format, parsed whole when the stream was opened (its pieces are slices of it, not reads)."""
+    return self._whole is not None
+
   def count_rows(self) -> int:
     """The input's rows (CSV parts are read through once to count them)."""
     if self.total_rows is None:
