@@ -98,7 +98,7 @@ flags.DEFINE_boolean(
 )
 flags.DEFINE_integer(
   "memory_mb",
-  1024,
+  1024,  # predict.DEFAULT_MEMORY_MB, written out so the command line does not import predict (JAX) to start
   "predict: events held in memory at a time, in MiB; a log larger than this is grouped by user through bucket files "
   "beside --out.",
 )

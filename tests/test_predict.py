@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from absl import flags as absl_flags
 from synthetic import markov_events
 from tiny_run import REPO
 
@@ -25,7 +26,7 @@ from hetlm_jax.data.tokenizer import BOS, EOS, PageTokenizer
 from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import first_page_index
 from hetlm_jax.main import cli
-from hetlm_jax.predict import Predictor, predict_file
+from hetlm_jax.predict import DEFAULT_MEMORY_MB, Predictor, predict_file
 from hetlm_jax.workdir import run_data
 
 
@@ -299,6 +300,7 @@ def test_bad_input_to_predict_is_one_line_and_exit_2(trained, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
   assert cli(["hetlm", "predict", f"--workdir={workdir}", f"--data={log}"]) == 2
   assert "needs --data=EVENTS" in capsys.readouterr().err
+  assert absl_flags.FLAGS["memory_mb"].default == DEFAULT_MEMORY_MB  # the command line's default is the API's
   with pytest.raises(HetlmError, match="history 1, page 0: expected a page name"):
     trained[-1].next_pages([["/p/1"], [None]])
   with pytest.raises(HetlmError, match="history 0: expected a non-empty list"):
