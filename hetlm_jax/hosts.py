@@ -132,6 +132,13 @@ def put(x, sharding) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding, x[local_block(sharding, x.shape)], x.shape)
 
 
+def put_block(xs, sharding, shape: tuple[int, ...]) -> tuple:
+  """Global arrays of `shape` from this process's block of each (its `local_block`, built without the rest)."""
+  if jax.process_count() == 1:
+    return tuple(jax.device_put(x, sharding) for x in xs)
+  return tuple(jax.make_array_from_process_local_data(sharding, x, shape) for x in xs)
+
+
 def put_all(xs, sharding) -> tuple:
   """`put` of each array of `xs`, onto one sharding."""
   return tuple(put(x, sharding) for x in xs)

@@ -154,3 +154,61 @@ def test_scoring_batches_cover_every_window_once_and_their_users_are_counted_fro
   assert (sums_UxF[:, 0] == batches.length_U).all() and (
     sums_UxF[:, 1] == np.arange(seqs.num_users) * batches.length_U
   ).all()
+
+
+def _whole_epoch(b, epoch):
+  """The epoch's batches as they were first built, every token of the epoch at once: the reference `batch` must
+  equal, built a block at a time."""
+  order = b.order(epoch)
+  cluster, length = b.cluster_X[order], b.lengths_X[order]
+  end = np.cumsum(length)
+  base = np.zeros(b.k + 1, np.int64)
+  np.add.at(base, cluster + 1, length)
+  start = end - length - np.cumsum(base)[cluster]
+  copy = np.repeat(np.arange(len(order)), length)
+  offset = np.arange(int(end[-1])) - np.repeat(end - length, length)
+  pos = start[copy] + offset
+  kept = pos < b.capacity
+  copy, offset, pos = copy[kept], offset[kept], pos[kept]
+  example = order[copy]
+  weight = np.ones(len(copy), np.float32) if b.weight_X is None else b.weight_X[example]
+  if b.balance:
+    kept_length = np.clip(b.capacity - start, 0, length)
+    whole_X = np.bincount(order[kept_length == length], minlength=len(b.cluster_X))
+    cut_X = np.zeros(len(b.cluster_X), np.int64)
+    cut = (kept_length > 0) & (kept_length < length)
+    cut_X[order[cut]] = kept_length[cut]
+    weight = weight / (whole_X[example] + (offset < cut_X[example]))
+  out = [np.zeros((b.k, b.steps_per_epoch * b.batch_size, b.width), t) for t in (np.int32, np.int32, np.float32)]
+  where = (cluster[copy], pos // b.width, pos % b.width)
+  for table, values in zip(out, (b.seqs.tokens[b.first_X[example] + offset], copy + 1, weight), strict=True):
+    table[where] = values
+  return out
+
+
+def test_batches_built_a_block_at_a_time_equal_the_whole_epoch_packed_at_once():
+  seqs, _ = _seqs(60)
+  assignment = np.zeros(seqs.num_users, np.int64)
+  assignment[:9], assignment[9:12] = 1, 3  # clusters of very different sizes, and cluster 2 empty
+  weights = np.random.default_rng(1).dirichlet(np.ones(4), size=seqs.num_users)
+  kinds = [
+    {"balance": False},
+    {"balance": True},
+    {"balance": True, "max_repeat": 2},
+    {"balance": True, "weights_UxK": weights},
+  ]
+  for kind in kinds:
+    b = ClusterBatches(seqs, assignment, k=4, batch_size=4, context=9, epochs=2, seed=5, round_index=1, **kind)
+    reference = {}
+    for step in range(b.steps):
+      epoch, i = divmod(step, b.steps_per_epoch)
+      reference.setdefault(epoch, _whole_epoch(b, epoch))
+      expected = [table[:, i * 4 : (i + 1) * 4] for table in reference[epoch]]
+      for got, want in zip(b.batch(step), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+      # a process's block of the global batch (hosts.local_block): clusters 1-2, rows 1-2, or one row of all
+      for clusters, rows in [(slice(1, 3), slice(1, 3)), (slice(None), slice(3, 4))]:
+        for got, want in zip(b.batch(step, clusters, rows), expected, strict=True):
+          np.testing.assert_array_equal(got, want[clusters, rows])
+    filled = sum(float((reference[e][1] > 0).mean()) for e in reference) / len(reference)
+    assert abs(b.padding_fraction() - (1 - filled)) < 1e-12

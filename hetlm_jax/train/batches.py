@@ -67,7 +67,7 @@ class ClusterBatches:
         self.cycles_K = np.minimum(self.cycles_K, max_repeat)
     # Token slots an epoch fills with real tokens (a cluster's last cycle is cut where its rows are full).
     self.tokens_per_epoch = int(np.minimum(self.cycles_K * self.tokens_K, self.capacity).sum())
-    self._epoch, self._tables = -1, None
+    self._cached: tuple[int, dict] = (-1, {})
 
   @property
   def steps(self) -> int:
@@ -90,53 +90,70 @@ class ClusterBatches:
     )
     return example[np.lexsort((rng.random(len(example)), cycle, cluster))]
 
-  def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tokens, segment ids and token weights [K, steps_per_epoch * B, T+1] of one epoch."""
+  def _plan(self, epoch: int) -> dict:
+    """Where every example copy of an epoch goes, per copy, not per token: its example, its span [start, end) in
+    the concatenated streams of the K clusters (cluster k's stream is slots [k * capacity, (k+1) * capacity), cut
+    at its end), and what a token's weight needs. A batch's rows are then filled from the copies that overlap
+    them alone (`batch`), so no array of the epoch's tokens is ever built."""
+    if self._cached[0] == epoch:
+      return self._cached[1]
     order = self.order(epoch)
     cluster, length = self.cluster_X[order], self.lengths_X[order]
-    # Position of each example in its cluster's stream.
+    # Each copy's position in its cluster's stream: the copies of a cluster are consecutive in `order`.
     end = np.cumsum(length)
     cluster_base = np.zeros(self.k + 1, np.int64)
     np.add.at(cluster_base, cluster + 1, length)
     start = end - length - np.cumsum(cluster_base)[cluster]
-    # One entry per token: which example, and where in the stream; the stream ends at the cluster's rows.
-    total = int(end[-1]) if len(end) else 0
-    copy = np.repeat(np.arange(len(order)), length)
-    offset = np.arange(total) - np.repeat(end - length, length)
-    pos = start[copy] + offset
-    kept = pos < self.capacity
-    copy, offset, pos = copy[kept], offset[kept], pos[kept]
-    example = order[copy]
-    weight = np.ones(len(copy), np.float32) if self.weight_X is None else self.weight_X[example]
+    kept = np.clip(self.capacity - start, 0, length)  # the tokens of each copy that fit (one cut per cluster)
+    start = np.minimum(start, self.capacity)  # copies past the cut: empty spans at the stream's end, so in order
+    plan = {"example": order, "start": cluster * self.capacity + start, "end": cluster * self.capacity + start + kept}
     if self.balance:  # a token that appears n times in the epoch counts 1/n each time
-      kept_length = np.clip(self.capacity - start, 0, length)  # of each copy (at most one cut per cluster)
-      whole_X = np.bincount(order[kept_length == length], minlength=len(self.cluster_X))
-      cut_X = np.zeros(len(self.cluster_X), np.int64)
-      cut = (kept_length > 0) & (kept_length < length)
-      cut_X[order[cut]] = kept_length[cut]
-      weight = weight / (whole_X[example] + (offset < cut_X[example]))
-    rows = self.steps_per_epoch * self.batch_size
-    tokens = np.zeros((self.k, rows, self.width), np.int32)
-    segments = np.zeros((self.k, rows, self.width), np.int32)
-    weights = np.zeros((self.k, rows, self.width), np.float32)
-    where = (cluster[copy], pos // self.width, pos % self.width)
+      plan["whole_X"] = np.bincount(order[kept == length], minlength=len(self.cluster_X))
+      cut = (kept > 0) & (kept < length)
+      plan["cut_X"] = np.zeros(len(self.cluster_X), np.int64)
+      plan["cut_X"][order[cut]] = kept[cut]
+    self._cached = (epoch, plan)  # one assignment: a reader in another thread sees an epoch with its own plan
+    return plan
+
+  def batch(
+    self, step_in_round: int, clusters: slice = slice(None), rows: slice = slice(None)
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens and segment ids [K, B, T+1] int32, and token weights [K, B, T+1] float32 (0: padding); or only
+    the block `clusters` x `rows` of them (a process's share of the global batch: hosts.local_block). The cost
+    is the block's tokens, whatever the epoch's size."""
+    epoch, i = divmod(step_in_round, self.steps_per_epoch)
+    plan = self._plan(epoch)
+    k0, k1, _ = clusters.indices(self.k)
+    r0, r1, _ = rows.indices(self.batch_size)
+    shape = (k1 - k0, r1 - r0, self.width)
+    tokens, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    weights = np.zeros(shape, np.float32)
+    first_slot = (i * self.batch_size + r0) * self.width  # of the block's rows, in each cluster's stream
+    spans = []
+    for k in range(k0, k1):
+      a, b = k * self.capacity + first_slot, k * self.capacity + first_slot + (r1 - r0) * self.width
+      lo, hi = np.searchsorted(plan["end"], a, side="right"), np.searchsorted(plan["start"], b, side="left")
+      copy = np.arange(lo, hi)
+      at = np.full(len(copy), a)
+      spans.append((copy, np.maximum(plan["start"][copy], a), np.minimum(plan["end"][copy], b), at, at * 0 + k - k0))
+    copy_C, from_C, to_C, base_C, local_C = (np.concatenate(part) for part in zip(*spans, strict=True))
+    n_C = np.maximum(to_C - from_C, 0)
+    copy = np.repeat(copy_C, n_C)
+    slot = np.repeat(from_C, n_C) + np.arange(int(n_C.sum())) - np.repeat(np.cumsum(n_C) - n_C, n_C)
+    offset = slot - plan["start"][copy]  # the token's place in its window
+    example = plan["example"][copy]
+    where = (np.repeat(local_C, n_C), *np.divmod(slot - np.repeat(base_C, n_C), self.width))
     tokens[where] = self.seqs.tokens[self.first_X[example] + offset]
     segments[where] = copy + 1
+    weight = np.ones(len(copy), np.float32) if self.weight_X is None else self.weight_X[example]
+    if self.balance:
+      weight = weight / (plan["whole_X"][example] + (offset < plan["cut_X"][example]))
     weights[where] = weight
     return tokens, segments, weights
 
-  def batch(self, step_in_round: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tokens and segment ids [K, B, T+1] int32, and token weights [K, B, T+1] float32 (0: padding)."""
-    epoch, i = divmod(step_in_round, self.steps_per_epoch)
-    if epoch != self._epoch:
-      self._epoch, self._tables = epoch, self._pack(epoch)
-    rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
-    return tuple(table[:, rows] for table in self._tables)
-
-  def padding_fraction(self, epoch: int = 0) -> float:
-    """Padded slots over all slots of the epoch's K x rows x (T+1) batches."""
-    segments = self._pack(epoch)[1]
-    return float((segments == 0).mean())
+  def padding_fraction(self) -> float:
+    """Padded slots over all slots of an epoch's K x rows x (T+1) batches (the same for every epoch)."""
+    return 1.0 - self.tokens_per_epoch / (self.k * self.capacity)
 
 
 class ScoringBatches:

@@ -153,10 +153,13 @@ class Trainer:
     first = int(state.step) - round_start
     until = batches.steps if until is None else until
     progress = Progress(until, label, every=1, initial=first)
-    put = functools.partial(hosts.put_all, sharding=self.train_step.batch_sharding)  # this host's rows
+    # This process builds only its block of each global batch (its rows, and its clusters if K is sharded).
+    sharding, shape = self.train_step.batch_sharding, (batches.k, batches.batch_size, batches.width)
+    clusters, rows, _ = hosts.local_block(sharding, shape)
+    put = functools.partial(hosts.put_block, sharding=sharding, shape=shape)
 
     def make(s):
-      tokens, segments, weights = batches.batch(s)
+      tokens, segments, weights = batches.batch(s, clusters, rows)
       return tokens, segments, weights * np.nan if interrupt.nan_at(round_start + s + 1) else weights
 
     feed = Prefetcher(make, put, first, until, self.cfg.train.prefetch)
