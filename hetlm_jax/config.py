@@ -163,7 +163,15 @@ class DataConfig:
     "user's last session is held out).",
   )
   train_users: int = _option(0, "With --test_users: the number of users to train on (0: all the others).")
-  split_seed: int = _option(0, "The split by user permutes users with numpy.random.default_rng(split_seed).")
+  split: str = _option(
+    "permutation",
+    "How users are drawn at random for the split by user and the validation users: permutation (of all users in "
+    "id order, with numpy.random.default_rng; the protocol of the published figures) or hash (in the order of a "
+    "seeded hash of the user ids, so which of two users comes first depends on their ids alone, and a validation "
+    "user of the split in time is drawn from its id alone: the same whatever the other users, the log's order or "
+    "the number of processes).",
+  )
+  split_seed: int = _option(0, "The seed of the split by user's random order of users (--split).")
   test_offset: int = _option(
     -1,
     "With --test_users: the test users start at this position of that permutation, and the training users are the "
@@ -382,6 +390,7 @@ def validate(cfg: Config) -> None:
     ),
     (d.session_gap_minutes > 0, f"--session_gap_minutes={d.session_gap_minutes} must be positive"),
     (d.holdout in ("auto", "half", "last"), f"--holdout={d.holdout!r}: expected auto, half or last"),
+    (d.split in ("permutation", "hash"), f"--split={d.split!r}: expected permutation or hash"),
     (d.min_count >= 1, f"--min_count={d.min_count} must be at least 1"),
     (d.max_vocab == 0 or d.max_vocab >= 5, f"--max_vocab={d.max_vocab} must be 0 (no cap) or at least 5"),
     (d.max_users >= 0, f"--max_users={d.max_users} must be non-negative"),

@@ -7,11 +7,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from synthetic import markov_events
 
+from hetlm_jax.cluster.validation import validation_slice
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
-from hetlm_jax.data.sequences import UserSequences, all_windows, build_sequences, spare_users, split_order, split_users
+from hetlm_jax.data.ownership import user_keys, user_uniform
+from hetlm_jax.data.prepare import Prepared
+from hetlm_jax.data.sequences import (
+  UserSequences,
+  all_windows,
+  build_sequences,
+  spare_users,
+  split_order,
+  split_users,
+  user_order,
+)
 from hetlm_jax.data.tokenizer import BOS, EOS, PageTokenizer
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
 from hetlm_jax.eval.new_users import last_page_view
@@ -163,6 +175,81 @@ def test_a_test_offset_keeps_one_test_set_across_training_sizes():
       np.testing.assert_array_equal(spare, others[n_train : n_train + 2])
     else:
       assert spare is None
+
+
+def test_seeded_user_keys_are_the_ids_alone_and_spread_evenly():
+  ids = pa.array([f"user-{i}" for i in range(20_000)])
+  keys = user_keys(ids, 3)
+  np.testing.assert_array_equal(keys[5_000:5_010], user_keys(ids.slice(5_000, 10), 3))  # no other id needed
+  chunked = pa.chunked_array([ids.slice(0, 7), ids.slice(7)])
+  np.testing.assert_array_equal(user_keys(chunked, 3), keys)
+  assert (user_keys(ids, 4) != keys).mean() > 0.999 and (user_keys(ids, 3, 7) != keys).mean() > 0.999
+  u = user_uniform(ids, 3)
+  assert u.min() >= 0 and u.max() < 1
+  np.testing.assert_allclose(np.histogram(u, bins=10, range=(0, 1))[0], 2_000, rtol=0.1)  # ~0.7% sd a bin
+  for i in (0, 17, 19_999):  # numpy's vectorised keys against the definition, in plain integers
+    assert keys[i] == _key_by_hand(ids[i].as_py(), 3)
+  assert user_keys(pa.array(["a"]), 0, 7)[0] == _key_by_hand("a", 0, 7)
+
+
+def _key_by_hand(user_id: str, *seeds: int) -> int:
+  """64-bit FNV-1a of the id's UTF-8 bytes, then for each seed: add (seed + 1) x the golden gamma, splitmix64."""
+  m, gamma = 2**64 - 1, 0x9E3779B97F4A7C15
+  x = 0xCBF29CE484222325
+  for byte in user_id.encode():
+    x = ((x ^ byte) * 0x100000001B3) & m
+  for seed in seeds:
+    x = (x + seed * gamma + gamma) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    x ^= x >> 31
+  return x
+
+
+def test_hash_split_places_users_by_their_ids_alone_whatever_the_other_users():
+  ids = np.array([f"u{i:03d}" for i in range(200)], object)
+  order = user_order(ids, 5, "hash")
+  np.testing.assert_array_equal(order, np.argsort(user_keys(pa.array(ids), 5)))
+  subset = np.sort(np.random.default_rng(0).choice(200, 120, replace=False))
+  # in a log of only some of the users, the rest keep their order (the permutation's does not)
+  kept = order[np.isin(order, subset)]
+  np.testing.assert_array_equal(subset[user_order(ids[subset], 5, "hash")], kept)
+  perm_kept = user_order(ids, 5)[np.isin(user_order(ids, 5), subset)]
+  assert (subset[user_order(ids[subset], 5)] != perm_kept).any()
+
+
+def test_hash_split_of_a_log_in_any_order_holds_out_the_users_with_the_smallest_keys(tmp_path):
+  table, _ = markov_events(n_users=60, n_groups=2, n_pages=6, sessions=2, session_len=4)
+  path, shuffled = tmp_path / "log.parquet", tmp_path / "shuffled.parquet"
+  pq.write_table(table, path)
+  pq.write_table(table.take(np.random.default_rng(1).permutation(table.num_rows)), shuffled)
+  data = {"test_users": 10, "train_users": 30, "split": "hash", "split_seed": 2}
+  runs = [
+    prepare_data(Config(data=DataConfig(path=str(p), **data), train=TrainConfig(val_frac=0.2)))
+    for p in (path, shuffled)
+  ]
+  ids = pa.array(sorted({str(u) for u in table["user_id"].to_pylist()}))
+  ranked = np.asarray(ids.to_pylist(), object)[np.argsort(user_keys(ids, 2), kind="stable")]
+  for prepared in runs:
+    assert sorted(prepared.test_seqs.user_ids) == sorted(ranked[30:40])  # test right after the 30 training users
+    assert sorted(prepared.seqs.user_ids) == sorted(ranked[:30])
+    assert sorted(prepared.val_seqs.user_ids) == sorted(ranked[40:46])  # val_frac x train_users, after the test
+
+
+def test_hash_split_in_time_draws_each_validation_user_from_its_id():
+  table, _ = markov_events(n_users=300, n_groups=2, n_pages=6, sessions=2, session_len=4)
+  tok = PageTokenizer.fit(table["page"])
+  seqs = build_sequences(table, tok)[0]
+  cfg = Config(data=DataConfig(split="hash"), train=TrainConfig(val_frac=0.25, seed=4))
+  val_ids = lambda s: set(validation_slice(cfg, _prepared(s, tok))[1].seqs.user_ids)
+  every = val_ids(seqs)
+  assert 0.15 * 300 < len(every) < 0.35 * 300
+  half = seqs.subset(np.arange(0, 300, 2))
+  assert val_ids(half) == every & set(half.user_ids)  # the same users, drawn without the others
+
+
+def _prepared(seqs, tok):
+  return Prepared(seqs, tok, {}, 0.0, False)
 
 
 def test_a_whole_sequence_prompts_a_new_session():

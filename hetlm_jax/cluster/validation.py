@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pyarrow as pa
 from scipy.special import logsumexp
 
 from hetlm_jax.cluster.assign import cluster_shares, log_shares
 from hetlm_jax.config import Config
+from hetlm_jax.data.ownership import user_uniform
 from hetlm_jax.data.prepare import Prepared
 from hetlm_jax.data.sequences import UserSequences, held_out_users
 from hetlm_jax.train.loop import Trainer
@@ -61,7 +63,10 @@ def validation_slice(cfg: Config, prepared: Prepared) -> tuple[UserSequences, Va
   seqs = prepared.seqs
   if prepared.val_seqs is not None:
     return seqs, Validation(prepared.val_seqs, None), np.ones(seqs.num_users, bool)
-  val_U = np.random.default_rng([cfg.train.seed, 7]).random(seqs.num_users) < cfg.train.val_frac
+  if cfg.data.split == "hash":  # each user's draw from its id alone
+    val_U = user_uniform(pa.array(seqs.user_ids, pa.large_string()), cfg.train.seed, 7) < cfg.train.val_frac
+  else:
+    val_U = np.random.default_rng([cfg.train.seed, 7]).random(seqs.num_users) < cfg.train.val_frac
   if not val_U.any() or val_U.all():
     return seqs, None, np.ones(seqs.num_users, bool)
   if cfg.data.test_users:

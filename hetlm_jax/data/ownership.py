@@ -3,7 +3,8 @@
 `user_hash` is 64-bit FNV-1a over the UTF-8 bytes of the id as the normalised table holds it (an integer id as
 its decimal text), computed with numpy over Arrow's buffers: the same value on every machine, numpy and Python
 version, and for any cut of the input into parts, row groups or batches. Process p of P owns the users whose
-hash is p modulo P.
+hash is p modulo P. `user_keys` mixes that hash with seeds into a key that orders users at random (--split=hash):
+a user's key is its id's alone, so any process can compute it for its users whatever P and the log's order.
 """
 
 from __future__ import annotations
@@ -39,6 +40,32 @@ def user_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
   out_N = np.empty(n, np.uint64)
   out_N[order_N] = hash_N
   return out_N
+
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser: every bit of the output depends on every bit of the input."""
+  with np.errstate(over="ignore"):
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def user_keys(ids: pa.Array | pa.ChunkedArray, *seeds: int) -> np.ndarray:
+  """[N] uint64 keys of the ids under `seeds`: the ids' hash mixed with each seed in turn. Sorting users by key is
+  a seeded random order of them that needs no other user."""
+  x = user_hash(ids)
+  with np.errstate(over="ignore"):
+    for seed in seeds:
+      x = _mix(x + np.uint64(seed % 2**64) * _GAMMA + _GAMMA)
+  return x
+
+
+def user_uniform(ids: pa.Array | pa.ChunkedArray, *seeds: int) -> np.ndarray:
+  """[N] float64 in [0, 1): the top 53 bits of `user_keys`, a seeded uniform draw per user."""
+  return (user_keys(ids, *seeds) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def owners(ids: pa.Array | pa.ChunkedArray, processes: int) -> np.ndarray:

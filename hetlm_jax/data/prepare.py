@@ -24,6 +24,7 @@ from hetlm_jax.data.sequences import (
   outcome_types,
   spare_users,
   split_users,
+  user_order,
 )
 from hetlm_jax.data.sources import resolve
 from hetlm_jax.data.tokenizer import PageTokenizer
@@ -105,9 +106,10 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
       round(cfg.train.val_frac * d.train_users),
       d.split_seed,
       d.test_offset,
+      user_order(seqs.user_ids, d.split_seed, d.split),
     )
     val_seqs = None if spare is None or not len(spare) else held_out_users(seqs, spare)
-    seqs, test_seqs = split_users(seqs, d.train_users, d.test_users, d.split_seed, d.test_offset)
+    seqs, test_seqs = split_users(seqs, d.train_users, d.test_users, d.split_seed, d.test_offset, d.split)
     stats.update(users=seqs.num_users, test_users=test_seqs.num_users, test_tokens=test_seqs.num_tokens)
   if not given:
     # A training user's history is all that trains (split_users makes a training user's whole sequence

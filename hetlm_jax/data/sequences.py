@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hetlm_jax.data.ownership import user_keys
 from hetlm_jax.data.readers import normalise_events
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
 from hetlm_jax.errors import HetlmError, input_error
@@ -213,24 +214,35 @@ def prediction_view(seqs: UserSequences, new_session: bool) -> UserSequences:
   return dataclasses.replace(seqs, tokens=tokens, offsets=offsets, split=offsets[1:] - 1)
 
 
+def user_order(user_ids: np.ndarray, seed: int, split: str = "permutation") -> np.ndarray:
+  """The seeded random order of the users that the split by user cuts: `permutation`,
+  numpy.random.default_rng(seed).permutation(U) of the users in id order (needs every user; the protocol of the
+  published msnbc figures); `hash`, the users by `ownership.user_keys(id, seed)`, ties in id order (a user's key
+  is its id's alone, so a process can place its users without the others')."""
+  if split == "hash":
+    return np.argsort(user_keys(pa.array(user_ids, pa.large_string()), seed), kind="stable")
+  return np.random.default_rng(seed).permutation(len(user_ids))
+
+
 def split_order(
-  num_users: int, n_train: int, n_test: int, seed: int, test_offset: int = -1
+  num_users: int, n_train: int, n_test: int, seed: int, test_offset: int = -1, order: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-  """(the other users, the test users) of the split by user, in the order of
-  numpy.random.default_rng(seed).permutation(U): the test users are the n_test from position test_offset (-1: right
-  after the first n_train), so runs with different n_train can share one test set."""
-  perm = np.random.default_rng(seed).permutation(num_users)
+  """(the other users, the test users) of the split by user, in the order of `order` (default
+  numpy.random.default_rng(seed).permutation(U); see `user_order`): the test users are the n_test from position
+  test_offset (-1: right after the first n_train), so runs with different n_train can share one test set."""
+  perm = np.random.default_rng(seed).permutation(num_users) if order is None else order
   at = n_train if test_offset < 0 else test_offset
   return np.concatenate([perm[:at], perm[at + n_test :]]), perm[at : at + n_test]
 
 
 def split_users(
-  seqs: UserSequences, n_train: int, n_test: int, seed: int, test_offset: int = -1
+  seqs: UserSequences, n_train: int, n_test: int, seed: int, test_offset: int = -1, split: str = "permutation"
 ) -> tuple[UserSequences, UserSequences]:
-  """The split by user (split_order): the first n_train of the other users train (0: all of them), the test users
-  are held out. Training users keep their whole sequence as history; a test user's target is everything after
-  the opening BOS."""
-  rest, test = split_order(seqs.num_users, n_train, n_test, seed, test_offset)
+  """The split by user (split_order, in `user_order`): the first n_train of the other users train (0: all of
+  them), the test users are held out. Training users keep their whole sequence as history; a test user's target
+  is everything after the opening BOS."""
+  order = user_order(seqs.user_ids, seed, split)
+  rest, test = split_order(seqs.num_users, n_train, n_test, seed, test_offset, order)
   train = seqs.subset(rest[:n_train] if n_train else rest)
   return dataclasses.replace(train, split=train.offsets[1:].copy()), held_out_users(seqs, test)
 
@@ -242,10 +254,10 @@ def held_out_users(seqs: UserSequences, idx: np.ndarray) -> UserSequences:
 
 
 def spare_users(
-  num_users: int, n_train: int, n_test: int, n: int, seed: int, test_offset: int = -1
+  num_users: int, n_train: int, n_test: int, n: int, seed: int, test_offset: int = -1, order: np.ndarray | None = None
 ) -> np.ndarray | None:
   """The n users after the training users in split_order's other users, when --train_users leaves that many."""
-  rest, _ = split_order(num_users, n_train, n_test, seed, test_offset)
+  rest, _ = split_order(num_users, n_train, n_test, seed, test_offset, order)
   if not n_train or len(rest) - n_train < n:
     return None
   return rest[n_train : n_train + n]
