@@ -313,7 +313,8 @@ def _summary(report: dict, workdir: str) -> None:
     best = min(lms, key=nll.get)
     note = " (HeTLM kept its warm-start LM: no HeTLM pass beat it)" if report.get("hetlm_is_init_lm") else ""
     print(f"lowest among the LMs: {best}{note}; per-user intervals and the other metrics are in the report")
-  print(f"report: {Path(workdir) / 'report.md'} (eval.json, assignments.parquet and checkpoints/ beside it)")
+  assignments = "assignments/" if (Path(workdir) / "assignments").is_dir() else "assignments.parquet"  # workdir.py
+  print(f"report: {Path(workdir) / 'report.md'} (eval.json, {assignments} and checkpoints/ beside it)")
 
 
 def _generate(data: str | None) -> int:

@@ -5,6 +5,8 @@
   sessions.json        whether the training histories end their sessions, and a generated session's length
   metrics.jsonl        one record per logged step, validation, round and stop (train/metrics.py)
   assignments.parquet  the cluster of every training user: user_id (as in the input), cluster
+  assignments/         the same, from a job of several processes: one Parquet part per process (its own users)
+                       and manifest.json, written last (read_assignments reads either)
   eval.json, report.md and its figures    the evaluation (eval/)
   tuned.json           --tune_baselines: which candidate family each tuned name is
   k_auto.json          --k=auto: the K chosen, and every candidate's validation NLL
@@ -20,6 +22,7 @@ Training, evaluation, prediction, the benchmark and the scripts read a run throu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -49,6 +52,8 @@ CONFIG_FILE = "config.json"
 SESSIONS_FILE = "sessions.json"
 METRICS_FILE = "metrics.jsonl"
 ASSIGNMENTS_FILE = "assignments.parquet"
+ASSIGNMENTS_DIR = "assignments"
+ASSIGNMENTS_MANIFEST = "manifest.json"
 EVAL_FILE = "eval.json"
 REPORT_FILE = "report.md"
 NLL_FIGURE, ROUNDS_FIGURE, K_FIGURE = "nll_per_user.png", "rounds.png", "nll_vs_k.png"  # report.md's figures
@@ -223,24 +228,71 @@ def read_sessions(workdir: Path) -> dict:
 
 
 def write_assignments(workdir: Path, seqs: UserSequences, assignment_U: np.ndarray, int_ids: bool) -> None:
-  """assignments.parquet (user_id as in the input, cluster), replaced atomically; by process 0 alone."""
-  if not hosts.is_primary():
-    return
+  """The cluster of every training user (user_id as in the input, cluster). One process: assignments.parquet,
+  replaced atomically. Several: each process writes the users it owns (data/ownership.py) as its part of
+  assignments/, the parts named by a digest of the assignment so a round never overwrites the parts the manifest
+  names; then process 0 writes assignments/manifest.json (what readers go by) and removes the previous parts. The
+  form written last removes the other, so a run resumed with another number of processes leaves one."""
+  process, processes = hosts.share()
   ids = pa.array(seqs.user_ids.astype(np.int64) if int_ids else seqs.user_ids.astype(str))
-  with written(workdir / ASSIGNMENTS_FILE) as tmp:
-    pq.write_table(pa.table({"user_id": ids, "cluster": pa.array(assignment_U, pa.int32())}), tmp)
+  table = pa.table({"user_id": ids, "cluster": pa.array(assignment_U, pa.int32())})
+  folder = workdir / ASSIGNMENTS_DIR
+  if processes == 1:
+    with written(workdir / ASSIGNMENTS_FILE) as tmp:
+      pq.write_table(table, tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    return
+  tag = hashlib.sha256(np.ascontiguousarray(assignment_U, np.int32).tobytes()).hexdigest()[:12]
+  names = [f"part-{p:05d}-of-{processes:05d}-{tag}.parquet" for p in range(processes)]
+  folder.mkdir(parents=True, exist_ok=True)
+  mine = owners(pa.array(seqs.user_ids.astype(str)), processes) == process
+  with written(folder / names[process], hidden=True) as tmp:
+    pq.write_table(table.filter(pa.array(mine)), tmp)
+  hosts.barrier("assignment parts written")
+  if hosts.is_primary():
+    previous = _assignment_manifest(folder).get("parts", [])
+    replace_text(folder / ASSIGNMENTS_MANIFEST, json.dumps({"parts": names, "users": len(assignment_U)}) + "\n")
+    for name in set(previous) - set(names):
+      (folder / name).unlink(missing_ok=True)
+    (workdir / ASSIGNMENTS_FILE).unlink(missing_ok=True)
+
+
+def _assignment_manifest(folder: Path) -> dict:
+  try:
+    return json.loads((folder / ASSIGNMENTS_MANIFEST).read_text())
+  except (OSError, ValueError):
+    return {}
+
+
+def assignments_path(workdir: Path) -> Path | None:
+  """Where a run's assignment is: assignments.parquet, or the manifest of assignments/ (the newer if both are
+  there, as after a stop between writing one and removing the other); None when there is none."""
+  found = [p for p in (workdir / ASSIGNMENTS_FILE, workdir / ASSIGNMENTS_DIR / ASSIGNMENTS_MANIFEST) if p.exists()]
+  return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def read_assignments(workdir: Path) -> pa.Table | None:
+  """The run's assignment as one table (user_id, cluster), from either form (write_assignments); None when
+  there is none. A part that cannot be read is one HetlmError line."""
+  path = assignments_path(Path(workdir))
+  if path is None:
+    return None
+  try:
+    if path.name == ASSIGNMENTS_FILE:
+      return pq.read_table(path)
+    return pa.concat_tables([pq.read_table(path.parent / name) for name in _assignment_manifest(path.parent)["parts"]])
+  except (OSError, KeyError, pa.ArrowException) as e:
+    raise HetlmError(f"{path}: the assignment cannot be read ({e})") from None
 
 
 class SavedAssignment:
-  """assignments.parquet of a workdir: the cluster each training user ended in (none when the file is absent)."""
+  """The assignment of a workdir (read_assignments): the cluster each training user ended in (none when there
+  is none)."""
 
   def __init__(self, workdir: Path):
-    path = workdir / ASSIGNMENTS_FILE
-    saved = (
-      pq.read_table(path)
-      if path.exists()
-      else pa.table({"user_id": pa.array([], pa.string()), "cluster": pa.array([], pa.int32())})
-    )
+    saved = read_assignments(Path(workdir))
+    if saved is None:
+      saved = pa.table({"user_id": pa.array([], pa.string()), "cluster": pa.array([], pa.int32())})
     self._ids, self._cluster = pc.cast(saved["user_id"], pa.string()), saved["cluster"].to_numpy()
 
   def lookup(self, user_ids: np.ndarray) -> np.ndarray:

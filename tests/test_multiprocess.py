@@ -10,7 +10,10 @@ import pyarrow.parquet as pq
 from synthetic import markov_events
 from tiny_run import REPO, assert_same_result, hetlm_process, train_args
 
+from hetlm_jax import Predictor
+from hetlm_jax.data.ownership import owners
 from hetlm_jax.main import cli
+from hetlm_jax.workdir import read_assignments
 
 
 def test_two_processes_train_and_evaluate_as_one_process_with_four_devices_and_only_process_0_writes(
@@ -24,7 +27,21 @@ def test_two_processes_train_and_evaluate_as_one_process_with_four_devices_and_o
   # Written once: as many records as the one-process run, and the same files.
   lines = lambda d: [json.loads(line)["kind"] for line in (d / "metrics.jsonl").read_text().splitlines()]
   assert lines(tmp_path / "two") == lines(reference)
-  assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in reference.iterdir())
+  # the assignment as a part per process (each its own users) and a manifest, not one file gathered to process 0
+  names = lambda d: sorted(p.name.replace("assignments.parquet", "assignments") for p in d.iterdir())
+  assert names(tmp_path / "two") == names(reference) and (tmp_path / "two" / "assignments").is_dir()
+  manifest = json.loads((tmp_path / "two" / "assignments" / "manifest.json").read_text())
+  assert sorted(p.name for p in (tmp_path / "two" / "assignments").iterdir()) == sorted(
+    [*manifest["parts"], "manifest.json"]
+  )
+  parts = [pq.read_table(tmp_path / "two" / "assignments" / name)["user_id"] for name in manifest["parts"]]
+  assert [set(owners(ids, 2)) for ids in parts] == [{0}, {1}]  # each process wrote its own users, no stale part
+  assert "assignments/ and checkpoints/" in done.stdout
+  # the Predictor reads the parts: every training user keeps the one-process run's cluster
+  reference_table = read_assignments(reference)
+  users = reference_table["user_id"].to_numpy(zero_copy_only=False)
+  routing = Predictor.load(tmp_path / "two").assign([["/p/2"] for _ in users], user_ids=users)
+  assert routing.saved.all() and (routing.cluster == reference_table["cluster"].to_numpy()).all()
   # `hetlm evaluate` as two processes writes the same evaluation again (with the training's provenance).
   written = (tmp_path / "two" / "eval.json").stat().st_mtime_ns
   again = hetlm_process(["evaluate", f"--workdir={tmp_path / 'two'}"], processes=2, devices=2)

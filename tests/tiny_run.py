@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from synthetic import markov_events
 
+from hetlm_jax.workdir import read_assignments
+
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = [
   "--context=16",
@@ -49,9 +51,11 @@ def hetlm_process(args: list[str], processes: int = 1, devices: int = 4, timeout
 
 
 def assert_same_result(expected: Path, actual: Path, rtol: float = 1e-5, unlike: tuple[str, ...] = ()) -> None:
-  """Same assignments.parquet, and eval.json equal within float tolerance but for wall-clock times and the keys
-  `unlike` (e.g. "data", a run on the same events from another path)."""
-  assert pq.read_table(expected / "assignments.parquet").equals(pq.read_table(actual / "assignments.parquet"))
+  """Same assignment (assignments.parquet, or the parts of a job of several processes, in user order), and
+  eval.json equal within float tolerance but for wall-clock times and the keys `unlike` (e.g. "data", a run on
+  the same events from another path)."""
+  by_user = lambda run: read_assignments(run).sort_by("user_id")
+  assert by_user(expected).equals(by_user(actual))
   a, b = (json.loads((d / "eval.json").read_text()) for d in (expected, actual))
 
   def same(x, y, path):
