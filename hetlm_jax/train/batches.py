@@ -134,8 +134,8 @@ class ClusterBatches:
       a, b = k * self.capacity + first_slot, k * self.capacity + first_slot + (r1 - r0) * self.width
       lo, hi = np.searchsorted(plan["end"], a, side="right"), np.searchsorted(plan["start"], b, side="left")
       copy = np.arange(lo, hi)
-      at = np.full(len(copy), a)
-      spans.append((copy, np.maximum(plan["start"][copy], a), np.minimum(plan["end"][copy], b), at, at * 0 + k - k0))
+      at, local = np.full(len(copy), a), np.full(len(copy), k - k0)
+      spans.append((copy, np.maximum(plan["start"][copy], a), np.minimum(plan["end"][copy], b), at, local))
     copy_C, from_C, to_C, base_C, local_C = (np.concatenate(part) for part in zip(*spans, strict=True))
     n_C = np.maximum(to_C - from_C, 0)
     copy = np.repeat(copy_C, n_C)
