@@ -133,7 +133,8 @@ def test_a_small_cluster_repeats_its_users_at_most_max_repeat_times_a_pass():
   assignment = (np.arange(seqs.num_users) < 4).astype(np.int32)  # cluster 1: 4 users, cluster 0: the rest
   for cap, expected in ((0, None), (2, 2)):
     batches = ClusterBatches(seqs, assignment, 2, 8, 16, 1, 0, 0, max_repeat=cap)
-    tokens, segments, weights = batches._pack(0)
+    epoch = [batches.batch(s) for s in range(batches.steps_per_epoch)]
+    tokens, segments, weights = (np.concatenate(parts, axis=1) for parts in zip(*epoch, strict=True))
     copies = len(np.unique(segments[1][segments[1] > 0]))
     examples = int((assignment == 1).sum())
     if expected is None:
