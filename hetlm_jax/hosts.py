@@ -127,9 +127,8 @@ def put(x, sharding) -> jax.Array:
   """A host array that every process holds whole (same values) → a global array; each process copies only
   its own block to its own devices."""
   x = np.asarray(x)
-  if jax.process_count() == 1:
-    return jax.device_put(x, sharding)
-  return jax.make_array_from_process_local_data(sharding, x[local_block(sharding, x.shape)], x.shape)
+  block = x if jax.process_count() == 1 else x[local_block(sharding, x.shape)]
+  return put_block((block,), sharding, x.shape)[0]
 
 
 def put_block(xs, sharding, shape: tuple[int, ...]) -> tuple:

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from hetlm_jax import hosts
 from hetlm_jax.config import Config, ModelConfig, resume_differences
-from hetlm_jax.data.ownership import owners
+from hetlm_jax.data.ownership import owned_rows, owners
 from hetlm_jax.data.prepare import Prepared, prepare_data
 from hetlm_jax.data.sequences import UserSequences, session_length_from_data
 from hetlm_jax.data.tokenizer import FILE_NAME as TOKENIZER_FILE
@@ -245,9 +245,8 @@ def write_assignments(workdir: Path, seqs: UserSequences, assignment_U: np.ndarr
   tag = hashlib.sha256(np.ascontiguousarray(assignment_U, np.int32).tobytes()).hexdigest()[:12]
   names = [f"part-{p:05d}-of-{processes:05d}-{tag}.parquet" for p in range(processes)]
   folder.mkdir(parents=True, exist_ok=True)
-  mine = owners(pa.array(seqs.user_ids.astype(str)), processes) == process
   with written(folder / names[process], hidden=True) as tmp:
-    pq.write_table(table.filter(pa.array(mine)), tmp)
+    pq.write_table(owned_rows(table, process, processes), tmp)
   hosts.barrier("assignment parts written")
   if hosts.is_primary():
     previous = _assignment_manifest(folder).get("parts", [])

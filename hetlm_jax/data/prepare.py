@@ -99,6 +99,7 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
         f"{path}: {seqs.num_users:,} users, too few for --train_users={d.train_users} and "
         f"--test_users={d.test_users}{offset}"
       )
+    order = user_order(seqs.user_ids, d.split_seed, d.split)  # the users' random order, once for both cuts
     spare = spare_users(
       seqs.num_users,
       d.train_users,
@@ -106,10 +107,10 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
       round(cfg.train.val_frac * d.train_users),
       d.split_seed,
       d.test_offset,
-      user_order(seqs.user_ids, d.split_seed, d.split),
+      order,
     )
     val_seqs = None if spare is None or not len(spare) else held_out_users(seqs, spare)
-    seqs, test_seqs = split_users(seqs, d.train_users, d.test_users, d.split_seed, d.test_offset, d.split)
+    seqs, test_seqs = split_users(seqs, d.train_users, d.test_users, d.split_seed, d.test_offset, order)
     stats.update(users=seqs.num_users, test_users=test_seqs.num_users, test_tokens=test_seqs.num_tokens)
   if not given:
     # A training user's history is all that trains (split_users makes a training user's whole sequence

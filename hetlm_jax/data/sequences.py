@@ -236,12 +236,11 @@ def split_order(
 
 
 def split_users(
-  seqs: UserSequences, n_train: int, n_test: int, seed: int, test_offset: int = -1, split: str = "permutation"
+  seqs: UserSequences, n_train: int, n_test: int, seed: int, test_offset: int = -1, order: np.ndarray | None = None
 ) -> tuple[UserSequences, UserSequences]:
-  """The split by user (split_order, in `user_order`): the first n_train of the other users train (0: all of
-  them), the test users are held out. Training users keep their whole sequence as history; a test user's target
-  is everything after the opening BOS."""
-  order = user_order(seqs.user_ids, seed, split)
+  """The split by user (split_order, in `order`: see `user_order`): the first n_train of the other users train
+  (0: all of them), the test users are held out. Training users keep their whole sequence as history; a test
+  user's target is everything after the opening BOS."""
   rest, test = split_order(seqs.num_users, n_train, n_test, seed, test_offset, order)
   train = seqs.subset(rest[:n_train] if n_train else rest)
   return dataclasses.replace(train, split=train.offsets[1:].copy()), held_out_users(seqs, test)
