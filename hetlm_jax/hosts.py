@@ -1,16 +1,17 @@
 """One process per host: starting jax.distributed, which process writes, and global arrays fed from host rows.
 
 Every process runs the same program on the same data: the same tokenizer, users and batch order (all of
-them derive from the data and the seed). Each builds a step's global batch on its host, deterministically,
-and puts on its own devices only the rows (and clusters) those devices hold; results every process needs
-(scores, metrics, hidden states) are gathered to every process, so every host makes the same decisions
-(early stopping, the E-step's assignment). Only process 0 writes files other than checkpoints, which orbax
-writes collectively.
+them derive from the data and the seed). Each builds only its own devices' block of a step's global batch
+(rows, and clusters when K is sharded over hosts), deterministically; in a scoring pass each group of processes
+lays out only its share of the users on its rows. Results every process needs (per-user scores, metrics, hidden
+states) are gathered to every process, so every host makes the same decisions (early stopping, the E-step's
+assignment). Only process 0 writes files other than checkpoints, which orbax writes collectively.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 
 import jax
@@ -195,6 +196,29 @@ def gather_bytes(blob: bytes) -> list[bytes | memoryview]:
       n = max(min(int(size) - at, piece), 0)
       every[i][at : at + n] = got[i, :n].tobytes()
   return [memoryview(b) for b in every]
+
+
+def gather_arrays(*arrays: np.ndarray) -> list[list[np.ndarray]]:
+  """Every process's `arrays` (any shapes and dtypes), in process order (every process must call this at the same
+  point): through `gather_bytes`, so per-user results come back without padding every process to the largest."""
+  if jax.process_count() == 1:
+    return [[np.asarray(a) for a in arrays]]
+  sent = io.BytesIO()
+  np.save(sent, np.array(len(arrays)))
+  for a in arrays:
+    np.save(sent, np.asarray(a), allow_pickle=False)
+  every = []
+  for blob in gather_bytes(sent.getvalue()):
+    got = io.BytesIO(blob)
+    every.append([np.load(got, allow_pickle=False) for _ in range(int(np.load(got)))])
+  return every
+
+
+def most(value: int) -> int:
+  """The largest `value` (an int32) over the processes (every process must call this at the same point)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(np.asarray(multihost_utils.process_allgather(np.array([value], np.int32))).max())
 
 
 def barrier(name: str) -> None:

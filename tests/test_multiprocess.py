@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 from synthetic import markov_events
 from tiny_run import REPO, assert_same_result, hetlm_process, train_args
@@ -230,3 +231,31 @@ def test_the_slurm_script_requeues_a_job_that_hetlm_stopped_and_not_one_that_fin
     )
     assert done.returncode == status and record.read_text() == calls, (outcome, done.stdout, done.stderr)
     assert not (tmp_path / "hetlm-4242.stopped").exists()
+
+
+def test_each_process_scores_and_embeds_its_own_share_of_the_users_and_every_process_ends_with_all_of_them(tmp_path):
+  """2 processes x 2 devices: each lays out and scores half of the users on its own rows of every scoring batch (one
+  half needs more batches than the other), then both hold every user's sums, as one process with 4 devices does."""
+  script = [sys.executable, str(REPO / "tests" / "score_in_processes.py")]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+  for out, command in (
+    ("one", script),
+    ("two", [str(REPO / "launch" / "local.sh"), "2", "2", *script]),
+  ):
+    run_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"} if out == "one" else env
+    done = subprocess.run(
+      [*command, str(tmp_path / out)], cwd=REPO, env=run_env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+  one = np.load(tmp_path / "one" / "process0.npz")
+  two = [np.load(tmp_path / "two" / f"process{p}.npz") for p in range(2)]
+  assert one["share"].tolist() == [0, 1] and len(one["laid_out"]) == 150
+  assert [run["share"].tolist() for run in two] == [[0, 2], [1, 2]]
+  assert [run["laid_out"].tolist() for run in two] == [list(range(75)), list(range(75, 150))]
+  for run in two:
+    for key in ("tokens", "target_tokens"):
+      np.testing.assert_array_equal(run[key], one[key])
+    for key in ("history", "target", "embedding"):
+      np.testing.assert_allclose(run[key], one[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  assert one["tokens"][:60].min() > 0 and one["target_tokens"].min() > 0  # something was scored for each

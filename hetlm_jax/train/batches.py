@@ -195,8 +195,10 @@ class ScoringBatches:
     return batch_rows * (width // cls.slot_widths(width)[-1])
 
   def batch(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """tokens and segments [B, T+1] int32, score mask [B, T] bool, user of each token [B, T+1] (-1: none)."""
-    windows = self.by_batch[self.batch_start[i] : self.batch_start[i + 1]]
+    """tokens and segments [B, T+1] int32, score mask [B, T] bool, user of each token [B, T+1] (-1: none); past
+    the last batch, an empty one (a process with fewer batches than another waits for it with those)."""
+    i = min(i, self.num_batches)
+    windows = self.by_batch[self.batch_start[i] : self.batch_start[min(i + 1, self.num_batches)]]
     length = self.length_W[windows]
     window = np.repeat(windows, length)
     offset = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)

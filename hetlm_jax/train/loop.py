@@ -237,48 +237,98 @@ class Trainer:
           f"the training loss is {float(metrics['nll_sum'].sum())} at step {int(metrics['step'][0])}"
         )
 
+  def scoring_share(self) -> tuple[int, int, slice]:
+    """(g, G, rows): a scoring batch's rows are cut into G blocks, one per group of processes whose devices hold the
+    same rows, and this process's group g fills `rows` of them. Without a mesh over several hosts' rows: (0, 1,
+    every row)."""
+    if jax.process_count() == 1:
+      return 0, 1, slice(0, self.eval_batch)
+    rows = hosts.local_block(self._rows, (self.eval_batch,))[0]
+    size = rows.stop - rows.start
+    return rows.start // size, self.eval_batch // size, rows
+
+  def _scoring_batches(self, seqs: UserSequences, part: str, pages_only: bool = False):
+    """This process's group's users of `seqs` (a contiguous G-th of them), their ScoringBatches on its rows, the
+    number of batches every group runs (the most any has) and the group's first result slot."""
+    g, groups, rows = self.scoring_share()
+    users = np.array_split(np.arange(seqs.num_users), groups)[g]
+    mine = seqs if groups == 1 else seqs.subset(users)
+    batches = ScoringBatches(mine, part, self.cfg.model.context + 1, rows.stop - rows.start, pages_only)
+    count = batches.num_batches if groups == 1 else hosts.most(batches.num_batches)
+    return users, batches, count, g * ScoringBatches.max_windows(self.cfg.model.context + 1, rows.stop - rows.start)
+
+  def _put_rows(self, *blocks: np.ndarray) -> tuple:
+    """Global row-sharded arrays [eval_batch, ...] from this process's rows of each."""
+    return tuple(hosts.put_block((b,), self._rows, (self.eval_batch, *b.shape[1:]))[0] for b in blocks)
+
+  GATHER_USERS_BYTES = 256 * 2**20  # per process and gather: large per-user results go in several
+
+  def _gathered(self, users: np.ndarray, num_users: int, *results: np.ndarray) -> list[np.ndarray]:
+    """The whole [..., U] `results` from every group's [..., users] (the last axis per user; each group's users a
+    contiguous range), as every process holds them; one group: as they are."""
+    g, groups, _ = self.scoring_share()
+    if groups == 1:
+      return list(results)
+    first_G = np.cumsum([0, *(len(part) for part in np.array_split(np.arange(num_users), groups))])
+    per_user = sum(r.dtype.itemsize * int(np.prod(r.shape[:-1])) for r in results)  # the same on every process
+    chunk = max(1, self.GATHER_USERS_BYTES // max(per_user, 1))
+    whole = [np.zeros((*r.shape[:-1], num_users), r.dtype) for r in results]
+    for at in range(0, hosts.most(len(users)), chunk):
+      for got in hosts.gather_arrays(np.array(g), *(r[..., at : at + chunk] for r in results)):
+        start = first_G[int(got[0])] + at  # processes with the same rows send the same users: written twice, alike
+        for out, part in zip(whole, got[1:], strict=True):
+          out[..., start : start + part.shape[-1]] = part
+    return whole
+
   def score(
     self, params, seqs: UserSequences, part: str, label: str = "score", pages_only: bool = False
   ) -> tuple[np.ndarray, np.ndarray]:
     """NLL sums [K, U] of each user's history ('history') or held-out target ('target') under every model,
     and the number of scored tokens [U]. `pages_only`: only page tokens are scored, each given that the
-    sequence goes on (no end marker: BOS and EOS are neither scored nor predicted)."""
-    batches = ScoringBatches(seqs, part, self.cfg.model.context + 1, self.eval_batch, pages_only)
+    sequence goes on (no end marker: BOS and EOS are neither scored nor predicted).
+
+    With the batch's rows on several hosts, each group of processes lays out and scores only its own G-th of the
+    users on its own rows (host work O(U / G) a process), and the per-user sums are gathered at the end."""
+    users, batches, count, first_slot = self._scoring_batches(seqs, part, pages_only)
     score_batch = self.score_pages_batch if pages_only else self.score_batch
-    progress = Progress(batches.num_batches, label, every=10)
-    nll_KxU = np.zeros((self.k, seqs.num_users))
-    tokens_U = np.zeros(seqs.num_users, np.int64)
+    progress = Progress(count, label, every=10)
+    nll_KxU = np.zeros((self.k, len(users)))
+    tokens_U = np.zeros(len(users), np.int64)
     pending = None
-    for i in range(batches.num_batches):
+    for i in range(count):
       tokens, segments, mask, owner = batches.batch(i)
       users_R, local_BxT, count_R = scored_users(mask, owner)
-      sums_KxR = score_batch(params, *hosts.put_all((tokens, segments, mask, np.maximum(local_BxT, 0)), self._rows))
+      local_BxT = np.where(local_BxT >= 0, local_BxT + first_slot, 0).astype(np.int32)
+      sums_KxR = score_batch(params, *self._put_rows(tokens, segments, mask, local_BxT))
       if pending is not None:  # add batch i-1 while batch i runs
         self._add_scores(nll_KxU, *pending)
-      pending = (sums_KxR, users_R)
+      pending = (sums_KxR, users_R, first_slot)
       tokens_U[users_R] += count_R
       progress.update(i + 1)
     self._add_scores(nll_KxU, *pending)
     progress.close()
-    return nll_KxU, tokens_U
+    return tuple(self._gathered(users, seqs.num_users, nll_KxU, tokens_U))
 
   @staticmethod
-  def _add_scores(nll_KxU, sums_KxR, users_R):
-    nll_KxU[:, users_R] += np.asarray(hosts.fetch(sums_KxR))[:, : len(users_R)]
+  def _add_scores(nll_KxU, sums_KxR, users_R, first_slot):
+    nll_KxU[:, users_R] += np.asarray(hosts.fetch(sums_KxR))[:, first_slot : first_slot + len(users_R)]
 
   def embed(self, params, seqs: UserSequences) -> np.ndarray:
-    """Each user's mean final hidden state over their history window under every model: [K, U, D]."""
-    batches = ScoringBatches(seqs, "history", self.cfg.model.context + 1, self.eval_batch)
-    k, u, d = self.k, seqs.num_users, self.cfg.model.d_model
+    """Each user's mean final hidden state over their history window under every model: [K, U, D] (each group of
+    processes adds up its own users, as `score` does)."""
+    users, batches, count, _ = self._scoring_batches(seqs, "history")
+    rows = self.scoring_share()[2]
+    k, u, d = self.k, len(users), self.cfg.model.d_model
     sums_UxKD = np.zeros((u, k * d))
-    for i in range(batches.num_batches):
+    for i in range(count):
       tokens, segments, _, owner = batches.batch(i)
       real = owner >= 0
-      h_KxNxD = np.asarray(hosts.fetch(self.hidden_batch(params, *hosts.put_all((tokens, segments), self._rows))))
-      h_KxNxD = h_KxNxD[:, real]
+      h_KxNxD = np.asarray(hosts.fetch(self.hidden_batch(params, *self._put_rows(tokens, segments))))
+      h_KxNxD = h_KxNxD[:, rows][:, real]
       add_by_user(sums_UxKD, owner[real], h_KxNxD.transpose(1, 0, 2).reshape(-1, k * d))
     means_UxKD = sums_UxKD / np.maximum(batches.length_U, 1)[:, None]
-    return means_UxKD.reshape(u, k, d).transpose(1, 0, 2)
+    (means_KDxU,) = self._gathered(users, seqs.num_users, means_UxKD.T)
+    return means_KDxU.T.reshape(seqs.num_users, k, d).transpose(1, 0, 2)
 
   def next_logprobs(
     self, params, seqs: UserSequences, users_B: np.ndarray, cluster_B: np.ndarray | None = None
