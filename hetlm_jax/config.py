@@ -113,6 +113,12 @@ class TrainConfig:
   max_repeat: int = _option(
     0, "With --balance: a smaller cluster's users appear at most this many times per pass (0: no cap)."
   )
+  data_shards: int = _option(
+    1,
+    "Cut the users into this many shards by a hash of their id, each filling its own --batch_size / N rows of "
+    "every batch from its own users (1: every row from all users). A multiple of the hosts holding different rows "
+    "lets each build its rows from its own users; the batches do not depend on the number of processes.",
+  )
   tensorboard: bool = _option(
     False,
     "Also write TensorBoard event files beside metrics.jsonl, one run per model in WORKDIR/tensorboard (needs "
@@ -369,6 +375,10 @@ def validate(cfg: Config) -> None:
     (t.warm_epochs >= 1, f"--warm_epochs={t.warm_epochs} must be at least 1"),
     (0.0 < t.val_every <= 1.0, f"--val_every={t.val_every} must be in (0, 1]"),
     (t.max_repeat >= 0, f"--max_repeat={t.max_repeat} must be non-negative"),
+    (
+      t.data_shards >= 1 and t.batch_size % t.data_shards == 0,
+      f"--data_shards={t.data_shards} must be at least 1 and divide --batch_size={t.batch_size}",
+    ),
     (0.0 <= t.val_frac < 1.0, f"--val_frac={t.val_frac} must be in [0, 1)"),
     (
       t.val_frac > 0 or (t.patience == 0 and c.k != 0),

@@ -1,9 +1,11 @@
 """Host memory and seconds of one epoch of training batches (train/batches.py ClusterBatches), for a process
 that builds the whole global batch (P=1) or its block of it (--processes=P: 1/P of the rows), on generated
 sequences; with --ref=COMMIT, the ClusterBatches of that commit instead (e.g. 3de7d00, which packed a whole epoch
-of tokens at once), for the before/after figures of docs/SCALING.md.
+of tokens at once), for the before/after figures of docs/SCALING.md. With --data_shards=S, the ShardedBatches
+of this commit (--data_shards): a process plans and builds only the shards its rows hold.
 
   python scripts/batch_memory.py --users=1000000 --k=8 --out=docs/batch_memory.json
+  python scripts/batch_memory.py --users=1000000 --k=8 --refs= --data_shards=4 --out=docs/batch_memory_shards.json
 
 Each cell runs in a fresh process, so its peak RSS is its own; the figure is the peak over the epoch minus the
 RSS once the sequences exist.
@@ -67,8 +69,14 @@ def cell(args) -> dict:
   assignment = np.random.default_rng(1).integers(0, args.k, seqs.num_users)
   base = _rss_mib()
   start = time.perf_counter()
-  batches = ClusterBatches(seqs, assignment, args.k, args.batch, args.context, 1, 0, 0)
   rows = slice(0, args.batch // args.processes)
+  if args.data_shards > 1:
+    from hetlm_jax.train.batches import ShardedBatches
+
+    shape = (args.k, args.batch, args.context, 1)
+    batches = ShardedBatches(seqs, assignment, *shape, shards=args.data_shards, rows=rows, seed=0, round_index=0)
+  else:
+    batches = ClusterBatches(seqs, assignment, args.k, args.batch, args.context, 1, 0, 0)
   real = 0
   for s in range(batches.steps_per_epoch):
     if args.ref:  # the old class builds the whole batch; a process then kept its rows
@@ -80,6 +88,7 @@ def cell(args) -> dict:
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return {
     "ref": args.ref or "this commit",
+    "data_shards": args.data_shards,
     "processes": args.processes,
     "users": seqs.num_users,
     "tokens": seqs.num_tokens,
@@ -87,7 +96,7 @@ def cell(args) -> dict:
     "batch": args.batch,
     "context": args.context,
     "steps_per_epoch": batches.steps_per_epoch,
-    "epoch_slots": batches.k * batches.capacity,
+    "epoch_slots": batches.k * batches.steps_per_epoch * args.batch * (args.context + 1),
     "tokens_built": real,
     "epoch_seconds": round(seconds, 2),
     "peak_mib_over_sequences": round(peak - base, 1),
@@ -103,6 +112,7 @@ def main() -> None:
   parser.add_argument("--context", type=int, default=64)
   parser.add_argument("--refs", default="3de7d00,", help="comma-separated commits ('' = this commit)")
   parser.add_argument("--processes_list", default="1,2,4")
+  parser.add_argument("--data_shards", type=int, default=1)
   parser.add_argument("--ref", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
   parser.add_argument("--out", default="")
@@ -113,7 +123,8 @@ def main() -> None:
   rows = []
   for ref in args.refs.split(","):
     for p in (int(x) for x in args.processes_list.split(",")):
-      flags = [f"--{name}={getattr(args, name)}" for name in ("users", "mean_len", "k", "batch", "context")]
+      names = ("users", "mean_len", "k", "batch", "context", "data_shards")
+      flags = [f"--{name}={getattr(args, name)}" for name in names]
       out = subprocess.run(
         [sys.executable, __file__, *flags, f"--ref={ref}", f"--processes={p}"],
         check=True,

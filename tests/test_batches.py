@@ -2,13 +2,16 @@
 
 import jax
 import numpy as np
+import pyarrow as pa
 from synthetic import markov_events
 
+from hetlm_jax import hosts
 from hetlm_jax.config import Config, ModelConfig, TrainConfig
+from hetlm_jax.data.ownership import owners
 from hetlm_jax.data.sequences import build_sequences, history_windows, target_windows
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.model import PageLM, init_params
-from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, add_by_user, scored_users
+from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, ShardedBatches, add_by_user, scored_users
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.split import model_params
 from hetlm_jax.train.step import packed_loss_mask, token_nll
@@ -212,3 +215,38 @@ def test_batches_built_a_block_at_a_time_equal_the_whole_epoch_packed_at_once():
           np.testing.assert_array_equal(got, want[clusters, rows])
     filled = sum(float((reference[e][1] > 0).mean()) for e in reference) / len(reference)
     assert abs(b.padding_fraction() - (1 - filled)) < 1e-12
+
+
+def test_sharded_batches_fill_each_shards_rows_from_its_own_users_and_a_process_builds_only_its_shards(monkeypatch):
+  """--data_shards=2: rows 0-1 of every cluster's batch come from the users whose id hashes to shard 0, rows 2-3
+  from shard 1; every user still weighs its history once an epoch; a process holding rows 2-3 plans shard 1 alone
+  and builds exactly those rows of the whole batches."""
+  seqs, _ = _seqs(80)
+  assignment = (np.arange(seqs.num_users) % 3 == 0).astype(np.int64)
+  shard_U = owners(pa.array(seqs.user_ids.astype(str)), 2)
+  assert 0 < shard_U.sum() < seqs.num_users
+  args = {"k": 2, "batch_size": 4, "context": 12, "epochs": 2, "seed": 0, "round_index": 0, "shards": 2}
+  whole = ShardedBatches(seqs, assignment, **args)
+  assert sorted(whole.parts) == [0, 1] and whole.steps_per_epoch >= max(p.steps_per_epoch for p in whole.parts.values())
+  weight_U = np.zeros(seqs.num_users)
+  for step in range(whole.steps):
+    tokens, segments, weights = whole.batch(step)
+    assert tokens.shape == (2, 4, 13)
+    for s, part in whole.parts.items():
+      rows = slice(2 * s, 2 * s + 2)
+      seg, w = segments[:, rows], weights[:, rows]
+      ids = part.seqs.user_ids[part.owner_X[part.order(step // whole.steps_per_epoch)[seg[seg > 0] - 1]]]
+      users = np.searchsorted(seqs.user_ids.astype(str), ids.astype(str))  # the users whose tokens these are
+      assert (seqs.user_ids[users] == ids).all() and (shard_U[users] == s).all()
+      np.add.at(weight_U, users, w[seg > 0])
+  expected = np.minimum(seqs.split - seqs.offsets[:-1], 13)
+  np.testing.assert_allclose(weight_U, 2 * expected, rtol=1e-5)
+  assert whole.tokens_per_epoch == sum(p.tokens_per_epoch for p in whole.parts.values())
+  # A process with rows 2-3 (the other process, with rows 0-1, brings the steps that shard 0 needs).
+  monkeypatch.setattr(hosts, "most", lambda value: max(value, whole.steps_per_epoch))
+  monkeypatch.setattr(hosts, "gather_arrays", lambda *mine: [list(mine), [np.array([0]), np.array([0])]])
+  block = ShardedBatches(seqs, assignment, **args, rows=slice(2, 4))
+  assert list(block.parts) == [1] and block.parts[1].seqs.num_users == int(shard_U.sum())
+  for step in range(whole.steps):
+    for got, expected in zip(block.batch(step, rows=slice(2, 4)), whole.batch(step), strict=True):
+      np.testing.assert_array_equal(got, expected[:, 2:4])

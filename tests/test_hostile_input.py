@@ -188,6 +188,7 @@ def test_a_bad_log_is_refused_naming_the_file_and_the_problem(tmp_path, capsys, 
     ("--k=-1", "--k=-1 must be at least 1"),
     ("--k=21", "--k=21 is more than the 20 usable users in"),
     ("--format=bogus", "--format='bogus'"),
+    ("--data_shards=3", "--data_shards=3 must be at least 1 and divide --batch_size="),
   ],
 )
 def test_a_bad_flag_is_refused_before_the_workdir_is_made(tmp_path, capsys, flag, needle):

@@ -259,3 +259,22 @@ def test_each_process_scores_and_embeds_its_own_share_of_the_users_and_every_pro
     for key in ("history", "target", "embedding"):
       np.testing.assert_allclose(run[key], one[key], rtol=1e-5, atol=1e-5, err_msg=key)
   assert one["tokens"][:60].min() > 0 and one["target_tokens"].min() > 0  # something was scored for each
+
+
+def test_with_data_shards_each_process_trains_on_its_shards_rows_and_the_run_resumes_on_one_process_to_the_same_end(
+  tiny_reference, tmp_path, capsys
+):
+  """--data_shards=2 on 2 processes x 2 devices: each process's rows of every batch come from its own shard's users;
+  stopped by SIGTERM and resumed by one process with 4 devices, it ends as the one-process run with those shards."""
+  log, reference = tiny_reference
+  one = hetlm_process(train_args(log, tmp_path / "one", "--data_shards=2"))
+  assert one.returncode == 0, one.stderr[-3000:]
+  losses = lambda d: [json.loads(line).get("loss") for line in (d / "metrics.jsonl").read_text().splitlines()]
+  assert losses(tmp_path / "one") != losses(reference)  # other batches than with every row from all users
+  args = train_args(log, tmp_path / "two", "--data_shards=2")
+  stopped = hetlm_process([*args, "--inject=sigterm@5"], processes=2, devices=2)
+  assert stopped.returncode == 0 and "The same command resumes" in stopped.stdout, stopped.stderr[-3000:]
+  assert not (tmp_path / "two" / "eval.json").exists()
+  assert cli(["hetlm", *args]) == 0
+  capsys.readouterr()
+  assert_same_result(tmp_path / "one", tmp_path / "two")

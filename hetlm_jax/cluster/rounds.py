@@ -38,7 +38,7 @@ from hetlm_jax.cluster.validation import Validation
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.errors import HetlmError
-from hetlm_jax.train.batches import ClusterBatches
+from hetlm_jax.train.batches import ClusterBatches, ShardedBatches, training_batches
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import MetricsLog
@@ -205,19 +205,8 @@ def train_family(
     with interrupt.stop_handler() as run.stop:  # the command's, when it has one
       while not rs.at.done:
         plan = run.policy.plan(rs.at)
-        batches = ClusterBatches(
-          seqs,
-          rs.assignment_U,
-          k,
-          cfg.train.batch_size,
-          cfg.model.context,
-          plan.passes,
-          cfg.train.seed,
-          rs.at.round,
-          rs.weights_UxK,
-          balance=cfg.train.balance,
-          max_repeat=cfg.train.max_repeat,
-        )
+        rows = run.trainer.batch_block(k)[1]  # the rows of every global batch this process builds
+        batches = training_batches(cfg, seqs, rs.assignment_U, k, plan.passes, rs.at.round, rs.weights_UxK, rows)
         checks, improved = m_step(run, rs, plan, batches)
         end_round(run, rs, plan, checks, improved)
         if on_round is not None:
@@ -296,7 +285,9 @@ def open_family(
   return run, rs
 
 
-def m_step(run: FamilyRun, rs: RoundState, plan: RoundPlan, batches: ClusterBatches) -> tuple[int, bool]:
+def m_step(
+  run: FamilyRun, rs: RoundState, plan: RoundPlan, batches: ClusterBatches | ShardedBatches
+) -> tuple[int, bool]:
   """The M-step: the K models train on their users, validated every plan.val_every passes, until `patience`
   validations bring nothing better or plan.passes are trained; the round's best point is kept in rs.best.
   Records the round's stop; returns (validations made, whether the round improved on its start)."""

@@ -19,8 +19,11 @@ are padding, so a cluster of few users does not see each of them many times per 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 
+from hetlm_jax import hosts
+from hetlm_jax.data.ownership import user_hash
 from hetlm_jax.data.sequences import UserSequences, all_windows
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 
@@ -28,7 +31,8 @@ from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 class ClusterBatches:
   """`weights_UxK` (soft EM): every user is an example of every cluster whose responsibility for the user
   is at least MIN_WEIGHT, its tokens weighted by it in that cluster's loss. Without: of its own cluster
-  in `assignment_U`, with weight 1. `balance`: see the module docstring."""
+  in `assignment_U`, with weight 1. `balance`: see the module docstring. `stream`: more seeds of the shuffles (a
+  shard's, in ShardedBatches)."""
 
   MIN_WEIGHT = 0.01
 
@@ -45,8 +49,9 @@ class ClusterBatches:
     weights_UxK: np.ndarray | None = None,
     balance: bool = True,
     max_repeat: int = 0,
+    stream: tuple[int, ...] = (),
   ):
-    self.seqs, self.assignment_U = seqs, np.asarray(assignment_U)
+    self.seqs, self.assignment_U, self.stream = seqs, np.asarray(assignment_U), stream
     self.k, self.batch_size, self.width, self.epochs = k, batch_size, context + 1, epochs
     self.seed, self.round_index, self.balance, self.max_repeat = seed, round_index, balance, max_repeat
     owner_W, first_W, lengths_W, _ = all_windows(seqs, "history", self.width)
@@ -58,13 +63,18 @@ class ClusterBatches:
     self.owner_X, self.first_X, self.lengths_X = owner_W[window_X], first_W[window_X], lengths_W[window_X]
     self.tokens_K = np.bincount(self.cluster_X, weights=self.lengths_X, minlength=k).astype(np.int64)
     rows = -(-int(self.tokens_K.max()) // self.width)
-    self.steps_per_epoch = max(1, -(-rows // batch_size))
-    self.capacity = self.steps_per_epoch * batch_size * self.width  # token slots per cluster per epoch
-    self.cycles_K = np.ones(k, np.int64)  # how many times each cluster's examples appear in an epoch
-    if balance:
+    self.set_steps(max(1, -(-rows // batch_size)))
+
+  def set_steps(self, steps_per_epoch: int) -> None:
+    """An epoch of `steps_per_epoch` steps: what the largest cluster needs (the default), or more (ShardedBatches
+    gives every shard the most that any shard needs)."""
+    self.steps_per_epoch = steps_per_epoch
+    self.capacity = steps_per_epoch * self.batch_size * self.width  # token slots per cluster per epoch
+    self.cycles_K = np.ones(self.k, np.int64)  # how many times each cluster's examples appear in an epoch
+    if self.balance:
       self.cycles_K = np.where(self.tokens_K > 0, -(-self.capacity // np.maximum(self.tokens_K, 1)), 0)
-      if max_repeat:
-        self.cycles_K = np.minimum(self.cycles_K, max_repeat)
+      if self.max_repeat:
+        self.cycles_K = np.minimum(self.cycles_K, self.max_repeat)
     # Token slots an epoch fills with real tokens (a cluster's last cycle is cut where its rows are full).
     self.tokens_per_epoch = int(np.minimum(self.cycles_K * self.tokens_K, self.capacity).sum())
     self._cached: tuple[int, dict] = (-1, {})
@@ -78,7 +88,7 @@ class ClusterBatches:
     """Examples of an epoch, by cluster: segment id s in that epoch is example order[s-1], a window of user
     owner_X[order[s-1]]. Without balance each example appears once, shuffled within its cluster; with it, a
     cluster's examples appear in `cycles` successive shuffles, the last one cut where its rows are full."""
-    rng = np.random.default_rng([self.seed, self.round_index, epoch])
+    rng = np.random.default_rng([self.seed, self.round_index, epoch, *self.stream])
     if not self.balance:
       return np.lexsort((rng.random(len(self.cluster_X)), self.cluster_X))
     cycles_K = self.cycles_K
@@ -154,6 +164,87 @@ class ClusterBatches:
   def padding_fraction(self) -> float:
     """Padded slots over all slots of an epoch's K x rows x (T+1) batches (the same for every epoch)."""
     return 1.0 - self.tokens_per_epoch / (self.k * self.capacity)
+
+
+class ShardedBatches:
+  """--data_shards=S: the users are cut into S shards by the hash of their id (data/ownership.py), and shard s fills
+  rows [s B/S, (s+1) B/S) of every cluster's batch from its own users alone: a ClusterBatches of B/S rows, shuffled
+  by its own stream, every shard's epoch as many steps as the largest shard needs (agreed over the processes).
+  A process plans and builds only the shards its rows hold (`rows`: its hosts.local_block), so when S is a multiple
+  of the groups of processes holding different rows, none touches another's users; and the batches are the same
+  whatever the number of processes, so a run resumes on any. Same interface as ClusterBatches."""
+
+  def __init__(
+    self,
+    seqs: UserSequences,
+    assignment_U: np.ndarray,
+    k: int,
+    batch_size: int,
+    context: int,
+    epochs: int,
+    shards: int = 2,
+    rows: slice = slice(None),
+    weights_UxK: np.ndarray | None = None,
+    **options,
+  ):
+    """`options`: ClusterBatches's seed, round_index, balance and max_repeat, for every shard."""
+    self.k, self.batch_size, self.width, self.epochs, self.shards = k, batch_size, context + 1, epochs, shards
+    self.rows_each = batch_size // shards
+    shard_U = (user_hash(pa.array(seqs.user_ids.astype(str))) % np.uint64(shards)).astype(np.int64)
+    self.parts: dict[int, ClusterBatches] = {}
+    for s in self._shards(rows):
+      users = np.flatnonzero(shard_U == s)
+      weights = None if weights_UxK is None else np.asarray(weights_UxK)[users]
+      sub = seqs.subset(users)
+      assigned = np.asarray(assignment_U)[users]
+      self.parts[s] = ClusterBatches(
+        sub, assigned, k, self.rows_each, context, epochs, weights_UxK=weights, stream=(s,), **options
+      )
+    self.steps_per_epoch = hosts.most(max(part.steps_per_epoch for part in self.parts.values()))
+    for part in self.parts.values():
+      part.set_steps(self.steps_per_epoch)
+    # Every shard's real tokens once, whichever processes built it.
+    tokens_S = {}  # every shard's real tokens an epoch, once, whichever processes built it
+    mine = (np.array(list(self.parts)), np.array([part.tokens_per_epoch for part in self.parts.values()]))
+    for built, tokens in hosts.gather_arrays(*mine):
+      tokens_S.update(zip(built.tolist(), tokens.tolist()))
+    self.tokens_per_epoch = sum(tokens_S.values())
+
+  def _shards(self, rows: slice) -> range:
+    r0, r1, _ = rows.indices(self.batch_size)
+    return range(r0 // self.rows_each, -(-r1 // self.rows_each))
+
+  @property
+  def steps(self) -> int:
+    """Steps of the round: steps per epoch times its epochs."""
+    return self.steps_per_epoch * self.epochs
+
+  def batch(
+    self, step_in_round: int, clusters: slice = slice(None), rows: slice = slice(None)
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ClusterBatches.batch: the block `clusters` x `rows`, each shard's rows from that shard."""
+    r0, r1, _ = rows.indices(self.batch_size)
+    pieces = []
+    for s in self._shards(rows):
+      first = s * self.rows_each
+      block = slice(max(r0, first) - first, min(r1, first + self.rows_each) - first)
+      pieces.append(self.parts[s].batch(step_in_round, clusters, block))
+    return tuple(np.concatenate(part, axis=1) for part in zip(*pieces, strict=True))
+
+  def padding_fraction(self) -> float:
+    """Padded slots over all slots of an epoch's K x rows x (T+1) batches."""
+    return 1.0 - self.tokens_per_epoch / (self.k * self.steps_per_epoch * self.batch_size * self.width)
+
+
+def training_batches(cfg, seqs: UserSequences, assignment_U, k: int, epochs: int, round_index: int, weights_UxK, rows):
+  """A round's batches by the config: ClusterBatches, or ShardedBatches with --data_shards above 1 (`rows`: the rows
+  of the global batch this process builds)."""
+  t = cfg.train
+  shape = (seqs, assignment_U, k, t.batch_size, cfg.model.context, epochs)
+  options = {"seed": t.seed, "round_index": round_index, "balance": t.balance, "max_repeat": t.max_repeat}
+  if t.data_shards > 1:
+    return ShardedBatches(*shape, shards=t.data_shards, rows=rows, weights_UxK=weights_UxK, **options)
+  return ClusterBatches(*shape, weights_UxK=weights_UxK, **options)
 
 
 class ScoringBatches:

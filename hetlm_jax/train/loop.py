@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from hetlm_jax import hosts, interrupt
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
-from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, add_by_user, prompts, scored_users
+from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, ShardedBatches, add_by_user, prompts, scored_users
 from hetlm_jax.train.metrics import MetricsLog, Progress
 from hetlm_jax.train.prefetch import Prefetcher
 from hetlm_jax.train.split import model_params, partition
@@ -134,7 +134,7 @@ class Trainer:
   def train_round(
     self,
     state: TrainState,
-    batches: ClusterBatches,
+    batches: ClusterBatches | ShardedBatches,
     log: MetricsLog | None = None,
     on_step=None,
     label: str = "train",
@@ -155,7 +155,7 @@ class Trainer:
     progress = Progress(until, label, every=1, initial=first)
     # This process builds only its block of each global batch (its rows, and its clusters if K is sharded).
     sharding, shape = self.train_step.batch_sharding, (batches.k, batches.batch_size, batches.width)
-    clusters, rows, _ = hosts.local_block(sharding, shape)
+    clusters, rows, _ = self.batch_block(batches.k)
     put = functools.partial(hosts.put_block, sharding=sharding, shape=shape)
 
     def make(s):
@@ -182,6 +182,12 @@ class Trainer:
       self.host_wait_s += feed.wait_s
     progress.close()
     return state
+
+  def batch_block(self, k: int) -> tuple[slice, ...]:
+    """(clusters, rows, tokens): the block of every global training batch [K, batch_size, T+1] that this
+    process's devices hold, so builds (hosts.local_block)."""
+    shape = (k, self.cfg.train.batch_size, self.cfg.model.context + 1)
+    return hosts.local_block(self.train_step.batch_sharding, shape)
 
   def _report(self, window: list, log, progress, window_start: float, done: int, record: dict | None) -> float:
     """Reads the window's metrics (waiting for its last step), shows them and, given a log, writes them as
