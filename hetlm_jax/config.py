@@ -200,6 +200,11 @@ class ClusterConfig:
     " on a single LM's mean hidden states).",
   )
   warm_start: bool = _option(True, "With --init=embedding, start every cluster model from that single LM.")
+  kmeans_users: int = _option(
+    1_000_000,
+    "With --init=embedding, k-means is fitted on at most this many users (drawn by a seeded hash of their ids), "
+    "and every user goes to the nearest centre.",
+  )
   soft: bool = _option(
     True,
     "Soft EM: after the first round every cluster model trains on every user, each weighted by the posterior of "
@@ -426,6 +431,7 @@ def validate(cfg: Config) -> None:
     (not c.tune_baselines or c.k != 0, "--tune_baselines needs a fixed --k (--k=auto already trains one HeTLM per K)"),
     (0.0 <= c.route_frac < 1.0, f"--route_frac={c.route_frac} must be in [0, 1)"),
     (0.0 <= c.min_cluster_frac < 1.0, f"--min_cluster_frac={c.min_cluster_frac} must be in [0, 1)"),
+    (c.kmeans_users >= 1, f"--kmeans_users={c.kmeans_users} must be at least 1"),
     (c.cluster_axis >= 1, f"--cluster_axis={c.cluster_axis} must be at least 1"),
     (
       _cluster_params_ok(c.cluster_params, m.n_layers),

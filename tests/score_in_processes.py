@@ -1,5 +1,6 @@
 """Run by tests/test_multiprocess.py, as one process or through launch/local.sh: scores and embeds a fixed set of
-users with a fixed tiny model and saves, per process, what it laid out and the results it ends with.
+users with a fixed tiny model, clusters them by the k-means initialisation fitted on a sample of them, and saves,
+per process, what it laid out and the results it ends with.
 
   python tests/score_in_processes.py OUT_DIR [--coordinator_address=... --num_processes=N --process_id=I]
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from hetlm_jax import hosts
+from hetlm_jax.cluster.assign import embedding_kmeans
 from hetlm_jax.config import ClusterConfig, Config, ModelConfig, TrainConfig
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.train.loop import Trainer
@@ -42,6 +44,7 @@ def main(out: Path, flags: list[str]) -> None:
     given.get("coordinator_address", ""), int(given.get("num_processes", 0)), int(given.get("process_id", -1))
   )
   trainer, seqs = Trainer(CFG, 2), users()
+  single = Trainer(CFG, 1)
   params = trainer.init_state().params
   group, groups, _ = trainer.scoring_share()
   laid_out = trainer._scoring_batches(seqs, "history")[0]
@@ -56,6 +59,7 @@ def main(out: Path, flags: list[str]) -> None:
     target=target_KxU,
     target_tokens=target_tokens_U,
     embedding=trainer.embed(params, seqs),
+    kmeans=embedding_kmeans(single, single.init_state().params, seqs, 3, 0, most_users=40),
   )
 
 

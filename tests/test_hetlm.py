@@ -4,15 +4,19 @@ import dataclasses
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
+from sklearn.preprocessing import normalize
 from synthetic import markov_events
 
 from hetlm_jax import pipeline
 from hetlm_jax.cluster import rounds as cluster_rounds
-from hetlm_jax.cluster.assign import reassign
+from hetlm_jax.cluster.assign import embedding_kmeans, kmeans, reassign
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
+from hetlm_jax.data.ownership import user_keys
 from hetlm_jax.pipeline import prepare_data, train_and_evaluate
 from hetlm_jax.train import loop
 
@@ -228,3 +232,18 @@ def test_the_history_scores_kept_from_the_last_e_step_are_those_of_the_returned_
   assert trained.history_nll is not None and trained.history_nll.shape == (3, seqs.num_users)
   fresh, _ = trained.trainer.score(trained.params, seqs, "history")
   np.testing.assert_allclose(trained.history_nll, fresh, rtol=1e-6)
+
+
+def test_embedding_kmeans_past_its_users_fits_a_sample_drawn_by_id_and_places_every_user_at_the_nearest_centre():
+  from score_in_processes import CFG, users
+
+  seqs, trainer = users(), loop.Trainer(CFG, 1)
+  params = trainer.init_state().params
+  x = normalize(trainer.embed(params, seqs)[0])
+  assert (embedding_kmeans(trainer, params, seqs, 3, 0, most_users=150) == kmeans(x, 3, 0)).all()  # every user
+  sampled = embedding_kmeans(trainer, params, seqs, 3, 0, most_users=40)
+  fitted = np.sort(np.argsort(user_keys(pa.array(seqs.user_ids.astype(str)), 0, 13))[:40])
+  centres = KMeans(3, n_init=4, random_state=0).fit(normalize(trainer.embed(params, seqs.subset(fitted))[0]))
+  nearest = np.argmin(((x[:, None, :] - centres.cluster_centers_[None]) ** 2).sum(-1), axis=1)
+  np.testing.assert_array_equal(sampled, nearest)
+  assert sorted(set(sampled.tolist())) == [0, 1, 2] and not np.isin(np.arange(150), fitted).all()

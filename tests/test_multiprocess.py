@@ -259,6 +259,9 @@ def test_each_process_scores_and_embeds_its_own_share_of_the_users_and_every_pro
     for key in ("history", "target", "embedding"):
       np.testing.assert_allclose(run[key], one[key], rtol=1e-5, atol=1e-5, err_msg=key)
   assert one["tokens"][:60].min() > 0 and one["target_tokens"].min() > 0  # something was scored for each
+  for run in two:  # k-means fitted on 40 users drawn by their ids, every user labelled by its own process group
+    np.testing.assert_array_equal(run["kmeans"], one["kmeans"])
+  assert sorted(set(one["kmeans"].tolist())) == [0, 1, 2]
 
 
 def test_with_data_shards_each_process_trains_on_its_shards_rows_and_the_run_resumes_on_one_process_to_the_same_end(

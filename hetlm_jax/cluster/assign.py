@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 from sklearn.cluster import KMeans
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.preprocessing import normalize
 
+from hetlm_jax.data.ownership import user_keys
 from hetlm_jax.data.sequences import UserSequences
 
 _TRANSITION_BUCKETS = 1 << 16  # page-pair features are hashed into this many columns
@@ -38,6 +40,21 @@ def user_features(seqs: UserSequences, vocab_size: int) -> sp.csr_matrix:
 def kmeans(x, k: int, seed: int) -> np.ndarray:
   """k-means (scikit-learn) on L2-normalised rows."""
   return KMeans(k, n_init=4, random_state=seed).fit_predict(normalize(x)).astype(np.int32)
+
+
+def embedding_kmeans(trainer, params, seqs: UserSequences, k: int, seed: int, most_users: int) -> np.ndarray:
+  """`kmeans` of the users' mean hidden states under a single LM (`trainer`, a train/loop.Trainer with K=1, and its
+  `params`). Past `most_users` users, it is fitted on that many of them, drawn by a seeded hash of their ids (the
+  same users whatever the number of processes), and every user goes to the nearest centre: each group of processes
+  labels its own users and only the labels are gathered, so no process holds every user's hidden state."""
+  if seqs.num_users <= most_users:
+    return kmeans(trainer.embed(params, seqs)[0], k, seed)
+  keys = user_keys(pa.array(seqs.user_ids.astype(str), pa.large_string()), seed, 13)
+  fitted = np.sort(np.argpartition(keys, most_users - 1)[:most_users])
+  centres = KMeans(k, n_init=4, random_state=seed).fit(normalize(trainer.embed(params, seqs.subset(fitted))[0]))
+  users, means_UxD = trainer.embed_share(params, seqs)
+  labels_U = centres.predict(normalize(means_UxD[:, : trainer.cfg.model.d_model])).astype(np.int32)
+  return trainer.gather_users(users, seqs.num_users, labels_U)[0]
 
 
 def kmeans_on_features(seqs: UserSequences, vocab_size: int, k: int, seed: int, dims: int = 64) -> np.ndarray:

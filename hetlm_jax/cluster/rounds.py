@@ -25,7 +25,7 @@ from hetlm_jax import hosts, interrupt
 from hetlm_jax.cluster.assign import (
   Reassignment,
   cluster_shares,
-  kmeans,
+  embedding_kmeans,
   kmeans_on_features,
   log_shares,
   min_cluster_size,
@@ -606,7 +606,7 @@ def initial_assignment(
   def initial():
     lm = single()
     interrupt.at_phase("kmeans")
-    return kmeans(lm.trainer.embed(lm.params, seqs)[0], k, seed)
+    return embedding_kmeans(lm.trainer, lm.params, seqs, k, seed, c.kmeans_users)
 
   return initial, ((lambda: single().params) if c.warm_start else no_warm)
 

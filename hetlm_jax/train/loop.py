@@ -269,9 +269,10 @@ class Trainer:
 
   GATHER_USERS_BYTES = 256 * 2**20  # per process and gather: large per-user results go in several
 
-  def _gathered(self, users: np.ndarray, num_users: int, *results: np.ndarray) -> list[np.ndarray]:
+  def gather_users(self, users: np.ndarray, num_users: int, *results: np.ndarray) -> list[np.ndarray]:
     """The whole [..., U] `results` from every group's [..., users] (the last axis per user; each group's users a
-    contiguous range), as every process holds them; one group: as they are."""
+    contiguous range, as `score` and `embed_share` lay them out), as every process holds them; one group: as they
+    are."""
     g, groups, _ = self.scoring_share()
     if groups == 1:
       return list(results)
@@ -313,7 +314,7 @@ class Trainer:
       progress.update(i + 1)
     self._add_scores(nll_KxU, *pending)
     progress.close()
-    return tuple(self._gathered(users, seqs.num_users, nll_KxU, tokens_U))
+    return tuple(self.gather_users(users, seqs.num_users, nll_KxU, tokens_U))
 
   @staticmethod
   def _add_scores(nll_KxU, sums_KxR, users_R, first_slot):
@@ -321,20 +322,25 @@ class Trainer:
 
   def embed(self, params, seqs: UserSequences) -> np.ndarray:
     """Each user's mean final hidden state over their history window under every model: [K, U, D] (each group of
-    processes adds up its own users, as `score` does)."""
+    processes adds up its own users, as `score` does, and the means are gathered)."""
+    users, means_UxKD = self.embed_share(params, seqs)
+    (means_KDxU,) = self.gather_users(users, seqs.num_users, means_UxKD.T)
+    return means_KDxU.T.reshape(seqs.num_users, self.k, self.cfg.model.d_model).transpose(1, 0, 2)
+
+  def embed_share(self, params, seqs: UserSequences) -> tuple[np.ndarray, np.ndarray]:
+    """`embed` of this process's group's users only, not gathered: (their indices in `seqs`, [U_g, K x D] means);
+    `gather_users` brings per-user results of it to every process."""
     users, batches, count, _ = self._scoring_batches(seqs, "history")
     rows = self.scoring_share()[2]
-    k, u, d = self.k, len(users), self.cfg.model.d_model
-    sums_UxKD = np.zeros((u, k * d))
+    k, d = self.k, self.cfg.model.d_model
+    sums_UxKD = np.zeros((len(users), k * d))
     for i in range(count):
       tokens, segments, _, owner = batches.batch(i)
       real = owner >= 0
       h_KxNxD = np.asarray(hosts.fetch(self.hidden_batch(params, *self._put_rows(tokens, segments))))
       h_KxNxD = h_KxNxD[:, rows][:, real]
       add_by_user(sums_UxKD, owner[real], h_KxNxD.transpose(1, 0, 2).reshape(-1, k * d))
-    means_UxKD = sums_UxKD / np.maximum(batches.length_U, 1)[:, None]
-    (means_KDxU,) = self._gathered(users, seqs.num_users, means_UxKD.T)
-    return means_KDxU.T.reshape(seqs.num_users, k, d).transpose(1, 0, 2)
+    return users, sums_UxKD / np.maximum(batches.length_U, 1)[:, None]
 
   def next_logprobs(
     self, params, seqs: UserSequences, users_B: np.ndarray, cluster_B: np.ndarray | None = None
