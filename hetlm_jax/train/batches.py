@@ -203,7 +203,6 @@ class ShardedBatches:
     self.steps_per_epoch = hosts.most(max(part.steps_per_epoch for part in self.parts.values()))
     for part in self.parts.values():
       part.set_steps(self.steps_per_epoch)
-    # Every shard's real tokens once, whichever processes built it.
     tokens_S = {}  # every shard's real tokens an epoch, once, whichever processes built it
     mine = (np.array(list(self.parts)), np.array([part.tokens_per_epoch for part in self.parts.values()]))
     for built, tokens in hosts.gather_arrays(*mine):

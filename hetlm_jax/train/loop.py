@@ -185,7 +185,7 @@ class Trainer:
 
   def batch_block(self, k: int) -> tuple[slice, ...]:
     """(clusters, rows, tokens): the block of every global training batch [K, batch_size, T+1] that this
-    process's devices hold, so builds (hosts.local_block)."""
+    process's devices hold, and so the only part of it this process builds (hosts.local_block)."""
     shape = (k, self.cfg.train.batch_size, self.cfg.model.context + 1)
     return hosts.local_block(self.train_step.batch_sharding, shape)
 
