@@ -368,7 +368,9 @@ def test_memory_stays_bounded_on_a_file_of_many_chunks(trained, tmp_path):
   assert largest and float(largest.group(1)) <= 1.25 * 10 / 2, done.stdout
   in_memory_mib = table.nbytes / 2**20
   assert in_memory_mib > 110
-  assert peaks["big"] - peaks["small"] < in_memory_mib / 4, (peaks, in_memory_mib)
+  # Measured big - small: 4 to 18 MiB alone and in this file, 33 MiB once in a full CI run (2026-12-04): the JAX
+  # process's noise; holding the file whole would add its 111 MiB.
+  assert peaks["big"] - peaks["small"] < in_memory_mib / 2, (peaks, in_memory_mib)
   assert peaks["by_time"] - peaks["small"] < 10 + 64, (peaks, in_memory_mib)
   rows = lambda name: pq.read_table(tmp_path / f"{name}.out.parquet").sort_by("user_id")
   assert rows("by_time")["next_pages"].equals(rows("big")["next_pages"])
