@@ -3,13 +3,16 @@
 Every process runs the same program on the same data: the same tokenizer, users and batch order (all of
 them derive from the data and the seed). Each builds only its own devices' block of a step's global batch
 (rows, and clusters when K is sharded over hosts), deterministically; in a scoring pass each group of processes
-lays out only its share of the users on its rows. Results every process needs (per-user scores, metrics, hidden
-states) are gathered to every process, so every host makes the same decisions (early stopping, the E-step's
-assignment). Only process 0 writes files other than checkpoints, which orbax writes collectively.
+lays out only its share of the users on its rows and decides what concerns them alone (the E-step moves its own
+users, with the clusters' sizes summed over the groups: `Groups`). What every process needs is gathered to every
+process (each user's new cluster, a validation or evaluation NLL a user, metrics), so every host makes the same
+decisions (early stopping, re-seeding). Only process 0 writes files other than checkpoints, which orbax writes
+collectively.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -212,6 +215,28 @@ def gather_arrays(*arrays: np.ndarray) -> list[list[np.ndarray]]:
     got = io.BytesIO(blob)
     every.append([np.load(got, allow_pickle=False) for _ in range(int(np.load(got)))])
   return every
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+  """The processes as `count` groups, this one in group `index`, each group holding its own share of the users (the
+  processes of a group hold the same share): per-group results brought together, each group counted once. Every
+  process must call these at the same point; one group (the default) returns its own."""
+
+  index: int = 0
+  count: int = 1
+
+  def each(self, *arrays: np.ndarray) -> list[list[np.ndarray]]:
+    """Every group's `arrays`, in group order."""
+    if self.count == 1:
+      return [[np.asarray(a) for a in arrays]]
+    by_group = {int(got[0]): got[1:] for got in gather_arrays(np.array(self.index), *arrays)}
+    return [by_group[g] for g in range(self.count)]
+
+  def sum(self, *arrays: np.ndarray) -> list[np.ndarray]:
+    """The sum over the groups of each of `arrays` (the same shape in every group)."""
+    every = self.each(*arrays)
+    return [np.sum([group[i] for group in every], axis=0) for i in range(len(arrays))]
 
 
 def most(value: int) -> int:

@@ -341,7 +341,7 @@ def evaluate_stage(
   """Every model per user on the held-out targets (or the test users, split by user): eval.json, report.md."""
   families = {
     name: LMFamily(
-      name, m.trainer, m.params, m.assignment, cluster_shares(m.assignment, m.weights, m.trainer.k), m.history_nll
+      name, m.trainer, m.params, m.assignment, cluster_shares(m.assignment, m.weights, m.trainer.k), m.history_share
     )
     for name, m in models.items()
   }

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.preprocessing import normalize
 from synthetic import markov_events
 
-from hetlm_jax import pipeline
+from hetlm_jax import hosts, pipeline
 from hetlm_jax.cluster import rounds as cluster_rounds
 from hetlm_jax.cluster.assign import embedding_kmeans, kmeans, reassign
 from hetlm_jax.config import ClusterConfig, Config, DataConfig, ModelConfig, TrainConfig
@@ -126,6 +127,48 @@ def test_a_cluster_below_the_minimum_is_reseeded_from_the_largest():
   assert nll[largest, moved].min() >= np.median(nll[largest, donors_before]) - 1e-12
 
 
+@dataclasses.dataclass(frozen=True)
+class _ThreadGroups(hosts.Groups):
+  """Groups of a job simulated by threads: `each` swaps the arrays through shared slots."""
+
+  slots: list = dataclasses.field(default_factory=list)
+  barrier: threading.Barrier | None = None
+
+  def each(self, *arrays):
+    self.slots[self.index] = [np.asarray(a) for a in arrays]
+    self.barrier.wait()
+    every = list(self.slots)
+    self.barrier.wait()  # nobody overwrites a slot before every group has read them all
+    return every
+
+
+def test_groups_that_each_reassign_their_own_users_end_as_one_reassignment_of_all_of_them():
+  rng = np.random.default_rng(3)
+  nll = np.round(rng.random((4, 90)), 1)  # rounded: donors tie on their NLL across the groups' borders
+  nll[3] += 5  # model 3 explains nobody: re-seeded from the largest
+  nll[2, :6] -= 0.5  # model 2 a few users: re-seeded too
+  nll[2, 6:] += 0.6
+  current = rng.integers(0, 4, 90)
+  whole = reassign(nll, current, min_size=10)
+  assert len(whole.reseeded) == 2  # the case the groups must agree on
+  shares = np.array_split(np.arange(90), [25, 31])  # uneven, one of 6 users
+  slots, barrier, out = [None] * 3, threading.Barrier(3), [None] * 3
+
+  def group(g):
+    groups = _ThreadGroups(g, 3, slots, barrier)
+    out[g] = reassign(nll[:, shares[g]], current[shares[g]], min_size=10, groups=groups)
+
+  threads = [threading.Thread(target=group, args=(g,)) for g in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=30)
+  assert np.concatenate([r.assignment for r in out]).tolist() == whole.assignment.tolist()
+  for r in out:
+    assert r.moved == whole.moved and r.sizes.tolist() == whole.sizes.tolist()
+    assert r.reseeded == whole.reseeded and r.source.tolist() == whole.source.tolist()
+
+
 def test_embedding_init_warm_starts_every_cluster_model_from_the_single_lm(markov_log, tmp_path):
   import jax
 
@@ -229,9 +272,10 @@ def test_the_history_scores_kept_from_the_last_e_step_are_those_of_the_returned_
   stops = [r for r in log.records("stop") if r["round_kind"] == "cold"]  # an anneal may follow, and not improve
   assert len(stops) == 2 and len(log.records("round")) == (1 if early_stopping else 2)
   assert stops[0]["best_pass"] > 0 and (stops[1]["best_pass"] == 0) == early_stopping
-  assert trained.history_nll is not None and trained.history_nll.shape == (3, seqs.num_users)
+  users, history_KxR = trained.history_share
+  assert history_KxR.shape == (3, seqs.num_users) and users.tolist() == list(range(seqs.num_users))
   fresh, _ = trained.trainer.score(trained.params, seqs, "history")
-  np.testing.assert_allclose(trained.history_nll, fresh, rtol=1e-6)
+  np.testing.assert_allclose(history_KxR, fresh, rtol=1e-6)
 
 
 def test_embedding_kmeans_past_its_users_fits_a_sample_drawn_by_id_and_places_every_user_at_the_nearest_centre():

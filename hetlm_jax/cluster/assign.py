@@ -12,6 +12,7 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.preprocessing import normalize
 
+from hetlm_jax import hosts
 from hetlm_jax.data.ownership import user_keys
 from hetlm_jax.data.sequences import UserSequences
 
@@ -82,40 +83,61 @@ def min_cluster_size(num_users: int, k: int, fraction: float) -> int:
   return max(1, int(np.ceil(fraction * num_users / k)))
 
 
-def reassign(nll_per_token_KxU: np.ndarray, current_U: np.ndarray, min_size: int) -> Reassignment:
+ONE_GROUP = hosts.Groups()  # a job of one process, or a caller that holds every user's scores
+
+
+def reassign(
+  nll_per_token_KxU: np.ndarray, current_U: np.ndarray, min_size: int, groups: hosts.Groups = ONE_GROUP
+) -> Reassignment:
   """Each user to the model with the lowest per-token NLL of their history; then no cluster below min_size.
 
   A cluster that falls below `min_size` is re-seeded: its users go to their next-best model, and the
   worst-fitting half of the largest cluster (by NLL under its own model) moves into it; the caller
   copies the split cluster's parameters into the re-seeded one (`source`).
-  """
+
+  In a job whose process groups each score their own share of the users (`groups`; the shares in user order),
+  each decides its own users' clusters: the arrays here are the share's, and only cluster sizes, the number moved
+  and, when a cluster is re-seeded, the donors' NLL (a scalar a donor) pass between the groups, so the result is
+  the one a single process would reach on every user."""
   k, u = nll_per_token_KxU.shape
+  num_users = int(groups.sum(np.array(u))[0])
+  sizes = lambda: groups.sum(np.bincount(new_U, minlength=k))[0]
   new_U = np.argmin(nll_per_token_KxU, axis=0).astype(np.int32)
   source = np.arange(k)
   reseeded = {}
   nll = nll_per_token_KxU.copy()
   for _ in range(k):  # at most K repairs, each on the host over arrays of users
-    sizes = np.bincount(new_U, minlength=k)
-    small = np.flatnonzero(sizes < min_size)
-    if len(small) == 0 or u < 2 * min_size:
+    sizes_K = sizes()
+    small = np.flatnonzero(sizes_K < min_size)
+    if len(small) == 0 or num_users < 2 * min_size:
       break
-    c = int(small[np.argmin(sizes[small])])
+    c = int(small[np.argmin(sizes_K[small])])
     nll[c] = np.inf
     members = np.flatnonzero(new_U == c)
     new_U[members] = np.argmin(nll[:, members], axis=0)
-    largest = int(np.argmax(np.bincount(new_U, minlength=k)))
+    largest = int(np.argmax(sizes()))
     donors = np.flatnonzero(new_U == largest)
-    worst = donors[np.argsort(-nll_per_token_KxU[largest, donors], kind="stable")[: len(donors) // 2]]
-    new_U[worst] = c
+    new_U[donors[_worst_half(nll_per_token_KxU[largest, donors], groups)]] = c
     source[c] = source[largest]
     reseeded[c] = largest
   return Reassignment(
     assignment=new_U,
-    moved=float(np.mean(new_U != current_U)),
-    sizes=np.bincount(new_U, minlength=k),
+    moved=float(groups.sum(np.array(np.count_nonzero(new_U != current_U)))[0] / max(num_users, 1)),
+    sizes=sizes(),
     reseeded=reseeded,
     source=source,
   )
+
+
+def _worst_half(nll_D: np.ndarray, groups: hosts.Groups) -> np.ndarray:
+  """Which of this group's donors (`nll_D`, in user order) are in the worst-fitting half of every group's donors:
+  the highest NLL first, ties to the earlier user."""
+  every = groups.each(nll_D)
+  first = sum(len(group[0]) for group in every[: groups.index])
+  joined = np.concatenate([group[0] for group in every])
+  worst = np.argsort(-joined, kind="stable")[: len(joined) // 2]
+  mine = worst[(worst >= first) & (worst < first + len(nll_D))] - first
+  return np.sort(mine)
 
 
 def cluster_shares(assignment_U: np.ndarray, weights_UxK: np.ndarray | None, k: int) -> np.ndarray:

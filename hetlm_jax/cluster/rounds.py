@@ -59,9 +59,10 @@ class Trained:
   train_s: float
   weights: np.ndarray | None = None  # [U, K] soft-EM responsibilities (--soft), else None
   passes: float = 0.0  # passes over every user trained, over all rounds (early stopping decides how many)
-  # [K, U] NLL sums of every user's history under every model of `params`, from the last E-step when it scored
-  # exactly these parameters (the evaluation's mixture posterior needs the same numbers); else None.
-  history_nll: np.ndarray | None = None
+  # (users, [K, R]): this process group's users' history NLL sums under every model of `params`
+  # (Trainer.score_share), from the last E-step when it scored exactly these parameters (the evaluation's mixture
+  # posterior needs the same numbers); else None.
+  history_share: tuple | None = None
   tokens: float = 0.0  # real tokens trained on, over all rounds (a token repeated by --balance counts each time)
   kept_init_lm: bool = False  # warm-started, it ended as the LM it started from (Position.kept_its_start)
   init_lm: Trained | None = None  # that LM ('init_single'), for a family warm-started from it
@@ -77,8 +78,9 @@ class RoundState:
   assignment_U: np.ndarray  # each user's cluster
   weights_UxK: np.ndarray | None  # soft EM's responsibilities, else None
   at: Position  # the run position: rounds, passes, early stopping, the weights toward the init LM
-  # The last E-step's [K, U] history NLL sums, while `state` still holds the parameters it scored; else None.
-  scored_KxU: np.ndarray | None = None
+  # The last E-step's history NLL sums of this group's users (`Trainer.score_share`: users, [K, R], tokens [R]),
+  # while `state` still holds the parameters it scored; else None.
+  scored: tuple | None = None
 
 
 @dataclasses.dataclass
@@ -158,7 +160,7 @@ class FamilyRun:
       rs.at.train_s,
       rs.weights_UxK,
       rs.at.passes,
-      rs.scored_KxU,
+      None if rs.scored is None else rs.scored[:2],
       rs.at.tokens,
       rs.at.kept_its_start(),
       clusters_as_init=rs.at.clusters_as_init(self.k, bool(jax.tree.leaves(rs.state.params["shared"]))),
@@ -383,20 +385,20 @@ def end_round(run: FamilyRun, rs: RoundState, plan: RoundPlan, checks: int, impr
     # E-step. When the round found nothing better than its start (the first round, which always ends in one),
     # it routes by the models as trained, its last point, not by the start it then returns to.
     validate = functools.partial(run.validate, rs.state.params) if run.policy.patience else None
-    rs.assignment_U, rs.weights_UxK, moved, scored_KxU = e_step(
+    rs.assignment_U, rs.weights_UxK, moved, scored = e_step(
       run, rs.state, rs.assignment_U, rs.weights_UxK, at.round, gate=improved, validate=validate
     )
   if reverted and not improved:  # back to the round's start
     back_to_best()
   if estep:
     # The E-step's scores stand for the parameters kept only if it scored them, on whole histories.
-    rs.scored_KxU = scored_KxU if improved and run.policy.route_part == "history" else None
+    rs.scored = scored if improved and run.policy.route_part == "history" else None
     if moved.reseeded:
       rs.state = run.trainer.copy_models(rs.state, moved.source)
-      rs.best, rs.scored_KxU = _snapshot(rs.state), None
+      rs.best, rs.scored = _snapshot(rs.state), None
     moved = moved.moved
   elif improved:
-    rs.scored_KxU = None  # the parameters changed since they were last scored
+    rs.scored = None  # the parameters changed since they were last scored
   run.policy.end_round(plan, at, improved, run.rounds, moved)
   if not improved:
     logging.info(
@@ -421,24 +423,36 @@ def e_step(
   round_index: int,
   gate: bool = False,
   validate=None,
-) -> tuple[np.ndarray, np.ndarray | None, Reassignment, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray | None, Reassignment, tuple]:
   """Scores the routing part of every user's sequence (the whole history, or the routing tail) under every
   model after round `round_index` and moves users: to the lowest per-token NLL (hard), or weighted by the
-  posterior (--soft); then no cluster below its minimum size. Returns (assignment, weights, Reassignment, the
-  [K, U] NLL sums). A user with nothing to score (a history too short for a routing tail) keeps their cluster.
-  `validate(assignment_U, weights_UxK)`, if given, measures the validation before and after, logged with the
-  round; with `gate`, a reassignment that makes it worse is not taken (nobody moves), as a round that makes it
-  worse is not."""
+  posterior (--soft); then no cluster below its minimum size. Returns (assignment, weights, Reassignment, this
+  group's scores as `Trainer.score_share` gives them). A user with nothing to score (a history too short for a
+  routing tail) keeps their cluster. `validate(assignment_U, weights_UxK)`, if given, measures the validation
+  before and after, logged with the round; with `gate`, a reassignment that makes it worse is not taken (nobody
+  moves), as a round that makes it worse is not."""
   name, k = run.name, run.k
   interrupt.at_phase("estep")
   before = validate(assignment_U, weights_UxK) if validate is not None else None
-  nll_KxU, tokens_U = run.trainer.score(state.params, run.seqs, run.policy.route_part, label=f"{name} scoring")
-  nll_per_token_KxU = nll_KxU / np.maximum(tokens_U, 1)
-  unrouted = np.flatnonzero(tokens_U == 0)
-  nll_per_token_KxU[:, unrouted] = (np.arange(k)[:, None] != assignment_U[unrouted]).astype(float)
-  moved, new_weights_UxK = _move_users(run, nll_KxU, nll_per_token_KxU, tokens_U, assignment_U, weights_UxK)
+  # Each group of processes scores and moves its own share of the users (`users`); what passes between them is
+  # the clusters' sizes and, for every user, the new cluster (and the soft weights), not the K scores.
+  scored = run.trainer.score_share(state.params, run.seqs, run.policy.route_part, label=f"{name} scoring")
+  users, nll_KxR, tokens_R = scored
+  nll_per_token_KxR = nll_KxR / np.maximum(tokens_R, 1)
+  current_R = assignment_U[users]
+  unrouted = np.flatnonzero(tokens_R == 0)
+  nll_per_token_KxR[:, unrouted] = (np.arange(k)[:, None] != current_R[unrouted]).astype(float)
+  share_K = cluster_shares(assignment_U, weights_UxK, k)
+  moved, weights_RxK = _move_users(run, share_K, nll_KxR, nll_per_token_KxR, tokens_R, current_R)
+  record = _round_record(run, round_index, moved, nll_per_token_KxR, tokens_R)
+  gather = functools.partial(run.trainer.gather_users, users, run.seqs.num_users)
+  if weights_RxK is None:
+    (assignment_after_U,), new_weights_UxK = gather(moved.assignment), None
+  else:
+    assignment_after_U, weights_KxU = gather(moved.assignment, weights_RxK.T)
+    new_weights_UxK = np.ascontiguousarray(weights_KxU.T)
+  moved = dataclasses.replace(moved, assignment=assignment_after_U)
   hosts.check_same(f"{name}'s assignment after round {round_index}", moved.assignment)
-  record = _round_record(run, round_index, moved, nll_per_token_KxU, tokens_U)
   if validate is not None:
     after = validate(moved.assignment, new_weights_UxK) if moved.moved else before
     if moved.reseeded:  # the validation users' models are copied after this; not measured here
@@ -460,7 +474,7 @@ def e_step(
       record["taken"] = False
       stay = Reassignment(assignment_U, 0.0, np.bincount(assignment_U, minlength=k), {}, np.arange(k))
       run.log.write(record)
-      return assignment_U, weights_UxK, stay, nll_KxU
+      return assignment_U, weights_UxK, stay, scored
   run.log.write(record)
   logging.info(
     "%s round %d: %.2f%% of users moved; sizes %s%s",
@@ -472,24 +486,24 @@ def e_step(
     if validate is None or after[0] is None
     else f"; validation per-user NLL {before[0]:.4f} before, {after[0]:.4f} after",
   )
-  return moved.assignment, new_weights_UxK, moved, nll_KxU
+  return moved.assignment, new_weights_UxK, moved, scored
 
 
-def _move_users(run: FamilyRun, nll_KxU, nll_per_token_KxU, tokens_U, assignment_U, weights_UxK):
-  """The E-step's rule on the scores: every user to their lowest per-token NLL (hard), or, with --soft, weighted
-  by the posterior over clusters with the clusters' shares as prior; then the small clusters re-seeded.
-  Returns (Reassignment, the new weights)."""
-  k, min_size = run.k, run.min_size
-  new_weights_UxK = weights_UxK
+def _move_users(run: FamilyRun, share_K, nll_KxU, nll_per_token_KxU, tokens_U, assignment_U):
+  """The E-step's rule on the scores of a share of the users: every user to their lowest per-token NLL (hard), or,
+  with --soft, weighted by the posterior over clusters with the clusters' shares `share_K` as prior; then the small
+  clusters re-seeded. Returns (Reassignment, the new weights of these users, None unless --soft)."""
+  k, min_size, groups = run.k, run.min_size, run.trainer.groups()
+  new_weights_UxK = None
   if run.cfg.cluster.soft:
-    log_joint_KxU = log_shares(cluster_shares(assignment_U, weights_UxK, k))[:, None] - nll_KxU
-    moved = reassign(-log_joint_KxU / np.maximum(tokens_U, 1), assignment_U, min_size)
+    log_joint_KxU = log_shares(share_K)[:, None] - nll_KxU
+    moved = reassign(-log_joint_KxU / np.maximum(tokens_U, 1), assignment_U, min_size, groups)
     new_weights_UxK = np.exp(log_joint_KxU - logsumexp(log_joint_KxU, axis=0)).T
     # Users that re-seeding moved away from their most likely cluster belong to the new one alone.
     forced = np.flatnonzero(moved.assignment != np.argmax(new_weights_UxK, axis=1))
     new_weights_UxK[forced] = np.eye(k)[moved.assignment[forced]]
   else:
-    moved = reassign(nll_per_token_KxU, assignment_U, min_size)
+    moved = reassign(nll_per_token_KxU, assignment_U, min_size, groups)
   if moved.reseeded:
     logging.warning(
       "%s: re-seeded clusters %s by splitting %s (they fell below %d users)",
@@ -501,10 +515,15 @@ def _move_users(run: FamilyRun, nll_KxU, nll_per_token_KxU, tokens_U, assignment
   return moved, new_weights_UxK
 
 
-def _round_record(run: FamilyRun, round_index: int, moved: Reassignment, nll_per_token_KxU, tokens_U) -> dict:
-  """metrics.jsonl's record of an E-step: users moved, cluster sizes, re-seeding, each cluster's history NLL."""
-  own = nll_per_token_KxU[moved.assignment, np.arange(run.seqs.num_users)]
-  routed = tokens_U > 0
+def _round_record(run: FamilyRun, round_index: int, moved: Reassignment, nll_per_token_KxR, tokens_R) -> dict:
+  """metrics.jsonl's record of an E-step: users moved, cluster sizes, re-seeding, each cluster's history NLL
+  (from every group's share of the users, `moved` and the scores being this group's)."""
+  routed_R = tokens_R > 0
+  own_R = nll_per_token_KxR[moved.assignment, np.arange(len(tokens_R))][routed_R]
+  cluster_R = moved.assignment[routed_R]
+  sum_K, count_K = run.trainer.groups().sum(
+    np.bincount(cluster_R, weights=own_R, minlength=run.k), np.bincount(cluster_R, minlength=run.k)
+  )
   return {
     "kind": "round",
     "model": run.name,
@@ -513,11 +532,8 @@ def _round_record(run: FamilyRun, round_index: int, moved: Reassignment, nll_per
     "routed_by": run.policy.route_part,
     "sizes": moved.sizes.tolist(),
     "reseeded": {str(a): b for a, b in moved.reseeded.items()},
-    "history_nll_per_cluster": [
-      float(own[routed & (moved.assignment == j)].mean()) if (routed & (moved.assignment == j)).any() else None
-      for j in range(run.k)
-    ],
-    "history_nll": float(own[routed].mean()) if routed.any() else None,
+    "history_nll_per_cluster": [float(sum_K[j] / count_K[j]) if count_K[j] else None for j in range(run.k)],
+    "history_nll": float(sum_K.sum() / count_K.sum()) if count_K.sum() else None,
   }
 
 
@@ -529,13 +545,13 @@ def pull_toward_init(run: FamilyRun, rs: RoundState) -> None:
       run.name, run.trainer, rs.state.params, run.validation, rs.assignment_U, rs.weights_UxK, run.log
     )
     rs.at.alpha, rs.at.alpha_shared = record["alpha"], record["alpha_shared"]
-    rs.state, rs.best, rs.scored_KxU = rs.state.replace(params=params), None, None
+    rs.state, rs.best, rs.scored = rs.state.replace(params=params), None, None
     run.save(rs, replace=True)  # the same step: the interpolated parameters are the family's
   if run.policy.mixes and rs.at.mix is None:
     rs.at.mix = fit_mix(
       run.name, run.trainer, rs.state.params, run.validation, rs.assignment_U, rs.weights_UxK, run.log
     )["lam"]
-    rs.scored_KxU = None
+    rs.scored = None
     run.save(rs, replace=True)  # the same step, now with the anchor and the weights
 
 

@@ -31,13 +31,15 @@ class Validation:
 
   def per_user(self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None) -> np.ndarray:
     """[R] each validation user's NLL per target token (nats); NaN for a user with no target token."""
-    nll_KxR, tokens_R = trainer.score(params, self.seqs, "target", label="validation")
+    # Each group of processes scores its own share of them; only the per-user NLL passes between the groups.
+    users, nll_KxR, tokens_R = trainer.score_share(params, self.seqs, "target", label="validation")
     if self.users is not None:
-      nll_R = nll_KxR[assignment_U[self.users], np.arange(self.seqs.num_users)]
+      nll_R = nll_KxR[assignment_U[self.users[users]], np.arange(len(users))]
     else:
       log_prior_K = log_shares(cluster_shares(assignment_U, weights_UxK, trainer.k))
       nll_R = -logsumexp(log_prior_K[:, None] - nll_KxR, axis=0)
-    return np.where(tokens_R > 0, nll_R / np.maximum(tokens_R, 1), np.nan)
+    per_token_R = np.where(tokens_R > 0, nll_R / np.maximum(tokens_R, 1), np.nan)
+    return trainer.gather_users(users, self.seqs.num_users, per_token_R)[0]
 
   def stats(
     self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None

@@ -7,6 +7,7 @@ the models never saw, the lowest history perplexity). Metrics per user, then mea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -40,7 +41,8 @@ class LMFamily:
   params: object
   assignment: np.ndarray
   shares: np.ndarray | None = None  # [K] the mixture's prior π; None: the clusters' shares of `assignment`
-  history_nll: np.ndarray | None = None  # [K, U] history NLL sums of the evaluated users under `params`, if known
+  # (users, [K, R]): this process group's users' history NLL sums under `params` (Trainer.score_share), if known
+  history_share: tuple | None = None
 
   def log_prior(self) -> np.ndarray:
     """[K] log π_k of the mixture likelihood log Σ_k π_k p_k(·)."""
@@ -84,25 +86,34 @@ def route_by_history(family: LMFamily, seqs: UserSequences) -> np.ndarray:
   return route(*family.trainer.score(family.params, seqs, "history", label=f"{family.name} routing"))
 
 
-def per_user_nll(family, seqs: UserSequences) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Each user's held-out target NLL (nats/token) under the model of their cluster, plus the NLL sums of
-  every user under every model [K, U] and the scored token counts [U]. `family`: an LMFamily or alike."""
-  nll_KxU, tokens_U = family.trainer.score(family.params, seqs, "target", label=f"{family.name} eval")
-  nll_U = nll_KxU[family.assignment, np.arange(seqs.num_users)] / np.maximum(tokens_U, 1)
-  return nll_U, nll_KxU, tokens_U
+def per_user_nll(family, seqs: UserSequences, mixture: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+  """[U] each user's held-out target NLL (nats/token) under the model of their cluster and, with `mixture`, [U]
+  the mixture likelihood's (`mixture_nll`), else None. `family`: an LMFamily or alike.
+
+  Each group of processes scores its own share of the users (Trainer.score_share) and only these per-user
+  scalars pass between the groups, never the K models' scores. The history scores of the mixture are the
+  family's `history_share` when training's last E-step left them (the same computation on the same parameters
+  and users), else computed here."""
+  trainer = family.trainer
+  users, nll_KxR, tokens_R = trainer.score_share(family.params, seqs, "target", label=f"{family.name} eval")
+  own_R = nll_KxR[family.assignment[users], np.arange(len(users))] / np.maximum(tokens_R, 1)
+  gather = functools.partial(trainer.gather_users, users, seqs.num_users)
+  if not mixture:
+    return gather(own_R)[0], None
+  known = getattr(family, "history_share", None)
+  if known is not None and np.array_equal(known[0], users) and known[1].shape == nll_KxR.shape:
+    history_KxR = known[1]
+  else:
+    label = f"{family.name} history posterior"
+    history_KxR = trainer.score_share(family.params, seqs, "history", label=label)[1]
+  return tuple(gather(own_R, mixture_nll(family.log_prior(), history_KxR, nll_KxR, tokens_R)))
 
 
-def mixture_nll(family, seqs: UserSequences, nll_KxU: np.ndarray, tokens_U: np.ndarray) -> np.ndarray:
+def mixture_nll(log_prior_K: np.ndarray, history_KxU: np.ndarray, nll_KxU: np.ndarray, tokens_U: np.ndarray):
   """[U] −log Σ_k P(k | history_u) p_k(target_u | history_u) per target token, P(k | history) ∝
-  π_k p_k(history): the mixture likelihood of the target given everything seen before it.
-
-  `nll_KxU`, `tokens_U`: the target scores of `per_user_nll`; `family`: an LMFamily or alike. The history
-  scores are the family's `history_nll` when training's last E-step left them (the same computation on the
-  same parameters and users), else computed here."""
-  history_KxU = getattr(family, "history_nll", None)
-  if history_KxU is None or history_KxU.shape != nll_KxU.shape:
-    history_KxU, _ = family.trainer.score(family.params, seqs, "history", label=f"{family.name} history posterior")
-  return -logsumexp(posterior(family.log_prior(), history_KxU) - nll_KxU, axis=0) / np.maximum(tokens_U, 1)
+  π_k p_k(history): the mixture likelihood of the target given everything seen before it, from the log prior
+  log π, the history NLL sums [K, U], the target's [K, U] and its scored token counts [U]."""
+  return -logsumexp(posterior(log_prior_K, history_KxU) - nll_KxU, axis=0) / np.maximum(tokens_U, 1)
 
 
 def _page_tokens(tokens: np.ndarray, tokenizer: PageTokenizer) -> np.ndarray:
@@ -117,13 +128,17 @@ def generation_sampling(seqs: UserSequences, tokenizer: PageTokenizer, opts: Eva
 
 
 def _lm_metrics(
-  family: LMFamily, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, gen_users: np.ndarray
-) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
-  """Per-user metric arrays of one LM family, and its target NLL sums under every model [K, U] with the
-  scored token counts [U]."""
+  family: LMFamily,
+  seqs: UserSequences,
+  tokenizer: PageTokenizer,
+  opts: EvalOptions,
+  gen_users: np.ndarray,
+  mixture: bool = False,
+) -> tuple[dict, np.ndarray | None]:
+  """Per-user metric arrays of one LM family, and, with `mixture`, its mixture likelihood's NLL per user."""
   u = seqs.num_users
   out = {}
-  out["nll"], nll_KxU, tokens_U = per_user_nll(family, seqs)
+  out["nll"], mixture_U = per_user_nll(family, seqs, mixture)
   out.update(
     rank_next_pages(
       lambda users: family.trainer.next_logprobs(family.params, seqs, users, family.assignment[users]),
@@ -171,7 +186,7 @@ def _lm_metrics(
         "positives": int(label.sum()),
         "users": int(len(label)),
       }
-  return out, (nll_KxU, tokens_U)
+  return out, mixture_U
 
 
 def outcome_probabilities(
@@ -293,20 +308,20 @@ def evaluate(
   rng = np.random.default_rng(opts.seed)
   candidates = np.flatnonzero(evaluated_U)
   gen_users = np.sort(rng.choice(candidates, min(opts.generate_users, len(candidates)), replace=False))
-  per_user, outcomes, hetlm_scores = {}, {}, None
+  per_user, outcomes, hetlm_mixture_U = {}, {}, None
+  k = families["hetlm"].trainer.k if "hetlm" in families else 1
   interrupt.at_phase("evaluate")
   for name, family in families.items():
     logging.info("evaluating %s", name)
-    per_user[name], scores = _lm_metrics(family, seqs, tokenizer, opts, gen_users)
+    # HeTLM's mixture likelihood: the target under each model weighted by its posterior given the user's history.
+    per_user[name], mixture_U = _lm_metrics(family, seqs, tokenizer, opts, gen_users, name == "hetlm" and k > 1)
     evaluated(name)
     if "outcomes" in per_user[name]:
       outcomes[name] = per_user[name].pop("outcomes")
-    if name == "hetlm":
-      hetlm_scores = scores
-  k = families["hetlm"].trainer.k if "hetlm" in families else 1
-  if hetlm_scores is not None and k > 1:
-    # The mixture likelihood of the target, each model weighted by its posterior given the user's history.
-    per_user["hetlm_mixture"] = {"nll": mixture_nll(families["hetlm"], seqs, *hetlm_scores)}
+    if mixture_U is not None:
+      hetlm_mixture_U = mixture_U
+  if hetlm_mixture_U is not None:
+    per_user["hetlm_mixture"] = {"nll": hetlm_mixture_U}
   baselines = {"popularity": Popularity(), "markov": Markov(), "markov_mixture": MarkovMixture(max(k, 2))}
   batch = next(iter(families.values())).trainer.eval_batch if families else 512
   for name, model in baselines.items():

@@ -287,6 +287,11 @@ class Trainer:
           out[..., start : start + part.shape[-1]] = part
     return whole
 
+  def groups(self) -> hosts.Groups:
+    """The groups of processes of `scoring_share`, for results of each group's share (sums, each group once)."""
+    g, groups, _ = self.scoring_share()
+    return hosts.Groups(g, groups)
+
   def score(
     self, params, seqs: UserSequences, part: str, label: str = "score", pages_only: bool = False
   ) -> tuple[np.ndarray, np.ndarray]:
@@ -295,26 +300,36 @@ class Trainer:
     sequence goes on (no end marker: BOS and EOS are neither scored nor predicted).
 
     With the batch's rows on several hosts, each group of processes lays out and scores only its own G-th of the
-    users on its own rows (host work O(U / G) a process), and the per-user sums are gathered at the end."""
+    users on its own rows (host work O(U / G) a process; `score_share`), and the per-user sums are gathered at the
+    end."""
+    users, nll_KxR, tokens_R = self.score_share(params, seqs, part, label, pages_only)
+    return tuple(self.gather_users(users, seqs.num_users, nll_KxR, tokens_R))
+
+  def score_share(
+    self, params, seqs: UserSequences, part: str, label: str = "score", pages_only: bool = False
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`score` of this process's group's users only, not gathered: (their indices in `seqs`, NLL sums [K, R],
+    scored tokens [R]); what every process needs of them goes through `groups` or `gather_users`."""
     users, batches, count, first_slot = self._scoring_batches(seqs, part, pages_only)
     score_batch = self.score_pages_batch if pages_only else self.score_batch
     progress = Progress(count, label, every=10)
-    nll_KxU = np.zeros((self.k, len(users)))
-    tokens_U = np.zeros(len(users), np.int64)
+    nll_KxR = np.zeros((self.k, len(users)))
+    tokens_R = np.zeros(len(users), np.int64)
     pending = None
     for i in range(count):
       tokens, segments, mask, owner = batches.batch(i)
-      users_R, local_BxT, count_R = scored_users(mask, owner)
+      users_r, local_BxT, count_r = scored_users(mask, owner)
       local_BxT = np.where(local_BxT >= 0, local_BxT + first_slot, 0).astype(np.int32)
-      sums_KxR = score_batch(params, *self._put_rows(tokens, segments, mask, local_BxT))
+      sums_Kxr = score_batch(params, *self._put_rows(tokens, segments, mask, local_BxT))
       if pending is not None:  # add batch i-1 while batch i runs
-        self._add_scores(nll_KxU, *pending)
-      pending = (sums_KxR, users_R, first_slot)
-      tokens_U[users_R] += count_R
+        self._add_scores(nll_KxR, *pending)
+      pending = (sums_Kxr, users_r, first_slot)
+      tokens_R[users_r] += count_r
       progress.update(i + 1)
-    self._add_scores(nll_KxU, *pending)
+    if pending is not None:
+      self._add_scores(nll_KxR, *pending)
     progress.close()
-    return tuple(self.gather_users(users, seqs.num_users, nll_KxU, tokens_U))
+    return users, nll_KxR, tokens_R
 
   @staticmethod
   def _add_scores(nll_KxU, sums_KxR, users_R, first_slot):
