@@ -147,6 +147,19 @@ def put_all(xs, sharding) -> tuple:
   return tuple(put(x, sharding) for x in xs)
 
 
+def fetch_local(x: jax.Array) -> tuple[tuple[slice, ...], np.ndarray]:
+  """(block, values): the `local_block` of global array `x` that this process's devices hold, and its values, read
+  from its own devices (nothing gathered; with one process, the whole array)."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return tuple(slice(0, n) for n in x.shape), np.asarray(x)
+  block = local_block(x.sharding, x.shape)
+  values = np.empty(tuple(b.stop - b.start for b in block), x.dtype)
+  for shard in x.addressable_shards:
+    at = tuple(slice(*(np.array(i.indices(n)[:2]) - b.start)) for i, n, b in zip(shard.index, x.shape, block))
+    values[at] = np.asarray(shard.data)
+  return block, values
+
+
 def fetch(tree):
   """Device values as numpy on every process; arrays spread over several hosts are gathered first."""
   if jax.process_count() == 1:

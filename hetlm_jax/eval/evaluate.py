@@ -141,13 +141,14 @@ def _lm_metrics(
   out["nll"], mixture_U = per_user_nll(family, seqs, mixture)
   out.update(
     rank_next_pages(
-      lambda users: family.trainer.next_logprobs(family.params, seqs, users, family.assignment[users]),
+      lambda users: family.trainer.next_logprobs(family.params, seqs, users, family.assignment[users], rows_only=True),
       seqs,
       tokenizer,
       opts,
       family.trainer.eval_batch,
       family.name,
       groups_U=family.assignment,
+      share=(family.trainer.groups(), family.trainer.scoring_share()[2]),
     )
   )
   cfg = family.trainer.cfg.model
@@ -243,6 +244,7 @@ def rank_next_pages(
   batch: int,
   label: str,
   groups_U: np.ndarray | None = None,
+  share: tuple[hosts.Groups, slice] | None = None,
 ) -> dict:
   """Next-page HR@1/5/10, NDCG@10, MRR: full ranking over pages, and against sampled negatives.
 
@@ -252,42 +254,65 @@ def rank_next_pages(
   `logprobs_fn(users)` gets batches of users of one group (e.g. cluster) each, when groups are given.
   The negatives depend on (opts.seed, seqs) only, never on the batching, so every model and baseline
   ranks each user's true page against the same pages.
+
+  `share` (groups of processes, rows): every process goes through the same batches, but `logprobs_fn(users)` gives
+  only the log-probabilities of `users[rows]`, this process's rows of the batch (Trainer.next_logprobs with
+  rows_only), and each group ranks only those users; their metrics, a few floats a user, are gathered at the end.
   """
+  groups, rows = share if share is not None else (hosts.Groups(), slice(None))
   candidate_V = np.arange(tokenizer.vocab_size) >= tokenizer.num_specials
   true_U = seqs.tokens[first_page_index(seqs)]
   neg_UxQ, ok_U = M.sample_negatives(seqs, candidate_V, opts.negatives, opts.seed, exclude_U=true_U)
   groups_U = np.zeros(seqs.num_users, np.int64) if groups_U is None else np.asarray(groups_U)
   batches = group_batches(groups_U, seqs.history_lengths, batch)
   full_keys, sampled_keys = ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr"), ("hr@10", "ndcg@10")
-  out = {key: np.full(seqs.num_users, np.nan) for key in (*full_keys, *(f"{k}_sampled" for k in sampled_keys))}
+  keys = (*full_keys, *(f"{k}_sampled" for k in sampled_keys))
+  out = {key: np.full(seqs.num_users, np.nan) for key in keys}
+  ranked = []  # the users this group ranked
   progress = Progress(len(batches), f"{label} ranking", every=10)
   for i, users in enumerate(batches):
     logp_BxV = logprobs_fn(users)
-    full = M.ranking_metrics(logp_BxV, true_U[users], candidate_V, unknown=UNK)
-    sampled = M.negatives_ranking_metrics(
-      logp_BxV, true_U[users], neg_UxQ[users], ok_U[users], candidate_V, unknown=UNK
-    )
-    for k in full_keys:
-      out[k][users] = full[k]
-    for k in sampled_keys:
-      out[f"{k}_sampled"][users] = sampled[k]
+    mine = users[rows]
+    ranked.append(mine)
+    if len(mine):
+      full = M.ranking_metrics(logp_BxV, true_U[mine], candidate_V, unknown=UNK)
+      sampled = M.negatives_ranking_metrics(logp_BxV, true_U[mine], neg_UxQ[mine], ok_U[mine], candidate_V, unknown=UNK)
+      for k in full_keys:
+        out[k][mine] = full[k]
+      for k in sampled_keys:
+        out[f"{k}_sampled"][mine] = sampled[k]
     progress.update(i + 1)
   progress.close()
+  if groups.count > 1:
+    ranked = np.concatenate(ranked) if ranked else np.zeros(0, np.int64)
+    for got in groups.each(ranked, *(out[key][ranked] for key in keys)):
+      for key, values in zip(keys, got[1:], strict=True):
+        out[key][got[0]] = values
   return out
 
 
 def _baseline_metrics(
-  model, seqs: UserSequences, tokenizer: PageTokenizer, opts: EvalOptions, batch: int, name: str
+  model,
+  seqs: UserSequences,
+  tokenizer: PageTokenizer,
+  opts: EvalOptions,
+  batch: int,
+  name: str,
+  share: tuple[hosts.Groups, slice] | None = None,
 ) -> dict:
+  """A host-side baseline's per-user metrics; with `share`, each group of processes ranks its rows' users only."""
   model.fit(seqs, tokenizer.vocab_size)
   nll_U, tokens_U = model.target_nll(seqs)
   out = {"nll": nll_U / np.maximum(tokens_U, 1)}
+  rows = slice(None) if share is None else share[1]
 
   def logprobs(users):
-    subset = seqs.subset(users)
+    if not len(users[rows]):
+      return np.zeros((0, tokenizer.vocab_size))
+    subset = seqs.subset(users[rows])
     return model.next_token_logprobs(subset, at_U=first_page_index(subset))
 
-  out.update(rank_next_pages(logprobs, seqs, tokenizer, opts, batch, name))
+  out.update(rank_next_pages(logprobs, seqs, tokenizer, opts, batch, name, share=share))
   return out
 
 
@@ -323,10 +348,12 @@ def evaluate(
   if hetlm_mixture_U is not None:
     per_user["hetlm_mixture"] = {"nll": hetlm_mixture_U}
   baselines = {"popularity": Popularity(), "markov": Markov(), "markov_mixture": MarkovMixture(max(k, 2))}
-  batch = next(iter(families.values())).trainer.eval_batch if families else 512
+  trainer = next(iter(families.values())).trainer if families else None
+  batch = trainer.eval_batch if trainer is not None else 512
+  share = None if trainer is None else (trainer.groups(), trainer.scoring_share()[2])
   for name, model in baselines.items():
     logging.info("evaluating %s", name)
-    per_user[name] = _baseline_metrics(model, seqs, tokenizer, opts, batch, name)
+    per_user[name] = _baseline_metrics(model, seqs, tokenizer, opts, batch, name, share)
     evaluated(name)
 
   report = {

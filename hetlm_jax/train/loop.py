@@ -358,14 +358,24 @@ class Trainer:
     return users, sums_UxKD / np.maximum(batches.length_U, 1)[:, None]
 
   def next_logprobs(
-    self, params, seqs: UserSequences, users_B: np.ndarray, cluster_B: np.ndarray | None = None
+    self,
+    params,
+    seqs: UserSequences,
+    users_B: np.ndarray,
+    cluster_B: np.ndarray | None = None,
+    rows_only: bool = False,
   ) -> np.ndarray:
     """[B, V] log-distribution of each user's first target token (after BOS for a new session) under the
     model of `cluster_B`, or [K, B, V] under every model when cluster_B is None; the batch is padded to the
     eval batch. A batch of one cluster's users runs only that cluster's model. Prompts are only as wide as the
     batch's longest needs, rounded up to a power of two (at least 8, at most --context): browsing histories are
-    short, and a few widths keep the compiled shapes few."""
+    short, and a few widths keep the compiled shapes few.
+
+    `rows_only`: only the users in this process's rows of the batch (`users_B[scoring_share()[2]]`), read from
+    its own devices, so no process receives every row's V log-probabilities."""
     b, n, context = self.eval_batch, len(users_B), self.cfg.model.context
+    rows = self.scoring_share()[2] if rows_only else slice(0, b)
+    mine = slice(rows.start, max(rows.start, min(rows.stop, n)))  # the batch's users in those rows
     padded = np.full(b, -1)
     padded[:n] = users_B
     left_BxT, pad_B = prompts(seqs, padded, context)
@@ -378,7 +388,18 @@ class Trainer:
     if cluster_B is not None and n and (np.asarray(cluster_B) == cluster_B[0]).all():
       model = hosts.put(np.int32(cluster_B[0]), self._replicated)
       out_BxV = self.next_logprobs_model(params, model, *hosts.put_all((right_BxT, last_B), self._rows))
-      return np.asarray(hosts.fetch(out_BxV))[:n]
-    out_KxBxV = self.next_logprobs_batch(params, *hosts.put_all((right_BxT, last_B), self._rows))
-    out_KxBxV = np.asarray(hosts.fetch(out_KxBxV))[:, :n]
-    return out_KxBxV if cluster_B is None else out_KxBxV[np.asarray(cluster_B), np.arange(n)]
+      return _rows_of(out_BxV, mine, 0)
+    out_KxBxV = _rows_of(self.next_logprobs_batch(params, *hosts.put_all((right_BxT, last_B), self._rows)), mine, 1)
+    return out_KxBxV if cluster_B is None else out_KxBxV[np.asarray(cluster_B)[mine], np.arange(mine.stop - mine.start)]
+
+
+def _rows_of(x: jax.Array, rows: slice, axis: int) -> np.ndarray:
+  """Rows `rows` (along `axis`) of global array `x`, whole along every other axis: from this process's own devices
+  when they hold them (the batch's rows are sharded over the processes), else gathered."""
+  block, values = hosts.fetch_local(x)
+  whole = all(b == slice(0, size) for d, (b, size) in enumerate(zip(block, x.shape)) if d != axis)
+  if not (whole and block[axis].start <= rows.start and rows.stop <= block[axis].stop):
+    block, values = tuple(slice(0, size) for size in x.shape), np.asarray(hosts.fetch(x))
+  at = [slice(None)] * x.ndim
+  at[axis] = slice(rows.start - block[axis].start, rows.stop - block[axis].start)
+  return values[tuple(at)]
