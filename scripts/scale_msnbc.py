@@ -33,7 +33,7 @@ from hetlm_jax.workdir import read_eval, read_metrics
 _ABSL_TIME = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) ")
 _MARKS = {
   "data": re.compile(r"\] data: "),
-  "trained": re.compile(r"\] hetlm round 1: \d+ passes, kept pass"),
+  "trained": re.compile(r"\] hetlm round 1(/\d+)?: [\d.]+ passes, kept pass"),
   "scored": re.compile(r"\] hetlm round 1: [\d.]+% of users moved"),
   "eval_start": re.compile(r"\] evaluating hetlm$"),
 }
