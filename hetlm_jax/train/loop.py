@@ -388,18 +388,25 @@ class Trainer:
     if cluster_B is not None and n and (np.asarray(cluster_B) == cluster_B[0]).all():
       model = hosts.put(np.int32(cluster_B[0]), self._replicated)
       out_BxV = self.next_logprobs_model(params, model, *hosts.put_all((right_BxT, last_B), self._rows))
-      return _rows_of(out_BxV, mine, 0)
-    out_KxBxV = _rows_of(self.next_logprobs_batch(params, *hosts.put_all((right_BxT, last_B), self._rows)), mine, 1)
+      return _rows_of(out_BxV, mine, 0, rows_only)
+    out_KxBxV = self.next_logprobs_batch(params, *hosts.put_all((right_BxT, last_B), self._rows))
+    out_KxBxV = _rows_of(out_KxBxV, mine, 1, rows_only)
     return out_KxBxV if cluster_B is None else out_KxBxV[np.asarray(cluster_B)[mine], np.arange(mine.stop - mine.start)]
 
 
-def _rows_of(x: jax.Array, rows: slice, axis: int) -> np.ndarray:
-  """Rows `rows` (along `axis`) of global array `x`, whole along every other axis: from this process's own devices
-  when they hold them (the batch's rows are sharded over the processes), else gathered."""
-  block, values = hosts.fetch_local(x)
-  whole = all(b == slice(0, size) for d, (b, size) in enumerate(zip(block, x.shape)) if d != axis)
-  if not (whole and block[axis].start <= rows.start and rows.stop <= block[axis].stop):
-    block, values = tuple(slice(0, size) for size in x.shape), np.asarray(hosts.fetch(x))
+def _rows_of(x: jax.Array, rows: slice, axis: int, local: bool) -> np.ndarray:
+  """Rows `rows` (along `axis`) of global array `x`, whole along every other axis. `local` (every process asks for
+  the rows its own devices hold, `Trainer.scoring_share`): read from its own devices when they hold every other axis
+  whole; else (and without `local`) gathered. The choice depends on the mesh alone, so every process makes the same
+  one, as a gather needs."""
+  if local:
+    block, values = hosts.fetch_local(x)
+    if all(b == slice(0, size) for d, (b, size) in enumerate(zip(block, x.shape)) if d != axis):
+      if not block[axis].start <= rows.start <= rows.stop <= block[axis].stop:
+        raise RuntimeError(f"rows {rows} asked of a process whose devices hold {block[axis]}")
+      at = [slice(None)] * x.ndim
+      at[axis] = slice(rows.start - block[axis].start, rows.stop - block[axis].start)
+      return values[tuple(at)]
   at = [slice(None)] * x.ndim
-  at[axis] = slice(rows.start - block[axis].start, rows.stop - block[axis].start)
-  return values[tuple(at)]
+  at[axis] = rows
+  return np.asarray(hosts.fetch(x))[tuple(at)]
