@@ -1,6 +1,7 @@
 """Run by tests/test_multiprocess.py, as one process or through launch/local.sh: scores and embeds a fixed set of
-users with a fixed tiny model, clusters them by the k-means initialisation fitted on a sample of them, and saves,
-per process, what it laid out and the results it ends with.
+users with a fixed tiny model, clusters them by the k-means initialisation fitted on a sample of them, ranks their
+next pages under a fixed host model with each process ranking its own rows, and saves, per process, what it laid
+out and the results it ends with. Per-user results are gathered in pieces of a few users (GATHER_USERS_BYTES).
 
   python tests/score_in_processes.py OUT_DIR [--coordinator_address=... --num_processes=N --process_id=I]
 """
@@ -14,6 +15,7 @@ from hetlm_jax import hosts
 from hetlm_jax.cluster.assign import embedding_kmeans
 from hetlm_jax.config import ClusterConfig, Config, ModelConfig, TrainConfig
 from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.eval.evaluate import EvalOptions, rank_next_pages
 from hetlm_jax.train.loop import Trainer
 
 CFG = Config(
@@ -43,6 +45,7 @@ def main(out: Path, flags: list[str]) -> None:
   hosts.initialize(
     given.get("coordinator_address", ""), int(given.get("num_processes", 0)), int(given.get("process_id", -1))
   )
+  Trainer.GATHER_USERS_BYTES = 256  # many gathers of a few users each, every piece's users put in place
   trainer, seqs = Trainer(CFG, 2), users()
   single = Trainer(CFG, 1)
   params = trainer.init_state().params
@@ -50,8 +53,22 @@ def main(out: Path, flags: list[str]) -> None:
   laid_out = trainer._scoring_batches(seqs, "history")[0]
   history_KxU, tokens_U = trainer.score(params, seqs, "history")
   target_KxU, target_tokens_U = trainer.score(params, seqs, "target", pages_only=True)
+  rows = trainer.scoring_share()[2]
+  logp_UxV = np.log(np.random.default_rng(1).dirichlet(np.ones(19), seqs.num_users))  # a host model: one row a user
+  pages = type("Pages", (), {"vocab_size": 19, "num_specials": 4})
+  opts = EvalOptions(negatives=5)
+  ranking = rank_next_pages(
+    lambda batch: logp_UxV[batch[rows]],
+    seqs,
+    pages,
+    opts,
+    trainer.eval_batch,
+    "ranking",
+    share=(trainer.groups(), rows),
+  )
   np.savez(
     out / f"process{hosts.share()[0]}.npz",
+    **{f"ranking_{key}": values for key, values in ranking.items()},
     share=np.array([group, groups]),
     laid_out=laid_out,
     history=history_KxU,

@@ -262,6 +262,11 @@ def test_each_process_scores_and_embeds_its_own_share_of_the_users_and_every_pro
   for run in two:  # k-means fitted on 40 users drawn by their ids, every user labelled by its own process group
     np.testing.assert_array_equal(run["kmeans"], one["kmeans"])
   assert sorted(set(one["kmeans"].tolist())) == [0, 1, 2]
+  ranked = [key for key in one.files if key.startswith("ranking_")]
+  assert len(ranked) == 7 and not np.isnan(one["ranking_hr@10"]).any()  # every user ranked, by each process
+  for run in two:  # each process ranked its own rows of every batch; every user's metrics reached both
+    for key in ranked:
+      np.testing.assert_array_equal(run[key], one[key], err_msg=key)
 
 
 def test_with_data_shards_each_process_trains_on_its_shards_rows_and_the_run_resumes_on_one_process_to_the_same_end(

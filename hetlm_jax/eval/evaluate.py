@@ -283,11 +283,14 @@ def rank_next_pages(
         out[f"{k}_sampled"][mine] = sampled[k]
     progress.update(i + 1)
   progress.close()
-  if groups.count > 1:
+  if groups.count > 1:  # in pieces of at most Trainer.GATHER_USERS_BYTES a process, as Trainer.gather_users
     ranked = np.concatenate(ranked) if ranked else np.zeros(0, np.int64)
-    for got in groups.each(ranked, *(out[key][ranked] for key in keys)):
-      for key, values in zip(keys, got[1:], strict=True):
-        out[key][got[0]] = values
+    chunk = Trainer.GATHER_USERS_BYTES // (8 * (len(keys) + 1))
+    for at in range(0, hosts.most(len(ranked)), chunk):
+      piece = ranked[at : at + chunk]
+      for got in groups.each(piece, *(out[key][piece] for key in keys)):
+        for key, values in zip(keys, got[1:], strict=True):
+          out[key][got[0]] = values
   return out
 
 
