@@ -163,6 +163,14 @@ class DataConfig:
     "bucketed export writes them): with several processes, process p reads only parts p, p+P, ... instead of "
     "every part; a user found in two parts stops the run in one line.",
   )
+  own_users: bool = _option(
+    False,
+    "With several processes, each keeps only the users it owns (by a hash of their id) after preparation, instead "
+    "of receiving every user's tokens: each trains its rows of every batch from its own users (--data_shards is the "
+    "number of processes), scores and moves them, and only sums and per-user scalars pass between the processes. "
+    "Needs --split=hash, the split in time (no --test_users) and --init=random or embedding; the run then resumes "
+    "on the same number of processes only.",
+  )
   test_users: int = _option(
     0,
     "Split by user instead of in time: N users, never trained on, whose whole sequences are the test (0: each "
@@ -196,8 +204,8 @@ class ClusterConfig:
   tolerance: float = _option(0.005, "Stop once fewer than this fraction of users change cluster in a round.")
   init: str = _option(
     "embedding",
-    "Initial assignment: random (balanced), features (k-means on TF-IDF page/transition counts), embedding (k-means"
-    " on a single LM's mean hidden states).",
+    "Initial assignment: random (balanced; with --split=hash, by a seeded hash of each user's id), features (k-means "
+    "on TF-IDF page/transition counts), embedding (k-means on a single LM's mean hidden states).",
   )
   warm_start: bool = _option(True, "With --init=embedding, start every cluster model from that single LM.")
   kmeans_users: int = _option(
@@ -411,6 +419,11 @@ def validate(cfg: Config) -> None:
     (d.max_users >= 0, f"--max_users={d.max_users} must be non-negative"),
     (d.test_users >= 0 and d.train_users >= 0, "--test_users and --train_users must be non-negative"),
     (d.test_users > 0 or d.train_users == 0, "--train_users needs --test_users (the split by user)"),
+    (
+      not d.own_users or (d.split == "hash" and d.test_users == 0 and c.init != "features" and not d.max_users),
+      "--own_users needs --split=hash, the split in time (no --test_users), --init=random or embedding, and no "
+      "--max_users: the others need every user on every process",
+    ),
     (d.test_offset >= -1, f"--test_offset={d.test_offset} must be -1 (after the training users) or a position"),
     (d.test_users > 0 or d.test_offset == -1, "--test_offset needs --test_users (the split by user)"),
     (

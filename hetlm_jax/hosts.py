@@ -6,8 +6,10 @@ them derive from the data and the seed). Each builds only its own devices' block
 lays out only its share of the users on its rows and decides what concerns them alone (the E-step moves its own
 users, with the clusters' sizes summed over the groups: `Groups`). What every process needs is gathered to every
 process (each user's new cluster, a validation or evaluation NLL a user, metrics), so every host makes the same
-decisions (early stopping, re-seeding). Only process 0 writes files other than checkpoints, which orbax writes
-collectively.
+decisions (early stopping, re-seeding). With --own_users (`own_users`) each process holds only its own users from
+preparation on: per-user arrays are then a process's own, and what concerns every user is summed (`total`) or, a
+few scalars a user, brought together (`every_user`). Only process 0 writes files other than checkpoints, which
+orbax writes collectively.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 
 import jax
 import numpy as np
+import pyarrow as pa
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -180,6 +183,41 @@ def any_process(flag: bool) -> bool:
   return bool(np.asarray(multihost_utils.process_allgather(np.array([flag]))).any())
 
 
+_OWN_USERS = [False]  # set by data/prepare.py: whether this job's processes hold only their own users
+
+
+def set_own_users(flag: bool) -> None:
+  """Records how the prepared data is laid out: every process holds every user (False), or only the users it owns
+  (--own_users: no exchange after preparation)."""
+  _OWN_USERS[0] = bool(flag)
+
+
+def own_users() -> bool:
+  """Whether each process of this job holds only its own users (--own_users with several processes): every per-user
+  array of a process (sequences, assignment, weights, scores) is then of its users alone, and what concerns all
+  users is summed (`total`) or, a scalar a user, brought together (`every_user`)."""
+  return _OWN_USERS[0] and jax.process_count() > 1
+
+
+def total(*arrays: np.ndarray) -> list[np.ndarray]:
+  """Each of `arrays` (a sum over this process's users) summed over every process's users: as it is unless each
+  process holds only its own users (`own_users`); every process must call this at the same point."""
+  if not own_users():
+    return [np.asarray(a) for a in arrays]
+  every = gather_arrays(*arrays)
+  return [np.sum([got[i] for got in every], axis=0) for i in range(len(arrays))]
+
+
+def every_user(*arrays: np.ndarray) -> list[np.ndarray]:
+  """Each of `arrays` (per user, along the first axis) for every user of the job, the processes' users one after
+  the other: as it is unless each process holds only its own users (`own_users`). For per-user scalars only
+  (statistics over all users); every process must call this at the same point."""
+  if not own_users():
+    return [np.asarray(a) for a in arrays]
+  every = gather_arrays(*arrays)
+  return [np.concatenate([got[i] for got in every]) for i in range(len(arrays))]
+
+
 def share() -> tuple[int, int]:
   """(this process's index, the number of processes): process p of P owns the users data/ownership.py gives it."""
   return jax.process_index(), jax.process_count()
@@ -230,6 +268,24 @@ def gather_arrays(*arrays: np.ndarray) -> list[list[np.ndarray]]:
   return every
 
 
+def to_ipc(table: pa.Table) -> bytes:
+  """An Arrow table as the bytes of an IPC stream (what passes between processes)."""
+  sink = pa.BufferOutputStream()
+  with pa.ipc.new_stream(sink, table.schema) as writer:
+    writer.write_table(table)
+  return sink.getvalue().to_pybytes()
+
+
+def from_ipc(blob) -> pa.Table:
+  """The table of `to_ipc` bytes (or a view of them)."""
+  return pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(blob))).read_all()
+
+
+def gather_tables(table: pa.Table) -> list[pa.Table]:
+  """Every process's `table`, in process order (every process must call this at the same point)."""
+  return [from_ipc(blob) for blob in gather_bytes(to_ipc(table))]
+
+
 @dataclasses.dataclass(frozen=True)
 class Groups:
   """The processes as `count` groups, this one in group `index`, each group holding its own share of the users (the
@@ -250,6 +306,20 @@ class Groups:
     """The sum over the groups of each of `arrays` (the same shape in every group)."""
     every = self.each(*arrays)
     return [np.sum([group[i] for group in every], axis=0) for i in range(len(arrays))]
+
+  PIECE_BYTES = 256 * 2**20  # per process and gather in `place`: large per-user results go in several
+
+  def place(self, users: np.ndarray, wholes: list[np.ndarray], *results: np.ndarray) -> None:
+    """Writes every group's per-user `results` (the last axis per user, one for each of its `users`, indices along
+    the last axis of `wholes`) into `wholes`, so that every process holds them all; sent in pieces of at most
+    PIECE_BYTES a process. One group: its own are written."""
+    per_user = 8 + sum(r.dtype.itemsize * int(np.prod(r.shape[:-1])) for r in results)  # the same on every process
+    chunk = max(1, self.PIECE_BYTES // per_user)
+    users = np.asarray(users, np.int64)
+    for at in range(0, most(len(users)) if self.count > 1 else max(len(users), 1), chunk):
+      for got in self.each(users[at : at + chunk], *(r[..., at : at + chunk] for r in results)):
+        for whole, part in zip(wholes, got[1:], strict=True):
+          whole[..., got[0]] = part
 
 
 def most(value: int) -> int:

@@ -128,7 +128,7 @@ class Predictor:
     self.k = num_models(run.params)
     self.params, self.step = run.params, run.step
     self.trainer = run.trainer if run.trainer is not None else Trainer(run.config, self.k, devices)
-    self.log_prior = log_shares(cluster_shares(run.assignment, run.weights, self.k))
+    self.log_prior = log_shares(cluster_shares(run.assignment, run.weights, self.k, mine=False))
     position = Position.from_meta(run.meta)
     has_shared = bool(jax.tree.leaves(run.params["shared"]))
     # Clusters that are one model tie on every history; a new user goes to the one holding most training users.

@@ -120,11 +120,12 @@ def saved_tokenizer(workdir: Path) -> PageTokenizer | None:
 
 def write_run_files(workdir: Path, cfg: Config, tokenizer: PageTokenizer, seqs: UserSequences) -> None:
   """config.json, tokenizer.json and sessions.json, by process 0 (the run's other files follow as it trains)."""
+  length = session_length_from_data(seqs, tokenizer.num_specials)  # with --own_users, every process takes part
   if not hosts.is_primary():
     return
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizer.save(workdir / TOKENIZER_FILE)
-  write_sessions(workdir, seqs, tokenizer)
+  write_sessions(workdir, length)
   cfg.save(workdir / CONFIG_FILE)
 
 
@@ -160,8 +161,9 @@ def write_prepared(workdir: Path, cfg: Config, prepared: Prepared) -> None:
 
 
 def read_prepared(workdir: Path, cfg: Config) -> Prepared | None:
-  """The prepared users of the run in `workdir` (every process reads every part), or None when there are none
-  or they were prepared from other data than cfg's."""
+  """The prepared users of the run in `workdir` (every process reads every part; with --own_users, its own part
+  alone), or None when there are none, they were prepared from other data than cfg's, or (--own_users) by another
+  number of processes."""
   folder = workdir / PREPARED_DIR
   try:
     manifest = json.loads((folder / PREPARED_MANIFEST).read_text())
@@ -169,9 +171,16 @@ def read_prepared(workdir: Path, cfg: Config) -> Prepared | None:
     return None
   if manifest.get("data") != cfg.data.path or not (workdir / TOKENIZER_FILE).exists():
     return None
+  process, processes = hosts.share()
+  hosts.set_own_users(cfg.data.own_users)
+  parts = manifest["parts"]
+  if hosts.own_users():
+    if len(parts) != processes:
+      return None
+    parts = parts[process : process + 1]
   start = time.perf_counter()
   try:
-    table = pa.concat_tables([pq.read_table(folder / name) for name in manifest["parts"]])
+    table = pa.concat_tables([pq.read_table(folder / name) for name in parts])
   except (OSError, pa.ArrowException) as e:
     raise HetlmError(
       f"{folder}: the prepared users cannot be read ({e}); move the folder away to read the log"
@@ -211,11 +220,10 @@ def checkpoint_dir(workdir: Path, family: str) -> Path:
 # -- sessions.json and assignments.parquet -----------------------------------------------------------------------
 
 
-def write_sessions(workdir: Path, seqs: UserSequences, tokenizer: PageTokenizer) -> None:
+def write_sessions(workdir: Path, length: int | None) -> None:
   """sessions.json: whether the training histories end their sessions (so a prediction asks for the next
   session's pages) or not (one session per user, as msnbc: it asks how the last session goes on), and then how
-  many pages to generate (see session_length_from_data)."""
-  length = session_length_from_data(seqs, tokenizer.num_specials)
+  many pages to generate (`length`: session_length_from_data)."""
   replace_text(workdir / SESSIONS_FILE, json.dumps({"session_ends": length is None, "session_length": length}) + "\n")
 
 
@@ -242,7 +250,11 @@ def write_assignments(workdir: Path, seqs: UserSequences, assignment_U: np.ndarr
       pq.write_table(table, tmp)
     shutil.rmtree(folder, ignore_errors=True)
     return
-  tag = hashlib.sha256(np.ascontiguousarray(assignment_U, np.int32).tobytes()).hexdigest()[:12]
+  tag = hashlib.sha256(np.ascontiguousarray(assignment_U, np.int32).tobytes()).digest()
+  if hosts.own_users():  # each process holds its own users' clusters: the parts are named by all of them
+    tag = hashlib.sha256(b"".join(bytes(d) for d in hosts.gather_bytes(tag))).digest()
+  tag = tag.hex()[:12]
+  (users,) = hosts.total(np.array(len(assignment_U)))
   names = [f"part-{p:05d}-of-{processes:05d}-{tag}.parquet" for p in range(processes)]
   folder.mkdir(parents=True, exist_ok=True)
   with written(folder / names[process], hidden=True) as tmp:
@@ -250,7 +262,7 @@ def write_assignments(workdir: Path, seqs: UserSequences, assignment_U: np.ndarr
   hosts.barrier("assignment parts written")
   if hosts.is_primary():
     previous = _assignment_manifest(folder).get("parts", [])
-    replace_text(folder / ASSIGNMENTS_MANIFEST, json.dumps({"parts": names, "users": len(assignment_U)}) + "\n")
+    replace_text(folder / ASSIGNMENTS_MANIFEST, json.dumps({"parts": names, "users": int(users)}) + "\n")
     for name in set(previous) - set(names):
       (folder / name).unlink(missing_ok=True)
     (workdir / ASSIGNMENTS_FILE).unlink(missing_ok=True)
@@ -443,7 +455,7 @@ def load_run(workdir: str | Path, model: str = "hetlm", step: int | None = None,
     if devices is not None:
       cfg = fitted_to(cfg, len(devices))
     trainer = Trainer(cfg, int(meta["k"]), devices)
-    state, _, assignment, meta, weights = ckpts.restore(trainer.abstract, int(meta["num_users"]), step)
+    state, _, assignment, meta, weights = ckpts.restore(trainer.abstract, int(meta["num_users"]), step, every_user=True)
     if "mix" in meta:  # --mix_init: the LM it mixes with was saved beside it
       trainer.set_mix(ckpts.restore_anchor(trainer.anchor_shape(), step), meta["mix"])
   finally:

@@ -12,6 +12,10 @@ sequences are exchanged) and seconds. --data=PATH measures another log (e.g. the
 so each process opens only its own parts:
 
   python scripts/prep_memory.py --log=/tmp/events20m_by_user --parts_by_user --out=prep_memory_by_user.json
+
+--own_users prepares with --own_users: no exchange, each process keeps its own users (its peak is then the whole):
+
+  python scripts/prep_memory.py --log=/tmp/events20m --own_users --out=prep_memory_own.json
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ def worker(args) -> None:
 
   prepare._exchanged = measured
   start = time.perf_counter()
-  prepared = prepare_data(Config(data=DataConfig(path=args.data, parts_by_user=args.parts_by_user)))
+  data = DataConfig(path=args.data, parts_by_user=args.parts_by_user, own_users=args.own_users)
+  prepared = prepare_data(Config(data=data))
   seconds = time.perf_counter() - start
   row = {
     "process": max(args.process_id, 0),
@@ -100,6 +105,7 @@ def main() -> None:
   parser.add_argument("--processes", default="1,2,4")
   parser.add_argument("--out", default="")
   parser.add_argument("--parts_by_user", action="store_true", help="write (or read) each user's events in one part")
+  parser.add_argument("--own_users", action="store_true", help="each process keeps its own users (no exchange)")
   parser.add_argument("--worker", action="store_true")
   parser.add_argument("--coordinator_address", default="")
   parser.add_argument("--num_processes", type=int, default=0)
@@ -113,6 +119,7 @@ def main() -> None:
   runs = []
   for p in (int(x) for x in args.processes.split(",")):
     command = [sys.executable, __file__, "--worker", f"--data={data}"] + ["--parts_by_user"] * args.parts_by_user
+    command += ["--own_users"] * args.own_users
     if p > 1:
       command = [str(REPO / "launch" / "local.sh"), str(p), "1", *command]
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Run by tests/test_multiprocess.py, as one process or through launch/local.sh: scores and embeds a fixed set of
 users with a fixed tiny model, clusters them by the k-means initialisation fitted on a sample of them, ranks their
 next pages under a fixed host model with each process ranking its own rows, and saves, per process, what it laid
-out and the results it ends with. Per-user results are gathered in pieces of a few users (GATHER_USERS_BYTES).
+out and the results it ends with. Per-user results are gathered in pieces of a few users (hosts.Groups.PIECE_BYTES).
 
   python tests/score_in_processes.py OUT_DIR [--coordinator_address=... --num_processes=N --process_id=I]
 """
@@ -45,7 +45,7 @@ def main(out: Path, flags: list[str]) -> None:
   hosts.initialize(
     given.get("coordinator_address", ""), int(given.get("num_processes", 0)), int(given.get("process_id", -1))
   )
-  Trainer.GATHER_USERS_BYTES = 256  # many gathers of a few users each, every piece's users put in place
+  hosts.Groups.PIECE_BYTES = 256  # many gathers of a few users each, every piece's users put in place
   trainer, seqs = Trainer(CFG, 2), users()
   single = Trainer(CFG, 1)
   params = trainer.init_state().params

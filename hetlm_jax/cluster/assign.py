@@ -24,6 +24,12 @@ def random_balanced(num_users: int, k: int, seed: int) -> np.ndarray:
   return (np.random.default_rng(seed).permutation(num_users) % k).astype(np.int32)
 
 
+def random_by_id(user_ids: np.ndarray, k: int, seed: int) -> np.ndarray:
+  """Every user to a cluster drawn from a seeded hash of their id alone (--split=hash): the same whatever the other
+  users and the number of processes; balanced in expectation, not exactly."""
+  return (user_keys(pa.array(user_ids.astype(str), pa.large_string()), seed, 11) % np.uint64(k)).astype(np.int32)
+
+
 def user_features(seqs: UserSequences, vocab_size: int) -> sp.csr_matrix:
   """Sparse per-user counts of pages and of page→page transitions in the history (never the target)."""
   hist_len_U = seqs.split - seqs.offsets[:-1]
@@ -47,12 +53,19 @@ def embedding_kmeans(trainer, params, seqs: UserSequences, k: int, seed: int, mo
   """`kmeans` of the users' mean hidden states under a single LM (`trainer`, a train/loop.Trainer with K=1, and its
   `params`). Past `most_users` users, it is fitted on that many of them, drawn by a seeded hash of their ids (the
   same users whatever the number of processes), and every user goes to the nearest centre: each group of processes
-  labels its own users and only the labels are gathered, so no process holds every user's hidden state."""
-  if seqs.num_users <= most_users:
+  labels its own users and only the labels are gathered, so no process holds every user's hidden state. With
+  --own_users, each process embeds its users among the drawn ones (the `most_users` smallest keys of all), their
+  hidden states are brought together for the fit, and each process labels its own users."""
+  if seqs.num_users <= most_users and not hosts.own_users():
     return kmeans(trainer.embed(params, seqs)[0], k, seed)
   keys = user_keys(pa.array(seqs.user_ids.astype(str), pa.large_string()), seed, 13)
-  fitted = np.sort(np.argpartition(keys, most_users - 1)[:most_users])
-  centres = KMeans(k, n_init=4, random_state=seed).fit(normalize(trainer.embed(params, seqs.subset(fitted))[0]))
+  if hosts.own_users():  # the draw's last key, from each process's smallest
+    (smallest,) = hosts.every_user(np.sort(keys)[:most_users])
+    fitted = np.flatnonzero(keys <= np.sort(smallest)[min(most_users, len(smallest)) - 1])
+  else:
+    fitted = np.sort(np.argpartition(keys, most_users - 1)[:most_users])
+  (drawn_UxD,) = hosts.every_user(trainer.embed(params, seqs.subset(fitted))[0])
+  centres = KMeans(k, n_init=4, random_state=seed).fit(normalize(drawn_UxD))
   users, means_UxD = trainer.embed_share(params, seqs)
   labels_U = centres.predict(normalize(means_UxD[:, : trainer.cfg.model.d_model])).astype(np.int32)
   return trainer.gather_users(users, seqs.num_users, labels_U)[0]
@@ -140,8 +153,14 @@ def _worst_half(nll_D: np.ndarray, groups: hosts.Groups) -> np.ndarray:
   return np.sort(mine)
 
 
-def cluster_shares(assignment_U: np.ndarray, weights_UxK: np.ndarray | None, k: int) -> np.ndarray:
-  """[K] the clusters' shares of users: mean responsibilities under soft EM, else of the assignment."""
+def cluster_shares(assignment_U: np.ndarray, weights_UxK: np.ndarray | None, k: int, mine: bool = True) -> np.ndarray:
+  """[K] the clusters' shares of users: mean responsibilities under soft EM, else of the assignment. With
+  --own_users, the arrays are this process's users' and the shares every process's (`mine`), unless `mine` is False:
+  the arrays are then every user's already (a trained run's, `load_run`)."""
+  if mine and hosts.own_users():
+    mine_K = np.bincount(assignment_U, minlength=k) if weights_UxK is None else np.asarray(weights_UxK).sum(axis=0)
+    sum_K, users = hosts.total(mine_K, np.array(len(assignment_U)))
+    return sum_K / max(int(users), 1)
   if weights_UxK is not None:
     return weights_UxK.mean(axis=0)
   return np.bincount(assignment_U, minlength=k) / max(len(assignment_U), 1)

@@ -30,6 +30,7 @@ from hetlm_jax.cluster.assign import (
   log_shares,
   min_cluster_size,
   random_balanced,
+  random_by_id,
   reassign,
 )
 from hetlm_jax.cluster.policy import Policy, Position, RoundPlan
@@ -104,7 +105,8 @@ class FamilyRun:
   @property
   def min_size(self) -> int:
     """Users below which a cluster is re-seeded."""
-    return min_cluster_size(self.seqs.num_users, self.k, self.cfg.cluster.min_cluster_frac)
+    (users,) = hosts.total(np.array(self.seqs.num_users))
+    return min_cluster_size(int(users), self.k, self.cfg.cluster.min_cluster_frac)
 
   def save(self, rs: RoundState, state: TrainState | None = None, replace: bool = False) -> None:
     """A checkpoint of `rs` (at `state`, a step within the round, when given)."""
@@ -452,7 +454,9 @@ def e_step(
     assignment_after_U, weights_KxU = gather(moved.assignment, weights_RxK.T)
     new_weights_UxK = np.ascontiguousarray(weights_KxU.T)
   moved = dataclasses.replace(moved, assignment=assignment_after_U)
-  hosts.check_same(f"{name}'s assignment after round {round_index}", moved.assignment)
+  # With --own_users each process holds its own users' clusters: the sizes (summed) must agree.
+  same = moved.sizes if hosts.own_users() else moved.assignment
+  hosts.check_same(f"{name}'s assignment after round {round_index}", same)
   if validate is not None:
     after = validate(moved.assignment, new_weights_UxK) if moved.moved else before
     if moved.reseeded:  # the validation users' models are copied after this; not measured here
@@ -472,7 +476,8 @@ def e_step(
         after[0],
       )
       record["taken"] = False
-      stay = Reassignment(assignment_U, 0.0, np.bincount(assignment_U, minlength=k), {}, np.arange(k))
+      (sizes_K,) = hosts.total(np.bincount(assignment_U, minlength=k))
+      stay = Reassignment(assignment_U, 0.0, sizes_K, {}, np.arange(k))
       run.log.write(record)
       return assignment_U, weights_UxK, stay, scored
   run.log.write(record)
@@ -614,6 +619,8 @@ def initial_assignment(
   if k == 1:
     return (lambda: np.zeros(seqs.num_users, np.int32)), no_warm
   if c.init == "random":
+    if cfg.data.split == "hash":  # from each user's id alone
+      return (lambda: random_by_id(seqs.user_ids, k, seed)), no_warm
     return (lambda: random_balanced(seqs.num_users, k, seed)), no_warm
   if c.init == "features":
     return (lambda: interrupt.at_phase("kmeans") or kmeans_on_features(seqs, vocab_size, k, seed)), no_warm

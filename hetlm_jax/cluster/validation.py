@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 from scipy.special import logsumexp
 
+from hetlm_jax import hosts
 from hetlm_jax.cluster.assign import cluster_shares, log_shares
 from hetlm_jax.config import Config
 from hetlm_jax.data.ownership import user_uniform
@@ -45,7 +46,7 @@ class Validation:
     self, trainer: Trainer, params, assignment_U: np.ndarray, weights_UxK: np.ndarray | None
   ) -> tuple[float, float]:
     """Mean and variance over the validation users of each user's NLL per target token (nats)."""
-    per_user = self.per_user(trainer, params, assignment_U, weights_UxK)
+    (per_user,) = hosts.every_user(self.per_user(trainer, params, assignment_U, weights_UxK))
     per_user = per_user[~np.isnan(per_user)]
     return float(per_user.mean()), float(per_user.var())
 
@@ -69,7 +70,8 @@ def validation_slice(cfg: Config, prepared: Prepared) -> tuple[UserSequences, Va
     val_U = user_uniform(pa.array(seqs.user_ids, pa.large_string()), cfg.train.seed, 7) < cfg.train.val_frac
   else:
     val_U = np.random.default_rng([cfg.train.seed, 7]).random(seqs.num_users) < cfg.train.val_frac
-  if not val_U.any() or val_U.all():
+  drawn, users = hosts.total(np.array(val_U.sum()), np.array(len(val_U)))  # with --own_users, of every process's
+  if not drawn or drawn == users:
     return seqs, None, np.ones(seqs.num_users, bool)
   if cfg.data.test_users:
     return (

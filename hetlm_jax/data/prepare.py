@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from absl import logging
 
 from hetlm_jax import hosts, interrupt
 from hetlm_jax.config import Config
@@ -57,8 +58,9 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
   In a job of several processes each reads only the events of the users it owns (data/ownership.py; with
   --parts_by_user, the users of its own part files, and no other part is opened), counts
   their pages and builds their sequences; the page counts are summed over the processes, so the tokenizer is the
-  one a single process fits on the whole log, and the sequences are then exchanged and put in id order, so every
-  process goes on with the very data one process would have (see docs/SCALING.md for what that still costs)."""
+  one a single process fits on the whole log. With --own_users each process goes on with its own users alone (in id
+  order); otherwise the sequences are exchanged and put in id order, so every process goes on with the very data one
+  process would have (see docs/SCALING.md for what that costs)."""
   d = cfg.data
   path = data_path(cfg)
   start = time.perf_counter()
@@ -85,7 +87,13 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
   )
   int_ids = (table.schema.metadata or {}).get(b"hetlm_user_id") == b"int64"
   del table
-  if processes > 1:
+  hosts.set_own_users(d.own_users)
+  if processes > 1 and d.own_users:  # each process goes on with its own users
+    seqs, stats = seqs.in_id_order(), _summed_stats([json.dumps(stats).encode()], [seqs.num_users])
+    if not sum(stats["users_by_process"]):
+      raise input_error(path, NO_USERS_LEFT)
+    logging.info("--own_users: the processes keep %s users of %s", stats["users_by_process"], stats["users"])
+  elif processes > 1:
     seqs, stats = _exchanged(seqs, stats, path)
   test_seqs = val_seqs = None
   if d.test_users:
@@ -115,7 +123,7 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
   if not given:
     # A training user's history is all that trains (split_users makes a training user's whole sequence
     # history); min_count and max_vocab apply to those counts.
-    counts_V = seqs.history_counts(tokenizer.vocab_size)
+    (counts_V,) = hosts.total(seqs.history_counts(tokenizer.vocab_size))
     stats["pages_never_in_training"] = int((counts_V[tokenizer.num_specials :] == 0).sum())
     tokenizer, map_V = tokenizer.restrict(counts_V, d.min_count, d.max_vocab or None)
     seqs = seqs.map_tokens(map_V)
@@ -131,7 +139,7 @@ def _page_tokenizer(table: pa.Table, path: str) -> PageTokenizer:
   mine = pa.table({"page": counts.field("values"), "count": counts.field("counts")})
   outcomes = outcome_types(table)
   if hosts.share()[1] > 1:
-    every = [_from_ipc(blob) for blob in hosts.gather_bytes(_to_ipc(mine))]
+    every = hosts.gather_tables(mine)
     mine = pa.concat_tables(every).group_by("page").aggregate([("count", "sum")]).rename_columns(["page", "count"])
     outcomes = sorted(
       {o for blob in hosts.gather_bytes(json.dumps(outcomes).encode()) for o in json.loads(bytes(blob))}
@@ -146,14 +154,13 @@ def _page_tokenizer(table: pa.Table, path: str) -> PageTokenizer:
 
 def _exchanged(seqs: UserSequences, stats: dict, path: str) -> tuple[UserSequences, dict]:
   """Every process's users (their UserSequences.to_table sent as Arrow IPC), in id order, and the summed counts."""
-  parts, totals = [], {"users_by_process": []}
-  mine = [_to_ipc(seqs.to_table()), json.dumps(stats).encode()]
+  parts, every_stats = [], []
+  mine = [hosts.to_ipc(seqs.to_table()), json.dumps(stats).encode()]
   for blob in hosts.gather_bytes(b"".join(len(x).to_bytes(8, "little") + x for x in mine)):
     users_blob, stats_blob = _framed(blob)
-    parts.append(UserSequences.from_table(_from_ipc(users_blob)))
-    for key, value in json.loads(bytes(stats_blob)).items():
-      totals[key] = value if isinstance(value, str) else totals.get(key, 0) + value
-    totals["users_by_process"].append(parts[-1].num_users)
+    parts.append(UserSequences.from_table(hosts.from_ipc(users_blob)))
+    every_stats.append(bytes(stats_blob))
+  totals = _summed_stats(every_stats, [part.num_users for part in parts])
   seqs = UserSequences.concat(parts).in_id_order()
   if not seqs.num_users:
     raise input_error(path, NO_USERS_LEFT)
@@ -167,15 +174,17 @@ def _exchanged(seqs: UserSequences, stats: dict, path: str) -> tuple[UserSequenc
   return seqs, totals
 
 
-def _to_ipc(table: pa.Table) -> bytes:
-  sink = pa.BufferOutputStream()
-  with pa.ipc.new_stream(sink, table.schema) as writer:
-    writer.write_table(table)
-  return sink.getvalue().to_pybytes()
-
-
-def _from_ipc(blob) -> pa.Table:
-  return pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(blob))).read_all()
+def _summed_stats(every: list[bytes], users: list[int]) -> dict:
+  """The preparation's counts summed over the processes, from every process's stats (JSON), or, given this process's
+  alone, gathered first; with each process's number of users."""
+  if len(every) == 1 and hosts.share()[1] > 1:
+    every = [bytes(blob) for blob in hosts.gather_bytes(every[0])]
+    users = [int(n) for (n,) in hosts.gather_arrays(np.array(users[0]))]
+  totals = {}
+  for blob in every:
+    for key, value in json.loads(blob).items():
+      totals[key] = value if isinstance(value, str) else totals.get(key, 0) + value
+  return {**totals, "users_by_process": users}
 
 
 def _framed(blob) -> list[memoryview]:

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hetlm_jax import hosts
 from hetlm_jax.data.ownership import user_keys
 from hetlm_jax.data.readers import normalise_events
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
@@ -171,15 +172,28 @@ class UserSequences:
 def session_length_from_data(seqs: UserSequences, num_specials: int) -> int | None:
   """How many pages to generate when the model cannot know when a session ends: None when the training
   histories hold end markers (the model learns to stop); otherwise (msnbc: one session per user, cut in two)
-  the median number of pages of a history session."""
+  the median number of pages of a history session (with --own_users, of every process's users: every process
+  must call it at the same point)."""
   in_history = np.arange(seqs.num_tokens) < np.repeat(seqs.split, seqs.lengths)
   tokens = seqs.tokens[in_history]
-  if (tokens == EOS).any() or not len(tokens):
+  if hosts.own_users():
+    if hosts.any_process(bool((tokens == EOS).any())):
+      return None
+  elif (tokens == EOS).any() or not len(tokens):
     return None
   starts = np.zeros(len(tokens), bool)
   starts[np.cumsum(seqs.history_lengths)[:-1]] = True  # a new user starts a new session too
   session = np.cumsum(starts | (tokens == BOS))
   pages = np.bincount(session, weights=tokens >= num_specials)
+  if hosts.own_users():  # the median of every process's sessions, from their summed histogram of pages
+    pages = pages[pages > 0].astype(np.int64)
+    hist = np.bincount(pages, minlength=hosts.most(int(pages.max(initial=0))) + 1)
+    (hist,) = hosts.total(hist)
+    n, at = int(hist.sum()), np.cumsum(hist)
+    if not n:
+      return None
+    middle = np.searchsorted(at, [(n - 1) // 2, n // 2], side="right")
+    return max(1, int(middle.mean()))
   return max(1, int(np.median(pages[pages > 0]))) if (pages > 0).any() else None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
+from hetlm_jax import hosts
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 
@@ -123,9 +124,23 @@ class _PairTable:
 
 
 def _fit_table(prev_N: np.ndarray, next_N: np.ndarray, vocab_size: int, alpha: float) -> _PairTable:
-  """One chain (K = 1) from plain pair counts."""
-  keys_P, count_P = np.unique(prev_N * vocab_size + next_N, return_counts=True)
+  """One chain (K = 1) from plain pair counts (with --own_users, every process's)."""
+  if hosts.own_users():
+    keys_P, inv_N = _pairs(prev_N, next_N, vocab_size)
+    (count_P,) = hosts.total(np.bincount(inv_N, minlength=len(keys_P)))
+  else:
+    keys_P, count_P = np.unique(prev_N * vocab_size + next_N, return_counts=True)
   return _PairTable(keys_P, count_P.astype(np.float64)[None, :], vocab_size, alpha)
+
+
+def _pairs(prev_N: np.ndarray, next_N: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(keys_P, inv_N): the distinct (prev, next) pairs as prev x V + next, of every process's users with
+  --own_users (every process must then call this at the same point), and each pair's index among them."""
+  keys_N = prev_N * vocab_size + next_N
+  if not hosts.own_users():
+    return np.unique(keys_N, return_inverse=True)
+  keys_P = np.unique(np.concatenate([got[0] for got in hosts.gather_arrays(np.unique(keys_N))]))
+  return keys_P, np.searchsorted(keys_P, keys_N)
 
 
 class Popularity:
@@ -140,7 +155,7 @@ class Popularity:
     """Counts the pages of every history."""
     _check_tokens(seqs, vocab_size)
     _, pos_N = _ranges(seqs.offsets[:-1] + 1, seqs.split)
-    counts_V = np.bincount(seqs.tokens[pos_N], minlength=vocab_size)
+    (counts_V,) = hosts.total(np.bincount(seqs.tokens[pos_N], minlength=vocab_size))
     self.vocab_size = vocab_size
     self.logp_V = np.log(counts_V + self.alpha) - np.log(counts_V.sum() + self.alpha * vocab_size)
     return self
@@ -209,10 +224,12 @@ class MarkovMixture:
     """
     _check_tokens(seqs, vocab_size)
     self.vocab_size = vocab_size
-    u = seqs.num_users
+    u, own = seqs.num_users, hosts.own_users()  # with --own_users, every process fits on its own users together
     user_N, prev_N, next_N = _history_pairs(seqs)
-    keys_P, inv_N = np.unique(prev_N * vocab_size + next_N, return_inverse=True)
-    resp_UxK = np.random.default_rng(self.seed).dirichlet(np.ones(self.k), size=u)
+    keys_P, inv_N = _pairs(prev_N, next_N, vocab_size)
+    seed = [self.seed, hosts.share()[0]] if own else self.seed
+    resp_UxK = np.random.default_rng(seed).dirichlet(np.ones(self.k), size=u)
+    (users,) = hosts.total(np.array(u))
     self.history_ll_: list[float] = []
     self.objective_: list[float] = []
     for _ in range(self.iters):
@@ -220,8 +237,10 @@ class MarkovMixture:
       counts_KxP = np.stack(
         [np.bincount(inv_N, weights=resp_UxK[user_N, k], minlength=len(keys_P)) for k in range(self.k)]
       )
+      if own:
+        counts_KxP, resp_K = hosts.total(counts_KxP, resp_UxK.sum(axis=0))
       self.table_ = _PairTable(keys_P, counts_KxP, vocab_size, self.alpha)
-      self.pi_K = resp_UxK.mean(axis=0)
+      self.pi_K = resp_K / max(int(users), 1) if own else resp_UxK.mean(axis=0)
       # E-step: per-user log-likelihood under every component, summed over the flat pair arrays.
       ll_KxP = self.table_.log_prob_seen()
       joint_UxK = self._log_pi() + np.stack(
@@ -229,7 +248,7 @@ class MarkovMixture:
       )
       ll_U = logsumexp(joint_UxK, axis=1)
       resp_UxK = np.exp(joint_UxK - ll_U[:, None])
-      self.history_ll_.append(float(ll_U.sum()))
+      self.history_ll_.append(float(hosts.total(ll_U.sum())[0]))
       self.objective_.append(self.history_ll_[-1] + float(self.table_.log_prior().sum()))
       if (
         self.tol > 0

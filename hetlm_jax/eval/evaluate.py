@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from absl import logging
 from scipy.special import logsumexp
 
 from hetlm_jax import hosts, interrupt
 from hetlm_jax.cluster.assign import cluster_shares, log_shares
+from hetlm_jax.data.ownership import user_keys
 from hetlm_jax.data.sequences import UserSequences, session_length_from_data
 from hetlm_jax.data.tokenizer import BOS, UNK, PageTokenizer
 from hetlm_jax.eval import metrics as M
@@ -30,6 +32,12 @@ from hetlm_jax.workdir import EVAL_FILE
 
 LM_NAMES = ("hetlm", "single", "single_ft", "single_matched")
 _ALIGNMENT = ("edit_similarity", "jaccard", "rouge_l_f1")  # generated vs actual next session, NaN if not generated
+_GENERATED = (
+  ("edit_similarity", M.edit_similarity),
+  ("jaccard", M.jaccard),
+  ("rouge_l_f1", M.rouge_l_f1),
+  ("length_error", M.length_error),
+)
 
 
 @dataclasses.dataclass
@@ -127,16 +135,54 @@ def generation_sampling(seqs: UserSequences, tokenizer: PageTokenizer, opts: Eva
   return Sampling(max_new=opts.max_new if length is None else min(opts.max_new, length))
 
 
+@dataclasses.dataclass(frozen=True)
+class Drawn:
+  """The users whose next session is generated: `users` of `seqs`, whose metrics go to positions `at` of the per-user
+  arrays. One process, or every process holding every user: `seqs` is the evaluated users and `at` is `users`. With
+  --own_users, `seqs` is every process's drawn users brought together (a few hundred users' tokens, so that every
+  process generates the same, as one program over every device must), `users` all of them, `at` their positions
+  among every process's users one after the other, and `mine` this process's drawn users (indices into its own)."""
+
+  seqs: UserSequences
+  users: np.ndarray
+  at: np.ndarray
+  mine: np.ndarray | None = None
+
+  def assignment(self, assignment_U: np.ndarray) -> np.ndarray:
+    """The cluster of every user of `seqs`, from this process's users' `assignment_U`."""
+    return assignment_U if self.mine is None else hosts.every_user(assignment_U[self.mine])[0]
+
+
+def draw_users(seqs: UserSequences, evaluated_U: np.ndarray, opts: EvalOptions) -> Drawn:
+  """opts.generate_users of the evaluated users at random (seeded): by numpy's generator among `seqs`' evaluated
+  users, or with --own_users the smallest keys of a seeded hash of their ids among every process's."""
+  candidates = np.flatnonzero(evaluated_U)
+  if not hosts.own_users():
+    rng = np.random.default_rng(opts.seed)
+    users = np.sort(rng.choice(candidates, min(opts.generate_users, len(candidates)), replace=False))
+    return Drawn(seqs, users, users)
+  keys = user_keys(pa.array(seqs.user_ids[candidates].astype(str), pa.large_string()), opts.seed, 17)
+  (smallest,) = hosts.every_user(np.sort(keys)[: opts.generate_users])
+  last = np.sort(smallest)[min(opts.generate_users, len(smallest)) - 1] if len(smallest) else 0
+  mine = candidates[keys <= last] if len(smallest) else candidates[:0]
+  first = np.cumsum([0, *(int(n) for n in hosts.every_user(np.array([seqs.num_users]))[0])])
+  at = np.concatenate([got[0] + first[p] for p, got in enumerate(hosts.gather_arrays(mine))])
+  together = UserSequences.concat(
+    [UserSequences.from_table(t) for t in hosts.gather_tables(seqs.subset(mine).to_table())]
+  )
+  return Drawn(together, np.arange(together.num_users), at, mine)
+
+
 def _lm_metrics(
   family: LMFamily,
   seqs: UserSequences,
   tokenizer: PageTokenizer,
   opts: EvalOptions,
-  gen_users: np.ndarray,
+  drawn: Drawn,
   mixture: bool = False,
 ) -> tuple[dict, np.ndarray | None]:
-  """Per-user metric arrays of one LM family, and, with `mixture`, its mixture likelihood's NLL per user."""
-  u = seqs.num_users
+  """Per-user metric arrays of one LM family, and, with `mixture`, its mixture likelihood's NLL per user; the
+  generation's metrics are of `drawn`'s users alone (`evaluate` puts them in place)."""
   out = {}
   out["nll"], mixture_U = per_user_nll(family, seqs, mixture)
   out.update(
@@ -148,38 +194,33 @@ def _lm_metrics(
       family.trainer.eval_batch,
       family.name,
       groups_U=family.assignment,
-      share=(family.trainer.groups(), family.trainer.scoring_share()[2]),
+      share=family.trainer.ranking_share(),
     )
   )
   cfg = family.trainer.cfg.model
+  gen_seqs, gen_users, assignment = drawn.seqs, drawn.users, drawn.assignment(family.assignment)
   greedy = generate(
     cfg,
     family.params,
-    seqs,
-    family.assignment,
+    gen_seqs,
+    assignment,
     gen_users,
     generation_sampling(seqs, tokenizer, opts),
     seed=opts.seed,
     mix=family.trainer.mix,
   )
   generated = [_page_tokens(g, tokenizer) for g in greedy]
-  actual = [_page_tokens(seqs.target(int(v)), tokenizer) for v in gen_users]
-  for name, fn in (
-    ("edit_similarity", M.edit_similarity),
-    ("jaccard", M.jaccard),
-    ("rouge_l_f1", M.rouge_l_f1),
-    ("length_error", M.length_error),
-  ):
-    out[name] = np.full(u, np.nan)
-    out[name][gen_users] = fn(generated, actual)
+  actual = [_page_tokens(gen_seqs.target(int(v)), tokenizer) for v in gen_users]
+  for name, fn in _GENERATED:
+    out[name] = fn(generated, actual)
   if tokenizer.outcome_types:
     probs = outcome_probabilities(
-      cfg, family.params, seqs, family.assignment, gen_users, tokenizer, opts, family.trainer.mix
+      cfg, family.params, gen_seqs, assignment, gen_users, tokenizer, opts, family.trainer.mix
     )
     out["outcomes"] = {}
     for outcome, prob in probs.items():
       token = tokenizer.outcome_id(outcome)
-      label = np.array([token in seqs.target(int(v)) for v in gen_users])
+      label = np.array([token in gen_seqs.target(int(v)) for v in gen_users])
       predicted = np.array([token in g for g in greedy])
       out["outcomes"][outcome] = {
         "auc": M.outcome_auc(prob, label),
@@ -230,6 +271,19 @@ def group_batches(groups_U: np.ndarray, lengths_U: np.ndarray, batch: int) -> li
   return [b for g in np.split(order, bounds) if len(g) for b in np.array_split(g, -(-len(g) // batch))]
 
 
+def own_batches(groups_U: np.ndarray, lengths_U: np.ndarray, batch: int) -> list[np.ndarray]:
+  """--own_users: `group_batches` of this process's users, with empty batches added so that every process has as
+  many of each group as the process with the most: batch i is of one group on every process (every process must
+  call this at the same point)."""
+  n_groups = hosts.most(int(groups_U.max(initial=-1)) + 1)
+  batches = group_batches(groups_U, lengths_U, batch)
+  by_group = [[b for b in batches if groups_U[b[0]] == g] for g in range(n_groups)]
+  (every,) = hosts.every_user(np.array([len(b) for b in by_group], np.int64))
+  most_G = every.reshape(-1, n_groups).max(axis=0) if n_groups else []
+  empty = np.zeros(0, np.int64)
+  return [b for g, mine in enumerate(by_group) for b in mine + [empty] * int(most_G[g] - len(mine))]
+
+
 def unknown_targets(seqs: UserSequences, users_U: np.ndarray | None = None) -> int:
   """How many of the users (a mask or indices; all when None) have a ranked target page that no model knows."""
   unknown_U = seqs.tokens[first_page_index(seqs)] == UNK
@@ -258,13 +312,19 @@ def rank_next_pages(
   `share` (groups of processes, rows): every process goes through the same batches, but `logprobs_fn(users)` gives
   only the log-probabilities of `users[rows]`, this process's rows of the batch (Trainer.next_logprobs with
   rows_only), and each group ranks only those users; their metrics, a few floats a user, are gathered at the end.
+  With --own_users, each process goes through batches of its own users as large as its rows (`own_batches`), and
+  `logprobs_fn(users)` gives all of theirs; nothing is gathered (the users are this process's).
   """
   groups, rows = share if share is not None else (hosts.Groups(), slice(None))
+  own = share is not None and hosts.own_users()
   candidate_V = np.arange(tokenizer.vocab_size) >= tokenizer.num_specials
   true_U = seqs.tokens[first_page_index(seqs)]
   neg_UxQ, ok_U = M.sample_negatives(seqs, candidate_V, opts.negatives, opts.seed, exclude_U=true_U)
   groups_U = np.zeros(seqs.num_users, np.int64) if groups_U is None else np.asarray(groups_U)
-  batches = group_batches(groups_U, seqs.history_lengths, batch)
+  if own:
+    batches, rows = own_batches(groups_U, seqs.history_lengths, rows.stop - rows.start), slice(None)
+  else:
+    batches = group_batches(groups_U, seqs.history_lengths, batch)
   full_keys, sampled_keys = ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr"), ("hr@10", "ndcg@10")
   keys = (*full_keys, *(f"{k}_sampled" for k in sampled_keys))
   out = {key: np.full(seqs.num_users, np.nan) for key in keys}
@@ -283,14 +343,9 @@ def rank_next_pages(
         out[f"{k}_sampled"][mine] = sampled[k]
     progress.update(i + 1)
   progress.close()
-  if groups.count > 1:  # in pieces of at most Trainer.GATHER_USERS_BYTES a process, as Trainer.gather_users
+  if groups.count > 1 and not own:  # a few floats a user, in pieces (hosts.Groups.place)
     ranked = np.concatenate(ranked) if ranked else np.zeros(0, np.int64)
-    chunk = Trainer.GATHER_USERS_BYTES // (8 * (len(keys) + 1))
-    for at in range(0, hosts.most(len(ranked)), chunk):
-      piece = ranked[at : at + chunk]
-      for got in groups.each(piece, *(out[key][piece] for key in keys)):
-        for key, values in zip(keys, got[1:], strict=True):
-          out[key][got[0]] = values
+    groups.place(ranked, [out[key] for key in keys], *(out[key][ranked] for key in keys))
   return out
 
 
@@ -307,7 +362,7 @@ def _baseline_metrics(
   model.fit(seqs, tokenizer.vocab_size)
   nll_U, tokens_U = model.target_nll(seqs)
   out = {"nll": nll_U / np.maximum(tokens_U, 1)}
-  rows = slice(None) if share is None else share[1]
+  rows = slice(None) if share is None or hosts.own_users() else share[1]
 
   def logprobs(users):
     if not len(users[rows]):
@@ -329,20 +384,22 @@ def evaluate(
   extra: dict | None = None,
   rounds: list[dict] | None = None,
 ) -> dict:
-  """Writes eval.json and report.md (with figures) into `workdir`; returns the eval.json content."""
+  """Writes eval.json and report.md (with figures) into `workdir`; returns the eval.json content.
+
+  With --own_users each process scores and ranks its own users, and the per-user figures (a few scalars a user) are
+  then brought together, every process's users one after the other, for the summaries and the bootstrap."""
   start = time.perf_counter()
   u = seqs.num_users
   evaluated_U = np.ones(u, bool) if evaluated_U is None else evaluated_U
-  rng = np.random.default_rng(opts.seed)
-  candidates = np.flatnonzero(evaluated_U)
-  gen_users = np.sort(rng.choice(candidates, min(opts.generate_users, len(candidates)), replace=False))
-  per_user, outcomes, hetlm_mixture_U = {}, {}, None
+  drawn = draw_users(seqs, evaluated_U, opts)
+  per_user, outcomes, hetlm_mixture_U, generated = {}, {}, None, {}
   k = families["hetlm"].trainer.k if "hetlm" in families else 1
   interrupt.at_phase("evaluate")
   for name, family in families.items():
     logging.info("evaluating %s", name)
     # HeTLM's mixture likelihood: the target under each model weighted by its posterior given the user's history.
-    per_user[name], mixture_U = _lm_metrics(family, seqs, tokenizer, opts, gen_users, name == "hetlm" and k > 1)
+    per_user[name], mixture_U = _lm_metrics(family, seqs, tokenizer, opts, drawn, name == "hetlm" and k > 1)
+    generated[name] = {metric: per_user[name].pop(metric) for metric, _ in _GENERATED}
     evaluated(name)
     if "outcomes" in per_user[name]:
       outcomes[name] = per_user[name].pop("outcomes")
@@ -353,29 +410,53 @@ def evaluate(
   baselines = {"popularity": Popularity(), "markov": Markov(), "markov_mixture": MarkovMixture(max(k, 2))}
   trainer = next(iter(families.values())).trainer if families else None
   batch = trainer.eval_batch if trainer is not None else 512
-  share = None if trainer is None else (trainer.groups(), trainer.scoring_share()[2])
+  share = None if trainer is None else trainer.ranking_share()
   for name, model in baselines.items():
     logging.info("evaluating %s", name)
     per_user[name] = _baseline_metrics(model, seqs, tokenizer, opts, batch, name, share)
     evaluated(name)
+  hetlm_U = families["hetlm"].assignment if "hetlm" in families else None
+  per_user, evaluated_U, hetlm_U, unknown = _every_user(
+    per_user, evaluated_U, hetlm_U, unknown_targets(seqs, evaluated_U)
+  )
+  for name, metrics in generated.items():  # NaN for the users not generated for
+    for metric, values in metrics.items():
+      per_user[name][metric] = np.full(len(evaluated_U), np.nan)
+      per_user[name][metric][drawn.at] = values
 
   report = {
     "models": summaries(per_user, evaluated_U),
     "n_users": int(evaluated_U.sum()),
-    "generated_users": int(len(gen_users)),
+    "generated_users": int(len(drawn.users)),
     "n_pages": tokenizer.vocab_size - tokenizer.num_specials,
     "negatives": opts.negatives,
-    "unknown_targets": unknown_targets(seqs, evaluated_U),
+    "unknown_targets": unknown,
     **(extra or {}),
   }
   if outcomes:
     report["outcomes"] = outcomes
   if "hetlm" in per_user:
     report["bootstrap"] = hetlm_comparisons(per_user, (*_ALIGNMENT, "nll", "hr@10", "ndcg@10"), opts, evaluated_U)
-    report["clusters"] = per_cluster(per_user, families["hetlm"].assignment, k, evaluated_U)
+    report["clusters"] = per_cluster(per_user, hetlm_U, k, evaluated_U)
   report["eval_s"] = time.perf_counter() - start
   write_outputs(workdir, report, {name: m["nll"][evaluated_U] for name, m in per_user.items()}, rounds)
   return report
+
+
+def _every_user(per_user: dict[str, dict], evaluated_U: np.ndarray, hetlm_U: np.ndarray | None, unknown: int):
+  """The per-user figures, the evaluated mask, HeTLM's assignment and the count of unknown targets, of every user:
+  as they are, or with --own_users every process's brought together (each process's users one after the other)."""
+  if not hosts.own_users():
+    return per_user, evaluated_U, hetlm_U, unknown
+  names = [(name, metric) for name, metrics in per_user.items() for metric in metrics]
+  mine = [per_user[name][metric] for name, metric in names]
+  extra = [] if hetlm_U is None else [hetlm_U]
+  every = hosts.every_user(evaluated_U, *extra, *mine)
+  together = {name: {} for name in per_user}
+  for (name, metric), values in zip(names, every[1 + len(extra) :], strict=True):
+    together[name][metric] = values
+  (unknown,) = hosts.total(np.array(unknown))
+  return together, every[0], every[1] if extra else None, int(unknown)
 
 
 def summaries(per_user: dict[str, dict], users_U=slice(None)) -> dict:

@@ -26,6 +26,7 @@ from hetlm_jax import hosts
 from hetlm_jax.data.ownership import user_hash
 from hetlm_jax.data.sequences import UserSequences, all_windows
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
+from hetlm_jax.errors import HetlmError
 
 
 class ClusterBatches:
@@ -192,6 +193,11 @@ class ShardedBatches:
     self.rows_each = batch_size // shards
     shard_U = (user_hash(pa.array(seqs.user_ids.astype(str))) % np.uint64(shards)).astype(np.int64)
     self.parts: dict[int, ClusterBatches] = {}
+    if hosts.own_users() and (list(self._shards(rows)), shards) != ([hosts.share()[0]], hosts.share()[1]):
+      raise HetlmError(
+        f"--own_users: process {hosts.share()[0]} builds shards {list(self._shards(rows))} of {shards}, not its own "
+        "users' shard: --data_shards must be the number of processes, one block of rows each, in process order"
+      )
     for s in self._shards(rows):
       users = np.flatnonzero(shard_U == s)
       weights = None if weights_UxK is None else np.asarray(weights_UxK)[users]

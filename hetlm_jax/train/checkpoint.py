@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from hetlm_jax import hosts
+from hetlm_jax.errors import HetlmError
 from hetlm_jax.train.split import num_models
 from hetlm_jax.train.state import TrainState
 
@@ -59,6 +64,10 @@ class Checkpoints:
     assignment = {"cluster": np.asarray(assignment_U, np.int32)}
     if weights_UxK is not None:
       assignment["weight"] = np.asarray(weights_UxK, np.float32)
+    if hosts.own_users():  # each process's users' rows: one array of every process's, each writing its own
+      rows = _rows_each(len(assignment_U))
+      meta = {**meta, "own_users": [hosts.share()[1], rows]}
+      assignment = {key: _by_process(x, rows, -1 if key == "cluster" else 0) for key, x in assignment.items()}
     items = {
       "state": ocp.args.StandardSave(state),
       "best": ocp.args.StandardSave(best),
@@ -69,14 +78,30 @@ class Checkpoints:
       items["anchor"] = ocp.args.StandardSave(anchor)
     self._manager.save(step, args=ocp.args.Composite(**items))
 
-  def restore(self, abstract: TrainState, num_users: int, step: int | None = None):
-    """Restores onto the shardings carried by `abstract`; returns (state, best, assignment, meta, weights or None)."""
+  def restore(self, abstract: TrainState, num_users: int, step: int | None = None, every_user: bool = False):
+    """Restores onto the shardings carried by `abstract`; returns (state, best, assignment, meta, weights or None).
+
+    The assignment (and weights) are of `num_users` users in the order the run holds them; with --own_users, this
+    process's. A checkpoint saved with --own_users is resumed only by as many processes with --own_users, and one
+    saved without by processes without. `every_user`: whoever reads it gets every user's, in the order it was saved
+    (each process's users one after the other), e.g. for the clusters' shares of a trained model."""
     self._manager.wait_until_finished()
     step = self._manager.latest_step() if step is None else step
-    abstract_assignment = {"cluster": np.zeros(num_users, np.int32)}
-    if self.meta(step).get("soft"):
+    meta = self.meta(step)
+    processes, rows = meta.get("own_users", (0, 0))
+    mine = hosts.own_users() and not every_user
+    if not every_user and processes != (hosts.share()[1] if mine else 0):
+      now = f"{hosts.share()[1]} processes each holding its own users" if mine else "processes holding every user"
+      then = f"{processes} processes each holding its own users" if processes else "processes holding every user"
+      raise HetlmError(
+        f"{self._manager.directory}: saved by {then} (--own_users), so {now} cannot resume it; resume it as "
+        "it was saved"
+      )
+    shape = (processes * rows,) if processes else (num_users,)
+    abstract_assignment = {"cluster": self._abstract(shape, np.int32, mine)}
+    if meta.get("soft"):
       k = num_models(abstract.params)
-      abstract_assignment["weight"] = np.zeros((num_users, k), np.float32)
+      abstract_assignment["weight"] = self._abstract((*shape, k), np.float32, mine)
     restored = self._manager.restore(
       step,
       args=ocp.args.Composite(
@@ -86,15 +111,23 @@ class Checkpoints:
         meta=ocp.args.JsonRestore(),
       ),
     )
-    assignment = restored["assignment"]
-    weights = np.asarray(assignment["weight"]) if "weight" in assignment else None
+    assignment = {key: _own_rows(x) if mine else np.asarray(x) for key, x in restored["assignment"].items()}
+    if processes:  # this process's users (--own_users), or every process's users one after the other
+      kept = slice(0, num_users) if mine else assignment["cluster"] >= 0
+      assignment = {key: x[kept] for key, x in assignment.items()}
     return (
       restored["state"],
       dict(restored["best"]),
-      np.asarray(assignment["cluster"]),
+      assignment["cluster"],
       dict(restored["meta"]),
-      weights,
+      assignment.get("weight"),
     )
+
+  @staticmethod
+  def _abstract(shape, dtype, by_process: bool):
+    if not by_process:
+      return np.zeros(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=_process_sharding(len(shape)))
 
   def restore_anchor(self, abstract_anchor, step: int | None = None):
     """The `anchor` item of a checkpoint saved with one, onto the shardings of `abstract_anchor`."""
@@ -113,3 +146,28 @@ class Checkpoints:
     """Waits for pending saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _rows_each(users: int) -> int:
+  """Rows a process takes in a per-process array: the most users any process holds, rounded up to fill its devices."""
+  d = jax.local_device_count()
+  return max(-(-hosts.most(users) // d) * d, d)
+
+
+def _process_sharding(ndim: int) -> NamedSharding:
+  """Axis 0 over every device, in process order, so that each process holds one block of rows."""
+  devices = np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)))
+  return NamedSharding(Mesh(devices, ("p",)), P("p", *([None] * (ndim - 1))))
+
+
+def _by_process(x: np.ndarray, rows: int, fill) -> jax.Array:
+  """[P x rows, ...]: each process's `x` (its users' rows) padded with `fill` to `rows`, as one global array."""
+  padded = np.full((rows, *x.shape[1:]), fill, x.dtype)
+  padded[: len(x)] = x
+  sharding = _process_sharding(x.ndim)
+  return jax.make_array_from_process_local_data(sharding, padded, (hosts.share()[1] * rows, *x.shape[1:]))
+
+
+def _own_rows(x: jax.Array) -> np.ndarray:
+  """This process's block of rows of a `_by_process` array."""
+  return hosts.fetch_local(x)[1]

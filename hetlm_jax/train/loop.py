@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from hetlm_jax import hosts, interrupt
 from hetlm_jax.config import Config
 from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.errors import HetlmError
 from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, ShardedBatches, add_by_user, prompts, scored_users
 from hetlm_jax.train.metrics import MetricsLog, Progress
 from hetlm_jax.train.prefetch import Prefetcher
@@ -251,14 +252,22 @@ class Trainer:
       return 0, 1, slice(0, self.eval_batch)
     rows = hosts.local_block(self._rows, (self.eval_batch,))[0]
     size = rows.stop - rows.start
-    return rows.start // size, self.eval_batch // size, rows
+    g, groups = rows.start // size, self.eval_batch // size
+    if hosts.own_users() and (g, groups) != hosts.share():
+      raise HetlmError(
+        f"--own_users: process {hosts.share()[0]} of {hosts.share()[1]} holds rows {rows.start}-{rows.stop} of the "
+        f"{self.eval_batch} of a batch, group {g} of {groups}; each process must hold its own block of rows, in "
+        "process order (one process per host, every device on the batch's rows)"
+      )
+    return g, groups, rows
 
   def _scoring_batches(self, seqs: UserSequences, part: str, pages_only: bool = False):
-    """This process's group's users of `seqs` (a contiguous G-th of them), their ScoringBatches on its rows, the
-    number of batches every group runs (the most any has) and the group's first result slot."""
+    """This process's group's users of `seqs` (a contiguous G-th of them; with --own_users, all of this process's),
+    their ScoringBatches on its rows, the number of batches every group runs (the most any has) and the group's
+    first result slot."""
     g, groups, rows = self.scoring_share()
-    users = np.array_split(np.arange(seqs.num_users), groups)[g]
-    mine = seqs if groups == 1 else seqs.subset(users)
+    users = np.arange(seqs.num_users) if hosts.own_users() else np.array_split(np.arange(seqs.num_users), groups)[g]
+    mine = seqs if groups == 1 or hosts.own_users() else seqs.subset(users)
     batches = ScoringBatches(mine, part, self.cfg.model.context + 1, rows.stop - rows.start, pages_only)
     count = batches.num_batches if groups == 1 else hosts.most(batches.num_batches)
     return users, batches, count, g * ScoringBatches.max_windows(self.cfg.model.context + 1, rows.stop - rows.start)
@@ -267,30 +276,26 @@ class Trainer:
     """Global row-sharded arrays [eval_batch, ...] from this process's rows of each."""
     return tuple(hosts.put_block((b,), self._rows, (self.eval_batch, *b.shape[1:]))[0] for b in blocks)
 
-  GATHER_USERS_BYTES = 256 * 2**20  # per process and gather: large per-user results go in several
-
   def gather_users(self, users: np.ndarray, num_users: int, *results: np.ndarray) -> list[np.ndarray]:
-    """The whole [..., U] `results` from every group's [..., users] (the last axis per user; each group's users a
-    contiguous range, as `score` and `embed_share` lay them out), as every process holds them; one group: as they
-    are."""
+    """The whole [..., U] `results` from every group's [..., users] (the last axis per user, `users` its indices in
+    `seqs`, as `score_share` and `embed_share` give them), as every process holds them (`hosts.Groups.place`); one
+    group: as they are. With --own_users, `seqs` is this process's users, the group's share: as they are."""
     g, groups, _ = self.scoring_share()
-    if groups == 1:
+    if groups == 1 or hosts.own_users():
       return list(results)
-    first_G = np.cumsum([0, *(len(part) for part in np.array_split(np.arange(num_users), groups))])
-    per_user = sum(r.dtype.itemsize * int(np.prod(r.shape[:-1])) for r in results)  # the same on every process
-    chunk = max(1, self.GATHER_USERS_BYTES // max(per_user, 1))
     whole = [np.zeros((*r.shape[:-1], num_users), r.dtype) for r in results]
-    for at in range(0, hosts.most(len(users)), chunk):
-      for got in hosts.gather_arrays(np.array(g), *(r[..., at : at + chunk] for r in results)):
-        start = first_G[int(got[0])] + at  # processes with the same rows send the same users: written twice, alike
-        for out, part in zip(whole, got[1:], strict=True):
-          out[..., start : start + part.shape[-1]] = part
+    self.groups().place(users, whole, *results)
     return whole
 
   def groups(self) -> hosts.Groups:
     """The groups of processes of `scoring_share`, for results of each group's share (sums, each group once)."""
     g, groups, _ = self.scoring_share()
     return hosts.Groups(g, groups)
+
+  def ranking_share(self) -> tuple[hosts.Groups, slice]:
+    """(the groups, this process's rows of a batch): what `rank_next_pages` needs to rank each process's rows only
+    (with `next_logprobs(rows_only=True)`)."""
+    return self.groups(), self.scoring_share()[2]
 
   def score(
     self, params, seqs: UserSequences, part: str, label: str = "score", pages_only: bool = False
@@ -372,26 +377,38 @@ class Trainer:
     short, and a few widths keep the compiled shapes few.
 
     `rows_only`: only the users in this process's rows of the batch (`users_B[scoring_share()[2]]`), read from
-    its own devices, so no process receives every row's V log-probabilities."""
+    its own devices, so no process receives every row's V log-probabilities. With --own_users, `users_B` are this
+    process's users (of its `seqs`), at most its rows' number, and fill its rows alone: every process calls this
+    together, each with its own users (or none)."""
     b, n, context = self.eval_batch, len(users_B), self.cfg.model.context
     rows = self.scoring_share()[2] if rows_only else slice(0, b)
-    mine = slice(rows.start, max(rows.start, min(rows.stop, n)))  # the batch's users in those rows
+    own = rows_only and hosts.own_users()
+    first = rows.start if own else 0  # where users_B start in the batch
+    mine = slice(rows.start, max(rows.start, min(rows.stop, first + n)))  # the batch's users in those rows
     padded = np.full(b, -1)
-    padded[:n] = users_B
+    padded[first : first + n] = users_B
     left_BxT, pad_B = prompts(seqs, padded, context)
-    longest = int(context - pad_B[: max(n, 1)].min())
+    longest = int(context - pad_B[first : first + max(n, 1)].min())
+    longest = hosts.most(longest) if own else longest
     width = min(context, max(8, 1 << (longest - 1).bit_length()))
     left_BxT, pad_B = left_BxT[:, context - width :], (pad_B - (context - width)).astype(np.int32)
     width = left_BxT.shape[1]
     right_BxT = np.take_along_axis(left_BxT, (np.arange(width)[None, :] + pad_B[:, None]) % width, axis=1)
     last_B = np.maximum(width - 1 - pad_B, 0).astype(np.int32)
-    if cluster_B is not None and n and (np.asarray(cluster_B) == cluster_B[0]).all():
+    single = cluster_B is not None and n and (np.asarray(cluster_B) == cluster_B[0]).all()
+    if own:  # one model when every process's users (those that have any) are of the same cluster
+      (every,) = hosts.every_user(np.array([cluster_B[0] if single else -1 if n else -2]))
+      single = cluster_B is not None and (every >= 0).any() and (every[every != -2] == every.max()).all()
+      cluster_B = cluster_B if n or not single else np.array([every.max()])
+    if single:
       model = hosts.put(np.int32(cluster_B[0]), self._replicated)
       out_BxV = self.next_logprobs_model(params, model, *hosts.put_all((right_BxT, last_B), self._rows))
       return _rows_of(out_BxV, mine, 0, rows_only)
     out_KxBxV = self.next_logprobs_batch(params, *hosts.put_all((right_BxT, last_B), self._rows))
     out_KxBxV = _rows_of(out_KxBxV, mine, 1, rows_only)
-    return out_KxBxV if cluster_B is None else out_KxBxV[np.asarray(cluster_B)[mine], np.arange(mine.stop - mine.start)]
+    if cluster_B is None:
+      return out_KxBxV
+    return out_KxBxV[np.asarray(cluster_B)[mine.start - first : mine.stop - first], np.arange(mine.stop - mine.start)]
 
 
 def _rows_of(x: jax.Array, rows: slice, axis: int, local: bool) -> np.ndarray:

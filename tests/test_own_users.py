@@ -1,0 +1,90 @@
+"""--own_users: each process of a job keeps, trains, scores and evaluates only the users it owns (no exchange after
+preparation), and ends as one process holding every user does."""
+
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_sources import spark_folder
+from tiny_run import assert_same_result, hetlm_process, train_args, write_log
+
+from hetlm_jax import Predictor
+from hetlm_jax.data.ownership import owners
+from hetlm_jax.workdir import read_assignments
+
+OWN = ("--own_users", "--split=hash", "--data_shards=2")
+
+
+@pytest.fixture(scope="module")
+def own_reference(tmp_path_factory):
+  """The tiny run with --own_users on a folder of 4 parts with every user spread over them, by one process with four
+  devices (which holds every user, as without the flag)."""
+  root = tmp_path_factory.mktemp("own_reference")
+  folder = spark_folder(root / "export", pq.read_table(write_log(root / "log.parquet")))
+  done = hetlm_process(train_args(folder, root / "run", *OWN))
+  assert done.returncode == 0, done.stderr[-3000:]
+  return folder, root / "run"
+
+
+def _kept(stderr: str) -> list[int]:
+  """The users each process kept, as each counted its own (the preparation's log line)."""
+  return json.loads(re.search(r"the processes keep (\[[\d, ]+\]) users", stderr)[1])
+
+
+def test_two_processes_with_own_users_hold_disjoint_users_and_end_as_one_process(own_reference, tmp_path):
+  folder, reference = own_reference
+  done = hetlm_process(train_args(folder, tmp_path / "two", *OWN), processes=2, devices=2)
+  assert done.returncode == 0, done.stderr[-3000:]
+  users = sorted(set(pq.read_table(folder)["user_id"].to_pylist()))
+  owned = np.bincount(owners(pa.array(users), 2), minlength=2)
+  # each process went on with exactly the users it owns, and wrote them, and no other, to prepared/
+  assert _kept(done.stderr) == owned.tolist(), done.stderr[-3000:]
+  parts = [
+    pq.read_table(p, columns=["user_id"])["user_id"] for p in sorted((tmp_path / "two" / "prepared").glob("part-*"))
+  ]
+  assert [set(owners(ids, 2)) for ids in parts] == [{0}, {1}]
+  assert sorted(x for ids in parts for x in ids.to_pylist()) == users
+  assert (tmp_path / "two" / "tokenizer.json").read_bytes() == (reference / "tokenizer.json").read_bytes()
+  # The same assignment and evaluation (per-user figures brought together), within float tolerance: the sums of
+  # the validation and the evaluation run over the users in another order.
+  assert_same_result(reference, tmp_path / "two", rtol=1e-5, unlike=("data",))
+  # the Predictor reads the assignment's parts; `hetlm evaluate` on two processes writes the same evaluation again
+  table = read_assignments(reference)
+  ids = table["user_id"].to_numpy(zero_copy_only=False)
+  routing = Predictor.load(tmp_path / "two").assign([["/p/2"] for _ in ids], user_ids=ids)
+  assert routing.saved.all() and (routing.cluster == table["cluster"].to_numpy()).all()
+  written = (tmp_path / "two" / "eval.json").stat().st_mtime_ns
+  again = hetlm_process(["evaluate", f"--workdir={tmp_path / 'two'}"], processes=2, devices=2)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert (tmp_path / "two" / "eval.json").stat().st_mtime_ns > written
+  assert_same_result(reference, tmp_path / "two", rtol=1e-5, unlike=("data",))
+
+
+def test_own_users_resume_after_a_stop_in_the_e_step_on_as_many_processes_only(own_reference, tmp_path):
+  """SIGTERM in the first E-step: each process's users' clusters and soft weights are saved in its own rows of
+  the checkpoint; the same two processes resume to the uninterrupted end, and one process is refused in one line."""
+  folder, reference = own_reference
+  args = train_args(folder, tmp_path / "run", *OWN)
+  stopped = hetlm_process([*args, "--inject=sigterm@estep"], processes=2, devices=2)
+  assert stopped.returncode == 0 and "The same command resumes" in stopped.stdout, stopped.stderr[-3000:]
+  one = hetlm_process(args)
+  lines = one.stderr.strip().splitlines()
+  assert one.returncode == 2 and "saved by 2 processes each holding its own users" in lines[-1], one.stderr[-3000:]
+  done = hetlm_process(args, processes=2, devices=2)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert_same_result(reference, tmp_path / "run", rtol=1e-5, unlike=("data",))
+  records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  rounds = [r for r in records if r["kind"] == "round"]
+  assert rounds and all(sum(r["sizes"]) == len(read_assignments(reference)) for r in rounds)
+
+
+def test_own_users_needs_the_hash_split_and_one_shard_per_process(tmp_path):
+  log = write_log(tmp_path / "log.parquet")
+  bad = hetlm_process(train_args(log, tmp_path / "a", "--own_users"))
+  assert bad.returncode == 2 and "--own_users needs --split=hash" in bad.stderr.strip().splitlines()[-1], bad.stderr
+  bad = hetlm_process(train_args(log, tmp_path / "b", "--own_users", "--split=hash"), processes=2, devices=2)
+  assert bad.returncode == 2 and "--data_shards=1 must be the number of processes, 2" in bad.stderr, bad.stderr[-3000:]
+  assert not (tmp_path / "b").exists()
