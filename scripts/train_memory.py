@@ -67,11 +67,11 @@ def main() -> None:
   parser.add_argument("--log", default="/tmp/w/events2m")
   parser.add_argument("--events", type=int, default=2_000_000)
   parser.add_argument("--cells", default="1:own,2:own,4:own,2:exchange,4:exchange")
-  parser.add_argument("--workdir", default="/tmp/w/train_memory")
+  parser.add_argument("--runs", default="/tmp/w/train_memory", help="where each cell's workdir goes")
   parser.add_argument("--out", default="")
-  args, rest = parser.parse_known_args()
-  if rest and rest[0] == "--worker":
-    return worker(rest[1:])
+  if sys.argv[1:2] == ["--worker"]:  # the rest are hetlm's flags, untouched
+    return worker(sys.argv[2:])
+  args = parser.parse_args()
   if not Path(args.log).exists():
     from prep_memory import write_log
 
@@ -79,7 +79,7 @@ def main() -> None:
   runs = []
   for cell in args.cells.split(","):
     p, mode = int(cell.split(":")[0]), cell.split(":")[1]
-    workdir = Path(args.workdir) / cell.replace(":", "_")
+    workdir = Path(args.runs) / cell.replace(":", "_")
     shutil.rmtree(workdir, ignore_errors=True)
     flags = [f"--data={args.log}", f"--workdir={workdir}", *TRAIN, f"--data_shards={p}"]
     flags += ["--own_users"] if mode == "own" else []
@@ -91,7 +91,7 @@ def main() -> None:
     rows = sorted(
       (json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")), key=lambda r: r["process"]
     )
-    if done.returncode or len(rows) != p:
+    if done.returncode or len(rows) != p or any(r["exit"] for r in rows):
       sys.exit(done.stderr[-3000:])
     evaluation = json.loads((workdir / "eval.json").read_text())
     run = {
