@@ -168,8 +168,7 @@ class DataConfig:
     "With several processes, each keeps only the users it owns (by a hash of their id) after preparation, instead "
     "of receiving every user's tokens: each trains its rows of every batch from its own users (--data_shards is the "
     "number of processes), scores and moves them, and only sums and per-user scalars pass between the processes. "
-    "Needs --split=hash, the split in time (no --test_users) and --init=random or embedding; the run then resumes "
-    "on the same number of processes only.",
+    "Needs --split=hash and --init=random or embedding; the run then resumes on the same number of processes only.",
   )
   test_users: int = _option(
     0,
@@ -183,7 +182,8 @@ class DataConfig:
     "id order, with numpy.random.default_rng; the protocol of the published figures) or hash (in the order of a "
     "seeded hash of the user ids, so which of two users comes first depends on their ids alone, and a validation "
     "user of the split in time is drawn from its id alone: the same whatever the other users, the log's order or "
-    "the number of processes).",
+    "the number of processes; so are --init=random's clusters and the evaluation's draws: the generated users, the "
+    "negatives and the Markov mixture's start).",
   )
   split_seed: int = _option(0, "The seed of the split by user's random order of users (--split).")
   test_offset: int = _option(
@@ -420,9 +420,9 @@ def validate(cfg: Config) -> None:
     (d.test_users >= 0 and d.train_users >= 0, "--test_users and --train_users must be non-negative"),
     (d.test_users > 0 or d.train_users == 0, "--train_users needs --test_users (the split by user)"),
     (
-      not d.own_users or (d.split == "hash" and d.test_users == 0 and c.init != "features" and not d.max_users),
-      "--own_users needs --split=hash, the split in time (no --test_users), --init=random or embedding, and no "
-      "--max_users: the others need every user on every process",
+      not d.own_users or (d.split == "hash" and c.init != "features" and not d.max_users),
+      "--own_users needs --split=hash, --init=random or embedding, and no --max_users: the others need every user "
+      "on every process",
     ),
     (d.test_offset >= -1, f"--test_offset={d.test_offset} must be -1 (after the training users) or a position"),
     (d.test_users > 0 or d.test_offset == -1, "--test_offset needs --test_users (the split by user)"),

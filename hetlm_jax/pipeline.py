@@ -25,7 +25,7 @@ from hetlm_jax.data.prepare import Prepared, data_path, prepare_data
 from hetlm_jax.data.sequences import UserSequences, routing_split, session_length_from_data
 from hetlm_jax.data.tokenizer import BOS, EOS
 from hetlm_jax.errors import HetlmError
-from hetlm_jax.eval.evaluate import LM_NAMES, LMFamily, evaluate, route_by_history
+from hetlm_jax.eval.evaluate import LM_NAMES, EvalOptions, LMFamily, evaluate, route_by_history
 from hetlm_jax.eval.generate import Sampling, generate
 from hetlm_jax.eval.new_users import evaluate_new_users
 from hetlm_jax.lock import hold
@@ -363,12 +363,13 @@ def evaluate_stage(
     for name, m in models.items()
   }
   rounds = hetlm_rounds(log, models["hetlm"].name)
+  opts = eval_options(models["hetlm"].cfg)
   if prepared.test_seqs is not None:
     report = evaluate_new_users(
-      families, seqs, prepared.test_seqs, prepared.tokenizer, workdir, extra=extra, rounds=rounds
+      families, seqs, prepared.test_seqs, prepared.tokenizer, workdir, opts, extra=extra, rounds=rounds
     )
   else:
-    report = evaluate(families, seqs, prepared.tokenizer, workdir, evaluated_U, extra=extra, rounds=rounds)
+    report = evaluate(families, seqs, prepared.tokenizer, workdir, evaluated_U, opts, extra=extra, rounds=rounds)
   for name, summary in report["models"].items():
     logging.info("%-15s held-out NLL %.4f ± %.4f nats/token", name, summary["nll"]["mean"], summary["nll"]["std"])
   for name, bits in report.get("bits_per_token", {}).items():
@@ -376,6 +377,11 @@ def evaluate_stage(
   log.write({"kind": "eval", "models": {name: m["nll"] for name, m in report["models"].items()}})
   log.close()
   return report
+
+
+def eval_options(cfg: Config) -> EvalOptions:
+  """The evaluation's draws: with --split=hash, each user's by its id (EvalOptions.by_id), as the split's."""
+  return EvalOptions(by_id=cfg.data.split == "hash")
 
 
 def hetlm_rounds(log: MetricsLog, name: str) -> list[dict]:
@@ -397,11 +403,12 @@ def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
     families = trained_families(workdir, seqs)
     rounds = hetlm_rounds(open_metrics(workdir), family_name(workdir, "hetlm"))
     extra = {**training_provenance(workdir), "data": data_path(cfg)}
+    opts = eval_options(cfg)
     if prepared.test_seqs is not None:
       return evaluate_new_users(
-        families, seqs, prepared.test_seqs, prepared.tokenizer, workdir, extra=extra, rounds=rounds
+        families, seqs, prepared.test_seqs, prepared.tokenizer, workdir, opts, extra=extra, rounds=rounds
       )
-    return evaluate(families, seqs, prepared.tokenizer, workdir, evaluated_U, rounds=rounds, extra=extra)
+    return evaluate(families, seqs, prepared.tokenizer, workdir, evaluated_U, opts, rounds=rounds, extra=extra)
 
 
 def trained_families(workdir: Path, seqs: UserSequences, names=LM_NAMES) -> dict[str, LMFamily]:

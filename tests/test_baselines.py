@@ -111,6 +111,18 @@ def test_mixture_recovers_planted_markov_groups():
   assert mix_nll < markov_nll < Popularity().fit(seqs, v).target_nll(seqs)[0].sum()
 
 
+def test_a_mixture_started_by_id_fits_the_same_whatever_the_order_of_the_users():
+  """by_id: each user's starting responsibilities come from its id, so users in another order (as a job of
+  processes holding their own users lays them out) fit the same chains."""
+  seqs, _, v = planted(n_users=90, n_groups=3)
+  order = np.random.default_rng(1).permutation(seqs.num_users)
+  a = MarkovMixture(3, iters=5, seed=0, by_id=True).fit(seqs, v)
+  b = MarkovMixture(3, iters=5, seed=0, by_id=True).fit(seqs.subset(order), v)
+  np.testing.assert_allclose(b.responsibilities(seqs.subset(order)), a.responsibilities(seqs)[order], rtol=1e-9)
+  c = MarkovMixture(3, iters=5, seed=0).fit(seqs.subset(order), v)
+  assert not np.allclose(c.responsibilities(seqs.subset(order)), a.responsibilities(seqs)[order])
+
+
 def test_mixture_nll_matches_brute_force_sequential_posterior():
   rng = np.random.default_rng(3)
   users = []

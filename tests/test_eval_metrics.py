@@ -103,6 +103,24 @@ def test_sampled_negatives_are_distinct_unseen_and_seeded(wide):
   check_negatives(seqs, candidate_V, exact, 100)
 
 
+def test_negatives_by_id_are_each_users_own_whatever_the_other_users(wide):
+  """by_id (--split=hash, --own_users): a user's negatives come from its id, so a process holding a share of the
+  users in another order draws the same ones; they obey the same rules, through the redraws and the exact fallback."""
+  seqs, candidate_V = wide
+  neg_UxN, ok_U = sample_negatives(seqs, candidate_V, 100, seed=0, by_id=True)
+  assert ok_U.all()
+  check_negatives(seqs, candidate_V, neg_UxN, 100)
+  share = np.random.default_rng(0).permutation(seqs.num_users)[: seqs.num_users // 3]
+  again, _ = sample_negatives(seqs.subset(share), candidate_V, 100, seed=0, by_id=True)
+  np.testing.assert_array_equal(again, neg_UxN[share])
+  other, _ = sample_negatives(seqs, candidate_V, 100, seed=1, by_id=True)
+  assert not np.array_equal(np.sort(neg_UxN, axis=1), np.sort(other, axis=1))
+  exact, _ = sample_negatives(seqs, candidate_V, 100, seed=0, max_rounds=0, by_id=True)
+  check_negatives(seqs, candidate_V, exact, 100)
+  exact_share, _ = sample_negatives(seqs.subset(share), candidate_V, 100, seed=0, max_rounds=0, by_id=True)
+  np.testing.assert_array_equal(exact_share, exact[share])
+
+
 def test_sampled_negatives_too_few_candidates_are_invalid(wide):
   seqs, candidate_V = wide
   eligible_U = candidate_V.sum() - np.array(

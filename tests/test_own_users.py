@@ -81,6 +81,24 @@ def test_own_users_resume_after_a_stop_in_the_e_step_on_as_many_processes_only(o
   assert rounds and all(sum(r["sizes"]) == len(read_assignments(reference)) for r in rounds)
 
 
+def test_own_users_split_by_user_ends_as_one_process(own_reference, tmp_path):
+  """The split by user: each process cuts its own users by their places among every process's (the smallest keys
+  gathered), validates on its spare users and evaluates its own test users; the same as one process."""
+  folder, _ = own_reference
+  split = ("--test_users=30", "--train_users=60")
+  one = hetlm_process(train_args(folder, tmp_path / "one", *OWN, *split))
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = hetlm_process(train_args(folder, tmp_path / "two", *OWN, *split), processes=2, devices=2)
+  assert two.returncode == 0, two.stderr[-3000:]
+  assert_same_result(tmp_path / "one", tmp_path / "two", rtol=1e-5, unlike=("data",))
+  report = json.loads((tmp_path / "two" / "eval.json").read_text())
+  assert report["n_users"] == 30 and report["train_users"] == 60 and report["early_stopping"]["validation_users"] == 6
+  parts = sorted((tmp_path / "two" / "prepared").glob("part-*"))
+  roles = pa.concat_tables([pq.read_table(p, columns=["user_id", "role"]) for p in parts])
+  roles = roles.group_by("role").aggregate([("user_id", "count")])
+  assert dict(zip(roles["role"].to_pylist(), roles["user_id_count"].to_pylist())) == {"users": 60, "test": 30, "val": 6}
+
+
 def test_own_users_needs_the_hash_split_and_one_shard_per_process(tmp_path):
   log = write_log(tmp_path / "log.parquet")
   bad = hetlm_process(train_args(log, tmp_path / "a", "--own_users"))

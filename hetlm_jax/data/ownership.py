@@ -63,9 +63,22 @@ def user_keys(ids: pa.Array | pa.ChunkedArray, *seeds: int) -> np.ndarray:
   return x
 
 
+def key_streams(keys: np.ndarray, n: int, tag: int = 0) -> np.ndarray:
+  """[N, n] uint64 random numbers from each of `keys` (`user_keys`) and `tag`: a user's draws depend on its id and
+  the seeds alone, never on the other users or on how they are cut among processes."""
+  counter = np.uint64(tag % 2**32) * np.uint64(n) + np.arange(1, n + 1, dtype=np.uint64)
+  with np.errstate(over="ignore"):
+    return _mix(_mix(np.asarray(keys, np.uint64)[:, None] + counter[None, :] * _GAMMA))
+
+
+def uniform(bits: np.ndarray) -> np.ndarray:
+  """Floats in [0, 1) from uint64 random numbers (their top 53 bits)."""
+  return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 def user_uniform(ids: pa.Array | pa.ChunkedArray, *seeds: int) -> np.ndarray:
   """[N] float64 in [0, 1): the top 53 bits of `user_keys`, a seeded uniform draw per user."""
-  return (user_keys(ids, *seeds) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+  return uniform(user_keys(ids, *seeds))
 
 
 def owners(ids: pa.Array | pa.ChunkedArray, processes: int) -> np.ndarray:

@@ -24,6 +24,7 @@ from hetlm_jax.data.sequences import (
   held_out_users,
   outcome_types,
   spare_users,
+  split_own_users,
   split_users,
   user_order,
 )
@@ -96,17 +97,24 @@ def prepare_data(cfg: Config, tokenizer: PageTokenizer | None = None) -> Prepare
   elif processes > 1:
     seqs, stats = _exchanged(seqs, stats, path)
   test_seqs = val_seqs = None
-  if d.test_users:
-    if (
-      d.train_users + d.test_users > seqs.num_users
-      or seqs.num_users - d.test_users < 1
-      or d.test_offset + d.test_users > seqs.num_users
-    ):
-      offset = f", --test_offset={d.test_offset}" if d.test_offset >= 0 else ""
-      raise HetlmError(
-        f"{path}: {seqs.num_users:,} users, too few for --train_users={d.train_users} and "
-        f"--test_users={d.test_users}{offset}"
-      )
+  (users,) = hosts.total(np.array(seqs.num_users))  # with --own_users, every process's
+  if d.test_users and (
+    d.train_users + d.test_users > users or users - d.test_users < 1 or d.test_offset + d.test_users > users
+  ):
+    offset = f", --test_offset={d.test_offset}" if d.test_offset >= 0 else ""
+    raise HetlmError(
+      f"{path}: {int(users):,} users, too few for --train_users={d.train_users} and --test_users={d.test_users}{offset}"
+    )
+  if d.test_users and hosts.own_users():
+    n_val = round(cfg.train.val_frac * d.train_users)
+    seqs, test_seqs, val_seqs = split_own_users(
+      seqs, int(users), d.train_users, d.test_users, n_val, d.split_seed, d.test_offset
+    )
+    train_users, test_users, test_tokens = hosts.total(
+      np.array(seqs.num_users), np.array(test_seqs.num_users), np.array(test_seqs.num_tokens)
+    )
+    stats.update(users=int(train_users), test_users=int(test_users), test_tokens=int(test_tokens))
+  elif d.test_users:
     order = user_order(seqs.user_ids, d.split_seed, d.split)  # the users' random order, once for both cuts
     spare = spare_users(
       seqs.num_users,

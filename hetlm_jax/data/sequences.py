@@ -260,6 +260,31 @@ def split_users(
   return dataclasses.replace(train, split=train.offsets[1:].copy()), held_out_users(seqs, test)
 
 
+def split_own_users(
+  seqs: UserSequences, total: int, n_train: int, n_test: int, n_val: int, seed: int, test_offset: int = -1
+) -> tuple[UserSequences, UserSequences, UserSequences | None]:
+  """`split_users` and `spare_users` in the order of `user_order(..., "hash")`, for this process's users alone
+  (--own_users; `total`: every process's users): (training users, test users, validation users or None), each in
+  that order. A user's place among every process's users comes from the keys below the last place a cut needs,
+  gathered from each process (its smallest ones: at most that many keys a process, never every user's when
+  --train_users is given); every process must call this at the same point. Two users of one key (a 64-bit
+  collision) would share a place."""
+  keys_R = user_keys(pa.array(seqs.user_ids.astype(str), pa.large_string()), seed)
+  order_R = np.argsort(keys_R, kind="stable")  # this process's users in the order of all, ties in id order
+  at = n_train if test_offset < 0 else test_offset
+  spare = bool(n_train and n_val and total - n_test - n_train >= n_val)
+  last = max(at + n_test, n_test + n_train + (n_val if spare else 0))  # the places any cut reads lie below it
+  (smallest,) = hosts.every_user(keys_R[order_R[:last]])
+  place_R = np.searchsorted(np.sort(smallest)[:last], keys_R)  # past `last`: `last`, which no cut reads
+  test_R = (place_R >= at) & (place_R < at + n_test)
+  rest_R = np.where(place_R < at, place_R, place_R - n_test)  # the place among the other users
+  train_R = ~test_R & ((rest_R < n_train) if n_train else True)
+  val_R = ~test_R & spare & (rest_R >= n_train) & (rest_R < n_train + n_val)
+  train = seqs.subset(order_R[train_R[order_R]])
+  val = held_out_users(seqs, order_R[val_R[order_R]]) if spare else None
+  return dataclasses.replace(train, split=train.offsets[1:].copy()), held_out_users(seqs, order_R[test_R[order_R]]), val
+
+
 def held_out_users(seqs: UserSequences, idx: np.ndarray) -> UserSequences:
   """The users `idx` as new users: everything after each sequence's opening BOS is the target."""
   held = seqs.subset(idx)

@@ -8,9 +8,11 @@ Smoothing is additive (`alpha` on every count), so no token ever has probability
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 from scipy.special import logsumexp
 
 from hetlm_jax import hosts
+from hetlm_jax.data.ownership import key_streams, uniform, user_keys
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD
 
@@ -209,11 +211,13 @@ class MarkovMixture:
   A user's whole history comes from one component k: P(history) = Σ_k π_k Π_pairs A_k[prev, next].
   """
 
-  def __init__(self, k: int, iters: int = 50, seed: int = 0, alpha: float = 0.1, tol: float = 0.0):
-    """`tol` > 0 stops EM early once the objective rises by less than tol·|objective|."""
+  def __init__(self, k: int, iters: int = 50, seed: int = 0, alpha: float = 0.1, tol: float = 0.0, by_id: bool = False):
+    """`tol` > 0 stops EM early once the objective rises by less than tol·|objective|. `by_id`: each user's starting
+    responsibilities come from a seeded hash of its id (the same whatever the other users and the number of
+    processes); else from one numpy generator over the users in order."""
     if k < 1 or iters < 1 or alpha <= 0:
       raise ValueError("need k >= 1, iters >= 1 and alpha > 0")
-    self.k, self.iters, self.seed, self.alpha, self.tol = k, iters, seed, alpha, tol
+    self.k, self.iters, self.seed, self.alpha, self.tol, self.by_id = k, iters, seed, alpha, tol, by_id
 
   def fit(self, seqs: UserSequences, vocab_size: int) -> MarkovMixture:
     """EM from random responsibilities; records history_ll_ and objective_ after every M-step.
@@ -227,8 +231,12 @@ class MarkovMixture:
     u, own = seqs.num_users, hosts.own_users()  # with --own_users, every process fits on its own users together
     user_N, prev_N, next_N = _history_pairs(seqs)
     keys_P, inv_N = _pairs(prev_N, next_N, vocab_size)
-    seed = [self.seed, hosts.share()[0]] if own else self.seed
-    resp_UxK = np.random.default_rng(seed).dirichlet(np.ones(self.k), size=u)
+    if self.by_id or own:  # Dirichlet(1): normalised exponentials, each user's from its id
+      keys_U = user_keys(pa.array(seqs.user_ids.astype(str), pa.large_string()), self.seed, 29)
+      exp_UxK = -np.log1p(-uniform(key_streams(keys_U, self.k)))
+      resp_UxK = exp_UxK / exp_UxK.sum(axis=1, keepdims=True)
+    else:
+      resp_UxK = np.random.default_rng(self.seed).dirichlet(np.ones(self.k), size=u)
     (users,) = hosts.total(np.array(u))
     self.history_ll_: list[float] = []
     self.objective_: list[float] = []

@@ -68,6 +68,9 @@ class EvalOptions:
   negatives: int = 100
   bootstrap: int = 1000
   seed: int = 0
+  # What is drawn per user (the generated users, the negatives, the Markov mixture's start) by a seeded hash of
+  # the user's id, so that it does not depend on the other users or the number of processes (--split=hash).
+  by_id: bool = False
 
 
 def first_page_index(seqs: UserSequences) -> np.ndarray:
@@ -155,9 +158,10 @@ class Drawn:
 
 def draw_users(seqs: UserSequences, evaluated_U: np.ndarray, opts: EvalOptions) -> Drawn:
   """opts.generate_users of the evaluated users at random (seeded): by numpy's generator among `seqs`' evaluated
-  users, or with --own_users the smallest keys of a seeded hash of their ids among every process's."""
+  users, or (opts.by_id, and always with --own_users) the smallest keys of a seeded hash of their ids, among every
+  process's users with --own_users."""
   candidates = np.flatnonzero(evaluated_U)
-  if not hosts.own_users():
+  if not (opts.by_id or hosts.own_users()):
     rng = np.random.default_rng(opts.seed)
     users = np.sort(rng.choice(candidates, min(opts.generate_users, len(candidates)), replace=False))
     return Drawn(seqs, users, users)
@@ -165,6 +169,8 @@ def draw_users(seqs: UserSequences, evaluated_U: np.ndarray, opts: EvalOptions) 
   (smallest,) = hosts.every_user(np.sort(keys)[: opts.generate_users])
   last = np.sort(smallest)[min(opts.generate_users, len(smallest)) - 1] if len(smallest) else 0
   mine = candidates[keys <= last] if len(smallest) else candidates[:0]
+  if not hosts.own_users():
+    return Drawn(seqs, mine, mine)
   first = np.cumsum([0, *(int(n) for n in hosts.every_user(np.array([seqs.num_users]))[0])])
   at = np.concatenate([got[0] + first[p] for p, got in enumerate(hosts.gather_arrays(mine))])
   together = UserSequences.concat(
@@ -319,7 +325,9 @@ def rank_next_pages(
   own = share is not None and hosts.own_users()
   candidate_V = np.arange(tokenizer.vocab_size) >= tokenizer.num_specials
   true_U = seqs.tokens[first_page_index(seqs)]
-  neg_UxQ, ok_U = M.sample_negatives(seqs, candidate_V, opts.negatives, opts.seed, exclude_U=true_U)
+  neg_UxQ, ok_U = M.sample_negatives(
+    seqs, candidate_V, opts.negatives, opts.seed, exclude_U=true_U, by_id=opts.by_id or hosts.own_users()
+  )
   groups_U = np.zeros(seqs.num_users, np.int64) if groups_U is None else np.asarray(groups_U)
   if own:
     batches, rows = own_batches(groups_U, seqs.history_lengths, rows.stop - rows.start), slice(None)
@@ -407,7 +415,8 @@ def evaluate(
       hetlm_mixture_U = mixture_U
   if hetlm_mixture_U is not None:
     per_user["hetlm_mixture"] = {"nll": hetlm_mixture_U}
-  baselines = {"popularity": Popularity(), "markov": Markov(), "markov_mixture": MarkovMixture(max(k, 2))}
+  mixture = MarkovMixture(max(k, 2), seed=opts.seed, by_id=opts.by_id)
+  baselines = {"popularity": Popularity(), "markov": Markov(), "markov_mixture": mixture}
   trainer = next(iter(families.values())).trainer if families else None
   batch = trainer.eval_batch if trainer is not None else 512
   share = None if trainer is None else trainer.ranking_share()
@@ -416,7 +425,7 @@ def evaluate(
     per_user[name] = _baseline_metrics(model, seqs, tokenizer, opts, batch, name, share)
     evaluated(name)
   hetlm_U = families["hetlm"].assignment if "hetlm" in families else None
-  per_user, evaluated_U, hetlm_U, unknown = _every_user(
+  per_user, evaluated_U, hetlm_U, unknown = every_user_figures(
     per_user, evaluated_U, hetlm_U, unknown_targets(seqs, evaluated_U)
   )
   for name, metrics in generated.items():  # NaN for the users not generated for
@@ -443,7 +452,7 @@ def evaluate(
   return report
 
 
-def _every_user(per_user: dict[str, dict], evaluated_U: np.ndarray, hetlm_U: np.ndarray | None, unknown: int):
+def every_user_figures(per_user: dict[str, dict], evaluated_U: np.ndarray, hetlm_U: np.ndarray | None, unknown: int):
   """The per-user figures, the evaluated mask, HeTLM's assignment and the count of unknown targets, of every user:
   as they are, or with --own_users every process's brought together (each process's users one after the other)."""
   if not hosts.own_users():

@@ -10,8 +10,10 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 from sklearn.metrics import f1_score, roc_auc_score
 
+from hetlm_jax.data.ownership import key_streams, uniform, user_keys
 from hetlm_jax.data.sequences import UserSequences
 
 _CHUNK = 1 << 22  # entries of a temporary rows×columns array (bootstrap, exact negatives) at once
@@ -76,11 +78,14 @@ def sample_negatives(
   seed: int = 0,
   exclude_U: np.ndarray | None = None,
   max_rounds: int = 32,
+  by_id: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
   """[U, n] negatives per user, uniform without replacement over candidates the user never had.
 
   Never in the user's history or target (nor `exclude_U[u]`). Returns (negatives_UxQ int64,
-  ok_U bool); users with fewer than n eligible candidates get ok=False and a row of -1.
+  ok_U bool); users with fewer than n eligible candidates get ok=False and a row of -1. `by_id`: each user's draws
+  come from a seeded hash of its id (`ownership.key_streams`), so they do not depend on the other users (--split=hash,
+  --own_users); else from one numpy generator over the users in order.
   """
   candidate_V = np.asarray(candidate_V, bool)
   v, u = len(candidate_V), seqs.num_users
@@ -99,7 +104,11 @@ def sample_negatives(
 
   rng = np.random.default_rng(seed)
   rows_R = np.flatnonzero(ok_U)
-  draw_RxQ = cand_C[rng.integers(0, c, (len(rows_R), n_negatives))]
+  keys_R = user_keys(pa.array(seqs.user_ids[rows_R].astype(str), pa.large_string()), seed, 31) if by_id else None
+  if by_id:
+    draw_RxQ = cand_C[key_streams(keys_R, n_negatives) % np.uint64(c)]
+  else:
+    draw_RxQ = cand_C[rng.integers(0, c, (len(rows_R), n_negatives))]
 
   def bad(draw_RxQ: np.ndarray) -> np.ndarray:
     key_RxQ = rows_R[:, None] * v + draw_RxQ
@@ -117,22 +126,29 @@ def sample_negatives(
   # Redrawing only the offending entries never looks at item labels, so each row stays a uniform
   # random subset of its eligible candidates.
   bad_RxQ = bad(draw_RxQ)
-  for _ in range(max_rounds):
+  for r in range(max_rounds):
     if not bad_RxQ.any():
       break
-    draw_RxQ[bad_RxQ] = cand_C[rng.integers(0, c, int(bad_RxQ.sum()))]
+    if by_id:  # every user's own next draws, of which the bad entries take theirs
+      draw_RxQ[bad_RxQ] = cand_C[(key_streams(keys_R, n_negatives, r + 1) % np.uint64(c))[bad_RxQ]]
+    else:
+      draw_RxQ[bad_RxQ] = cand_C[rng.integers(0, c, int(bad_RxQ.sum()))]
     bad_RxQ = bad(draw_RxQ)
   stuck_R = np.flatnonzero(bad_RxQ.any(axis=1))
   if len(stuck_R):  # rows with few eligible items: exact draw by random keys over all candidates
-    draw_RxQ[stuck_R] = _exact_negatives(rows_R[stuck_R], seen_P, cand_C, v, n_negatives, rng)
+    if by_id:
+      keys = dict(zip(rows_R[stuck_R].tolist(), keys_R[stuck_R], strict=True))
+      draws = lambda users, n: uniform(key_streams(np.array([keys[u] for u in users], np.uint64), n, max_rounds + 1))
+    else:
+      draws = lambda users, n: rng.random((len(users), n))
+    draw_RxQ[stuck_R] = _exact_negatives(rows_R[stuck_R], seen_P, cand_C, v, n_negatives, draws)
   neg_UxQ[rows_R] = draw_RxQ
   return neg_UxQ, ok_U
 
 
-def _exact_negatives(
-  users_R: np.ndarray, seen_P: np.ndarray, cand_C: np.ndarray, v: int, n: int, rng: np.random.Generator
-) -> np.ndarray:
-  """Per user (ascending ids), the candidates with the n smallest uniform keys, seen ones barred."""
+def _exact_negatives(users_R: np.ndarray, seen_P: np.ndarray, cand_C: np.ndarray, v: int, n: int, draws) -> np.ndarray:
+  """Per user (ascending ids), the candidates with the n smallest uniform keys (`draws(users, C)`: [len(users), C]
+  floats in [0, 1)), seen ones barred."""
   cand_index_V = np.full(v, -1, np.int64)
   cand_index_V[cand_C] = np.arange(len(cand_C))
   out_RxQ = np.empty((len(users_R), n), np.int64)
@@ -140,7 +156,7 @@ def _exact_negatives(
   seen_user_P, seen_item_P = seen_P // v, seen_P % v
   for lo in range(0, len(users_R), chunk):
     users = users_R[lo : lo + chunk]
-    keys_RxC = rng.random((len(users), len(cand_C)))
+    keys_RxC = draws(users, len(cand_C))
     mine_P = np.isin(seen_user_P, users)
     row_P = np.searchsorted(users, seen_user_P[mine_P])  # users_R is sorted
     keys_RxC[row_P, cand_index_V[seen_item_P[mine_P]]] = np.inf

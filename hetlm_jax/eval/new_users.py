@@ -8,6 +8,9 @@ and `nll_no_end` (nats per page token, each page given that the sequence goes on
 test tokens: bits per token, the protocol's figure. Next-page metrics rank each user's last page
 given the pages before it (users with at least two pages), HeTLM weighting its models by their
 posterior given those pages.
+
+With --own_users each process scores and ranks its own test users, the baselines are fitted on every process's
+training users (their counts summed), and the per-user figures and pooled sums are then brought together.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from absl import logging
 from scipy.special import logsumexp
 
-from hetlm_jax import interrupt
+from hetlm_jax import hosts, interrupt
 from hetlm_jax.data.sequences import UserSequences
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
 from hetlm_jax.eval.baselines import Markov, MarkovMixture, Popularity
@@ -28,6 +31,7 @@ from hetlm_jax.eval.evaluate import (
   EvalOptions,
   LMFamily,
   evaluated,
+  every_user_figures,
   hetlm_comparisons,
   per_cluster,
   posterior,
@@ -74,10 +78,13 @@ def _lm_scores(
   prefix_KxU, _ = t.score(family.params, view, "history", label=f"{family.name} prefixes")
   log_post_KxU = posterior(log_pi_K, prefix_KxU)
 
-  def logprobs(users):
-    return logsumexp(log_post_KxU[:, users, None] + t.next_logprobs(family.params, view, users), axis=0)
+  own = hosts.own_users()  # each process ranks its own users, on its own rows of every batch
 
-  out.update(rank_next_pages(logprobs, view, tokenizer, opts, t.eval_batch, family.name))
+  def logprobs(users):
+    return logsumexp(log_post_KxU[:, users, None] + t.next_logprobs(family.params, view, users, rows_only=own), axis=0)
+
+  share = t.ranking_share() if own else None
+  out.update(rank_next_pages(logprobs, view, tokenizer, opts, t.eval_batch, family.name, share=share))
   return out, pooled, map_U
 
 
@@ -140,8 +147,8 @@ def evaluate_new_users(
   baselines = {
     "popularity": Popularity(),
     "markov": Markov(),
-    "markov_mixture": MarkovMixture(max(k, 2)),
-    f"markov_mixture_k{PUBLISHED_MIXTURE_K}": MarkovMixture(PUBLISHED_MIXTURE_K),
+    "markov_mixture": MarkovMixture(max(k, 2), seed=opts.seed, by_id=opts.by_id),
+    f"markov_mixture_k{PUBLISHED_MIXTURE_K}": MarkovMixture(PUBLISHED_MIXTURE_K, seed=opts.seed, by_id=opts.by_id),
   }
   for name, model in baselines.items():
     logging.info("evaluating %s", name)
@@ -149,6 +156,13 @@ def evaluate_new_users(
     per_user[name] = widen(metrics)
     evaluated(name)
 
+  per_user, _, map_U, unknown = every_user_figures(per_user, np.ones(u, bool), map_U, unknown_targets(view))
+  if hosts.own_users():  # the pooled sums, and the counts, of every process's users
+    pooled = {
+      name: {key: tuple(x.item() for x in hosts.total(*map(np.array, v))) for key, v in p.items()}
+      for name, p in pooled.items()
+    }
+  u, ranked, train_users = (int(x) for x in hosts.total(*map(np.array, (u, len(ranked_users), train.num_users))))
   bits = {
     name: {key: total / max(tokens, 1) / np.log(2) for key, (total, tokens) in p.items()} for name, p in pooled.items()
   }
@@ -157,9 +171,9 @@ def evaluate_new_users(
     "models": summaries(per_user),
     "bits_per_token": bits,
     "n_users": u,
-    "ranked_users": int(len(ranked_users)),
-    "unknown_targets": unknown_targets(view),
-    "train_users": train.num_users,
+    "ranked_users": ranked,
+    "unknown_targets": unknown,
+    "train_users": train_users,
     "test_tokens": {key: t for key, (_, t) in next(iter(pooled.values())).items()},
     **(extra or {}),
   }
