@@ -74,3 +74,18 @@ def assert_same_result(expected: Path, actual: Path, rtol: float = 1e-5, unlike:
       assert x == y, path
 
   same(a, b, "eval.json")
+
+
+def assert_readable_as(reference: Path, workdir: Path, processes: int = 2) -> None:
+  """The Predictor reads `workdir`'s assignment (every training user keeps `reference`'s cluster), and `hetlm
+  evaluate` on `processes` processes writes its evaluation again (with the training's provenance, one report)."""
+  from hetlm_jax import Predictor
+
+  table = read_assignments(reference)
+  users = table["user_id"].to_numpy(zero_copy_only=False)
+  routing = Predictor.load(workdir).assign([["/p/2"] for _ in users], user_ids=users)
+  assert routing.saved.all() and (routing.cluster == table["cluster"].to_numpy()).all()
+  written = (workdir / "eval.json").stat().st_mtime_ns
+  again = hetlm_process(["evaluate", f"--workdir={workdir}"], processes=processes, devices=4 // processes)
+  assert again.returncode == 0 and again.stdout.count("report: ") == 1, again.stderr[-3000:]
+  assert (workdir / "eval.json").stat().st_mtime_ns > written
