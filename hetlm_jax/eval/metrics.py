@@ -136,9 +136,8 @@ def sample_negatives(
     bad_RxQ = bad(draw_RxQ)
   stuck_R = np.flatnonzero(bad_RxQ.any(axis=1))
   if len(stuck_R):  # rows with few eligible items: exact draw by random keys over all candidates
-    if by_id:
-      keys = dict(zip(rows_R[stuck_R].tolist(), keys_R[stuck_R], strict=True))
-      draws = lambda users, n: uniform(key_streams(np.array([keys[u] for u in users], np.uint64), n, max_rounds + 1))
+    if by_id:  # rows_R is sorted: a user's key is at its place in it
+      draws = lambda users, n: uniform(key_streams(keys_R[np.searchsorted(rows_R, users)], n, max_rounds + 1))
     else:
       draws = lambda users, n: rng.random((len(users), n))
     draw_RxQ[stuck_R] = _exact_negatives(rows_R[stuck_R], seen_P, cand_C, v, n_negatives, draws)
