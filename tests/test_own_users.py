@@ -56,10 +56,14 @@ def test_two_processes_with_own_users_hold_disjoint_users_and_end_as_one_process
 
 
 def test_own_users_resume_after_a_stop_in_the_e_step_on_as_many_processes_only(own_reference, tmp_path):
-  """SIGTERM in the first E-step: each process's users' clusters and soft weights are saved in its own rows of
-  the checkpoint; the same two processes resume to the uninterrupted end, and one process is refused in one line."""
+  """SIGTERM in preparation writes nothing; SIGTERM in the first E-step: each process's users' clusters and soft
+  weights are saved in its own rows of the checkpoint; the same two processes resume to the uninterrupted end, and
+  one process is refused in one line."""
   folder, reference = own_reference
   args = train_args(folder, tmp_path / "run", *OWN)
+  stopped = hetlm_process([*args, "--inject=sigterm@prepare"], processes=2, devices=2)
+  assert stopped.returncode == 0 and "The same command resumes" in stopped.stdout, stopped.stderr[-3000:]
+  assert not (tmp_path / "run" / "prepared").exists()
   stopped = hetlm_process([*args, "--inject=sigterm@estep"], processes=2, devices=2)
   assert stopped.returncode == 0 and "The same command resumes" in stopped.stdout, stopped.stderr[-3000:]
   one = hetlm_process(args)
