@@ -79,9 +79,10 @@ def test_own_users_resume_after_a_stop_in_the_e_step_on_as_many_processes_only(o
 
 def test_own_users_split_by_user_ends_as_one_process(own_reference, tmp_path):
   """The split by user: each process cuts its own users by their places among every process's (the smallest keys
-  gathered), validates on its spare users and evaluates its own test users; the same as one process."""
+  gathered), validates on its spare users and evaluates its own test users; the same as one process. The clusters
+  start from k-means on the init LM's hidden states, each process embedding its own users."""
   folder, _ = own_reference
-  split = ("--test_users=30", "--train_users=60")
+  split = ("--test_users=30", "--train_users=60", "--init=embedding", "--init_rounds=1")
   one = hetlm_process(train_args(folder, tmp_path / "one", *OWN, *split))
   assert one.returncode == 0, one.stderr[-3000:]
   two = hetlm_process(train_args(folder, tmp_path / "two", *OWN, *split), processes=2, devices=2)

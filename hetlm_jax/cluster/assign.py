@@ -49,22 +49,31 @@ def kmeans(x, k: int, seed: int) -> np.ndarray:
   return KMeans(k, n_init=4, random_state=seed).fit_predict(normalize(x)).astype(np.int32)
 
 
-def embedding_kmeans(trainer, params, seqs: UserSequences, k: int, seed: int, most_users: int) -> np.ndarray:
+def embedding_kmeans(
+  trainer, params, seqs: UserSequences, k: int, seed: int, most_users: int, by_id: bool = False
+) -> np.ndarray:
   """`kmeans` of the users' mean hidden states under a single LM (`trainer`, a train/loop.Trainer with K=1, and its
   `params`). Past `most_users` users, it is fitted on that many of them, drawn by a seeded hash of their ids (the
   same users whatever the number of processes), and every user goes to the nearest centre: each group of processes
-  labels its own users and only the labels are gathered, so no process holds every user's hidden state. With
-  --own_users, each process embeds its users among the drawn ones (the `most_users` smallest keys of all), their
-  hidden states are brought together for the fit, and each process labels its own users."""
-  if seqs.num_users <= most_users and not hosts.own_users():
+  labels its own users and only the labels are gathered, so no process holds every user's hidden state.
+
+  `by_id` (--split=hash), and always with --own_users: the fit's users (all of them up to `most_users`) are taken in
+  the order of their keys, so the fit is the same whatever the number of processes; with --own_users each process
+  embeds its own drawn users (below the `most_users`-th smallest key of all), their hidden states are brought
+  together for the fit, and each process labels its own users."""
+  by_id = by_id or hosts.own_users()
+  if seqs.num_users <= most_users and not by_id:
     return kmeans(trainer.embed(params, seqs)[0], k, seed)
   keys = user_keys(pa.array(seqs.user_ids.astype(str), pa.large_string()), seed, 13)
-  if hosts.own_users():  # the draw's last key, from each process's smallest
-    (smallest,) = hosts.every_user(np.sort(keys)[:most_users])
-    fitted = np.flatnonzero(keys <= np.sort(smallest)[min(most_users, len(smallest)) - 1])
+  if by_id:  # the draw's last key, from each process's smallest; the drawn users in key order
+    order = np.argsort(keys, kind="stable")
+    (smallest,) = hosts.every_user(keys[order[:most_users]])
+    fitted = order[keys[order] <= np.sort(smallest)[min(most_users, len(smallest)) - 1]]
+    drawn_UxD, drawn_keys = hosts.every_user(trainer.embed(params, seqs.subset(fitted))[0], keys[fitted])
+    drawn_UxD = drawn_UxD[np.argsort(drawn_keys, kind="stable")]
   else:
     fitted = np.sort(np.argpartition(keys, most_users - 1)[:most_users])
-  (drawn_UxD,) = hosts.every_user(trainer.embed(params, seqs.subset(fitted))[0])
+    drawn_UxD = trainer.embed(params, seqs.subset(fitted))[0]
   centres = KMeans(k, n_init=4, random_state=seed).fit(normalize(drawn_UxD))
   users, means_UxD = trainer.embed_share(params, seqs)
   labels_U = centres.predict(normalize(means_UxD[:, : trainer.cfg.model.d_model])).astype(np.int32)

@@ -629,7 +629,7 @@ def initial_assignment(
   def initial():
     lm = single()
     interrupt.at_phase("kmeans")
-    return embedding_kmeans(lm.trainer, lm.params, seqs, k, seed, c.kmeans_users)
+    return embedding_kmeans(lm.trainer, lm.params, seqs, k, seed, c.kmeans_users, by_id=cfg.data.split == "hash")
 
   return initial, ((lambda: single().params) if c.warm_start else no_warm)
 
