@@ -141,7 +141,10 @@ def write_prepared(workdir: Path, cfg: Config, prepared: Prepared) -> None:
   for role, seqs in roles.items():
     if seqs is None:
       continue
-    mine_R = np.flatnonzero(owners(pa.array(seqs.user_ids.astype(str)), processes) == process)
+    if hosts.own_users():  # every user a process holds is its own (by hash, or by its parts with --parts_by_user)
+      mine_R = np.arange(seqs.num_users)
+    else:
+      mine_R = np.flatnonzero(owners(pa.array(seqs.user_ids.astype(str)), processes) == process)
     users = seqs.subset(mine_R).to_table()
     users = users.add_column(0, "index", pa.array(mine_R, pa.int64()))
     tables.append(users.add_column(0, "role", pa.array([role] * len(mine_R), pa.string())))
@@ -258,7 +261,7 @@ def write_assignments(workdir: Path, seqs: UserSequences, assignment_U: np.ndarr
   names = [f"part-{p:05d}-of-{processes:05d}-{tag}.parquet" for p in range(processes)]
   folder.mkdir(parents=True, exist_ok=True)
   with written(folder / names[process], hidden=True) as tmp:
-    pq.write_table(owned_rows(table, process, processes), tmp)
+    pq.write_table(table if hosts.own_users() else owned_rows(table, process, processes), tmp)
   hosts.barrier("assignment parts written")
   if hosts.is_primary():
     previous = _assignment_manifest(folder).get("parts", [])

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pyarrow as pa
+import pytest
 from synthetic import markov_events
 
 from hetlm_jax import hosts
@@ -10,6 +11,7 @@ from hetlm_jax.config import Config, ModelConfig, TrainConfig
 from hetlm_jax.data.ownership import owners
 from hetlm_jax.data.sequences import build_sequences, history_windows, target_windows
 from hetlm_jax.data.tokenizer import PageTokenizer
+from hetlm_jax.errors import HetlmError
 from hetlm_jax.model import PageLM, init_params
 from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, ShardedBatches, add_by_user, scored_users
 from hetlm_jax.train.loop import Trainer
@@ -250,3 +252,17 @@ def test_sharded_batches_fill_each_shards_rows_from_its_own_users_and_a_process_
   for step in range(whole.steps):
     for got, expected in zip(block.batch(step, rows=slice(2, 4)), whole.batch(step), strict=True):
       np.testing.assert_array_equal(got, expected[:, 2:4])
+
+
+def test_with_own_users_a_process_fills_its_rows_from_every_user_it_holds_whatever_their_hash(monkeypatch):
+  """--own_users: a process's users are its shard, also when they came to it by its parts (--parts_by_user) and
+  not by their hash; a process whose rows are another shard's is refused."""
+  seqs, _ = _seqs(40)
+  assert len(set(owners(pa.array(seqs.user_ids.astype(str)), 2))) == 2  # users of both hashes
+  monkeypatch.setattr(hosts, "own_users", lambda: True)
+  monkeypatch.setattr(hosts, "share", lambda: (1, 2))
+  args = {"k": 2, "batch_size": 4, "context": 12, "epochs": 1, "seed": 0, "round_index": 0, "shards": 2}
+  block = ShardedBatches(seqs, np.zeros(seqs.num_users, np.int64), **args, rows=slice(2, 4))
+  assert list(block.parts) == [1] and block.parts[1].seqs.num_users == seqs.num_users
+  with pytest.raises(HetlmError, match="not its own users' shard"):
+    ShardedBatches(seqs, np.zeros(seqs.num_users, np.int64), **args, rows=slice(0, 2))

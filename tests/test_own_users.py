@@ -96,6 +96,30 @@ def test_own_users_split_by_user_ends_as_one_process(own_reference, tmp_path):
   assert dict(zip(roles["role"].to_pylist(), roles["user_id_count"].to_pylist())) == {"users": 60, "test": 30, "val": 6}
 
 
+def test_own_users_with_parts_by_user_keep_each_process_s_parts_users_and_train_them_all(own_reference, tmp_path):
+  """With --parts_by_user a process's users are those of its own parts, not those of its hash: it keeps, trains,
+  writes and evaluates them all."""
+  from test_ownership import _by_user_parts
+
+  folder, reference = own_reference
+  table = pq.read_table(folder)
+  bucketed = _by_user_parts(tmp_path / "bucketed", table)
+  args = train_args(bucketed, tmp_path / "two", *OWN, "--parts_by_user")
+  done = hetlm_process(args, processes=2, devices=2)
+  assert done.returncode == 0, done.stderr[-3000:]
+  users = sorted(set(table["user_id"].to_pylist()))
+  by_part = [users[0::4] + users[2::4], users[1::4] + users[3::4]]  # process p opens parts p and p + 2
+  assert _kept(done.stderr) == [len(mine) for mine in by_part], done.stderr[-3000:]
+  parts = sorted((tmp_path / "two" / "prepared").glob("part-*"))
+  assert [sorted(pq.read_table(p, columns=["user_id"])["user_id"].to_pylist()) for p in parts] == [
+    sorted(mine) for mine in by_part
+  ]
+  trained = read_assignments(tmp_path / "two")
+  assert sorted(trained["user_id"].to_pylist()) == sorted(read_assignments(reference)["user_id"].to_pylist())
+  report = json.loads((tmp_path / "two" / "eval.json").read_text())
+  assert report["n_users"] == json.loads((reference / "eval.json").read_text())["n_users"]
+
+
 def test_own_users_needs_the_hash_split_and_one_shard_per_process(tmp_path):
   log = write_log(tmp_path / "log.parquet")
   bad = hetlm_process(train_args(log, tmp_path / "a", "--own_users"))

@@ -191,13 +191,16 @@ class ShardedBatches:
     """`options`: ClusterBatches's seed, round_index, balance and max_repeat, for every shard."""
     self.k, self.batch_size, self.width, self.epochs, self.shards = k, batch_size, context + 1, epochs, shards
     self.rows_each = batch_size // shards
-    shard_U = (user_hash(pa.array(seqs.user_ids.astype(str))) % np.uint64(shards)).astype(np.int64)
     self.parts: dict[int, ClusterBatches] = {}
-    if hosts.own_users() and (list(self._shards(rows)), shards) != ([hosts.share()[0]], hosts.share()[1]):
-      raise HetlmError(
-        f"--own_users: process {hosts.share()[0]} builds shards {list(self._shards(rows))} of {shards}, not its own "
-        "users' shard: --data_shards must be the number of processes, one block of rows each, in process order"
-      )
+    if hosts.own_users():  # a process's users are its shard, however they came to it (their hash, or its parts)
+      if (list(self._shards(rows)), shards) != ([hosts.share()[0]], hosts.share()[1]):
+        raise HetlmError(
+          f"--own_users: process {hosts.share()[0]} builds shards {list(self._shards(rows))} of {shards}, not its "
+          "own users' shard: --data_shards must be the number of processes, one block of rows each, in process order"
+        )
+      shard_U = np.full(seqs.num_users, hosts.share()[0], np.int64)
+    else:
+      shard_U = (user_hash(pa.array(seqs.user_ids.astype(str))) % np.uint64(shards)).astype(np.int64)
     for s in self._shards(rows):
       users = np.flatnonzero(shard_U == s)
       weights = None if weights_UxK is None else np.asarray(weights_UxK)[users]
