@@ -165,8 +165,9 @@ def write_prepared(workdir: Path, cfg: Config, prepared: Prepared) -> None:
 
 def read_prepared(workdir: Path, cfg: Config) -> Prepared | None:
   """The prepared users of the run in `workdir` (every process reads every part; with --own_users, its own part
-  alone), or None when there are none, they were prepared from other data than cfg's, or (--own_users) by another
-  number of processes."""
+  alone), or None when there are none or they were prepared from other data than cfg's. With --own_users, parts
+  of another number of processes stop the run in one line before anything is written: its checkpoints hold each
+  process's users' clusters, so it resumes on as many processes only."""
   folder = workdir / PREPARED_DIR
   try:
     manifest = json.loads((folder / PREPARED_MANIFEST).read_text())
@@ -179,7 +180,10 @@ def read_prepared(workdir: Path, cfg: Config) -> Prepared | None:
   parts = manifest["parts"]
   if hosts.own_users():
     if len(parts) != processes:
-      return None
+      raise HetlmError(
+        f"{folder}: prepared by {len(parts)} process(es), each keeping its own users (--own_users): run it on "
+        f"{len(parts)} process(es), not {processes}, or move the folder away to start the run again"
+      )
     parts = parts[process : process + 1]
   start = time.perf_counter()
   try:

@@ -69,6 +69,11 @@ def test_own_users_resume_after_a_stop_in_the_e_step_on_as_many_processes_only(o
   one = hetlm_process(args)
   lines = one.stderr.strip().splitlines()
   assert one.returncode == 2 and "saved by 2 processes each holding its own users" in lines[-1], one.stderr[-3000:]
+  written = {p: p.read_bytes() for p in (tmp_path / "run" / "prepared").iterdir()}
+  four = hetlm_process(args, processes=4, devices=1)
+  lines = four.stderr.strip().splitlines()
+  assert four.returncode == 2 and "prepared by 2 process(es)" in lines[-1], four.stderr[-3000:]
+  assert {p: p.read_bytes() for p in (tmp_path / "run" / "prepared").iterdir()} == written
   done = hetlm_process(args, processes=2, devices=2)
   assert done.returncode == 0, done.stderr[-3000:]
   assert_same_result(reference, tmp_path / "run", rtol=1e-5, unlike=("data",))
