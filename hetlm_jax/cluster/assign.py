@@ -13,7 +13,7 @@ from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.preprocessing import normalize
 
 from hetlm_jax import hosts
-from hetlm_jax.data.ownership import user_keys
+from hetlm_jax.data.ownership import smallest_keys, user_keys
 from hetlm_jax.data.sequences import UserSequences
 
 _TRANSITION_BUCKETS = 1 << 16  # page-pair features are hashed into this many columns
@@ -67,8 +67,7 @@ def embedding_kmeans(
   keys = user_keys(pa.array(seqs.user_ids.astype(str), pa.large_string()), seed, 13)
   if by_id:  # the draw's last key, from each process's smallest; the drawn users in key order
     order = np.argsort(keys, kind="stable")
-    (smallest,) = hosts.every_user(keys[order[:most_users]])
-    fitted = order[keys[order] <= np.sort(smallest)[min(most_users, len(smallest)) - 1]]
+    fitted = order[keys[order] <= smallest_keys(keys, most_users)[-1]]
     drawn_UxD, drawn_keys = hosts.every_user(trainer.embed(params, seqs.subset(fitted))[0], keys[fitted])
     drawn_UxD = drawn_UxD[np.argsort(drawn_keys, kind="stable")]
   else:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from hetlm_jax import hosts
+
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
@@ -79,6 +81,14 @@ def uniform(bits: np.ndarray) -> np.ndarray:
 def user_uniform(ids: pa.Array | pa.ChunkedArray, *seeds: int) -> np.ndarray:
   """[N] float64 in [0, 1): the top 53 bits of `user_keys`, a seeded uniform draw per user."""
   return uniform(user_keys(ids, *seeds))
+
+
+def smallest_keys(keys: np.ndarray, n: int) -> np.ndarray:
+  """The n smallest of `keys` (`user_keys`, one a user), sorted: of every process's users with --own_users (each
+  sends its own n smallest; every process must call this at the same point), else of these. A seeded draw of n users
+  is then the users whose key is at most the last of them, whatever the number of processes."""
+  (smallest,) = hosts.every_user(np.sort(keys)[:n])
+  return np.sort(smallest)[:n]
 
 
 def owners(ids: pa.Array | pa.ChunkedArray, processes: int) -> np.ndarray:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hetlm_jax import hosts
-from hetlm_jax.data.ownership import user_keys
+from hetlm_jax.data.ownership import smallest_keys, user_keys
 from hetlm_jax.data.readers import normalise_events
 from hetlm_jax.data.tokenizer import BOS, EOS, PAD, PageTokenizer
 from hetlm_jax.errors import HetlmError, input_error
@@ -274,8 +274,7 @@ def split_own_users(
   at = n_train if test_offset < 0 else test_offset
   spare = bool(n_train and n_val and total - n_test - n_train >= n_val)
   last = max(at + n_test, n_test + n_train + (n_val if spare else 0))  # the places any cut reads lie below it
-  (smallest,) = hosts.every_user(keys_R[order_R[:last]])
-  place_R = np.searchsorted(np.sort(smallest)[:last], keys_R)  # past `last`: `last`, which no cut reads
+  place_R = np.searchsorted(smallest_keys(keys_R, last), keys_R)  # past `last`: `last`, which no cut reads
   test_R = (place_R >= at) & (place_R < at + n_test)
   rest_R = np.where(place_R < at, place_R, place_R - n_test)  # the place among the other users
   train_R = ~test_R & ((rest_R < n_train) if n_train else True)

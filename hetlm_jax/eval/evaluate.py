@@ -19,7 +19,7 @@ from scipy.special import logsumexp
 
 from hetlm_jax import hosts, interrupt
 from hetlm_jax.cluster.assign import cluster_shares, log_shares
-from hetlm_jax.data.ownership import user_keys
+from hetlm_jax.data.ownership import smallest_keys, user_keys
 from hetlm_jax.data.sequences import UserSequences, session_length_from_data
 from hetlm_jax.data.tokenizer import BOS, UNK, PageTokenizer
 from hetlm_jax.eval import metrics as M
@@ -166,9 +166,8 @@ def draw_users(seqs: UserSequences, evaluated_U: np.ndarray, opts: EvalOptions) 
     users = np.sort(rng.choice(candidates, min(opts.generate_users, len(candidates)), replace=False))
     return Drawn(seqs, users, users)
   keys = user_keys(pa.array(seqs.user_ids[candidates].astype(str), pa.large_string()), opts.seed, 17)
-  (smallest,) = hosts.every_user(np.sort(keys)[: opts.generate_users])
-  last = np.sort(smallest)[min(opts.generate_users, len(smallest)) - 1] if len(smallest) else 0
-  mine = candidates[keys <= last] if len(smallest) else candidates[:0]
+  smallest = smallest_keys(keys, opts.generate_users)
+  mine = candidates[keys <= smallest[-1]] if len(smallest) else candidates[:0]
   if not hosts.own_users():
     return Drawn(seqs, mine, mine)
   first = np.cumsum([0, *(int(n) for n in hosts.every_user(np.array([seqs.num_users]))[0])])
