@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from hetlm_jax.errors import HetlmError
-from hetlm_jax.files import replace_text
+from hetlm_jax.files import location, replace_text
 
 
 def _option(default, help: str, *, flag: str | None = None, resumable: bool = False, auto: int | None = None):
@@ -337,7 +337,7 @@ class Config:
   def load(cls, path: Path) -> Config:
     """The config saved at `path` (a config.json from before derived fields were left out loads too)."""
     try:
-      return cls.from_dict(json.loads(Path(path).read_text()))
+      return cls.from_dict(json.loads(location(path).read_text()))
     except (OSError, ValueError, TypeError) as e:
       raise HetlmError(f"{path}: not a readable hetlm config ({e})") from None
 

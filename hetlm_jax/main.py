@@ -304,7 +304,7 @@ def resume_command() -> str:
 
 def _summary(report: dict, workdir: str) -> None:
   """The last three lines of train and evaluate: the models' held-out NLL, which is lowest, where to read on."""
-  from pathlib import Path
+  from hetlm_jax.files import location
 
   nll = {name: metrics["nll"]["mean"] for name, metrics in report.get("models", {}).items() if "nll" in metrics}
   lms = [name for name in ("hetlm", "single", "single_ft", "single_matched") if name in nll]
@@ -313,8 +313,8 @@ def _summary(report: dict, workdir: str) -> None:
     best = min(lms, key=nll.get)
     note = " (HeTLM kept its warm-start LM: no HeTLM pass beat it)" if report.get("hetlm_is_init_lm") else ""
     print(f"lowest among the LMs: {best}{note}; per-user intervals and the other metrics are in the report")
-  assignments = "assignments/" if (Path(workdir) / "assignments").is_dir() else "assignments.parquet"  # workdir.py
-  print(f"report: {Path(workdir) / 'report.md'} (eval.json, {assignments} and checkpoints/ beside it)")
+  assignments = "assignments/" if (location(workdir) / "assignments").is_dir() else "assignments.parquet"  # workdir.py
+  print(f"report: {location(workdir) / 'report.md'} (eval.json, {assignments} and checkpoints/ beside it)")
 
 
 def _generate(data: str | None) -> int:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -53,8 +55,8 @@ from hetlm_jax.data.tokenizer import UNK
 from hetlm_jax.errors import HetlmError
 from hetlm_jax.eval.evaluate import EvalOptions, group_batches, outcome_probabilities, posterior, route
 from hetlm_jax.eval.generate import Sampling, generate
-from hetlm_jax.files import replace_text, written
-from hetlm_jax.lock import WorkdirLock
+from hetlm_jax.files import Location, check_bucket, inside, is_uri, location, make_dir, replace_text, written
+from hetlm_jax.lock import workdir_lock
 from hetlm_jax.train.loop import Trainer
 from hetlm_jax.train.metrics import Progress
 from hetlm_jax.train.split import num_models
@@ -63,7 +65,6 @@ from hetlm_jax.workdir import (
   SavedAssignment,
   is_finished,
   load_run,
-  local_dir,
   locate,
   read_sessions,
 )
@@ -143,7 +144,7 @@ class Predictor:
   def load(cls, path: str | os.PathLike, model: str = "hetlm", devices=None) -> Predictor:
     """From a finished run's workdir (`model`: hetlm, single, single_ft or single_matched), or from a checkpoint
     folder WORKDIR/checkpoints/MODEL[/STEP]; onto `devices` (default: every local device; CPU works)."""
-    workdir, family, step = locate(local_dir(path))
+    workdir, family, step = locate(location(path))
     if not workdir.is_dir():
       raise HetlmError(f"{path}: no such workdir")
     if family is None and not is_finished(workdir) and (workdir / CONFIG_FILE).exists():
@@ -577,8 +578,12 @@ def _conformed(stream: EventStream) -> Iterator[pa.Table]:
     yield piece
 
 
-def _scratch(out: Path, process: int, processes: int) -> Path:
-  """The bucket files' folder: beside --out (a hidden name), or inside the parts' folder."""
+def _scratch(out: Location, process: int, processes: int) -> Path:
+  """The bucket files' folder: beside --out (a hidden name), or inside the parts' folder; for an --out on an
+  object store, in the local temporary folder."""
+  if is_uri(out):
+    tag = hashlib.sha256(os.fspath(out).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"hetlm-predict-{tag}.buckets-{process:05d}"
   return out.parent / f".{out.name}.buckets" if processes == 1 else out / f".buckets-{process:05d}"
 
 
@@ -606,14 +611,16 @@ def predict_file(
   once in file order (_InFileOrder). Rows go to a temporary file renamed at the end: an error or a stop signal
   leaves no output and no bucket file (interrupt.Stopped). Returns a summary (users, seconds, users/s, the
   grouping, peak RSS per chunk)."""
-  out = local_dir(out, "--out")
+  out = location(out, "--out")
   if chunk_users < 1 or top_k < 1 or outcome_samples < 0:
     raise HetlmError("--chunk_users and --top_k must be at least 1, --outcome_samples at least 0")
   if memory_mb < 1 or buckets < 0:
     raise HetlmError(f"--memory_mb={memory_mb} --buckets={buckets}: expected at least 1 MiB and 0 or more buckets")
   if processes == 1 and out.suffix.lower() not in (".parquet", ".pq"):  # several processes write a folder
     raise HetlmError(f"--out={out}: predictions are written as Parquet; name the file *.parquet")
-  if not out.parent.is_dir():
+  if is_uri(out):
+    check_bucket(out, "--out")
+  elif not out.parent.is_dir():
     raise HetlmError(f"--out={out}: no folder {out.parent} to write it in")
   # Read 16 events per user of a chunk at a time (Parquet: within a row group), so memory follows --chunk_users.
   stream = EventStream(data, fmt, 16 * chunk_users)  # checks the file before the model loads
@@ -623,11 +630,11 @@ def predict_file(
     if predictor.tokenizer.outcome_types and outcome_samples == 0:
       logging.info("--outcome_samples=0: no outcome_* columns")
     target = part_path(out, process, processes)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(target.parent)
     schema = _schema(stream.int_ids, predictor.tokenizer.outcome_types if outcome_samples else [])
     # Writing into a run's workdir (e.g. OUT=WORKDIR/predictions.parquet): hold it, as train and evaluate do.
-    if process == 0 and target.resolve().is_relative_to(predictor.workdir.resolve()):
-      held.enter_context(WorkdirLock(predictor.workdir, "predict"))
+    if process == 0 and inside(target, predictor.workdir):
+      held.enter_context(workdir_lock(predictor.workdir, "predict"))
     tmp = held.enter_context(written(target, hidden=True))  # renamed over target only if every chunk is written
     if grouped:
       chunks = _InFileOrder(stream, chunk_users, process, processes, seed)

@@ -16,7 +16,8 @@
   tensorboard/NAME/    --tensorboard event files
   .lock                the lock of the one command writing there (lock.py)
 
-Training, evaluation, prediction, the benchmark and the scripts read a run through this module alone.
+Training, evaluation, prediction, the benchmark and the scripts read a run through this module alone. A workdir is
+a local folder or a gs:// or s3:// URI: every read and write here goes through files.py, which takes both.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import json
 import os
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +42,18 @@ from hetlm_jax.data.sequences import UserSequences, session_length_from_data
 from hetlm_jax.data.tokenizer import FILE_NAME as TOKENIZER_FILE
 from hetlm_jax.data.tokenizer import PageTokenizer
 from hetlm_jax.errors import HetlmError
-from hetlm_jax.files import replace_text, written
+from hetlm_jax.files import (
+  Location,
+  check_bucket,
+  is_uri,
+  location,
+  make_dir,
+  modified,
+  read_parquet,
+  remove_tree,
+  replace_text,
+  written,
+)
 from hetlm_jax.lock import LOCK_FILE as LOCK_FILE  # named here with the run's other files; lock.py holds the lock
 from hetlm_jax.train.checkpoint import Checkpoints
 from hetlm_jax.train.loop import Trainer
@@ -70,20 +81,12 @@ MIN_FREE_BYTES = 100 * 2**20  # a run's checkpoints and outputs need at least th
 # -- before a run writes anything ----------------------------------------------------------------------------------
 
 
-def local_dir(path: str | os.PathLike, flag: str = "--workdir") -> Path:
-  """`path` as a Path, once it is not a URI: pathlib would make gs://b/run the local folder gs:/b/run, so each
-  host of a pod would write its own disk. (Runs on object stores are a later step: a shared filesystem for now.)"""
-  text = os.fspath(path)
-  if "://" in text:
-    raise HetlmError(
-      f"{flag}={text}: a run on an object store (gs://, s3://) is not supported yet; give a folder on a "
-      "filesystem every host mounts (the log itself may be a URI: --data)"
-    )
-  return Path(text)
-
-
-def check_workdir(workdir: Path) -> None:
-  """Refuses a --workdir that is a file, lies under a file, cannot be written or sits on a full disk."""
+def check_workdir(workdir: Location) -> None:
+  """Refuses a --workdir that is a file, lies under a file, cannot be written or sits on a full disk; on an object
+  store, one whose bucket cannot be reached."""
+  if is_uri(workdir):
+    check_bucket(workdir)
+    return
   existing = workdir
   while not existing.exists() and existing != existing.parent:
     existing = existing.parent
@@ -100,7 +103,7 @@ def check_workdir(workdir: Path) -> None:
     )
 
 
-def check_resumable(workdir: Path, cfg: Config) -> None:
+def check_resumable(workdir: Location, cfg: Config) -> None:
   """Refuses to resume a run in `workdir` whose saved settings differ from `cfg` where a run cannot change."""
   if not (workdir / CONFIG_FILE).exists():
     return
@@ -112,30 +115,30 @@ def check_resumable(workdir: Path, cfg: Config) -> None:
     )
 
 
-def saved_tokenizer(workdir: Path) -> PageTokenizer | None:
+def saved_tokenizer(workdir: Location) -> PageTokenizer | None:
   """The tokenizer of a run begun in `workdir` (a resumed run keeps its vocabulary), or None."""
   path = workdir / TOKENIZER_FILE
   return PageTokenizer.load(path) if path.exists() else None
 
 
-def write_run_files(workdir: Path, cfg: Config, tokenizer: PageTokenizer, seqs: UserSequences) -> None:
+def write_run_files(workdir: Location, cfg: Config, tokenizer: PageTokenizer, seqs: UserSequences) -> None:
   """config.json, tokenizer.json and sessions.json, by process 0 (the run's other files follow as it trains)."""
   length = session_length_from_data(seqs, tokenizer.num_specials)  # with --own_users, every process takes part
   if not hosts.is_primary():
     return
-  workdir.mkdir(parents=True, exist_ok=True)
+  make_dir(workdir)
   tokenizer.save(workdir / TOKENIZER_FILE)
   write_sessions(workdir, length)
   cfg.save(workdir / CONFIG_FILE)
 
 
-def write_prepared(workdir: Path, cfg: Config, prepared: Prepared) -> None:
+def write_prepared(workdir: Location, cfg: Config, prepared: Prepared) -> None:
   """prepared/: each process writes the users it owns (data/ownership.py) of every role (the users of the run, its
   validation and test users of a split by user), with their position in that role; then process 0 writes
   manifest.json, which marks the folder complete."""
   process, processes = hosts.share()
   folder = workdir / PREPARED_DIR
-  folder.mkdir(parents=True, exist_ok=True)
+  make_dir(folder)
   roles = {"users": prepared.seqs, "val": prepared.val_seqs, "test": prepared.test_seqs}
   tables = []
   for role, seqs in roles.items():
@@ -163,7 +166,7 @@ def write_prepared(workdir: Path, cfg: Config, prepared: Prepared) -> None:
     replace_text(folder / PREPARED_MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
-def read_prepared(workdir: Path, cfg: Config) -> Prepared | None:
+def read_prepared(workdir: Location, cfg: Config) -> Prepared | None:
   """The prepared users of the run in `workdir` (every process reads every part; with --own_users, its own part
   alone), or None when there are none or they were prepared from other data than cfg's. With --own_users, parts
   of another number of processes stop the run in one line before anything is written: its checkpoints hold each
@@ -187,7 +190,7 @@ def read_prepared(workdir: Path, cfg: Config) -> Prepared | None:
     parts = parts[process : process + 1]
   start = time.perf_counter()
   try:
-    table = pa.concat_tables([pq.read_table(folder / name) for name in parts])
+    table = pa.concat_tables([read_parquet(folder / name) for name in parts])
   except (OSError, pa.ArrowException) as e:
     raise HetlmError(
       f"{folder}: the prepared users cannot be read ({e}); move the folder away to read the log"
@@ -207,34 +210,34 @@ def read_prepared(workdir: Path, cfg: Config) -> Prepared | None:
   )
 
 
-def open_metrics(workdir: Path, tensorboard: bool = False) -> MetricsLog:
+def open_metrics(workdir: Location, tensorboard: bool = False) -> MetricsLog:
   """metrics.jsonl (earlier sessions' records included), and TensorBoard's event files with `tensorboard`."""
   return MetricsLog(workdir / METRICS_FILE, workdir / TENSORBOARD_DIR if tensorboard else None)
 
 
-def read_metrics(workdir: Path, kind: str | None = None) -> list[dict]:
+def read_metrics(workdir: Location, kind: str | None = None) -> list[dict]:
   """The records of metrics.jsonl (of one `kind`, if given), read without a run: for scripts and reports."""
-  path = Path(workdir) / METRICS_FILE
+  path = location(workdir) / METRICS_FILE
   records = parse_records(path.read_text()) if path.exists() else []
   return [r for r in records if kind is None or r.get("kind") == kind]
 
 
-def checkpoint_dir(workdir: Path, family: str) -> Path:
+def checkpoint_dir(workdir: Location, family: str) -> Location:
   """Where model family `family`'s checkpoints are."""
-  return Path(workdir) / CHECKPOINTS_DIR / family
+  return location(workdir) / CHECKPOINTS_DIR / family
 
 
 # -- sessions.json and assignments.parquet -----------------------------------------------------------------------
 
 
-def write_sessions(workdir: Path, length: int | None) -> None:
+def write_sessions(workdir: Location, length: int | None) -> None:
   """sessions.json: whether the training histories end their sessions (so a prediction asks for the next
   session's pages) or not (one session per user, as msnbc: it asks how the last session goes on), and then how
   many pages to generate (`length`: session_length_from_data)."""
   replace_text(workdir / SESSIONS_FILE, json.dumps({"session_ends": length is None, "session_length": length}) + "\n")
 
 
-def read_sessions(workdir: Path) -> dict:
+def read_sessions(workdir: Location) -> dict:
   """sessions.json of a run (a run from before it existed: sessions end, no length limit)."""
   try:
     return json.loads((workdir / SESSIONS_FILE).read_text())
@@ -242,7 +245,7 @@ def read_sessions(workdir: Path) -> dict:
     return {"session_ends": True, "session_length": None}
 
 
-def write_assignments(workdir: Path, seqs: UserSequences, assignment_U: np.ndarray, int_ids: bool) -> None:
+def write_assignments(workdir: Location, seqs: UserSequences, assignment_U: np.ndarray, int_ids: bool) -> None:
   """The cluster of every training user (user_id as in the input, cluster). One process: assignments.parquet,
   replaced atomically. Several: each process writes the users it owns (data/ownership.py) as its part of
   assignments/, the parts named by a digest of the assignment so a round never overwrites the parts the manifest
@@ -255,7 +258,7 @@ def write_assignments(workdir: Path, seqs: UserSequences, assignment_U: np.ndarr
   if processes == 1:
     with written(workdir / ASSIGNMENTS_FILE) as tmp:
       pq.write_table(table, tmp)
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder)
     return
   tag = hashlib.sha256(np.ascontiguousarray(assignment_U, np.int32).tobytes()).digest()
   if hosts.own_users():  # each process holds its own users' clusters: the parts are named by all of them
@@ -263,7 +266,7 @@ def write_assignments(workdir: Path, seqs: UserSequences, assignment_U: np.ndarr
   tag = tag.hex()[:12]
   (users,) = hosts.total(np.array(len(assignment_U)))
   names = [f"part-{p:05d}-of-{processes:05d}-{tag}.parquet" for p in range(processes)]
-  folder.mkdir(parents=True, exist_ok=True)
+  make_dir(folder)
   with written(folder / names[process], hidden=True) as tmp:
     pq.write_table(table if hosts.own_users() else owned_rows(table, process, processes), tmp)
   hosts.barrier("assignment parts written")
@@ -275,30 +278,30 @@ def write_assignments(workdir: Path, seqs: UserSequences, assignment_U: np.ndarr
     (workdir / ASSIGNMENTS_FILE).unlink(missing_ok=True)
 
 
-def _assignment_manifest(folder: Path) -> dict:
+def _assignment_manifest(folder: Location) -> dict:
   try:
     return json.loads((folder / ASSIGNMENTS_MANIFEST).read_text())
   except (OSError, ValueError):
     return {}
 
 
-def assignments_path(workdir: Path) -> Path | None:
+def assignments_path(workdir: Location) -> Location | None:
   """Where a run's assignment is: assignments.parquet, or the manifest of assignments/ (the newer if both are
   there, as after a stop between writing one and removing the other); None when there is none."""
   found = [p for p in (workdir / ASSIGNMENTS_FILE, workdir / ASSIGNMENTS_DIR / ASSIGNMENTS_MANIFEST) if p.exists()]
-  return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+  return max(found, key=modified) if found else None
 
 
-def read_assignments(workdir: Path) -> pa.Table | None:
+def read_assignments(workdir: Location) -> pa.Table | None:
   """The run's assignment as one table (user_id, cluster), from either form (write_assignments); None when
   there is none. A part that cannot be read is one HetlmError line."""
-  path = assignments_path(Path(workdir))
+  path = assignments_path(location(workdir))
   if path is None:
     return None
   try:
     if path.name == ASSIGNMENTS_FILE:
-      return pq.read_table(path)
-    return pa.concat_tables([pq.read_table(path.parent / name) for name in _assignment_manifest(path.parent)["parts"]])
+      return read_parquet(path)
+    return pa.concat_tables([read_parquet(path.parent / name) for name in _assignment_manifest(path.parent)["parts"]])
   except (OSError, KeyError, pa.ArrowException) as e:
     raise HetlmError(f"{path}: the assignment cannot be read ({e})") from None
 
@@ -307,8 +310,8 @@ class SavedAssignment:
   """The assignment of a workdir (read_assignments): the cluster each training user ended in (none when there
   is none)."""
 
-  def __init__(self, workdir: Path):
-    saved = read_assignments(Path(workdir))
+  def __init__(self, workdir: str | Location):
+    saved = read_assignments(location(workdir))
     if saved is None:
       saved = pa.table({"user_id": pa.array([], pa.string()), "cluster": pa.array([], pa.int32())})
     self._ids, self._cluster = pc.cast(saved["user_id"], pa.string()), saved["cluster"].to_numpy()
@@ -324,7 +327,7 @@ class SavedAssignment:
 # -- which checkpoint folder a model name is ---------------------------------------------------------------------
 
 
-def record_tuned(workdir: Path, name: str, chosen: str) -> None:
+def record_tuned(workdir: Location, name: str, chosen: str) -> None:
   """tuned.json: `name` (e.g. "hetlm") is the candidate family `chosen`; by process 0."""
   if not hosts.is_primary():
     return
@@ -334,16 +337,16 @@ def record_tuned(workdir: Path, name: str, chosen: str) -> None:
   replace_text(path, json.dumps(tuned, indent=1) + "\n")
 
 
-def record_k_auto(workdir: Path, k: int, selection_nll: dict[int, float]) -> None:
+def record_k_auto(workdir: Location, k: int, selection_nll: dict[int, float]) -> None:
   """k_auto.json: --k=auto chose `k` (its checkpoints stay under hetlm_kK); by process 0."""
   if hosts.is_primary():
     replace_text(workdir / K_AUTO_FILE, json.dumps({"k": k, "selection_nll": selection_nll}) + "\n")
 
 
-def family_name(workdir: Path, model: str) -> str:
+def family_name(workdir: Location, model: str) -> str:
   """The checkpoint folder of a model name: with --k=auto, "hetlm" is the chosen hetlm_kK; with
   --tune_baselines, "hetlm" and "single_matched" are the candidates chosen (tuned.json); else `model`."""
-  workdir = Path(workdir)
+  workdir = location(workdir)
   if model == "hetlm" and (workdir / K_AUTO_FILE).exists():
     return f"hetlm_k{json.loads((workdir / K_AUTO_FILE).read_text())['k']}"
   if (workdir / TUNED_FILE).exists():
@@ -371,41 +374,41 @@ PROVENANCE = (
 )
 
 
-def read_eval(workdir: Path) -> dict | None:
+def read_eval(workdir: Location) -> dict | None:
   """The run's eval.json (None without a readable one)."""
   try:
-    return json.loads((Path(workdir) / EVAL_FILE).read_text())
+    return json.loads((location(workdir) / EVAL_FILE).read_text())
   except (OSError, ValueError):
     return None
 
 
-def training_provenance(workdir: Path) -> dict:
+def training_provenance(workdir: Location) -> dict:
   """The PROVENANCE keys of the run's last eval.json ({} without one)."""
   previous = read_eval(workdir) or {}
   return {key: previous[key] for key in PROVENANCE if key in previous}
 
 
-def is_finished(workdir: Path) -> bool:
+def is_finished(workdir: Location) -> bool:
   """Whether `hetlm train` finished in `workdir` (it writes eval.json last)."""
-  return (Path(workdir) / EVAL_FILE).exists()
+  return (location(workdir) / EVAL_FILE).exists()
 
 
 # -- a trained run, loaded ---------------------------------------------------------------------------------------
 
 
-def _require_run(workdir: Path) -> None:
+def _require_run(workdir: Location) -> None:
   for name in (CONFIG_FILE, TOKENIZER_FILE):
     if not (workdir / name).exists():
       raise HetlmError(f"{workdir}: no {name}; is this a hetlm workdir?")
 
 
-def built_config(workdir: Path) -> Config:
+def built_config(workdir: Location) -> Config:
   """The run's config as its HeTLM was built: config.json completed with the vocabulary of tokenizer.json."""
   _require_run(workdir)
   return Config.load(workdir / CONFIG_FILE).built(PageTokenizer.load(workdir / TOKENIZER_FILE).vocab_size)
 
 
-def run_data(workdir: Path, data: str | None) -> tuple[Config, Prepared]:
+def run_data(workdir: Location, data: str | None) -> tuple[Config, Prepared]:
   """A run's config and its data (or `data`, in any format) prepared with the run's tokenizer."""
   _require_run(workdir)
   cfg = Config.load(workdir / CONFIG_FILE)
@@ -416,7 +419,7 @@ def run_data(workdir: Path, data: str | None) -> tuple[Config, Prepared]:
   )
 
 
-def locate(path: Path) -> tuple[Path, str | None, int | None]:
+def locate(path: Location) -> tuple[Location, str | None, int | None]:
   """(workdir, model family, step) of a workdir, a family's checkpoint folder or one of its steps."""
   if (path / CONFIG_FILE).exists() or not path.exists():
     return path, None, None
@@ -441,10 +444,10 @@ class TrainedRun:
   meta: dict = dataclasses.field(default_factory=dict)  # the checkpoint's meta: the run position, K, the model
 
 
-def load_run(workdir: str | Path, model: str = "hetlm", step: int | None = None, devices=None) -> TrainedRun:
+def load_run(workdir: str | Location, model: str = "hetlm", step: int | None = None, devices=None) -> TrainedRun:
   """Loads a trained model family from its workdir alone (config.json, tokenizer.json, the latest checkpoint or
   `step`), onto `devices` (default: every device; the mesh's batch and cluster axes are fitted to them)."""
-  workdir = Path(workdir)
+  workdir = location(workdir)
   _require_run(workdir)
   cfg = Config.load(workdir / CONFIG_FILE)
   tokenizer = PageTokenizer.load(workdir / TOKENIZER_FILE)

@@ -3,11 +3,6 @@ glob, a list, a file:// URI and an s3:// URI on a local S3-compatible server (mo
 single file; bad sources are refused in one line."""
 
 import gzip
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -80,36 +75,6 @@ def test_a_training_run_on_a_folder_of_parts_ends_as_the_run_on_the_single_file(
   assert cli(["hetlm", *train_args(folder, tmp_path / "run")]) == 0
   capsys.readouterr()
   assert_same_result(reference, tmp_path / "run", unlike=("data",))
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-  """moto's S3 server on 127.0.0.1 (a free port), with test credentials in the environment."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = subprocess.Popen(
-    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
-  deadline = time.monotonic() + 30
-  while time.monotonic() < deadline:
-    try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
-      break
-    except OSError:
-      time.sleep(0.1)
-  old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED")}
-  os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_EC2_METADATA_DISABLED="true")
-  yield f"127.0.0.1:{port}"
-  server.terminate()
-  server.wait(10)
-  for k, v in old.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
 
 
 def test_an_s3_uri_on_a_local_server_reads_what_the_single_file_holds(s3_endpoint, tmp_path):

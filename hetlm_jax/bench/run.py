@@ -28,7 +28,7 @@ from hetlm_jax.config import Config, validate
 from hetlm_jax.data.prepare import data_path, prepare_data
 from hetlm_jax.data.readers import read_events
 from hetlm_jax.data.tokenizer import UNK
-from hetlm_jax.files import replace_text
+from hetlm_jax.files import location, make_dir, replace_text
 from hetlm_jax.model import param_count
 from hetlm_jax.train.batches import ClusterBatches, ScoringBatches, add_by_user, scored_users
 from hetlm_jax.train.loop import Trainer
@@ -309,7 +309,7 @@ def run_bench(
 
 def _write(out: str | None, result: dict) -> None:
   if out:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    make_dir(location(out, "--out").parent)
     replace_text(out, json.dumps(result, indent=2) + "\n")
 
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hetlm_jax.errors import HetlmError, input_error
+from hetlm_jax.files import location, replace_text
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -146,11 +147,7 @@ class PageTokenizer:
       "outcome_types": self._outcomes,
       "pages": self._pages.to_pylist(),
     }
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(doc, f, ensure_ascii=False, indent=1)
-      f.write("\n")
-    os.replace(tmp, path)
+    replace_text(path, json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
     return path
 
   @classmethod
@@ -158,8 +155,7 @@ class PageTokenizer:
     """The tokenizer saved at `path` (a tokenizer.json, or the folder holding one); HetlmError if unreadable."""
     path = _json_path(path)
     try:
-      with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
+      doc = json.loads(location(path, "tokenizer").read_text(encoding="utf-8"))
     except FileNotFoundError:
       raise input_error(path, "no such file") from None
     except (OSError, ValueError) as e:
@@ -210,4 +206,4 @@ def _as_strings(values) -> pa.Array | pa.ChunkedArray:
 
 def _json_path(path: str | os.PathLike) -> str:
   path = os.fspath(path)
-  return path if path.endswith(".json") else os.path.join(path, FILE_NAME)
+  return path if path.endswith(".json") else f"{path.rstrip('/')}/{FILE_NAME}"

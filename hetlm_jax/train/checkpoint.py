@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hetlm_jax import hosts
 from hetlm_jax.errors import HetlmError
+from hetlm_jax.files import Location, is_uri
 from hetlm_jax.train.split import num_models
 from hetlm_jax.train.state import TrainState
 
@@ -23,10 +27,17 @@ class Checkpoints:
   asynchronous: `save` returns once the arrays are copied off the devices (so the next step may reuse their
   buffers) and orbax writes them in the background; reads and `close` wait for pending writes first."""
 
-  def __init__(self, directory: Path, keep: int):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+  def __init__(self, directory: Location, keep: int):
+    # No rename on an object store: there, a step is complete once its commit_success.txt is written.
+    commit_file = ocp.options.AtomicityOptions(ocp.options.AtomicityMode.COMMIT_FILE) if is_uri(directory) else None
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=True, atomicity_options=commit_file
+    )
+    if os.fspath(directory).startswith("s3://"):
+      orbax_on_s3()
+    where = epath.Path(directory) if is_uri(directory) else Path(directory).absolute()
     self._manager = ocp.CheckpointManager(
-      Path(directory).absolute(), options=options, item_names=("state", "best", "assignment", "meta", "anchor")
+      where, options=options, item_names=("state", "best", "assignment", "meta", "anchor")
     )
 
   def latest_step(self) -> int | None:
@@ -171,3 +182,32 @@ def _by_process(x: np.ndarray, rows: int, fill) -> jax.Array:
 def _own_rows(x: jax.Array) -> np.ndarray:
   """This process's block of rows of a `_by_process` array."""
   return hosts.fetch_local(x)[1]
+
+
+@functools.cache
+def orbax_on_s3() -> None:
+  """Lets orbax write s3:// checkpoints. orbax (0.12) writes its own files there through etils.epath (s3fs), but
+  builds the TensorStore spec of the arrays for gs:// and local paths only: its path normalisation turns s3://b/x
+  into s3:/b/x, which it then refuses as not absolute. TensorStore itself has an s3 driver, so s3:// paths are kept
+  whole and given that driver, with the endpoint and region the AWS SDKs read from the environment
+  (AWS_ENDPOINT_URL, AWS_REGION; files.py). Only the s3:// case changes; orbax's own logic does the rest."""
+  from orbax.checkpoint._src.path import gcs_utils
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+  normalize, use_gcs, gcs_kvstore = ts_utils._normalize_path, ts_utils._use_gcs_driver, gcs_utils.get_kvstore_for_gcs
+
+  def _normalize(path: str) -> str:
+    return "s3://" + os.path.normpath(path[len("s3://") :]) if path.startswith("s3://") else normalize(path)
+
+  def _kvstore(path: str) -> dict:
+    if not path.startswith("s3://"):
+      return gcs_kvstore(path)
+    bucket, _, key = path[len("s3://") :].partition("/")
+    spec = {"driver": "s3", "bucket": bucket, "path": key}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return {**spec, **({"endpoint": endpoint} if endpoint else {}), **({"aws_region": region} if region else {})}
+
+  ts_utils._normalize_path = _normalize
+  ts_utils._use_gcs_driver = lambda directory: directory.startswith("s3://") or use_gcs(directory)
+  gcs_utils.get_kvstore_for_gcs = _kvstore

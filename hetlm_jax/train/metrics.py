@@ -3,36 +3,52 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from pathlib import Path
 
 from absl import logging
 
 from hetlm_jax import hosts
+from hetlm_jax.files import Location, is_uri, location, replace_text
+
+REWRITE_S = 30.0  # on an object store, metrics.jsonl is rewritten whole at most this often between train records
 
 
 class MetricsLog:
   """Appends one JSON object per logged step or round; with `tensorboard_dir`, also TensorBoard scalars of the
   training and validation records, one run (subdirectory) per model. Records are also kept in memory, after
   those of earlier sessions of the run: in a multi-process job only process 0 writes the file, and every
-  process reads the same records."""
+  process reads the same records.
 
-  def __init__(self, path: Path, tensorboard_dir: Path | None = None):
-    self._path = Path(path)
+  An object store cannot append: there the file is rewritten whole (one PUT, readable while the run goes on) after
+  every record but train steps', after those when REWRITE_S seconds have passed since the last rewrite, and on
+  `close` (which a run's end and a stop both call)."""
+
+  def __init__(self, path: Location, tensorboard_dir: Location | None = None):
+    self._path = location(path)
     self._tb_dir, self._writers, self._validations = tensorboard_dir, {}, {}
     self._primary = hosts.is_primary()
     text = self._path.read_text() if self._path.exists() else ""
     self._records = parse_records(text)
     self._cut = bool(text) and not text.endswith("\n")  # the last line was cut short: start a new one
+    self._whole = [text + "\n" * self._cut] if is_uri(self._path) else None  # the object's content, to rewrite
+    self._pending, self._rewritten = False, time.monotonic()
 
   def write(self, record: dict) -> None:
     """Appends `record` (by process 0; every process keeps it in memory), and its TensorBoard scalars."""
     self._records.append(json.loads(json.dumps(record, default=float)))
     if not self._primary:
       return
-    with self._path.open("a") as f:
-      f.write("\n" * self._cut + json.dumps(record, default=float) + "\n")
+    line = json.dumps(record, default=float) + "\n"
+    if self._whole is not None:
+      self._whole.append(line)
+      self._pending = True
+      if record.get("kind") != "train" or time.monotonic() - self._rewritten >= REWRITE_S:
+        self._rewrite()
+    else:
+      with self._path.open("a") as f:
+        f.write("\n" * self._cut + line)
     self._cut = False
     if self._tb_dir is not None and record.get("kind") in ("train", "validation") and "model" in record:
       self._scalars(record)
@@ -42,7 +58,7 @@ class MetricsLog:
     if model not in self._writers:
       from tensorboardX import SummaryWriter  # checked by tensorboard_available() before the run starts
 
-      self._writers[model] = SummaryWriter(logdir=str(Path(self._tb_dir) / model))
+      self._writers[model] = SummaryWriter(logdir=f"{os.fspath(self._tb_dir).rstrip('/')}/{model}")
     writer = self._writers[model]
     if record["kind"] == "train":
       for key in ("loss", "perplexity", "tokens_per_s", "learning_rate", "step_time_s"):
@@ -52,8 +68,14 @@ class MetricsLog:
       writer.add_scalar("validation/nll", record["nll"], self._validations[model])
     writer.flush()
 
+  def _rewrite(self) -> None:
+    replace_text(self._path, "".join(self._whole))
+    self._pending, self._rewritten = False, time.monotonic()
+
   def close(self) -> None:
-    """Closes the TensorBoard writers."""
+    """Writes what is not yet on an object store, and closes the TensorBoard writers (again: nothing)."""
+    if self._pending:
+      self._rewrite()
     for writer in self._writers.values():
       writer.close()
     self._writers = {}
