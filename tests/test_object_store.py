@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pyarrow.parquet as pq
 import pytest
 from etils import epath
-from tiny_run import assert_same_result, train_args
+from tiny_run import assert_same_result, hetlm_process, train_args
 
 from hetlm_jax.errors import HetlmError
 from hetlm_jax.files import location, replace_text, written
@@ -100,6 +100,18 @@ def test_a_run_on_s3_trains_stops_resumes_evaluates_predicts_and_loads_as_on_a_l
   with bucket.open("runs/predictions.parquet", "rb") as f:
     remote = pq.read_table(f).sort_by("user_id")
   assert remote.equals(pq.read_table(tmp_path / "p.parquet").sort_by("user_id"))
+
+
+def test_two_processes_that_share_no_disk_train_one_run_in_the_bucket_as_one_process_does(tiny_reference, bucket):
+  """launch/local.sh: 2 processes x 2 CPU devices write prepared/ and assignments/ parts, orbax's per-process
+  checkpoint data and process 0's files to one s3:// workdir."""
+  log, reference = tiny_reference
+  data = upload_log(bucket, log, "runs/events3")
+  done = hetlm_process(train_args(data, "s3://runs/two"), processes=2, devices=2)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.count("report: s3://runs/two/report.md") == 1
+  assert len(json.loads(bucket.cat_file("runs/two/assignments/manifest.json"))["parts"]) == 2
+  assert_same_result(reference, location("s3://runs/two"), unlike=("data",))
 
 
 def test_a_second_run_on_an_s3_workdir_is_refused_and_a_stale_lock_is_taken_over(
