@@ -190,7 +190,8 @@ def orbax_on_s3() -> None:
   builds the TensorStore spec of the arrays for gs:// and local paths only: its path normalisation turns s3://b/x
   into s3:/b/x, which it then refuses as not absolute. TensorStore itself has an s3 driver, so s3:// paths are kept
   whole and given that driver, with the endpoint and region the AWS SDKs read from the environment
-  (AWS_ENDPOINT_URL, AWS_REGION; files.py). Only the s3:// case changes; orbax's own logic does the rest."""
+  (AWS_ENDPOINT_URL, AWS_REGION, the keys; files.py). Only the s3:// case changes; orbax's own logic does the
+  rest. Plain orbax reads an s3:// checkpoint of this package's once this has been called."""
   from orbax.checkpoint._src.path import gcs_utils
   from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
@@ -206,7 +207,13 @@ def orbax_on_s3() -> None:
     spec = {"driver": "s3", "bucket": bucket, "path": key}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return {**spec, **({"endpoint": endpoint} if endpoint else {}), **({"aws_region": region} if region else {})}
+    if endpoint:
+      spec["endpoint"] = endpoint
+    if region:
+      spec["aws_region"] = region
+    if os.environ.get("AWS_ACCESS_KEY_ID"):  # keys in the environment: no profile file to look for (and log about)
+      spec["aws_credentials"] = {"type": "environment"}
+    return spec
 
   ts_utils._normalize_path = _normalize
   ts_utils._use_gcs_driver = lambda directory: directory.startswith("s3://") or use_gcs(directory)
