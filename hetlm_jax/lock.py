@@ -8,7 +8,10 @@ On an object store (gs://, s3://), which has no flock: the object WORKDIR/.lock,
 (fsspec's exclusive mode "xb": s3 `If-None-Match: *`, gs `ifGenerationMatch=0`), naming its holder. The holder
 rewrites it every HEARTBEAT_S seconds and deletes it when it ends; a lock whose object was not rewritten for
 $HETLM_LOCK_STALE_S seconds (default 600: its holder was killed) is taken over with a message. Where the store
-cannot create an object only if absent, the run says in one line that it cannot guard the workdir, and goes on."""
+cannot create an object only if absent, the run says in one line that it cannot guard the workdir, and goes on.
+Limits: a store that ignores the precondition cannot be told from one that honours it; and two runs that take over
+the same stale lock at the same moment may both start (the loser's heartbeat then logs that its lock was taken):
+removing the stale object only if unchanged needs a conditional delete that fsspec does not offer."""
 
 from __future__ import annotations
 
@@ -124,7 +127,11 @@ class ObjectLock:
       if age is None or age < stale_s or attempt:
         raise HetlmError(
           f"--workdir={self.workdir}: another run is writing there ({holder}"
-          + (f", its lock rewritten {age:.0f} s ago" if age is not None else "")
+          + (
+            f"; its lock was rewritten {age:.0f} s ago and is taken over after {stale_s:.0f} s"
+            if age is not None
+            else ""
+          )
           + "); wait for it to end, or use another --workdir"
         )
       logging.warning(
@@ -150,28 +157,41 @@ class ObjectLock:
       return "holder unknown", None
     return _named(content), max(age, 0.0)
 
-  def _ours(self) -> bool:
+  def _token_there(self) -> str | None:
+    """The token of the lock object there now (None: it is gone or not a hetlm lock); OSError if unreadable."""
     try:
-      return json.loads(self._fs.cat_file(self._key)).get("token") == self._token
-    except (OSError, ValueError):
-      return False
+      content = self._fs.cat_file(self._key)
+    except FileNotFoundError:
+      return None
+    try:
+      return json.loads(content).get("token")
+    except (ValueError, AttributeError):
+      return None
 
   def _heartbeat(self) -> None:
     while not self._stop.wait(float(os.environ.get("HETLM_LOCK_HEARTBEAT_S", HEARTBEAT_S))):
       try:
-        if not self._ours():
-          logging.error("--workdir=%s: the run's lock was taken over by another run", self.workdir)
+        if self._token_there() != self._token:
+          logging.error("--workdir=%s: this run's lock was removed or taken over by another run", self.workdir)
           return
         self._fs.pipe_file(self._key, self._content)
-      except OSError as e:
-        logging.warning("--workdir=%s: the lock could not be rewritten (%s); trying again", self.workdir, one_line(e))
+      except OSError as e:  # the store is out of reach for now: the next beat tries again
+        logging.warning("--workdir=%s: the lock could not be rewritten (%s)", self.workdir, one_line(e))
 
   def __exit__(self, *exc) -> None:
     self._stop.set()
     if self._beat is not None:
       self._beat.join()
-    if self._held and self._ours():
-      self._fs.rm(self._key)
+    try:
+      if self._held and self._token_there() == self._token:
+        self._fs.rm(self._key)
+    except OSError as e:
+      logging.warning(
+        "--workdir=%s: the lock could not be removed (%s); the next run takes it over after %.0f s",
+        self.workdir,
+        one_line(e),
+        float(os.environ.get("HETLM_LOCK_STALE_S", STALE_S)),
+      )
     self._held = False
 
 

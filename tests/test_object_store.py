@@ -182,3 +182,25 @@ def test_a_uri_workdir_without_its_library_or_bucket_is_one_line(bucket, monkeyp
     location("s3://runs/x")
   with pytest.raises(HetlmError, match="ftp:// is not a store"):
     location("ftp://host/run")
+
+
+def test_an_s3_lock_beats_on_through_a_store_error_and_stops_once_another_run_has_it(bucket, monkeypatch):
+  monkeypatch.setenv("HETLM_LOCK_HEARTBEAT_S", "0.2")
+  key = f"runs/beat/{LOCK_FILE}"
+  with ObjectLock(location("s3://runs/beat"), "train") as lock:
+    read, errors = lock._fs.cat_file, iter([OSError("503 Slow Down")] * 3)
+
+    def flaky(path, *args, **kwargs):
+      error = next(errors, None)
+      if error is not None:
+        raise error
+      return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(lock._fs, "cat_file", flaky)
+    first = bucket.modified(key)
+    time.sleep(2.2)  # the store's times are in seconds
+    assert bucket.modified(key) > first and lock._beat.is_alive()  # it went on beating after the errors
+    bucket.pipe_file(key, b'{"pid": 2, "host": "other", "command": "train", "since": "now", "token": "theirs"}\n')
+    lock._beat.join(2)
+    assert not lock._beat.is_alive()
+  assert json.loads(bucket.cat_file(key))["token"] == "theirs"  # another run's lock is left alone
