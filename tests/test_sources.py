@@ -3,6 +3,7 @@ glob, a list, a file:// URI and an s3:// URI on a local S3-compatible server (mo
 single file; bad sources are refused in one line."""
 
 import gzip
+import sys
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -140,16 +141,20 @@ def test_the_cli_refuses_a_bad_source_in_one_line_and_writes_nothing(tmp_path, c
   assert not (tmp_path / "run").exists()
 
 
-def test_a_workdir_or_out_on_an_object_store_is_refused_in_one_line_not_made_a_local_folder(
+def test_a_workdir_or_out_on_a_store_without_its_library_is_one_line_and_never_a_local_folder(
   tmp_path, monkeypatch, capsys
 ):
+  """pathlib would make gs://bucket/run the local folder gs:/bucket/run; without the cloud extra the command says
+  what to install instead (a run on a store: tests/test_object_store.py)."""
   monkeypatch.chdir(tmp_path)
-  for args in (
-    ["train", "--workdir=gs://bucket/run"],
-    ["evaluate", "--workdir=s3://bucket/run"],
-    ["predict", f"--workdir={tmp_path}", "--data=x.parquet", "--out=gs://bucket/p.parquet"],
+  monkeypatch.setitem(sys.modules, "gcsfs", None)
+  monkeypatch.setitem(sys.modules, "s3fs", None)
+  for args, needs in (
+    (["train", "--workdir=gs://bucket/run"], "gcsfs"),
+    (["evaluate", "--workdir=s3://bucket/run"], "s3fs"),
+    (["predict", f"--workdir={tmp_path}", "--data=x.parquet", "--out=gs://bucket/p.parquet"], "gcsfs"),
   ):
     assert cli(["hetlm", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "on an object store (gs://, s3://) is not supported yet" in err[0], err
+    assert len(err) == 1 and f"needs {needs}: pip install 'hetlm_jax[cloud]'" in err[0], err
   assert not list(tmp_path.iterdir())  # no folder named gs: or s3:
