@@ -322,11 +322,18 @@ class Groups:
           whole[..., got[0]] = part
 
 
+def each(values) -> np.ndarray:
+  """[P, n]: every process's `values` (n int32s, the same n on every process), in process order, in one all-gather
+  (every process must call this at the same point)."""
+  mine = np.asarray(values, np.int32).reshape(-1)
+  if jax.process_count() == 1:
+    return mine[None]
+  return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+
+
 def most(value: int) -> int:
   """The largest `value` (an int32) over the processes (every process must call this at the same point)."""
-  if jax.process_count() == 1:
-    return int(value)
-  return int(np.asarray(multihost_utils.process_allgather(np.array([value], np.int32))).max())
+  return int(each([value]).max())
 
 
 def barrier(name: str) -> None:

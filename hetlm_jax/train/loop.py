@@ -389,17 +389,17 @@ class Trainer:
     padded[first : first + n] = users_B
     left_BxT, pad_B = prompts(seqs, padded, context)
     longest = int(context - pad_B[first : first + max(n, 1)].min())
-    longest = hosts.most(longest) if own else longest
+    single = cluster_B is not None and n and (np.asarray(cluster_B) == cluster_B[0]).all()
+    if own:  # one all-gather: the widest prompt, and whether every process's users (if any) are of one cluster
+      widest_P, every = hosts.each([longest, cluster_B[0] if single else -1 if n else -2]).T
+      longest = int(widest_P.max())
+      single = cluster_B is not None and (every >= 0).any() and (every[every != -2] == every.max()).all()
+      cluster_B = cluster_B if n or not single else np.array([every.max()])
     width = min(context, max(8, 1 << (longest - 1).bit_length()))
     left_BxT, pad_B = left_BxT[:, context - width :], (pad_B - (context - width)).astype(np.int32)
     width = left_BxT.shape[1]
     right_BxT = np.take_along_axis(left_BxT, (np.arange(width)[None, :] + pad_B[:, None]) % width, axis=1)
     last_B = np.maximum(width - 1 - pad_B, 0).astype(np.int32)
-    single = cluster_B is not None and n and (np.asarray(cluster_B) == cluster_B[0]).all()
-    if own:  # one model when every process's users (those that have any) are of the same cluster
-      (every,) = hosts.every_user(np.array([cluster_B[0] if single else -1 if n else -2]))
-      single = cluster_B is not None and (every >= 0).any() and (every[every != -2] == every.max()).all()
-      cluster_B = cluster_B if n or not single else np.array([every.max()])
     if single:
       model = hosts.put(np.int32(cluster_B[0]), self._replicated)
       out_BxV = self.next_logprobs_model(params, model, *hosts.put_all((right_BxT, last_B), self._rows))
