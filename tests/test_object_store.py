@@ -134,9 +134,10 @@ def test_a_second_run_on_an_s3_workdir_is_refused_and_a_stale_lock_is_taken_over
   bucket.pipe_file(f"runs/locked/{LOCK_FILE}", b'{"pid": 1, "host": "gone", "command": "train", "since": "then"}\n')
   with pytest.raises(HetlmError, match="pid 1 on gone"):
     ObjectLock(workdir, "train").__enter__()
-  monkeypatch.setenv("HETLM_LOCK_STALE_S", "1")
+  # (the store's times are whole seconds: a live lock, rewritten every 0.3 s, can look up to 1.3 s old)
+  monkeypatch.setenv("HETLM_LOCK_STALE_S", "2.5")
   monkeypatch.setenv("HETLM_LOCK_HEARTBEAT_S", "0.3")
-  time.sleep(1.5)
+  time.sleep(3)
   with ObjectLock(workdir, "train"):
     first = bucket.modified(f"runs/locked/{LOCK_FILE}")
     time.sleep(1.5)  # the heartbeat rewrites it, so it never looks stale while its run goes on
