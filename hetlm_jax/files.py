@@ -19,14 +19,17 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
-from etils import epath
+from typing import TYPE_CHECKING, Union
 
 from hetlm_jax.errors import HetlmError, one_line
 
-Location = Path | epath.Path  # a local folder or file, or one on an object store
+if TYPE_CHECKING:
+  import pyarrow as pa
+  from etils import epath
+
+# A local folder or file, or one on an object store (etils and pyarrow load when a path needs them: config.py, which
+# every command imports first, imports this module).
+Location = Union[Path, "epath.Path"]
 _NEEDS = {"s3": ("s3fs", "s3fs"), "gs": ("gcsfs", "gcsfs")}  # protocol: (module, package)
 
 
@@ -53,6 +56,8 @@ def location(path: str | os.PathLike, flag: str = "--workdir") -> Location:
   except ImportError:
     raise HetlmError(f"{flag}={text}: a run on {protocol}:// needs {package}: pip install 'hetlm_jax[cloud]'") from None
   _no_listing_cache(protocol)
+  from etils import epath
+
   return epath.Path(text)
 
 
@@ -87,13 +92,14 @@ def written(path: str | os.PathLike, hidden: bool = False) -> Iterator[Path]:
   try:
     tmp = folder / Path(os.fspath(path)).name
     yield tmp
-    fs, key = _filesystem(path)
+    fs, key = filesystem(path)
     fs.put_file(str(tmp), key)
   finally:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _filesystem(path: str | os.PathLike):
+def filesystem(path: str | os.PathLike):
+  """(fsspec filesystem, path within it) of a URI."""
   import fsspec
 
   return fsspec.core.url_to_fs(os.fspath(path))
@@ -107,17 +113,21 @@ def replace_text(path: str | os.PathLike, text: str) -> None:
 
 def read_parquet(path: Location) -> pa.Table:
   """A Parquet file, local or on an object store."""
+  import pyarrow.parquet as pq
+
   if not is_uri(path):
     return pq.read_table(path)
-  with epath.Path(path).open("rb") as f:
+  fs, key = filesystem(path)
+  with fs.open(key, "rb") as f:
     return pq.read_table(f)
 
 
 def remove_tree(path: Location) -> None:
   """Removes a folder (a prefix of objects) and everything in it, if it is there."""
   if is_uri(path):
+    fs, key = filesystem(path)
     with contextlib.suppress(FileNotFoundError):
-      epath.Path(path).rmtree(missing_ok=True)
+      fs.rm(key, recursive=True)
   else:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -126,13 +136,13 @@ def modified(path: Location) -> float:
   """When `path` was last written (seconds since the epoch)."""
   if not is_uri(path):
     return Path(path).stat().st_mtime_ns / 1e9
-  fs, key = _filesystem(path)
+  fs, key = filesystem(path)
   return fs.modified(key).timestamp()
 
 
 def check_bucket(path: str | os.PathLike, flag: str = "--workdir") -> None:
   """Refuses a URI whose store cannot be reached or whose bucket is not there, in one line."""
-  fs, key = _filesystem(path)
+  fs, key = filesystem(path)
   bucket = key.split("/", 1)[0]
   try:
     there = fs.exists(bucket)

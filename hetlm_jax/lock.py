@@ -27,7 +27,7 @@ from pathlib import Path
 from absl import logging
 
 from hetlm_jax.errors import HetlmError, one_line
-from hetlm_jax.files import Location, is_uri
+from hetlm_jax.files import Location, filesystem, is_uri
 
 LOCK_FILE = ".lock"
 
@@ -98,10 +98,8 @@ class ObjectLock:
   holder is refused with one HetlmError naming the first, and nothing in the workdir is changed."""
 
   def __init__(self, workdir: Location, command: str):
-    import fsspec
-
     self.workdir, self.command = workdir, command
-    self._fs, self._key = fsspec.core.url_to_fs(f"{os.fspath(workdir).rstrip('/')}/{LOCK_FILE}")
+    self._fs, self._key = filesystem(f"{os.fspath(workdir).rstrip('/')}/{LOCK_FILE}")
     self._token = uuid.uuid4().hex
     self._content = _content(command, self._token)
     self._stop, self._beat, self._held = threading.Event(), None, False

@@ -32,23 +32,21 @@ class MetricsLog:
     text = self._path.read_text() if self._path.exists() else ""
     self._records = parse_records(text)
     self._cut = bool(text) and not text.endswith("\n")  # the last line was cut short: start a new one
-    self._whole = [text + "\n" * self._cut] if is_uri(self._path) else None  # the object's content, to rewrite
-    self._pending, self._rewritten = False, time.monotonic()
+    self._remote, self._pending, self._rewritten = is_uri(self._path), False, time.monotonic()
 
   def write(self, record: dict) -> None:
     """Appends `record` (by process 0; every process keeps it in memory), and its TensorBoard scalars."""
-    self._records.append(json.loads(json.dumps(record, default=float)))
+    line = json.dumps(record, default=float)
+    self._records.append(json.loads(line))
     if not self._primary:
       return
-    line = json.dumps(record, default=float) + "\n"
-    if self._whole is not None:
-      self._whole.append(line)
+    if self._remote:
       self._pending = True
       if record.get("kind") != "train" or time.monotonic() - self._rewritten >= REWRITE_S:
         self._rewrite()
     else:
       with self._path.open("a") as f:
-        f.write("\n" * self._cut + line)
+        f.write("\n" * self._cut + line + "\n")
     self._cut = False
     if self._tb_dir is not None and record.get("kind") in ("train", "validation") and "model" in record:
       self._scalars(record)
@@ -69,7 +67,8 @@ class MetricsLog:
     writer.flush()
 
   def _rewrite(self) -> None:
-    replace_text(self._path, "".join(self._whole))
+    """The whole object again, from the records (what a line cut short by a kill held is left out)."""
+    replace_text(self._path, "".join(json.dumps(record) + "\n" for record in self._records))
     self._pending, self._rewritten = False, time.monotonic()
 
   def close(self) -> None:
