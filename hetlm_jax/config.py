@@ -277,7 +277,60 @@ class ClusterConfig:
     return [int(x) for x in self.k_candidates.split(",") if x.strip()]
 
 
-SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "cluster": ClusterConfig}
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  """A subword causal LM scored beside the page-level LMs (the paper's claim i; hetlm_jax/llm/, extra [llm])."""
+
+  llm: str = _option(
+    "",
+    "A causal LM to score beside the page LMs on the same users and positions: a Hugging Face model name or folder "
+    "(pip install 'hetlm_jax[llm]'), or scratch (a GPT-2-shaped subword LM of the page LM's size, trained from "
+    "scratch on the pages' text: the tokenizer's effect alone); empty: none.",
+    resumable=True,
+  )
+  llm_finetune: str = _option(
+    "auto",
+    "How --llm is trained on the training users' histories, stopped by the validation users as the page LMs are: "
+    "none (zero-shot), lora, full, or auto (lora for a pretrained model, full for scratch).",
+    resumable=True,
+  )
+  llm_pages: str = _option(
+    "",
+    "A JSON file {page id: text} naming pages for the LLM (msnbc's pages are their category names already); a page "
+    "it does not name is its id.",
+    resumable=True,
+  )
+  llm_rank_users: int = _option(
+    200,
+    "Evaluated users (a fixed seeded draw) whose first next page the LLM ranks over every page of the catalogue, "
+    "for HR@10, NDCG@10 and the catalogue-renormalised NLL (each costs pages x subwords of scoring).",
+    resumable=True,
+  )
+  llm_lora_rank: int = _option(8, "LoRA rank of --llm_finetune=lora.", resumable=True)
+  llm_learning_rate: float = _option(
+    0.0,
+    "Peak AdamW learning rate of the LLM's warmup-then-cosine schedule (0: 2e-4 with LoRA, 5e-5 for a full "
+    "fine-tune, --learning_rate from scratch).",
+    resumable=True,
+  )
+  llm_batch_size: int = _option(
+    8, "Windows per LLM training step (each the page LM's window, as text).", resumable=True
+  )
+
+  def finetune(self) -> str:
+    """none, lora or full: --llm_finetune with auto resolved."""
+    if self.llm_finetune != "auto":
+      return self.llm_finetune
+    return "full" if self.llm == "scratch" else "lora"
+
+
+SECTIONS = {
+  "model": ModelConfig,
+  "train": TrainConfig,
+  "data": DataConfig,
+  "cluster": ClusterConfig,
+  "llm": LLMConfig,
+}
 
 
 def options(section: str) -> list[dataclasses.Field]:
@@ -292,12 +345,13 @@ def flag_name(field: dataclasses.Field) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Every setting of a run, in four sections."""
+  """Every setting of a run, in five sections."""
 
   model: ModelConfig = ModelConfig()
   train: TrainConfig = TrainConfig()
   data: DataConfig = DataConfig()
   cluster: ClusterConfig = ClusterConfig()
+  llm: LLMConfig = LLMConfig()
 
   def replace(self, **sections) -> Config:
     """A copy with whole sections replaced."""
@@ -370,7 +424,7 @@ def parse_auto(field: dataclasses.Field, text: str):
 
 def validate(cfg: Config) -> None:
   """Refuses out-of-range values with one line naming the flag, before anything is written."""
-  m, t, d, c = cfg.model, cfg.train, cfg.data, cfg.cluster
+  m, t, d, c, x = cfg.model, cfg.train, cfg.data, cfg.cluster, cfg.llm
   checks = [
     (m.context >= 2, "--context must be at least 2"),
     (
@@ -450,6 +504,26 @@ def validate(cfg: Config) -> None:
       _cluster_params_ok(c.cluster_params, m.n_layers),
       f"--cluster_params={c.cluster_params!r}: expected all, head, top:N (1 <= N <= --n_layers={m.n_layers}) "
       "or adapters:R (R >= 1)",
+    ),
+    (
+      x.llm_finetune in ("auto", "none", "lora", "full"),
+      f"--llm_finetune={x.llm_finetune!r}: expected auto, none, lora or full",
+    ),
+    (
+      x.llm != "scratch" or x.finetune() == "full",
+      f"--llm=scratch is a model trained from scratch: it needs --llm_finetune=full (or auto), not {x.llm_finetune}",
+    ),
+    (x.llm_rank_users >= 0, f"--llm_rank_users={x.llm_rank_users} must be non-negative"),
+    (x.llm_lora_rank >= 1, f"--llm_lora_rank={x.llm_lora_rank} must be at least 1"),
+    (
+      x.llm_learning_rate >= 0,
+      f"--llm_learning_rate={x.llm_learning_rate} must be non-negative (0: by --llm_finetune)",
+    ),
+    (x.llm_batch_size >= 1, f"--llm_batch_size={x.llm_batch_size} must be at least 1"),
+    (
+      not x.llm or (d.test_users == 0 and not d.own_users),
+      "--llm needs the split in time on one process (no --test_users, no --own_users): it is scored in PyTorch on "
+      "the evaluated users' held-out targets",
     ),
   ]
   for ok, message in checks:

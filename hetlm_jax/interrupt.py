@@ -21,7 +21,7 @@ from hetlm_jax.errors import HetlmError
 
 FAULTS = ("sigterm", "sigint", "sigkill", "nan")
 # The phases outside a training step where --inject=KIND@PHASE sends its signal, as the phase begins.
-PHASES = ("prepare", "kmeans", "estep", "evaluate", "report", "bucket")
+PHASES = ("prepare", "kmeans", "estep", "evaluate", "report", "bucket", "llm_validation")
 # With several processes, the hosts agree whether to stop every this many steps (a collective; one process
 # checks its flag after every step).
 SYNC_EVERY = 10

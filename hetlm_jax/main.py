@@ -14,7 +14,7 @@ from hetlm_jax.config import SECTIONS, Config, flag_name, options, parse_auto
 from hetlm_jax.errors import HetlmError
 
 COMMANDS = ("train", "evaluate", "generate", "predict", "bench")
-_GROUPS = {"data": "data", "model": "model", "train": "training", "cluster": "clustering"}
+_GROUPS = {"data": "data", "model": "model", "train": "training", "cluster": "clustering", "llm": "LLM baseline"}
 _COMMANDS_HELP = {
   "train": "train HeTLM and the single-LM baselines on a log, evaluate them, write WORKDIR/report.md",
   "evaluate": "evaluate a trained workdir again, on its own data or on --data",
@@ -24,10 +24,12 @@ _COMMANDS_HELP = {
   "bench": "measure throughput: stacked step, per-model loop, PyTorch, MFU, scoring (--out=FILE.json)",
 }
 _HOSTS = ("coordinator_address", "num_processes", "process_id")
+# `hetlm evaluate --llm=...` adds an LLM baseline to a finished run with these (the run's own otherwise).
+_LLM_FLAGS = tuple(flag_name(f) for f in options("llm"))
 # The run flags each command's help lists; --inject (faults planted by the tests) is left out of every one.
 _RUN_FLAGS = {
   "train": ("workdir", *_HOSTS, "compilation_cache"),
-  "evaluate": ("workdir", "data", *_HOSTS, "compilation_cache"),
+  "evaluate": ("workdir", "data", *_LLM_FLAGS, *_HOSTS, "compilation_cache"),
   "generate": ("workdir", "data", "user", "max_new", "temperature", "top_k", "top_p", "compilation_cache"),
   "predict": (
     "workdir",
@@ -275,7 +277,8 @@ def _command(command: str, cfg: Config, stop) -> int:
   if command == "evaluate":
     from hetlm_jax.pipeline import evaluate_workdir
 
-    report = evaluate_workdir(FLAGS.workdir, data)
+    llm = cfg.llm if FLAGS["llm"].present else None  # else the run's own --llm, if it had one
+    report = evaluate_workdir(FLAGS.workdir, data, llm)
     if hosts.is_primary():
       _summary(report, FLAGS.workdir)
     return 0
@@ -454,7 +457,7 @@ def help_text(command: str | None) -> str:
 
   lines = [f"usage: hetlm {command} [--flag=value ...]", "", _COMMANDS_HELP[command] + "."]
   if command in ("train", "bench"):  # evaluate and generate take the settings saved in the workdir
-    for section in ("data", "model", "train", "cluster"):
+    for section in ("data", "model", "train", "cluster", "llm"):
       lines += ["", f"{_GROUPS[section]}:"] + [flag(flag_name(f)) for f in options(section)]
   lines += ["", "run:"] + [flag(name) for name in _RUN_FLAGS[command]]
   return "\n".join(lines)

@@ -20,7 +20,7 @@ from hetlm_jax.cluster import tuning as tuning_grids
 from hetlm_jax.cluster.assign import cluster_shares
 from hetlm_jax.cluster.rounds import Trained, train_family, train_hetlm, train_single_ft, warmed
 from hetlm_jax.cluster.validation import Validation, validation_slice
-from hetlm_jax.config import Config, validate
+from hetlm_jax.config import Config, LLMConfig, validate
 from hetlm_jax.data.prepare import Prepared, data_path, prepare_data
 from hetlm_jax.data.sequences import UserSequences, routing_split, session_length_from_data
 from hetlm_jax.data.tokenizer import BOS, EOS
@@ -76,7 +76,8 @@ def _train_and_evaluate(cfg: Config, workdir: Path, held: contextlib.ExitStack) 
   parts = hetlm_parameters(cfg, hetlm)
   models, params = train_baselines(ft_cfg, hetlm, parts, train_seqs, workdir, log, validation, tuning)
   extra = training_record(cfg, models, params, parts, validation, k_curve, tuning)
-  return evaluate_stage(models, prepared, seqs, evaluated_U, workdir, log, extra)
+  llms = train_llm(cfg, prepared, train_seqs, validation, workdir, log)
+  return evaluate_stage(models, prepared, seqs, evaluated_U, workdir, log, extra, llms)
 
 
 def checked_inputs(cfg: Config, workdir: Path) -> tuple[Config, Prepared]:
@@ -110,9 +111,23 @@ def checked_inputs(cfg: Config, workdir: Path) -> tuple[Config, Prepared]:
       "each process fills its rows of every batch from its own users"
     )
   cfg = cfg.built(tokenizer.vocab_size)
+  check_llm(cfg)
   for k in ks:  # checks the mesh against the flags before anything is written
     make_mesh(cfg, k)
   return cfg, prepared
+
+
+def check_llm(cfg: Config) -> None:
+  """--llm: its libraries, its model's config and --llm_pages, before anything is trained (one line otherwise)."""
+  if not cfg.llm.llm:
+    return
+  if hosts.share()[1] > 1:
+    raise HetlmError("--llm is scored in PyTorch by one process: run the job as one process (or leave --llm out)")
+  from hetlm_jax.llm.baseline import page_names
+  from hetlm_jax.llm.model import check
+
+  check(cfg.llm.llm, cfg.llm.finetune())
+  page_names(cfg.llm.llm_pages)
 
 
 def check_validation_users(cfg: Config, seqs: UserSequences, validation: Validation | None) -> None:
@@ -347,6 +362,19 @@ def training_record(
   return extra
 
 
+def train_llm(
+  cfg: Config, prepared: Prepared, seqs: UserSequences, validation: Validation | None, workdir: Path, log: MetricsLog
+) -> dict:
+  """--llm: {its name: the LLM baseline}, trained by the page LMs' rules on the same users (llm/); {} without it."""
+  if not cfg.llm.llm:
+    return {}
+  from hetlm_jax.llm.baseline import LLMBaseline  # torch and transformers: the optional [llm] extra
+
+  llm = LLMBaseline(cfg, prepared.tokenizer, workdir)
+  llm.train(seqs, validation, log)
+  return {llm.name: llm}
+
+
 def evaluate_stage(
   models: dict[str, Trained],
   prepared: Prepared,
@@ -355,6 +383,7 @@ def evaluate_stage(
   workdir: Path,
   log: MetricsLog,
   extra: dict,
+  llms: dict | None = None,
 ) -> dict:
   """Every model per user on the held-out targets (or the test users, split by user): eval.json, report.md."""
   families = {
@@ -370,7 +399,9 @@ def evaluate_stage(
       families, seqs, prepared.test_seqs, prepared.tokenizer, workdir, opts, extra=extra, rounds=rounds
     )
   else:
-    report = evaluate(families, seqs, prepared.tokenizer, workdir, evaluated_U, opts, extra=extra, rounds=rounds)
+    report = evaluate(
+      families, seqs, prepared.tokenizer, workdir, evaluated_U, opts, extra=extra, rounds=rounds, llms=llms
+    )
   for name, summary in report["models"].items():
     logging.info("%-15s held-out NLL %.4f ± %.4f nats/token", name, summary["nll"]["mean"], summary["nll"]["std"])
   for name, bits in report.get("bits_per_token", {}).items():
@@ -393,14 +424,20 @@ def hetlm_rounds(log: MetricsLog, name: str) -> list[dict]:
 # -- hetlm evaluate and hetlm generate -------------------------------------------------------------------------
 
 
-def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
+def evaluate_workdir(workdir: str | Path, data: str | None = None, llm: LLMConfig | None = None) -> dict:
   """`hetlm evaluate`: re-evaluates every trained model in `workdir` on its data (the validation users left
-  out, as `train` does), or on every user of `data`."""
+  out, as `train` does), or on every user of `data`. `llm`: the LLM baseline to add (trained on the run's own
+  training users first, when it is fine-tuned and not yet); by default the run's own --llm, if it had one."""
   workdir = location(workdir)
   with interrupt.stop_handler(), contextlib.ExitStack() as held:
     cfg, prepared = run_data(workdir, data)
+    if llm is not None:
+      cfg = cfg.replace(llm=llm)
+      validate(cfg)
+      check_llm(cfg)
     hold(held, workdir, "evaluate")  # it rewrites eval.json and report.md
     seqs, _, evaluated_U = validation_slice(cfg, prepared) if data is None else (prepared.seqs, None, None)
+    llms = evaluated_llm(cfg, workdir, prepared if data is None else None, held)
     families = trained_families(workdir, seqs)
     rounds = hetlm_rounds(open_metrics(workdir), family_name(workdir, "hetlm"))
     extra = {**training_provenance(workdir), "data": data_path(cfg)}
@@ -409,7 +446,22 @@ def evaluate_workdir(workdir: str | Path, data: str | None = None) -> dict:
       return evaluate_new_users(
         families, seqs, prepared.test_seqs, prepared.tokenizer, workdir, opts, extra=extra, rounds=rounds
       )
-    return evaluate(families, seqs, prepared.tokenizer, workdir, evaluated_U, opts, rounds=rounds, extra=extra)
+    return evaluate(
+      families, seqs, prepared.tokenizer, workdir, evaluated_U, opts, rounds=rounds, extra=extra, llms=llms
+    )
+
+
+def evaluated_llm(cfg: Config, workdir: Path, prepared: Prepared | None, held: contextlib.ExitStack) -> dict:
+  """`hetlm evaluate`'s LLM baseline: trained (or read) on the run's own data (`prepared`, or read again when the
+  evaluation is of other data), with its split and validation users, as `hetlm train --llm` would."""
+  if not cfg.llm.llm:
+    return {}
+  own = prepared if prepared is not None else run_data(workdir, None)[1]
+  seqs, validation, _ = validation_slice(cfg, own)
+  train_seqs = routing_split(seqs, cfg.cluster.route_frac) if cfg.cluster.route_frac else seqs
+  log = open_metrics(workdir)
+  held.callback(log.close)
+  return train_llm(cfg, own, train_seqs, validation, workdir, log)
 
 
 def trained_families(workdir: Path, seqs: UserSequences, names=LM_NAMES) -> dict[str, LMFamily]:

@@ -1,4 +1,4 @@
-"""Pages as text for a subword LM (eval/llm_text.py), on a toy LM whose every probability can be computed by hand:
+"""Pages as text for a subword LM (llm/text.py), on a toy LM whose every probability can be computed by hand:
 a bigram table over a small subword vocabulary, and a greedy longest-match tokenizer whose vocabulary has a subword
 that crosses a page boundary ("a\\n"), so a tokenizer run over the joined text would merge across the separator."""
 
@@ -8,7 +8,7 @@ from scipy.special import log_softmax
 
 from hetlm_jax.data.tokenizer import EOS, PageTokenizer
 from hetlm_jax.eval import metrics as M
-from hetlm_jax.eval.llm_text import (
+from hetlm_jax.llm.text import (
   SEPARATOR,
   SESSION_END,
   PageSubwords,
@@ -18,7 +18,7 @@ from hetlm_jax.eval.llm_text import (
   renormalised_nll,
 )
 
-SUBWORDS = ["H", "a", "b", "ab", "\n", "a\n", "c", "<", ">", " ", "e", "n", "d", "o", "f", "s", "i"]
+SUBWORDS = [*"Hab", "ab", "\n", "a\n", *"c<> endofsitrukwpg"]
 
 
 def encode(text: str) -> list[int]:

@@ -254,7 +254,7 @@ def test_each_process_scores_and_embeds_its_own_share_of_the_users_and_every_pro
     np.testing.assert_array_equal(run["kmeans"], one["kmeans"])
   assert sorted(set(one["kmeans"].tolist())) == [0, 1, 2]
   ranked = [key for key in one.files if key.startswith("ranking_")]
-  assert len(ranked) == 7 and not np.isnan(one["ranking_hr@10"]).any()  # every user ranked, by each process
+  assert len(ranked) == 8 and not np.isnan(one["ranking_hr@10"]).any()  # every user ranked, by each process
   for run in two:  # each process ranked its own rows of every batch; every user's metrics reached both
     for key in ranked:
       np.testing.assert_array_equal(run[key], one[key], err_msg=key)

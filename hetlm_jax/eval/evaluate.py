@@ -305,7 +305,8 @@ def rank_next_pages(
   groups_U: np.ndarray | None = None,
   share: tuple[hosts.Groups, slice] | None = None,
 ) -> dict:
-  """Next-page HR@1/5/10, NDCG@10, MRR: full ranking over pages, and against sampled negatives.
+  """Next-page HR@1/5/10, NDCG@10, MRR: full ranking over pages, and against sampled negatives; and the
+  catalogue-renormalised NLL of the true page (M.catalogue_nll), what an LLM baseline is compared on.
 
   A target page that never appeared in training (UNK) counts as a miss for every model, as in SASRec's
   protocol, where such an item keeps its untrained embedding; `unknown_targets` counts those users.
@@ -333,7 +334,7 @@ def rank_next_pages(
   else:
     batches = group_batches(groups_U, seqs.history_lengths, batch)
   full_keys, sampled_keys = ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr"), ("hr@10", "ndcg@10")
-  keys = (*full_keys, *(f"{k}_sampled" for k in sampled_keys))
+  keys = (*full_keys, *(f"{k}_sampled" for k in sampled_keys), "catalogue_nll")
   out = {key: np.full(seqs.num_users, np.nan) for key in keys}
   ranked = []  # the users this group ranked
   progress = Progress(len(batches), f"{label} ranking", every=10)
@@ -348,6 +349,7 @@ def rank_next_pages(
         out[k][mine] = full[k]
       for k in sampled_keys:
         out[f"{k}_sampled"][mine] = sampled[k]
+      out["catalogue_nll"][mine] = M.catalogue_nll(logp_BxV, true_U[mine], candidate_V)
     progress.update(i + 1)
   progress.close()
   if groups.count > 1 and not own:  # a few floats a user, in pieces (hosts.Groups.place)
@@ -390,8 +392,12 @@ def evaluate(
   opts: EvalOptions = EvalOptions(),
   extra: dict | None = None,
   rounds: list[dict] | None = None,
+  llms: dict | None = None,
 ) -> dict:
   """Writes eval.json and report.md (with figures) into `workdir`; returns the eval.json content.
+
+  `llms`: {name: a trained llm.baseline.LLMBaseline}, scored on the same users and positions, and compared with
+  every page LM by the paired bootstrap (eval.json's "llm").
 
   With --own_users each process scores and ranks its own users, and the per-user figures (a few scalars a user) are
   then brought together, every process's users one after the other, for the summaries and the bootstrap."""
@@ -423,6 +429,12 @@ def evaluate(
     logging.info("evaluating %s", name)
     per_user[name] = _baseline_metrics(model, seqs, tokenizer, opts, batch, name, share)
     evaluated(name)
+  llm_records = {}
+  for name, llm in (llms or {}).items():
+    logging.info("evaluating %s", name)
+    per_user[name], context_U = llm.per_user(seqs, evaluated_U, first_page_index(seqs), opts.seed)
+    llm_records[name] = llm.record(context_U)
+    evaluated(name)
   hetlm_U = families["hetlm"].assignment if "hetlm" in families else None
   per_user, evaluated_U, hetlm_U, unknown = every_user_figures(
     per_user, evaluated_U, hetlm_U, unknown_targets(seqs, evaluated_U)
@@ -446,6 +458,8 @@ def evaluate(
   if "hetlm" in per_user:
     report["bootstrap"] = hetlm_comparisons(per_user, (*_ALIGNMENT, "nll", "hr@10", "ndcg@10"), opts, evaluated_U)
     report["clusters"] = per_cluster(per_user, hetlm_U, k, evaluated_U)
+  if llm_records:
+    report["llm"] = llm_comparisons(per_user, llm_records, opts, evaluated_U)
   report["eval_s"] = time.perf_counter() - start
   write_outputs(workdir, report, {name: m["nll"][evaluated_U] for name, m in per_user.items()}, rounds)
   return report
@@ -489,6 +503,29 @@ def hetlm_comparisons(per_user: dict[str, dict], metrics: tuple[str, ...], opts:
     for other in ("single", "single_ft", "single_matched")
     if other in per_user
   }
+
+
+LLM_METRICS = ("nll", "catalogue_nll", "hr@10", "ndcg@10")
+
+
+def llm_comparisons(per_user: dict[str, dict], records: dict[str, dict], opts: EvalOptions, users_U) -> dict:
+  """{llm: its record, and "vs": {page LM: {metric: paired bootstrap of the page LM minus the LLM}}}: every page LM
+  (each family and the HeTLM mixture) against each LLM, on the users both have a figure for (the ranking metrics:
+  the LLM's ranked draw)."""
+  page_lms = [name for name in per_user if name not in records and name in (*LM_NAMES, "hetlm_mixture")]
+  out = {}
+  for name, record in records.items():
+    vs = {}
+    for lm in page_lms:
+      vs[lm] = {
+        metric: M.paired_bootstrap(
+          per_user[lm][metric][users_U], per_user[name][metric][users_U], opts.bootstrap, opts.seed
+        )
+        for metric in LLM_METRICS
+        if metric in per_user[lm]
+      }
+    out[name] = {**record, "vs": vs}
+  return out
 
 
 def per_cluster(per_user: dict[str, dict], cluster_U: np.ndarray, k: int, users_U: np.ndarray | None = None):

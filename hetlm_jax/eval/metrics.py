@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+from scipy.special import logsumexp
 from sklearn.metrics import f1_score, roc_auc_score
 
 from hetlm_jax.data.ownership import key_streams, uniform, user_keys
@@ -208,6 +209,15 @@ def negatives_ranking_metrics(
 
 # --------------------------------------------------------------------------------------------
 # Per-user summaries and paired comparison
+
+
+def catalogue_nll(logp_UxV: np.ndarray, true_U: np.ndarray, candidate_V: np.ndarray) -> np.ndarray:
+  """[U] the catalogue-renormalised NLL: -log of the true page's probability among the candidates (e.g. every page),
+  logsumexp over them minus log p(true); NaN where the true token is not a candidate (UNK, a session end)."""
+  logp_UxV, true_U = np.asarray(logp_UxV, np.float64), np.asarray(true_U, np.int64)
+  candidate_V = np.asarray(candidate_V, bool)
+  out = logsumexp(logp_UxV[:, candidate_V], axis=1) - logp_UxV[np.arange(len(true_U)), true_U]
+  return np.where(candidate_V[true_U], out, np.nan)
 
 
 def summarize(values_U: np.ndarray) -> dict[str, float]:

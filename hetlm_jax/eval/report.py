@@ -20,10 +20,15 @@ _ORDER = (
   "markov_mixture_k40",
   "markov",
   "popularity",
+  "llm_scratch",
+  "llm_zeroshot",
+  "llm_lora",
+  "llm_full",
 )
 _METRICS = (
   "nll",
   "nll_no_end",
+  "catalogue_nll",
   "hr@10",
   "ndcg@10",
   "mrr",
@@ -377,7 +382,8 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
   clusters and outcomes."""
   models = [m for m in _ORDER if m in report["models"]]
   lines = ["# HeTLM evaluation", "", *_verdict(report), "", _intro(report), ""] + _headline(report) + _verdicts(report)
-  lines += _every_model(report, models) + _other_comparisons(report) + [""] + _training(report)[:-1]
+  lines += _llm_claim(report) + _every_model(report, models) + _other_comparisons(report) + [""]
+  lines += _training(report)[:-1]
   lines += _clusters_and_outcomes(report)
   figures = _figures(workdir, nll, rounds, (report.get("k_sweep") or {}).get("selection_nll"))
   if figures:
@@ -388,6 +394,48 @@ def write_report(workdir: Path, report: dict, nll: dict[str, np.ndarray], rounds
       "(Figures need matplotlib: `pip install matplotlib`, or `pip install -e '.[plots]'` in the repository.)",
     ]
   replace_text(workdir / REPORT_FILE, "\n".join(lines) + "\n")
+
+
+_LLM_METRICS = (("nll", True), ("catalogue_nll", True), ("hr@10", False), ("ndcg@10", False))
+
+
+def _llm_claim(report: dict) -> list[str]:
+  """Claim (i): the best page LM against each LLM baseline, per metric, with the paired-bootstrap intervals, and
+  what the LLM is (parameters, training tokens and seconds, context in subwords)."""
+  llms = report.get("llm") or {}
+  best = _best_lm(report)
+  if not llms or best is None:
+    return []
+  lines = ["## Claim (i): a page-level LM against a subword LLM", ""]
+  for name, r in llms.items():
+    vs = r.get("vs", {}).get(best, {})
+    said = []
+    for metric, lower in _LLM_METRICS:
+      b = vs.get(metric)
+      if not b or b["mean_ci"][0] is None or np.isnan(b["mean_ci"][0]):
+        continue
+      lo, hi = b["mean_ci"]
+      wins = (hi < -_SAME) if lower else (lo > _SAME)
+      loses = (lo > _SAME) if lower else (hi < -_SAME)
+      who = f"`{best}` is better" if wins else f"`{name}` is better" if loses else "no detectable difference"
+      said.append(f"`{metric}` {who} (Δ {_interval(b, 'mean')})")
+    context = r.get("context_subwords") or {}
+    lines.append(
+      f"- The best page LM (`{best}`) against `{name}` ({r.get('model')}, {r.get('finetune')}; "
+      f"{r.get('params', 0):,} parameters, {r.get('trained_params', 0):,} trained on "
+      f"{r.get('tokens_trained', 0):,} subword tokens in {r.get('train_s', 0.0):.0f} s; "
+      f"{r.get('context_pages', '?')} pages of context, {context.get('mean', float('nan')):.1f} subwords on "
+      f"average): " + ("; ".join(said) if said else "no comparable users") + "."
+    )
+  lines += [
+    "",
+    "Δ = page LM − LLM over the same users, with paired-bootstrap 95% intervals. `nll`: nats per target token, the "
+    "LLM's log p of a page the sum of its subwords' (pages as text, each tokenized alone); `catalogue_nll`, "
+    "`hr@10`, `ndcg@10`: the first next page among every page of the catalogue, on the LLM's ranked draw of "
+    "users. Every page LM against each LLM: eval.json's `llm`.",
+    "",
+  ]
+  return lines
 
 
 def _intro(report: dict) -> str:

@@ -3,7 +3,8 @@
 A subword LM (a pretrained LLM, or one trained from scratch on the pages' text) sees each page as its text (a
 documented map: a page's name, e.g. msnbc's category names, else its raw id), tokenized alone and followed by a
 fixed separator tokenized alone, so that no subword merge crosses a page boundary; a session's end is the literal
-marker SESSION_END, a page like any other. Then
+marker SESSION_END and its start SESSION_START, tokens like the pages, so that the LLM is scored on exactly the
+page LMs' target tokens (an unknown page is UNKNOWN_PAGE, an outcome token its own name). Then
 
   log p(page | history) = the sum of the log-probabilities of the page's subwords and of its separator,
 
@@ -13,8 +14,8 @@ and the same scores rank the pages for HR@10 and NDCG@10 (eval/metrics.py). The 
 page LM's number of pages of context, and `subwords` says how many subword tokens that was.
 
 The LM enters as `logprob_fn(ids) -> [len(ids) - 1]`: the log-probability of each token of `ids` after the first,
-given the ones before it. This module holds no model: the torch/transformers adapter (batched candidates, a reused
-KV cache), the training of a LoRA or from-scratch model and the CLI are the rest of issue 33, not built yet.
+given the ones before it. This module holds no model (llm/model.py loads one; llm/score.py batches the windows and
+the candidates).
 """
 
 from __future__ import annotations
@@ -24,25 +25,31 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy.special import logsumexp
 
-from hetlm_jax.data.tokenizer import EOS, PageTokenizer
+from hetlm_jax.data.tokenizer import BOS, EOS, PAD, UNK, PageTokenizer
 
 SEPARATOR = "\n"  # after every page, tokenized alone
+SESSION_START = "<start of session>"  # the text of the session-start token (BOS)
 SESSION_END = "<end of session>"  # the text of the session-end token (EOS)
-HEADER = "Pages a user visited, one per line:\n"  # the zero-shot prompt's header: context, never scored
+UNKNOWN_PAGE = "<unknown page>"  # the text of UNK: a page seen too rarely in training to have a token
+# The zero-shot prompt's header: context, never scored.
+HEADER = f"The pages a user of a website visited, one per line; {SESSION_START} and {SESSION_END} mark visits:\n"
+_SPECIAL_TEXT = {BOS: SESSION_START, EOS: SESSION_END, UNK: UNKNOWN_PAGE}
 
 LogprobFn = Callable[[Sequence[int]], np.ndarray]
 
 
 def page_texts(tokenizer: PageTokenizer, names: dict[str, str] | None = None) -> list[str]:
   """The text of every token id of the page vocabulary: `names[page]` where the map names the page, else the page
-  id itself; EOS is SESSION_END; the other special and outcome tokens have none ("": they are never scored)."""
+  id itself; BOS, EOS and UNK their markers, an outcome token its name; PAD none ("": never scored)."""
   names = names or {}
   texts = []
   for i, token in enumerate(tokenizer.tokens):
-    if i == EOS:
-      texts.append(SESSION_END)
-    elif i < tokenizer.num_specials:
+    if i == PAD:
       texts.append("")
+    elif i in _SPECIAL_TEXT:
+      texts.append(_SPECIAL_TEXT[i])
+    elif i < tokenizer.num_specials:
+      texts.append(token)
     else:
       texts.append(str(names.get(token, token)))
   return texts
