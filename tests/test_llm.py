@@ -117,7 +117,7 @@ def test_zero_shot_llm_beside_the_page_lms_then_lora_added_by_evaluate(tiny_llm,
   report = json.loads((run / "eval.json").read_text())
   zero = report["llm"]["llm_zeroshot"]
   assert zero["finetune"] == "none" and zero["trained_params"] == 0 and zero["params"] > 0
-  assert zero["context_pages"] == 16 and zero["context_subwords"]["mean"] > 16
+  assert zero["context_pages"] == 16 and zero["context_subwords"]["mean"] > 16 and zero["ranked_users"] == 10
   models = report["models"]
   assert np.isfinite(models["llm_zeroshot"]["nll"]["mean"])
   assert models["llm_zeroshot"]["nll"]["mean"] > models["hetlm"]["nll"]["mean"]  # random weights, 40 pages

@@ -432,8 +432,8 @@ def evaluate(
   llm_records = {}
   for name, llm in (llms or {}).items():
     logging.info("evaluating %s", name)
-    per_user[name], context_U = llm.per_user(seqs, evaluated_U, first_page_index(seqs), opts.seed)
-    llm_records[name] = llm.record(context_U)
+    per_user[name], context_U, ranked = llm.per_user(seqs, evaluated_U, first_page_index(seqs), opts.seed)
+    llm_records[name] = llm.record(context_U, ranked)
     evaluated(name)
   hetlm_U = families["hetlm"].assignment if "hetlm" in families else None
   per_user, evaluated_U, hetlm_U, unknown = every_user_figures(

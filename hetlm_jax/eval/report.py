@@ -432,7 +432,9 @@ def _llm_claim(report: dict) -> list[str]:
     "Δ = page LM − LLM over the same users, with paired-bootstrap 95% intervals. `nll`: nats per target token, the "
     "LLM's log p of a page the sum of its subwords' (pages as text, each tokenized alone); `catalogue_nll`, "
     "`hr@10`, `ndcg@10`: the first next page among every page of the catalogue, on the LLM's ranked draw of "
-    "users. Every page LM against each LLM: eval.json's `llm`.",
+    f"users ({', '.join(str(r.get('ranked_users', '?')) for r in llms.values())}); in the tables below the LLM's "
+    "ranking columns are means over that draw alone, the other models' over every user. Every page LM against "
+    "each LLM: eval.json's `llm`.",
     "",
   ]
   return lines

@@ -93,7 +93,7 @@ class LLMBaseline:
 
     return torch.load(io.BytesIO(self.state_path.read_bytes()), weights_only=False)
 
-  def record(self, context_U: np.ndarray | None = None) -> dict:
+  def record(self, context_U: np.ndarray | None = None, ranked: int = 0) -> dict:
     """What eval.json says of the LLM: the model, its parameters (and those trained), its training, its context."""
     out = {
       "model": self.cfg.llm.llm,
@@ -101,6 +101,7 @@ class LLMBaseline:
       "trained_params": self.llm.trainable() if self.cfg.llm.finetune() != "none" else 0,
       "page_texts": "--llm_pages" if self.cfg.llm.llm_pages else "the page ids as they are",
       **self.trained,
+      "ranked_users": ranked,  # the draw its catalogue_nll, HR and NDCG are over
     }
     if context_U is not None and len(context_U):
       out["context_pages"] = self.cfg.model.context
@@ -109,7 +110,8 @@ class LLMBaseline:
 
   def per_user(self, seqs: UserSequences, evaluated_U: np.ndarray, first_U: np.ndarray, seed: int) -> tuple:
     """({metric: [U]} of the evaluated users, NaN for the others and, for the ranking metrics, for users out of the
-    ranked draw; [evaluated] subwords of each one's context). `first_U`: where each user's first next page is."""
+    ranked draw; [evaluated] subwords of each one's context; how many users were ranked). `first_U`: where each
+    user's first next page is."""
     users = np.flatnonzero(evaluated_U)
     subset = seqs.subset(users)
     nll, tokens, context_U = target_nll(self.llm, subset, self.width, self.subwords, f"{self.name} scoring")
@@ -131,4 +133,4 @@ class LLMBaseline:
       out["catalogue_nll"][u] = M.catalogue_nll(logp_V[None], np.array([true]), candidate_V)[0]
       progress.update(i + 1)
     progress.close()
-    return out, context_U
+    return out, context_U, len(ranked)

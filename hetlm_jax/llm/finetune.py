@@ -164,7 +164,7 @@ def fine_tune(llm: LLM, cfg: Config, train: UserSequences, validation, subwords:
       log.write({"kind": "llm_train", "model": llm.spec, "step": state["step"], "loss": float(loss.item())})
     if state["step"] % every == 0 or state["step"] == total:
       llm.model.eval()
-      state["stopped_early"] = validate(state["step"])
+      state["stopped_early"] = validate(state["step"]) and state["step"] < total  # patience ran out before the cap
       llm.model.train()
       save()
     try:
