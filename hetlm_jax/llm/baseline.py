@@ -57,7 +57,8 @@ class LLMBaseline:
     self.cfg, self.tokenizer = cfg, tokenizer
     self.name = family_name(cfg)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.llm.llm.strip("/")).strip("_")[-80:] or "model"
-    self.state_path = location(workdir) / "llm" / f"{slug}-{cfg.llm.finetune()}" / "train.pt"
+    how = cfg.llm.finetune() + (str(cfg.llm.llm_lora_rank) if cfg.llm.finetune() == "lora" else "")
+    self.state_path = location(workdir) / "llm" / f"{slug}-{how}" / "train.pt"  # e.g. llm/gpt2-lora8/train.pt
     self.texts = page_texts(tokenizer, page_names(cfg.llm.llm_pages))
     self.width = cfg.model.context + 1
     self.llm = None
