@@ -133,7 +133,7 @@ flags.DEFINE_string(
   "",
   "Testing: KIND@STEP plants a fault after global step STEP: sigterm, sigint or "
   "sigkill sent to this process, or nan (that step's loss); KIND@PHASE sends the signal as a phase "
-  "begins: prepare, kmeans, estep, evaluate or report.",
+  "begins: prepare, kmeans, estep, evaluate, report, bucket or llm_validation.",
 )
 flags.DEFINE_string(
   "compilation_cache",
