@@ -80,7 +80,7 @@ def test_batched_scores_are_the_sums_of_subword_logprobs_by_hand(tiny_llm):
     np.ones(len(lengths), np.int32),
   )
   nll_U, count_U, context_U = target_nll(llm, seqs, 12, subwords)
-  owner_W, start_W, length_W, scored_W, _ = window_batches(seqs, "target", 12, subwords)
+  owner_W, start_W, length_W, scored_W, _ = window_batches(seqs, "target", 12)
   want_U, want_count_U = np.zeros(seqs.num_users), np.zeros(seqs.num_users, int)
   for w in range(len(owner_W)):
     ids, spans = list(subwords.header), []

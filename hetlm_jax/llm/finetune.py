@@ -21,10 +21,10 @@ from absl import logging
 
 from hetlm_jax import interrupt
 from hetlm_jax.config import Config
-from hetlm_jax.data.sequences import UserSequences
+from hetlm_jax.data.sequences import UserSequences, all_windows
 from hetlm_jax.files import location, make_dir, written
 from hetlm_jax.llm.model import LLM, load_trainable, trainable_state
-from hetlm_jax.llm.score import padded, subword_logprobs, target_nll, texts_of, window_batches
+from hetlm_jax.llm.score import padded, subword_logprobs, target_nll, texts_of
 from hetlm_jax.llm.text import PageSubwords
 from hetlm_jax.train.metrics import Progress
 
@@ -73,7 +73,7 @@ def fine_tune(llm: LLM, cfg: Config, train: UserSequences, validation, subwords:
   width = cfg.model.context + 1
   seed = cfg.train.seed
   shuffled = lambda n, epoch: np.random.default_rng([seed, epoch]).permutation(n)
-  owner_W, start_W, length_W, scored_W, _ = window_batches(train, "history", width, subwords)
+  owner_W, start_W, length_W, scored_W = all_windows(train, "history", width)  # the page LMs' training windows
   per_pass = -(-len(owner_W) // cfg.llm.llm_batch_size)
   total = max(1, round(budget.passes * per_pass))
   every = max(1, round(budget.every * per_pass))

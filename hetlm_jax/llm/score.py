@@ -1,9 +1,10 @@
 """The LLM scored in the page LMs' units, in batches (llm/text.py says what is scored; this is how).
 
 `window_batches` cuts the page LMs' own windows (data.sequences.all_windows: the same contexts, the same scored
-positions) into text batches; `score_windows` gives each window's scored page tokens' log p (the sum of their
-subwords'); `target_nll` adds them up per user. `catalogue_logprobs` scores every page of the catalogue after one
-context: the context runs once, its KV cache is repeated over a batch of candidate pages.
+positions) into batches, `texts_of` makes a batch's windows subword ids, `token_logprobs` gives each window's
+scored page tokens' log p (the sum of their subwords'); `target_nll` adds them up per user. `catalogue_logprobs`
+scores every page of the catalogue after one context: the context runs once, its KV cache is repeated over a
+batch of candidate pages.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ def window_text(subwords: PageSubwords, tokens: np.ndarray, scored: int) -> tupl
   return ids, np.array(spans, np.int64).reshape(-1, 2)
 
 
-def window_batches(seqs: UserSequences, part: str, width: int, subwords: PageSubwords, batch: int = BATCH, order=None):
-  """(owner_W, batches): the page LMs' windows of `part` (all_windows), and a list of batches, each a list of
-  (window, ids, spans), the windows by text length so that a batch pads little (or in `order`, e.g. shuffled)."""
+def window_batches(seqs: UserSequences, part: str, width: int, batch: int = BATCH):
+  """The page LMs' windows of `part` (all_windows: owner_W, start_W, length_W, scored_W), and batches of `batch`
+  window indices, by length so that a batch pads little."""
   owner_W, start_W, length_W, scored_W = all_windows(seqs, part, width)
-  order = np.argsort(length_W, kind="stable") if order is None else order(len(owner_W))
+  order = np.argsort(length_W, kind="stable")
   batches = [order[i : i + batch] for i in range(0, len(order), batch)]
   return owner_W, start_W, length_W, scored_W, batches
 
@@ -96,7 +97,7 @@ def target_nll(llm: LLM, seqs: UserSequences, width: int, subwords: PageSubwords
   first target token), on the page LMs' target windows of `width` tokens (context + 1)."""
   import torch
 
-  owner_W, start_W, length_W, scored_W, batches = window_batches(seqs, "target", width, subwords)
+  owner_W, start_W, length_W, scored_W, batches = window_batches(seqs, "target", width)
   nll_U, tokens_U = np.zeros(seqs.num_users), np.zeros(seqs.num_users, np.int64)
   progress = Progress(len(batches), label, every=10)
   llm.model.eval()
