@@ -12,6 +12,7 @@ goes on from there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import time
@@ -72,9 +73,10 @@ def fine_tune(llm: LLM, cfg: Config, train: UserSequences, validation, subwords:
   budget = Budget.of(cfg, scratch)
   width = cfg.model.context + 1
   seed = cfg.train.seed
-  shuffled = lambda n, epoch: np.random.default_rng([seed, epoch]).permutation(n)
   owner_W, start_W, length_W, scored_W = all_windows(train, "history", width)  # the page LMs' training windows
-  per_pass = -(-len(owner_W) // cfg.llm.llm_batch_size)
+  n_windows = len(owner_W)
+  shuffled = functools.lru_cache(maxsize=1)(lambda epoch: np.random.default_rng([seed, epoch]).permutation(n_windows))
+  per_pass = -(-n_windows // cfg.llm.llm_batch_size)
   total = max(1, round(budget.passes * per_pass))
   every = max(1, round(budget.every * per_pass))
   params = [p for p in llm.model.parameters() if p.requires_grad]
@@ -95,6 +97,7 @@ def fine_tune(llm: LLM, cfg: Config, train: UserSequences, validation, subwords:
     "tokens": 0,
     "seconds": 0.0,
     "curve": [],
+    "stopped_early": False,
   }
   path = location(path)
   if path.exists():
@@ -140,10 +143,10 @@ def fine_tune(llm: LLM, cfg: Config, train: UserSequences, validation, subwords:
   )
   begun = time.perf_counter() - state["seconds"]
   llm.model.train()
-  while state["step"] < total and not state.get("stopped_early"):
+  while state["step"] < total and not state["stopped_early"]:
     step = state["step"]
     epoch, at = divmod(step, per_pass)
-    batch = shuffled(len(owner_W), epoch)[at * cfg.llm.llm_batch_size : (at + 1) * cfg.llm.llm_batch_size]
+    batch = shuffled(epoch)[at * cfg.llm.llm_batch_size : (at + 1) * cfg.llm.llm_batch_size]  # drawn once a pass
     texts = texts_of(train, subwords, batch, start_W, length_W, scored_W)
     ids, mask = padded(llm, texts)
     scored = torch.zeros_like(ids, dtype=torch.float32)
@@ -183,7 +186,7 @@ def fine_tune(llm: LLM, cfg: Config, train: UserSequences, validation, subwords:
     "tokens_trained": state["tokens"],
     "train_s": state["seconds"],
     "best_validation_nll": None if math.isinf(state["best"]) else state["best"],
-    "stopped_early": bool(state.get("stopped_early")),
+    "stopped_early": bool(state["stopped_early"]),
   }
   save(done=True)
   return state["record"]
